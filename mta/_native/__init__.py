@@ -1,0 +1,1 @@
+"""Native extension modules (built from native/ by setup.py)."""

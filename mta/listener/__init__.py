@@ -1,0 +1,1 @@
+"""Reception: listening sockets, SMTP sessions, reception policy."""

@@ -1,0 +1,30 @@
+"""Builds the native core's per-listener settings from a listener's config.
+
+The reply lines come from mta.replies (the one reply table); slots that are
+fixed per listener (our hostname, the SIZE limit) are filled here once, and
+the one slot that varies per session (the client's HELO name) stays "{}".
+"""
+from __future__ import annotations
+
+from mta._native.wire import ServerSettings
+from mta.replies import REPLIES, ehlo_lines, reply
+
+
+def server_settings(hostname: str, banner: str, *, bare_newline: str = "reject",
+                    max_message_size: int = 50 << 20, max_line_length: int = 2048,
+                    max_recipients: int = 1000, max_errors: int = 10,
+                    max_junk_commands: int = 100,
+                    max_messages_per_session: int = 1000) -> ServerSettings:
+    lines = {name: r.line() for name, r in REPLIES.items() if "{}" not in r.text}
+    for name, r in REPLIES.items():
+        if "{}" in r.text:
+            lines[name] = r.line(*([hostname] * r.text.count("{}")))
+    lines["GREETING"] = reply("GREETING", hostname, banner)
+    lines["HELO_OK"] = reply("HELO_OK", hostname, "{}")
+    lines["EHLO"] = ehlo_lines(hostname, "{}", max_message_size)
+    lines["CHUNK_OK"] = REPLIES["CHUNK_OK"].line("{}")
+    return ServerSettings(
+        hostname, lines, bare_newline=bare_newline, max_message_size=max_message_size,
+        max_line_length=max_line_length, max_recipients=max_recipients,
+        max_errors=max_errors, max_junk_commands=max_junk_commands,
+        max_messages_per_session=max_messages_per_session)
