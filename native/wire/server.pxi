@@ -115,6 +115,7 @@ cdef class ServerCore:
     cdef str helo
     cdef bint esmtp
     cdef Transaction txn                # the transaction being built
+    cdef readonly list rejections       # [(reply name, sender, recipients)] for the Rejection log
     cdef data_scan scan                 # DATA scanner state
     cdef Py_ssize_t chunk_left          # BDAT octets still to read
     cdef bint chunk_last                # current chunk is the LAST one
@@ -140,6 +141,7 @@ cdef class ServerCore:
         self.out = bytearray()
         self.helo = ""
         self.txn = None
+        self.rejections = []
 
     # -- API used by the session -------------------------------------------
 
@@ -307,6 +309,9 @@ cdef class ServerCore:
 
     cdef _end_of_content(self, size_t bare, bint overflow):
         """DATA/BDAT content complete: refuse it, or hand it to the caller."""
+        if overflow or (bare and self.s.bare_mode == DATA_REJECT):
+            name = "SIZE_TOO_BIG" if overflow else "BARE_NEWLINE"
+            self.rejections.append((name, self.txn.mail_from, [r[0] for r in self.txn.rcpts]))
         if overflow:
             self._reset_txn()
             self.state = ST_READY
@@ -493,6 +498,7 @@ cdef class ServerCore:
                 self._error("PARAM_UNKNOWN")
                 return
         if not self.relay_allowed:
+            self.rejections.append(("RELAY_DENIED", self.txn.mail_from, [addr]))
             self._error("RELAY_DENIED")
             return
         if len(self.txn.rcpts) >= self.s.max_recipients:

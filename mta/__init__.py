@@ -1,0 +1,20 @@
+"""mta: a high-volume Mail Transfer Agent core.
+
+Public API: Server (the embeddable core), load_config / Config / ConfigError,
+SpoolError. Everything else is internal to its subpackage. Importing mta
+fails loudly if the native extensions were not built: there is no
+pure-Python fallback.
+"""
+try:
+    from mta._native import spool as _spool_ext, wire as _wire_ext  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        f"mta's native extension is missing ({exc.name or exc}); build it with "
+        "'python3 setup.py build_ext --inplace' or 'bash tools/dev.sh setup'") from exc
+
+from mta.config import Config, ConfigError, load_config
+from mta.server import Server
+from mta.spool import SpoolError
+
+__version__ = "0.1.0"
+__all__ = ["Config", "ConfigError", "Server", "SpoolError", "load_config", "__version__"]

@@ -1,0 +1,4 @@
+"""`python -m mta` is the `mta` command."""
+from mta.cli import main
+
+raise SystemExit(main())

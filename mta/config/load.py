@@ -1,0 +1,277 @@
+"""Read a TOML configuration file and validate it against the schema.
+
+`mta serve` and `mta check-config` call load_config() once at start-up; the Config it
+returns is handed section by section to the components daemon.py builds. Every key comes
+from the tables in schema.py: a missing key takes its default, an unknown key is an error
+(KumoMTA `deny_unknown_fields`), and a value goes through its type's parser, then its
+choices, then its bounds. Command-line flags (--listen, --spool-dir) arrive as overrides
+and are checked with the same key definitions.
+
+Reads: the given file, or the built-in mta/config/default.toml. Writes nothing.
+
+Diagnostics: ConfigError, which is *fatal* (the daemon does not start). It carries every
+problem found, not just the first, each naming the key path and what is allowed, so one
+`mta check-config` run shows an operator everything to fix. Calling with an unknown
+override name is a bug in the caller and raises ValueError.
+
+Trust: the file is the operator's, but it is still checked value by value: a banner with a
+CRLF or a negative size would otherwise reach the wire or the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mta.config.schema import (
+    SECTIONS,
+    Config,
+    Invalid,
+    Key,
+    ListenerConfig,
+    SpoolConfig,
+    describe,
+    keys_of,
+    render,
+)
+
+# Shipped in the package; `mta serve` without -c runs on it.
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
+
+# Override name (as the CLI passes it) -> the flag it came from, for messages.
+OVERRIDE_FLAGS = {"listen": "--listen", "spool_dir": "--spool-dir"}
+
+# Stands for a value that failed to validate, so later checks can skip it.
+_BAD: Any = object()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists everything wrong with it."""
+
+    def __init__(self, problems: list[str], source: str = "<string>") -> None:
+        super().__init__(problems, source)
+        # One line per problem, "key.path: what is wrong (what is allowed)".
+        self.problems = list(problems)
+        # The file the problems are in, or "<string>".
+        self.source = source
+
+    def __str__(self) -> str:
+        # Problems with a command-line flag are not in the file: no file prefix for those.
+        return "\n".join(p if p.startswith("--") else f"{self.source}: {p}"
+                         for p in self.problems)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a config file; None means the built-in default.
+
+    Relative paths in the file resolve against the file's directory, and in the
+    built-in default against the current working directory.
+    """
+    if path is None:
+        file, base, source = DEFAULT_CONFIG_PATH, Path.cwd(), str(DEFAULT_CONFIG_PATH)
+    else:
+        file, source = Path(path), os.fspath(path)
+        base = file.absolute().parent
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"cannot read the file: {e.strerror or e}"], source) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 (TOML files must be): invalid byte at offset "
+                           f"{e.start}"], source) from None
+    return parse_config(text, source, base, overrides)
+
+
+def parse_config(text: str, source: str = "<string>",
+                 base_dir: str | os.PathLike[str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+    """Validate TOML text; relative paths resolve against base_dir (default: the CWD)."""
+    problems: list[str] = []
+    base = Path(os.path.abspath(base_dir)) if base_dir is not None else Path.cwd()
+    try:
+        data: dict[str, Any] | None = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        problems.append(_syntax_problem(e))
+        data = None
+    flags = _parse_overrides(overrides or {}, problems)
+    if data is None:
+        raise ConfigError(problems, source)
+    checker = _Checker(base, problems)
+    sections = checker.document(data)
+    _apply_overrides(sections, flags)
+    _check_unique_listeners(sections["listener"], problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return _build(sections, source)
+
+
+def _syntax_problem(e: tomllib.TOMLDecodeError) -> str:
+    # tomllib (3.11) puts the position only in the text: "Invalid value (at line 3, column 8)".
+    m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", str(e), re.DOTALL)
+    if m is None:
+        return f"TOML syntax error: {e}"
+    return f"TOML syntax error at {m[2]}: {m[1]}"
+
+
+def check_value(k: Key, raw: object, base: Path) -> Any:
+    """One value through its key's type, choices and bounds; raises Invalid."""
+    value = k.type.parse(raw, base)
+    if k.choices and value not in k.choices:
+        raise Invalid(f"{render(value)} is not one of {k.allowed()}")
+    if k.lo is not None:
+        lo, hi = k.type.parse(k.lo, base), k.type.parse(k.hi, base)
+        # Written so NaN (a valid TOML float) fails too.
+        if not lo <= value <= hi:
+            raise Invalid(f"{render(raw)} is out of range (allowed {k.allowed()})")
+    return value
+
+
+class _Checker:
+    """Walks a parsed TOML document along SECTIONS, collecting problems."""
+
+    def __init__(self, base: Path, problems: list[str]) -> None:
+        # Directory relative paths resolve against.
+        self.base = base
+        # Shared with the caller; every problem found is appended.
+        self.problems = problems
+
+    def document(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Section name -> dict of checked values (a list of them for arrays of tables)."""
+        names = [s.name for s in SECTIONS]
+        self._unknown("", data, names)
+        out: dict[str, Any] = {}
+        for s in SECTIONS:
+            raw = data.get(s.name)
+            if not s.many:
+                out[s.name] = self.table(s.name, s.cls, {} if raw is None else raw, out)
+            elif raw is None:
+                out[s.name] = [self.table(f"{s.name}[0]", s.cls, {}, out)]
+            elif not isinstance(raw, list):
+                self.problems.append(f"{s.name}: expected an array of tables (write "
+                                     f"[[{s.name}]]), got {describe(raw)}")
+                out[s.name] = []
+            elif not raw:
+                self.problems.append(f"{s.name}: at least one [[{s.name}]] is required")
+                out[s.name] = []
+            else:
+                out[s.name] = [self.table(f"{s.name}[{i}]", s.cls, item, out)
+                               for i, item in enumerate(raw)]
+        return out
+
+    def table(self, path: str, cls: type, raw: object,
+              done: dict[str, Any]) -> dict[str, Any] | None:
+        """Check one table against a section dataclass; None if it is not a table."""
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path}: expected a table, got {describe(raw)}")
+            return None
+        keys = keys_of(cls)
+        self._unknown(path + ".", raw, list(keys))
+        values: dict[str, Any] = {}
+        for name, k in keys.items():
+            if name in raw:
+                values[name] = self.value(f"{path}.{name}", k, raw[name])
+            elif k.inherit is not None:
+                # The named section was checked earlier in SECTIONS order.
+                section, inherited = k.inherit.split(".")
+                values[name] = (done.get(section) or {}).get(inherited, _BAD)
+            else:
+                values[name] = self.value(f"{path}.{name}", k, k.default)
+        return values
+
+    def value(self, path: str, k: Key, raw: object) -> Any:
+        try:
+            return check_value(k, raw, self.base)
+        except Invalid as e:
+            self.problems.append(f"{path}{e.at}: {e}")
+            return _BAD
+
+    def _unknown(self, prefix: str, raw: dict[str, Any], allowed: list[str]) -> None:
+        for name in raw:
+            if name not in allowed:
+                self.problems.append(f"{prefix}{name}: unknown key "
+                                     f"(allowed: {', '.join(allowed)})")
+
+
+_LISTEN_RE = re.compile(r"\[([^\]]*)\]:(\d+)|([^:\[\]]*):(\d+)", re.ASCII)
+
+
+def _parse_listen(value: object) -> tuple[str, int]:
+    """(address, port) from "HOST:PORT" or "[IPv6]:PORT"."""
+    if not isinstance(value, str):
+        raise Invalid(f"expected HOST:PORT, got {describe(value)}")
+    m = _LISTEN_RE.fullmatch(value)
+    if m is None:
+        raise Invalid(f"{render(value)} is not HOST:PORT (an IPv6 address goes in "
+                      "brackets: \"[::1]:2525\")")
+    keys = keys_of(ListenerConfig)
+    host = m[1] if m[1] is not None else m[3]
+    address = check_value(keys["address"], host, Path.cwd())
+    port = check_value(keys["port"], int(m[2] or m[4]), Path.cwd())
+    return address, port
+
+
+def _parse_spool_dir(value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise Invalid(f"expected a directory path, got {describe(value)}")
+    # A path typed on the command line is relative to where it was typed.
+    path: Path = check_value(keys_of(SpoolConfig)["directory"], os.fspath(value), Path.cwd())
+    return path
+
+
+_OVERRIDE_PARSERS = {"listen": _parse_listen, "spool_dir": _parse_spool_dir}
+
+
+def _parse_overrides(overrides: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Check the CLI overrides; a None value means the flag was not given."""
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in OVERRIDE_FLAGS:
+            raise ValueError(f"unknown config override {name!r} "
+                             f"(known: {', '.join(OVERRIDE_FLAGS)})")
+        if value is None:
+            continue
+        try:
+            out[name] = _OVERRIDE_PARSERS[name](value)
+        except Invalid as e:
+            problems.append(f"{OVERRIDE_FLAGS[name]}: {e}")
+    return out
+
+
+def _apply_overrides(sections: dict[str, Any], flags: dict[str, Any]) -> None:
+    listeners = sections["listener"]
+    if "listen" in flags and listeners and listeners[0] is not None:
+        # Only the endpoint changes; listener[0] keeps its limits, banner and relay list.
+        listeners[0]["address"], listeners[0]["port"] = flags["listen"]
+    if "spool_dir" in flags and sections["spool"] is not None:
+        sections["spool"]["directory"] = flags["spool_dir"]
+
+
+def _check_unique_listeners(listeners: list[dict[str, Any] | None], problems: list[str]) -> None:
+    # With SO_REUSEPORT a second bind to the same endpoint succeeds silently and the kernel
+    # splits connections between two differently configured listeners: refuse it here.
+    seen: dict[tuple[str, int], int] = {}
+    for i, values in enumerate(listeners):
+        if values is None or _BAD in (values["address"], values["port"]):
+            continue
+        endpoint = (values["address"], values["port"])
+        if endpoint in seen:
+            address, port = endpoint
+            shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+            problems.append(f"listener[{i}]: {shown} is already used by listener"
+                            f"[{seen[endpoint]}] (address and port must be unique)")
+        else:
+            seen[endpoint] = i
+
+
+def _build(sections: dict[str, Any], source: str) -> Config:
+    fields: dict[str, Any] = {}
+    for s in SECTIONS:
+        values = sections[s.name]
+        fields[s.name] = (tuple(s.cls(**v) for v in values) if s.many else s.cls(**values))
+    return Config(**fields, source=source)

@@ -1,0 +1,403 @@
+"""Every configuration key the daemon reads: type, default, bounds and a one-line doc.
+
+Each section of the TOML file is a frozen dataclass below; each of its fields is one key,
+declared once with `key()` (Postfix `CONFIG_*_TABLE`, `mail_params.h`). The loader
+(`load.py`) walks these tables to validate a file, `tools/gen_config_doc.py` renders them
+into docs/config.md, and tests/test_config.py checks the two views agree. Adding a key
+means adding one field here; nothing else lists keys.
+
+Defaults, bounds and choices are written in the form an operator would type in the TOML
+file ("64MiB", "5m") and go through the same parser as the file's own values, so the
+documented default is exactly what runs.
+
+Reads and writes nothing. Diagnostics: value parsers raise `Invalid`, which the loader
+turns into a problem naming the key path; nothing here is raised to callers of the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Invalid(ValueError):
+    """A TOML value that its key's type does not accept; the text says what is allowed."""
+
+    def __init__(self, message: str, at: str = "") -> None:
+        super().__init__(message)
+        # Suffix of the key path pointing inside the value, e.g. "[2]" for a list element.
+        self.at = at
+
+
+def render(value: object) -> str:
+    """Format a value as it would be written in TOML, for messages and docs."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(render(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {render(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+_TOML_TYPE_NAMES = [
+    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
+    (list, "array"), (dict, "table"),
+]
+
+
+def describe(value: object) -> str:
+    """Name a TOML value's type and show it, shortened: 'integer 5', 'string "x"'."""
+    name = next((n for t, n in _TOML_TYPE_NAMES if isinstance(value, t)), "datetime")
+    shown = render(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{name} {shown}"
+
+
+# --- value types -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ValueType:
+    """How one kind of TOML value is checked and converted."""
+
+    # Short name shown in the type column of docs/config.md.
+    name: str
+    # TOML value and the directory relative paths resolve against -> Python value.
+    parse: Callable[[object, Path], Any]
+    # What any value of this type must look like, for the docs' value-type table.
+    doc: str
+
+
+def _parse_str(value: object, base: Path) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {describe(value)}")
+    return value
+
+
+def _parse_int(value: object, base: Path) -> int:
+    # TOML has real booleans and floats; 1 for true or 2.0 for 2 is a typo, not a value.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected an integer, got {describe(value)}")
+    return value
+
+
+def _parse_bool(value: object, base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected a boolean (true or false), got {describe(value)}")
+    return value
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}
+# re.ASCII throughout: without it \d takes any Unicode digit and [a-z] with IGNORECASE
+# takes the Kelvin sign, so "\u0665MiB" or "\u212aiB" would pass for a size.
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE | re.ASCII)
+_SIZE_HELP = 'integer bytes, or a string like "512KiB", "50MiB", "2GB"'
+
+
+def parse_size(value: object, base: Path = Path()) -> int:
+    """Bytes from an integer or a string with a unit: KB/MB/GB = 1000^n, KiB/MiB/GiB = 1024^n."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise Invalid(f"expected a size ({_SIZE_HELP}), got {describe(value)}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.fullmatch(value)
+    unit = _SIZE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None:
+        raise Invalid(f"{render(value)} is not a size ({_SIZE_HELP})")
+    n = decimal.Decimal(m.group(1)) * unit
+    if n != n.to_integral_value():
+        raise Invalid(f"{render(value)} is not a whole number of bytes")
+    return int(n)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# "ms" before "m" so "250ms" is not read as 250 minutes followed by junk.
+_DURATION_PART = r"(\d+(?:\.\d+)?)(ms|s|m|h|d)"
+_DURATION_RE = re.compile(f"(?:{_DURATION_PART})+", re.ASCII)
+_DURATION_PART_RE = re.compile(_DURATION_PART, re.ASCII)
+_DURATION_HELP = 'seconds as a number, or a string like "250ms", "30s", "5m", "1h", "1h30m"'
+
+
+def parse_duration(value: object, base: Path = Path()) -> float:
+    """Seconds from a number or a string of number+unit parts (ms, s, m, h, d)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Invalid(f"expected a duration ({_DURATION_HELP}), got {describe(value)}")
+    if not isinstance(value, str):
+        return float(value)
+    if not _DURATION_RE.fullmatch(value):
+        raise Invalid(f"{render(value)} is not a duration ({_DURATION_HELP})")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(value))
+
+
+def _parse_path(value: object, base: Path) -> Path:
+    text = _parse_str(value, base)
+    if not text or "\0" in text:
+        raise Invalid(f"{render(text)} is not a usable path (empty, or contains NUL)")
+    # abspath, not resolve(): symlinks in the operator's layout are theirs to keep.
+    return Path(os.path.abspath(base / os.path.expanduser(text)))
+
+
+# RFC 1035 2.3.1 as relaxed by RFC 1123 2.1 (labels may start with a digit); a numeric
+# last label would make "1.2.3.4" a hostname, which RFC 5321 4.1.3 writes as [1.2.3.4].
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE | re.ASCII)
+_HOSTNAME_RULES = "dot-separated labels of letters, digits and inner hyphens"
+
+
+def _parse_hostname(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    labels = text.split(".")
+    if (len(text) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise Invalid(f"{render(text)} is not a valid DNS hostname ({_HOSTNAME_RULES}, "
+                      "1..63 characters each, 253 in all, last label not numeric)")
+    return text
+
+
+# RFC 5321 4.2: reply text is textstring = 1*(%d09 / %d32-126); a CR or LF in a banner
+# would end the greeting line early and let the rest be read as a second reply.
+# 250 keeps "220 <253-char hostname> <banner>" within the 512-octet reply line (4.5.3.1.5).
+_TEXT_RE = re.compile(r"[\t\x20-\x7e]{0,250}")
+
+
+def _parse_text(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    if not _TEXT_RE.fullmatch(text):
+        raise Invalid(f"{render(text)} is not allowed (printable ASCII and tab only, "
+                      "at most 250 characters)")
+    return text
+
+
+# RFC 5322 3.6.8: field-name = 1*ftext, printable ASCII except ":".
+_HEADER_RE = re.compile(r"[\x21-\x39\x3b-\x7e]*")
+
+
+def _parse_header_name(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    if not _HEADER_RE.fullmatch(text):
+        raise Invalid(f"{render(text)} is not a header field name (printable ASCII, "
+                      "no spaces or colon; empty to disable)")
+    return text
+
+
+def _parse_ip(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise Invalid(f"{render(text)} is not an IPv4 or IPv6 address") from None
+
+
+def _parse_cidrs(value: object, base: Path) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"expected an array of CIDR strings, got {describe(value)}")
+    nets = []
+    for i, item in enumerate(value):
+        # ip_network() would take an integer as an address; only strings are CIDRs here.
+        if not isinstance(item, str):
+            raise Invalid(f"expected a string, got {describe(item)}", at=f"[{i}]")
+        try:
+            # strict=False: "10.1.2.3/8" means 10.0.0.0/8, as in Postfix mynetworks.
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise Invalid(f"{render(item)} is not a CIDR network (like \"10.0.0.0/8\" or "
+                          "\"2001:db8::/32\")", at=f"[{i}]") from None
+    return tuple(nets)
+
+
+CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key")
+TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
+HOSTNAME = ValueType("hostname", _parse_hostname,
+                     f"DNS hostname: {_HOSTNAME_RULES}, at most 253 characters")
+HEADER_NAME = ValueType("header", _parse_header_name,
+                        "header field name (RFC 5322 3.6.8); empty string disables")
+INT = ValueType("int", _parse_int, "a TOML integer (not a float, not a boolean)")
+BOOL = ValueType("bool", _parse_bool, "true or false (not 0 or 1)")
+SIZE = ValueType("size", parse_size, "integer bytes, or a string: B, KB, MB, GB "
+                 "(powers of 1000), KiB, MiB, GiB (powers of 1024), e.g. \"50MiB\"")
+DURATION = ValueType("duration", parse_duration, "seconds as an integer or float, or a "
+                     "string of number+unit parts: ms, s, m, h, d, e.g. \"250ms\", \"1h30m\"")
+PATH = ValueType("path", _parse_path, "a string; ~ is the home directory, relative paths "
+                 "resolve against the config file's directory (the working directory for "
+                 "the built-in default)")
+IP_ADDRESS = ValueType("ip address", _parse_ip, "an IPv4 or IPv6 address string")
+CIDR_LIST = ValueType("cidr list", _parse_cidrs, "an array of strings like \"10.0.0.0/8\"; "
+                      "host bits are ignored")
+VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, HEADER_NAME, INT, BOOL, SIZE, DURATION, PATH,
+               IP_ADDRESS, CIDR_LIST)
+
+
+# --- keys and sections -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One configuration key: the metadata of a section dataclass field."""
+
+    # How the TOML value is checked and converted.
+    type: ValueType
+    # Default in TOML form (None when `inherit` names the default instead).
+    default: object
+    # One line for docs/config.md.
+    doc: str
+    # Inclusive bounds in TOML form ("1MiB"), or None for unbounded.
+    lo: object = None
+    hi: object = None
+    # Allowed values of a CHOICE key.
+    choices: tuple[str, ...] = ()
+    # "section.key" whose value is the default, e.g. listener.hostname <- server.hostname.
+    inherit: str | None = None
+
+    def allowed(self) -> str:
+        """What this key accepts, beyond its type: the docs' 'allowed' column."""
+        if self.choices:
+            return ", ".join(render(c) for c in self.choices)
+        if self.lo is not None:
+            return f"{_bound(self.lo)}..{_bound(self.hi)}"
+        return ""
+
+
+def _bound(value: object) -> str:
+    return value if isinstance(value, str) else render(value)
+
+
+def key(value_type: ValueType, default: object, doc: str, *, lo: object = None,
+        hi: object = None, choices: tuple[str, ...] = (), inherit: str | None = None) -> Any:
+    """Declare a section dataclass field as a configuration key (no dataclass default:
+    the loader always passes every field)."""
+    spec = Key(value_type, default, doc, lo, hi, choices, inherit)
+    return dataclasses.field(metadata={"key": spec})
+
+
+def keys_of(cls: type) -> dict[str, Key]:
+    """The keys of a section dataclass, in declaration order."""
+    return {f.name: f.metadata["key"] for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """This node as a whole."""
+
+    hostname: str = key(HOSTNAME, "mta.localdomain",
+                        "our name in the SMTP greeting, EHLO reply and Received headers")
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """The durable message store: append-only segment files, one fsync per batch."""
+
+    directory: Path = key(PATH, "./var/spool", "directory holding the spool segment files")
+    segment_size: int = key(SIZE, "64MiB", "size at which a segment file is closed and "
+                            "a new one started", lo="1MiB", hi="4GiB")
+    max_batch: int = key(INT, 1024, "most records written by one group commit (one fsync)",
+                         lo=1, hi=65536)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """JSONL log records (Reception, Delivery, Bounce, ...)."""
+
+    directory: Path = key(PATH, "./var/log", "directory holding the JSONL log files")
+    reception_log: bool = key(BOOL, True, "write a Reception record for every message accepted")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceptionConfig:
+    """What is taken from an accepted message into its envelope."""
+
+    tenant_header: str = key(HEADER_NAME, "X-Tenant", "header whose value names the tenant "
+                             "of the message's scheduled queue; empty disables")
+    campaign_header: str = key(HEADER_NAME, "X-Campaign", "header whose value names the "
+                               "campaign of the message's scheduled queue; empty disables")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One SMTP listening socket and the limits of the sessions it accepts."""
+
+    address: str = key(IP_ADDRESS, "127.0.0.1", "IP address to listen on")
+    port: int = key(INT, 2525, "TCP port to listen on", lo=1, hi=65535)
+    hostname: str = key(HOSTNAME, None, "name in this listener's greeting and EHLO reply",
+                        inherit="server.hostname")
+    banner: str = key(TEXT, "ESMTP mta", "text after the hostname in the 220 greeting")
+    relay_cidrs: tuple[IPNetwork, ...] = key(
+        CIDR_LIST, ["127.0.0.0/8", "::1/128"],
+        "clients allowed to relay to any domain; others are refused at RCPT")
+    bare_newline: str = key(CHOICE, "reject", "what to do with a bare LF in DATA: refuse "
+                            "the message (closes SMTP smuggling) or rewrite it as CRLF",
+                            choices=("reject", "normalize"))
+    max_message_size: int = key(SIZE, "50MiB", "largest message accepted (advertised in "
+                                "EHLO SIZE)", lo="1KiB", hi="2GiB")
+    max_recipients: int = key(INT, 1000, "most RCPT TO accepted per message", lo=1, hi=100000)
+    max_line_length: int = key(INT, 2048, "longest command line accepted, CRLF included",
+                               lo=512, hi=65536)
+    max_errors: int = key(INT, 10, "protocol errors in a session before 421 and disconnect",
+                          lo=1, hi=1000)
+    max_junk_commands: int = key(INT, 100, "NOOP, RSET, VRFY and HELP commands allowed "
+                                 "before MAIL", lo=1, hi=100000)
+    max_messages_per_session: int = key(INT, 1000, "messages accepted on one connection",
+                                        lo=1, hi=1000000)
+    idle_timeout: float = key(DURATION, "5m", "wait for the next command before 421 and "
+                              "disconnect", lo="1s", hi="1h")
+    data_timeout: float = key(DURATION, "10m", "wait for the next chunk of DATA before 421 "
+                              "and disconnect", lo="1s", hi="1h")
+    max_connections: int = key(INT, 2000, "concurrent connections to this listener",
+                               lo=1, hi=1000000)
+    max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP",
+                                      lo=1, hi=1000000)
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One top-level TOML table and the dataclass that holds it."""
+
+    # TOML name: [name], or [[name]] when `many`.
+    name: str
+    # Frozen dataclass whose fields are the section's keys.
+    cls: type
+    # True for an array of tables; absent means one entry with all defaults.
+    many: bool = False
+
+
+SECTIONS = (
+    Section("server", ServerConfig),
+    Section("spool", SpoolConfig),
+    Section("log", LogConfig),
+    Section("reception", ReceptionConfig),
+    Section("listener", ListenerConfig, many=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration; one attribute per section of SECTIONS."""
+
+    # [server]
+    server: ServerConfig
+    # [spool]
+    spool: SpoolConfig
+    # [log]
+    log: LogConfig
+    # [reception]
+    reception: ReceptionConfig
+    # [[listener]], at least one; listener[0] is the one --listen replaces.
+    listener: tuple[ListenerConfig, ...]
+    # Where the configuration came from: a file path or "<string>".
+    source: str

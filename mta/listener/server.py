@@ -1,0 +1,113 @@
+"""Listening sockets: accept limits, relay control, idle sweeping, shutdown.
+
+One Listener per [[listener]] table. It owns the sockets (SO_REUSEPORT, so
+more workers can share a port later), counts connections in total and per
+client IP, and sweeps sessions once a second for idle and DATA timeouts
+(one timer for all sessions instead of a timer reset per read).
+Diagnostics: start() raises OSError naming the address when it cannot bind.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import TYPE_CHECKING
+
+from mta.listener.session import SmtpSession
+from mta.listener.settings import server_settings
+
+if TYPE_CHECKING:
+    from mta.config import ListenerConfig
+    from mta.listener.reception import Reception
+
+_SWEEP_INTERVAL = 1.0
+
+
+class Listener:
+    def __init__(self, cfg: ListenerConfig, reception: Reception, loop: asyncio.AbstractEventLoop):
+        self.cfg = cfg
+        self.reception = reception
+        self.loop = loop
+        self.hostname = cfg.hostname
+        self.name = f"{cfg.address}:{cfg.port}"  # the listener's name in logs
+        self.settings = server_settings(
+            cfg.hostname, cfg.banner, bare_newline=cfg.bare_newline,
+            max_message_size=cfg.max_message_size, max_line_length=cfg.max_line_length,
+            max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
+            max_junk_commands=cfg.max_junk_commands,
+            max_messages_per_session=cfg.max_messages_per_session)
+        self._relay = [ipaddress.ip_network(n) for n in cfg.relay_cidrs]
+        self._relay_cache: dict[str, bool] = {}
+        self.sessions: set[SmtpSession] = set()
+        self._per_ip: dict[str, int] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.address: tuple[str, int] | None = None   # bound address (port 0 resolved)
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.cfg.address else socket.AF_INET
+        try:
+            self._server = await self.loop.create_server(
+                lambda: SmtpSession(self), self.cfg.address, self.cfg.port, family=family,
+                reuse_address=True, reuse_port=True, backlog=4096)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self.name}: {exc.strerror}") from None
+        sock = self._server.sockets[0]
+        self.address = sock.getsockname()[:2]
+        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let messages being stored get their reply, close the rest."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = self.loop.time() + grace
+        while any(s.storing for s in self.sessions) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for s in list(self.sessions):
+            if not s.storing:
+                s.close_with("SHUTDOWN")
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- used by sessions -----------------------------------------------------------
+
+    def admit(self, session: SmtpSession) -> str | None:
+        """Count a new connection; the reply name when it must be refused."""
+        ip = session.peer_ip
+        if len(self.sessions) >= self.cfg.max_connections:
+            return "TOO_MANY_CONNECTIONS"
+        if self._per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
+            return "TOO_MANY_FROM_IP"
+        self.sessions.add(session)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return None
+
+    def forget(self, session: SmtpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            n = self._per_ip.get(session.peer_ip, 1) - 1
+            if n:
+                self._per_ip[session.peer_ip] = n
+            else:
+                self._per_ip.pop(session.peer_ip, None)
+
+    def relay_allowed(self, ip: str) -> bool:
+        hit = self._relay_cache.get(ip)
+        if hit is None:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            hit = any(addr in net for net in self._relay)
+            if len(self._relay_cache) < 100_000:
+                self._relay_cache[ip] = hit
+        return hit
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        idle, data = self.cfg.idle_timeout, self.cfg.data_timeout
+        for s in list(self.sessions):
+            if not s.storing and s.idle_for(now) > s.timeout_limit(idle, data):
+                s.close_with("TIMEOUT")
+        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)

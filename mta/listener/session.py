@@ -1,0 +1,134 @@
+"""The asyncio Protocol around the native SMTP server core, one per connection.
+
+Where it sits: Listener (server.py) creates one per accepted connection; it
+feeds the bytes to mta._native.wire.ServerCore, writes back what the core
+returns, and at end of data hands the transaction to Reception
+(reception.py), answering 250 only when the spool batch holding the message
+is durable. While a message is being stored, reading is paused: pipelined
+commands wait in the core's buffer, never in an unbounded queue.
+
+Trust: network bytes go only to the core. Diagnostics: a bug in the core
+(InternalError or any exception) closes this connection with 421 and is
+logged; it never takes the daemon down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from mta._native.wire import EV_CLOSE, EV_MESSAGE, ServerCore
+from mta.replies import reply
+
+if TYPE_CHECKING:
+    from mta.listener.server import Listener
+
+log = logging.getLogger("mta.session")
+
+
+class SmtpSession(asyncio.Protocol):
+    __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "last_active",
+                 "started", "_storing")
+
+    def __init__(self, listener: Listener):
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.core: ServerCore | None = None
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.last_active = 0.0        # loop.time() of the last bytes received
+        self.started = 0.0            # loop.time() when DATA/BDAT content began (for latency)
+        self._storing = False         # a message is on its way to the spool
+
+    # -- asyncio callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        refusal = self.listener.admit(self)
+        if refusal is not None:
+            transport.write(reply(refusal, self.listener.hostname))
+            transport.close()
+            return
+        self.core = ServerCore(self.listener.settings, self.listener.relay_allowed(self.peer_ip))
+        self.last_active = self.listener.loop.time()
+        transport.write(self.core.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        if core is None:
+            return
+        self.last_active = self.listener.loop.time()
+        try:
+            out, ev = core.feed(data)
+        except Exception:
+            self._bug()
+            return
+        self._handle(out, ev)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.forget(self)
+        self.core = None
+
+    # -- flow ------------------------------------------------------------------------
+
+    def _handle(self, out: bytes, ev: int) -> None:
+        core = self.core
+        transport = self.transport
+        if core is None or transport is None:
+            return
+        if core.rejections:
+            self.listener.reception.log_rejections(self, core.rejections)
+            core.rejections.clear()
+        if out:
+            transport.write(out)
+        if ev == EV_MESSAGE:
+            self._storing = True
+            transport.pause_reading()
+            fut = self.listener.reception.accept(core.transaction(), self)
+            fut.add_done_callback(self._on_stored)
+        elif ev == EV_CLOSE:
+            transport.close()
+
+    def _on_stored(self, fut: asyncio.Future) -> None:
+        self._storing = False
+        core = self.core
+        if core is None:  # the client went away; the message is stored regardless
+            return
+        try:
+            line = fut.result()
+            out, ev = core.resume(line)
+        except Exception:
+            self._bug()
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._handle(out, ev)
+
+    def _bug(self) -> None:
+        log.exception("internal error in SMTP session from %s; closing it", self.peer_ip)
+        if self.transport is not None:
+            self.transport.write(reply("INTERNAL"))
+            self.transport.close()
+        self.core = None
+
+    # -- used by the listener ------------------------------------------------------
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_active
+
+    def timeout_limit(self, idle_timeout: float, data_timeout: float) -> float:
+        core = self.core
+        return data_timeout if core is not None and core.in_content else idle_timeout
+
+    def close_with(self, name: str) -> None:
+        """End the session with a 421 `name` (timeout, shutdown), if not storing."""
+        if self.core is None or self.transport is None:
+            return
+        self.transport.write(self.core.close_with(name))
+        self.transport.close()
+
+    @property
+    def storing(self) -> bool:
+        return self._storing

@@ -1,0 +1,1 @@
+"""JSONL logs (orjson): record types in records.py, the writer in writer.py."""

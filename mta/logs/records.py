@@ -1,0 +1,33 @@
+"""Log record types: the one definition of what the JSONL logs contain.
+
+Imports nothing from the rest of mta (KumoMTA's kumo-log-types idea), so log
+consumers can use it alone. Every record is one JSON object per line with at
+least `type` and `time` (Unix seconds, float).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RecordType(str, Enum):
+    RECEPTION = "Reception"                # a message was accepted (after the spool sync)
+    REJECTION = "Rejection"                # a transaction was refused at end of data
+    DELIVERY = "Delivery"                  # a recipient was accepted by the next hop
+    TRANSIENT_FAILURE = "TransientFailure"  # a delivery attempt failed, will retry
+    BOUNCE = "Bounce"                      # a recipient failed permanently
+    EXPIRATION = "Expiration"              # a recipient's max age passed
+    ADMIN_BOUNCE = "AdminBounce"           # an operator removed a message
+    OOB = "OOB"                            # an out-of-band bounce was received
+    FEEDBACK = "Feedback"                  # an ARF complaint was received
+    CORRUPT = "Corrupt"                    # a spool record failed its checks at start
+
+
+# Fields per record type, for documentation and for tests that check records.
+FIELDS: dict[RecordType, tuple[str, ...]] = {
+    RecordType.RECEPTION: ("id", "sender", "recipients", "size", "client_ip", "client_port",
+                           "helo", "listener", "tenant", "campaign", "started", "time",
+                           "protocol"),
+    RecordType.REJECTION: ("sender", "recipients", "client_ip", "listener", "code", "status",
+                           "reason", "time"),
+    RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
+}

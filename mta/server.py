@@ -1,0 +1,105 @@
+"""The embeddable core: `Server` wires config, spool, logs and listeners.
+
+An asyncio program starts and stops it and injects into it without the CLI
+(`mta serve` is a thin shell around it, see daemon.py):
+
+    async with mta.Server(mta.load_config()) as server:
+        msg_id = await server.inject("a@example.com", ["b@example.org"], content)
+
+Start order: logs, spool (recovery scan: Corrupt records are logged), then
+listeners; stop order is the reverse, letting sessions that wait for a spool
+sync get their reply first. Diagnostics: start() raises OSError (cannot bind,
+cannot open the spool); everything after start is logged, not raised.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Iterable
+
+from mta.config import Config
+from mta.listener.reception import Reception
+from mta.listener.server import Listener
+from mta.logs.records import RecordType
+from mta.logs.writer import LogWriter
+from mta.spool import Spool
+
+log = logging.getLogger("mta.server")
+
+
+class Server:
+    def __init__(self, config: Config):
+        self.config = config
+        self.spool = Spool(str(config.spool.directory), segment_size=config.spool.segment_size,
+                           max_batch=config.spool.max_batch)
+        self.logs: LogWriter | None = None
+        self.reception: Reception | None = None
+        self.listeners: list[Listener] = []
+        self._started = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.logs = LogWriter(str(self.config.log.directory))
+        found = self.spool.open(loop)
+        for bad in found.corrupt + found.torn:
+            self.logs.log(RecordType.CORRUPT, segment=bad.segment, offset=bad.offset,
+                          length=bad.length, reason=bad.reason, saved_as=bad.saved_as,
+                          torn=bad in found.torn)
+        log.info("spool %s: %d messages recovered, %d corrupt records, %d torn tails",
+                 self.config.spool.directory, len(found.messages), len(found.corrupt), len(found.torn))
+        self.reception = Reception(self.config, self.spool, self.logs)
+        try:
+            for cfg in self.config.listener:
+                listener = Listener(cfg, self.reception, loop)
+                await listener.start()
+                self.listeners.append(listener)
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            await listener.stop()
+        self.listeners.clear()
+        await self.spool.close()
+        if self.logs is not None:
+            self.logs.close()
+            self.logs = None
+        self._started = False
+
+    async def __aenter__(self) -> "Server":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of each listener (port 0 in the config is resolved)."""
+        return [lst.address for lst in self.listeners if lst.address is not None]
+
+    async def inject(self, sender: str, recipients: Iterable[str], content: bytes, *,
+                     client: str = "127.0.0.1") -> str:
+        """Spool a message without SMTP; returns its id once it is durable.
+
+        `content` is the RFC 5322 message with CRLF line ends. Raises
+        mta.spool.SpoolError when the spool write failed.
+        """
+        if self.reception is None:
+            raise RuntimeError("Server.inject() before start()")
+        rcpts = [(r, None, None) for r in recipients]
+        if not rcpts:
+            raise ValueError("inject() needs at least one recipient")
+        msg_id, (stored, envelope) = self.reception.store(
+            sender=sender, rcpts=rcpts, content=content, helo="localhost", client_ip=client,
+            client_port=0, listener="inject", protocol="local", extra={})
+        await stored
+        self.reception.accepted += 1
+        if self.reception.logs is not None:
+            self.reception.logs.log(RecordType.RECEPTION, id=msg_id, sender=sender,
+                                    recipients=[r[0] for r in rcpts], size=envelope["size"],
+                                    client_ip=client, listener="inject", protocol="local",
+                                    started=envelope["received"])
+        return msg_id
