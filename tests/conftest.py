@@ -31,6 +31,7 @@ class Daemon:
 
     def __init__(self, workdir: Path, listener: str = "", extra: str = ""):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.spool_dir = workdir / "spool"
         self.log_dir = workdir / "log"
@@ -92,7 +93,6 @@ def daemon_factory(tmp_path):
 
     def make(listener: str = "", extra: str = "", start: bool = True) -> Daemon:
         d = Daemon(tmp_path / f"d{len(started)}", listener, extra)
-        d.workdir.mkdir()
         started.append(d)
         return d.start() if start else d
 
