@@ -52,6 +52,13 @@ install_python() {
 build() {
     log "building native extensions"
     .venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(Compiling|\[|performance hint)" >&2 || true
+    # The tree itself is the package (extensions built in place): put it on
+    # the venv's path and give the venv an `mta` command.
+    local site
+    site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$ROOT" > "$site/mta-dev.pth"
+    printf '#!/bin/sh\nexec "%s/.venv/bin/python" -m mta "$@"\n' "$ROOT" > .venv/bin/mta
+    chmod 755 .venv/bin/mta
     .venv/bin/python -c "import mta._native.wire, mta._native.spool" \
         || { echo "native build failed (see compiler output above)" >&2; exit 1; }
 }
