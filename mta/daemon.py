@@ -45,10 +45,13 @@ async def _serve(config: Config, ready_line: bool) -> None:
     log.info("stopping")
     health = server.spool.health()
     await server.stop()
-    if ready_line and health.get("syncs"):
+    if health.get("syncs"):
         per_sync = health["records"] / max(health["syncs"], 1)
-        print(f"mta: spool wrote {health['records']} records in {health['batches']} batches with "
-              f"{health['syncs']} fdatasyncs ({per_sync:.1f} records per sync)", flush=True)
+        line = (f"spool wrote {health['records']} records in {health['batches']} batches with "
+                f"{health['syncs']} fdatasyncs ({per_sync:.1f} records per sync)")
+        log.info("%s", line)
+        if ready_line:
+            print(f"mta: {line}", flush=True)
 
 
 def serve(config: Config, *, ready_line: bool = True) -> int:

@@ -83,15 +83,14 @@ class Reception:
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
-        loop = session.listener.loop
-        started = loop.time()
+        started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
         extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
         msg_id, (stored, envelope) = self.store(
             sender=txn.mail_from, rcpts=txn.rcpts, content=txn.data, helo=txn.helo,
             client_ip=session.peer_ip, client_port=session.peer_port,
             listener=session.listener.name, protocol=protocol, extra=extra)
-        result = loop.create_future()
+        result = session.listener.loop.create_future()
 
         def done(fut: asyncio.Future) -> None:
             exc = fut.exception()
@@ -109,7 +108,7 @@ class Reception:
                               helo=envelope["helo"], listener=session.listener.name,
                               tenant=envelope.get("tenant"), campaign=envelope.get("campaign"),
                               protocol=protocol, started=envelope["received"],
-                              latency_ms=round((loop.time() - started) * 1000, 3))
+                              latency_ms=round((time.perf_counter() - started) * 1000, 3))
             result.set_result(reply("QUEUED", msg_id))
 
         stored.add_done_callback(done)

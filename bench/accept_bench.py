@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Accept rate with fsync before every 250: mta versus Postfix, same harness, same run.
+
+Drives ../shared/tools/peerbench (Postfix's smtp-source as the loader,
+concurrency 50, one connection per message) in accept mode against the
+private Postfix instance and against `mta serve`, alternating targets
+(A, B, A, B, ...) because this 2-core VM is noisy, and prints both medians
+and the ratio. From mta's own logs it adds accept latency (end of data ->
+250, p50/p99, from Reception records) and records per fdatasync.
+
+    python3 bench/accept_bench.py                 # 50 KB and 2 KB, 3 rounds each
+    python3 bench/accept_bench.py -s 51200 -r 5 -n 20000
+
+Needs root (smtp-sink/smtp-source) and peerbench's setup.sh (run once; this
+script runs it when Postfix's tools are missing). Loopback only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERBENCH = ROOT.parent / "shared" / "tools" / "peerbench"
+STATE = Path(os.environ.get("MTA_BENCH_STATE", "/var/tmp/mta-bench"))
+PORT = 2525  # the private Postfix instance of peerbench listens here
+
+
+def peerbench(name: str, size: int, n: int, extra: list[str]) -> dict[str, str]:
+    cmd = [sys.executable, str(PEERBENCH / "bench.py"), "--name", name, "--mode", "accept",
+           "--port", str(PORT), "-n", str(n), "-s", str(size), "-c", "50", "--runs", "1", *extra]
+    out = subprocess.run(cmd, cwd=PEERBENCH, capture_output=True, text=True)
+    result = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if result is None:
+        sys.exit(f"peerbench failed for {name}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return dict(kv.split("=", 1) for kv in result.split()[1:])
+
+
+def mta_target(python: str) -> list[str]:
+    work = STATE / "mta"   # cwd of the daemon: its logs go to ./var/log there
+    start = (f"mkdir -p {work} && cd {work} && rm -rf spool && PYTHONPATH={ROOT} exec {python} "
+             f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool 2>>{work}/daemon.err")
+    return ["--foreground", "--start", start]
+
+
+def postfix_target() -> list[str]:
+    adapter = PEERBENCH / "mta" / "postfix.sh"
+    return ["--start", f"{adapter} start", "--stop", f"{adapter} stop",
+            "--pid-cmd", f"{adapter} pid"]
+
+
+def mta_log_stats(work: Path, since: int) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, records per fdatasync) from the runs after byte `since` of the logs."""
+    log = work / "var" / "log" / "mta.jsonl"
+    lat = []
+    if log.exists():
+        with open(log, "rb") as f:
+            f.seek(since)
+            for line in f:
+                r = orjson.loads(line)
+                if r.get("type") == "Reception" and "latency_ms" in r:
+                    lat.append(r["latency_ms"])
+    per_sync = [float(m) for m in re.findall(r"\(([\d.]+) records per sync\)",
+                                             (work / "daemon.err").read_text())] if (work / "daemon.err").exists() else []
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")  # noqa: E731
+    return q(0.5), q(0.99), statistics.median(per_sync) if per_sync else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("-r", "--rounds", type=int, default=3)
+    args = ap.parse_args()
+    sizes = args.size or [51200, 2048]
+    if os.geteuid() != 0:
+        sys.exit("run as root: smtp-source and the private Postfix need it")
+    os.environ.setdefault("PEERBENCH_STATE", "/var/tmp/peerbench")  # setup.sh needs it set
+    if not shutil.which("smtp-source") or not (Path(os.environ["PEERBENCH_STATE"]) / "postfix" / "etc").exists():
+        subprocess.run(["bash", str(PEERBENCH / "setup.sh")], check=True)
+    work = STATE / "mta"
+    work.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    for size in sizes:
+        log = work / "var" / "log" / "mta.jsonl"
+        since = log.stat().st_size if log.exists() else 0
+        (work / "daemon.err").unlink(missing_ok=True)
+        ours, theirs = [], []
+        for rnd in range(args.rounds):
+            theirs.append(float(peerbench("postfix", size, args.n, postfix_target())["accept_per_s"]))
+            ours.append(float(peerbench("mta", size, args.n, mta_target(python))["accept_per_s"]))
+            print(f"size={size} round {rnd + 1}: postfix {theirs[-1]:.0f}/s  mta {ours[-1]:.0f}/s", flush=True)
+        p50, p99, per_sync = mta_log_stats(work, since)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        print(f"RESULT accept size={size} n={args.n} c=50 rounds={args.rounds} mta_per_s={a:.0f} "
+              f"postfix_per_s={b:.0f} ratio={a / b:.2f} mta_p50_ms={p50:.2f} mta_p99_ms={p99:.2f} "
+              f"records_per_fsync={per_sync:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
