@@ -1,0 +1,2 @@
+/* stuff.c - outbound dot-stuffing; see stuff.h. */
+#include "stuff.h"
