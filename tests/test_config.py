@@ -145,7 +145,7 @@ def test_config_is_frozen() -> None:
     ("listener = []", "listener: at least one [[listener]] is required"),
     ("listener = [1]", "listener[0]: expected a table, got integer 1"),
     ("spool = 5", "spool: expected a table, got integer 5"),
-    ("smtp = {}", "smtp: unknown key (allowed: server, spool, log, reception, listener)"),
+    ("smtp = {}", "smtp: unknown key (allowed: server, spool, log, reception, listener, delivery, dns, admin)"),
     ("[[listener]]\n[[listener]]\nport = 2526\nfoo = 1",
      "listener[1].foo: unknown key (allowed: address, port, hostname, banner, relay_cidrs, "
      "bare_newline, max_message_size, max_recipients, max_line_length, max_errors, "
@@ -173,7 +173,7 @@ def test_all_problems_reported_together() -> None:
     got = _problems(toml, overrides={"spool_dir": ""})
     want = [
         "--spool-dir: \"\" is not a usable path (empty, or contains NUL)",
-        "bogus: unknown key (allowed: server, spool, log, reception, listener)",
+        "bogus: unknown key (allowed: server, spool, log, reception, listener, delivery, dns, admin)",
         "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch)",
         "spool.max_batch: 0 is out of range (allowed 1..65536)",
         "listener[0].port: 70000 is out of range (allowed 1..65535)",

@@ -35,6 +35,7 @@ from mta.config.schema import (
     SpoolConfig,
     describe,
     keys_of,
+    parse_hostport,
     render,
 )
 
@@ -42,7 +43,8 @@ from mta.config.schema import (
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 # Override name (as the CLI passes it) -> the flag it came from, for messages.
-OVERRIDE_FLAGS = {"listen": "--listen", "spool_dir": "--spool-dir"}
+OVERRIDE_FLAGS = {"listen": "--listen", "spool_dir": "--spool-dir", "smarthost": "--smarthost",
+                  "dns": "--dns", "admin": "--admin"}
 
 # Stands for a value that failed to validate, so later checks can skip it.
 _BAD: Any = object()
@@ -224,7 +226,15 @@ def _parse_spool_dir(value: object) -> Path:
     return path
 
 
-_OVERRIDE_PARSERS = {"listen": _parse_listen, "spool_dir": _parse_spool_dir}
+def _parse_hostport_flag(value: object) -> tuple[str, int] | None:
+    return None if value == "" else parse_hostport(value)
+
+
+_OVERRIDE_PARSERS = {"listen": _parse_listen, "spool_dir": _parse_spool_dir,
+                     "smarthost": _parse_hostport_flag, "dns": _parse_hostport_flag,
+                     "admin": _parse_hostport_flag}
+# Flag -> (section, key) it replaces as a whole.
+_SIMPLE_OVERRIDES = {"smarthost": ("delivery", "smarthost"), "admin": ("admin", "listen")}
 
 
 def _parse_overrides(overrides: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -250,6 +260,11 @@ def _apply_overrides(sections: dict[str, Any], flags: dict[str, Any]) -> None:
         listeners[0]["address"], listeners[0]["port"] = flags["listen"]
     if "spool_dir" in flags and sections["spool"] is not None:
         sections["spool"]["directory"] = flags["spool_dir"]
+    for flag, (section, name) in _SIMPLE_OVERRIDES.items():
+        if flag in flags and sections[section] is not None:
+            sections[section][name] = flags[flag]
+    if "dns" in flags and sections["dns"] is not None:
+        sections["dns"]["nameservers"] = () if flags["dns"] is None else (flags["dns"],)
 
 
 def _check_unique_listeners(listeners: list[dict[str, Any] | None], problems: list[str]) -> None:

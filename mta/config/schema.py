@@ -222,6 +222,55 @@ def _parse_cidrs(value: object, base: Path) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+
+_HOSTPORT_RE = re.compile(r"\[([^\]]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", re.ASCII)
+_HOSTPORT_HELP = '"host:port" (an IPv6 address in brackets: "[::1]:25")'
+
+
+def parse_hostport(value: object, base: Path = Path()) -> tuple[str, int]:
+    """(host, port) from "host:port" or "[IPv6]:port"; host is an IP or a DNS name."""
+    text = _parse_str(value, base)
+    m = _HOSTPORT_RE.fullmatch(text)
+    port = int(m[2] or m[4]) if m else 0
+    if m is None or not 1 <= port <= 65535:
+        raise Invalid(f"{render(text)} is not {_HOSTPORT_HELP} with a port 1..65535")
+    host = m[1] if m[1] is not None else m[3]
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = _parse_hostname(host, base)
+    return host, port
+
+
+def _parse_optional_hostport(value: object, base: Path) -> tuple[str, int] | None:
+    return None if value == "" else parse_hostport(value, base)
+
+
+def _parse_hostport_list(value: object, base: Path) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"expected an array of {_HOSTPORT_HELP} strings, got {describe(value)}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(parse_hostport(item, base))
+        except Invalid as e:
+            raise Invalid(str(e), at=f"[{i}]") from None
+    return tuple(out)
+
+
+def _parse_routes(value: object, base: Path) -> dict[str, tuple[str, int]]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a table of domain = \"host:port\", got {describe(value)}")
+    out = {}
+    for domain, target in value.items():
+        name = domain[2:] if domain.startswith("*.") else domain
+        try:
+            _parse_hostname(name, base)
+            out[domain.lower()] = parse_hostport(target, base)
+        except Invalid as e:
+            raise Invalid(str(e), at=f".{json.dumps(domain)}") from None
+    return out
+
 CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key")
 TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
 HOSTNAME = ValueType("hostname", _parse_hostname,
@@ -240,8 +289,14 @@ PATH = ValueType("path", _parse_path, "a string; ~ is the home directory, relati
 IP_ADDRESS = ValueType("ip address", _parse_ip, "an IPv4 or IPv6 address string")
 CIDR_LIST = ValueType("cidr list", _parse_cidrs, "an array of strings like \"10.0.0.0/8\"; "
                       "host bits are ignored")
+HOSTPORT = ValueType("host:port", _parse_optional_hostport, "\"host:port\" (IPv6 in "
+                     "brackets), or \"\" for none")
+HOSTPORT_LIST = ValueType("host:port list", _parse_hostport_list,
+                          "an array of \"host:port\" strings")
+ROUTES = ValueType("routes", _parse_routes, "a table of domain = \"host:port\"; a key "
+                   "\"*.example.com\" covers the subdomains")
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, HEADER_NAME, INT, BOOL, SIZE, DURATION, PATH,
-               IP_ADDRESS, CIDR_LIST)
+               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES)
 
 
 # --- keys and sections -------------------------------------------------------------------
@@ -365,6 +420,62 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """Outbound SMTP: routing overrides, connections, retries, expiry."""
+
+    ehlo_name: str = key(HOSTNAME, None, "name we give in EHLO to remote servers",
+                         inherit="server.hostname")
+    smarthost: tuple[str, int] | None = key(HOSTPORT, "", "send everything to this "
+                                            "host:port instead of looking up MX records")
+    routes: dict[str, tuple[str, int]] = key(ROUTES, {}, "static routes: domain -> next "
+                                             "hop, bypassing MX lookups")
+    port: int = key(INT, 25, "TCP port of remote MX hosts", lo=1, hi=65535)
+    connection_limit: int = key(INT, 32, "concurrent connections per site (MX set)",
+                                lo=1, hi=100000)
+    max_deliveries_per_connection: int = key(INT, 1000, "messages sent over one connection "
+                                             "before it is closed", lo=1, hi=1000000)
+    max_recipients_per_transaction: int = key(INT, 100, "recipients of one domain sent in "
+                                              "one transaction", lo=1, hi=10000)
+    ready_queue_size: int = key(INT, 4096, "messages waiting per ready queue before more "
+                                "are pushed back to their scheduled queue", lo=1, hi=10000000)
+    tls: str = key(CHOICE, "opportunistic", "STARTTLS towards servers that offer it "
+                   "(unauthenticated, RFC 7435), or never", choices=("opportunistic", "off"))
+    connect_timeout: float = key(DURATION, "30s", "TCP connect to a remote host",
+                                 lo="100ms", hi="10m")
+    command_timeout: float = key(DURATION, "5m", "wait for a reply to a command (RFC 5321 "
+                                 "4.5.3.2 minimums)", lo="100ms", hi="1h")
+    data_timeout: float = key(DURATION, "10m", "wait for the reply to end of data",
+                              lo="100ms", hi="1h")
+    idle_timeout: float = key(DURATION, "5s", "keep an idle connection open for reuse",
+                              lo="0s", hi="10m")
+    retry_initial: float = key(DURATION, "5m", "first retry interval after a temporary "
+                               "failure; doubled each attempt, with jitter", lo="1s", hi="1d")
+    retry_max: float = key(DURATION, "4h", "longest retry interval", lo="1s", hi="7d")
+    max_age: float = key(DURATION, "5d", "time after which a message that still fails "
+                         "temporarily expires and bounces", lo="1s", hi="30d")
+    delay_dsn_after: float = key(DURATION, "0s", "send one delay DSN once a message has "
+                                 "waited this long (0s: never)", lo="0s", hi="30d")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The resolver used for MX and address lookups."""
+
+    nameservers: tuple[tuple[str, int], ...] = key(HOSTPORT_LIST, [], "DNS servers to ask, "
+                                                   "as \"ip:port\"; empty: /etc/resolv.conf")
+    timeout: float = key(DURATION, "5s", "time for one DNS query", lo="100ms", hi="1m")
+    ipv6: bool = key(BOOL, False, "also look up AAAA records of MX hosts")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The HTTP admin API that `mta queue` talks to."""
+
+    listen: tuple[str, int] | None = key(HOSTPORT, "127.0.0.1:8025", "address of the HTTP "
+                                         "admin API (loopback only is advised); \"\" disables")
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
 
@@ -382,6 +493,9 @@ SECTIONS = (
     Section("log", LogConfig),
     Section("reception", ReceptionConfig),
     Section("listener", ListenerConfig, many=True),
+    Section("delivery", DeliveryConfig),
+    Section("dns", DnsConfig),
+    Section("admin", AdminConfig),
 )
 
 
@@ -399,5 +513,11 @@ class Config:
     reception: ReceptionConfig
     # [[listener]], at least one; listener[0] is the one --listen replaces.
     listener: tuple[ListenerConfig, ...]
+    # [delivery]
+    delivery: DeliveryConfig
+    # [dns]
+    dns: DnsConfig
+    # [admin]
+    admin: AdminConfig
     # Where the configuration came from: a file path or "<string>".
     source: str
