@@ -33,9 +33,10 @@ STATE = Path(os.environ.get("MTA_BENCH_STATE", "/var/tmp/mta-bench"))
 PORT = 2525  # the private Postfix instance of peerbench listens here
 
 
-def peerbench(name: str, size: int, n: int, extra: list[str]) -> dict[str, str]:
-    cmd = [sys.executable, str(PEERBENCH / "bench.py"), "--name", name, "--mode", "accept",
-           "--port", str(PORT), "-n", str(n), "-s", str(size), "-c", "50", "--runs", "1", *extra]
+def peerbench(name: str, size: int, n: int, extra: list[str], mode: str = "accept",
+              port: int = PORT) -> dict[str, str]:
+    cmd = [sys.executable, str(PEERBENCH / "bench.py"), "--name", name, "--mode", mode,
+           "--port", str(port), "-n", str(n), "-s", str(size), "-c", "50", "--runs", "1", *extra]
     out = subprocess.run(cmd, cwd=PEERBENCH, capture_output=True, text=True)
     result = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
@@ -74,6 +75,14 @@ def mta_log_stats(work: Path, since: int) -> tuple[float, float, float]:
     return q(0.5), q(0.99), statistics.median(per_sync) if per_sync else float("nan")
 
 
+def ensure_peerbench() -> None:
+    if os.geteuid() != 0:
+        sys.exit("run as root: smtp-source and the private Postfix need it")
+    os.environ.setdefault("PEERBENCH_STATE", "/var/tmp/peerbench")  # setup.sh needs it set
+    if not shutil.which("smtp-source") or not (Path(os.environ["PEERBENCH_STATE"]) / "postfix" / "etc").exists():
+        subprocess.run(["bash", str(PEERBENCH / "setup.sh")], check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
@@ -81,11 +90,7 @@ def main() -> int:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     args = ap.parse_args()
     sizes = args.size or [51200, 2048]
-    if os.geteuid() != 0:
-        sys.exit("run as root: smtp-source and the private Postfix need it")
-    os.environ.setdefault("PEERBENCH_STATE", "/var/tmp/peerbench")  # setup.sh needs it set
-    if not shutil.which("smtp-source") or not (Path(os.environ["PEERBENCH_STATE"]) / "postfix" / "etc").exists():
-        subprocess.run(["bash", str(PEERBENCH / "setup.sh")], check=True)
+    ensure_peerbench()
     work = STATE / "mta"
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable

@@ -13,9 +13,11 @@ import orjson
 from mta.config import ConfigError, load_config
 
 
+_OVERRIDES = ("listen", "spool_dir", "smarthost", "dns", "admin")
+
+
 def _config(args: argparse.Namespace):
-    overrides = {"listen": getattr(args, "listen", None), "spool_dir": getattr(args, "spool_dir", None)}
-    return load_config(args.config, overrides)
+    return load_config(args.config, {k: getattr(args, k, None) for k in _OVERRIDES})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -48,6 +50,50 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_get(args: argparse.Namespace, path: str) -> tuple[int, object]:
+    import http.client
+    target = _config(args).admin.listen
+    if target is None:
+        raise SystemExit("mta: the admin API is disabled ([admin] listen = \"\")")
+    conn = http.client.HTTPConnection(*target, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, orjson.loads(resp.read())
+    except OSError as exc:
+        raise SystemExit(f"mta: cannot reach the daemon's admin API at {target[0]}:{target[1]}: {exc}")
+    finally:
+        conn.close()
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    if args.action == "summary":
+        status, data = _admin_get(args, "/queue/summary")
+        if status != 200 or not isinstance(data, dict):
+            print(f"mta: {data}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        print(f"{'scheduled queue':<50} {'count':>8}  site")
+        for name, q in sorted(data["scheduled"].items()):
+            print(f"{name:<50} {q['count']:>8}  {q['site'] or '-'}{'  (suspended)' if q['suspended'] else ''}")
+        print(f"\n{'ready queue (source->site)':<50} {'count':>8}  connections  sent")
+        for name, r in sorted(data["ready"].items()):
+            print(f"{name:<50} {r['count']:>8}  {r['connections']:>11}  {r['sent']}")
+        print(f"\nwaiting in the timer wheel: {data['wheel']}; outcomes since start: {data['outcomes']}")
+        return 0
+    if args.action == "count":   # one number, for scripts (peerbench --queue-cmd)
+        status, data = _admin_get(args, "/queue/summary")
+        print(sum(q["count"] for q in data["scheduled"].values()) if status == 200 else -1)
+        return 0 if status == 200 else 1
+    if not args.id:
+        raise SystemExit("mta queue inspect needs a message id")
+    status, data = _admin_get(args, f"/queue/messages/{args.id}")
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0 if status == 200 else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mta.demo import run_demo
     return run_demo(count=args.count, size=args.size, concurrency=args.concurrency)
@@ -61,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", help="TOML config file (default: the built-in one)")
         sp.add_argument("--listen", metavar="HOST:PORT", help="override the first listener's address")
         sp.add_argument("--spool-dir", metavar="DIR", help="override spool.directory")
+        sp.add_argument("--smarthost", metavar="HOST:PORT", help="relay everything to one next hop")
+        sp.add_argument("--dns", metavar="IP:PORT", help="the DNS server to ask (dns.nameservers)")
+        sp.add_argument("--admin", metavar="HOST:PORT", help="admin API address (\"\" disables)")
 
     sp = sub.add_parser("serve", help="run the daemon")
     with_config(sp)
@@ -72,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["ls", "stat"])
     with_config(sp)
     sp.set_defaults(func=_cmd_spool)
+    sp = sub.add_parser("queue", help="ask the running daemon about its queues")
+    sp.add_argument("action", choices=["summary", "inspect", "count"])
+    sp.add_argument("id", nargs="?", help="message id (for inspect)")
+    sp.add_argument("--json", action="store_true", help="raw JSON")
+    with_config(sp)
+    sp.set_defaults(func=_cmd_queue)
     sp = sub.add_parser("demo", help="start the daemon, inject a demo batch, show it spooled")
     sp.add_argument("-n", "--count", type=int, default=2000)
     sp.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes")

@@ -92,10 +92,11 @@ class Server:
         rcpts = [(r, None, None) for r in recipients]
         if not rcpts:
             raise ValueError("inject() needs at least one recipient")
-        msg_id, (stored, envelope) = self.reception.store(
+        stored = self.reception.store(
             sender=sender, rcpts=rcpts, content=content, helo="localhost", client_ip=client,
             client_port=0, listener="inject", protocol="local", extra={})
-        await stored
+        msg_id, envelope = stored.id, stored.envelope
+        await stored.durable
         self.reception.accepted += 1
         if self.reception.logs is not None:
             self.reception.logs.log(RecordType.RECEPTION, id=msg_id, sender=sender,

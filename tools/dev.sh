@@ -13,7 +13,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { printf '[dev] %s\n' "$*" >&2; }
 
-APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps)
+APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps
+              openssl $(grep -v '^#' tools/dns-packages.txt))
 
 install_system() {
     local missing=()
@@ -43,7 +44,7 @@ install_python() {
         log "creating .venv"
         "$py" -m venv .venv
     fi
-    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis" 2>/dev/null; then
+    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, dns" 2>/dev/null; then
         log "pip install build and test requirements"
         .venv/bin/python -m pip install -q -r requirements-dev.txt
     fi

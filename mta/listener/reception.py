@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mta.ids import id_text, new_id
 from mta.logs.records import RecordType
@@ -32,6 +32,13 @@ log = logging.getLogger("mta.reception")
 _HEADER_SCAN = 64 << 10   # tenant/campaign headers are looked for in the first 64 KiB
 
 
+class Stored(NamedTuple):
+    id: str                   # text form of the spool id
+    raw_id: bytes             # the 16-byte id
+    envelope: dict            # what was stored with the message
+    durable: asyncio.Future   # resolves when the spool batch is on disk
+
+
 class Reception:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None):
         self.hostname = config.server.hostname
@@ -44,6 +51,8 @@ class Reception:
         self._date_sec = -1
         self._date = ""
         self.accepted = 0            # messages acknowledged with 250 since start
+        # Called with (raw id, envelope) once a message is durable: the delivery engine.
+        self.on_stored: Callable[[bytes, dict], None] | None = None
 
     def _now_rfc5322(self) -> str:
         now = int(time.time())
@@ -71,7 +80,7 @@ class Reception:
         return (lines + "; " + self._now_rfc5322() + "\r\n").encode("utf-8", "replace")
 
     def store(self, *, sender: str, rcpts: list, content, helo: str, client_ip: str,
-              client_port: int, listener: str, protocol: str, extra: dict[str, Any]) -> tuple[str, asyncio.Future]:
+              client_port: int, listener: str, protocol: str, extra: dict[str, Any]) -> Stored:
         raw_id = new_id()
         msg_id = id_text(raw_id)
         trace = self.trace_header(msg_id, helo, client_ip, protocol, rcpts)
@@ -79,17 +88,18 @@ class Reception:
                     "client_ip": client_ip, "client_port": client_port, "listener": listener,
                     "protocol": protocol, "received": time.time(), "size": len(trace) + len(content),
                     **extra, **self._x_values(content)}
-        return msg_id, (self.spool.store(raw_id, envelope, trace, content), envelope)
+        return Stored(msg_id, raw_id, envelope, self.spool.store(raw_id, envelope, trace, content))
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
         started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
         extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
-        msg_id, (stored, envelope) = self.store(
+        stored = self.store(
             sender=txn.mail_from, rcpts=txn.rcpts, content=txn.data, helo=txn.helo,
             client_ip=session.peer_ip, client_port=session.peer_port,
             listener=session.listener.name, protocol=protocol, extra=extra)
+        msg_id, envelope = stored.id, stored.envelope
         result = session.listener.loop.create_future()
 
         def done(fut: asyncio.Future) -> None:
@@ -101,6 +111,8 @@ class Reception:
                 result.set_result(reply("SPOOL_ERROR"))
                 return
             self.accepted += 1
+            if self.on_stored is not None:
+                self.on_stored(stored.raw_id, envelope)
             if self.logs is not None:
                 self.logs.log(RecordType.RECEPTION, id=msg_id, sender=envelope["sender"],
                               recipients=[r[0] for r in envelope["rcpts"]], size=envelope["size"],
@@ -111,7 +123,7 @@ class Reception:
                               latency_ms=round((time.perf_counter() - started) * 1000, 3))
             result.set_result(reply("QUEUED", msg_id))
 
-        stored.add_done_callback(done)
+        stored.durable.add_done_callback(done)
         return result
 
     def log_rejections(self, session: SmtpSession, rejections: list) -> None:

@@ -10,6 +10,9 @@ no checksum; we add one).
     header   magic "MTAR" | version u8 | type u8 | flags u16 | total_len u32 | crc32 u32
     MESSAGE  id[16] | envelope_len u32 | envelope (JSON) | content
     TOMBSTONE count u32 | id[16] * count   (messages that are finished)
+    RCPTS_DONE count u32 | (id[16] | rcpt index u32) * count
+                                       (recipients finished while others still wait:
+                                        a restart must not deliver them again)
 
 All integers little-endian; total_len counts the header; the CRC covers bytes
 [16:total_len]. Readers reject unknown types and versions, lengths that run
@@ -28,6 +31,7 @@ HEADER_SIZE = HEADER.size            # 16
 CRC_OFFSET = 12                      # where the writer stores the CRC
 MESSAGE_FIXED = struct.Struct("<16sI")  # id, envelope_len
 COUNT = struct.Struct("<I")
+RCPT_DONE = struct.Struct("<16sI")      # id, recipient index
 ID_SIZE = 16
 MAX_RECORD = 0xFFFFFFFF
 
@@ -35,6 +39,7 @@ MAX_RECORD = 0xFFFFFFFF
 class RecordType(IntEnum):
     MESSAGE = 1     # an accepted message: envelope + content
     TOMBSTONE = 2   # ids of messages that are finished (delivered, bounced, expired)
+    RCPTS_DONE = 3  # (id, recipient index) pairs finished before their message is
 
 
 def message_head(msg_id: bytes, envelope: bytes, trace: bytes, content_len: int) -> bytearray:
@@ -62,6 +67,15 @@ def tombstone(ids: list[bytes]) -> bytearray:
     return head
 
 
+def rcpts_done(pairs: list[tuple[bytes, int]]) -> bytearray:
+    total = HEADER_SIZE + COUNT.size + RCPT_DONE.size * len(pairs)
+    head = bytearray(HEADER.pack(MAGIC, VERSION, RecordType.RCPTS_DONE, 0, total, 0))
+    head += COUNT.pack(len(pairs))
+    for msg_id, index in pairs:
+        head += RCPT_DONE.pack(msg_id, index)
+    return head
+
+
 class RecordError(ValueError):
     """A record that must not be trusted; `reason` says why."""
 
@@ -82,7 +96,7 @@ def parse_header(buf: bytes | memoryview, offset: int, available: int) -> tuple[
         raise RecordError(f"unknown version {version}")
     if total < HEADER_SIZE or total > available:
         raise RecordError("length runs past the end of the segment")
-    if rtype not in (RecordType.MESSAGE, RecordType.TOMBSTONE):
+    if rtype not in (RecordType.MESSAGE, RecordType.TOMBSTONE, RecordType.RCPTS_DONE):
         raise RecordError(f"unknown record type {rtype}", total)
     return rtype, total
 
@@ -109,3 +123,11 @@ def parse_tombstone(buf: bytes | memoryview, offset: int, total: int) -> list[by
     if start + count * ID_SIZE != offset + total:
         raise RecordError("tombstone count does not match its length", total)
     return [bytes(buf[start + i * ID_SIZE:start + (i + 1) * ID_SIZE]) for i in range(count)]
+
+
+def parse_rcpts_done(buf: bytes | memoryview, offset: int, total: int) -> list[tuple[bytes, int]]:
+    (count,) = COUNT.unpack_from(buf, offset + HEADER_SIZE)
+    start = offset + HEADER_SIZE + COUNT.size
+    if start + count * RCPT_DONE.size != offset + total:
+        raise RecordError("recipient-done count does not match its length", total)
+    return [(bytes(i), n) for i, n in RCPT_DONE.iter_unpack(memoryview(buf)[start:offset + total])]

@@ -48,6 +48,7 @@ class Recovered:
     corrupt: list[Corrupt] = field(default_factory=list)            # quarantined records
     torn: list[Corrupt] = field(default_factory=list)               # torn tails (never acknowledged)
     segments: list[int] = field(default_factory=list)               # segment numbers found
+    done_rcpts: dict[bytes, set[int]] = field(default_factory=dict)    # live id -> finished recipient indexes
     tombstone_refs: dict[int, set[int]] = field(default_factory=dict)  # segment -> segments its tombstones name
     finished: int = 0                                                # tombstoned messages seen
 
@@ -107,12 +108,20 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
                 out.messages[msg_id] = Location(seg, pos, total)
                 out.envelopes[msg_id] = orjson.loads(env)
                 where[msg_id] = seg
-            else:
+            elif rtype == rec.RecordType.TOMBSTONE:
                 refs = out.tombstone_refs.setdefault(seg, set())
                 for msg_id in rec.parse_tombstone(buf, pos, total):
                     if out.messages.pop(msg_id, None) is not None:
                         out.envelopes.pop(msg_id, None)
+                        out.done_rcpts.pop(msg_id, None)
                         out.finished += 1
+                    if msg_id in where:
+                        refs.add(where[msg_id])
+            else:
+                refs = out.tombstone_refs.setdefault(seg, set())
+                for msg_id, index in rec.parse_rcpts_done(buf, pos, total):
+                    if msg_id in out.messages:
+                        out.done_rcpts.setdefault(msg_id, set()).add(index)
                     if msg_id in where:
                         refs.add(where[msg_id])
             pos += total

@@ -47,6 +47,9 @@ class Spool:
         self._refs: dict[int, set[int]] = {}          # segment -> segments its tombstones name
         self._fds: dict[int, int] = {}                # read fds of segments
         self.recovered: Recovered | None = None
+        self._finished: list[bytes] = []              # ids to tombstone in the next batch
+        self._finished_rcpts: list[tuple[bytes, int]] = []  # recipients done, same
+        self._flush_scheduled = False
 
     # -- life cycle ------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class Spool:
     async def close(self) -> None:
         if self._writer is None:
             return
+        self._flush_finished()           # pending tombstones go into the last batch
         writer, self._writer = self._writer, None
         assert self._loop is not None
         self._loop.remove_reader(writer.eventfd)
@@ -106,19 +110,52 @@ class Spool:
 
     def remove(self, ids: list[bytes]) -> asyncio.Future:
         """Tombstone finished messages; the future resolves when that is durable."""
-        assert self._loop is not None and self._writer is not None
-        fut = self._loop.create_future()
-        head = rec.tombstone(ids)
-        ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
-        self._live.setdefault(segment, 0)
-        refs = self._refs.setdefault(segment, set())
         emptied = set()
+        named = set()
         for msg_id in ids:
             loc = self._index.pop(msg_id, None)
             if loc is not None:
-                refs.add(loc.segment)
+                named.add(loc.segment)
                 self._live[loc.segment] -= 1
                 emptied.add(loc.segment)
+        return self._append_meta(rec.tombstone(ids), named, emptied)
+
+    def remove_recipients(self, pairs: list[tuple[bytes, int]]) -> asyncio.Future:
+        """Record finished recipients of messages that still wait for others."""
+        named = {self._index[i].segment for i, _ in pairs if i in self._index}
+        return self._append_meta(rec.rcpts_done(pairs), named, set())
+
+    def finish(self, msg_id: bytes) -> None:
+        """Tombstone `msg_id` in the next batch (one record per loop iteration)."""
+        self._finished.append(msg_id)
+        self._schedule_flush()
+
+    def finish_recipients(self, msg_id: bytes, indexes: list[int]) -> None:
+        self._finished_rcpts.extend((msg_id, i) for i in indexes)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_finished)
+
+    def _flush_finished(self) -> None:
+        self._flush_scheduled = False
+        if self._writer is None:
+            return
+        if self._finished_rcpts:
+            pairs, self._finished_rcpts = self._finished_rcpts, []
+            self.remove_recipients(pairs)
+        if self._finished:
+            ids, self._finished = self._finished, []
+            self.remove(ids)
+
+    def _append_meta(self, head: bytearray, named: set[int], emptied: set[int]) -> asyncio.Future:
+        assert self._loop is not None and self._writer is not None
+        fut = self._loop.create_future()
+        ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
+        self._live.setdefault(segment, 0)
+        self._refs.setdefault(segment, set()).update(named)
         self._waiting[ticket] = (fut, emptied)
         return fut
 
@@ -147,7 +184,8 @@ class Spool:
 
     def _maybe_reclaim(self, seg: int) -> None:
         """Unlink `seg` if nothing in it is live or still needed; then its dependants."""
-        assert self._writer is not None
+        if self._writer is None:    # closing: reclaim at the next start
+            return
         if self._live.get(seg, 1) != 0 or seg >= self._writer.stats()["segment"]:
             return
         if any(ref != seg and ref in self._live for ref in self._refs.get(seg, ())):

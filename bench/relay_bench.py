@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""End-to-end relay throughput: mta versus Postfix, same harness, same run.
+
+Drives ../shared/tools/peerbench in relay mode: smtp-source (concurrency 50)
+-> the MTA on 127.0.0.1:2525 -> smtp-sink on 127.0.0.1:2526, N messages,
+throughput from first accept to last delivery. Postfix is peerbench's
+private instance; mta runs `mta serve --smarthost 127.0.0.1:2526`. Targets
+alternate (A, B, A, B) on this noisy 2-core VM; medians and the ratio are
+printed, with peerbench's `ceiling` (loader + sink alone) for reference.
+
+    python3 bench/relay_bench.py                  # 50 KB and 2 KB, 3 rounds
+    python3 bench/relay_bench.py -s 51200 -r 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accept_bench import ROOT, STATE, ensure_peerbench, peerbench, postfix_target  # noqa: E402
+
+PORT, SINK = 2525, 2526
+
+
+def mta_target(python: str) -> list[str]:
+    work = STATE / "mta-relay"
+    start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={ROOT} exec {python} "
+             f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
+             f"--smarthost 127.0.0.1:{SINK} --admin 127.0.0.1:8026 2>>{work}/daemon.err")
+    queue = f"cd {work} && PYTHONPATH={ROOT} {python} -m mta queue count --admin 127.0.0.1:8026"
+    return ["--foreground", "--start", start, "--queue-cmd", queue]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("-r", "--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ensure_peerbench()
+    (STATE / "mta-relay").mkdir(parents=True, exist_ok=True)
+    for size in args.size or [51200, 2048]:
+        ceiling = float(peerbench("ceiling", size, args.n, [], mode="ceiling", port=SINK)["deliver_per_s"])
+        ours, theirs = [], []
+        for rnd in range(args.rounds):
+            theirs.append(float(peerbench("postfix", size, args.n, postfix_target(), mode="relay")["deliver_per_s"]))
+            ours.append(float(peerbench("mta", size, args.n, mta_target(sys.executable), mode="relay")["deliver_per_s"]))
+            print(f"size={size} round {rnd + 1}: postfix {theirs[-1]:.0f}/s  mta {ours[-1]:.0f}/s", flush=True)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        print(f"RESULT relay size={size} n={args.n} c=50 rounds={args.rounds} mta_per_s={a:.0f} "
+              f"postfix_per_s={b:.0f} ratio={a / b:.2f} ceiling_per_s={ceiling:.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
