@@ -24,7 +24,7 @@ class TimerWheel:
         self.count = 0
 
     def insert(self, due: float, item: Any) -> None:
-        t = max(math.floor(due / self.tick), self._cursor + 1)
+        t = max(math.ceil(due / self.tick), self._cursor + 1)  # never early, at most a tick late
         if t - self._cursor >= self.slots:
             self._overflow.append((due, item))
         else:
