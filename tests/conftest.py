@@ -18,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
+sys.path.insert(0, str(ROOT / "tools"))   # test peers that also serve the demo: dnsserver, sink
+
+from dnsserver import DnsServer, dns_server, silent_nameserver  # noqa: E402,F401  (fixtures)
 
 
 def free_port() -> int:

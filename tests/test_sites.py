@@ -1,5 +1,5 @@
 """MX resolution and site naming (mta.egress.sites) against a real DNS server
-(unbound on loopback, tests/dnsserver.py): MX order and shuffle, implicit and
+(unbound on loopback, tools/dnsserver.py): MX order and shuffle, implicit and
 null MX, failures and their classification, the TTL cache, shared in-flight
 lookups, static routes, smarthost, address literals and IDNA."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 import uvloop
 
-from dnsserver import DnsServer, dns_server, silent_nameserver  # noqa: F401  (fixture)
+from dnsserver import DnsServer, silent_nameserver
 from mta.egress.dnsclient import QueryFailure
 from mta.egress.sites import (FAILURES, QUERY_FAILURES, Failure, ResolveError, Site,
                               SiteResolver)

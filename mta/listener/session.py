@@ -28,7 +28,7 @@ log = logging.getLogger("mta.session")
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "last_active",
-                 "started", "_storing")
+                 "started", "_storing", "_write_paused")
 
     def __init__(self, listener: Listener):
         self.listener = listener
@@ -39,6 +39,7 @@ class SmtpSession(asyncio.Protocol):
         self.last_active = 0.0        # loop.time() of the last bytes received
         self.started = 0.0            # loop.time() when DATA/BDAT content began (for latency)
         self._storing = False         # a message is on its way to the spool
+        self._write_paused = False    # the transport's write buffer is over its high-water mark
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -66,6 +67,19 @@ class SmtpSession(asyncio.Protocol):
             self._bug()
             return
         self._handle(out, ev)
+
+    def pause_writing(self) -> None:
+        # The peer does not read its replies (e.g. it pipelines without end):
+        # stop reading its commands until they drain, or the write buffer
+        # grows without bound (RFC 2920 3.1: the server may block on writes).
+        self._write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and not self._storing and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.forget(self)
@@ -102,7 +116,8 @@ class SmtpSession(asyncio.Protocol):
         except Exception:
             self._bug()
             return
-        if self.transport is not None and not self.transport.is_closing():
+        if (self.transport is not None and not self.transport.is_closing()
+                and not self._write_paused):
             self.transport.resume_reading()
         self._handle(out, ev)
 
@@ -124,6 +139,11 @@ class SmtpSession(asyncio.Protocol):
 
     def close_with(self, name: str) -> None:
         """End the session with a 421 `name` (timeout, shutdown), if not storing."""
+        if self.transport is not None and self.transport.is_closing():
+            # closed before (a sweep ago) and still here: the peer does not read,
+            # so the final reply can never drain and close() would wait forever
+            self.transport.abort()
+            return
         if self.core is None or self.transport is None:
             return
         self.transport.write(self.core.close_with(name))

@@ -51,7 +51,9 @@ cdef object _check_local(bytes local, bint utf8):
 cdef object _check_domain(bytes domain, bint utf8):
     """None if `domain` is a hostname or an address literal, else a reason."""
     cdef Py_ssize_t n = len(domain)
-    cdef int c
+    # unsigned: Cython iterates bytes as C char, which is signed on x86, and a
+    # signed c made every UTF-8 domain fail the c >= 0x80 test below
+    cdef unsigned char c
     if n == 0 or n > MAX_DOMAIN:
         return "empty or too long"
     if domain[0] == 0x5b:  # address literal [1.2.3.4] / [IPv6:...]
@@ -88,6 +90,24 @@ cdef Py_ssize_t _path_end(bytes arg):
     return -1
 
 
+cdef Py_ssize_t _route_colon(bytes inner):
+    """Index of the ':' ending a source route (A-d-l) in `inner`, or -1.
+
+    Only a colon before the last '@' counts, and none inside [...]."""
+    cdef Py_ssize_t i, at = inner.rfind(b"@")
+    cdef bint literal = False
+    cdef unsigned char c
+    for i in range(at if at > 0 else 0):
+        c = inner[i]
+        if c == 0x5b:
+            literal = True
+        elif c == 0x5d:
+            literal = False
+        elif c == 0x3a and not literal:
+            return i
+    return -1
+
+
 cdef tuple _parse_path(bytes arg, bint is_sender, bint utf8_allowed):
     """Split '<path> params' -> (address str or None, params bytes, error reply name)."""
     cdef Py_ssize_t end
@@ -109,9 +129,10 @@ cdef tuple _parse_path(bytes arg, bint is_sender, bint utf8_allowed):
         return ("", rest, None) if is_sender else (None, b"", bad)
     # Source routes (<@a,@b:user@c>, RFC 5321 4.1.2 / C.) are accepted and
     # ignored; like OpenSMTPD we strip anything up to the first ':' outside a
-    # quoted local part.
+    # quoted local part -- but only before the mailbox's '@' and outside an
+    # address literal, so user@[IPv6:2001:db8::1] stays whole.
     if not inner.startswith(b'"'):
-        colon = inner.find(b":")
+        colon = _route_colon(inner)
         if colon >= 0:
             inner = inner[colon + 1:]
     utf8 = False
@@ -139,6 +160,17 @@ cdef tuple _parse_path(bytes arg, bint is_sender, bint utf8_allowed):
 
 cdef inline bint _is_hex(int h):
     return (0x30 <= h <= 0x39) or (0x41 <= h <= 0x46)
+
+
+cdef bint _is_atom(bytes value):
+    """RFC 5321 4.1.2 Atom (1*atext, ASCII, no '.'): the ORCPT addr-type (RFC 3461 4.2)."""
+    cdef Py_ssize_t i, n = len(value)
+    cdef unsigned char c
+    for i in range(n):
+        c = value[i]
+        if c == 0x2e or not _is_atext(c, False):
+            return False
+    return n > 0
 
 
 cdef bint _is_xtext(bytes value):

@@ -490,7 +490,9 @@ cdef class ServerCore:
                 notify = value.upper().decode()
             elif key == b"ORCPT":
                 semi = value.find(b";")
-                if semi <= 0 or not _is_xtext(value[semi + 1:]):
+                # addr-type is an atom (RFC 3461 4.2): it is stored and later
+                # written into DSNs, so control and 8-bit octets are refused
+                if semi <= 0 or not _is_atom(value[:semi]) or not _is_xtext(value[semi + 1:]):
                     self._error("PARAM_BAD")
                     return
                 orcpt = value.decode("ascii", "replace")
