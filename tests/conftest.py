@@ -39,6 +39,14 @@ class Daemon:
         self.spool_dir = workdir / "spool"
         self.log_dir = workdir / "log"
         self.config = workdir / "mta.toml"
+        self.admin_port = free_port()
+        # Tests never reach outside 127.0.0.0/8: unless a test routes delivery itself,
+        # DNS goes to a loopback port where nothing answers (lookups fail at once, the
+        # messages wait for a retry), and the admin API gets its own free port.
+        if "[dns]" not in extra:
+            extra += '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
+        if "[admin]" not in extra:
+            extra += f'\n[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
         self.config.write_text(
             f'[server]\nhostname = "mx.test.example"\n'
             f'[spool]\ndirectory = "{self.spool_dir}"\n'
