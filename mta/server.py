@@ -1,4 +1,4 @@
-"""The embeddable core: `Server` wires config, spool, logs and listeners.
+"""The embeddable core: `Server` wires config, spool, logs, delivery and listeners.
 
 An asyncio program starts and stops it and injects into it without the CLI
 (`mta serve` is a thin shell around it, see daemon.py):
@@ -6,7 +6,8 @@ An asyncio program starts and stops it and injects into it without the CLI
     async with mta.Server(mta.load_config()) as server:
         msg_id = await server.inject("a@example.com", ["b@example.org"], content)
 
-Start order: logs, spool (recovery scan: Corrupt records are logged), then
+Start order: logs, spool (recovery scan: Corrupt records are logged), the
+delivery engine (recovered messages are queued again), the admin API, then
 listeners; stop order is the reverse, letting sessions that wait for a spool
 sync get their reply first. Diagnostics: start() raises OSError (cannot bind,
 cannot open the spool); everything after start is logged, not raised.
@@ -17,11 +18,14 @@ import asyncio
 import logging
 from typing import Iterable
 
+from mta.admin import AdminServer
 from mta.config import Config
+from mta.delivery.engine import DeliveryEngine
 from mta.listener.reception import Reception
 from mta.listener.server import Listener
 from mta.logs.records import RecordType
 from mta.logs.writer import LogWriter
+from mta.queues.scheduled import InsertReason
 from mta.spool import Spool
 
 log = logging.getLogger("mta.server")
@@ -34,8 +38,10 @@ class Server:
                            max_batch=config.spool.max_batch)
         self.logs: LogWriter | None = None
         self.reception: Reception | None = None
+        self.delivery: DeliveryEngine | None = None
+        self.admin: AdminServer | None = None
         self.listeners: list[Listener] = []
-        self._started = False
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -48,7 +54,18 @@ class Server:
         log.info("spool %s: %d messages recovered, %d corrupt records, %d torn tails",
                  self.config.spool.directory, len(found.messages), len(found.corrupt), len(found.torn))
         self.reception = Reception(self.config, self.spool, self.logs)
+        self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local)
+        self.delivery.start(loop)
+        self.reception.on_stored = self.delivery.submit
+        for msg_id in found.messages:
+            self.delivery.submit(msg_id, found.envelopes[msg_id], found.done_rcpts.get(msg_id),
+                                 InsertReason.RECOVERED)
+        found.envelopes.clear()  # the queue keeps compact records; envelopes stay on disk
         try:
+            if self.config.admin.listen is not None:
+                self.admin = AdminServer({"/queue/summary": lambda _: self.delivery.summary(),
+                                          "/queue/messages": self.delivery.inspect})
+                await self.admin.start(*self.config.admin.listen)
             for cfg in self.config.listener:
                 listener = Listener(cfg, self.reception, loop)
                 await listener.start()
@@ -56,17 +73,22 @@ class Server:
         except BaseException:
             await self.stop()
             raise
-        self._started = True
 
     async def stop(self) -> None:
         for listener in self.listeners:
             await listener.stop()
         self.listeners.clear()
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.delivery is not None:
+            await self.delivery.stop()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.spool.close()
         if self.logs is not None:
             self.logs.close()
             self.logs = None
-        self._started = False
 
     async def __aenter__(self) -> "Server":
         await self.start()
@@ -82,7 +104,7 @@ class Server:
 
     async def inject(self, sender: str, recipients: Iterable[str], content: bytes, *,
                      client: str = "127.0.0.1") -> str:
-        """Spool a message without SMTP; returns its id once it is durable.
+        """Spool and queue a message without SMTP; returns its id once it is durable.
 
         `content` is the RFC 5322 message with CRLF line ends. Raises
         mta.spool.SpoolError when the spool write failed.
@@ -95,12 +117,19 @@ class Server:
         stored = self.reception.store(
             sender=sender, rcpts=rcpts, content=content, helo="localhost", client_ip=client,
             client_port=0, listener="inject", protocol="local", extra={})
-        msg_id, envelope = stored.id, stored.envelope
         await stored.durable
         self.reception.accepted += 1
+        if self.reception.on_stored is not None:
+            self.reception.on_stored(stored.raw_id, stored.envelope)
         if self.reception.logs is not None:
-            self.reception.logs.log(RecordType.RECEPTION, id=msg_id, sender=sender,
-                                    recipients=[r[0] for r in rcpts], size=envelope["size"],
+            self.reception.logs.log(RecordType.RECEPTION, id=stored.id, sender=sender,
+                                    recipients=[r[0] for r in rcpts], size=stored.envelope["size"],
                                     client_ip=client, listener="inject", protocol="local",
-                                    started=envelope["received"])
-        return msg_id
+                                    started=stored.envelope["received"])
+        return stored.id
+
+    def _inject_local(self, sender: str, recipients: list[str], content: bytes) -> None:
+        """For DSNs generated by delivery: queue without waiting for the caller."""
+        task = asyncio.get_running_loop().create_task(self.inject(sender, recipients, content))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

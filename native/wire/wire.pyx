@@ -19,6 +19,8 @@ from libc.string cimport memchr
 include "decls.pxi"
 include "address.pxi"
 include "server.pxi"
+include "client_codec.pxi"
+include "client.pxi"
 
 # Events returned with the output of feed() and resume().
 EV_NONE = 0       # nothing for the caller to do but write the output
