@@ -1,0 +1,260 @@
+"""Delivery end to end against real peers: unbound for MX records, aiosmtpd
+receivers on 127.0.x.y port 25, the daemon as a subprocess. Asserts on what
+the receivers got, the log records and the DSNs (parsed back with email).
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import threading
+import time
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from conftest import Daemon  # noqa: F401  (type)
+
+NET = "127.0.7"   # receivers of this file live on 127.0.7.x:25
+
+
+class Receiver:
+    """aiosmtpd handler: records messages; scripted replies by local part:
+    reject* -> 550, defer* -> 451 (until `defer_until` deliveries were refused)."""
+
+    def __init__(self, defer_times: int = 10**9):
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.defer_times = defer_times
+        self.deferred = 0
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0].lower()
+        if local.startswith("reject"):
+            return "550 5.1.1 <%s>: no such user" % address
+        if local.startswith("defer"):
+            with self.lock:
+                self.deferred += 1
+                if self.deferred <= self.defer_times:
+                    return "451 4.2.0 greylisted, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 accepted"
+
+    def wait(self, n: int, timeout: float = 15.0) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= n:
+                    return list(self.messages)
+            time.sleep(0.05)
+        raise AssertionError(f"got {len(self.messages)} messages at the receiver, want {n}")
+
+
+@pytest.fixture
+def receivers():
+    started = []
+
+    def make(host: str, **kw) -> Receiver:
+        handler = Receiver(**kw)
+        ctl = Controller(handler, hostname=host, port=25)
+        ctl.start()
+        started.append(ctl)
+        return handler
+
+    yield make
+    for ctl in started:
+        ctl.stop()
+
+
+ZONE = [
+    # example.test: two MX, the preferred one has nobody listening (next MX on failure)
+    "example.test. 60 IN MX 10 mx1.example.test.",
+    "example.test. 60 IN MX 20 mx2.example.test.",
+    f"mx1.example.test. 60 IN A {NET}.1",
+    f"mx2.example.test. 60 IN A {NET}.2",
+    # sender.test: where DSNs go
+    "sender.test. 60 IN MX 10 mx.sender.test.",
+    f"mx.sender.test. 60 IN A {NET}.3",
+    # nullmx.test: RFC 7505
+    "nullmx.test. 60 IN MX 0 .",
+    # implicit.test: no MX, an A record (RFC 5321 5.1)
+    f"implicit.test. 60 IN A {NET}.4",
+]
+
+
+def _daemon(daemon_factory, dns_server, delivery: str = "", retry: str = "1s") -> Daemon:
+    dns = dns_server(ZONE)
+    return daemon_factory(extra=f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+                                f'[delivery]\nretry_initial = "{retry}"\nretry_max = "{retry}"\n{delivery}\n')
+
+
+def _send(port: int, sender: str, rcpts: list[str], body: bytes = b"hello\r\n", **kw) -> None:
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.sendmail(sender, rcpts, b"From: <%s>\r\nSubject: test\r\nMessage-ID: <t1@sender.test>\r\n\r\n"
+                   % sender.encode() + body, **kw)
+
+
+def _records(d: Daemon, rtype: str, n: int, timeout: float = 15.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        recs = d.log_records(rtype)
+        if len(recs) >= n:
+            return recs
+        time.sleep(0.1)
+    raise AssertionError(f"got {len(d.log_records(rtype))} {rtype} records, want {n}")
+
+
+def test_mx_delivery_next_mx_and_content(daemon_factory, dns_server, receivers):
+    mx2 = receivers(f"{NET}.2")
+    d = _daemon(daemon_factory, dns_server)
+    body = b"line one\r\n.starts with a dot\r\n..two dots\r\n"
+    _send(d.port, "alice@sender.test", ["bob@example.test"], body)
+    (mail_from, rcpts, content), = mx2.wait(1)
+    assert (mail_from, rcpts) == ("alice@sender.test", ["bob@example.test"])
+    assert content.startswith(b"Received: from "), "our trace header comes first"
+    assert content.endswith(body), f"got {content[-60:]!r}, want the body byte-identical"
+    rec, = _records(d, "Delivery", 1)
+    assert (rec["mx"], rec["ip"], rec["code"], rec["queue"]) == ("mx2.example.test", f"{NET}.2", 250, "example.test")
+    assert rec["site"] == "mx1.example.test,mx2.example.test"
+
+
+def test_per_recipient_status_and_dsn(daemon_factory, dns_server, receivers):
+    mx2 = receivers(f"{NET}.2")
+    dsn_box = receivers(f"{NET}.3")
+    d = _daemon(daemon_factory, dns_server)
+    _send(d.port, "alice@sender.test", ["a@example.test", "reject-b@example.test", "c@example.test"],
+          rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;reject-b@example.test"])
+    (_, rcpts, _), = mx2.wait(1)
+    assert sorted(rcpts) == ["a@example.test", "c@example.test"], f"got {rcpts}"
+    (dsn_from, dsn_to, dsn), = dsn_box.wait(1)
+    assert dsn_from in ("", "<>") and dsn_to == ["alice@sender.test"], "a DSN goes from <> to the sender"
+    msg = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    groups = status.get_payload()
+    per_rcpt = groups[1]
+    want = {"Final-Recipient": "rfc822; reject-b@example.test", "Action": "failed",
+            "Status": "5.1.1", "Original-Recipient": "rfc822;reject-b@example.test"}
+    for field, value in want.items():
+        got = per_rcpt[field]
+        assert got is not None and got.replace(" ", "") == value.replace(" ", ""), \
+            f"{field}: got {got!r}, want {value!r}"
+    assert "550" in per_rcpt["Diagnostic-Code"]
+    bounces = _records(d, "Bounce", 1)
+    assert [b["recipient"] for b in bounces] == ["reject-b@example.test"]
+
+
+def test_transient_then_delivered(daemon_factory, dns_server, receivers):
+    mx2 = receivers(f"{NET}.2", defer_times=1)
+    d = _daemon(daemon_factory, dns_server)
+    _send(d.port, "alice@sender.test", ["defer-x@example.test"])
+    mx2.wait(1, timeout=20)
+    tf = d.log_records("TransientFailure")
+    assert any(r["code"] == 451 and r["attempt"] == 1 for r in tf), f"got {tf}"
+    delivered = _records(d, "Delivery", 1)
+    assert delivered[0]["attempt"] == 2, f"got attempt {delivered[0]['attempt']}, want 2"
+
+
+def test_expiry_bounces_with_dsn(daemon_factory, dns_server, receivers):
+    receivers(f"{NET}.2")
+    dsn_box = receivers(f"{NET}.3")
+    d = _daemon(daemon_factory, dns_server, 'max_age = "3s"')
+    _send(d.port, "alice@sender.test", ["defer-forever@example.test"])
+    exp = _records(d, "Expiration", 1, timeout=20)
+    assert exp[0]["recipient"] == "defer-forever@example.test"
+    (_, _, dsn), = dsn_box.wait(1)
+    report = email.message_from_bytes(dsn, policy=email.policy.default).get_payload()[1].get_payload()[1]
+    assert report["Action"] == "failed" and report["Status"].startswith("4.4.7")
+
+
+@pytest.mark.parametrize("domain,status", [("nullmx.test", "5.1.10"), ("nxdomain.test", "5.1.2")])
+def test_dns_permanent_failures_bounce(daemon_factory, dns_server, receivers, domain, status):
+    dsn_box = receivers(f"{NET}.3")
+    d = _daemon(daemon_factory, dns_server)
+    _send(d.port, "alice@sender.test", [f"user@{domain}"])
+    bounce, = _records(d, "Bounce", 1)
+    assert bounce["status"] == status, f"got {bounce['status']}, want {status}"
+    (_, _, dsn), = dsn_box.wait(1)
+    assert status.encode() in dsn
+
+
+def test_implicit_mx_and_no_dsn_for_null_sender_or_never(daemon_factory, dns_server, receivers):
+    implicit = receivers(f"{NET}.4")
+    dsn_box = receivers(f"{NET}.3")
+    receivers(f"{NET}.2")
+    d = _daemon(daemon_factory, dns_server)
+    _send(d.port, "alice@sender.test", ["x@implicit.test"])
+    implicit.wait(1)
+    _send(d.port, "", ["reject-1@example.test"])
+    _send(d.port, "alice@sender.test", ["reject-2@example.test"], rcpt_options=["NOTIFY=NEVER"])
+    _records(d, "Bounce", 2)
+    time.sleep(1.0)
+    assert dsn_box.messages == [], f"got {len(dsn_box.messages)} DSNs, want none"
+
+
+def test_restart_mid_backlog_loses_nothing_and_redelivers_nothing(daemon_factory, dns_server, receivers):
+    dns = dns_server(ZONE)
+    extra = (f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+             '[delivery]\nretry_initial = "1s"\nretry_max = "1s"\n')
+    d = daemon_factory(extra=extra)
+    # nobody listens on either MX yet: everything waits
+    for i in range(30):
+        _send(d.port, "alice@sender.test", [f"u{i}@example.test", f"v{i}@example.test"])
+    d.kill()
+    mx2 = receivers(f"{NET}.2")
+    d.start()
+    got = mx2.wait(30, timeout=30)
+    time.sleep(2.0)   # a redelivery would show up here
+    d.stop()
+    got = list(mx2.messages)
+    assert len(got) == 30, f"got {len(got)} deliveries, want exactly 30"
+    assert sorted(r for _, rcpts, _ in got for r in rcpts) == sorted(
+        [f"u{i}@example.test" for i in range(30)] + [f"v{i}@example.test" for i in range(30)])
+    d.start()            # and again: a clean restart delivers nothing more
+    time.sleep(2.0)
+    d.stop()
+    assert len(mx2.messages) == 30, "a finished message was delivered again after a restart"
+    assert not d.spooled().messages, "the spool still holds finished messages"
+
+
+def test_partially_delivered_message_is_not_redelivered_after_restart(daemon_factory, dns_server, receivers):
+    mx2 = receivers(f"{NET}.2", defer_times=10**9)
+    d = _daemon(daemon_factory, dns_server, retry="30s")
+    _send(d.port, "alice@sender.test", ["done@example.test", "defer-later@example.test"])
+    mx2.wait(1)
+    _records(d, "TransientFailure", 1)
+    time.sleep(0.5)      # let the RCPTS_DONE record reach the disk
+    d.kill()
+    mx2.defer_times = 0  # the deferred recipient is now welcome
+    d.start()
+    # retry is 30 s away; a restart requeues at once
+    msgs = mx2.wait(2, timeout=20)
+    assert [m[1] for m in msgs] == [["done@example.test"], ["defer-later@example.test"]], f"got {msgs}"
+
+
+def test_queue_summary_and_inspect_cli(daemon_factory, dns_server):
+    d = _daemon(daemon_factory, dns_server)    # no receiver: the message waits
+    _send(d.port, "alice@sender.test", ["someone@example.test"])
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {"PYTHONPATH": str(ROOT)}
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run([sys.executable, "-m", "mta", "queue", "summary", "-c", str(d.config)],
+                             capture_output=True, text=True, env=env)
+        if "example.test" in out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert out.returncode == 0 and "example.test" in out.stdout, out.stdout + out.stderr
+    rec, = d.log_records("Reception")
+    out = subprocess.run([sys.executable, "-m", "mta", "queue", "inspect", rec["id"], "-c", str(d.config)],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "someone@example.test" in out.stdout, out.stdout + out.stderr
