@@ -31,7 +31,8 @@ typedef struct {
 void data_scan_init(data_scan *s, int mode, size_t max_size);
 
 /*
- * Scan in[0..n). Content goes to out (must have room for 2*n + 2 bytes);
+ * Scan in[0..n). Content goes to out (room for n + 2 bytes in REJECT mode,
+ * 2*n + 2 in NORMALIZE mode, where a bare LF becomes CRLF);
  * *outlen receives how many bytes were written. Returns the number of input
  * bytes consumed: all n, or fewer when the terminator was found, in which
  * case *done is set to 1 and the return value counts through its final LF.

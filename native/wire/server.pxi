@@ -246,7 +246,9 @@ cdef class ServerCore:
 
     cdef Py_ssize_t _process__data(self, const char *buf, Py_ssize_t pos, Py_ssize_t n):
         cdef bytearray body = self.txn.data
-        cdef Py_ssize_t old = len(body), want = 2 * (n - pos) + 2
+        # the scanner writes at most the input (reject) or twice it (normalize: LF -> CRLF)
+        cdef Py_ssize_t old = len(body)
+        cdef Py_ssize_t want = (n - pos + 2) if self.s.bare_mode == DATA_REJECT else 2 * (n - pos) + 2
         cdef size_t outlen = 0, used
         cdef int done = 0
         room = self.s.max_message_size - <Py_ssize_t>self.scan.size
