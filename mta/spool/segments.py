@@ -28,6 +28,14 @@ from mta.spool import records as rec
 from mta.spool.recovery import Location, Recovered, scan, segment_path
 
 
+HOT_BYTES = 256 << 20   # XXX: a constant until memory backpressure makes it a budget
+
+
+def _pop_oldest(d: dict) -> tuple:
+    key = next(iter(d))
+    return key, d.pop(key)
+
+
 class SpoolError(OSError):
     """The write path failed; the message was not accepted."""
 
@@ -50,6 +58,10 @@ class Spool:
         self._finished: list[bytes] = []              # ids to tombstone in the next batch
         self._finished_rcpts: list[tuple[bytes, int]] = []  # recipients done, same
         self._flush_scheduled = False
+        # Recently stored messages, kept so a fast delivery needs no read, checksum or
+        # JSON parse: id -> (envelope, trace, content). FIFO-evicted past HOT_BYTES.
+        self._hot: dict[bytes, tuple[dict, bytes, Any]] = {}
+        self._hot_bytes = 0
 
     # -- life cycle ------------------------------------------------------------
 
@@ -103,6 +115,11 @@ class Spool:
             fut.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
             return fut
         self._waiting[ticket] = (fut, msg_id)
+        self._hot[msg_id] = (envelope, trace, content)
+        self._hot_bytes += len(content)
+        while self._hot_bytes > HOT_BYTES:
+            _, (_, _, old) = _pop_oldest(self._hot)
+            self._hot_bytes -= len(old)
         loc = Location(segment, offset, len(head) + len(content))
         self._index[msg_id] = loc
         self._live[segment] = self._live.get(segment, 0) + 1
@@ -113,6 +130,7 @@ class Spool:
         emptied = set()
         named = set()
         for msg_id in ids:
+            self._forget_hot(msg_id)
             loc = self._index.pop(msg_id, None)
             if loc is not None:
                 named.add(loc.segment)
@@ -127,12 +145,18 @@ class Spool:
 
     def finish(self, msg_id: bytes) -> None:
         """Tombstone `msg_id` in the next batch (one record per loop iteration)."""
+        self._forget_hot(msg_id)
         self._finished.append(msg_id)
         self._schedule_flush()
 
     def finish_recipients(self, msg_id: bytes, indexes: list[int]) -> None:
         self._finished_rcpts.extend((msg_id, i) for i in indexes)
         self._schedule_flush()
+
+    def _forget_hot(self, msg_id: bytes) -> None:
+        hot = self._hot.pop(msg_id, None)
+        if hot is not None:
+            self._hot_bytes -= len(hot[2])
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -168,6 +192,7 @@ class Spool:
             fut, extra = self._waiting.pop(ticket)
             if err:
                 if isinstance(extra, bytes):  # a message that never became durable
+                    self._forget_hot(extra)
                     loc = self._index.pop(extra, None)
                     if loc is not None:
                         self._live[loc.segment] -= 1
@@ -219,6 +244,9 @@ class Spool:
 
     def read(self, msg_id: bytes) -> tuple[dict, bytes]:
         """Envelope and content (trace header + data) of a live message."""
+        hot = self._hot.get(msg_id)
+        if hot is not None:
+            return hot[0], hot[1] + hot[2]
         loc = self._index[msg_id]
         fd = self._fds.get(loc.segment)
         if fd is None:

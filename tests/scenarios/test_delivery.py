@@ -254,7 +254,7 @@ def test_queue_summary_and_inspect_cli(daemon_factory, dns_server):
             break
         time.sleep(0.2)
     assert out.returncode == 0 and "example.test" in out.stdout, out.stdout + out.stderr
-    rec, = d.log_records("Reception")
+    rec, = _records(d, "Reception", 1)
     out = subprocess.run([sys.executable, "-m", "mta", "queue", "inspect", rec["id"], "-c", str(d.config)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "someone@example.test" in out.stdout, out.stdout + out.stderr
