@@ -1,4 +1,4 @@
-"""The `mta` command: serve, check-config, spool, demo.
+"""The `mta` command: serve, check-config, spool, queue.
 
 Admin verbs that need the running daemon come with the HTTP API; `spool`
 reads a stopped daemon's spool directory offline (the same scan as start-up).
@@ -94,11 +94,6 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from mta.demo import run_demo
-    return run_demo(count=args.count, size=args.size, concurrency=args.concurrency)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta", description="high-volume MTA core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,11 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_queue)
-    sp = sub.add_parser("demo", help="start the daemon, inject a demo batch, show it spooled")
-    sp.add_argument("-n", "--count", type=int, default=2000)
-    sp.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes")
-    sp.add_argument("-C", "--concurrency", type=int, default=20)
-    sp.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -69,7 +69,7 @@ install_python
 build
 case "${1:-setup}" in
     setup) ;;
-    demo) shift; exec .venv/bin/python -m mta demo "$@" ;;
+    demo) shift; exec .venv/bin/python tools/demo.py "$@" ;;
     test) shift; exec .venv/bin/python -m pytest -q tests "$@" ;;
     *) echo "usage: tools/dev.sh setup|demo|test" >&2; exit 2 ;;
 esac
