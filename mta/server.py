@@ -35,7 +35,7 @@ class Server:
     def __init__(self, config: Config):
         self.config = config
         self.spool = Spool(str(config.spool.directory), segment_size=config.spool.segment_size,
-                           max_batch=config.spool.max_batch)
+                           max_batch=config.spool.max_batch, hot_cache=config.spool.hot_cache)
         self.logs: LogWriter | None = None
         self.reception: Reception | None = None
         self.delivery: DeliveryEngine | None = None

@@ -103,7 +103,7 @@ def test_config_is_frozen() -> None:
     ('[[listener]]\nbare_newline = "lax"',
      'listener[0].bare_newline: "lax" is not one of "reject", "normalize"'),
     ('[spool]\nsegmentsize = "1MiB"',
-     "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch)"),
+     "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch, hot_cache)"),
     ("[server]\nhostname = 5", "server.hostname: expected a string, got integer 5"),
     ('[server]\nhostname = "mta_1.example"',
      'server.hostname: "mta_1.example" is not a valid DNS hostname ('
@@ -174,7 +174,7 @@ def test_all_problems_reported_together() -> None:
     want = [
         "--spool-dir: \"\" is not a usable path (empty, or contains NUL)",
         "bogus: unknown key (allowed: server, spool, log, reception, listener, delivery, dns, admin)",
-        "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch)",
+        "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch, hot_cache)",
         "spool.max_batch: 0 is out of range (allowed 1..65536)",
         "listener[0].port: 70000 is out of range (allowed 1..65535)",
         'listener[0].bare_newline: "lax" is not one of "reject", "normalize"',

@@ -363,6 +363,8 @@ class SpoolConfig:
                             "a new one started", lo="1MiB", hi="4GiB")
     max_batch: int = key(INT, 1024, "most records written by one group commit (one fsync)",
                          lo=1, hi=65536)
+    hot_cache: int = key(SIZE, "256MiB", "recently accepted message content kept in RAM so "
+                         "a prompt delivery reads nothing back from disk", lo=0, hi="64GiB")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,6 @@ from mta.spool import records as rec
 from mta.spool.recovery import Location, Recovered, scan, segment_path
 
 
-HOT_BYTES = 256 << 20   # XXX: a constant until memory backpressure makes it a budget
-
-
 def _pop_oldest(d: dict) -> tuple:
     key = next(iter(d))
     return key, d.pop(key)
@@ -43,7 +40,8 @@ class SpoolError(OSError):
 class Spool:
     """Store, load, remove and enumerate messages; see the module docstring."""
 
-    def __init__(self, directory: str, *, segment_size: int = 64 << 20, max_batch: int = 1024):
+    def __init__(self, directory: str, *, segment_size: int = 64 << 20, max_batch: int = 1024,
+                 hot_cache: int = 256 << 20):
         self.directory = directory
         self.segment_size = segment_size
         self.max_batch = max_batch
@@ -59,9 +57,10 @@ class Spool:
         self._finished_rcpts: list[tuple[bytes, int]] = []  # recipients done, same
         self._flush_scheduled = False
         # Recently stored messages, kept so a fast delivery needs no read, checksum or
-        # JSON parse: id -> (envelope, trace, content). FIFO-evicted past HOT_BYTES.
+        # JSON parse: id -> (envelope, trace, content). FIFO-evicted past hot_cache bytes.
         self._hot: dict[bytes, tuple[dict, bytes, Any]] = {}
         self._hot_bytes = 0
+        self._hot_limit = hot_cache
 
     # -- life cycle ------------------------------------------------------------
 
@@ -115,9 +114,10 @@ class Spool:
             fut.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
             return fut
         self._waiting[ticket] = (fut, msg_id)
-        self._hot[msg_id] = (envelope, trace, content)
-        self._hot_bytes += len(content)
-        while self._hot_bytes > HOT_BYTES:
+        if self._hot_limit:
+            self._hot[msg_id] = (envelope, trace, content)
+            self._hot_bytes += len(content)
+        while self._hot_bytes > self._hot_limit:
             _, (_, _, old) = _pop_oldest(self._hot)
             self._hot_bytes -= len(old)
         loc = Location(segment, offset, len(head) + len(content))
