@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mta.scheduler")
 
 
+_SINGLE = (0,)   # the recipient tuple of most messages, shared (RAM per queued message)
+
+
 class InsertReason(str, enum.Enum):
     RECEIVED = "received"               # new message from reception
     RECOVERED = "recovered"             # found in the spool at start
@@ -112,7 +115,7 @@ class Scheduler:
         out = []
         for domain, idxs in by_domain.items():
             q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain)
-            msg = QueuedMessage(msg_id, q, tuple(idxs))
+            msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)
             self.make_ready(msg, reason)

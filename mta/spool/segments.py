@@ -28,6 +28,18 @@ from mta.spool import records as rec
 from mta.spool.recovery import Location, Recovered, scan, segment_path
 
 
+def _pack(segment: int, offset: int, length: int) -> int:
+    return (segment << 64) | (offset << 32) | length
+
+
+def _unpack(packed: int) -> Location:
+    return Location(packed >> 64, (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF)
+
+
+def _hot_size(env: bytes, trace: bytes, content: Any) -> int:
+    return len(env) + len(trace) + len(content) + 200   # + the tuple, dict slot and objects
+
+
 def _pop_oldest(d: dict) -> tuple:
     key = next(iter(d))
     return key, d.pop(key)
@@ -48,7 +60,9 @@ class Spool:
         self._writer: SegmentWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, tuple[asyncio.Future, Any]] = {}   # ticket -> (future, buffers kept alive)
-        self._index: dict[bytes, Location] = {}       # live message id -> where it is
+        # live message id -> where it is, packed in one int (_pack): a Location object
+        # per message would cost ~110 bytes more at ten million queued
+        self._index: dict[bytes, int] = {}
         self._live: dict[int, int] = {}               # segment -> live messages in it
         self._refs: dict[int, set[int]] = {}          # segment -> segments its tombstones name
         self._fds: dict[int, int] = {}                # read fds of segments
@@ -56,9 +70,9 @@ class Spool:
         self._finished: list[bytes] = []              # ids to tombstone in the next batch
         self._finished_rcpts: list[tuple[bytes, int]] = []  # recipients done, same
         self._flush_scheduled = False
-        # Recently stored messages, kept so a fast delivery needs no read, checksum or
-        # JSON parse: id -> (envelope, trace, content). FIFO-evicted past hot_cache bytes.
-        self._hot: dict[bytes, tuple[dict, bytes, Any]] = {}
+        # Recently stored messages, kept so a fast delivery needs no read or checksum:
+        # id -> (envelope JSON, trace, content). FIFO-evicted past hot_cache bytes.
+        self._hot: dict[bytes, tuple[bytes, bytes, Any]] = {}
         self._hot_bytes = 0
         self._hot_limit = hot_cache
 
@@ -69,7 +83,7 @@ class Spool:
         os.makedirs(self.directory, exist_ok=True)
         found = scan(self.directory)
         for msg_id, loc in found.messages.items():
-            self._index[msg_id] = loc
+            self._index[msg_id] = _pack(loc.segment, loc.offset, loc.length)
             self._live[loc.segment] = self._live.get(loc.segment, 0) + 1
         for seg in found.segments:
             self._live.setdefault(seg, 0)
@@ -115,13 +129,12 @@ class Spool:
             return fut
         self._waiting[ticket] = (fut, msg_id)
         if self._hot_limit:
-            self._hot[msg_id] = (envelope, trace, content)
-            self._hot_bytes += len(content)
+            self._hot[msg_id] = (env, trace, content)
+            self._hot_bytes += _hot_size(env, trace, content)
         while self._hot_bytes > self._hot_limit:
-            _, (_, _, old) = _pop_oldest(self._hot)
-            self._hot_bytes -= len(old)
-        loc = Location(segment, offset, len(head) + len(content))
-        self._index[msg_id] = loc
+            _, old = _pop_oldest(self._hot)
+            self._hot_bytes -= _hot_size(*old)
+        self._index[msg_id] = _pack(segment, offset, len(head) + len(content))
         self._live[segment] = self._live.get(segment, 0) + 1
         return fut
 
@@ -131,16 +144,17 @@ class Spool:
         named = set()
         for msg_id in ids:
             self._forget_hot(msg_id)
-            loc = self._index.pop(msg_id, None)
-            if loc is not None:
-                named.add(loc.segment)
-                self._live[loc.segment] -= 1
-                emptied.add(loc.segment)
+            packed = self._index.pop(msg_id, None)
+            if packed is not None:
+                seg = packed >> 64
+                named.add(seg)
+                self._live[seg] -= 1
+                emptied.add(seg)
         return self._append_meta(rec.tombstone(ids), named, emptied)
 
     def remove_recipients(self, pairs: list[tuple[bytes, int]]) -> asyncio.Future:
         """Record finished recipients of messages that still wait for others."""
-        named = {self._index[i].segment for i, _ in pairs if i in self._index}
+        named = {self._index[i] >> 64 for i, _ in pairs if i in self._index}
         return self._append_meta(rec.rcpts_done(pairs), named, set())
 
     def finish(self, msg_id: bytes) -> None:
@@ -156,7 +170,7 @@ class Spool:
     def _forget_hot(self, msg_id: bytes) -> None:
         hot = self._hot.pop(msg_id, None)
         if hot is not None:
-            self._hot_bytes -= len(hot[2])
+            self._hot_bytes -= _hot_size(*hot)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -193,9 +207,9 @@ class Spool:
             if err:
                 if isinstance(extra, bytes):  # a message that never became durable
                     self._forget_hot(extra)
-                    loc = self._index.pop(extra, None)
-                    if loc is not None:
-                        self._live[loc.segment] -= 1
+                    packed = self._index.pop(extra, None)
+                    if packed is not None:
+                        self._live[packed >> 64] -= 1
                 if not fut.done():
                     fut.set_exception(SpoolError(err, f"spool write failed: {os.strerror(err)}"))
                 continue
@@ -246,8 +260,8 @@ class Spool:
         """Envelope and content (trace header + data) of a live message."""
         hot = self._hot.get(msg_id)
         if hot is not None:
-            return hot[0], hot[1] + hot[2]
-        loc = self._index[msg_id]
+            return orjson.loads(hot[0]), hot[1] + hot[2]
+        loc = _unpack(self._index[msg_id])
         fd = self._fds.get(loc.segment)
         if fd is None:
             fd = self._fds[loc.segment] = os.open(segment_path(self.directory, loc.segment), os.O_RDONLY)
