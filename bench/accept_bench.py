@@ -83,14 +83,21 @@ def ensure_peerbench() -> None:
         subprocess.run(["bash", str(PEERBENCH / "setup.sh")], check=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options both peerbench drivers take; sizes default to 50 KB and 2 KB."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("-r", "--rounds", type=int, default=3)
     args = ap.parse_args()
-    sizes = args.size or [51200, 2048]
+    args.size = args.size or [51200, 2048]
     ensure_peerbench()
+    return args
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    sizes = args.size
     work = STATE / "mta"
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable

@@ -13,14 +13,13 @@ printed, with peerbench's `ceiling` (loader + sink alone) for reference.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accept_bench import ROOT, STATE, ensure_peerbench, peerbench, postfix_target  # noqa: E402
+from accept_bench import ROOT, STATE, parse_args, peerbench, postfix_target  # noqa: E402
 
 PORT, SINK = 2525, 2526
 
@@ -35,14 +34,9 @@ def mta_target(python: str) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
-    ap.add_argument("-n", type=int, default=20000)
-    ap.add_argument("-r", "--rounds", type=int, default=3)
-    args = ap.parse_args()
-    ensure_peerbench()
+    args = parse_args(__doc__)
     (STATE / "mta-relay").mkdir(parents=True, exist_ok=True)
-    for size in args.size or [51200, 2048]:
+    for size in args.size:
         ceiling = float(peerbench("ceiling", size, args.n, [], mode="ceiling", port=SINK)["deliver_per_s"])
         ours, theirs = [], []
         for rnd in range(args.rounds):
