@@ -54,6 +54,7 @@ def ext(name: str, sources: list[str], libraries: list[str] = ()) -> Extension:
 extensions = [
     ext("wire", ["native/wire/wire.pyx", "native/wire/data.c", "native/wire/stuff.c"]),
     ext("spool", ["native/spool/spool.pyx", "native/spool/writer.c"], ["uring", "z"]),
+    ext("queues", ["native/queues/queues.pyx"]),
 ]
 
 setup(

@@ -6,7 +6,7 @@ fails loudly if the native extensions were not built: there is no
 pure-Python fallback.
 """
 try:
-    from mta._native import spool as _spool_ext, wire as _wire_ext  # noqa: F401
+    from mta._native import queues as _queues_ext, spool as _spool_ext, wire as _wire_ext  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         f"mta's native extension is missing ({exc.name or exc}); build it with "

@@ -2,39 +2,18 @@
 
 One per (message, recipient domain): a message to three domains waits in
 three scheduled queues. Everything else (sender, addresses, DSN parameters,
-content) stays in the spool and is read when a delivery attempt starts, so a
-queued message costs about 200 bytes (measured by bench/queue_scale.py).
+content) stays in the spool and is read when a delivery attempt starts.
+The record itself is native (native/queues/queues.pyx): six fields and no
+cyclic-GC header, so millions of queued messages neither cost a Python
+object each nor slow down the garbage collector (bench/queue_scale.py).
+
+Fields: id (16-byte spool id, time-ordered), queue (its ScheduledQueue),
+rcpts (recipient indexes still to deliver), attempts (failed temporarily so
+far), due (wall time of the next attempt, 0 while ready or in flight), flags
+(DELAY_DSN_SENT).
 """
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from mta.ids import id_text, id_time
-
-if TYPE_CHECKING:
-    from mta.queues.scheduled import ScheduledQueue
+from mta._native.queues import QueuedMessage
 
 DELAY_DSN_SENT = 1   # flags bit: the one delay DSN for this entry went out
 
-
-class QueuedMessage:
-    __slots__ = ("id", "queue", "rcpts", "attempts", "due", "flags")
-
-    def __init__(self, msg_id: bytes, queue: ScheduledQueue, rcpts: tuple[int, ...]):
-        self.id = msg_id             # 16-byte spool id (time-ordered: it holds the arrival time)
-        self.queue = queue           # the scheduled queue it waits in
-        self.rcpts = rcpts           # indexes into the envelope's recipients still to deliver
-        self.attempts = 0            # delivery attempts that failed temporarily
-        self.due = 0.0               # wall time of the next attempt; 0 while ready or in flight
-        self.flags = 0               # DELAY_DSN_SENT
-
-    @property
-    def received(self) -> float:
-        return id_time(self.id)
-
-    @property
-    def id_text(self) -> str:
-        return id_text(self.id)
-
-    def __repr__(self) -> str:
-        return f"<QueuedMessage {self.id_text} {self.queue.name} rcpts={self.rcpts} attempts={self.attempts}>"
+__all__ = ["DELAY_DSN_SENT", "QueuedMessage"]

@@ -60,7 +60,7 @@ build() {
     echo "$ROOT" > "$site/mta-dev.pth"
     printf '#!/bin/sh\nexec "%s/.venv/bin/python" -m mta "$@"\n' "$ROOT" > .venv/bin/mta
     chmod 755 .venv/bin/mta
-    .venv/bin/python -c "import mta._native.wire, mta._native.spool" \
+    .venv/bin/python -c "import mta._native.wire, mta._native.spool, mta._native.queues" \
         || { echo "native build failed (see compiler output above)" >&2; exit 1; }
 }
 
