@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import smtplib
+import sys
 import threading
 import time
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import Daemon  # noqa: F401  (type)
+from conftest import ROOT, Daemon  # noqa: F401  (Daemon: type)
 
 NET = "127.0.7"   # receivers of this file live on 127.0.7.x:25
 
@@ -243,8 +245,6 @@ def test_queue_summary_and_inspect_cli(daemon_factory, dns_server):
     d = _daemon(daemon_factory, dns_server)    # no receiver: the message waits
     _send(d.port, "alice@sender.test", ["someone@example.test"])
     import subprocess
-    import sys
-    from conftest import ROOT
     env = {"PYTHONPATH": str(ROOT)}
     deadline = time.monotonic() + 10
     while True:
@@ -258,3 +258,47 @@ def test_queue_summary_and_inspect_cli(daemon_factory, dns_server):
     out = subprocess.run([sys.executable, "-m", "mta", "queue", "inspect", rec["id"], "-c", str(d.config)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "someone@example.test" in out.stdout, out.stdout + out.stderr
+
+
+def test_stalling_mx_times_out_and_next_mx_delivers(daemon_factory, dns_server, receivers):
+    """mx1 accepts the connection and never greets; the greeting timeout moves on to mx2."""
+    import socket as socketmod
+    stall = socketmod.socket()
+    stall.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_REUSEADDR, 1)
+    stall.bind((f"{NET}.1", 25))
+    stall.listen(16)
+    try:
+        mx2 = receivers(f"{NET}.2")
+        d = _daemon(daemon_factory, dns_server, 'command_timeout = "1s"')
+        _send(d.port, "alice@sender.test", ["bob@example.test"])
+        mx2.wait(1, timeout=20)
+        rec, = _records(d, "Delivery", 1)
+        assert rec["mx"] == "mx2.example.test", f"got {rec['mx']}, want the second MX"
+    finally:
+        stall.close()
+
+
+def test_bulk_to_postfix_smtp_sink(daemon_factory, dns_server, tmp_path):
+    """Postfix's smtp-sink as the receiver: 200 messages over reused connections."""
+    import shutil
+    import subprocess
+    sink_bin = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    sink = subprocess.Popen([sink_bin, "-u", "nobody", "-c", f"{NET}.2:25", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.3)
+        d = _daemon(daemon_factory, dns_server)
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            for i in range(200):
+                s.sendmail("alice@sender.test", [f"r{i}@example.test"], b"Subject: %d\r\n\r\nx\r\n" % i)
+        recs = _records(d, "Delivery", 200, timeout=30)
+        assert {r["ip"] for r in recs} == {f"{NET}.2"}
+        summary = subprocess.run([sys.executable, "-m", "mta", "queue", "summary", "--json", "-c",
+                                  str(d.config)], capture_output=True, text=True,
+                                 env={"PYTHONPATH": str(ROOT)})
+        data = json.loads(summary.stdout)
+        ready, = data["ready"].values()
+        assert ready["sent"] == 200 and data["outcomes"]["delivered"] == 200, data
+    finally:
+        sink.terminate()
+        sink.wait()
