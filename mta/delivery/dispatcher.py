@@ -105,18 +105,23 @@ class Dispatcher:
                 self.wake()
 
     async def _wait_for_message(self) -> QueuedMessage | None:
-        if self.cfg.idle_timeout <= 0:
-            return None
-        fut = self.loop.create_future()
-        self._idle.append(fut)
-        try:
-            await asyncio.wait_for(fut, self.cfg.idle_timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            if fut in self._idle:
-                self._idle.remove(fut)
-        return self.ready.pop()
+        """Keep the connection for up to idle_timeout; None when nothing came."""
+        deadline = self.loop.time() + self.cfg.idle_timeout
+        while (left := deadline - self.loop.time()) > 0:
+            fut = self.loop.create_future()
+            self._idle.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if fut in self._idle:
+                    self._idle.remove(fut)
+            msg = self.ready.pop()
+            if msg is not None:
+                return msg
+            # woken, but another connection took the message first: wait on
+        return None
 
     async def _connect(self) -> SmtpClient:
         last: SessionError | None = None

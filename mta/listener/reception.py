@@ -64,9 +64,8 @@ class Reception:
         out = {}
         if not self._x_headers:
             return out
-        head = bytes(content[:_HEADER_SCAN])
-        end = head.find(b"\r\n\r\n")
-        head = head if end < 0 else head[:end + 2]
+        end = content.find(b"\r\n\r\n", 0, _HEADER_SCAN)   # copy the header block only
+        head = bytes(content[:end + 2 if end >= 0 else _HEADER_SCAN])
         for name, rx in self._x_headers:
             m = rx.search(head)
             if m:

@@ -27,6 +27,7 @@ class LogWriter:
         self._buf = bytearray()
         self._interval = flush_interval
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def log(self, rtype: RecordType, **fields: object) -> None:
         fields["type"] = rtype.value
@@ -36,12 +37,14 @@ class LogWriter:
         if len(self._buf) >= _FLUSH_AT:
             self.flush()
         elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(self._interval, self.flush)
+            # get_running_loop() checks getpid() on every call: look it up once
+            if self._loop is None:
+                try:
+                    self._loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self.flush()
+                    return
+            self._timer = self._loop.call_later(self._interval, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
