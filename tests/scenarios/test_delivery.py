@@ -302,3 +302,32 @@ def test_bulk_to_postfix_smtp_sink(daemon_factory, dns_server, tmp_path):
     finally:
         sink.terminate()
         sink.wait()
+
+
+def test_connections_are_reused_within_the_limit(daemon_factory, dns_server):
+    """300 messages to one site over at most connection_limit connections (tools/sink.py counts)."""
+    import signal
+    import subprocess
+    sink = subprocess.Popen([sys.executable, str(ROOT / "tools" / "sink.py"), f"{NET}.5:25"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        sink.stdout.readline()
+        d = _daemon(daemon_factory, dns_server,
+                    f'connection_limit = 4\nroutes = {{"reuse.test" = "{NET}.5:25"}}')
+
+        def inject(k: int) -> None:
+            with smtplib.SMTP("127.0.0.1", d.port) as s:
+                for i in range(100):
+                    s.sendmail("a@sender.test", [f"r{k}-{i}@reuse.test"], b"Subject: x\r\n\r\nx\r\n")
+        threads = [threading.Thread(target=inject, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _records(d, "Delivery", 300, timeout=30)
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        stats = json.loads(sink.communicate(timeout=10)[0].strip().splitlines()[-1])
+    assert stats["messages"] == 300, f"got {stats['messages']} at the sink, want 300"
+    assert stats["peak_per_source"]["127.0.0.1"] <= 4, f"got {stats['peak_per_source']}, want <= 4 at once"
+    assert stats["connections"] <= 8, f"got {stats['connections']} connections, want reuse (<= 8)"
