@@ -331,3 +331,17 @@ def test_connections_are_reused_within_the_limit(daemon_factory, dns_server):
     assert stats["messages"] == 300, f"got {stats['messages']} at the sink, want 300"
     assert stats["peak_per_source"]["127.0.0.1"] <= 4, f"got {stats['peak_per_source']}, want <= 4 at once"
     assert stats["connections"] <= 8, f"got {stats['connections']} connections, want reuse (<= 8)"
+
+
+def test_delay_dsn_once(daemon_factory, dns_server, receivers):
+    receivers(f"{NET}.2", defer_times=10**9)
+    dsn_box = receivers(f"{NET}.3")
+    d = _daemon(daemon_factory, dns_server, 'delay_dsn_after = "1s"\nmax_age = "1h"')
+    _send(d.port, "alice@sender.test", ["defer-slow@example.test"])
+    (_, to, dsn), = dsn_box.wait(1, timeout=20)
+    report = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert report["Subject"].startswith("Delayed Mail"), report["Subject"]
+    group = report.get_payload()[1].get_payload()[1]
+    assert group["Action"] == "delayed" and group["Will-Retry-Until"], f"got {dict(group.items())}"
+    time.sleep(3)   # more retries happen, but the delay DSN is sent once
+    assert len(dsn_box.messages) == 1, f"got {len(dsn_box.messages)} delay DSNs, want 1"
