@@ -7,6 +7,7 @@ section dataclass. Raises ConfigError (fatal) with every problem in the file.
 from mta.config.load import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
 from mta.config.schema import (
     Config,
+    DkimConfig,
     ListenerConfig,
     LogConfig,
     ReceptionConfig,
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Config",
     "ConfigError",
+    "DkimConfig",
     "ListenerConfig",
     "LogConfig",
     "ReceptionConfig",

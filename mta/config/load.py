@@ -153,12 +153,12 @@ class _Checker:
             if not s.many:
                 out[s.name] = self.table(s.name, s.cls, {} if raw is None else raw, out)
             elif raw is None:
-                out[s.name] = [self.table(f"{s.name}[0]", s.cls, {}, out)]
+                out[s.name] = [self.table(f"{s.name}[0]", s.cls, {}, out)] if s.required else []
             elif not isinstance(raw, list):
                 self.problems.append(f"{s.name}: expected an array of tables (write "
                                      f"[[{s.name}]]), got {describe(raw)}")
                 out[s.name] = []
-            elif not raw:
+            elif not raw and s.required:
                 self.problems.append(f"{s.name}: at least one [[{s.name}]] is required")
                 out[s.name] = []
             else:
@@ -178,6 +178,9 @@ class _Checker:
         for name, k in keys.items():
             if name in raw:
                 values[name] = self.value(f"{path}.{name}", k, raw[name])
+            elif k.required:
+                self.problems.append(f"{path}.{name}: required ({k.doc})")
+                values[name] = _BAD
             elif k.inherit is not None:
                 # The named section was checked earlier in SECTIONS order.
                 section, inherited = k.inherit.split(".")

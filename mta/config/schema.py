@@ -258,6 +258,28 @@ def _parse_hostport_list(value: object, base: Path) -> tuple[tuple[str, int], ..
     return tuple(out)
 
 
+def _parse_names(value: object, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"expected an array of header names, got {describe(value)}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            name = _parse_header_name(item, base)
+        except Invalid as e:
+            raise Invalid(str(e), at=f"[{i}]") from None
+        if not name:
+            raise Invalid("a header name cannot be empty", at=f"[{i}]")
+        out.append(name.lower())
+    return tuple(out)
+
+
+def _parse_selector(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    if not text or not all(_LABEL_RE.fullmatch(label) for label in text.split(".")):
+        raise Invalid(f"{render(text)} is not a DKIM selector (DNS labels, RFC 6376 3.1)")
+    return text
+
+
 def _parse_routes(value: object, base: Path) -> dict[str, tuple[str, int]]:
     if not isinstance(value, dict):
         raise Invalid(f"expected a table of domain = \"host:port\", got {describe(value)}")
@@ -295,8 +317,11 @@ HOSTPORT_LIST = ValueType("host:port list", _parse_hostport_list,
                           "an array of \"host:port\" strings")
 ROUTES = ValueType("routes", _parse_routes, "a table of domain = \"host:port\"; a key "
                    "\"*.example.com\" covers the subdomains")
+HEADER_LIST = ValueType("header list", _parse_names, "an array of header field names; "
+                        "case does not matter")
+SELECTOR = ValueType("selector", _parse_selector, "DNS labels, e.g. \"s2026\"")
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, HEADER_NAME, INT, BOOL, SIZE, DURATION, PATH,
-               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES)
+               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR)
 
 
 # --- keys and sections -------------------------------------------------------------------
@@ -319,9 +344,13 @@ class Key:
     choices: tuple[str, ...] = ()
     # "section.key" whose value is the default, e.g. listener.hostname <- server.hostname.
     inherit: str | None = None
+    # The key has no default: a table without it is an error.
+    required: bool = False
 
     def allowed(self) -> str:
         """What this key accepts, beyond its type: the docs' 'allowed' column."""
+        if self.required:
+            return "required"
         if self.choices:
             return ", ".join(render(c) for c in self.choices)
         if self.lo is not None:
@@ -334,10 +363,11 @@ def _bound(value: object) -> str:
 
 
 def key(value_type: ValueType, default: object, doc: str, *, lo: object = None,
-        hi: object = None, choices: tuple[str, ...] = (), inherit: str | None = None) -> Any:
+        hi: object = None, choices: tuple[str, ...] = (), inherit: str | None = None,
+        required: bool = False) -> Any:
     """Declare a section dataclass field as a configuration key (no dataclass default:
     the loader always passes every field)."""
-    spec = Key(value_type, default, doc, lo, hi, choices, inherit)
+    spec = Key(value_type, default, doc, lo, hi, choices, inherit, required)
     return dataclasses.field(metadata={"key": spec})
 
 
@@ -478,6 +508,43 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """DKIM signing as a whole; the keys are the [[dkim]] tables."""
+
+    stage: str = key(CHOICE, "delivery", "sign on the way out (each attempt) or once at "
+                     "reception, before the 250", choices=("delivery", "reception"))
+    on_error: str = key(CHOICE, "send_unsigned", "a message that cannot be signed "
+                        "(malformed header block) goes out unsigned (and is logged) or is "
+                        "deferred", choices=("send_unsigned", "defer"))
+    threads: int = key(INT, 0, "signing threads; 0 = one per CPU", lo=0, hi=256)
+    policy: str = key(TEXT, "", "\"module:function\" called with (from_domain, envelope) "
+                      "returning the signing domains to use instead of the From domain; "
+                      "empty: none")
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    """One DKIM signature to add for a domain; several per domain sign twice (RSA + Ed25519)."""
+
+    domain: str = key(HOSTNAME, None, "signing domain (d=), matched against the From domain "
+                      "and its parents", required=True)
+    selector: str = key(SELECTOR, None, "selector (s=)", required=True)
+    key_file: Path = key(PATH, None, "private key file (PEM)", required=True)
+    algorithm: str = key(CHOICE, "auto", "signature algorithm; auto: from the key",
+                         choices=("auto", "rsa-sha256", "ed25519-sha256"))
+    canonicalization: str = key(CHOICE, "relaxed/relaxed", "header/body canonicalization "
+                                "(RFC 6376 3.4)", choices=("relaxed/relaxed", "relaxed/simple",
+                                                            "simple/relaxed", "simple/simple"))
+    headers: tuple[str, ...] = key(HEADER_LIST, [], "headers to sign (h=); empty: the RFC "
+                                   "6376 5.4 set mta.dkim.signer.DEFAULT_HEADERS")
+    oversign: tuple[str, ...] = key(HEADER_LIST, ["from", "to", "cc", "subject", "date",
+                                                  "reply-to"],
+                                    "headers signed once more than present, so none can be added")
+    expire_after: float = key(DURATION, "0s", "signature lifetime (x=); 0s: no x=",
+                              lo="0s", hi="3650d")
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
 
@@ -485,8 +552,10 @@ class Section:
     name: str
     # Frozen dataclass whose fields are the section's keys.
     cls: type
-    # True for an array of tables; absent means one entry with all defaults.
+    # True for an array of tables; absent means one entry with all defaults ...
     many: bool = False
+    # ... unless not required: then absent means none.
+    required: bool = True
 
 
 SECTIONS = (
@@ -498,6 +567,8 @@ SECTIONS = (
     Section("delivery", DeliveryConfig),
     Section("dns", DnsConfig),
     Section("admin", AdminConfig),
+    Section("signing", SigningConfig),
+    Section("dkim", DkimConfig, many=True, required=False),
 )
 
 
@@ -521,5 +592,9 @@ class Config:
     dns: DnsConfig
     # [admin]
     admin: AdminConfig
+    # [signing]
+    signing: SigningConfig
+    # [[dkim]], possibly none
+    dkim: tuple[DkimConfig, ...]
     # Where the configuration came from: a file path or "<string>".
     source: str
