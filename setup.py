@@ -22,6 +22,7 @@ def _require_header(path: str, package: str) -> None:
 
 _require_header("/usr/include/liburing.h", "liburing-dev")
 _require_header("/usr/include/zlib.h", "zlib1g-dev")
+_require_header("/usr/include/openssl/evp.h", "libssl-dev")
 
 DEBUG = os.environ.get("MTA_DEBUG") == "1"
 SANITIZE = os.environ.get("MTA_SANITIZE") == "1"
@@ -55,6 +56,7 @@ extensions = [
     ext("wire", ["native/wire/wire.pyx", "native/wire/data.c", "native/wire/stuff.c"]),
     ext("spool", ["native/spool/spool.pyx", "native/spool/writer.c"], ["uring", "z"]),
     ext("queues", ["native/queues/queues.pyx"]),
+    ext("dkim", ["native/dkim/dkim.pyx", "native/dkim/sign.c"], ["crypto", "pthread"]),
 ]
 
 setup(

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_queue)
+    from mta.dkim.cli import add_parser as add_dkim
+    add_dkim(sub)
     return p
 
 

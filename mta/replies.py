@@ -77,6 +77,7 @@ REPLIES: dict[str, Reply] = {
     # local trouble: always temporary, never the exception text
     "SPOOL_ERROR": Reply(451, "4.3.0", "Error: queue file write error, try again later"),
     "INTERNAL": Reply(451, "4.3.0", "Error: internal error, try again later"),
+    "DKIM_DEFER": Reply(451, "4.7.0", "Error: message cannot be DKIM-signed now, try again later"),
 }
 
 # EHLO keywords we advertise, in order (RFC 5321 4.1.1.1). SIZE gets the limit.

@@ -19,8 +19,11 @@ import logging
 from typing import Iterable
 
 from mta.admin import AdminServer
-from mta.config import Config
+from mta.config import Config, ConfigError
 from mta.delivery.engine import DeliveryEngine
+from mta.dkim.batcher import SigningBatcher
+from mta.dkim.domains import DkimStage, SigningDomains
+from mta.dkim.signer import DkimConfigError, Signer
 from mta.listener.reception import Reception
 from mta.listener.server import Listener
 from mta.logs.records import RecordType
@@ -42,6 +45,8 @@ class Server:
         self.admin: AdminServer | None = None
         self.listeners: list[Listener] = []
         self._background: set[asyncio.Task] = set()
+        self.dkim: DkimStage | None = None
+        self._signer: Signer | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -53,8 +58,12 @@ class Server:
                           torn=bad in found.torn)
         log.info("spool %s: %d messages recovered, %d corrupt records, %d torn tails",
                  self.config.spool.directory, len(found.messages), len(found.corrupt), len(found.torn))
+        self.dkim = self._dkim_stage(loop)
         self.reception = Reception(self.config, self.spool, self.logs)
-        self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local)
+        if self.dkim is not None and self.dkim.stage == "reception":
+            self.reception.dkim = self.dkim
+        self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local,
+                                       self.dkim)
         self.delivery.start(loop)
         self.reception.on_stored = self.delivery.submit
         for msg_id in found.messages:
@@ -74,6 +83,18 @@ class Server:
             await self.stop()
             raise
 
+    def _dkim_stage(self, loop: asyncio.AbstractEventLoop) -> DkimStage | None:
+        """Load every DKIM key now: a bad key or policy hook is fatal at start."""
+        if not self.config.dkim:
+            return None
+        try:
+            domains = SigningDomains(self.config.dkim, self.config.signing.policy)
+        except DkimConfigError as exc:
+            raise ConfigError([str(exc)], self.config.source) from None
+        self._signer = Signer(self.config.signing.threads or None)
+        return DkimStage(domains, SigningBatcher(self._signer, loop), self.config.signing.stage,
+                         self.config.signing.on_error)
+
     async def stop(self) -> None:
         for listener in self.listeners:
             await listener.stop()
@@ -86,6 +107,9 @@ class Server:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.spool.close()
+        if self._signer is not None:
+            self._signer.close()
+            self._signer = None
         if self.logs is not None:
             self.logs.close()
             self.logs = None

@@ -14,7 +14,7 @@ cd "$ROOT"
 log() { printf '[dev] %s\n' "$*" >&2; }
 
 APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps
-              openssl $(grep -v '^#' tools/dns-packages.txt))
+              $(grep -hv '^#' tools/dns-packages.txt tools/dkim-packages.txt))
 
 install_system() {
     local missing=()
@@ -44,7 +44,7 @@ install_python() {
         log "creating .venv"
         "$py" -m venv .venv
     fi
-    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, dns" 2>/dev/null; then
+    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, dns, dkim, nacl, cryptography" 2>/dev/null; then
         log "pip install build and test requirements"
         .venv/bin/python -m pip install -q -r requirements-dev.txt
     fi
@@ -60,7 +60,7 @@ build() {
     echo "$ROOT" > "$site/mta-dev.pth"
     printf '#!/bin/sh\nexec "%s/.venv/bin/python" -m mta "$@"\n' "$ROOT" > .venv/bin/mta
     chmod 755 .venv/bin/mta
-    .venv/bin/python -c "import mta._native.wire, mta._native.spool, mta._native.queues" \
+    .venv/bin/python -c "import mta._native.wire, mta._native.spool, mta._native.queues, mta._native.dkim" \
         || { echo "native build failed (see compiler output above)" >&2; exit 1; }
 }
 

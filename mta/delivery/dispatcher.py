@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.delivery.outcome import Attempt
+from mta.dkim.signer import DkimError
 
 if TYPE_CHECKING:
     from mta.config import DeliveryConfig
     from mta.delivery.outcome import Outcomes
+    from mta.dkim.domains import DkimStage
     from mta.egress.sites import Site
     from mta.message import QueuedMessage
     from mta.queues.ready import ReadyQueue
@@ -32,8 +34,10 @@ log = logging.getLogger("mta.dispatcher")
 
 class Dispatcher:
     def __init__(self, ready: ReadyQueue, *, source_ip: str | None, cfg: DeliveryConfig,
-                 spool: Spool, outcomes: Outcomes, loop: asyncio.AbstractEventLoop):
+                 spool: Spool, outcomes: Outcomes, loop: asyncio.AbstractEventLoop,
+                 dkim: DkimStage | None = None):
         self.ready = ready
+        self.dkim = dkim if dkim is not None and dkim.stage == "delivery" else None
         self.source_ip = source_ip
         self.cfg = cfg
         self.spool = spool
@@ -161,8 +165,19 @@ class Dispatcher:
         except KeyError:
             return True  # finished meanwhile (e.g. removed by the operator)
         at = self._attempt(client)
-        body_8bit = env.get("body") == "8BITMIME" or _has_8bit(content)
         idxs = list(msg.rcpts)
+        if self.dkim is not None:
+            specs = self.dkim.domains.for_message(content, env)
+            if specs:
+                try:
+                    content = await self.dkim.batcher.sign(bytes(content), specs)
+                except DkimError as exc:
+                    if self.dkim.on_error == "defer":
+                        self.outcomes.defer(msg, env, idxs, 451, "4.7.0", str(exc), at)
+                        self.outcomes.settle(msg, env, idxs)
+                        return True
+                    log.warning("%s: sending unsigned: %s", msg.id_text, exc)
+        body_8bit = env.get("body") == "8BITMIME" or _has_8bit(content)
         step = self.cfg.max_recipients_per_transaction
         retry: list[int] = []
         for start in range(0, len(idxs), step):

@@ -24,6 +24,7 @@ from mta.queues.scheduled import InsertReason, ScheduledQueue, Scheduler
 
 if TYPE_CHECKING:
     from mta.config import Config
+    from mta.dkim.domains import DkimStage
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
@@ -34,8 +35,9 @@ DEFAULT_SOURCE = "default"
 
 class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
-                 inject: Callable[[str, list[str], bytes], Any]):
+                 inject: Callable[[str, list[str], bytes], Any], dkim: DkimStage | None = None):
         d = config.delivery
+        self.dkim = dkim
         self.config = config
         self.spool = spool
         self.resolver = SiteResolver(
@@ -83,7 +85,7 @@ class DeliveryEngine:
             ready = ReadyQueue(source, site, self.config.delivery.ready_queue_size)
             d = self.dispatchers[key] = Dispatcher(ready, source_ip=None, cfg=self.config.delivery,
                                                    spool=self.spool, outcomes=self.outcomes,
-                                                   loop=self.loop)
+                                                   loop=self.loop, dkim=self.dkim)
         else:
             d.ready.site = site  # DNS may have changed the addresses, not the MX names
         return d

@@ -53,6 +53,8 @@ class Reception:
         self.accepted = 0            # messages acknowledged with 250 since start
         # Called with (raw id, envelope) once a message is durable: the delivery engine.
         self.on_stored: Callable[[bytes, dict], None] | None = None
+        # DKIM at reception (signing.stage = "reception"): sign before the spool write.
+        self.dkim: Any = None
 
     def _now_rfc5322(self) -> str:
         now = int(time.time())
@@ -91,11 +93,37 @@ class Reception:
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
+        if self.dkim is not None:
+            specs = self.dkim.domains.for_message(txn.data, {"sender": txn.mail_from,
+                                                             "rcpts": txn.rcpts})
+            if specs:
+                return self._sign_then_accept(txn, session, specs)
+        return self._accept(txn, session, txn.data)
+
+    def _sign_then_accept(self, txn, session: SmtpSession, specs: list) -> asyncio.Future:
+        result = session.listener.loop.create_future()
+
+        def signed(fut: asyncio.Future) -> None:
+            exc = fut.exception()
+            if exc is not None and self.dkim.on_error == "defer":
+                log.warning("refusing for now, cannot sign: %s", exc)
+                result.set_result(reply("DKIM_DEFER"))
+                return
+            if exc is not None:
+                log.warning("accepting unsigned: %s", exc)
+            content = txn.data if exc is not None else fut.result()
+            inner = self._accept(txn, session, content)
+            inner.add_done_callback(lambda f: result.set_result(f.result()))
+
+        self.dkim.batcher.sign(bytes(txn.data), specs).add_done_callback(signed)
+        return result
+
+    def _accept(self, txn, session: SmtpSession, content) -> asyncio.Future:
         started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
         extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
         stored = self.store(
-            sender=txn.mail_from, rcpts=txn.rcpts, content=txn.data, helo=txn.helo,
+            sender=txn.mail_from, rcpts=txn.rcpts, content=content, helo=txn.helo,
             client_ip=session.peer_ip, client_port=session.peer_port,
             listener=session.listener.name, protocol=protocol, extra=extra)
         msg_id, envelope = stored.id, stored.envelope
