@@ -83,9 +83,11 @@ def ensure_peerbench() -> None:
         subprocess.run(["bash", str(PEERBENCH / "setup.sh")], check=True)
 
 
-def parse_args(doc: str) -> argparse.Namespace:
+def parse_args(doc: str, extra: list = ()) -> argparse.Namespace:
     """The options both peerbench drivers take; sizes default to 50 KB and 2 KB."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    for flag, kwargs in extra:
+        ap.add_argument(flag, **kwargs)
     ap.add_argument("-s", "--size", type=int, action="append", help="payload bytes (repeatable)")
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("-r", "--rounds", type=int, default=3)

@@ -24,18 +24,35 @@ from accept_bench import ROOT, STATE, parse_args, peerbench, postfix_target  # n
 PORT, SINK = 2525, 2526
 
 
-def mta_target(python: str) -> list[str]:
+def dkim_config(algorithm: str) -> Path:
+    """A config that signs smtp-source's mail (From: ...@peerbench.localdomain)."""
+    from mta.dkim.signer import keygen
     work = STATE / "mta-relay"
+    work.mkdir(parents=True, exist_ok=True)
+    pem, _ = keygen(algorithm, 2048)
+    (work / f"{algorithm}.pem").write_bytes(pem)
+    conf = work / f"dkim-{algorithm}.toml"
+    conf.write_text(f'[[dkim]]\ndomain = "peerbench.localdomain"\nselector = "bench"\n'
+                    f'key_file = "{work}/{algorithm}.pem"\n')
+    return conf
+
+
+def mta_target(python: str, config: Path | None = None) -> list[str]:
+    work = STATE / "mta-relay"
+    conf = f"-c {config} " if config else ""
     start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={ROOT} exec {python} "
-             f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
+             f"-m mta serve {conf}--listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
              f"--smarthost 127.0.0.1:{SINK} --admin 127.0.0.1:8026 2>>{work}/daemon.err")
     queue = f"cd {work} && PYTHONPATH={ROOT} {python} -m mta queue count --admin 127.0.0.1:8026"
     return ["--foreground", "--start", start, "--queue-cmd", queue]
 
 
 def main() -> int:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=[("--dkim", dict(choices=["rsa", "ed25519"], action="append",
+                                                       help="also run mta signing every message"))])
     (STATE / "mta-relay").mkdir(parents=True, exist_ok=True)
+    if args.dkim:
+        return dkim_runs(args)
     for size in args.size:
         ceiling = float(peerbench("ceiling", size, args.n, [], mode="ceiling", port=SINK)["deliver_per_s"])
         ours, theirs = [], []
@@ -46,6 +63,24 @@ def main() -> int:
         a, b = statistics.median(ours), statistics.median(theirs)
         print(f"RESULT relay size={size} n={args.n} c=50 rounds={args.rounds} mta_per_s={a:.0f} "
               f"postfix_per_s={b:.0f} ratio={a / b:.2f} ceiling_per_s={ceiling:.0f}", flush=True)
+    return 0
+
+
+def dkim_runs(args) -> int:
+    """Signing on versus off, alternating, same sizes: the cost of DKIM end to end."""
+    sys.path.insert(0, str(ROOT))
+    for size in args.size:
+        for alg in args.dkim:
+            conf = dkim_config(alg)
+            off, on = [], []
+            for rnd in range(args.rounds):
+                off.append(float(peerbench("mta", size, args.n, mta_target(sys.executable), mode="relay")["deliver_per_s"]))
+                on.append(float(peerbench(f"mta-dkim-{alg}", size, args.n, mta_target(sys.executable, conf),
+                                          mode="relay")["deliver_per_s"]))
+                print(f"size={size} {alg} round {rnd + 1}: unsigned {off[-1]:.0f}/s  signed {on[-1]:.0f}/s", flush=True)
+            a, b = statistics.median(on), statistics.median(off)
+            print(f"RESULT relay_dkim size={size} alg={alg} n={args.n} signed_per_s={a:.0f} "
+                  f"unsigned_per_s={b:.0f} ratio={a / b:.2f}", flush=True)
     return 0
 
 
