@@ -56,7 +56,7 @@ extensions = [
     ext("wire", ["native/wire/wire.pyx", "native/wire/data.c", "native/wire/stuff.c"]),
     ext("spool", ["native/spool/spool.pyx", "native/spool/writer.c"], ["uring", "z"]),
     ext("queues", ["native/queues/queues.pyx"]),
-    ext("dkim", ["native/dkim/dkim.pyx", "native/dkim/sign.c"], ["crypto", "pthread"]),
+    ext("dkim", ["native/dkim/dkim.pyx", "native/dkim/sign.c", "native/dkim/canon.c", "native/dkim/pool.c"], ["crypto", "pthread"]),
 ]
 
 setup(

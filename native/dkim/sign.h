@@ -23,12 +23,18 @@
  * threads (a key keeps a small mutex-guarded cache of libcrypto contexts).
  * A pool runs one batch per calling thread at a time; several threads may
  * call dkim_pool_run() on one pool at once.
+ *
+ * Files: sign.c (keys, the field, jobs, libcrypto), canon.c (line-end
+ * repair and canonicalisation; internal API in canon.h), pool.c (the thread
+ * pool; API in pool.h, included here). dkim.pyx includes only this header.
  */
 #ifndef MTA_DKIM_SIGN_H
 #define MTA_DKIM_SIGN_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "pool.h"
 
 /* Signing algorithms (RFC 6376 3.3, RFC 8463 3). */
 enum dkim_alg { DKIM_RSA_SHA256 = 1, DKIM_ED25519_SHA256 = 2 };
@@ -65,7 +71,6 @@ enum dkim_keyerr {
 #define DKIM_DETAIL 160         /* room for dkim_job.detail */
 
 typedef struct dkim_key dkim_key;   /* opaque: EVP_PKEY + context cache */
-typedef struct dkim_pool dkim_pool; /* opaque: worker threads */
 
 /* One header name a spec signs. */
 typedef struct dkim_hname {
@@ -117,13 +122,14 @@ int dkim_keygen(int alg, int bits, char **pem, size_t *pem_len);
 /* Sign one message (the pool calls this per job; usable alone, no threads). */
 void dkim_sign_job(dkim_job *job);
 
-/* Pool of threads-1 workers; the caller of dkim_pool_run is the last thread. */
-int dkim_pool_new(int threads, dkim_pool **out);   /* 0 or negative errno */
-void dkim_pool_run(dkim_pool *p, dkim_job *jobs, size_t n);
-int dkim_pool_threads(const dkim_pool *p);
-void dkim_pool_free(dkim_pool *p);                 /* joins the workers */
+/* Inside native/dkim, not for dkim.pyx: the SHA-256 method (an EVP_MD),
+ * fetched once; dkim_pool_new() fetches it before starting its threads. */
+struct evp_md_st;
+const struct evp_md_st *dkim_sha256(void);
 
-/* Test and tooling hooks over the same code the jobs use. */
+/* Test and tooling hooks over the same code the jobs use (dkim_canon_body,
+ * dkim_canon_field, dkim_repair and dkim_header_input are in canon.c;
+ * dkim_body_hash and dkim_sign_prepared in sign.c). */
 /* Canonical body of raw body octets (bare LF ends a line, as go-msgauth). */
 int dkim_canon_body(const unsigned char *body, size_t n, int relaxed, char **out, size_t *out_len);
 /* Canonical form of one raw header field (name ":" value, folded, with or without CRLF). */
