@@ -13,7 +13,6 @@ printed, with peerbench's `ceiling` (loader + sink alone) for reference.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from pathlib import Path

@@ -22,6 +22,9 @@ sys.path.insert(0, str(ROOT / "tools"))   # test peers that also serve the demo:
 
 from dnsserver import DnsServer, dns_server, silent_nameserver  # noqa: E402,F401  (fixtures)
 
+sys.path.insert(0, str(ROOT / "tests" / "scenarios"))
+from peers import receivers  # noqa: E402,F401  (fixture: aiosmtpd receivers on port 25)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, Daemon
 from mta.dkim.signer import keygen
 
-from test_delivery import NET, ZONE, _records, _send, receivers  # noqa: F401  (fixture)
+from peers import NET, ZONE, _send
 
 
 def _keys(tmp_path):
