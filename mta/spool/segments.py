@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -38,11 +39,6 @@ def _unpack(packed: int) -> Location:
 
 def _hot_size(env: bytes, trace: bytes, content: Any) -> int:
     return len(env) + len(trace) + len(content) + 200   # + the tuple, dict slot and objects
-
-
-def _pop_oldest(d: dict) -> tuple:
-    key = next(iter(d))
-    return key, d.pop(key)
 
 
 class SpoolError(OSError):
@@ -72,7 +68,9 @@ class Spool:
         self._flush_scheduled = False
         # Recently stored messages, kept so a fast delivery needs no read or checksum:
         # id -> (envelope JSON, trace, content). FIFO-evicted past hot_cache bytes.
-        self._hot: dict[bytes, tuple[bytes, bytes, Any]] = {}
+        # (OrderedDict: popping the oldest of a plain dict rescans its deleted slots,
+        # which made every insert O(evictions so far) once the cache was full.)
+        self._hot: OrderedDict[bytes, tuple[bytes, bytes, Any]] = OrderedDict()
         self._hot_bytes = 0
         self._hot_limit = hot_cache
 
@@ -132,7 +130,7 @@ class Spool:
             self._hot[msg_id] = (env, trace, content)
             self._hot_bytes += _hot_size(env, trace, content)
         while self._hot_bytes > self._hot_limit:
-            _, old = _pop_oldest(self._hot)
+            _, old = self._hot.popitem(last=False)
             self._hot_bytes -= _hot_size(*old)
         self._index[msg_id] = _pack(segment, offset, len(head) + len(content))
         self._live[segment] = self._live.get(segment, 0) + 1
