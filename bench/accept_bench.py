@@ -47,7 +47,8 @@ def peerbench(name: str, size: int, n: int, extra: list[str], mode: str = "accep
 def mta_target(python: str) -> list[str]:
     work = STATE / "mta"   # cwd of the daemon: its logs go to ./var/log there
     start = (f"mkdir -p {work} && cd {work} && rm -rf spool && PYTHONPATH={ROOT} exec {python} "
-             f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool 2>>{work}/daemon.err")
+             f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool --hold "
+             f"--dns 127.0.0.1:9 2>>{work}/daemon.err")   # accept only; nothing leaves loopback
     return ["--foreground", "--start", start]
 
 

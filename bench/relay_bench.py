@@ -41,7 +41,7 @@ def mta_target(python: str, config: Path | None = None) -> list[str]:
     conf = f"-c {config} " if config else ""
     start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={ROOT} exec {python} "
              f"-m mta serve {conf}--listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
-             f"--smarthost 127.0.0.1:{SINK} --admin 127.0.0.1:8026 2>>{work}/daemon.err")
+             f"--smarthost 127.0.0.1:{SINK} --dns 127.0.0.1:9 --admin 127.0.0.1:8026 2>>{work}/daemon.err")
     queue = f"cd {work} && PYTHONPATH={ROOT} {python} -m mta queue count --admin 127.0.0.1:8026"
     return ["--foreground", "--start", start, "--queue-cmd", queue]
 

@@ -13,7 +13,7 @@ import orjson
 from mta.config import ConfigError, load_config
 
 
-_OVERRIDES = ("listen", "spool_dir", "smarthost", "dns", "admin")
+_OVERRIDES = ("listen", "spool_dir", "smarthost", "dns", "admin", "hold")
 
 
 def _config(args: argparse.Namespace):
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--smarthost", metavar="HOST:PORT", help="relay everything to one next hop")
         sp.add_argument("--dns", metavar="IP:PORT", help="the DNS server to ask (dns.nameservers)")
         sp.add_argument("--admin", metavar="HOST:PORT", help="admin API address (\"\" disables)")
+        sp.add_argument("--hold", action="store_true", default=None,
+                        help="accept and queue but deliver nothing (delivery.hold)")
 
     sp = sub.add_parser("serve", help="run the daemon")
     with_config(sp)

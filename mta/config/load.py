@@ -44,7 +44,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 # Override name (as the CLI passes it) -> the flag it came from, for messages.
 OVERRIDE_FLAGS = {"listen": "--listen", "spool_dir": "--spool-dir", "smarthost": "--smarthost",
-                  "dns": "--dns", "admin": "--admin"}
+                  "dns": "--dns", "admin": "--admin", "hold": "--hold"}
 
 # Stands for a value that failed to validate, so later checks can skip it.
 _BAD: Any = object()
@@ -235,9 +235,10 @@ def _parse_hostport_flag(value: object) -> tuple[str, int] | None:
 
 _OVERRIDE_PARSERS = {"listen": _parse_listen, "spool_dir": _parse_spool_dir,
                      "smarthost": _parse_hostport_flag, "dns": _parse_hostport_flag,
-                     "admin": _parse_hostport_flag}
+                     "admin": _parse_hostport_flag, "hold": bool}
 # Flag -> (section, key) it replaces as a whole.
-_SIMPLE_OVERRIDES = {"smarthost": ("delivery", "smarthost"), "admin": ("admin", "listen")}
+_SIMPLE_OVERRIDES = {"smarthost": ("delivery", "smarthost"), "admin": ("admin", "listen"),
+                     "hold": ("delivery", "hold")}
 
 
 def _parse_overrides(overrides: dict[str, Any], problems: list[str]) -> dict[str, Any]:

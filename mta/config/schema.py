@@ -457,6 +457,8 @@ class DeliveryConfig:
 
     ehlo_name: str = key(HOSTNAME, None, "name we give in EHLO to remote servers",
                          inherit="server.hostname")
+    hold: bool = key(BOOL, False, "accept and queue, but deliver nothing (maintenance, "
+                     "accept-only benchmarks); held mail goes out after a restart without it")
     smarthost: tuple[str, int] | None = key(HOSTPORT, "", "send everything to this "
                                             "host:port instead of looking up MX records")
     routes: dict[str, tuple[str, int]] = key(ROUTES, {}, "static routes: domain -> next "

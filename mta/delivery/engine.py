@@ -45,7 +45,7 @@ class DeliveryEngine:
             ipv6=config.dns.ipv6, static_routes={k: [v] for k, v in d.routes.items()},
             smarthost=d.smarthost, port=d.port)
         self.scheduler = Scheduler(route=self.route, dispatcher_for=self.dispatcher_for,
-                                   on_route_failure=self._route_failure)
+                                   on_route_failure=self._route_failure, hold=d.hold)
         self.retry = RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
         self.outcomes = Outcomes(spool=spool, scheduler=self.scheduler, logs=logs, retry=self.retry,
                                  inject=inject, hostname=config.server.hostname,

@@ -68,7 +68,8 @@ RouteFn = Callable[[ScheduledQueue], Awaitable[tuple[str, "Site"]]]
 class Scheduler:
     def __init__(self, *, route: RouteFn, dispatcher_for: Callable[[str, "Site"], "Dispatcher"],
                  on_route_failure: Callable[[QueuedMessage, Exception], None],
-                 tick: float = 1.0):
+                 tick: float = 1.0, hold: bool = False):
+        self.hold = hold                  # delivery.hold: queue everything, route nothing
         self.route = route
         self.dispatcher_for = dispatcher_for
         self.on_route_failure = on_route_failure
@@ -140,6 +141,10 @@ class Scheduler:
 
     def make_ready(self, msg: QueuedMessage, reason: InsertReason) -> None:
         q = msg.queue
+        if self.hold:      # no DNS, no connections: the message waits in its queue
+            msg.due = 0.0
+            q.backlog.append(msg)
+            return
         now = time.time()
         if q.suspended_until > now:
             self.schedule(msg, q.suspended_until, InsertReason.SUSPENDED)

@@ -252,3 +252,17 @@ def test_delay_dsn_once(daemon_factory, dns_server, receivers):
     assert group["Action"] == "delayed" and group["Will-Retry-Until"], f"got {dict(group.items())}"
     time.sleep(3)   # more retries happen, but the delay DSN is sent once
     assert len(dsn_box.messages) == 1, f"got {len(dsn_box.messages)} delay DSNs, want 1"
+
+
+def test_hold_queues_without_routing_then_delivers_after_restart(daemon_factory, dns_server, receivers):
+    mx2 = receivers(f"{NET}.2")
+    dns = dns_server(ZONE)
+    held = f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n[delivery]\nhold = true\n'
+    d = daemon_factory(extra=held)
+    _send(d.port, "alice@sender.test", ["bob@example.test"])
+    time.sleep(1.5)
+    assert mx2.messages == [] and d.log_records("TransientFailure") == [], "held mail must not move"
+    d.stop()
+    d.config.write_text(d.config.read_text().replace("hold = true", "hold = false"))
+    d.start()
+    mx2.wait(1)
