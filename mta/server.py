@@ -142,14 +142,7 @@ class Server:
             sender=sender, rcpts=rcpts, content=content, helo="localhost", client_ip=client,
             client_port=0, listener="inject", protocol="local", extra={})
         await stored.durable
-        self.reception.accepted += 1
-        if self.reception.on_stored is not None:
-            self.reception.on_stored(stored.raw_id, stored.envelope)
-        if self.reception.logs is not None:
-            self.reception.logs.log(RecordType.RECEPTION, id=stored.id, sender=sender,
-                                    recipients=[r[0] for r in rcpts], size=stored.envelope["size"],
-                                    client_ip=client, listener="inject", protocol="local",
-                                    started=stored.envelope["received"])
+        self.reception.durable(stored)
         return stored.id
 
     def _inject_local(self, sender: str, recipients: list[str], content: bytes) -> None:

@@ -472,8 +472,7 @@ def test_oversigning_blocks_added_fields(keys, signer):
 # ---- keys and specs ------------------------------------------------------------------------
 
 def _openssl(*args: str) -> bytes:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not installed")
+    assert shutil.which("openssl"), "openssl missing: tools/dkim-packages.txt installs it"
     return subprocess.run(["openssl", *args], check=True, capture_output=True).stdout
 
 
@@ -509,23 +508,3 @@ def test_key_errors_name_the_file(tmp_path):
         SignSpec(key, headers=("to",), oversign=())
     with pytest.raises(DkimConfigError, match="canon"):
         SignSpec(key, canon="relaxed")
-
-
-def test_opendkim_agrees_on_canonicalisation(tmp_path):
-    """opendkim-testmsg (opendkim-tools) signs; our bh= and header hash input must match."""
-    if shutil.which("opendkim-testmsg") is None:
-        pytest.skip("opendkim-tools not installed")
-    (tmp_path / "k.pem").write_bytes(_openssl("genrsa", "-traditional", "2048"))
-    msg = b"From: a@example.com\nTo: b@example.org\nSubject: hi   there\n\tfolded\n\nbody  x\n\n"
-    run = subprocess.run(["opendkim-testmsg", "-C", "-d", "example.com", "-s", "sel", "-k",
-                          str(tmp_path / "k.pem")], input=msg, capture_output=True)
-    if run.returncode != 0:   # Debian 12's 2.11.0~beta2 build fails in dkim_chunk() here
-        pytest.skip(f"opendkim-testmsg failed: {run.stderr.decode().strip()}")
-    signed = crlf(run.stdout)
-    t = tags(sig_fields(signed)[0])
-    head_c, _, body_c = t.get(b"c", b"simple/simple").partition(b"/")
-    assert base64.b64encode(native.body_hash(signed, body_c == b"relaxed")) == t[b"bh"]
-    key = load_key(str(tmp_path / "k.pem"), "example.com", "sel")
-    data = native.header_input(signed, head_c == b"relaxed",
-                               [n.strip() for n in t[b"h"].split(b":")], emptied(sig_fields(signed)[0]))
-    _public_verify(f"p={key.public_b64}", t[b"a"], data, base64.b64decode(t[b"b"]))

@@ -176,7 +176,7 @@ class Dispatcher:
                         self.outcomes.settle(msg, env, idxs)
                         return True
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
-        body_8bit = env.get("body") == "8BITMIME" or _has_8bit(content)
+        body_8bit = env.get("body") == "8BITMIME"   # the client core also scans the bytes
         step = self.cfg.max_recipients_per_transaction
         retry: list[int] = []
         for start in range(0, len(idxs), step):
@@ -211,8 +211,3 @@ def _error_reply(exc: SessionError) -> tuple[int, str, str]:
         code = exc.reply.code if exc.reply.code < 500 else 451  # session trouble is retried
         return code, exc.reply.status or "4.4.2", f"{exc.phase}: {exc.reply.text}"
     return 451, "4.4.1", f"{exc.phase}: {exc}"
-
-
-def _has_8bit(content: bytes) -> bool:
-    # bytes.isascii() is a C loop over the buffer: cheap next to sending it
-    return not content.isascii()

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from mta.delivery.client import RemoteReply
 from mta.ids import id_text
 from mta.logs.records import RecordType
 from mta.message import DELAY_DSN_SENT, QueuedMessage
@@ -88,7 +89,7 @@ class Outcomes:
             if rcpt_reply.code >= 300:
                 final = rcpt_reply
             else:  # accepted at RCPT: the data reply decides (none: never sent, retry)
-                final = data_reply or _Reply(451, "4.3.0", "no reply to the message data")
+                final = data_reply or RemoteReply(451, "4.3.0", "no reply to the message data")
             if 200 <= final.code < 300:
                 self._log(RecordType.DELIVERY, msg, env, idx, final, at)
                 self.counters["delivered"] += 1
@@ -108,14 +109,14 @@ class Outcomes:
     def defer(self, msg: QueuedMessage, env: dict | None, idxs: list[int], code: int,
               status: str, text: str, at: Attempt) -> None:
         """A session/site/DNS trouble: every recipient in `idxs` is retried later."""
-        reply = _Reply(code, status, text)
+        reply = RemoteReply(code, status, text)
         for idx in idxs:
             self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, reply, at)
         self.counters["deferred"] += len(idxs)
 
     def bounce_all(self, msg: QueuedMessage, env: dict, code: int, status: str, text: str,
                    at: Attempt) -> None:
-        reply = _Reply(code, status, text)
+        reply = RemoteReply(code, status, text)
         for idx in msg.rcpts:
             self._log(RecordType.BOUNCE, msg, env, idx, reply, at)
         self.counters["bounced"] += len(msg.rcpts)
@@ -146,7 +147,7 @@ class Outcomes:
         self.scheduler.schedule(msg, due, InsertReason.TRANSIENT_FAILURE)
 
     def _expire(self, msg: QueuedMessage, env: dict | None) -> None:
-        reply = _Reply(550, "4.4.7", "message expired: delivery time limit exceeded")
+        reply = RemoteReply(550, "4.4.7", "message expired: delivery time limit exceeded")
         for idx in msg.rcpts:
             self._log(RecordType.EXPIRATION, msg, env, idx, reply, None)
         self.counters["expired"] += len(msg.rcpts)
@@ -192,13 +193,6 @@ class Outcomes:
             log.warning("no DSN for %s: %s", msg.id_text, exc)
             return
         self.inject("", [sender], dsn)
-
-
-class _Reply:
-    __slots__ = ("code", "status", "text")
-
-    def __init__(self, code: int, status: str, text: str):
-        self.code, self.status, self.text = code, status, text
 
 
 def _default_status(code: int) -> str:

@@ -126,7 +126,7 @@ class Reception:
             sender=txn.mail_from, rcpts=txn.rcpts, content=content, helo=txn.helo,
             client_ip=session.peer_ip, client_port=session.peer_port,
             listener=session.listener.name, protocol=protocol, extra=extra)
-        msg_id, envelope = stored.id, stored.envelope
+        msg_id = stored.id
         result = session.listener.loop.create_future()
 
         def done(fut: asyncio.Future) -> None:
@@ -137,21 +137,25 @@ class Reception:
                                     session.peer_ip, session.listener.name)
                 result.set_result(reply("SPOOL_ERROR"))
                 return
-            self.accepted += 1
-            if self.on_stored is not None:
-                self.on_stored(stored.raw_id, envelope)
-            if self.logs is not None:
-                self.logs.log(RecordType.RECEPTION, id=msg_id, sender=envelope["sender"],
-                              recipients=[r[0] for r in envelope["rcpts"]], size=envelope["size"],
-                              client_ip=session.peer_ip, client_port=session.peer_port,
-                              helo=envelope["helo"], listener=session.listener.name,
-                              tenant=envelope.get("tenant"), campaign=envelope.get("campaign"),
-                              protocol=protocol, started=envelope["received"],
-                              latency_ms=round((time.perf_counter() - started) * 1000, 3))
+            self.durable(stored, latency_ms=round((time.perf_counter() - started) * 1000, 3))
             result.set_result(reply("QUEUED", msg_id))
 
         stored.durable.add_done_callback(done)
         return result
+
+    def durable(self, stored: Stored, latency_ms: float | None = None) -> None:
+        """A stored message is on disk: count it, queue it, write its Reception record."""
+        self.accepted += 1
+        env = stored.envelope
+        if self.on_stored is not None:
+            self.on_stored(stored.raw_id, env)
+        if self.logs is not None:
+            self.logs.log(RecordType.RECEPTION, id=stored.id, sender=env["sender"],
+                          recipients=[r[0] for r in env["rcpts"]], size=env["size"],
+                          client_ip=env["client_ip"], client_port=env["client_port"],
+                          helo=env["helo"], listener=env["listener"], tenant=env.get("tenant"),
+                          campaign=env.get("campaign"), protocol=env["protocol"],
+                          started=env["received"], latency_ms=latency_ms)
 
     def log_rejections(self, session: SmtpSession, rejections: list) -> None:
         for name, sender, rcpts in rejections:

@@ -28,7 +28,7 @@ log = logging.getLogger("mta.session")
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "last_active",
-                 "started", "_storing", "_write_paused")
+                 "_storing", "_write_paused")
 
     def __init__(self, listener: Listener):
         self.listener = listener
@@ -37,7 +37,6 @@ class SmtpSession(asyncio.Protocol):
         self.peer_ip = ""
         self.peer_port = 0
         self.last_active = 0.0        # loop.time() of the last bytes received
-        self.started = 0.0            # loop.time() when DATA/BDAT content began (for latency)
         self._storing = False         # a message is on its way to the spool
         self._write_paused = False    # the transport's write buffer is over its high-water mark
 
