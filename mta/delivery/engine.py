@@ -115,6 +115,7 @@ class DeliveryEngine:
                                      "sent": d.sent, "queues": d.ready.per_queue()}
                       for d in self.dispatchers.values()},
             "wheel": self.scheduler.wheel.count,
+            "inserts": {r.value: n for r, n in self.scheduler.inserts.items()},
             "outcomes": dict(self.outcomes.counters),
         }
 

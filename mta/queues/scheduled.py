@@ -40,7 +40,6 @@ class InsertReason(str, enum.Enum):
     TRANSIENT_FAILURE = "transient"     # a 4xx or a connection problem; backing off
     READY_FULL = "ready_full"           # its ready queue was full: waits in the queue's backlog
     SUSPENDED = "suspended"             # its queue is suspended by the operator
-    DNS_TRANSIENT = "dns_transient"     # MX lookup failed temporarily
 
 
 class ScheduledQueue:
@@ -74,6 +73,8 @@ class Scheduler:
         self.dispatcher_for = dispatcher_for
         self.on_route_failure = on_route_failure
         self.queues: dict[str, ScheduledQueue] = {}
+        # insertions by reason since start (operator view: why mail is waiting)
+        self.inserts: dict[InsertReason, int] = dict.fromkeys(InsertReason, 0)
         self.wheel = TimerWheel(time.time(), tick=tick)
         self.tick = tick
         self._timer: asyncio.TimerHandle | None = None
@@ -123,6 +124,7 @@ class Scheduler:
         return out
 
     def schedule(self, msg: QueuedMessage, due: float, reason: InsertReason) -> None:
+        self.inserts[reason] += 1
         msg.due = due
         self.wheel.insert(due, msg)
 
@@ -140,6 +142,7 @@ class Scheduler:
         self.make_ready(msg, InsertReason.TRANSIENT_FAILURE)
 
     def make_ready(self, msg: QueuedMessage, reason: InsertReason) -> None:
+        self.inserts[reason] += 1
         q = msg.queue
         if self.hold:      # no DNS, no connections: the message waits in its queue
             msg.due = 0.0
@@ -185,6 +188,7 @@ class Scheduler:
         else:
             # Backpressure without polling: the ready queue pulls from the backlog as
             # connections take messages (ReadyQueue.pop refills).
+            self.inserts[InsertReason.READY_FULL] += 1
             msg.queue.backlog.append(msg)
             d.ready.block(msg.queue)
 
