@@ -1,0 +1,470 @@
+"""The persistent suppression list: addresses we must not send to, stored as keyed hashes.
+
+Sits beside delivery: the listener (or the scheduler) calls `check` for every recipient
+at RCPT time; bounce/ARF processing, the RFC 8058 unsubscribe server and the operator
+(`mta suppress`) call `add`. One SQLite file in WAL mode, so the daemon and the CLI can
+use it at once (readers never block; writers wait up to `busy_timeout`).
+
+Privacy: an address is reduced to HMAC-SHA256(secret, normalised address) before it
+touches the store. The raw address is never written to the database nor logged here;
+free text given as an entry's source has anything shaped like an address redacted.
+Without the key file the hashes cannot be tested against a list of guesses.
+
+Speed: `check` consults an in-memory filter of 64-bit hash prefixes (a sorted array
+plus a small set of recent additions, 8 bytes per entry) and goes to SQLite only when
+the prefix is present; most recipients are not suppressed and never touch SQLite. Our
+own writes update the filter at once; writes by other processes (the CLI) are noticed
+through `PRAGMA data_version` at most `refresh_interval` seconds later.
+See bench/suppression_bench.py for the numbers.
+
+Reads/writes: the store file (+ -wal, -shm) and the key file (created 0600 if missing).
+Diagnostics: KeyFileError (fatal, names the file) for a missing/unreadable/wrong-size
+key; ValueError for a malformed address, scope, hash or expiry; sqlite3.Error passes
+through (e.g. "database is locked" after busy_timeout).
+"""
+from __future__ import annotations
+
+import array
+import bisect
+import hmac
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+log = logging.getLogger("mta.suppression")
+
+KEY_SIZE = 32
+HASH_PREFIX = "hmac-sha256:"
+REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual", "import")
+_HEX_HASH = re.compile(r"hmac-sha256:([0-9a-f]{64})\Z")
+_SCOPE = re.compile(r"(global|tenant:[^\s]{1,255}|domain:[^\s]{1,255})\Z")
+_REASON = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
+_ADDRESSISH = re.compile(r"[^\s<>\"',;:()\[\]]+@[^\s<>\"',;:()\[\]]+")
+_MERGE_AT = 4096   # recent additions kept in a set before they are merged into the array
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS suppression (
+    hash    BLOB NOT NULL,      -- HMAC-SHA256(secret, normalised address), 32 bytes
+    scope   TEXT NOT NULL,      -- global | tenant:<name> | domain:<sender domain>
+    reason  TEXT NOT NULL,      -- hard_bounce | complaint | unsubscribe | manual | import ...
+    source  TEXT NOT NULL,      -- status/category/feedback type; never an address
+    created INTEGER NOT NULL,   -- unix time
+    expires INTEGER,            -- unix time, NULL = never
+    seq     INTEGER NOT NULL,   -- write generation, for other processes' incremental reload
+    PRIMARY KEY (hash, scope)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS suppression_seq ON suppression (seq);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta VALUES ('seq', 0);
+"""
+
+
+class KeyFileError(Exception):
+    """The suppression key file is missing, unreadable or not 32 bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    hash: str               # "hmac-sha256:<64 hex>": the address's keyed hash, never the address
+    scope: str              # "global", "tenant:<name>" or "domain:<sender domain>"
+    reason: str             # why: hard_bounce, complaint, unsubscribe, manual, import, ...
+    source: str             # detail (status, category, feedback type), addresses redacted
+    created: int            # unix time the entry was written
+    expires: int | None     # unix time it stops applying; None = never
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- key file -------------------------------------------------------------------------
+
+def load_key(path: str | os.PathLike) -> bytes:
+    """Read an existing key file; KeyFileError naming the file otherwise."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"suppression key file {p}: cannot read: {exc.strerror or exc}") from None
+    if len(data) != KEY_SIZE:
+        raise KeyFileError(f"suppression key file {p}: got {len(data)} bytes, want {KEY_SIZE} "
+                           "(a raw random key; do not edit it)")
+    return data
+
+
+def load_or_create_key(path: str | os.PathLike) -> bytes:
+    """Return the key in `path`, creating 32 random bytes (mode 0600) if it does not exist.
+
+    Created atomically: written and fsync'd under a temporary name, then hard-linked to
+    the final name, which fails if another process got there first (we then use theirs).
+    A half-written key is never visible, and an existing key is never replaced.
+    """
+    p = Path(path)
+    if p.exists():
+        return load_key(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    key = secrets.token_bytes(KEY_SIZE)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return load_key(p)
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise KeyFileError(f"suppression key file {p}: cannot create: {exc.strerror or exc}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    log.info("created suppression key file %s", p)
+    return key
+
+
+# --- normalisation and hashing --------------------------------------------------------
+
+def normalise_domain(domain: str) -> str:
+    """Lowercase; IDNA A-label for a UTF-8 name; as-is lowercase when IDNA refuses it."""
+    domain = domain.strip().rstrip(".")
+    if domain.isascii():
+        return domain.lower()
+    import idna
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain.lower()
+
+
+def normalise(address: str) -> str:
+    """The form that is hashed: stripped, no angle brackets, lowercased, A-label domain.
+
+    The local part is lowercased too although RFC 5321 2.4 lets it be case-sensitive:
+    practically every mailbox provider treats it case-insensitively, and a suppression
+    that misses on case (mail to a complainer) is worse than one that over-matches.
+    +tags are kept: a user may unsubscribe one tagged address and keep the others.
+    """
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1].strip()
+    local, at, domain = a.rpartition("@")
+    if not at or not local or not domain.strip():
+        raise ValueError("not an address: want local@domain")
+    return f"{local.lower()}@{normalise_domain(domain)}"
+
+
+def address_hash(key: bytes, address: str) -> bytes:
+    """HMAC-SHA256(key, normalised address): the only form an address is stored in."""
+    return hmac.digest(key, normalise(address).encode("utf-8", "surrogatepass"), "sha256")
+
+
+def hash_text(h: bytes) -> str:
+    return HASH_PREFIX + h.hex()
+
+
+def parse_hash(h: str | bytes) -> bytes:
+    """Accept the exported text form "hmac-sha256:<hex>" or 32 raw bytes."""
+    if isinstance(h, (bytes, bytearray)):
+        if len(h) != 32:
+            raise ValueError(f"got a {len(h)}-byte hash, want 32")
+        return bytes(h)
+    m = _HEX_HASH.match(h.strip().lower())
+    if not m:
+        raise ValueError("not a hash of the form hmac-sha256:<64 hex digits>")
+    return bytes.fromhex(m.group(1))
+
+
+def check_scope(scope: str) -> str:
+    """Validate and normalise a scope ("domain:" names are lowercased/A-labels)."""
+    if not _SCOPE.match(scope):
+        raise ValueError(f"bad scope {scope!r}: want global, tenant:<name> or domain:<domain>")
+    if scope.startswith("domain:"):
+        return "domain:" + normalise_domain(scope[7:])
+    return scope
+
+
+def _check_reason(reason: str) -> str:
+    if not _REASON.match(reason):
+        raise ValueError(f"bad reason {reason!r}: want a short lowercase word such as "
+                         + ", ".join(REASONS))
+    return reason
+
+
+def _redact(text: str) -> str:
+    # Sources are often SMTP replies or report fields ("550 5.1.1 <x@y>: unknown"): keep
+    # the status, never the address.
+    return _ADDRESSISH.sub("[address]", text)[:500]
+
+
+def _prefix(h: bytes) -> int:
+    return int.from_bytes(h[:8], "big")
+
+
+# --- the store ------------------------------------------------------------------------
+
+class SuppressionList:
+    """One SQLite suppression store. Use one instance per thread (sqlite3 connections
+    are not shared across threads); any number of processes may open the same file."""
+
+    def __init__(self, path: str | os.PathLike, key: bytes, *, busy_timeout: float = 5.0,
+                 synchronous: str = "FULL", refresh_interval: float = 1.0):
+        # synchronous=FULL: a suppression we acknowledged survives a power cut (WAL with
+        # NORMAL may lose the last commits); bulk work goes through one transaction.
+        if len(key) != KEY_SIZE:
+            raise KeyFileError(f"suppression key: got {len(key)} bytes, want {KEY_SIZE}")
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self.path = Path(path)
+        self._key = key
+        self.refresh_interval = refresh_interval
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._filter = array.array("Q")   # sorted 64-bit hash prefixes
+        self._recent: set[int] = set()    # prefixes added since the last merge
+        self._seq = 0                     # highest seq loaded into the filter
+        self._data_version = -1
+        self._next_refresh = 0.0
+        self._reload()
+
+    # -- transactions
+
+    def _write(self) -> "_Tx":
+        return _Tx(self._db)
+
+    def _bump_seq(self) -> int:
+        self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'seq'")
+        return self._db.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()[0]
+
+    # -- filter maintenance
+
+    def _reload(self) -> None:
+        """Rebuild the prefix filter from the whole table (start, or after removals
+        elsewhere made it grow stale; stale prefixes only cost a SQLite lookup)."""
+        self._db.execute("BEGIN")
+        try:
+            seq = self._db.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()[0]
+            prefixes = sorted(_prefix(h) for (h,) in self._db.execute("SELECT hash FROM suppression"))
+        finally:
+            self._db.execute("COMMIT")
+        self._filter = array.array("Q", prefixes)
+        self._recent = set()
+        self._seq = seq
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _remember(self, prefix: int) -> None:
+        if self._has(prefix):
+            return
+        self._recent.add(prefix)
+        if len(self._recent) >= _MERGE_AT:
+            # Timsort merges the two sorted runs in linear time.
+            self._filter = array.array("Q", sorted([*self._filter, *self._recent]))
+            self._recent = set()
+
+    def refresh(self) -> None:
+        """Pick up entries written by other processes (the CLI, another worker)."""
+        self._next_refresh = time.monotonic() + self.refresh_interval
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        self._data_version = version
+        self._db.execute("BEGIN")
+        try:
+            seq = self._db.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()[0]
+            rows = self._db.execute("SELECT hash FROM suppression WHERE seq > ?",
+                                    (self._seq,)).fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        for (h,) in rows:
+            self._remember(_prefix(h))
+        self._seq = seq
+
+    def _has(self, p: int) -> bool:
+        if p in self._recent:
+            return True
+        f = self._filter
+        i = bisect.bisect_left(f, p)
+        return i < len(f) and f[i] == p
+
+    # -- API
+
+    def hash(self, address: str) -> str:
+        """The exported form of an address's hash (for logs and tokens)."""
+        return hash_text(address_hash(self._key, address))
+
+    def add(self, address: str, scope: str = "global", reason: str = "manual",
+            expires: int | None = None, note: str = "") -> Entry:
+        """Suppress `address` in `scope` (replacing an entry for the same scope).
+        `note` becomes the entry's source text (addresses in it are redacted)."""
+        return self.add_hash(address_hash(self._key, address), scope, reason, expires, note)
+
+    def add_hash(self, h: str | bytes, scope: str = "global", reason: str = "manual",
+                 expires: int | None = None, note: str = "", created: int | None = None) -> Entry:
+        """Suppress an already-hashed address (from an export, a token, another node)."""
+        raw = parse_hash(h)
+        row = self._row(raw, scope, reason, note, created, expires)
+        with self._write():
+            seq = self._bump_seq()
+            self._db.execute("INSERT OR REPLACE INTO suppression VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (*row, seq))
+        self._after_own_write(seq, [raw])
+        return Entry(hash_text(raw), *row[1:])
+
+    def _row(self, raw: bytes, scope: str, reason: str, note: str, created: int | None,
+             expires: int | None) -> tuple:
+        if expires is not None and (not isinstance(expires, int) or expires <= 0):
+            raise ValueError(f"bad expiry {expires!r}: want a unix time or None")
+        return (raw, check_scope(scope), _check_reason(reason), _redact(note),
+                int(time.time()) if created is None else int(created), expires)
+
+    def _after_own_write(self, seq: int, added: Iterable[bytes] = ()) -> None:
+        for raw in added:
+            self._remember(_prefix(raw))
+        if seq == self._seq + 1:
+            self._seq = seq   # nobody else wrote since our last look: nothing else to load
+        else:
+            self.refresh()
+
+    def remove(self, address: str, scope: str | None = None) -> int:
+        """Remove the address from `scope` (from every scope when None); returns the count."""
+        return self.remove_hash(address_hash(self._key, address), scope)
+
+    def remove_hash(self, h: str | bytes, scope: str | None = None) -> int:
+        raw = parse_hash(h)
+        with self._write():
+            seq = self._bump_seq()
+            if scope is None:
+                cur = self._db.execute("DELETE FROM suppression WHERE hash = ?", (raw,))
+            else:
+                cur = self._db.execute("DELETE FROM suppression WHERE hash = ? AND scope = ?",
+                                       (raw, check_scope(scope)))
+        # The prefix stays in the filter: a false positive costs one SQLite lookup.
+        self._after_own_write(seq)
+        return cur.rowcount
+
+    def check(self, address: str, tenant: str | None = None,
+              sender_domain: str | None = None) -> Entry | None:
+        """The entry that suppresses `address` for this tenant/sender domain, or None.
+        Matches global, tenant:<tenant> and domain:<sender_domain>; expired entries
+        do not count. Order of preference when several match: global, tenant, domain."""
+        return self.check_hash(address_hash(self._key, address), tenant, sender_domain)
+
+    def check_hash(self, h: str | bytes, tenant: str | None = None,
+                   sender_domain: str | None = None) -> Entry | None:
+        raw = h if isinstance(h, bytes) and len(h) == 32 else parse_hash(h)
+        if time.monotonic() >= self._next_refresh:
+            self.refresh()
+        if not self._has(_prefix(raw)):
+            return None
+        scopes = ["global"]
+        if tenant:
+            scopes.append("tenant:" + tenant)
+        if sender_domain:
+            scopes.append("domain:" + normalise_domain(sender_domain))
+        row = self._db.execute(
+            "SELECT scope, reason, source, created, expires FROM suppression"
+            f" WHERE hash = ? AND scope IN ({','.join('?' * len(scopes))})"
+            " AND (expires IS NULL OR expires > ?)"
+            " ORDER BY CASE WHEN scope = 'global' THEN 0 WHEN scope LIKE 'tenant:%' THEN 1 ELSE 2 END"
+            " LIMIT 1", (raw, *scopes, int(time.time()))).fetchone()
+        return Entry(hash_text(raw), *row) if row else None
+
+    def export(self, scope: str | None = None) -> Iterator[Entry]:
+        """Every entry (hashes only), optionally of one scope, expired ones included."""
+        sql = "SELECT hash, scope, reason, source, created, expires FROM suppression"
+        args: tuple = ()
+        if scope is not None:
+            sql, args = sql + " WHERE scope = ?", (check_scope(scope),)
+        for h, *rest in self._db.execute(sql + " ORDER BY hash, scope", args):
+            yield Entry(hash_text(h), *rest)
+
+    def import_lines(self, lines: Iterable[str], scope: str = "global", reason: str = "import",
+                     expires: int | None = None, note: str = "import") -> dict[str, int]:
+        """Add one entry per line, in one transaction. A line is an address, an exported
+        hash ("hmac-sha256:<hex>"), or a JSON line from `export` (restored as it was:
+        its own scope, reason, source, created and expires). Blank lines and lines
+        starting with '#' are skipped. Returns counts: addresses, hashes, entries, invalid.
+        Invalid lines are counted, never logged (they may be addresses)."""
+        import orjson
+        counts = {"addresses": 0, "hashes": 0, "entries": 0, "invalid": 0}
+        rows = []
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                if line.startswith("{"):
+                    e = orjson.loads(line)
+                    rows.append(self._row(parse_hash(e["hash"]), e["scope"], e["reason"],
+                                          e.get("source", ""), e.get("created"), e.get("expires")))
+                    counts["entries"] += 1
+                elif line.lower().startswith(HASH_PREFIX):
+                    rows.append(self._row(parse_hash(line), scope, reason, note, None, expires))
+                    counts["hashes"] += 1
+                else:
+                    rows.append(self._row(address_hash(self._key, line), scope, reason, note,
+                                          None, expires))
+                    counts["addresses"] += 1
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                counts["invalid"] += 1
+        if rows:
+            with self._write():
+                seq = self._bump_seq()
+                self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     [(*r, seq) for r in rows])
+            self._after_own_write(seq, (r[0] for r in rows))
+        log.info("suppression import: %s", counts)
+        return counts
+
+    def purge_expired(self, now: int | None = None) -> int:
+        """Delete entries whose expiry has passed; returns how many."""
+        with self._write():
+            seq = self._bump_seq()
+            cur = self._db.execute("DELETE FROM suppression WHERE expires IS NOT NULL AND expires <= ?",
+                                   (int(time.time()) if now is None else now,))
+        self._after_own_write(seq)
+        return cur.rowcount
+
+    def count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM suppression").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "SuppressionList":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): take the write lock up front so a
+    concurrent writer waits on busy_timeout instead of failing mid-transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
