@@ -1,0 +1,475 @@
+"""Traffic shaping rules: which limits hold for one (source, destination).
+
+The delivery engine asks `Shaping.limits(source, domain, mx_hosts)` for the
+`Limits` of a ready queue (one per egress source and site, see
+docs/architecture.md) and enforces them: connections, messages per
+connection, recipients per transaction, message and connection rates (with
+`mta.egress.throttle.Throttle`), TLS, retry intervals.
+
+File format (TOML, the shape of KumoMTA's shaping.toml):
+
+    ["default"]                      # every destination
+    connection_limit = 20
+
+    [provider.google]                # a mailbox provider, found by its MX host names
+    match = ["*.google.com", "*.googlemail.com"]
+    max_deliveries_per_connection = 100
+
+    [site."mx1.example.net,mx2.example.net"]   # one site, by its name (see below)
+    connection_limit = 4
+
+    ["gmail.com"]                    # one destination domain, exact (no subdomains)
+    max_recipients_per_transaction = 100
+
+    [provider.google.sources."ip-1"] # per egress source, inside any of the tables above
+    connection_limit = 2
+
+- Top-level tables other than `default`, `provider` and `site` are domains (A-labels).
+- A provider matches a destination when *every* MX host matches one of its `match`
+  patterns: "*.google.com" matches any name ending in ".google.com", a pattern without
+  "*." matches that one name. A site that mixes providers (a Google primary and an own
+  backup MX) is not one provider's infrastructure, so no provider table applies to it
+  (KumoMTA's MXSuffix rule). When several providers match, the one with the longest
+  matching pattern wins (an exact name beats any wildcard), so a
+  "*.olc.protection.outlook.com" provider beats a "*.protection.outlook.com" one. Two
+  providers may not list the same pattern.
+- A site is named as `mta.egress.sites.Site.name`: its MX host names, lower case,
+  sorted, joined by ","; a single-MX site is just its host name; a static route or the
+  smarthost is "[host]:port" (pass `site=` to `limits` for those).
+- Keys: see KEYS below (`describe()` lists them with their docs). Keys shared with
+  [delivery] have the same types and bounds. Rates are "COUNT/UNIT" ("10/s", "600/m",
+  "5000/h", "100/5m") or "unlimited". `scope = "source"` (the default) means the
+  per-path limits (connection_limit, max_connection_rate, max_message_rate) hold per
+  (source, site); `scope = "site"` makes the engine count them per site, shared by all
+  sources. `site_connection_limit` and `site_max_message_rate` always hold per site,
+  across all sources, on top of the per-path limits; they are not allowed inside
+  `sources` tables (a site-wide limit per source would be a contradiction).
+
+Layering: the [delivery] values passed to `load`, then the shipped
+mta/egress/shaping.toml, then the operator's files in order. A later file overrides
+keys of the same table; tables merge key by key (a provider's `match` is one key: a
+later file replaces the whole list).
+
+Resolution for one (source, domain, MX hosts), each layer overriding the one before:
+[delivery] values < default < the matching provider < site < domain < the per-source
+tables of those same entries, in the same order (default.sources.S < provider's < ...).
+Per-source tables win over every table without a source because a source's limits
+(an IP in warm-up, a shared IP) are the operator's most specific statement.
+`Limits.matched` lists the tables that applied, e.g. ("default", "provider:google",
+"domain:gmail.com", "provider:google/source:ip-1").
+
+Reads: the shaping files, once, at `load`. Writes nothing. Keeps a bounded cache of
+resolved Limits (identical Limits are shared).
+Diagnostics: `ShapingError` (fatal: configuration), naming the file, the table path and
+the problem: unknown key (with the allowed ones), wrong type, bad rate, out of range.
+Trust: the files are the operator's; every value is still checked.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mta.config.load import check_value
+from mta.config.schema import (
+    CHOICE,
+    HOSTNAME,
+    DeliveryConfig,
+    Invalid,
+    Key,
+    ValueType,
+    describe as describe_value,
+    keys_of,
+)
+from mta.egress.throttle import RATE_HELP, Rate, Throttle, parse_rate
+
+__all__ = ["Limits", "Rate", "SHIPPED", "Shaping", "ShapingError", "Throttle", "KEYS"]
+
+# The shipped defaults: big mailbox providers, each number with its source.
+SHIPPED = Path(__file__).with_name("shaping.toml")
+
+
+class ShapingError(ValueError):
+    """A shaping file that cannot be used: the text names the file, table and problem."""
+
+    def __init__(self, file: str, table: str, problem: str) -> None:
+        where = f"{file}: [{table}]" if table else file
+        super().__init__(f"{where}: {problem}")
+        self.file = file
+        self.table = table
+        self.problem = problem
+
+
+# --- keys ------------------------------------------------------------------------------
+
+
+def _parse_limit(value: object, base: Path) -> int | None:
+    if value == "unlimited":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise Invalid(f"expected an integer 1..1000000 or \"unlimited\", "
+                      f"got {describe_value(value)}")
+    return value
+
+
+RATE = ValueType("rate", parse_rate, RATE_HELP)
+LIMIT = ValueType("limit", _parse_limit, 'an integer, or "unlimited"')
+
+_DELIVERY = keys_of(DeliveryConfig)
+# Every key a shaping table may hold, in Limits field order. The keys [delivery] also
+# has are its own Key objects, so types, bounds and docs are defined once.
+KEYS: dict[str, Key] = {
+    "connection_limit": _DELIVERY["connection_limit"],
+    "max_connection_rate": Key(RATE, None, "new connections opened per unit of time"),
+    "max_deliveries_per_connection": _DELIVERY["max_deliveries_per_connection"],
+    "max_message_rate": Key(RATE, None, "messages (transactions) sent per unit of time"),
+    "max_recipients_per_transaction": _DELIVERY["max_recipients_per_transaction"],
+    "idle_timeout": _DELIVERY["idle_timeout"],
+    "tls": Key(CHOICE, None, "STARTTLS: when offered (unauthenticated, RFC 7435), "
+               "required (defer if not offered or it fails), or never",
+               choices=("opportunistic", "required", "off")),
+    "retry_initial": _DELIVERY["retry_initial"],
+    "retry_max": _DELIVERY["retry_max"],
+    "site_connection_limit": Key(LIMIT, None, "connections to the site from all sources "
+                                 "together"),
+    "site_max_message_rate": Key(RATE, None, "messages to the site per unit of time from "
+                                 "all sources together"),
+    "scope": Key(CHOICE, None, "what connection_limit, max_connection_rate and "
+                 "max_message_rate are counted over: each (source, site), or the site",
+                 choices=("source", "site")),
+}
+_SITE_WIDE = ("site_connection_limit", "site_max_message_rate", "scope")
+_SOURCE_KEYS = [k for k in KEYS if k not in _SITE_WIDE]
+# Keys that [delivery] must supply; the others default to "no limit" / "source".
+_REQUIRED = ("connection_limit", "max_deliveries_per_connection",
+             "max_recipients_per_transaction", "idle_timeout", "tls", "retry_initial",
+             "retry_max")
+_OPTIONAL_DEFAULTS = {"max_connection_rate": None, "max_message_rate": None,
+                      "site_connection_limit": None, "site_max_message_rate": None,
+                      "scope": "source"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The resolved shaping of one (source, destination); shared, never mutated."""
+
+    connection_limit: int
+    max_connection_rate: Rate | None
+    max_deliveries_per_connection: int
+    max_message_rate: Rate | None
+    max_recipients_per_transaction: int
+    idle_timeout: float
+    tls: str
+    retry_initial: float
+    retry_max: float
+    site_connection_limit: int | None
+    site_max_message_rate: Rate | None
+    scope: str
+    # Tables that applied, least specific first, for operators and the admin API.
+    matched: tuple[str, ...]
+
+
+# --- files -----------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+
+
+def _path(*parts: str) -> str:
+    """A TOML table path as an operator writes it: provider.google.sources."ip-1"."""
+    return ".".join(p if _BARE_KEY.fullmatch(p) else json.dumps(p) for p in parts)
+
+
+@dataclass(slots=True)
+class _Table:
+    """One shaping table after merging every file: checked values and source overrides."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Provider:
+    table: _Table
+    file: str                            # the file that first defined it, for errors
+    match: tuple[str, ...] = ()          # patterns as written, lower case
+    match_file: str = ""                 # the file that last set `match`, for errors
+
+
+def _hostname(value: str) -> str:
+    return HOSTNAME.parse(value.lower().rstrip("."), Path())
+
+
+class _Loader:
+    """Checks files one by one and merges them into the tables of a Shaping."""
+
+    def __init__(self) -> None:
+        self.default = _Table()
+        self.providers: dict[str, _Provider] = {}
+        self.sites: dict[str, _Table] = {}
+        self.domains: dict[str, _Table] = {}
+
+    def file(self, path: Path) -> None:
+        name = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ShapingError(name, "", f"cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ShapingError(name, "", f"not UTF-8 text: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ShapingError(name, "", f"TOML syntax error: {e}") from None
+        for top, raw in data.items():
+            if top == "default":
+                self.table(name, ("default",), raw, self.default)
+            elif top == "provider":
+                for pname, praw in self.subtables(name, ("provider",), raw).items():
+                    self.provider(name, pname, praw)
+            elif top == "site":
+                for sname, sraw in self.subtables(name, ("site",), raw).items():
+                    key = ",".join(sorted(h.strip().lower().rstrip(".")
+                                          for h in sname.split(",")))
+                    if not key or " " in key:
+                        raise ShapingError(name, _path("site", sname), "not a site name "
+                                           "(MX host names joined by \",\", or "
+                                           "\"[host]:port\")")
+                    self.table(name, ("site", sname), sraw, self.sites.setdefault(key, _Table()))
+            else:
+                if top.startswith((".", "*")):
+                    raise ShapingError(name, _path(top), "top-level tables are domains; "
+                                       "match MX host names with [provider.NAME] match = "
+                                       f"[\"*{top.lstrip('*')}\"]")
+                try:
+                    domain = _hostname(top)
+                except Invalid as e:
+                    raise ShapingError(name, _path(top), f"not a domain (top-level tables "
+                                       f"other than default, provider and site are "
+                                       f"destination domains): {e}") from None
+                self.table(name, (top,), raw, self.domains.setdefault(domain, _Table()))
+
+    def subtables(self, file: str, path: tuple[str, ...], raw: object) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise ShapingError(file, _path(*path), f"expected a table of tables, "
+                               f"got {describe_value(raw)}")
+        return raw
+
+    def provider(self, file: str, pname: str, raw: object) -> None:
+        path = ("provider", pname)
+        entry = self.providers.setdefault(pname, _Provider(_Table(), file))
+        if isinstance(raw, dict) and "match" in raw:
+            raw = dict(raw)
+            entry.match = self.patterns(file, path, raw.pop("match"))
+            entry.match_file = file
+        self.table(file, path, raw, entry.table, extra=("match",))
+
+    def patterns(self, file: str, path: tuple[str, ...], raw: object) -> tuple[str, ...]:
+        if not isinstance(raw, list):
+            raise ShapingError(file, _path(*path), f"match: expected an array of MX host "
+                               f"patterns like \"*.google.com\", got {describe_value(raw)}")
+        out = []
+        for i, item in enumerate(raw):
+            try:
+                if not isinstance(item, str):
+                    raise Invalid(f"expected a string, got {describe_value(item)}")
+                wild = item.startswith("*.")
+                out.append(("*." if wild else "") + _hostname(item[2:] if wild else item))
+            except Invalid as e:
+                raise ShapingError(file, _path(*path), f"match[{i}]: {e} (a pattern is "
+                                   f"\"*.suffix\" or one host name)") from None
+        return tuple(out)
+
+    def table(self, file: str, path: tuple[str, ...], raw: object, into: _Table,
+              extra: tuple[str, ...] = ()) -> None:
+        if not isinstance(raw, dict):
+            raise ShapingError(file, _path(*path), f"expected a table, got "
+                               f"{describe_value(raw)}")
+        for name, value in raw.items():
+            if name == "sources":
+                for src, sraw in self.subtables(file, path + ("sources",), value).items():
+                    spath = path + ("sources", src)
+                    if not isinstance(sraw, dict):
+                        raise ShapingError(file, _path(*spath), f"expected a table, got "
+                                           f"{describe_value(sraw)}")
+                    values = into.sources.setdefault(src, {})
+                    for k, v in sraw.items():
+                        values[k] = self.value(file, spath, k, v, _SOURCE_KEYS)
+                continue
+            into.values[name] = self.value(file, path, name, value,
+                                           [*KEYS, *extra, "sources"])
+
+    def value(self, file: str, path: tuple[str, ...], name: str, raw: object,
+              allowed: list[str]) -> Any:
+        k = KEYS.get(name)
+        if k is None or name not in allowed:
+            why = ("applies to the site as a whole, so not inside a sources table "
+                   if k is not None else "unknown key ")
+            raise ShapingError(file, _path(*path), f"{name}: {why}(allowed: "
+                               f"{', '.join(allowed)})")
+        try:
+            return check_value(k, raw, Path())
+        except Invalid as e:
+            raise ShapingError(file, _path(*path), f"{name}: {e}") from None
+
+    def check_patterns(self) -> dict[str, tuple[tuple[str, bool], ...]]:
+        """Provider -> its patterns as (suffix or name, is wildcard); no pattern twice."""
+        owner: dict[str, str] = {}
+        out = {}
+        for pname, entry in self.providers.items():
+            if not entry.match_file:
+                # Most likely a misspelt shipped provider: it would silently never apply.
+                raise ShapingError(entry.file, _path("provider", pname), "no match "
+                                   "patterns in any file (write match = [] to disable a "
+                                   "provider on purpose)")
+            for pattern in entry.match:
+                if owner.get(pattern, pname) != pname:
+                    raise ShapingError(entry.match_file, _path("provider", pname),
+                                       f"match: {json.dumps(pattern)} is also matched by "
+                                       f"[{_path('provider', owner[pattern])}]; a pattern "
+                                       "belongs to one provider")
+                owner[pattern] = pname
+            out[pname] = tuple((p[1:], True) if p.startswith("*.") else (p, False)
+                               for p in entry.match)
+        return out
+
+
+# --- resolution ------------------------------------------------------------------------
+
+
+def _show(value: Any) -> Any:
+    """A checked value in a JSON-able form, for describe()."""
+    return str(value) if isinstance(value, Rate) else value
+
+
+class Shaping:
+    """Checked, merged shaping tables and the cache of resolved Limits."""
+
+    def __init__(self, base: dict[str, Any], loader: _Loader, files: list[str],
+                 cache_size: int) -> None:
+        self._base = base                      # [delivery] values, checked
+        self._default = loader.default
+        self._providers = loader.providers
+        self._patterns = loader.check_patterns()
+        self._sites = loader.sites
+        self._domains = loader.domains
+        self._files = files
+        self._cache_size = cache_size
+        # (source, domain, mx hosts, site) -> Limits, oldest first (FIFO eviction).
+        self._cache: OrderedDict[tuple[Any, ...], Limits] = OrderedDict()
+        # Identical Limits share one object: many domains and sources resolve alike.
+        self._interned: dict[Limits, Limits] = {}
+
+    @classmethod
+    def load(cls, files: Sequence[Path], defaults: Mapping[str, Any], *,
+             shipped: bool = True, cache_size: int = 100_000) -> Shaping:
+        """The shipped file (unless `shipped` is False), then `files`, over `defaults`.
+
+        `defaults` holds the [delivery] values (e.g. `dataclasses.asdict(config.delivery)`);
+        keys that are not shaping keys are ignored.
+        """
+        if cache_size < 1:
+            raise ValueError(f"cache_size {cache_size} must be at least 1")
+        base: dict[str, Any] = {}
+        for name in _REQUIRED:
+            if name not in defaults:
+                raise ShapingError("<delivery defaults>", "", f"{name}: required")
+        for name in KEYS:
+            raw = defaults.get(name, _OPTIONAL_DEFAULTS.get(name))
+            k = KEYS[name]
+            try:
+                base[name] = raw if raw is None else check_value(k, raw, Path())
+            except Invalid as e:
+                raise ShapingError("<delivery defaults>", "", f"{name}: {e}") from None
+        paths = ([SHIPPED] if shipped else []) + [Path(f) for f in files]
+        loader = _Loader()
+        for path in paths:
+            loader.file(path)
+        return cls(base, loader, [str(p) for p in paths], cache_size)
+
+    def limits(self, source: str, domain: str, mx_hosts: Sequence[str], *,
+               site: str | None = None) -> Limits:
+        """The Limits for mail from `source` to `domain` over `mx_hosts` (any order).
+
+        `site` is the Site name when it is not the MX names (a static route, the
+        smarthost). Cached: one dict lookup after the first call for the same arguments.
+        """
+        key = (source, domain, tuple(mx_hosts), site)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        hosts = tuple(sorted({h.lower().rstrip(".") for h in mx_hosts}))
+        site_name = site.lower() if site is not None else ",".join(hosts)
+        limits = self._resolve(source, domain.lower().rstrip("."), hosts, site_name)
+        limits = self._interned.setdefault(limits, limits)
+        cache = self._cache
+        cache[key] = limits
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return limits
+
+    def provider_for(self, mx_hosts: Sequence[str]) -> str | None:
+        """The provider whose patterns match every MX host; the most specific wins."""
+        best: tuple[int, str] | None = None
+        hosts = [h.lower().rstrip(".") for h in mx_hosts]
+        if not hosts:
+            return None
+        for pname, patterns in self._patterns.items():
+            score = 0
+            for host in hosts:
+                # An exact name outranks any wildcard; a longer suffix a shorter one.
+                s = max((len(p) + (0 if wild else 10_000) for p, wild in patterns
+                         if (host.endswith(p) if wild else host == p)), default=0)
+                if s == 0:
+                    break
+                score = max(score, s)
+            else:
+                if best is None or score > best[0]:
+                    best = (score, pname)
+        return best[1] if best else None
+
+    def _resolve(self, source: str, domain: str, hosts: tuple[str, ...],
+                 site_name: str) -> Limits:
+        layers: list[tuple[str, _Table]] = [("default", self._default)]
+        pname = self.provider_for(hosts)
+        if pname is not None:
+            layers.append((f"provider:{pname}", self._providers[pname].table))
+        if site_name in self._sites:
+            layers.append((f"site:{site_name}", self._sites[site_name]))
+        if domain in self._domains:
+            layers.append((f"domain:{domain}", self._domains[domain]))
+        values = dict(self._base)
+        matched = []
+        for label, table in layers:
+            values.update(table.values)
+            matched.append(label)
+        for label, table in layers:
+            if source in table.sources:
+                values.update(table.sources[source])
+                matched.append(f"{label}/source:{source}")
+        return Limits(**values, matched=tuple(matched))
+
+    def describe(self) -> dict[str, Any]:
+        """The merged rules, JSON-able, for the admin API and docs."""
+        def table(t: _Table, **extra: Any) -> dict[str, Any]:
+            out = dict(extra)
+            out.update({k: _show(v) for k, v in t.values.items()})
+            if t.sources:
+                out["sources"] = {s: {k: _show(v) for k, v in vals.items()}
+                                  for s, vals in t.sources.items()}
+            return out
+
+        return {
+            "files": list(self._files),
+            "resolution": ["delivery", "default", "provider", "site", "domain",
+                           "sources (same order)"],
+            "delivery": {k: _show(v) for k, v in self._base.items()},
+            "default": table(self._default),
+            "providers": {n: table(p.table, match=list(p.match))
+                          for n, p in self._providers.items()},
+            "sites": {n: table(t) for n, t in self._sites.items()},
+            "domains": {n: table(t) for n, t in self._domains.items()},
+            "keys": {n: k.doc for n, k in KEYS.items()},
+        }
