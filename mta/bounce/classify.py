@@ -1,0 +1,242 @@
+"""In-band classifier: SMTP reply code + enhanced status + reply text -> category, hard/soft.
+
+Rules are data, not code: `rules.toml` next to this module ships with the
+product; operators layer their own TOML files in front of it (tried first).
+Each rule may constrain the reply code (exact, "5xx"/"55x"-style prefix, or
+[lo, hi] range), the enhanced status (glob with "*" / "x" per part, e.g.
+"5.1.*" or "*.7.1") and the text (case-insensitive regexes, any may match).
+All given constraints must hold; the first matching rule wins.
+
+"hard" follows sisimai's hard-bounce semantics: a permanent, address-level
+failure (unknown user, unknown/null-MX domain, moved) and only when the reply
+is permanent; a 4xx never counts as hard, nor do IP blocks or content rejections.
+
+Speed: every rule's regexes are joined into one precompiled pattern; a verdict
+is a short loop of integer and regex tests (microseconds). Reloads stat the
+files and re-read only when an mtime changed; a broken file keeps the old rules.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["CATEGORIES", "Classifier", "RulesError", "Verdict", "SHIPPED_RULES"]
+
+log = logging.getLogger(__name__)
+
+SHIPPED_RULES = Path(__file__).with_name("rules.toml")
+
+CATEGORIES = frozenset({
+    "invalid_recipient", "inactive_mailbox", "mailbox_full", "invalid_domain",
+    "routing_error", "spam_block", "spam_content", "virus", "policy",
+    "relaying_denied", "rate_limited", "message_too_large", "expired",
+    "protocol_error", "tls_error", "network_error", "system_error",
+    "auto_reply", "bad_sender", "unknown",
+})
+
+_RULE_KEYS = frozenset({"name", "code", "status", "text", "not_text", "category", "hard"})
+
+
+class RulesError(ValueError):
+    """A rules file is unreadable or a rule in it is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    category: str
+    hard: bool
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    name: str
+    code_lo: int
+    code_hi: int
+    code_prefix: str          # "" = any; else the reply code as text must start with it
+    status: re.Pattern[str] | None
+    text: re.Pattern[str] | None
+    not_text: re.Pattern[str] | None
+    category: str
+    hard: bool
+
+
+def _status_pattern(value: object) -> re.Pattern[str]:
+    pats = [value] if isinstance(value, str) else value
+    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+        raise ValueError("'status' must be a string or a list of strings")
+    alts = []
+    for p in pats:
+        parts = p.split(".")
+        if len(parts) != 3 or not all(re.fullmatch(r"\d{1,3}|[*xX]", s) for s in parts):
+            raise ValueError(f"bad status pattern {p!r} (want like '5.1.1', '5.7.*', '*.2.2')")
+        alts.append(r"\.".join(r"\d{1,3}" if s in "*xX" else re.escape(s) for s in parts))
+    return re.compile(r"\A(?:" + "|".join(alts) + r")\Z")
+
+
+def _text_pattern(value: object, key: str) -> re.Pattern[str]:
+    pats = [value] if isinstance(value, str) else value
+    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+        raise ValueError(f"'{key}' must be a string or a list of regex strings")
+    for p in pats:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"bad regex {p!r} in '{key}': {e}") from None
+    # Case-insensitive by lower-casing both sides: sre is several times faster
+    # on plain patterns than with re.IGNORECASE over long alternations.
+    return re.compile("|".join(f"(?:{_lower_regex(p)})" for p in pats))
+
+
+def _lower_regex(p: str) -> str:
+    """Lower-case the literal characters of a regex, leaving escapes (\\S, \\D...) alone."""
+    out, i = [], 0
+    while i < len(p):
+        if p[i] == "\\" and i + 1 < len(p):
+            out.append(p[i:i + 2])
+            i += 2
+        else:
+            out.append(p[i].lower())
+            i += 1
+    return "".join(out)
+
+
+def _code(value: object) -> tuple[int, int, str]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 200 <= value <= 599:
+            raise ValueError(f"reply code {value} outside 200..599")
+        return value, value, ""
+    if isinstance(value, str) and re.fullmatch(r"[2-5](?:\d|[xX])(?:\d|[xX])", value):
+        prefix = re.split(r"[xX]", value, maxsplit=1)[0]
+        return 0, 999, prefix
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[0] <= value[1]):
+        return value[0], value[1], ""
+    raise ValueError(f"bad 'code' {value!r} (want 550, \"5xx\", \"55x\" or [lo, hi])")
+
+
+def _compile_rule(raw: object, index: int) -> _Rule:
+    if not isinstance(raw, dict):
+        raise ValueError("a rule must be a table")
+    unknown = set(raw) - _RULE_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("missing 'name'")
+    category = raw.get("category")
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}")
+    hard = raw.get("hard", False)
+    if not isinstance(hard, bool):
+        raise ValueError("'hard' must be true or false")
+    lo, hi, prefix = _code(raw["code"]) if "code" in raw else (0, 999, "")
+    return _Rule(
+        name=name, code_lo=lo, code_hi=hi, code_prefix=prefix,
+        status=_status_pattern(raw["status"]) if "status" in raw else None,
+        text=_text_pattern(raw["text"], "text") if "text" in raw else None,
+        not_text=_text_pattern(raw["not_text"], "not_text") if "not_text" in raw else None,
+        category=category, hard=hard,
+    )
+
+
+def load_rules(path: Path) -> list[_Rule]:
+    """Compile one rules file; RulesError names the file, the rule and the problem."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise RulesError(f"{path}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RulesError(f"{path}: not valid TOML: {e}") from None
+    raw_rules = doc.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise RulesError(f"{path}: 'rule' must be an array of tables ([[rule]])")
+    rules = []
+    for i, raw in enumerate(raw_rules, 1):
+        try:
+            rules.append(_compile_rule(raw, i))
+        except ValueError as e:
+            name = raw.get("name") if isinstance(raw, dict) else None
+            label = f"rule #{i}" + (f" ({name!r})" if name else "")
+            raise RulesError(f"{path}: {label}: {e}") from None
+    return rules
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+class Classifier:
+    """Ordered rules: operator files first (in the order given), shipped rules.toml last."""
+
+    def __init__(self, extra_rule_files: Sequence[Path] = ()):
+        self._files = [Path(p) for p in extra_rule_files] + [SHIPPED_RULES]
+        self._mtimes: list[int | None] = []
+        self._rules: list[_Rule] = []
+        self._load()   # a bad file at start-up raises: there are no old rules to keep
+
+    def _load(self) -> None:
+        mtimes = [_mtime(p) for p in self._files]
+        rules: list[_Rule] = []
+        for p in self._files:
+            rules.extend(load_rules(p))
+        self._rules, self._mtimes = rules, mtimes
+        self._cache: dict[tuple[int | None, str | None, str], Verdict] = {}
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the rule files if any mtime changed. True when new rules are active.
+
+        On a bad file the previous rules stay active; the error is logged and
+        raised as RulesError (naming file, rule and problem)."""
+        if [_mtime(p) for p in self._files] == self._mtimes:
+            return False
+        try:
+            self._load()
+        except RulesError as e:
+            log.error("bounce rules not reloaded, keeping the previous rules: %s", e)
+            raise
+        return True
+
+    def classify(self, code: int | None, status: str | None, text: str) -> Verdict:
+        key = (code, status, text)
+        v = self._cache.get(key)
+        if v is None:
+            v = self._classify(code, status, (text or "")[:2000].lower())
+            if len(self._cache) >= 4096:   # replies repeat a lot; a full cache just starts over
+                self._cache.clear()
+            self._cache[key] = v
+        return v
+
+    def _classify(self, code: int | None, status: str | None, text: str) -> Verdict:
+        c = code or 0
+        cs = str(code) if code else ""
+        for r in self._rules:
+            if r.code_prefix:
+                if not cs.startswith(r.code_prefix):
+                    continue
+            elif c < r.code_lo or c > r.code_hi:
+                continue
+            if r.status is not None and (status is None or r.status.match(status) is None):
+                continue
+            if r.text is not None and r.text.search(text) is None:
+                continue
+            if r.not_text is not None and r.not_text.search(text) is not None:
+                continue
+            return Verdict(r.category, r.hard and not _temporary(code, status), r.name)
+        return Verdict("unknown", False, "")
+
+
+def _temporary(code: int | None, status: str | None) -> bool:
+    """A 4xx reply / 4.x.x status is never a hard (suppress-worthy) failure."""
+    if status:
+        return status[0] == "4"
+    return code is not None and 400 <= code < 500

@@ -1,0 +1,81 @@
+"""Pick apart diagnostic texts: SMTP reply codes, RFC 3463 statuses, e-mail addresses.
+
+Shared by every detector. Remote replies are quoted in many shapes
+("550 5.1.1 <a@b>: ...", "550-5.1.1 ...", "said: 554 ...", "(#5.5.0)",
+"DSN 5.1.10 ..."), so a code and a status that sit next to each other are
+preferred over lone ones; a lone x.y.z must not be part of an IP address.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["ADDR", "clean_address", "find_code_status", "unfold", "is_role_address"]
+
+# Deliberately permissive local part (quoted parts, '+', '=', '/', '&'...); the
+# domain needs a dot or is a bracketed literal.
+ADDR = re.compile(
+    r"(?<![\w.+=/&%!#$'*?^`{|}~-])"
+    r"((?:\"[^\"\n]{1,64}\"|[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*)"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+|\[[0-9A-Fa-f:.]+\]))"
+)
+
+_CODE_STATUS = re.compile(r"(?<![\d.])([245][0-5]\d)(?:[ -]+|-|\s*\(?#?)([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)")
+_STATUS = re.compile(r"(?<![\d.\w])#?([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)")
+_CODE = re.compile(
+    r"(?:^|(?<=[\s:(\[\"'<=>])|(?<=\bsaid))([245][0-5]\d)(?=[\s\-:;,.\])]|$)(?![\-.]\d{2,})",
+)
+_CODE_CONTEXT = re.compile(r"(?:said|error|reply|response|returned|was|code|status|smtp|host|server|>>>|<<<|\)|\])\W{0,4}$", re.I)
+
+
+def unfold(text: str) -> str:
+    """Collapse runs of white space (folded lines, indentation) into single spaces."""
+    return " ".join(text.split())
+
+
+def find_code_status(text: str) -> tuple[int | None, str | None]:
+    """The SMTP reply code and RFC 3463 status quoted in a diagnostic text."""
+    m = _CODE_STATUS.search(text)
+    if m:
+        code, status = int(m.group(1)), m.group(2)
+        if code // 100 == int(status[0]) or status[0] == "2":
+            return code, status
+    status = None
+    m = _STATUS.search(text)
+    if m:
+        status = m.group(1)
+    code = None
+    for m in _CODE.finditer(text):
+        start = m.start(1)
+        before = text[max(0, start - 24):start]
+        # A bare number is a reply code only at the start or after a telling word.
+        if start == 0 or before.endswith("\n") or _CODE_CONTEXT.search(before):
+            code = int(m.group(1))
+            break
+    if code is not None and status is not None and code // 100 != int(status[0]):
+        if status[0] in "45" and code // 100 in (4, 5):
+            pass   # some MTAs do mix them (e.g. "550 4.4.7"); keep both as stated
+    return code, status
+
+
+def clean_address(raw: str) -> str:
+    """'rfc822; <Foo@Bar.example>' -> 'Foo@Bar.example'."""
+    s = raw.strip()
+    if ";" in s and not s.startswith('"'):
+        kind, _, rest = s.partition(";")
+        if "@" not in kind:
+            s = rest.strip()
+    s = s.strip().strip("<>").strip()
+    m = ADDR.search(s)
+    if m:
+        return m.group(1).strip(".")
+    return s.strip(" \t\"'.")
+
+
+_ROLE = re.compile(
+    r"^(?:mailer-daemon|postmaster|mail-daemon|maildaemon|mailerdaemon|"
+    r"no-?reply|do-?not-?reply|double-bounce|mdaemon)(?:[+-].*)?@", re.I)
+
+
+def is_role_address(addr: str) -> bool:
+    """Addresses of the reporting side (postmaster, MAILER-DAEMON...), never the failed recipient."""
+    return bool(_ROLE.match(addr))

@@ -1,0 +1,141 @@
+"""RFC 3464 delivery status notifications: the machine-readable message/delivery-status part.
+
+Reads the per-message fields (Reporting-MTA) and one group per recipient
+(Final-Recipient, Original-Recipient, Action, Status, Remote-MTA,
+Diagnostic-Code). The field text is parsed here rather than trusted to the
+email package, because real DSNs miss the blank lines between groups, fold
+fields oddly, or are sent as text/plain; a new group starts at every
+Final-Recipient (or an Original-Recipient not followed by one).
+"""
+from __future__ import annotations
+
+import email.message
+import re
+from dataclasses import dataclass, field
+
+from .diagnostic import clean_address, unfold
+from .mime import part_text, raw_text
+
+__all__ = ["DsnGroup", "DsnReport", "find_dsn_parts", "parse_fields"]
+
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)$")
+_DSN_TYPES = ("message/delivery-status", "message/global-delivery-status")
+_DSN_HINT = re.compile(r"^(final-recipient|original-recipient)\s*:", re.I | re.M)
+_ACTION_HINT = re.compile(r"^(action|status)\s*:", re.I | re.M)
+
+
+@dataclass(slots=True)
+class DsnGroup:
+    fields: dict[str, str] = field(default_factory=dict)   # lower-case name -> unfolded value
+
+    def get(self, name: str) -> str:
+        return self.fields.get(name, "")
+
+    @property
+    def recipient(self) -> str:
+        for name in ("final-recipient", "x-actual-recipient", "original-recipient"):
+            addr = clean_address(self.get(name))
+            if "@" in addr:
+                return addr
+        return clean_address(self.get("final-recipient") or self.get("original-recipient"))
+
+
+@dataclass(slots=True)
+class DsnReport:
+    reporting_mta: str | None
+    groups: list[DsnGroup]
+
+
+def parse_fields(text: str) -> list[tuple[str, str]]:
+    """'Name: value' lines with continuation lines, in order; other lines are ignored."""
+    out: list[tuple[str, str]] = []
+    for line in text.split("\n"):
+        if line[:1] in (" ", "\t") and out:
+            if line.strip():
+                name, value = out[-1]
+                out[-1] = (name, value + " " + line.strip())
+            continue
+        m = _FIELD.match(line)
+        if m:
+            out.append((m.group(1).lower(), m.group(2).strip()))
+        elif line.strip():
+            out.append(("", line.strip()))   # a stray line ends the previous field
+    return [(n, unfold(v)) for n, v in out if n]
+
+
+def _dsn_text(part: email.message.Message) -> str:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return "\n\n".join(raw_text(p) for p in payload if isinstance(p, email.message.Message))
+    return part_text(part)
+
+
+def find_dsn_parts(msg: email.message.Message) -> list[str]:
+    """Texts of the delivery-status parts (or DSN-looking text parts) of a message."""
+    found: list[str] = []
+    plain: list[str] = []
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype in _DSN_TYPES:
+            found.append(_dsn_text(part))
+        elif ctype in ("text/plain", "message/rfc822") and not found:
+            pass
+        if ctype == "text/plain" and not part.is_multipart():
+            plain.append(part_text(part))
+    if found:
+        return found
+    # Some MTAs send the status block as text/plain (or inline): accept it only
+    # when it clearly has the per-recipient fields.
+    for text in plain:
+        if _DSN_HINT.search(text) and _ACTION_HINT.search(text):
+            found.append(text)
+    return found
+
+
+def parse_dsn(texts: list[str]) -> DsnReport | None:
+    reporting = None
+    groups: list[DsnGroup] = []
+    cur: DsnGroup | None = None
+    for text in texts:
+        for name, value in parse_fields(text):
+            if name == "reporting-mta" and reporting is None:
+                reporting = _mta(value)
+                continue
+            if name == "final-recipient":
+                if cur is None or "final-recipient" in cur.fields:
+                    cur = DsnGroup()
+                    groups.append(cur)
+            elif name == "original-recipient":
+                if cur is None or "original-recipient" in cur.fields or "final-recipient" in cur.fields:
+                    cur = DsnGroup()
+                    groups.append(cur)
+            if cur is None:
+                continue
+            if name in cur.fields:
+                if name == "diagnostic-code":
+                    cur.fields[name] += " " + value
+                continue
+            cur.fields[name] = value
+    groups = [g for g in groups if g.recipient]
+    if not groups:
+        return None
+    return DsnReport(reporting, groups)
+
+
+def _mta(value: str) -> str | None:
+    v = value.partition(";")[2].strip() if ";" in value else value.strip()
+    v = v.split()[0] if v.split() else ""
+    return v.strip("[]<>") or None
+
+
+def remote_mta(group: DsnGroup) -> str | None:
+    return _mta(group.get("remote-mta")) if group.get("remote-mta") else None
+
+
+def diagnostic(group: DsnGroup) -> str:
+    """Diagnostic-Code without its 'smtp;' type prefix."""
+    d = group.get("diagnostic-code")
+    kind, sep, rest = d.partition(";")
+    if sep and re.fullmatch(r"\s*[A-Za-z][\w-]*\s*", kind):
+        return rest.strip()
+    return d.strip()

@@ -1,0 +1,200 @@
+"""Non-standard bounces: find failed recipients and their diagnostics in the human text.
+
+Most MTAs that do not send RFC 3464 (qmail, Exim, old Sendmail, Exchange 2003,
+Gmail, Yahoo, mail.ru, Domino, ...) still follow a few layouts, so this module
+uses generic techniques, not one parser per vendor:
+
+  1. cut the notice where the returned original starts ("--- Below this line
+     is a copy of the message", "------ This is a copy of the message", an
+     inline header block with Received:/Return-Path:/Message-ID: ...);
+  2. look for addresses in telling positions, best first:
+       "<addr>:" / "addr: ..." at the start of a line (qmail, Postfix, Yahoo),
+       "addr... User unknown" (Sendmail), an address alone on its line (Exim,
+       Gmail, Domino, Office 365 "addr<mailto:addr>"), "addr on <date>" (Exchange),
+       "RCPT TO:<addr>" in an SMTP transcript, "... to addr" phrases;
+  3. each address's diagnostic is the text from it to the next failed address.
+
+The envelope sender (the bounce's To:), the reporting side (MAILER-DAEMON,
+postmaster) and the original's From: are never taken as failed recipients.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .diagnostic import ADDR, is_role_address, unfold
+
+__all__ = ["Found", "cut_original", "scan", "is_delay_text", "FAILURE_TEXT"]
+
+_A = ADDR.pattern
+
+# Lines that start the copy of the returned original.
+_CUT = re.compile(
+    r"^[ \t]*[-=*_#>]*[ \t]*(?:"
+    r"(?:this is a )?copy of (?:the |your )?(?:original )?message|"
+    r"below (?:this line )?is a copy|"
+    r"(?:the )?original message (?:follows|headers?|was|is attached|below)|"
+    r"-{2,}[ \t]*original message[ \t]*-*|"
+    r"returned message|returned mail follows|"
+    r"(?:the )?(?:headers|text) of (?:the |your )?(?:original )?message|"
+    r"original message header|"
+    r"unsent message (?:below|follows)|"
+    r"message (?:text|headers?) follows|"
+    r"(?:start|beginning) of (?:the )?(?:original|returned) message|"
+    r"content-type: message/rfc822|"
+    r"forwarded message|"
+    r"undelivered message (?:headers )?follows|"
+    r"your message (?:reads|headers|follows|begins)"
+    r")",
+    re.I | re.M,
+)
+_HDR = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|Date|From|To|Subject|Cc|Reply-To|Sender|"
+                  r"MIME-Version|Content-Type|Content-Transfer-Encoding|DKIM-Signature|X-[\w-]+|"
+                  r"Delivered-To|Authentication-Results|ARC-[\w-]+|References|In-Reply-To):[ \t]", re.I)
+_HDR_STRONG = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|DKIM-Signature):", re.I)
+
+
+def cut_original(text: str) -> tuple[str, str]:
+    """Split a notice into (the report text, the quoted original or '')."""
+    best = len(text)
+    m = _CUT.search(text)
+    if m and m.start() > 0:
+        best = m.start()
+    # An inline header block: at least three header lines in a row, one of
+    # them a header only a real message carries (Received, Return-Path...).
+    lines = text.split("\n")
+    pos = 0
+    run_start, run, strong = -1, 0, False
+    for line in lines:
+        if pos >= best:
+            break
+        if _HDR.match(line):
+            if run == 0:
+                run_start = pos
+            run += 1
+            strong = strong or bool(_HDR_STRONG.match(line))
+            if run >= 3 and strong and run_start > 0:
+                best = min(best, run_start)
+                break
+        elif line[:1] in (" ", "\t") and run:
+            pass   # a folded header line
+        else:
+            run, strong = 0, False
+        pos += len(line) + 1
+    return text[:best], text[best:]
+
+
+@dataclass(slots=True)
+class Found:
+    address: str
+    diagnostic: str
+    score: int
+
+
+_P_COLON = re.compile(r"^[ \t]*<?(" + _A + r")>?[ \t]*:(?!//)", re.M)                 # qmail/Postfix/Yahoo
+_P_DOTS = re.compile(r"^[ \t]*<?(" + _A + r")>?\.\.\.[ \t]", re.M)                    # Sendmail
+_P_ALONE = re.compile(
+    r"^[ \t]*(?:[\"'][^\"'\n]*[\"'][ \t]*)?(?:\w[\w.-]*[ \t]*:[ \t]*)?<?(?:mailto:)?(" + _A + r")>?"
+    r"(?:[ \t]*<mailto:[^>\n]*>|[ \t]*\([^)\n]*\))?[ \t]*[;,.]?[ \t]*$",
+    re.M)
+_P_ON = re.compile(r"^[ \t]*<?(" + _A + r")>?[ \t]+on[ \t]+\w", re.M)                # Exchange 2003
+_P_RCPT = re.compile(r"RCPT[ \t]+TO[ \t]*:[ \t]*<?(" + _A + r")>?", re.I)
+_P_PHRASE = re.compile(
+    r"(?:\b(?:to|for|recipient(?:s|\(s\))?|addressee|rcpt|destinatario|destinataire|empf\u00e4nger|"
+    r"address(?:es)?(?:\(es\))?|mailbox|user|account)[ \t]*[:=]?[ \t]*|\b(?:following|below)[^\n@]{0,40}:\s*)"
+    r"[\"']?<?(" + _A + r")>?", re.I)
+_P_ANY = re.compile(_A)
+
+# (pattern, score): higher scores win; only the best score found is used.
+_PATTERNS = ((_P_COLON, 6), (_P_DOTS, 6), (_P_ON, 5), (_P_ALONE, 5), (_P_RCPT, 4), (_P_PHRASE, 3))
+
+# Where an address is NOT a failed recipient: "MAIL FROM:<a>", "From: a", "sender a", Message-IDs.
+_NOT_RCPT = re.compile(
+    r"(?:mail[ \t]+from[ \t]*:?|\bfrom[ \t]*:|\bsender\b[^\n@]{0,20}|\breturn-path[ \t]*:|\bmessage-id[ \t]*:?|"
+    r"\breply-to[ \t]*:|\berrors-to[ \t]*:|\benvelope-from|\bsent by\b|\bsent from\b|\bfrom\b)[ \t]*<?$", re.I)
+
+FAILURE_TEXT = re.compile(
+    r"could ?n[o']t be delivered|could not deliver|undeliverable|undelivered|delivery (?:has )?failed|"
+    r"permanent(?:ly)? (?:fatal )?(?:error|failure|failed)|failed permanently|unable to deliver|wasn't able to deliver|"
+    r"was not able to deliver|not (?:be )?delivered|delivery to the following|following address(?:es|\(es\))? failed|"
+    r"did not reach|rejected|returned to sender|delivery problem|non[- ]?delivery|failure notice|"
+    r"mail delivery failed|message was not|delivery status notification|error occurred|"
+    r"has not yet been delivered|delayed|will (?:continue to )?(?:try|retry)|"
+    r"failed|failure|errors? (?:while|during)|could not be sent|unknown user|user unknown|no such user|bounced|"
+    r"\b[45]\d\d[ -][45]\.\d", re.I)
+
+_DELAY = re.compile(
+    r"this is (?:only )?a warning|warning message only|will (?:continue to |keep )?(?:try|trying|retry|attempt)|"
+    r"will be retried|still (?:being )?(?:retried|trying)|has not yet been delivered|not been delivered yet|"
+    r"has been delayed|delivery (?:has been |is )?delayed|transient non-fatal|"
+    r"no action is required|message (?:is )?delayed|delayed mail|still undelivered|"
+    r"delivery attempts will continue|retry (?:until|for)|(?:^|\W)delay(?:ed)?\W*$",
+    re.I | re.M)
+
+
+def is_delay_text(text: str) -> bool:
+    return bool(_DELAY.search(text))
+
+
+def scan(text: str, exclude: set[str]) -> list[Found]:
+    """Failed recipients in a report text (already cut before the original)."""
+    hits: dict[str, tuple[int, int]] = {}   # lower address -> (score, first position)
+    positions: list[tuple[int, str]] = []
+    for pat, score in _PATTERNS:
+        for m in pat.finditer(text):
+            addr = m.group(1).strip(".")
+            low = addr.lower()
+            if low in exclude or is_role_address(addr):
+                continue
+            if _NOT_RCPT.search(text[max(0, m.start(1) - 30):m.start(1)]) and pat is not _P_RCPT:
+                continue
+            if pat is _P_ALONE and _looks_like_header_line(text, m.start()):
+                continue
+            positions.append((m.start(1), low))
+            prev = hits.get(low)
+            if prev is None or score > prev[0]:
+                hits[low] = (score, m.start(1) if prev is None else min(prev[1], m.start(1)))
+            elif m.start(1) < prev[1]:
+                hits[low] = (prev[0], m.start(1))
+    if not hits:
+        return []
+    best = max(s for s, _ in hits.values())
+    chosen = {a for a, (s, _) in hits.items() if s == best}
+    # Every occurrence of any chosen address (any pattern, or a plain mention) bounds the blocks.
+    occ = sorted({(m.start(1), m.group(1).strip(".").lower()) for m in _P_ANY.finditer(text)
+                  if m.group(1).strip(".").lower() in chosen})
+    originals = {}
+    for m in _P_ANY.finditer(text):
+        a = m.group(1).strip(".")
+        originals.setdefault(a.lower(), a)
+    segs: dict[str, list[str]] = {}
+    i = 0
+    while i < len(occ):
+        pos, a = occ[i]
+        j = i + 1
+        while j < len(occ) and occ[j][1] == a:
+            j += 1
+        end = text.rfind("\n", 0, occ[j][0]) + 1 if j < len(occ) else len(text)
+        begin = text.rfind("\n", 0, pos) + 1
+        segs.setdefault(a, []).append(text[begin:max(end, pos)])
+        i = j
+    out: list[Found] = []
+    for addr in sorted(chosen, key=lambda a: hits[a][1]):
+        diag = unfold("\n".join(_dedupe(segs.get(addr, []))))
+        out.append(Found(originals.get(addr, addr), diag, best))
+    return out
+
+
+def _dedupe(parts: list[str]) -> list[str]:
+    seen, out = set(), []
+    for p in parts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _looks_like_header_line(text: str, start: int) -> bool:
+    line_end = text.find("\n", start)
+    line = text[start:line_end if line_end >= 0 else len(text)].lstrip()
+    return bool(re.match(r"(?:From|Sender|Reply-To|Return-Path|Errors-To|Message-I[dD]|In-Reply-To|References)\s*:", line, re.I))
