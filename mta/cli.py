@@ -27,7 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    print(f"{cfg.source}: OK ({len(cfg.listener)} listener(s), spool {cfg.spool.directory})")
+    from mta.daemon import connection_budget_problem, raise_nofile
+    problem = connection_budget_problem(cfg, raise_nofile())
+    if problem:
+        print(f"{cfg.origin}: warning: {problem}", file=sys.stderr)
+    print(f"{cfg.origin}: OK ({len(cfg.listener)} listener(s), spool {cfg.spool.directory})")
     return 0
 
 

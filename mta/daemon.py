@@ -23,10 +23,33 @@ log = logging.getLogger("mta.daemon")
 
 
 def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    if soft < hard or hard == resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):   # "unlimited" above the kernel's nr_open
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Descriptors the daemon needs besides connections: spool segments, logs, the
+# io_uring and eventfds, DNS sockets, the admin API, listening sockets.
+_RESERVED_FDS = 256
+
+
+def connection_budget_problem(config: Config, nofile: int) -> str | None:
+    """A warning when the configured connections cannot all be open at once."""
+    outbound = config.egress.max_connections
+    inbound = sum(lst.max_connections for lst in config.listener)
+    need = outbound + inbound + _RESERVED_FDS
+    if need <= nofile:
+        return None
+    return (f"the open files limit is {nofile} (RLIMIT_NOFILE hard limit), but the configured "
+            f"connection budget needs {need}: egress.max_connections {outbound} + listener "
+            f"max_connections {inbound} + {_RESERVED_FDS} reserved; connections beyond the "
+            f"limit will fail with EMFILE. Raise the hard limit (systemd LimitNOFILE=, "
+            f"ulimit -Hn) or lower the budgets")
 
 
 async def _serve(config: Config, ready_line: bool) -> None:
@@ -58,7 +81,12 @@ def serve(config: Config, *, ready_line: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     nofile = raise_nofile()
-    log.info("open files limit %d", nofile)
+    problem = connection_budget_problem(config, nofile)
+    if problem:
+        log.warning("%s", problem)
+        print(f"mta: warning: {problem}", file=sys.stderr, flush=True)
+    else:
+        log.info("open files limit %d", nofile)
     try:
         uvloop.run(_serve(config, ready_line))
     except OSError as exc:

@@ -19,6 +19,7 @@ import logging
 from typing import Iterable
 
 from mta.admin import AdminServer
+from mta.delivery.control import DEFAULT_DURATION, Controls
 from mta.config import Config, ConfigError
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
@@ -72,8 +73,18 @@ class Server:
         found.envelopes.clear()  # the queue keeps compact records; envelopes stay on disk
         try:
             if self.config.admin.listen is not None:
-                self.admin = AdminServer({"/queue/summary": lambda _: self.delivery.summary(),
-                                          "/queue/messages": self.delivery.inspect})
+                controls = Controls(self.delivery)
+                self.admin = AdminServer(
+                    {"/queue/summary": lambda _: self.delivery.summary(),
+                     "/queue/messages": self.delivery.inspect,
+                     "/shaping": lambda _: self.delivery.shaping_state()},
+                    {"/control/suspend": lambda a: controls.suspend(
+                        str(a.get("kind")), str(a.get("name")), str(a.get("site") or ""),
+                        float(a.get("duration") or DEFAULT_DURATION)),
+                     "/control/resume": lambda a: controls.resume(
+                        str(a.get("kind")), str(a.get("name")), str(a.get("site") or "")),
+                     "/control/rebind": lambda a: controls.rebind(str(a.get("queue")),
+                                                                  str(a.get("pool")))})
                 await self.admin.start(*self.config.admin.listen)
             for cfg in self.config.listener:
                 listener = Listener(cfg, self.reception, loop)
@@ -90,7 +101,7 @@ class Server:
         try:
             domains = SigningDomains(self.config.dkim, self.config.signing.policy)
         except DkimConfigError as exc:
-            raise ConfigError([str(exc)], self.config.source) from None
+            raise ConfigError([str(exc)], self.config.origin) from None
         self._signer = Signer(self.config.signing.threads or None)
         return DkimStage(domains, SigningBatcher(self._signer, loop), self.config.signing.stage,
                          self.config.signing.on_error)

@@ -108,6 +108,7 @@ def parse_config(text: str, source: str = "<string>",
     sections = checker.document(data)
     _apply_overrides(sections, flags)
     _check_unique_listeners(sections["listener"], problems)
+    _check_egress_names(sections, problems)
     if problems:
         raise ConfigError(problems, source)
     return _build(sections, source)
@@ -288,9 +289,48 @@ def _check_unique_listeners(listeners: list[dict[str, Any] | None], problems: li
             seen[endpoint] = i
 
 
+BUILTIN_CLASSES = ("transactional", "bulk", "admin")
+
+
+def _check_egress_names(sections: dict[str, Any], problems: list[str]) -> None:
+    """Names that tie [[source]], [[pool]], [[egress_rule]] and [[queue_class]] together."""
+    def names(section: str) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for i, values in enumerate(sections[section]):
+            if values is None or values["name"] is _BAD:
+                continue
+            if values["name"] in seen:
+                problems.append(f"{section}[{i}].name: {values['name']!r} is already the name "
+                                f"of {section}[{seen[values['name']]}]")
+            seen.setdefault(values["name"], i)
+        return seen
+
+    sources, pools = names("source"), names("pool")
+    classes = set(BUILTIN_CLASSES) | set(names("queue_class"))
+    for i, values in enumerate(sections["pool"]):
+        for j, (member, _) in enumerate(values["sources"] if values and values["sources"]
+                                        is not _BAD else ()):
+            if member not in sources:
+                problems.append(f"pool[{i}].sources[{j}]: no [[source]] is named {member!r}")
+    egress = sections["egress"] or {}
+    if egress.get("default_pool") not in ("", _BAD, None) and egress["default_pool"] not in pools:
+        problems.append(f"egress.default_pool: no [[pool]] is named {egress['default_pool']!r}")
+    if egress.get("default_class") not in (_BAD, None) and egress["default_class"] not in classes:
+        problems.append(f"egress.default_class: {egress['default_class']!r} is not a queue "
+                        f"class (known: {', '.join(sorted(classes))})")
+    for i, values in enumerate(sections["egress_rule"]):
+        if values is None:
+            continue
+        if values["pool"] not in ("", _BAD) and values["pool"] not in pools:
+            problems.append(f"egress_rule[{i}].pool: no [[pool]] is named {values['pool']!r}")
+        if values["queue_class"] not in ("", _BAD) and values["queue_class"] not in classes:
+            problems.append(f"egress_rule[{i}].queue_class: {values['queue_class']!r} is not a "
+                            f"queue class (known: {', '.join(sorted(classes))})")
+
+
 def _build(sections: dict[str, Any], source: str) -> Config:
     fields: dict[str, Any] = {}
     for s in SECTIONS:
         values = sections[s.name]
         fields[s.name] = (tuple(s.cls(**v) for v in values) if s.many else s.cls(**values))
-    return Config(**fields, source=source)
+    return Config(**fields, origin=source)

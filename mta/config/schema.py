@@ -20,6 +20,7 @@ import dataclasses
 import decimal
 import ipaddress
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -293,6 +294,113 @@ def _parse_routes(value: object, base: Path) -> dict[str, tuple[str, int]]:
             raise Invalid(str(e), at=f".{json.dumps(domain)}") from None
     return out
 
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+_NAME_HELP = "1-64 letters, digits, '_', '.', '-'"
+
+
+def _parse_name(value: object, base: Path) -> str:
+    text = _parse_str(value, base)
+    if not _NAME_RE.fullmatch(text):
+        raise Invalid(f"{render(text)} is not a name ({_NAME_HELP})")
+    return text
+
+
+def _parse_optional_name(value: object, base: Path) -> str:
+    return "" if value == "" else _parse_name(value, base)
+
+
+def _parse_weighted(value: object, base: Path) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"expected a non-empty array of source names or {{source = \"name\", "
+                      f"weight = N}} tables, got {describe(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            name, weight = item, 1
+        elif isinstance(item, dict) and set(item) <= {"source", "weight"} and "source" in item:
+            name, weight = item["source"], item.get("weight", 1)
+        else:
+            raise Invalid(f"expected a source name or {{source = \"name\", weight = N}}, got "
+                          f"{describe(item)}", at=f"[{i}]")
+        try:
+            name = _parse_name(name, base)
+        except Invalid as e:
+            raise Invalid(str(e), at=f"[{i}]") from None
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+            raise Invalid(f"weight must be an integer 1..1000, got {describe(weight)}",
+                          at=f"[{i}]")
+        out.append((name, weight))
+    return tuple(out)
+
+
+def _parse_path_list(value: object, base: Path) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"expected an array of file paths, got {describe(value)}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(_parse_path(item, base))
+        except Invalid as e:
+            raise Invalid(str(e), at=f"[{i}]") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` events per `per` seconds: "600/m" is Rate(600, 60)."""
+
+    count: float
+    per: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+    def __str__(self) -> str:
+        count = f"{self.count:g}"
+        unit = _UNIT_NAMES.get(self.per)
+        return f"{count}/{unit}" if unit else f"{count}/{self.per:g}s"
+
+
+_UNIT_NAMES = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+# Long unit names operators write (KumoMTA accepts "100/min", "10000/h"), mapped to
+# the units parse_duration knows, so the denominator goes through that one parser.
+_UNIT_ALIASES = {"sec": "s", "second": "s", "seconds": "s", "min": "m", "minute": "m",
+                 "minutes": "m", "hr": "h", "hour": "h", "hours": "h", "day": "d",
+                 "days": "d"}
+_RATE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*", re.ASCII)
+RATE_HELP = ('a string "COUNT/UNIT" with UNIT s, m, h or d (or sec, min, hour, day), '
+             'optionally with a number: "10/s", "600/m", "5000/h", "100/5m"; '
+             'or "unlimited"')
+
+
+def parse_rate(value: object, base: Path = Path()) -> Rate | None:
+    """A Rate from "10/s", "600/m", "100/5m", "5000/hour"; None for "unlimited".
+
+    A Rate passes through unchanged, so the [delivery] defaults may hold either form.
+    """
+    if value is None or isinstance(value, Rate):
+        return value
+    if not isinstance(value, str):
+        raise Invalid(f"expected a rate ({RATE_HELP}), got {describe(value)}")
+    if value.strip() in ("unlimited", ""):
+        return None
+    m = _RATE_RE.fullmatch(value.lower())
+    if m is None:
+        raise Invalid(f"{render(value)} is not a rate ({RATE_HELP})")
+    unit = _UNIT_ALIASES.get(m[3], m[3])
+    try:
+        per = parse_duration(f"{m[2] or '1'}{unit}")
+    except Invalid:
+        raise Invalid(f"{render(value)} is not a rate: unknown unit {render(m[3])} "
+                      f"({RATE_HELP})") from None
+    count = float(m[1])
+    if not count > 0 or not per > 0 or math.isinf(count):
+        raise Invalid(f"{render(value)} is not a rate: count and period must be above 0 "
+                      "(write \"unlimited\" for no limit)")
+    return Rate(count, per)
+
+
 CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key")
 TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
 HOSTNAME = ValueType("hostname", _parse_hostname,
@@ -320,8 +428,17 @@ ROUTES = ValueType("routes", _parse_routes, "a table of domain = \"host:port\"; 
 HEADER_LIST = ValueType("header list", _parse_names, "an array of header field names; "
                         "case does not matter")
 SELECTOR = ValueType("selector", _parse_selector, "DNS labels, e.g. \"s2026\"")
+NAME = ValueType("name", _parse_name, f"an identifier: {_NAME_HELP}")
+OPTIONAL_NAME = ValueType("name or \"\"", _parse_optional_name,
+                          f"an identifier ({_NAME_HELP}), or \"\" for none")
+WEIGHTED = ValueType("weighted sources", _parse_weighted, "an array of source names (weight 1) "
+                     "or {source = \"name\", weight = N} tables, N in 1..1000")
+PATH_LIST = ValueType("path list", _parse_path_list, "an array of file paths (relative to "
+                      "the config file's directory)")
+RATE = ValueType("rate", parse_rate, RATE_HELP + ", or \"\" for no limit")
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, HEADER_NAME, INT, BOOL, SIZE, DURATION, PATH,
-               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR)
+               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR,
+               NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE)
 
 
 # --- keys and sections -------------------------------------------------------------------
@@ -413,6 +530,8 @@ class ReceptionConfig:
                              "of the message's scheduled queue; empty disables")
     campaign_header: str = key(HEADER_NAME, "X-Campaign", "header whose value names the "
                                "campaign of the message's scheduled queue; empty disables")
+    class_header: str = key(HEADER_NAME, "X-Queue-Class", "header whose value names the "
+                            "message's queue class (an unknown class is ignored); empty disables")
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +611,72 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """Outbound sources as a whole: default pool and class, shaping files, connection budget."""
+
+    default_pool: str = key(OPTIONAL_NAME, "", "pool for messages no [[egress_rule]] places; "
+                            "\"\": every [[source]] with weight 1 (or the host's default "
+                            "address when there is none)")
+    default_class: str = key(NAME, "bulk", "queue class of messages no rule or header "
+                             "classifies")
+    shaping: tuple[Path, ...] = key(PATH_LIST, [], "operator traffic-shaping files layered, in "
+                                    "order, over the shipped mta/egress/shaping.toml")
+    max_connections: int = key(INT, 16000, "outbound connections open at once, all sources "
+                               "and sites together (needs as many open files: see RLIMIT_NOFILE)",
+                               lo=1, hi=10000000)
+    pool_hook: str = key(TEXT, "", "\"module:function\" called with (envelope, queue name) "
+                         "returning a pool name (or None for the rules); empty: none")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """One egress source: a local IP address outbound connections are bound to."""
+
+    name: str = key(NAME, None, "name pools, logs and the CLI use", required=True)
+    address: str = key(IP_ADDRESS, None, "local IP address to bind (must be configured on "
+                       "the host)", required=True)
+    ehlo_name: str = key(HOSTNAME, None, "EHLO name for connections from this source "
+                         "(should match the address's PTR)", inherit="delivery.ehlo_name")
+    port: int = key(INT, 0, "remote port override for every site (test rigs); 0: the site's "
+                    "port", lo=0, hi=65535)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """A weighted set of sources; messages spread over it by weighted round-robin."""
+
+    name: str = key(NAME, None, "name rules and the CLI use", required=True)
+    sources: tuple[tuple[str, int], ...] = key(WEIGHTED, None, "member sources and their "
+                                               "weights", required=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRuleConfig:
+    """Which pool and queue class a message uses; the first matching rule that sets each wins."""
+
+    tenant: str = key(TEXT, "", "match this tenant (exact); empty: any")
+    campaign: str = key(TEXT, "", "match this campaign (exact); empty: any")
+    sender_domain: str = key(TEXT, "", "match the envelope sender's domain (case-insensitive); "
+                             "empty: any")
+    header: str = key(HEADER_NAME, "", "match a header of the message ...")
+    header_value: str = key(TEXT, "", "... having this value (case-insensitive; empty: present)")
+    pool: str = key(OPTIONAL_NAME, "", "pool to use when the rule matches")
+    queue_class: str = key(OPTIONAL_NAME, "", "queue class to use when the rule matches")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueClassConfig:
+    """A queue class: its own scheduled queues and its share of every connection's turns."""
+
+    name: str = key(NAME, None, "class name (transactional, bulk and admin exist built in; "
+                    "a table with one of those names changes it)", required=True)
+    weight: int = key(INT, 1, "turns this class gets at a (source, site) for each turn of a "
+                      "weight-1 class", lo=1, hi=1000)
+    max_message_rate: Rate | None = key(RATE, "", "messages of this class per "
+                                                       "(source, site)")
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     """The resolver used for MX and address lookups."""
 
@@ -567,6 +752,11 @@ SECTIONS = (
     Section("reception", ReceptionConfig),
     Section("listener", ListenerConfig, many=True),
     Section("delivery", DeliveryConfig),
+    Section("egress", EgressConfig),
+    Section("source", SourceConfig, many=True, required=False),
+    Section("pool", PoolConfig, many=True, required=False),
+    Section("egress_rule", EgressRuleConfig, many=True, required=False),
+    Section("queue_class", QueueClassConfig, many=True, required=False),
     Section("dns", DnsConfig),
     Section("admin", AdminConfig),
     Section("signing", SigningConfig),
@@ -590,6 +780,16 @@ class Config:
     listener: tuple[ListenerConfig, ...]
     # [delivery]
     delivery: DeliveryConfig
+    # [egress]
+    egress: EgressConfig
+    # [[source]], possibly none
+    source: tuple[SourceConfig, ...]
+    # [[pool]], possibly none
+    pool: tuple[PoolConfig, ...]
+    # [[egress_rule]], in order
+    egress_rule: tuple[EgressRuleConfig, ...]
+    # [[queue_class]]: changes to and additions to the built-in classes
+    queue_class: tuple[QueueClassConfig, ...]
     # [dns]
     dns: DnsConfig
     # [admin]
@@ -599,4 +799,4 @@ class Config:
     # [[dkim]], possibly none
     dkim: tuple[DkimConfig, ...]
     # Where the configuration came from: a file path or "<string>".
-    source: str
+    origin: str

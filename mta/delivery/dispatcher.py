@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.delivery.outcome import Attempt
 from mta.dkim.signer import DkimError
+from mta.egress.throttle import Throttle
+from mta.queues.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from mta.config import DeliveryConfig
+    from mta.delivery.budget import ConnectionBudget, SiteState
+    from mta.egress.pools import Source
+    from mta.egress.shaping import Limits
     from mta.delivery.outcome import Outcomes
     from mta.dkim.domains import DkimStage
     from mta.egress.sites import Site
@@ -32,46 +38,92 @@ log = logging.getLogger("mta.dispatcher")
 
 
 class Dispatcher:
-    def __init__(self, ready: ReadyQueue, *, source_ip: str | None, cfg: DeliveryConfig,
-                 spool: Spool, outcomes: Outcomes, loop: asyncio.AbstractEventLoop,
-                 dkim: DkimStage | None = None):
+    def __init__(self, ready: ReadyQueue, *, source: Source, limits: Limits, site_state: SiteState,
+                 budget: ConnectionBudget, cfg: DeliveryConfig, spool: Spool, outcomes: Outcomes,
+                 loop: asyncio.AbstractEventLoop, dkim: DkimStage | None = None):
         self.ready = ready
         self.dkim = dkim if dkim is not None and dkim.stage == "delivery" else None
-        self.source_ip = source_ip
+        self.source = source
+        self.limits = limits
+        self.site_state = site_state
+        self.budget = budget
         self.cfg = cfg
         self.spool = spool
         self.outcomes = outcomes
         self.loop = loop
+        self.retry = RetryPolicy(limits.retry_initial, limits.retry_max, cfg.max_age)
+        self.msg_throttle = Throttle(limits.max_message_rate) if limits.max_message_rate else None
+        self.conn_throttle = (Throttle(limits.max_connection_rate)
+                              if limits.max_connection_rate else None)
         self.timeouts = Timeouts(connect=cfg.connect_timeout, greeting=cfg.command_timeout,
                                  ehlo=cfg.command_timeout, mail=cfg.command_timeout,
                                  rcpt=cfg.command_timeout, data=cfg.command_timeout,
                                  body=cfg.data_timeout, end_of_data=cfg.data_timeout)
         self.active = 0                                # open or opening connections
+        self.peak = 0                                  # most connections open at once
         self._idle: list[asyncio.Future] = []          # workers waiting for a message
         self.tasks: set[asyncio.Task] = set()
         self.sent = 0
+        self.suspended_until = 0.0                     # operator: this (source, site) pair
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def site(self) -> Site:
         return self.ready.site
 
+    def paused_until(self, now: float) -> float:
+        """Wall time until which this pair, its source or its site is suspended (0: running)."""
+        until = max(self.suspended_until, self.source.suspended_until,
+                    self.site_state.suspended_until)
+        return until if until > now else 0.0
+
     def wake(self) -> None:
         """Messages were added: hand one to an idle connection or open another."""
+        now = time.time()
+        until = self.paused_until(now)
+        if until:
+            self.wake_at(until - now)
+            return
         while self._idle and len(self.ready):
             fut = self._idle.pop()
             if not fut.done():
                 fut.set_result(None)
                 return
-        if len(self.ready) > len(self._idle) and self.active < self.cfg.connection_limit:
-            self.active += 1
-            task = self.loop.create_task(self._worker())
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        if len(self.ready) <= len(self._idle) or self.active >= self.limits.connection_limit:
+            return
+        site = self.site_state
+        if site.connection_limit is not None and site.active >= site.connection_limit:
+            return   # woken when another source's connection to the site closes
+        if not self.budget.available():
+            self.budget.wait(self, self.wake)
+            return
+        self.budget.take()
+        site.active += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        task = self.loop.create_task(self._worker())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    async def close(self) -> None:
-        for fut in self._idle:
+    def release_idle(self) -> None:
+        """Idle connections look again now (a pause closes them)."""
+        for fut in list(self._idle):
             if not fut.done():
                 fut.set_result(None)
+
+    def wake_at(self, delay: float) -> None:
+        """Look again after `delay` seconds (suspension end, throttle refill)."""
+        if self._timer is None:
+            self._timer = self.loop.call_later(max(0.001, delay), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.wake()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.release_idle()
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -82,34 +134,59 @@ class Dispatcher:
     async def _worker(self) -> None:
         client: SmtpClient | None = None
         try:
-            msg = self.ready.pop()
+            msg = self._next()
             if msg is None:
                 return
+            if self.conn_throttle is not None:
+                await self._pace(self.conn_throttle)
             try:
                 client = await self._connect()
             except SessionError as exc:
                 self._site_failure(msg, exc)
                 return
             sent = 0
+            limit = self.limits.max_deliveries_per_connection
             while msg is not None:
                 if not await self._deliver(client, msg):
                     return  # the session died; _deliver deferred what it held
                 sent += 1
-                if not client.reusable or sent >= self.cfg.max_deliveries_per_connection:
+                if not client.reusable or sent >= limit or self.paused_until(time.time()):
                     break
-                msg = self.ready.pop() or await self._wait_for_message()
+                msg = self._next() or await self._wait_for_message()
             await client.quit()
             client = None
         finally:
             if client is not None:
                 client.abort()
             self.active -= 1
+            self.site_state.active -= 1
+            self.budget.give_back()
             if len(self.ready):
                 self.wake()
+            if self.site_state.connection_limit is not None:   # a site-wide slot is free
+                for other in self.site_state.dispatchers:
+                    if other is not self and len(other.ready):
+                        other.wake()
+
+    def _next(self) -> QueuedMessage | None:
+        """Pop the next message, sending those of a suspended scheduled queue back to wait."""
+        while (msg := self.ready.pop()) is not None:
+            until = msg.queue.suspended_until
+            if until and until > time.time():
+                self.outcomes.scheduler.hold_back(msg)
+                continue
+            return msg
+        if len(self.ready) and self.ready.wait_hint:      # a class lane's rate limit
+            self.wake_at(self.ready.wait_hint)
+        return None
+
+    async def _pace(self, throttle: Throttle) -> None:
+        while (wait := throttle.delay(time.monotonic())) > 0:
+            await asyncio.sleep(wait)
 
     async def _wait_for_message(self) -> QueuedMessage | None:
         """Keep the connection for up to idle_timeout; None when nothing came."""
-        deadline = self.loop.time() + self.cfg.idle_timeout
+        deadline = self.loop.time() + self.limits.idle_timeout
         while (left := deadline - self.loop.time()) > 0:
             fut = self.loop.create_future()
             self._idle.append(fut)
@@ -120,7 +197,9 @@ class Dispatcher:
             finally:
                 if fut in self._idle:
                     self._idle.remove(fut)
-            msg = self.ready.pop()
+            if self.paused_until(time.time()):
+                return None
+            msg = self._next()
             if msg is not None:
                 return msg
             # woken, but another connection took the message first: wait on
@@ -128,22 +207,30 @@ class Dispatcher:
 
     async def _connect(self) -> SmtpClient:
         last: SessionError | None = None
+        port = self.source.port or self.site.port
         for host in self.site.hosts:
             for address in host.addresses:
                 try:
                     client = await SmtpClient.connect(
-                        address, self.site.port, source=self.source_ip,
-                        ehlo_name=self.cfg.ehlo_name, timeouts=self.timeouts, tls=self.cfg.tls)
+                        address, port, source=self.source.address,
+                        ehlo_name=self.source.ehlo_name, timeouts=self.timeouts,
+                        tls="off" if self.limits.tls == "off" else "opportunistic")
                     client.mx_name = host.name  # type: ignore[attr-defined]
+                    if self.limits.tls == "required" and not client.tls:
+                        client.abort()
+                        last = SessionError(f"{host.name} [{address}]: TLS is required for this "
+                                            "destination (shaping) and was not offered",
+                                            phase="starting TLS")
+                        continue
                     return client
                 except SessionError as exc:
                     last = exc
                     log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
-                             self.site.port, exc)
+                             port, exc)
         raise last or SessionError(f"no address for any MX of {self.site.name}", phase="connecting")
 
     def _attempt(self, client: SmtpClient | None) -> Attempt:
-        at = Attempt(self.ready.source, self.site.name)
+        at = Attempt(self.source.name, self.site.name)
         if client is not None:
             at.mx = getattr(client, "mx_name", "")
             at.ip = client.peer[0]
@@ -155,7 +242,7 @@ class Dispatcher:
         for msg in [first, *self.ready.drain()]:
             at = self._attempt(None)
             self.outcomes.defer(msg, None, list(msg.rcpts), code, status, text, at)
-            self.outcomes.settle(msg, None, list(msg.rcpts))
+            self.outcomes.settle(msg, None, list(msg.rcpts), self.retry)
 
     async def _deliver(self, client: SmtpClient, msg: QueuedMessage) -> bool:
         """One message over an open session; False when the session died."""
@@ -173,11 +260,15 @@ class Dispatcher:
                 except DkimError as exc:
                     if self.dkim.on_error == "defer":
                         self.outcomes.defer(msg, env, idxs, 451, "4.7.0", str(exc), at)
-                        self.outcomes.settle(msg, env, idxs)
+                        self.outcomes.settle(msg, env, idxs, self.retry)
                         return True
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
         body_8bit = env.get("body") == "8BITMIME"   # the client core also scans the bytes
-        step = self.cfg.max_recipients_per_transaction
+        step = self.limits.max_recipients_per_transaction
+        if self.msg_throttle is not None:
+            await self._pace(self.msg_throttle)
+        if self.site_state.throttle is not None:
+            await self._pace(self.site_state.throttle)
         retry: list[int] = []
         for start in range(0, len(idxs), step):
             chunk = idxs[start:start + step]
@@ -198,11 +289,11 @@ class Dispatcher:
                 rest = [i for i in idxs[start:] if i not in gone]
                 code, status, text = _error_reply(exc)
                 self.outcomes.defer(msg, env, rest, code, status, text, at)
-                self.outcomes.settle(msg, env, retry + rest)
+                self.outcomes.settle(msg, env, retry + rest, self.retry)
                 return False
             retry += self.outcomes.transaction(msg, env, chunk, result.recipients, result.data, at)
         self.sent += 1
-        self.outcomes.settle(msg, env, retry)
+        self.outcomes.settle(msg, env, retry, self.retry)
         return True
 
 

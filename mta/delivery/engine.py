@@ -1,11 +1,14 @@
-"""The delivery engine: scheduler + routing + dispatchers + outcomes, wired once.
+"""The delivery engine: scheduler + routing + egress + dispatchers + outcomes, wired once.
 
 Server creates one at start. Reception calls `submit()` for every durable
 message; recovery calls it for every live message found in the spool (minus
-recipients already finished). `route()` is the single place where a queue's
-egress path (source, site) is decided: today one default source and the
-site from DNS, static routes or the smarthost (mta/egress/sites.py).
-Operators see it through `summary()` and `inspect()` (the admin API).
+recipients already finished). The egress rules (mta/egress/pools.py) give each
+message its queue class and pool; `route()` finds a queue's site (DNS, static
+routes or the smarthost, mta/egress/sites.py); `dispatcher_for()` takes the
+next source of the queue's pool and returns the dispatcher of that (source,
+site), created with the shaping Limits that hold for it
+(mta/egress/shaping.py). Operators see it through `summary()`, `inspect()`
+and `shaping_state()`, and act through mta/delivery/control.py.
 """
 from __future__ import annotations
 
@@ -13,9 +16,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
+import dataclasses
+import time
+
+from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Attempt, Outcomes
+from mta.egress.pools import Egress
+from mta.egress.shaping import Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
+from mta.egress.throttle import Throttle
 from mta.ids import id_from_text
 from mta.message import QueuedMessage
 from mta.queues.ready import ReadyQueue
@@ -30,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.delivery")
 
-DEFAULT_SOURCE = "default"
-
 
 class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
@@ -44,8 +52,16 @@ class DeliveryEngine:
             nameservers=list(config.dns.nameservers) or None, timeout=config.dns.timeout,
             ipv6=config.dns.ipv6, static_routes={k: [v] for k, v in d.routes.items()},
             smarthost=d.smarthost, port=d.port)
+        self.egress = Egress(config)
+        self.shaping = Shaping.load(config.egress.shaping, dataclasses.asdict(d))
+        self.budget = ConnectionBudget(config.egress.max_connections)
+        self.sites: dict[str, SiteState] = {}
+        assert self.egress.default_pool is not None
         self.scheduler = Scheduler(route=self.route, dispatcher_for=self.dispatcher_for,
-                                   on_route_failure=self._route_failure, hold=d.hold)
+                                   on_route_failure=self._route_failure, hold=d.hold,
+                                   select=self.egress.select,
+                                   defaults=(self.egress.default_class,
+                                             self.egress.default_pool.name))
         self.retry = RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
         self.outcomes = Outcomes(spool=spool, scheduler=self.scheduler, logs=logs, retry=self.retry,
                                  inject=inject, hostname=config.server.hostname,
@@ -73,25 +89,50 @@ class DeliveryEngine:
 
     # -- routing ----------------------------------------------------------------------------
 
-    async def route(self, queue: ScheduledQueue) -> tuple[str, Site]:
-        site = await self.resolver.resolve(queue.domain)
-        return DEFAULT_SOURCE, site
+    async def route(self, queue: ScheduledQueue) -> Site:
+        return await self.resolver.resolve(queue.domain)
 
-    def dispatcher_for(self, source: str, site: Site) -> Dispatcher:
-        key = (source, site.name)
+    def dispatcher_for(self, queue: ScheduledQueue, site: Site) -> Dispatcher:
+        pool = self.egress.pools.get(queue.pool) or self.egress.default_pool
+        assert pool is not None
+        source = pool.next()
+        key = (source.name, site.name)
         d = self.dispatchers.get(key)
         if d is None:
-            assert self.loop is not None
-            ready = ReadyQueue(source, site, self.config.delivery.ready_queue_size)
-            d = self.dispatchers[key] = Dispatcher(ready, source_ip=None, cfg=self.config.delivery,
-                                                   spool=self.spool, outcomes=self.outcomes,
-                                                   loop=self.loop, dkim=self.dkim)
+            d = self.dispatchers[key] = self._new_dispatcher(source, site, queue.domain)
         else:
             d.ready.site = site  # DNS may have changed the addresses, not the MX names
         return d
 
+    def _new_dispatcher(self, source, site: Site, domain: str) -> Dispatcher:
+        assert self.loop is not None
+        limits = self.shaping.limits(source.name, domain, [h.name for h in site.hosts],
+                                     site=site.name if site.name.startswith("[") else None)
+        state = self.sites.get(site.name)
+        if state is None:
+            state = self.sites[site.name] = SiteState(site.name)
+            if limits.scope == "site":   # the per-path limits count for the whole site
+                state.connection_limit = limits.connection_limit
+                if limits.max_message_rate:
+                    state.throttle = Throttle(limits.max_message_rate)
+            if limits.site_connection_limit is not None:
+                state.connection_limit = min(limits.site_connection_limit,
+                                             state.connection_limit or limits.site_connection_limit)
+            if limits.site_max_message_rate is not None and state.throttle is None:
+                state.throttle = Throttle(limits.site_max_message_rate)
+        if limits.scope == "site" and limits.max_message_rate:
+            limits = dataclasses.replace(limits, max_message_rate=None)   # the site's throttle
+        lanes = {c.name: (c.weight, Throttle(c.max_message_rate)
+                          if c.max_message_rate else None) for c in self.egress.classes.values()}
+        ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes)
+        d = Dispatcher(ready, source=source, limits=limits, site_state=state, budget=self.budget,
+                       cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
+                       loop=self.loop, dkim=self.dkim)
+        state.dispatchers.append(d)
+        return d
+
     def _route_failure(self, msg: QueuedMessage, exc: Exception) -> None:
-        at = Attempt(DEFAULT_SOURCE, "")
+        at = Attempt("", "")
         try:
             env, _ = self.spool.read(msg.id)
         except KeyError:
@@ -114,10 +155,31 @@ class DeliveryEngine:
             "ready": {d.ready.name: {"count": len(d.ready), "connections": d.active,
                                      "sent": d.sent, "queues": d.ready.per_queue()}
                       for d in self.dispatchers.values()},
+            "connections": self.budget.used,
             "wheel": self.scheduler.wheel.count,
             "inserts": {r.value: n for r, n in self.scheduler.inserts.items()},
             "outcomes": dict(self.outcomes.counters),
         }
+
+    def shaping_state(self) -> list[dict]:
+        """Live state per (source, site): limits in force, connections, throughput, pauses."""
+        now = time.time()
+        out = []
+        for (source, site), d in self.dispatchers.items():
+            lim = d.limits
+            out.append({
+                "source": source, "site": site, "matched": list(lim.matched),
+                "connections": d.active, "peak_connections": d.peak,
+                "connection_limit": lim.connection_limit,
+                "site_connections": d.site_state.active,
+                "site_connection_limit": d.site_state.connection_limit,
+                "max_message_rate": str(lim.max_message_rate) if lim.max_message_rate else None,
+                "max_connection_rate": (str(lim.max_connection_rate)
+                                        if lim.max_connection_rate else None),
+                "max_deliveries_per_connection": lim.max_deliveries_per_connection,
+                "tls": lim.tls, "ready": len(d.ready), "sent": d.sent,
+                "paused_until": d.paused_until(now) or None})
+        return out
 
     def inspect(self, text_id: str) -> dict | None:
         msg_id = id_from_text(text_id)

@@ -123,8 +123,10 @@ class Outcomes:
         self._dsn(env, msg, "failed", [(i, status, f"{code} {status} {text}", None) for i in msg.rcpts])
         self._entry_done(msg, list(msg.rcpts))
 
-    def settle(self, msg: QueuedMessage, env: dict | None, retry_idx: list[int]) -> None:
-        """After all transactions of an attempt: finish the entry or schedule its retry."""
+    def settle(self, msg: QueuedMessage, env: dict | None, retry_idx: list[int],
+               retry: RetryPolicy | None = None) -> None:
+        """After all transactions of an attempt: finish the entry or schedule its retry
+        (with `retry`, the destination's shaped policy, else the [delivery] one)."""
         done = [i for i in msg.rcpts if i not in retry_idx]
         if not retry_idx:
             self._entry_done(msg, done)
@@ -132,7 +134,7 @@ class Outcomes:
         msg.rcpts = tuple(retry_idx)
         msg.attempts += 1
         now = time.time()
-        due = self.retry.next_due(msg.attempts, msg.received, now)
+        due = (retry or self.retry).next_due(msg.attempts, msg.received, now)
         if due is None:
             self._expire(msg, env)
             self._entry_done(msg, done + retry_idx)

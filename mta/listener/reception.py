@@ -3,7 +3,8 @@
 Where it sits: between the session (end of data) and the spool. It gives the
 message its SpoolId, prepends our Received trace header (RFC 5321 4.4),
 records the envelope (sender, recipients with DSN NOTIFY/ORCPT, RET, ENVID,
-client, tenant and campaign from the configured X-headers), stores it, and
+client, tenant, campaign and queue class from the configured X-headers,
+and the headers egress rules look at), stores it, and
 resolves to the reply line: 250 with the id once the batch is durable, 451
 4.3.0 when the spool write failed (the text never carries the OS error).
 It writes the Reception and Rejection log records. Also the path of
@@ -45,9 +46,14 @@ class Reception:
         self.spool = spool
         self.logs = logs if config.log.reception_log else None
         self._rejection_logs = logs
+        # (envelope key, header regex): tenant, campaign and class name scheduled queues;
+        # "h:<name>" keys collect the headers [[egress_rule]]s match on.
+        wanted = [("tenant", config.reception.tenant_header),
+                  ("campaign", config.reception.campaign_header),
+                  ("class", config.reception.class_header)]
+        wanted += sorted({("h:" + r.header, r.header) for r in config.egress_rule if r.header})
         self._x_headers = [(name, re.compile(rb"(?im)^" + re.escape(h.encode()) + rb":[ \t]*([^\r\n]*)"))
-                           for name, h in (("tenant", config.reception.tenant_header),
-                                           ("campaign", config.reception.campaign_header)) if h]
+                           for name, h in wanted if h]
         self._date_sec = -1
         self._date = ""
         self.accepted = 0            # messages acknowledged with 250 since start
@@ -71,7 +77,11 @@ class Reception:
         for name, rx in self._x_headers:
             m = rx.search(head)
             if m:
-                out[name] = m.group(1).strip().decode("utf-8", "replace")[:200]
+                value = m.group(1).strip().decode("utf-8", "replace")[:200]
+                if name.startswith("h:"):
+                    out.setdefault("headers", {})[name[2:]] = value
+                else:
+                    out[name] = value
         return out
 
     def trace_header(self, msg_id: str, helo: str, ip: str, protocol: str, rcpts: list) -> bytes:

@@ -1,16 +1,25 @@
 """Ready queue per (egress source, site): messages due now, waiting for a connection.
 
-Bounded: when full, `push` refuses; the scheduler parks the message in its
-scheduled queue's backlog and marks that queue blocked here. Each `pop`
+One lane per queue class present (transactional, bulk, ...), each bounded on
+its own: when a lane is full, `push` refuses; the scheduler parks the message
+in its scheduled queue's backlog and marks that queue blocked here. Each `pop`
 refills from the blocked queues (round-robin), so a slow site with a million
-due messages costs no polling and no timer churn: they wait in place. Fairness: one FIFO per
-scheduled queue, served round-robin, so a bulk campaign cannot starve a
-transactional queue that shares the site; no per-message priority sorting.
+due messages costs no polling and no timer churn: they wait in place. Because
+every class has its own lane and bound, a bulk flood can never fill the room a
+transactional message needs.
+
+Order of service: lanes by smooth weighted round-robin over the non-empty
+lanes (class weights: transactional 16 turns per bulk turn by default); inside
+a lane one FIFO per scheduled queue, served round-robin, so one campaign
+cannot starve another of the same class. A lane with a message-rate limit
+(queue_class.max_message_rate) is skipped while its throttle is empty;
+`pop` then returns None and `wait_hint` says when to look again.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from mta.egress.sites import Site
@@ -18,71 +27,143 @@ if TYPE_CHECKING:
     from mta.queues.scheduled import ScheduledQueue
 
 
+class Throttle(Protocol):
+    def delay(self, now: float) -> float: ...   # 0: a token was taken; else seconds to wait
+
+
+class _Lane:
+    __slots__ = ("name", "weight", "credit", "fifos", "blocked", "len", "throttle")
+
+    def __init__(self, name: str, weight: int, throttle: Throttle | None):
+        self.name = name
+        self.weight = weight
+        self.credit = 0
+        self.fifos: OrderedDict[ScheduledQueue, deque[QueuedMessage]] = OrderedDict()
+        self.blocked: OrderedDict[ScheduledQueue, None] = OrderedDict()  # queues with a backlog for us
+        self.len = 0
+        self.throttle = throttle
+
+
 class ReadyQueue:
-    def __init__(self, source: str, site: Site, capacity: int):
+    def __init__(self, source: str, site: Site, capacity: int,
+                 lane_for: dict[str, tuple[int, Throttle | None]] | None = None):
         self.source = source            # egress source name
         self.site = site                # the destination MX set (refreshed when DNS changes)
-        self.capacity = capacity
+        self.capacity = capacity        # per lane
         self.name = f"{source}->{site.name}"
-        self._fifos: OrderedDict[ScheduledQueue, deque[QueuedMessage]] = OrderedDict()
-        self._blocked: OrderedDict[ScheduledQueue, None] = OrderedDict()  # queues with a backlog for us
+        # class name -> (weight, throttle or None); classes not listed get weight 1
+        self._lane_for = lane_for or {}
+        self._lanes: dict[str, _Lane] = {}
         self._len = 0
+        self.wait_hint = 0.0            # after a None pop with messages left: seconds to wait
 
     def __len__(self) -> int:
         return self._len
 
+    def _lane(self, queue: ScheduledQueue) -> _Lane:
+        lane = self._lanes.get(queue.klass)
+        if lane is None:
+            weight, throttle = self._lane_for.get(queue.klass, (1, None))
+            lane = self._lanes[queue.klass] = _Lane(queue.klass, weight, throttle)
+        return lane
+
     def push(self, msg: QueuedMessage) -> bool:
-        if self._len >= self.capacity:
+        lane = self._lane(msg.queue)
+        if lane.len >= self.capacity:
             return False
-        fifo = self._fifos.get(msg.queue)
+        fifo = lane.fifos.get(msg.queue)
         if fifo is None:
-            fifo = self._fifos[msg.queue] = deque()
+            fifo = lane.fifos[msg.queue] = deque()
         fifo.append(msg)
+        lane.len += 1
         self._len += 1
         return True
 
     def block(self, queue: ScheduledQueue) -> None:
-        self._blocked[queue] = None
+        self._lane(queue).blocked[queue] = None
 
-    def _refill(self) -> None:
-        while self._blocked and self._len < self.capacity:
-            queue = next(iter(self._blocked))
+    def _refill(self, lane: _Lane) -> None:
+        while lane.blocked and lane.len < self.capacity:
+            queue = next(iter(lane.blocked))
             backlog = queue.backlog
             if backlog:
                 self.push(backlog.popleft())
             if backlog:
-                self._blocked.move_to_end(queue)
+                lane.blocked.move_to_end(queue)
             else:
-                del self._blocked[queue]
+                del lane.blocked[queue]
 
     def backlog(self) -> int:
-        return sum(len(q.backlog) for q in self._blocked)
+        return sum(len(q.backlog) for lane in self._lanes.values() for q in lane.blocked)
 
     def pop(self) -> QueuedMessage | None:
-        """Next message, taking turns between the scheduled queues present."""
-        if self._blocked and self._len < self.capacity:
-            self._refill()
-        while self._fifos:
-            queue, fifo = next(iter(self._fifos.items()))
-            msg = fifo.popleft()
-            if fifo:
-                self._fifos.move_to_end(queue)
-            else:
-                del self._fifos[queue]
-            self._len -= 1
-            return msg
+        """Next message: weighted turns between classes, round-robin between queues."""
+        lanes = self._lanes
+        if not lanes:
+            return None
+        if len(lanes) == 1:                   # the common case: one class at this site
+            lane = next(iter(lanes.values()))
+            return self._take(lane, time.monotonic() if lane.throttle else 0.0)
+        # Smooth weighted round-robin over the lanes that have something to give.
+        now = time.monotonic()
+        candidates = []
+        total = 0
+        for lane in lanes.values():
+            if lane.len or lane.blocked:
+                candidates.append(lane)
+                total += lane.weight
+                lane.credit += lane.weight
+        candidates.sort(key=lambda ln: ln.credit, reverse=True)
+        for lane in candidates:
+            msg = self._take(lane, now)
+            if msg is not None:
+                lane.credit -= total
+                return msg
+        for lane in candidates:              # every lane throttled: no turn was used
+            lane.credit -= lane.weight
         return None
 
-    def drain(self) -> list[QueuedMessage]:
-        """Everything waiting, backlogs included (a site-level failure defers them all)."""
-        out = [m for fifo in self._fifos.values() for m in fifo]
-        for queue in self._blocked:
-            out.extend(queue.backlog)
-            queue.backlog.clear()
-        self._fifos.clear()
-        self._blocked.clear()
-        self._len = 0
+    def _take(self, lane: _Lane, now: float) -> QueuedMessage | None:
+        if lane.blocked and lane.len < self.capacity:
+            self._refill(lane)
+        if not lane.fifos:
+            if not lane.blocked:
+                self._lanes.pop(lane.name, None)
+            return None
+        if lane.throttle is not None:
+            wait = lane.throttle.delay(now)
+            if wait > 0:
+                self.wait_hint = wait
+                return None
+        queue, fifo = next(iter(lane.fifos.items()))
+        msg = fifo.popleft()
+        if fifo:
+            lane.fifos.move_to_end(queue)
+        else:
+            del lane.fifos[queue]
+        lane.len -= 1
+        self._len -= 1
+        return msg
+
+    def drain(self, queue: ScheduledQueue | None = None) -> list[QueuedMessage]:
+        """Everything waiting (backlogs included), or only `queue`'s messages: a site-level
+        failure defers them all; a rebind or a source suspension moves them elsewhere."""
+        out: list[QueuedMessage] = []
+        for lane in list(self._lanes.values()):
+            for q in [queue] if queue is not None else list(lane.fifos):
+                fifo = lane.fifos.pop(q, None)
+                if fifo:
+                    out.extend(fifo)
+                    lane.len -= len(fifo)
+                    self._len -= len(fifo)
+            for q in [queue] if queue is not None else list(lane.blocked):
+                if q in lane.blocked:
+                    out.extend(q.backlog)
+                    q.backlog.clear()
+                    del lane.blocked[q]
+            if not lane.len and not lane.blocked:
+                del self._lanes[lane.name]
         return out
 
     def per_queue(self) -> dict[str, int]:
-        return {q.name: len(f) for q, f in self._fifos.items()}
+        return {q.name: len(f) for lane in self._lanes.values() for q, f in lane.fifos.items()}

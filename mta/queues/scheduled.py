@@ -43,33 +43,47 @@ class InsertReason(str, enum.Enum):
 
 
 class ScheduledQueue:
-    __slots__ = ("name", "domain", "tenant", "campaign", "count", "source", "site",
-                 "site_expires", "resolving", "suspended_until", "backlog")
+    __slots__ = ("name", "domain", "tenant", "campaign", "klass", "pool", "count", "site",
+                 "site_expires", "resolving", "suspended_until", "backlog", "held", "resume")
 
-    def __init__(self, name: str, domain: str, tenant: str, campaign: str):
-        self.name = name                  # campaign:tenant@domain
+    def __init__(self, name: str, domain: str, tenant: str, campaign: str,
+                 klass: str = "bulk", pool: str = "default"):
+        self.name = name                  # [class/]campaign:tenant@domain[#pool]
         self.domain = domain              # recipient domain (lower case)
         self.tenant = tenant
         self.campaign = campaign
+        self.klass = klass                # queue class (its lane at every ready queue)
+        self.pool = pool                  # egress pool name (the operator may rebind it)
         self.count = 0                    # messages of this queue anywhere (waiting, ready, in flight)
-        self.source = ""                  # cached route: egress source name ...
-        self.site: Site | None = None     # ... and site
+        self.site: Site | None = None     # cached route: the site
         self.site_expires = 0.0           # monotonic time the cached route goes stale
         self.resolving: list[QueuedMessage] | None = None  # messages waiting on a lookup
         self.suspended_until = 0.0        # wall time; 0 = running
         self.backlog: deque[QueuedMessage] = deque()  # due, but the ready queue is full
+        self.held: deque[QueuedMessage] | None = None  # due while suspended by the operator
+        self.resume: asyncio.TimerHandle | None = None  # ends the suspension
 
 
-# (queue) -> (egress source name, site); raises the resolver's ResolveError
-RouteFn = Callable[[ScheduledQueue], Awaitable[tuple[str, "Site"]]]
+# (queue) -> site; raises the resolver's ResolveError
+RouteFn = Callable[[ScheduledQueue], Awaitable["Site"]]
+# envelope -> (queue class, pool name)
+SelectFn = Callable[[dict], tuple[str, str]]
+
+
+def _no_selection(envelope: dict) -> tuple[str, str]:
+    return "bulk", "default"
 
 
 class Scheduler:
-    def __init__(self, *, route: RouteFn, dispatcher_for: Callable[[str, "Site"], "Dispatcher"],
+    def __init__(self, *, route: RouteFn,
+                 dispatcher_for: Callable[[ScheduledQueue, "Site"], "Dispatcher"],
                  on_route_failure: Callable[[QueuedMessage, Exception], None],
+                 select: SelectFn = _no_selection, defaults: tuple[str, str] = ("bulk", "default"),
                  tick: float = 1.0, hold: bool = False):
         self.hold = hold                  # delivery.hold: queue everything, route nothing
         self.route = route
+        self.select = select              # egress rules: class and pool of a message
+        self.defaults = defaults          # (class, pool) left out of queue names
         self.dispatcher_for = dispatcher_for
         self.on_route_failure = on_route_failure
         self.queues: dict[str, ScheduledQueue] = {}
@@ -98,11 +112,15 @@ class Scheduler:
 
     # -- insertion ----------------------------------------------------------------------
 
-    def queue_for(self, campaign: str | None, tenant: str | None, domain: str) -> ScheduledQueue:
-        name = format_name(campaign, tenant, domain)
+    def queue_for(self, campaign: str | None, tenant: str | None, domain: str,
+                  klass: str | None = None, pool: str | None = None) -> ScheduledQueue:
+        klass, pool = klass or self.defaults[0], pool or self.defaults[1]
+        name = format_name(campaign, tenant, domain, "" if klass == self.defaults[0] else klass,
+                           "" if pool == self.defaults[1] else pool)
         q = self.queues.get(name)
         if q is None:
-            q = self.queues[name] = ScheduledQueue(name, domain.lower(), tenant or "", campaign or "")
+            q = self.queues[name] = ScheduledQueue(name, domain.lower(), tenant or "",
+                                                   campaign or "", klass, pool)
         return q
 
     def submit(self, msg_id: bytes, envelope: dict, done: set[int] | frozenset = frozenset(),
@@ -115,8 +133,9 @@ class Scheduler:
                 domain = addr.rpartition("@")[2].lower() or "localhost"
                 by_domain.setdefault(domain, []).append(i)
         out = []
+        klass, pool = self.select(envelope)
         for domain, idxs in by_domain.items():
-            q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain)
+            q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain, klass, pool)
             msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)
@@ -131,8 +150,10 @@ class Scheduler:
     def finished(self, msg: QueuedMessage) -> None:
         """The entry left the queue for good (delivered, bounced, expired)."""
         msg.queue.count -= 1
-        if msg.queue.count <= 0 and msg.queue.resolving is None and not msg.queue.backlog:
-            self.queues.pop(msg.queue.name, None)
+        q = msg.queue
+        if q.count <= 0 and q.resolving is None and not q.backlog and not q.held \
+                and q.resume is None:
+            self.queues.pop(q.name, None)
 
     # -- due -> ready ---------------------------------------------------------------------
 
@@ -148,13 +169,12 @@ class Scheduler:
             msg.due = 0.0
             q.backlog.append(msg)
             return
-        now = time.time()
-        if q.suspended_until > now:
-            self.schedule(msg, q.suspended_until, InsertReason.SUSPENDED)
+        if q.suspended_until and q.suspended_until > time.time():
+            self.hold_back(msg)
             return
         msg.due = 0.0
         if q.site is not None and q.site_expires > time.monotonic():
-            self._to_ready(msg, q.source, q.site)
+            self._to_ready(msg, q.site)
             return
         if q.resolving is not None:
             q.resolving.append(msg)
@@ -165,7 +185,7 @@ class Scheduler:
 
     async def _resolve(self, q: ScheduledQueue) -> None:
         try:
-            source, site = await self.route(q)
+            site = await self.route(q)
         except Exception as exc:  # ResolveError, or a bug in a routing hook
             waiting, q.resolving = q.resolving or [], None
             if not isinstance(exc, LookupError) and not hasattr(exc, "permanent"):
@@ -173,16 +193,16 @@ class Scheduler:
             for msg in waiting:
                 self.on_route_failure(msg, exc)
             return
-        q.source, q.site = source, site
+        q.site = site
         # Site.expires is loop time; the cache check uses monotonic time
         ttl = site.expires - asyncio.get_running_loop().time() if site.expires else 60.0
         q.site_expires = time.monotonic() + max(1.0, ttl)
         waiting, q.resolving = q.resolving or [], None
         for msg in waiting:
-            self._to_ready(msg, source, site)
+            self._to_ready(msg, site)
 
-    def _to_ready(self, msg: QueuedMessage, source: str, site: Site) -> None:
-        d = self.dispatcher_for(source, site)
+    def _to_ready(self, msg: QueuedMessage, site: Site) -> None:
+        d = self.dispatcher_for(msg.queue, site)
         if d.ready.push(msg):
             d.wake()
         else:
@@ -192,9 +212,42 @@ class Scheduler:
             msg.queue.backlog.append(msg)
             d.ready.block(msg.queue)
 
+    # -- operator controls -----------------------------------------------------------------
+
+    def hold_back(self, msg: QueuedMessage) -> None:
+        """A due message of a suspended queue: it waits in the queue until resume."""
+        self.inserts[InsertReason.SUSPENDED] += 1
+        msg.due = 0.0
+        q = msg.queue
+        if q.held is None:
+            q.held = deque()
+        q.held.append(msg)
+
+    def suspend(self, q: ScheduledQueue, seconds: float) -> None:
+        """Stop handing out `q`'s messages for `seconds` (resume() ends it early)."""
+        q.suspended_until = time.time() + seconds
+        if q.resume is not None:
+            q.resume.cancel()
+        assert self._loop is not None
+        q.resume = self._loop.call_later(seconds, self.resume, q)
+
+    def resume(self, q: ScheduledQueue) -> None:
+        q.suspended_until = 0.0
+        if q.resume is not None:
+            q.resume.cancel()
+            q.resume = None
+        held, q.held = q.held, None
+        for msg in held or ():
+            self.make_ready(msg, InsertReason.RECEIVED if msg.attempts == 0
+                            else InsertReason.TRANSIENT_FAILURE)
+
     # -- operator view ----------------------------------------------------------------------
 
     def summary(self) -> dict[str, dict]:
+        now = time.time()
         return {q.name: {"count": q.count, "site": q.site.name if q.site else None,
-                         "backlog": len(q.backlog), "suspended": q.suspended_until > time.time()}
+                         "class": q.klass, "pool": q.pool, "backlog": len(q.backlog),
+                         "held": len(q.held or ()),
+                         "suspended": q.suspended_until > now,
+                         "suspended_until": q.suspended_until if q.suspended_until > now else None}
                 for q in self.queues.values()}
