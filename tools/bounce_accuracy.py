@@ -150,6 +150,8 @@ def run_flufl(corpus: Path, classifier: Classifier) -> Scores:
     scores = Scores()
     expected: dict[str, tuple[set[str], str]] = {}
     for row in _read_tsv(base / "expectations.tsv"):
+        if row["expected_recipients"].startswith("("):
+            continue   # "(no expectation in flufl.bounce tests)"
         rcpts = {a.strip().lower() for a in row["expected_recipients"].split(";") if a.strip()}
         prev = expected.get(row["file"])
         # groupwise_02 is listed twice (one detector finds nothing, another the address): the union is right.

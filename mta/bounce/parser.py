@@ -37,7 +37,7 @@ _default: Classifier | None = None
 
 _BOUNCE_FROM = re.compile(r"mailer[-_ ]?daemon|postmaster|mail delivery|mail-daemon|maildaemon|"
                           r"delivery[-_ ]?(?:status|subsystem|system|notification)|\bmdaemon\b|bounce|"
-                          r"mail administrator|returned mail|nobody@|root@|system administrator|\bmailer\b", re.I)
+                          r"mail administrator|returned mail|nobody@|root@|system administrator|\bmailer\b|post_master", re.I)
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|undelivered|not delivered|non[- ]?deliver|delivery (?:status|failure|failed|notification|problem|report|has failed|delayed)|"
     r"returned mail|failure notice|mail delivery|could not be delivered|couldn.t be delivered|bounce|"
@@ -83,7 +83,21 @@ def _notice(msg: email.message.Message) -> str:
         return "\n\n".join(part_text(p) for p in plain)
     if parts:
         return "\n\n".join(html_to_text(part_text(p)) for p in parts)
-    return ""
+    # A multipart whose boundary got lost (badly folded Content-Type) is one
+    # opaque leaf: read it as text rather than finding nothing.
+    broken = [p for p in msg.walk() if p.get_content_maintype() == "multipart" and not p.is_multipart()]
+    return "\n\n".join(part_text(p) for p in broken)
+
+
+_QUOTED = re.compile(r"^[ \t]*> ?", re.M)
+
+
+def _unquote(text: str) -> str:
+    """A bounce forwarded by a person is quoted with '> ': read it unquoted."""
+    lines = [l for l in text.split("\n") if l.strip()]
+    if lines and sum(l.lstrip().startswith(">") for l in lines) * 3 >= len(lines):
+        return _QUOTED.sub("", text)
+    return text
 
 
 def _addresses(value: str) -> list[str]:
@@ -92,8 +106,8 @@ def _addresses(value: str) -> list[str]:
 
 def _parse(data: bytes, classifier: Classifier) -> Report:
     msg = load(data)
-    notice = _notice(msg)
-    original = attached_original(msg)
+    notice = _unquote(_notice(msg))
+    original = attached = attached_original(msg)
 
     # 1. feedback loops
     arf = find_feedback(msg)
@@ -166,11 +180,18 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
     sender = header(msg, "From")
     looks_bounce = bool(_BOUNCE_FROM.search(sender) or _BOUNCE_SUBJECT.search(subject)
                         or msg.get("X-Failed-Recipients") or not header(msg, "Return-Path").strip("<> "))
-    if cut and looks_bounce and FAILURE_TEXT.search(cut + " " + subject):
+    strong = bool(_BOUNCE_FROM.search(sender) and _BOUNCE_SUBJECT.search(subject))
+    if cut and looks_bounce and (strong or FAILURE_TEXT.search(cut + " " + subject)):
         found = scan(cut, exclude)
         if not found and msg.get("X-Failed-Recipients"):
             found_addrs = _addresses(header(msg, "X-Failed-Recipients"))
             found = [type("F", (), {"address": a, "diagnostic": unfold(cut)})() for a in found_addrs]
+        if not found and attached is not None:
+            # "Delivery report unavailable" (Postfix) and similar: the notice names
+            # nobody, but the attached original was addressed to a single recipient.
+            to = _addresses(header(attached, "To"))
+            if len(to) == 1 and not header(attached, "Cc"):
+                found = [type("F", (), {"address": to[0], "diagnostic": unfold(cut)})()]
         if found:
             delay = is_delay_text(cut) or bool(re.search(r"\bdelay|warning", subject, re.I))
             rep = Report(kind="delay" if delay else "bounce", family=detect_family(msg, cut, False),

@@ -33,16 +33,16 @@ _CUT = re.compile(
     r"^[ \t]*[-=*_#>]*[ \t]*(?:"
     r"(?:this is a )?copy of (?:the |your )?(?:original )?message|"
     r"below (?:this line )?is a copy|"
-    r"(?:the )?original message (?:follows|headers?|was|is attached|below)|"
+    r"(?:the )?original message (?:follows|headers?|is attached|below)|"
+    r"(?:the )?headers? of (?:the |your )?(?:original )?message|"
     r"-{2,}[ \t]*original message[ \t]*-*|"
     r"returned message|returned mail follows|"
     r"(?:the )?(?:headers|text) of (?:the |your )?(?:original )?message|"
     r"original message header|"
     r"unsent message (?:below|follows)|"
-    r"message (?:text|headers?) follows|"
+    r"message (?:text|headers?) follows?|"
     r"(?:start|beginning) of (?:the )?(?:original|returned) message|"
     r"content-type: message/rfc822|"
-    r"forwarded message|"
     r"undelivered message (?:headers )?follows|"
     r"your message (?:reads|headers|follows|begins)"
     r")",
@@ -57,9 +57,10 @@ _HDR_STRONG = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|DKIM-Signature
 def cut_original(text: str) -> tuple[str, str]:
     """Split a notice into (the report text, the quoted original or '')."""
     best = len(text)
-    m = _CUT.search(text)
-    if m and m.start() > 0:
-        best = m.start()
+    for m in _CUT.finditer(text):
+        if m.start() > 0:
+            best = m.start()
+            break
     # An inline header block: at least three header lines in a row, one of
     # them a header only a real message carries (Received, Return-Path...).
     lines = text.split("\n")
@@ -91,11 +92,14 @@ class Found:
     score: int
 
 
-_P_COLON = re.compile(r"^[ \t]*<?(" + _A + r")>?[ \t]*:(?!//)", re.M)                 # qmail/Postfix/Yahoo
-_P_DOTS = re.compile(r"^[ \t]*<?(" + _A + r")>?\.\.\.[ \t]", re.M)                    # Sendmail
+_P_COLON = re.compile(r"^[ \t]*[\"'<]?(" + _A + r")[\"'>]?[ \t]*:(?!//)", re.M)       # qmail/Postfix/Yahoo
+_P_DOTS = re.compile(r"^[ \t]*(?:[245]\d\d[ \t]+)?<?(" + _A + r")>?[ \t]*\.\.\.[ \t]", re.M)                    # Sendmail
+# An address alone on its line, maybe bulleted, labelled, quoted, or followed by
+# a duplicate / mailto: link / short bracketed reason (Exim, Gmail, O365, Domino...).
 _P_ALONE = re.compile(
-    r"^[ \t]*(?:[\"'][^\"'\n]*[\"'][ \t]*)?(?:\w[\w.-]*[ \t]*:[ \t]*)?<?(?:mailto:)?(" + _A + r")>?"
-    r"(?:[ \t]*<mailto:[^>\n]*>|[ \t]*\([^)\n]*\))?[ \t]*[;,.]?[ \t]*$",
+    r"^[ \t]*(?:[>*\u2022\u00b7-]+[ \t]*|\d{1,3}[.)][ \t]*)?(?:[\"'][^\"'\n]*[\"'][ \t]*)?"
+    r"(?:\w[\w.-]*(?:[ \t]+\w[\w.-]*){0,3}[ \t]*:[ \t]*(?:rfc822;[ \t]*)?)?[\"'<]?(?:mailto:)?(" + _A + r")[\"'>]?"
+    r"(?:[ \t]*<(?:mailto:)?[^>\n]*>|[ \t]*\([^)\n]{0,80}\)|[ \t]*\[[^\]\n]{0,80}\])?[ \t]*[;,.:]?[ \t]*$",
     re.M)
 _P_ON = re.compile(r"^[ \t]*<?(" + _A + r")>?[ \t]+on[ \t]+\w", re.M)                # Exchange 2003
 _P_RCPT = re.compile(r"RCPT[ \t]+TO[ \t]*:[ \t]*<?(" + _A + r")>?", re.I)
@@ -104,6 +108,7 @@ _P_PHRASE = re.compile(
     r"address(?:es)?(?:\(es\))?|mailbox|user|account)[ \t]*[:=]?[ \t]*|\b(?:following|below)[^\n@]{0,40}:\s*)"
     r"[\"']?<?(" + _A + r")>?", re.I)
 _P_ANY = re.compile(_A)
+_NEVER = re.compile(r"^(?:mailer-daemon|mail-daemon|maildaemon|mailerdaemon|double-bounce)@")
 
 # (pattern, score): higher scores win; only the best score found is used.
 _PATTERNS = ((_P_COLON, 6), (_P_DOTS, 6), (_P_ON, 5), (_P_ALONE, 5), (_P_RCPT, 4), (_P_PHRASE, 3))
@@ -140,12 +145,21 @@ def scan(text: str, exclude: set[str]) -> list[Found]:
     """Failed recipients in a report text (already cut before the original)."""
     hits: dict[str, tuple[int, int]] = {}   # lower address -> (score, first position)
     positions: list[tuple[int, str]] = []
-    for pat, score in _PATTERNS:
+    for pat, base in _PATTERNS:
         for m in pat.finditer(text):
+            score = base
             addr = m.group(1).strip(".")
             low = addr.lower()
-            if low in exclude or is_role_address(addr):
+            if _NEVER.match(low):
                 continue
+            # The envelope sender, the original's From and role addresses can be
+            # the failed recipient (tests, aliases): demote them, do not drop them.
+            if low in exclude:
+                score -= 4
+            elif is_role_address(addr):
+                score -= 2
+                if score < 1:
+                    continue
             if _NOT_RCPT.search(text[max(0, m.start(1) - 30):m.start(1)]) and pat is not _P_RCPT:
                 continue
             if pat is _P_ALONE and _looks_like_header_line(text, m.start()):
