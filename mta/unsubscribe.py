@@ -242,6 +242,8 @@ class UnsubscribeServer:
                 raise _Reject(400, "Expected the form field List-Unsubscribe=One-Click "
                                    "(RFC 8058).\n")
             h, scope = found
+            # XXX: the SQLite commit (an fsync with synchronous=FULL) runs on the loop;
+            # fine for unsubscribe rates, an executor hop if this shares the MTA's loop.
             try:
                 self.suppressions.add_hash(h, scope=scope, reason="unsubscribe",
                                            note="rfc8058 one-click")
