@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ADDR", "clean_address", "find_code_status", "unfold", "is_role_address"]
+__all__ = ["smtp_stage", "ADDR", "clean_address", "find_code_status", "unfold", "is_role_address"]
 
 # Deliberately permissive local part (quoted parts, '+', '=', '/', '&'...); the
 # domain needs a dot or is a bracketed literal.
@@ -79,3 +79,33 @@ _ROLE = re.compile(
 def is_role_address(addr: str) -> bool:
     """Addresses of the reporting side (postmaster, MAILER-DAEMON...), never the failed recipient."""
     return bool(_ROLE.match(addr))
+
+
+_STAGE = re.compile(
+    r"(?:after|in reply to|in response to)\s+(?:the\s+)?(?:end of\s+)?"
+    r"(MAIL FROM|RCPT TO|DATA|RCPT|MAIL|message (?:body|text|data))", re.I)
+_TRANSCRIPT_CMD = re.compile(r"^>>>\s*(MAIL FROM|RCPT TO|DATA|\.)", re.I | re.M)
+_TRANSCRIPT_ERR = re.compile(r"^<<<\s*[45]\d\d", re.M)
+
+
+def smtp_stage(text: str) -> str | None:
+    """The SMTP command a rejection answered ("MAIL", "RCPT", "DATA"), when the text says so.
+
+    "after RCPT TO" / "in reply to end of DATA command" wordings, or in a
+    Sendmail-style transcript the last ">>>" command before the first "<<< 5xx"."""
+    err = _TRANSCRIPT_ERR.search(text)
+    if err:
+        cmds = list(_TRANSCRIPT_CMD.finditer(text, 0, err.start()))
+        if cmds:
+            return _stage_word(cmds[-1].group(1))
+    m = _STAGE.search(text)
+    return _stage_word(m.group(1)) if m else None
+
+
+def _stage_word(word: str) -> str:
+    w = word.upper()
+    if w.startswith("MAIL"):
+        return "MAIL"
+    if w.startswith("RCPT"):
+        return "RCPT"
+    return "DATA"

@@ -21,7 +21,7 @@ import re
 from .arf import find_feedback, jmrp_feedback, jmrp_original
 from .autoreply import is_autoreply
 from .classify import Classifier
-from .diagnostic import ADDR, find_code_status, is_role_address, unfold
+from .diagnostic import ADDR, find_code_status, is_role_address, smtp_stage, unfold
 from .dsn import diagnostic as dsn_diagnostic, find_dsn_parts, parse_dsn, remote_mta
 from .family import detect_family
 from .mime import header, html_to_text, load, part_text, text_parts
@@ -169,7 +169,7 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
                 status = dstatus or status
             r = FailedRecipient(recipient=addr, status=status, reply_code=code, diagnostic=diag,
                                 action=action, remote_mta=remote_mta(g))
-            _classify(r, classifier, extra=cut if not diag else "")
+            _classify(r, classifier, extra=cut if not diag else "", context=cut)
             rep.recipients.append(r)
         rep.kind = _kind(rep.recipients)
         rep.message_id = our_message_id(original, quoted)
@@ -210,7 +210,7 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
                 r = FailedRecipient(recipient=f.address, status=status, reply_code=code, diagnostic=diag,
                                     action="delayed" if delay else "failed",
                                     remote_mta=rm.group(1) if rm else None)
-                _classify(r, classifier, extra=whole if diag is not whole else "")
+                _classify(r, classifier, extra=whole if diag is not whole else "", context=whole)
                 rep.recipients.append(r)
             rep.message_id = our_message_id(original, quoted)
             return rep
@@ -228,12 +228,19 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
     return Report()
 
 
-def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "") -> None:
+def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "", context: str = "") -> None:
     v = classifier.classify(r.reply_code, r.status, r.diagnostic or extra)
     if v.category == "unknown" and extra and r.diagnostic:
         v = classifier.classify(r.reply_code, r.status, extra)
     r.category = v.category
     r.hard = v.hard and r.action == "failed"
+    stage = smtp_stage(r.diagnostic) or smtp_stage(extra or context)
+    if stage == "MAIL" and v.category in ("invalid_recipient", "invalid_domain"):
+        # Refused at MAIL FROM: the wording is about OUR sender address.
+        r.category, r.hard = "bad_sender", False
+    elif stage == "DATA" and r.hard:
+        # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof that the address is dead.
+        r.hard = False
     if r.status is None and r.action in ("failed", "delayed"):
         derived = _DERIVED.get(v.category)
         if derived:

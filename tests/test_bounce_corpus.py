@@ -1,0 +1,161 @@
+"""The bounce parser against the real corpora in ../shared/corpus (read in place, never copied).
+
+Scoring lives in tools/bounce_accuracy.py (the same numbers the tool prints);
+here the goals are asserted: recipient >= 98 %, status (rows with a real DSN
+status) >= 95 %, hard/soft >= 95 %, ARF fields 100 %, negative controls empty.
+Plus a few direct checks: our message id recovery, garbage input, the CLI.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, ROOT
+from mta.bounce import Classifier, parse_message
+
+bounce_accuracy = pytest.importorskip("bounce_accuracy")   # tools/ is on sys.path (conftest)
+
+pytestmark = pytest.mark.skipif(not (CORPUS / "sisimai-set-of-emails").is_dir(), reason="corpus not present")
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier()
+
+
+@pytest.fixture(scope="module")
+def sisimai(classifier):
+    return bounce_accuracy.run_sisimai(CORPUS, classifier)
+
+
+@pytest.fixture(scope="module")
+def flufl(classifier):
+    return bounce_accuracy.run_flufl(CORPUS, classifier)
+
+
+@pytest.fixture(scope="module")
+def arf(classifier):
+    return bounce_accuracy.run_arf(CORPUS, classifier)
+
+
+def _pct(scores, name):
+    t = scores.fields[name]
+    assert t.total > 0, f"no {name} rows compared"
+    return t.pct
+
+
+def test_sisimai_recipient(sisimai):
+    assert _pct(sisimai, "recipient") >= 98.0, bounce_accuracy.table("sisimai", sisimai)
+
+
+def test_sisimai_status_on_dsn_rows(sisimai):
+    assert _pct(sisimai, "status") >= 95.0, bounce_accuracy.table("sisimai", sisimai)
+
+
+def test_sisimai_hard_soft(sisimai):
+    assert _pct(sisimai, "hard") >= 95.0, bounce_accuracy.table("sisimai", sisimai)
+
+
+def test_sisimai_reply_code_and_feedback_type(sisimai):
+    assert _pct(sisimai, "feedback") == 100.0
+    assert _pct(sisimai, "replycode") >= 85.0
+
+
+def test_not_bounces_yield_nothing(classifier):
+    for name in ("is-not-bounce-01.eml", "is-not-bounce-02.eml"):
+        rep = parse_message((CORPUS / "sisimai-set-of-emails" / "maildir" / "not" / name).read_bytes(), classifier)
+        assert rep.kind == "none" and not rep.recipients, name
+
+
+def test_not_bounce_rb_issue_368(classifier):
+    # A postmaster notice "reject reason: Mailbox full / target mail address: x"; the corpus
+    # files it under "not a bounce".
+    rep = parse_message((CORPUS / "sisimai-set-of-emails/maildir/not/rb-issue-368-bug.eml").read_bytes(), classifier)
+    assert rep.kind == "none" and not rep.recipients
+
+
+def test_flufl_recipients(flufl):
+    assert _pct(flufl, "recipient") >= 98.0, bounce_accuracy.table("flufl", flufl)
+
+
+def test_flufl_delay_vs_bounce(flufl):
+    assert _pct(flufl, "kind") >= 95.0, bounce_accuracy.table("flufl", flufl)
+
+
+def test_arf_fields_all_exact(arf):
+    bad = [f for f in arf.failures]
+    assert all(t.pct == 100.0 for t in arf.fields.values()), bad
+    assert sum(t.total for t in arf.fields.values()) > 200   # really compared the fields
+
+
+OUR_ID = "0192a3b4c5d6e7f80123456789abcdef"
+
+
+def _dsn(original_headers: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@mx.example.net\nTo: bounces@example.com\nSubject: Undelivered Mail Returned to Sender\n"
+        "MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n"
+        "--B\nContent-Type: text/plain\n\nI'm sorry.\n\n<u@example.net>: host mx.example.net[192.0.2.1] said: 550 5.1.1 "
+        "<u@example.net>: Recipient address rejected: User unknown (in reply to RCPT TO command)\n\n"
+        "--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.net\n\n"
+        "Final-Recipient: rfc822; u@example.net\nAction: failed\nStatus: 5.1.1\nRemote-MTA: dns; mx.example.net\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 <u@example.net>: Recipient address rejected: User\n unknown\n\n"
+        "--B\nContent-Type: text/rfc822-headers\n\n" + original_headers + "\n--B--\n").encode()
+
+
+def test_our_message_id_from_received():
+    hdrs = (f"Received: from helo.example ([192.0.2.9])\n\tby out1.example.com (mta) with ESMTP id {OUR_ID}\n"
+            f"\tfor <u@example.net>; Mon, 1 Jan 2024 00:00:00 +0000\nFrom: a@example.com\nTo: u@example.net\n")
+    rep = parse_message(_dsn(hdrs).replace(b"\n", b"\r\n"))
+    assert rep.kind == "bounce" and rep.family and rep.reporting_mta == "mx.example.net"
+    (r,) = rep.recipients
+    assert (r.recipient, r.status, r.reply_code, r.action, r.category, r.hard) == \
+        ("u@example.net", "5.1.1", 550, "failed", "invalid_recipient", True)
+    assert r.diagnostic.endswith("User unknown") and r.remote_mta == "mx.example.net"
+    assert rep.message_id == OUR_ID
+    assert rep.original_headers is not None and rep.original_headers["To"] == "u@example.net"
+
+
+def test_our_message_id_from_x_mta_id():
+    rep = parse_message(_dsn(f"X-Mta-Id: {OUR_ID}\nFrom: a@example.com\n"))
+    assert rep.message_id == OUR_ID
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\xff" * 500, b"From: x\n\n" + bytes(range(256)) * 20,
+                                  b"Content-Type: multipart/report; boundary=\"\n\n--\n"])
+def test_garbage_never_raises(data):
+    rep = parse_message(data)
+    assert rep.kind == "none" and rep.recipients == []
+
+
+def test_cli(tmp_path):
+    good = CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd" / "lhost-exim-02.eml"
+    nob = CORPUS / "sisimai-set-of-emails" / "maildir" / "not" / "is-not-bounce-01.eml"
+    code = "import sys; from mta.bounce.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, "parse", str(good), str(nob)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    import orjson
+    lines = [orjson.loads(l) for l in p.stdout.splitlines()]
+    assert [l["recipient"] for l in lines] == ["kijitora@example.jp", "sabatora@example.jp"]
+    assert {l["file"] for l in lines} == {str(good)} and lines[0]["kind"] == "bounce"
+    assert set(lines[0]) >= {"file", "recipient", "status", "reply_code", "category", "hard", "action", "kind",
+                             "family", "feedback_type", "reporting_mta", "message_id"}
+    p = subprocess.run([sys.executable, "-c", code, "parse", "-"], cwd=ROOT, input=good.read_text(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 2
+    missing = tmp_path / "nope.eml"
+    p = subprocess.run([sys.executable, "-c", code, "parse", str(missing)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and str(missing) in p.stderr and p.stdout == ""
+
+
+def test_speed(classifier):
+    import time
+    data = (CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd" / "lhost-postfix-01.eml").read_bytes()
+    parse_message(data, classifier)
+    t = time.perf_counter()
+    for _ in range(50):
+        parse_message(data, classifier)
+    assert (time.perf_counter() - t) / 50 < 0.01   # a typical bounce parses in about a millisecond
