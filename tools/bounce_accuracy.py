@@ -85,8 +85,13 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
+def _norm(addr: str) -> str:
+    """Compare mailboxes, not spellings: '"a..b"@x' and 'a..b@x' are the same address."""
+    return addr.strip().replace('"', "").lower()
+
+
 def _match(rep: Report, addr: str, index: int):
-    by_addr = {r.recipient.lower(): r for r in rep.recipients}
+    by_addr = {_norm(r.recipient): r for r in rep.recipients}
     r = by_addr.get(addr.lower())
     if r is None and 0 < index <= len(rep.recipients):
         r = rep.recipients[index - 1]
@@ -95,11 +100,11 @@ def _match(rep: Report, addr: str, index: int):
 
 def score_sisimai_rows(scores: Scores, rep: Report, rows: list[dict[str, str]], label: str) -> None:
     fam = _family(rows[0]["file"])
-    got = {r.recipient.lower() for r in rep.recipients}
+    got = {_norm(r.recipient) for r in rep.recipients}
     for row in rows:
         if not row["index"]:
             continue
-        exp = row["recipient"].strip().lower()
+        exp = _norm(row["recipient"])
         r = _match(rep, exp, int(row["index"]))
         ctx = f"{label} #{row['index']}"
         if exp and PSEUDO not in exp:

@@ -19,6 +19,7 @@ from .mime import part_text, raw_text
 __all__ = ["DsnGroup", "DsnReport", "find_dsn_parts", "parse_fields"]
 
 _FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)$")
+_PLAIN_ADDR = re.compile(r"^[^@\s:/<>]+@[^@\s:/<>]+$")
 _DSN_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _DSN_HINT = re.compile(r"^(final-recipient|original-recipient)\s*:", re.I | re.M)
 _ACTION_HINT = re.compile(r"^(action|status)\s*:", re.I | re.M)
@@ -33,6 +34,12 @@ class DsnGroup:
 
     @property
     def recipient(self) -> str:
+        # Final-Recipient first, but only if it is a real address: some MTAs put a
+        # source route, a mailbox path or a bare local part there.
+        for name in ("final-recipient", "x-actual-recipient", "original-recipient"):
+            addr = clean_address(self.get(name))
+            if _PLAIN_ADDR.match(addr):
+                return addr
         for name in ("final-recipient", "x-actual-recipient", "original-recipient"):
             addr = clean_address(self.get(name))
             if "@" in addr:
@@ -95,27 +102,32 @@ def find_dsn_parts(msg: email.message.Message) -> list[str]:
 def parse_dsn(texts: list[str]) -> DsnReport | None:
     reporting = None
     groups: list[DsnGroup] = []
-    cur: DsnGroup | None = None
     for text in texts:
-        for name, value in parse_fields(text):
-            if name == "reporting-mta" and reporting is None:
-                reporting = _mta(value)
+        # Blank lines separate the per-message block and the per-recipient groups;
+        # inside one block, a repeated Final-Recipient starts another group
+        # (some MTAs omit the blank lines).
+        for block in re.split(r"\n[ \t]*\n", text):
+            fields = parse_fields(block)
+            names = {n for n, _ in fields}
+            if not names & {"final-recipient", "original-recipient", "x-actual-recipient"}:
+                for name, value in fields:
+                    if name == "reporting-mta" and reporting is None:
+                        reporting = _mta(value)
                 continue
-            if name == "final-recipient":
-                if cur is None or "final-recipient" in cur.fields:
+            cur: DsnGroup | None = None
+            for name, value in fields:
+                if name == "reporting-mta":
+                    if reporting is None:
+                        reporting = _mta(value)
+                    continue
+                if cur is None or (name == "final-recipient" and name in cur.fields):
                     cur = DsnGroup()
                     groups.append(cur)
-            elif name == "original-recipient":
-                if cur is None or "original-recipient" in cur.fields or "final-recipient" in cur.fields:
-                    cur = DsnGroup()
-                    groups.append(cur)
-            if cur is None:
-                continue
-            if name in cur.fields:
-                if name == "diagnostic-code":
-                    cur.fields[name] += " " + value
-                continue
-            cur.fields[name] = value
+                if name in cur.fields:
+                    if name == "diagnostic-code":
+                        cur.fields[name] += " " + value
+                    continue
+                cur.fields[name] = value
     groups = [g for g in groups if g.recipient]
     if not groups:
         return None

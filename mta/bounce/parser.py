@@ -155,9 +155,14 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
     if dsn is not None:
         rep = Report(family=detect_family(msg, cut, True), reporting_mta=dsn.reporting_mta,
                      original_headers=original)
-        scanned = {f.address.lower(): f.diagnostic for f in scan(cut, exclude)} if cut else {}
+        found = scan(cut, exclude) if cut else []
+        scanned = {f.address.lower(): f.diagnostic for f in found}
+        scanned_names = {f.address.lower(): f.address for f in found}
         for g in dsn.groups:
             addr = g.recipient
+            if "@" not in addr and len(dsn.groups) == 1 and len(scanned) == 1:
+                # Final-Recipient holds a mailbox path or local part: the notice names the address.
+                addr = next(iter(scanned_names.values()))
             diag = dsn_diagnostic(g)
             if not diag:
                 diag = scanned.get(addr.lower()) or (next(iter(scanned.values())) if len(scanned) == 1 else "")
