@@ -1,4 +1,4 @@
-"""The `mta` command: serve, check-config, spool, queue.
+"""The `mta` command: serve, check-config, spool, queue, suspend/resume, shaping, dkim.
 
 Admin verbs that need the running daemon come with the HTTP API; `spool`
 reads a stopped daemon's spool directory offline (the same scan as start-up).
@@ -54,14 +54,18 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_get(args: argparse.Namespace, path: str) -> tuple[int, object]:
+def _admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> tuple[int, object]:
+    """GET `path` from the daemon's admin API, or POST `body` as JSON to it."""
     import http.client
     target = _config(args).admin.listen
     if target is None:
         raise SystemExit("mta: the admin API is disabled ([admin] listen = \"\")")
     conn = http.client.HTTPConnection(*target, timeout=10)
     try:
-        conn.request("GET", path)
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, orjson.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, orjson.loads(resp.read())
     except OSError as exc:
@@ -70,7 +74,48 @@ def _admin_get(args: argparse.Namespace, path: str) -> tuple[int, object]:
         conn.close()
 
 
+def _print_result(status: int, data: object) -> int:
+    if status != 200:
+        print(f"mta: {data.get('error') if isinstance(data, dict) else data}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(data).decode())
+    return 0
+
+
+def _cmd_control(args: argparse.Namespace) -> int:
+    from mta.config.schema import Invalid, parse_duration
+    if args.kind == "pair" and not args.site:
+        raise SystemExit(f"mta {args.command} pair needs SOURCE and SITE")
+    body = {"kind": args.kind, "name": args.name, "site": args.site or ""}
+    if args.command == "suspend":
+        try:
+            body["duration"] = parse_duration(args.duration)
+        except Invalid as exc:
+            raise SystemExit(f"mta suspend --for: {exc}") from None
+    return _print_result(*_admin_get(args, f"/control/{args.command}", body))
+
+
+def _cmd_shaping(args: argparse.Namespace) -> int:
+    status, data = _admin_get(args, "/shaping")
+    if status != 200 or args.json:
+        return _print_result(status, data)
+    assert isinstance(data, list)
+    print(f"{'source':<16} {'site':<40} {'conn':>5} {'limit':>5} {'peak':>5} {'rate':>8} "
+          f"{'ready':>7} {'sent':>8}  state")
+    for r in sorted(data, key=lambda r: (r["site"], r["source"])):
+        state = "paused" if r["paused_until"] else "running"
+        print(f"{r['source']:<16} {r['site'][:40]:<40} {r['connections']:>5} "
+              f"{r['connection_limit']:>5} {r['peak_connections']:>5} "
+              f"{r['max_message_rate'] or '-':>8} {r['ready']:>7} {r['sent']:>8}  {state}")
+    return 0
+
+
 def _cmd_queue(args: argparse.Namespace) -> int:
+    if args.action == "rebind":
+        if len(args.args) != 2:
+            raise SystemExit("usage: mta queue rebind QUEUE POOL")
+        return _print_result(*_admin_get(args, "/control/rebind",
+                                         {"queue": args.args[0], "pool": args.args[1]}))
     if args.action == "summary":
         status, data = _admin_get(args, "/queue/summary")
         if status != 200 or not isinstance(data, dict):
@@ -91,9 +136,9 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         status, data = _admin_get(args, "/queue/summary")
         print(sum(q["count"] for q in data["scheduled"].values()) if status == 200 else -1)
         return 0 if status == 200 else 1
-    if not args.id:
+    if len(args.args) != 1:
         raise SystemExit("mta queue inspect needs a message id")
-    status, data = _admin_get(args, f"/queue/messages/{args.id}")
+    status, data = _admin_get(args, f"/queue/messages/{args.args[0]}")
     print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     return 0 if status == 200 else 1
 
@@ -123,11 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=_cmd_spool)
     sp = sub.add_parser("queue", help="ask the running daemon about its queues")
-    sp.add_argument("action", choices=["summary", "inspect", "count"])
-    sp.add_argument("id", nargs="?", help="message id (for inspect)")
+    sp.add_argument("action", choices=["summary", "inspect", "count", "rebind"])
+    sp.add_argument("args", nargs="*", metavar="ARG",
+                    help="inspect: message id; rebind: scheduled queue name and pool name")
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_queue)
+    for verb, what in (("suspend", "stop delivering for a while"), ("resume", "undo a suspend")):
+        sp = sub.add_parser(verb, help=f"{what}: a scheduled queue, a site, a source or a "
+                                       "(source, site) pair")
+        sp.add_argument("kind", choices=["queue", "site", "source", "pair"])
+        sp.add_argument("name", help="queue name, site name, or source name (pair: the source)")
+        sp.add_argument("site", nargs="?", help="pair only: the site")
+        if verb == "suspend":
+            sp.add_argument("--for", dest="duration", default="1h",
+                            help="how long, e.g. 90s, 10m, 2h (default 1h)")
+        with_config(sp)
+        sp.set_defaults(func=_cmd_control)
+    sp = sub.add_parser("shaping", help="live shaping state per (source, site)")
+    sp.add_argument("action", choices=["show"])
+    sp.add_argument("--json", action="store_true", help="raw JSON")
+    with_config(sp)
+    sp.set_defaults(func=_cmd_shaping)
     from mta.dkim.cli import add_parser as add_dkim
     add_dkim(sub)
     return p

@@ -5,9 +5,16 @@ Accepts everything (or refuses recipients whose local part starts with
 "reject", and defers those starting with "defer": scripted outcomes for
 tests), counts messages and bytes, records each client's source address and
 the peak of concurrent connections per source, and prints one JSON line of
-statistics on SIGTERM/SIGINT or when --count messages have arrived.
+statistics on SIGTERM/SIGINT or when --count messages have arrived; SIGUSR1
+writes the statistics so far to --stats-file and goes on.
 
     python3 tools/sink.py 127.0.0.2:25 [127.0.0.3:25 ...] [--count N] [--stats-file F]
+                          [--times] [--delay-ms N] [--stall]
+
+--times records each message's arrival (unix time), source and first
+recipient; --delay-ms answers the end of data that much later (a slow site);
+--stall accepts connections and never greets (idle connections for the
+connection-scale benchmark).
 
 Speaks just enough ESMTP (PIPELINING, 8BITMIME, SMTPUTF8, SIZE) with no
 CHUNKING; it is a peer for throughput, not a conformance reference.
@@ -33,6 +40,9 @@ class Stats:
         self.active: Counter[str] = Counter()      # source ip -> open connections now
         self.peak: Counter[str] = Counter()        # source ip -> most open at once
         self.by_source: Counter[str] = Counter()   # source ip -> messages
+        self.open = 0                              # connections open now
+        self.peak_open = 0                         # most open at once
+        self.times: list[tuple[float, str, str]] | None = None   # (arrival, source, first rcpt)
         self.first = 0.0
         self.last = 0.0
 
@@ -41,18 +51,27 @@ class Stats:
         return {"messages": self.messages, "recipients": self.recipients, "bytes": self.bytes,
                 "connections": self.connections, "per_s": round(self.messages / span, 1) if span > 0 else None,
                 "sources": len(self.by_source), "by_source": dict(self.by_source),
-                "peak_per_source": dict(self.peak)}
+                "peak_per_source": dict(self.peak), "open": self.open, "peak_open": self.peak_open,
+                **({"times": [(round(t, 4), s, r) for t, s, r in self.times]}
+                   if self.times is not None else {})}
 
 
 async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats,
-                  done: asyncio.Event, count: int) -> None:
+                  done: asyncio.Event, args: argparse.Namespace) -> None:
     peer = writer.get_extra_info("peername")[0]
     stats.connections += 1
+    stats.open += 1
+    stats.peak_open = max(stats.peak_open, stats.open)
     stats.active[peer] += 1
     stats.peak[peer] = max(stats.peak[peer], stats.active[peer])
-    writer.write(b"220 sink.test ESMTP sink\r\n")
     rcpts = 0
+    first_rcpt = ""
+    count = args.count
     try:
+        if args.stall:        # hold the connection, say nothing, until the client gives up
+            await reader.read()
+            return
+        writer.write(b"220 sink.test ESMTP sink\r\n")
         while True:
             line = await reader.readline()
             if not line:
@@ -73,6 +92,8 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
                 elif local.startswith(b"defer"):
                     writer.write(b"451 4.2.0 try again later (scripted)\r\n")
                 else:
+                    if not rcpts:
+                        first_rcpt = line[8:].strip(b" <>\r\n").decode("utf-8", "replace")
                     rcpts += 1
                     writer.write(b"250 2.1.5 ok\r\n")
             elif verb == b"DATA":
@@ -95,6 +116,10 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
                 stats.recipients += rcpts
                 stats.bytes += size
                 stats.by_source[peer] += 1
+                if stats.times is not None:
+                    stats.times.append((time.time(), peer, first_rcpt))
+                if args.delay_ms:
+                    await asyncio.sleep(args.delay_ms / 1000)
                 writer.write(b"250 2.0.0 ok: queued\r\n")
                 if count and stats.messages >= count:
                     done.set()
@@ -113,11 +138,22 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
         return
     finally:
         stats.active[peer] -= 1
+        stats.open -= 1
         writer.close()
+
+
+def _write_stats(stats: Stats, path: str | None) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(json.dumps(stats.as_dict()) + "\n")
+        import os
+        os.replace(path + ".tmp", path)   # readers never see half a file
 
 
 async def main_async(args: argparse.Namespace) -> dict:
     stats = Stats()
+    if args.times:
+        stats.times = []
     done = asyncio.Event()
     servers = []
     for spec in args.listen:
@@ -125,11 +161,12 @@ async def main_async(args: argparse.Namespace) -> dict:
         if not ipaddress.ip_address(host.strip("[]")).is_loopback:
             sys.exit(f"sink: {host} is not a loopback address")
         servers.append(await asyncio.start_server(
-            lambda r, w: session(r, w, stats, done, args.count), host.strip("[]"), int(port),
+            lambda r, w: session(r, w, stats, done, args), host.strip("[]"), int(port),
             reuse_address=True, backlog=4096))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGUSR1, _write_stats, stats, args.stats_file)
     print(json.dumps({"ready": args.listen}), flush=True)
     await done.wait()
     for s in servers:
@@ -138,10 +175,16 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
+    import resource   # thousands of connections: soft open-files limit up to the hard one
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("listen", nargs="+", help="HOST:PORT on loopback")
     ap.add_argument("--count", type=int, default=0, help="exit after this many messages")
-    ap.add_argument("--stats-file", help="also write the final statistics here")
+    ap.add_argument("--stats-file", help="also write the final statistics here (and on SIGUSR1)")
+    ap.add_argument("--times", action="store_true", help="record each message's arrival time")
+    ap.add_argument("--delay-ms", type=float, default=0, help="delay before the 250 to the data")
+    ap.add_argument("--stall", action="store_true", help="accept connections, never greet")
     args = ap.parse_args()
     try:
         import uvloop
