@@ -1,4 +1,5 @@
-"""The `mta` command: serve, check-config, spool, queue, suspend/resume, shaping, dkim.
+"""The `mta` command: serve, check-config, spool, queue, suspend/resume, shaping, dkim,
+bounce parse, suppress.
 
 Admin verbs that need the running daemon come with the HTTP API; `spool`
 reads a stopped daemon's spool directory offline (the same scan as start-up).
@@ -143,7 +144,22 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _feedback_defaults(argv: list[str] | None) -> tuple[str | None, list[str], list[str]]:
+    """(config path, suppression store and key defaults) for `suppress` and `bounce`: the
+    subcommands are built before the arguments are parsed, so -c is looked for first."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.config is None:
+        return None, [], []
+    try:
+        cfg = load_config(known.config)
+    except ConfigError:
+        return known.config, [], []   # reported when the command itself loads it
+    return known.config, [str(cfg.suppression.store)], [str(cfg.suppression.key_file)]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta", description="high-volume MTA core")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -192,12 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_shaping)
     from mta.dkim.cli import add_parser as add_dkim
     add_dkim(sub)
+    from mta.bounce.cli import add_parser as add_bounce
+    from mta.suppression.cli import add_parser as add_suppress
+    _, store, key = _feedback_defaults(argv)
+    sp = add_suppress(sub, *store, *key)
+    sp.add_argument("-c", "--config", help="take --store and --key defaults from this config")
+    sp = add_bounce(sub)
+    sp.add_argument("-c", "--config", help="also use this config's [bounces] rules")
     return p
 
 
+def _with_config_rules(args: argparse.Namespace) -> None:
+    """`mta bounce -c FILE parse`: the operator's [bounces] rules go first."""
+    if args.command == "bounce" and getattr(args, "config", None):
+        args.rules = [*_config(args).bounces.rules, *args.rules]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
+        _with_config_rules(args)
         return args.func(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -1,5 +1,5 @@
 """Type stub for mta._native.wire (native/wire/wire.pyx)."""
-from typing import Final
+from typing import Callable, Final
 
 EV_NONE: Final[int]
 EV_MESSAGE: Final[int]
@@ -17,6 +17,8 @@ class ServerSettings:
     max_errors: int
     max_junk: int
     max_messages: int
+    # (address, sender, relay_allowed) -> None | True | (reply name, reply line)
+    rcpt_check: Callable[[str, str, bool], None | bool | tuple[str, bytes]] | None
     def __init__(self, hostname: str, replies: dict[str, bytes], *, bare_newline: str = ...,
                  max_message_size: int = ..., max_line_length: int = ..., max_recipients: int = ...,
                  max_errors: int = ..., max_junk_commands: int = ...,

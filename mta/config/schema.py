@@ -732,6 +732,54 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    """Returned mail: the bounce domain (VERP, out-of-band intake) and the reply classifier."""
+
+    domain: str = key(TEXT, "", "bounce domain: mail to it is parsed locally as DSN/ARF, "
+                      "never relayed; \"\" turns out-of-band intake and VERP off")
+    verp: bool = key(BOOL, True, "send with a signed VERP return path at the bounce domain "
+                     "(one recipient per transaction)")
+    verp_prefix: str = key(NAME, "b", "local-part prefix of VERP return paths")
+    rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
+                                  "the shipped mta/bounce/rules.toml; re-read when they change")
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionConfig:
+    """The suppression list: addresses no mail is accepted for (hard bounces, complaints,
+    unsubscribes, operator entries)."""
+
+    enabled: bool = key(BOOL, True, "check recipients against the list and add hard bounces "
+                        "and complaints to it")
+    store: Path = key(PATH, "./var/suppression/suppression.sqlite", "SQLite store of hashed "
+                      "addresses")
+    key_file: Path = key(PATH, "./var/suppression/suppression.key", "32-byte secret for the "
+                         "address hashes, VERP and unsubscribe tokens (created when missing)")
+    on_match: str = key(CHOICE, "reject", "a suppressed recipient is refused at RCPT (550 "
+                        "5.7.1) or accepted and dropped", choices=("reject", "drop"))
+    hard_bounce_expiry: float = key(DURATION, "0s", "how long a hard bounce suppresses "
+                                    "(0s: until removed)", lo="0s", hi="3650d")
+    complaint_scope: str = key(CHOICE, "tenant", "scope of a complaint's entry: the "
+                               "original's tenant (when known) or everyone",
+                               choices=("tenant", "global"))
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeConfig:
+    """RFC 8058 one-click unsubscribe: the HTTP(S) endpoint and the headers."""
+
+    listen: tuple[str, int] | None = key(HOSTPORT, "", "address of the one-click endpoint; "
+                                         "\"\" disables")
+    base_url: str = key(TEXT, "", "public https URL of the endpoint, e.g. "
+                        "\"https://unsub.example.com\"")
+    tls_cert: str = key(TEXT, "", "certificate chain (PEM) when the endpoint serves https "
+                        "itself; empty: plain HTTP behind a TLS proxy")
+    tls_key: str = key(TEXT, "", "private key (PEM) for tls_cert")
+    add_headers: bool = key(BOOL, False, "add List-Unsubscribe and List-Unsubscribe-Post to "
+                            "outgoing single-recipient messages that lack them")
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
 
@@ -761,6 +809,9 @@ SECTIONS = (
     Section("admin", AdminConfig),
     Section("signing", SigningConfig),
     Section("dkim", DkimConfig, many=True, required=False),
+    Section("bounces", BouncesConfig),
+    Section("suppression", SuppressionConfig),
+    Section("unsubscribe", UnsubscribeConfig),
 )
 
 
@@ -798,5 +849,11 @@ class Config:
     signing: SigningConfig
     # [[dkim]], possibly none
     dkim: tuple[DkimConfig, ...]
+    # [bounces]
+    bounces: BouncesConfig
+    # [suppression]
+    suppression: SuppressionConfig
+    # [unsubscribe]
+    unsubscribe: UnsubscribeConfig
     # Where the configuration came from: a file path or "<string>".
     origin: str

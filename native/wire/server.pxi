@@ -60,6 +60,10 @@ cdef class ServerSettings:
     cdef readonly int max_junk
     cdef readonly int max_messages
     cdef dict replies                   # name -> encoded reply line (bytes)
+    # RCPT policy hook (suppression, the bounce domain), None when there is none so the
+    # common path costs one pointer test: (address, sender, relay_allowed) -> None (the
+    # relay check decides), True (accept from any client) or (reply name, reply line).
+    cdef public object rcpt_check
 
 
     def __init__(self, str hostname, dict replies, *, str bare_newline="reject",
@@ -77,6 +81,7 @@ cdef class ServerSettings:
         self.max_errors = max_errors
         self.max_junk = max_junk_commands
         self.max_messages = max_messages_per_session
+        self.rcpt_check = None
 
 
 cdef class Transaction:
@@ -501,7 +506,18 @@ cdef class ServerCore:
             else:
                 self._error("PARAM_UNKNOWN")
                 return
-        if not self.relay_allowed:
+        relay = self.relay_allowed
+        if self.s.rcpt_check is not None:
+            verdict = self.s.rcpt_check(addr, self.txn.mail_from, relay)
+            if verdict is True:
+                relay = True
+            elif verdict is not None:
+                # a policy refusal of one recipient, not a client error: not counted
+                # towards max_errors (a bulk transaction may carry many suppressed ones)
+                self.rejections.append((verdict[0], self.txn.mail_from, [addr]))
+                self.out += verdict[1]
+                return
+        if not relay:
             self.rejections.append(("RELAY_DENIED", self.txn.mail_from, [addr]))
             self._error("RELAY_DENIED")
             return
