@@ -217,6 +217,21 @@ class Classifier:
         return v
 
     def _classify(self, code: int | None, status: str | None, text: str) -> Verdict:
+        m = _RCPT_REJECTED.search(text)
+        if m:
+            # Postfix-style "Recipient address rejected: <reason>": the reason
+            # after the colon is the verdict (an access map saying "Mailbox
+            # full" or "Internal system error"), not the words before it. An
+            # unrecognised reason falls back to the status / reply code.
+            # A bare "Access denied" there is Microsoft's directory-based edge
+            # blocking (no such recipient): only a specific reason overrides.
+            v = self._match(code, status, m.group(1))
+            if v.rule == "policy-text":
+                return self._match(code, status, text)
+            return v if v.category != "unknown" else self._match(code, status, "")
+        return self._match(code, status, text)
+
+    def _match(self, code: int | None, status: str | None, text: str) -> Verdict:
         c = code or 0
         cs = str(code) if code else ""
         for r in self._rules:
@@ -233,6 +248,9 @@ class Classifier:
                 continue
             return Verdict(r.category, r.hard and not _temporary(code, status), r.name)
         return Verdict("unknown", False, "")
+
+
+_RCPT_REJECTED = re.compile(r"recipient address rejected: ?([^.;<\n]{3,200})")
 
 
 def _temporary(code: int | None, status: str | None) -> bool:

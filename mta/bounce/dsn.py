@@ -36,6 +36,9 @@ class DsnGroup:
     def recipient(self) -> str:
         # Final-Recipient first, but only if it is a real address: some MTAs put a
         # source route, a mailbox path or a bare local part there.
+        orig = clean_address(self.get("original-recipient"))
+        if _PLAIN_ADDR.match(orig) and _rewritten(clean_address(self.get("final-recipient")), orig):
+            return orig
         for name in ("final-recipient", "x-actual-recipient", "original-recipient"):
             addr = clean_address(self.get(name))
             if _PLAIN_ADDR.match(addr):
@@ -45,6 +48,19 @@ class DsnGroup:
             if "@" in addr:
                 return addr
         return clean_address(self.get("final-recipient") or self.get("original-recipient"))
+
+
+def _rewritten(final: str, orig: str) -> bool:
+    """Final-Recipient is the receiving site's internal rewrite of the address we sent
+    to: an alias expanded to a mailbox on a host inside that domain
+    ("b@host.dept.example.edu" for "a@example.edu"), or Sun/Oracle Messaging
+    Server's message-store channel pseudo-domain ("a@ims-ms-daemon"). Then the
+    Original-Recipient is the address that failed from our side. (Any other
+    dotless domain, e.g. a "mailhub0" relay, is kept: that is what was tried.)"""
+    if "@" not in final or final.lower() == orig.lower():
+        return False
+    fdom, odom = final.rpartition("@")[2].lower(), orig.rpartition("@")[2].lower()
+    return fdom.endswith("-daemon") or fdom.endswith("." + odom)
 
 
 @dataclass(slots=True)

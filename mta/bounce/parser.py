@@ -243,7 +243,9 @@ def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "", conte
     if stage == "MAIL" and v.category in ("invalid_recipient", "invalid_domain"):
         # Refused at MAIL FROM: the wording is about OUR sender address.
         r.category, r.hard = "bad_sender", False
-    elif stage == "DATA" and r.hard:
+    elif stage == "DATA" and r.hard and not (r.status and r.status[1:] in _MAILBOX_STATUS):
+        # (A stated "bad mailbox" status outweighs the transcript: Sendmail
+        # pipelines RCPT and reports the failure at DATA.)
         # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof that the address is dead.
         r.hard = False
     if r.status is None and r.action in ("failed", "delayed"):
@@ -252,6 +254,9 @@ def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "", conte
             if r.action == "delayed" or (r.reply_code and r.reply_code < 500):
                 derived = "4" + derived[1:]
             r.status, r.status_derived = derived, True
+
+
+_MAILBOX_STATUS = frozenset({".1.1", ".1.0", ".1.2", ".1.3", ".1.6", ".1.10"})
 
 
 def _kind(rcpts: list[FailedRecipient]) -> str:
