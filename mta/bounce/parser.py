@@ -28,7 +28,7 @@ from .mime import header, html_to_text, load, part_text, text_parts
 from .original import attached_original, headers_from_text, our_message_id
 from .report import FailedRecipient, Feedback, Report
 from .sesjson import parse_ses
-from .textscan import FAILURE_TEXT, cut_original, is_delay_text, scan
+from .textscan import FAILURE_TEXT, bare_local_parts, cut_original, is_delay_text, scan
 
 __all__ = ["parse_message"]
 
@@ -177,20 +177,31 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
             _classify(r, classifier, extra=cut if not diag else "", context=cut)
             rep.recipients.append(r)
         rep.kind = _kind(rep.recipients)
+        if rep.kind == "bounce":
+            # A DSN reporting failures and, in passing, recipients still being
+            # retried: the latter have not failed (a later DSN will tell).
+            rep.recipients = [r for r in rep.recipients if r.action != "delayed"]
         rep.message_id = our_message_id(original, quoted)
         return rep
 
     # 4. non-standard bounces
     subject = header(msg, "Subject")
     sender = header(msg, "From")
-    looks_bounce = bool(_BOUNCE_FROM.search(sender) or _BOUNCE_SUBJECT.search(subject)
+    sender_addrs = _addresses(sender)
+    # A message/delivery-status part whose fields we could not use, or a
+    # MAILER-DAEMON / postmaster sender, is as telling as the usual wording
+    # (which may be in a language we do not know).
+    from_daemon = bool(sender_addrs) and is_role_address(sender_addrs[0])
+    looks_bounce = bool(_BOUNCE_FROM.search(sender) or _BOUNCE_SUBJECT.search(subject) or texts
                         or msg.get("X-Failed-Recipients") or not header(msg, "Return-Path").strip("<> "))
-    strong = bool(_BOUNCE_FROM.search(sender) and _BOUNCE_SUBJECT.search(subject))
+    strong = bool((_BOUNCE_FROM.search(sender) and _BOUNCE_SUBJECT.search(subject)) or texts or from_daemon)
     if cut and looks_bounce and (strong or FAILURE_TEXT.search(cut + " " + subject)):
         found = scan(cut, exclude)
         if not found and msg.get("X-Failed-Recipients"):
             found_addrs = _addresses(header(msg, "X-Failed-Recipients"))
             found = [type("F", (), {"address": a, "diagnostic": unfold(cut)})() for a in found_addrs]
+        if not found and sender_addrs:
+            found = bare_local_parts(cut, sender_addrs[0].rpartition("@")[2])
         if not found and attached is not None:
             # "Delivery report unavailable" (Postfix) and similar: the notice names
             # nobody, but the attached original was addressed to a single recipient.
