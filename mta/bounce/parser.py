@@ -104,10 +104,22 @@ def _addresses(value: str) -> list[str]:
     return [m.group(1).lower() for m in ADDR.finditer(value or "")]
 
 
-def _parse(data: bytes, classifier: Classifier) -> Report:
+_FORWARDED = re.compile(r"^[ \t]*(?:begin forwarded message|-+[ \t]*forwarded message[ \t]*-+)", re.I | re.M)
+
+
+def _forwarded_bounce(cut: str, quoted: str, classifier: Classifier, depth: int) -> Report | None:
+    """A bounce forwarded by a person ("Fwd: Returned mail"): the forwarded part,
+    headers and all, is the real bounce; parse it as a message of its own."""
+    if depth or not quoted or not _FORWARDED.search(cut):
+        return None
+    inner = _parse(quoted.lstrip().encode("utf-8", "surrogateescape"), classifier, depth + 1)
+    return inner if inner.recipients and inner.kind in ("bounce", "delay") else None
+
+
+def _parse(data: bytes, classifier: Classifier, depth: int = 0) -> Report:
     msg = load(data)
     notice = _unquote(_notice(msg))
-    original = attached = attached_original(msg)
+    original = attached_original(msg)
 
     # 1. feedback loops
     arf = find_feedback(msg)
@@ -184,6 +196,10 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
         rep.message_id = our_message_id(original, quoted)
         return rep
 
+    fwd = _forwarded_bounce(cut, quoted, classifier, depth)
+    if fwd is not None:
+        return fwd
+
     # 4. non-standard bounces
     subject = header(msg, "Subject")
     sender = header(msg, "From")
@@ -202,11 +218,12 @@ def _parse(data: bytes, classifier: Classifier) -> Report:
             found = [type("F", (), {"address": a, "diagnostic": unfold(cut)})() for a in found_addrs]
         if not found and sender_addrs:
             found = bare_local_parts(cut, sender_addrs[0].rpartition("@")[2])
-        if not found and attached is not None:
-            # "Delivery report unavailable" (Postfix) and similar: the notice names
-            # nobody, but the attached original was addressed to a single recipient.
-            to = _addresses(header(attached, "To"))
-            if len(to) == 1 and not header(attached, "Cc"):
+        if not found and original is not None:
+            # "Delivery report unavailable" (Postfix), an old Sendmail transcript
+            # naming only hosts, and similar: the notice names nobody, but the
+            # returned original (attached or inline) was addressed to one recipient.
+            to = _addresses(header(original, "To"))
+            if len(to) == 1 and not header(original, "Cc"):
                 found = [type("F", (), {"address": to[0], "diagnostic": unfold(cut)})()]
         if found:
             delay = is_delay_text(cut) or bool(re.search(r"\bdelay|warning", subject, re.I))
@@ -254,7 +271,7 @@ def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "", conte
     if stage == "MAIL" and v.category in ("invalid_recipient", "invalid_domain"):
         # Refused at MAIL FROM: the wording is about OUR sender address.
         r.category, r.hard = "bad_sender", False
-    elif stage == "DATA" and r.hard and not (r.status and r.status[1:] in _MAILBOX_STATUS):
+    elif stage == "DATA" and r.hard and v.category == "invalid_recipient" and not (r.status and r.status[1:] in _MAILBOX_STATUS):
         # (A stated "bad mailbox" status outweighs the transcript: Sendmail
         # pipelines RCPT and reports the failure at DATA.)
         # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof that the address is dead.
