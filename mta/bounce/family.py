@@ -12,7 +12,13 @@ import re
 __all__ = ["detect_family"]
 
 # (family, regex over "From/Subject/Received/X-Mailer/Message-Id headers + the report text").
-_SIGNATURES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((f, re.compile(p, re.I | re.M)) for f, p in (
+def _lower(p: str) -> str:
+    """Lower-case a regex's literals, not its escapes (\\b, \\d): matched against lower-cased
+    text it is case-insensitive and several times faster than re.I."""
+    return re.sub(r"\\.|[^\\]+", lambda m: m.group(0) if m.group(0)[0] == "\\" else m.group(0).lower(), p)
+
+
+_SIGNATURES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((f, re.compile(_lower(p), re.M)) for f, p in (
     ("amazonses", r"amazonses\.com|X-SES-Outgoing|Amazon SES"),
     ("amazonworkmail", r"awsapps\.com|Amazon WorkMail|X-Mailer: Amazon WorkMail"),
     ("office365", r"protection\.outlook\.com|Office ?365|outlook\.office365\.com|X-MS-Exchange-CrossTenant"),
@@ -54,7 +60,7 @@ def detect_family(msg: email.message.Message, text: str, standard: bool) -> str:
             heads.append(f"{name}: {v}")
     rcv = msg.get_all("Received") or []
     heads.extend(f"Received: {r}" for r in rcv[:2])   # the reporting side only, not the original's trail
-    blob = "\n".join(heads) + "\n" + text[:4000]
+    blob = ("\n".join(heads) + "\n" + text[:4000]).lower()
     for family, pat in _SIGNATURES:
         if pat.search(blob):
             return family
