@@ -167,3 +167,25 @@ def test_speed(classifier):
     for _ in range(50):
         parse_message(data, classifier)
     assert (time.perf_counter() - t) / 50 < 0.01   # a typical bounce parses in about a millisecond
+
+
+def test_general_layouts():
+    # A bounce forwarded by a person: the inner, quoted bounce is what counts.
+    fwd = (b"From: Person <p@example.com>\nTo: admin@example.com\nSubject: Fwd: Returned mail: see transcript\n\n"
+           b"FYI\n\nBegin forwarded message:\n\n> From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>\n"
+           b"> To: <p@example.com>\n> Subject: Returned mail: see transcript for details\n"
+           b"> Message-Id: <1@mx.example.net>\n>\n>    ----- The following addresses had permanent fatal errors -----\n"
+           b"> <gone@example.net>\n>     (reason: 550 5.1.1 <gone@example.net>... User unknown)\n")
+    rep = parse_message(fwd)
+    assert rep.kind == "bounce" and [(r.recipient, r.hard) for r in rep.recipients] == [("gone@example.net", True)]
+    # Old AOL: screen names without a domain, completed with the reporter's.
+    aol = (b"From: Mail Delivery Subsystem <MAILER-DAEMON@aol.example>\nTo: list@example.com\nSubject: Mail Delivery Problem\n\n"
+           b"Your mail to the following recipients could not be delivered because they are not accepting mail from "
+           b"list@example.com:\n\tscreenname\n")
+    assert [r.recipient for r in parse_message(aol).recipients] == ["screenname@aol.example"]
+    # Exchange X.400 form.
+    x400 = (b"From: System Administrator <postmaster@corp.example>\nSubject: Undeliverable: hello\n\n"
+            b"Your message\n  To:      list@example.com\n  Subject: hello\ndid not reach the following recipient(s):\n"
+            b"c=US;a= ;p=CORP;o=Site;dda:SMTP=Someone@Corp.Example; on Fri, 4 Oct 2002 17:12:28 -0400\n"
+            b"    The recipient name is not recognized\n")
+    assert [r.recipient.lower() for r in parse_message(x400).recipients] == ["someone@corp.example"]
