@@ -140,6 +140,11 @@ def test_shipped_rules_compile():
     (550, "5.1.1", "550 5.1.1 The email account that you tried to reach does not exist. X-Postfix-Sender: rfc822; s@example.com",
      "invalid_recipient", True),
     (None, None, "an MX or SRV record indicated no SMTP service", "invalid_domain", True),
+    # A relay's label around the quoted remote reply: the remote reply decides.
+    (550, "5.1.0", "5.1.0 - Unknown address error 550-'5.7.1 <a@example.org>... Access denied' (delivery attempts: 0)",
+     "policy", False),
+    (550, "5.1.0", "5.1.0 - Unknown address error 550-'This user doesn't exist here' (delivery attempts: 0)",
+     "invalid_recipient", True),
 ])
 def test_reason_wording(c, code, status, text, category, hard):
     v = c.classify(code, status, text)

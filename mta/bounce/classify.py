@@ -217,6 +217,16 @@ class Classifier:
         return v
 
     def _classify(self, code: int | None, status: str | None, text: str) -> Verdict:
+        q = _QUOTED_REPLY.search(text)
+        if q:
+            # A relay's own label around the remote reply it quotes (Amazon SES:
+            # "5.1.0 - Unknown address error 550-'5.7.1 <a>... Access denied'"):
+            # the remote's words and status are the verdict, not the label.
+            inner = q.group(1)
+            st = _LEADING_STATUS.match(inner)
+            v = self._classify(code, st.group(1) if st else status, inner)
+            if v.category != "unknown":   # (an apostrophe may have cut the quote short)
+                return v
         m = _RCPT_REJECTED.search(text)
         if m:
             # Postfix-style "Recipient address rejected: <reason>": the reason
@@ -250,6 +260,8 @@ class Classifier:
         return Verdict("unknown", False, "")
 
 
+_QUOTED_REPLY = re.compile(r"\b[245]\d\d[ -]'([^']{3,300})'")
+_LEADING_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
 _RCPT_REJECTED = re.compile(r"recipient address rejected: ?([^.;<\n]{3,200})")
 
 
