@@ -78,7 +78,8 @@ def parse_message(data: bytes, classifier: Classifier | None = None) -> Report:
 
 def _notice(msg: email.message.Message) -> str:
     parts = text_parts(msg)
-    plain = [p for p in parts if p.get_content_type() == "text/plain"]
+    # (split: a Content-Type missing its ";" before the charset still is text/plain)
+    plain = [p for p in parts if p.get_content_type().split()[0] == "text/plain"]
     if plain:
         return "\n\n".join(part_text(p) for p in plain)
     if parts:
