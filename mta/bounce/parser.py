@@ -272,7 +272,7 @@ def _classify(r: FailedRecipient, classifier: Classifier, extra: str = "", conte
     if stage == "MAIL" and v.category in ("invalid_recipient", "invalid_domain"):
         # Refused at MAIL FROM: the wording is about OUR sender address.
         r.category, r.hard = "bad_sender", False
-    elif stage == "DATA" and r.hard and v.category == "invalid_recipient" and not (r.status and r.status[1:] in _MAILBOX_STATUS):
+    elif stage == "DATA" and r.hard and not (r.status and r.status[1:] in _MAILBOX_STATUS):
         # (A stated "bad mailbox" status outweighs the transcript: Sendmail
         # pipelines RCPT and reports the failure at DATA.)
         # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof that the address is dead.
