@@ -6,9 +6,10 @@ An asyncio program starts and stops it and injects into it without the CLI
     async with mta.Server(mta.load_config()) as server:
         msg_id = await server.inject("a@example.com", ["b@example.org"], content)
 
-Start order: logs, spool (recovery scan: Corrupt records are logged), the
-delivery engine (recovered messages are queued again), the admin API, then
-listeners; stop order is the reverse, letting sessions that wait for a spool
+Start order: logs, spool (recovery scan: Corrupt records are logged), feedback
+(classifier, suppression list), the delivery engine (recovered messages are queued
+again; recovered returned mail goes to the bounce intake again), the admin API, the
+one-click unsubscribe endpoint, then listeners; stop order is the reverse, letting sessions that wait for a spool
 sync get their reply first. Diagnostics: start() raises OSError (cannot bind,
 cannot open the spool); everything after start is logged, not raised.
 """
@@ -19,18 +20,23 @@ import logging
 from typing import Iterable
 
 from mta.admin import AdminServer
+from mta.bounce import RulesError
+from mta.bounce_intake import BounceIntake
 from mta.delivery.control import DEFAULT_DURATION, Controls
 from mta.config import Config, ConfigError
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
 from mta.dkim.signer import DkimConfigError, Signer
+from mta.feedback import Feedback
+from mta.listener.recipients import RecipientPolicy
 from mta.listener.reception import Reception
 from mta.listener.server import Listener
 from mta.logs.records import RecordType
 from mta.logs.writer import LogWriter
 from mta.queues.scheduled import InsertReason
 from mta.spool import Spool
+from mta.unsubscribe import UnsubscribeServer
 
 log = logging.getLogger("mta.server")
 
@@ -48,6 +54,9 @@ class Server:
         self._background: set[asyncio.Task] = set()
         self.dkim: DkimStage | None = None
         self._signer: Signer | None = None
+        self.feedback: Feedback | None = None
+        self.intake: BounceIntake | None = None
+        self.unsubscribe: UnsubscribeServer | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -60,16 +69,25 @@ class Server:
         log.info("spool %s: %d messages recovered, %d corrupt records, %d torn tails",
                  self.config.spool.directory, len(found.messages), len(found.corrupt), len(found.torn))
         self.dkim = self._dkim_stage(loop)
+        try:
+            self.feedback = Feedback(self.config)
+        except RulesError as exc:
+            raise ConfigError([f"[bounces] rules: {exc}"], self.config.origin) from None
+        self.feedback.start(loop)
         self.reception = Reception(self.config, self.spool, self.logs)
+        if self.feedback.suppressions is not None or self.feedback.bounce_domain:
+            self.reception.policy = RecipientPolicy(self.feedback)
         if self.dkim is not None and self.dkim.stage == "reception":
             self.reception.dkim = self.dkim
         self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local,
-                                       self.dkim)
+                                       self.dkim, self.feedback)
         self.delivery.start(loop)
-        self.reception.on_stored = self.delivery.submit
+        if self.feedback.bounce_domain:
+            self.intake = BounceIntake(self.config, self.feedback, self.spool, self.logs)
+        self.reception.on_stored = self._stored
         for msg_id in found.messages:
-            self.delivery.submit(msg_id, found.envelopes[msg_id], found.done_rcpts.get(msg_id),
-                                 InsertReason.RECOVERED)
+            self._stored(msg_id, found.envelopes[msg_id], found.done_rcpts.get(msg_id),
+                         InsertReason.RECOVERED)
         found.envelopes.clear()  # the queue keeps compact records; envelopes stay on disk
         try:
             if self.config.admin.listen is not None:
@@ -86,6 +104,7 @@ class Server:
                      "/control/rebind": lambda a: controls.rebind(str(a.get("queue")),
                                                                   str(a.get("pool")))})
                 await self.admin.start(*self.config.admin.listen)
+            await self._start_unsubscribe()
             for cfg in self.config.listener:
                 listener = Listener(cfg, self.reception, loop)
                 await listener.start()
@@ -93,6 +112,35 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+
+    def _stored(self, msg_id: bytes, envelope: dict, done: set[int] | None = None,
+                reason: InsertReason = InsertReason.RECEIVED) -> None:
+        """A durable message (new or recovered): recipients at the bounce domain are
+        processed by the intake, the others go to delivery."""
+        if self.intake is not None:
+            idxs = [i for i in self.intake.bounce_indexes(envelope) if not done or i not in done]
+            if idxs:
+                self.intake.process(msg_id, envelope, idxs)
+                # finished like delivered recipients: a tombstone when none is left
+                done = set(done or ()) | set(idxs)
+        self.delivery.submit(msg_id, envelope, done, reason)
+
+    async def _start_unsubscribe(self) -> None:
+        u = self.config.unsubscribe
+        if u.listen is None:
+            return
+        if self.feedback.suppressions is None:
+            log.warning("[unsubscribe] listen is set but [suppression] is disabled: "
+                        "no unsubscribe endpoint")
+            return
+        ctx = None
+        if u.tls_cert:
+            import ssl
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(u.tls_cert, u.tls_key or None)
+        self.unsubscribe = UnsubscribeServer(self.feedback.suppressions, self.feedback.key,
+                                             *u.listen, ssl_context=ctx)
+        await self.unsubscribe.start()
 
     def _dkim_stage(self, loop: asyncio.AbstractEventLoop) -> DkimStage | None:
         """Load every DKIM key now: a bad key or policy hook is fatal at start."""
@@ -110,6 +158,9 @@ class Server:
         for listener in self.listeners:
             await listener.stop()
         self.listeners.clear()
+        if self.unsubscribe is not None:
+            await self.unsubscribe.stop()
+            self.unsubscribe = None
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
@@ -118,6 +169,9 @@ class Server:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.spool.close()
+        if self.feedback is not None:
+            self.feedback.close()
+            self.feedback = None
         if self._signer is not None:
             self._signer.close()
             self._signer = None

@@ -8,6 +8,10 @@ a 4xx/5xx greeting), reuses each connection for up to
 every message waiting in the ready queue is deferred (site scope), not only
 the one in hand.
 Reads message content from the spool (page cache) per attempt.
+With a bounce domain and `[bounces] verp`, MAIL FROM is the recipient's signed VERP
+address (one recipient per transaction); the envelope in the spool keeps the
+original sender. With `[unsubscribe] add_headers`, a message sent to one
+recipient gets RFC 8058 List-Unsubscribe fields (before DKIM signs it).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from mta.egress.shaping import Limits
     from mta.delivery.outcome import Outcomes
     from mta.dkim.domains import DkimStage
+    from mta.feedback import Feedback
     from mta.egress.sites import Site
     from mta.message import QueuedMessage
     from mta.queues.ready import ReadyQueue
@@ -40,8 +45,11 @@ log = logging.getLogger("mta.dispatcher")
 class Dispatcher:
     def __init__(self, ready: ReadyQueue, *, source: Source, limits: Limits, site_state: SiteState,
                  budget: ConnectionBudget, cfg: DeliveryConfig, spool: Spool, outcomes: Outcomes,
-                 loop: asyncio.AbstractEventLoop, dkim: DkimStage | None = None):
+                 loop: asyncio.AbstractEventLoop, dkim: DkimStage | None = None,
+                 feedback: Feedback | None = None):
         self.ready = ready
+        self.verp = feedback if feedback is not None and feedback.verp else None
+        self.unsubscribe = feedback if feedback is not None and feedback.add_headers else None
         self.dkim = dkim if dkim is not None and dkim.stage == "delivery" else None
         self.source = source
         self.limits = limits
@@ -252,6 +260,12 @@ class Dispatcher:
             return True  # finished meanwhile (e.g. removed by the operator)
         at = self._attempt(client)
         idxs = list(msg.rcpts)
+        if self.unsubscribe is not None and len(idxs) == 1:
+            try:
+                content = self.unsubscribe.with_unsubscribe(content, env["rcpts"][idxs[0]][0],
+                                                            env.get("tenant"))
+            except ValueError as exc:   # e.g. a base_url that is not https
+                log.warning("%s: no List-Unsubscribe: %s", msg.id_text, exc)
         if self.dkim is not None:
             specs = self.dkim.domains.for_message(content, env)
             if specs:
@@ -265,6 +279,9 @@ class Dispatcher:
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
         body_8bit = env.get("body") == "8BITMIME"   # the client core also scans the bytes
         step = self.limits.max_recipients_per_transaction
+        verp = self.verp if self.verp is not None and env["sender"] else None
+        if verp is not None:
+            step = 1    # the return path names one recipient
         if self.msg_throttle is not None:
             await self._pace(self.msg_throttle)
         if self.site_state.throttle is not None:
@@ -274,7 +291,8 @@ class Dispatcher:
             chunk = idxs[start:start + step]
             rcpts = [tuple(env["rcpts"][i]) for i in chunk]
             try:
-                result = await client.send(env["sender"], rcpts, content, body_8bit=body_8bit,
+                sender = verp.verp_sender(msg.id, chunk[0]) if verp else env["sender"]
+                result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
                                            smtputf8=bool(env.get("smtputf8")), ret=env.get("ret"),
                                            envid=env.get("envid"))
             except SessionError as exc:

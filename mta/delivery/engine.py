@@ -35,6 +35,7 @@ from mta.queues.scheduled import InsertReason, ScheduledQueue, Scheduler
 if TYPE_CHECKING:
     from mta.config import Config
     from mta.dkim.domains import DkimStage
+    from mta.feedback import Feedback
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
@@ -43,8 +44,10 @@ log = logging.getLogger("mta.delivery")
 
 class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
-                 inject: Callable[[str, list[str], bytes], Any], dkim: DkimStage | None = None):
+                 inject: Callable[[str, list[str], bytes], Any], dkim: DkimStage | None = None,
+                 feedback: Feedback | None = None):
         d = config.delivery
+        self.feedback = feedback
         self.dkim = dkim
         self.config = config
         self.spool = spool
@@ -65,7 +68,7 @@ class DeliveryEngine:
         self.retry = RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
         self.outcomes = Outcomes(spool=spool, scheduler=self.scheduler, logs=logs, retry=self.retry,
                                  inject=inject, hostname=config.server.hostname,
-                                 delay_dsn_after=d.delay_dsn_after)
+                                 delay_dsn_after=d.delay_dsn_after, feedback=feedback)
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -127,7 +130,7 @@ class DeliveryEngine:
         ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes)
         d = Dispatcher(ready, source=source, limits=limits, site_state=state, budget=self.budget,
                        cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
-                       loop=self.loop, dkim=self.dkim)
+                       loop=self.loop, dkim=self.dkim, feedback=self.feedback)
         state.dispatchers.append(d)
         return d
 
@@ -159,14 +162,18 @@ class DeliveryEngine:
             "wheel": self.scheduler.wheel.count,
             "inserts": {r.value: n for r, n in self.scheduler.inserts.items()},
             "outcomes": dict(self.outcomes.counters),
+            # hard bounces and complaints per "source|site" (complaints: "source|domain")
+            "feedback": self.feedback.summary() if self.feedback is not None else {},
         }
 
     def shaping_state(self) -> list[dict]:
         """Live state per (source, site): limits in force, connections, throughput, pauses."""
         now = time.time()
         out = []
+        counts = self.feedback.counts if self.feedback is not None else {}
         for (source, site), d in self.dispatchers.items():
             lim = d.limits
+            fb = counts.get((source, site)) or {}
             out.append({
                 "source": source, "site": site, "matched": list(lim.matched),
                 "connections": d.active, "peak_connections": d.peak,
@@ -178,6 +185,7 @@ class DeliveryEngine:
                                         if lim.max_connection_rate else None),
                 "max_deliveries_per_connection": lim.max_deliveries_per_connection,
                 "tls": lim.tls, "ready": len(d.ready), "sent": d.sent,
+                "hard_bounces": fb.get("hard_bounces", 0), "complaints": fb.get("complaints", 0),
                 "paused_until": d.paused_until(now) or None})
         return out
 

@@ -10,6 +10,9 @@ and (optionally) delays, honouring NOTIFY and RET; never to the null sender.
 Scope of an error (Postfix smtp_trouble.c): a recipient reply touches that
 recipient; a session error or a DNS failure touches every recipient of the
 entry (and the dispatcher defers the rest of the site's ready queue).
+Every Bounce and TransientFailure record carries the classifier's `category` and
+`hard` (mta/bounce/classify.py); a hard bounce suppresses the recipient (global
+scope) and counts against its (source, site) in Feedback.counts.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from mta.queues.scheduled import InsertReason
 from mta.rfc3464 import RecipientStatus, build_dsn, should_notify
 
 if TYPE_CHECKING:
+    from mta.feedback import Feedback
     from mta.logs.writer import LogWriter
     from mta.queues.retry import RetryPolicy
     from mta.queues.scheduled import Scheduler
@@ -51,7 +55,8 @@ class Attempt:
 
 class Outcomes:
     def __init__(self, *, spool: Spool, scheduler: Scheduler, logs: LogWriter | None,
-                 retry: RetryPolicy, inject: InjectFn, hostname: str, delay_dsn_after: float):
+                 retry: RetryPolicy, inject: InjectFn, hostname: str, delay_dsn_after: float,
+                 feedback: Feedback | None = None):
         self.spool = spool
         self.scheduler = scheduler
         self.logs = logs
@@ -59,6 +64,7 @@ class Outcomes:
         self.inject = inject
         self.hostname = hostname
         self.delay_dsn_after = delay_dsn_after
+        self.feedback = feedback
         self.open_entries: dict[bytes, int] = {}   # id -> entries still queued, when > 1
         self.counters = {"delivered": 0, "bounced": 0, "deferred": 0, "expired": 0}
 
@@ -160,11 +166,20 @@ class Outcomes:
 
     def _log(self, rtype: RecordType, msg: QueuedMessage, env: dict | None, idx: int,
              reply: Any, at: Attempt | None) -> None:
+        rcpt = env["rcpts"][idx][0] if env is not None else None
+        extra = {}
+        fb = self.feedback
+        if fb is not None and (rtype is RecordType.BOUNCE
+                               or rtype is RecordType.TRANSIENT_FAILURE):
+            verdict = fb.classifier.classify(reply.code, reply.status or None, reply.text)
+            extra = {"category": verdict.category, "hard": verdict.hard}
+            if verdict.hard and rtype is RecordType.BOUNCE and rcpt:
+                fb.hard_bounce(rcpt, at.source if at else "", at.site if at else "",
+                               f"{reply.code} {reply.status} {verdict.category}")
         if self.logs is None:
             return
         now = time.time()
-        rcpt = env["rcpts"][idx][0] if env is not None else None
-        self.logs.log(rtype, id=msg.id_text, queue=msg.queue.name, recipient=rcpt,
+        self.logs.log(rtype, **extra, id=msg.id_text, queue=msg.queue.name, recipient=rcpt,
                       sender=env["sender"] if env is not None else None,
                       source=at.source if at else None, site=at.site if at else None,
                       mx=at.mx if at else None, ip=at.ip if at else None,

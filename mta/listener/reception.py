@@ -25,6 +25,7 @@ from mta.replies import REPLIES, reply
 
 if TYPE_CHECKING:
     from mta.config import Config
+    from mta.listener.recipients import RecipientPolicy
     from mta.listener.session import SmtpSession
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
@@ -61,6 +62,8 @@ class Reception:
         self.on_stored: Callable[[bytes, dict], None] | None = None
         # DKIM at reception (signing.stage = "reception"): sign before the spool write.
         self.dkim: Any = None
+        # Suppression and the bounce domain (mta/listener/recipients.py); None: neither.
+        self.policy: RecipientPolicy | None = None
 
     def _now_rfc5322(self) -> str:
         now = int(time.time())
@@ -103,12 +106,41 @@ class Reception:
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
+        if self.policy is not None and self.policy.suppressions is not None:
+            refusal = self._drop_suppressed(txn, session)
+            if refusal is not None:
+                fut = session.listener.loop.create_future()
+                fut.set_result(refusal)
+                return fut
         if self.dkim is not None:
             specs = self.dkim.domains.for_message(txn.data, {"sender": txn.mail_from,
                                                              "rcpts": txn.rcpts})
             if specs:
                 return self._sign_then_accept(txn, session, specs)
         return self._accept(txn, session, txn.data)
+
+    def _drop_suppressed(self, txn, session: SmtpSession) -> bytes | None:
+        """Remove recipients suppressed for this tenant (known only now) or, with
+        on_match = "drop", in any scope; a reply when none is left."""
+        tenant = self._x_values(txn.data).get("tenant")
+        if self.policy.reject and not tenant:
+            return None   # global and domain scopes were refused at RCPT
+        dropped = self.policy.filter(txn.rcpts, txn.mail_from, tenant)
+        for addr, scope, reason in dropped:
+            if self._rejection_logs is not None:
+                self._rejection_logs.log(RecordType.SUPPRESSED, sender=txn.mail_from,
+                                         recipient=addr, scope=scope, reason=reason,
+                                         client_ip=session.peer_ip,
+                                         listener=session.listener.name)
+        if txn.rcpts:
+            return None
+        if self.policy.reject:   # after DATA only the whole message can be refused
+            self._log_rejection("SUPPRESSED", txn.mail_from, [a for a, _, _ in dropped],
+                                session.peer_ip, session.listener.name)
+            return reply("SUPPRESSED", dropped[0][0].encode("ascii", "replace").decode(),
+                         dropped[0][2])
+        # "drop": the client sees an ordinary acceptance; nothing is stored
+        return reply("QUEUED", id_text(new_id()))
 
     def _sign_then_accept(self, txn, session: SmtpSession, specs: list) -> asyncio.Future:
         result = session.listener.loop.create_future()

@@ -36,6 +36,8 @@ class Listener:
             max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
             max_junk_commands=cfg.max_junk_commands,
             max_messages_per_session=cfg.max_messages_per_session)
+        if reception.policy is not None:   # bounce domain / suppression at RCPT
+            self.settings.rcpt_check = reception.policy.rcpt_check
         self._relay = [ipaddress.ip_network(n) for n in cfg.relay_cidrs]
         self._relay_cache: dict[str, bool] = {}
         self.sessions: set[SmtpSession] = set()

@@ -19,6 +19,7 @@ class RecordType(str, Enum):
     ADMIN_BOUNCE = "AdminBounce"           # an operator removed a message
     OOB = "OOB"                            # an out-of-band bounce was received
     FEEDBACK = "Feedback"                  # an ARF complaint was received
+    SUPPRESSED = "Suppressed"              # a suppressed recipient was dropped at reception
     CORRUPT = "Corrupt"                    # a spool record failed its checks at start
 
 
@@ -29,5 +30,11 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                            "protocol"),
     RecordType.REJECTION: ("sender", "recipients", "client_ip", "listener", "code", "status",
                            "reason", "time"),
+    RecordType.SUPPRESSED: ("sender", "recipient", "scope", "reason", "client_ip", "listener",
+                            "time"),
+    RecordType.OOB: ("id", "bounce_id", "recipient", "status", "category", "hard", "family",
+                     "reporting_mta", "kind", "verp", "suppressed", "time"),
+    RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "source_ip",
+                          "source", "tenant", "suppressed", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
 }

@@ -1,0 +1,110 @@
+"""Out-of-band intake: returned mail addressed to the bounce domain, processed locally.
+
+Where it sits: Server hands every durable message (new or recovered) whose
+recipients include addresses at `[bounces] domain` here instead of to delivery;
+the message was spooled like any other before its 250, so nothing accepted is
+lost. `process()` parses it with mta.bounce, decodes the VERP recipient (our
+message id + recipient index, signed: only return paths we minted decode),
+writes one OOB record per failed recipient or one Feedback record for an ARF
+report, suppresses hard bounces and complaints, and returns; the caller then
+finishes those recipients in the spool (tombstone). A crash before that leaves
+the message live, recovery brings it back and it is processed again
+(at-least-once: a record may repeat, a suppression is idempotent).
+
+Trust: everything here comes from the Internet. A hard bounce suppresses only
+when its VERP address decodes (or VERP is off, when nothing can be checked), so
+a forged DSN to a guessed address suppresses nobody. Auto-replies and delay
+notices are logged, never suppress. XXX: parsing runs on the loop thread; a
+very large returned message costs milliseconds there.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from mta.bounce import parse_message
+from mta.ids import id_text
+from mta.logs.records import RecordType
+
+if TYPE_CHECKING:
+    from mta.config import Config
+    from mta.feedback import Feedback
+    from mta.logs.writer import LogWriter
+    from mta.spool import Spool
+
+log = logging.getLogger("mta.bounce_intake")
+
+
+def _domain(address: str | None) -> str:
+    return (address or "").rpartition("@")[2].lower()
+
+
+class BounceIntake:
+    def __init__(self, config: Config, feedback: Feedback, spool: Spool, logs: LogWriter | None):
+        self.feedback = feedback
+        self.spool = spool
+        self.logs = logs
+        self.tenant_header = config.reception.tenant_header
+        # complaint reports name the sending IP; operators think in [[source]] names
+        self.sources = {s.address: s.name for s in config.source}
+        self.processed = 0
+
+    def bounce_indexes(self, env: dict) -> list[int]:
+        dom = self.feedback.bounce_domain
+        if not dom:
+            return []
+        return [i for i, r in enumerate(env["rcpts"]) if _domain(r[0]) == dom]
+
+    def process(self, msg_id: bytes, env: dict, idxs: list[int]) -> None:
+        """Handle the message for its bounce-domain recipients `idxs` (never raises)."""
+        try:
+            _, content = self.spool.read(msg_id)
+        except KeyError:
+            return
+        try:
+            self._process(env, idxs, bytes(content))
+        except Exception:   # a parser bug must not keep the message (or the loop) stuck
+            log.exception("cannot process returned message %s", env.get("id"))
+            self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="error")
+        self.processed += 1
+
+    def _process(self, env: dict, idxs: list[int], content: bytes) -> None:
+        fb = self.feedback
+        report = parse_message(content, fb.classifier)
+        ours = next((d for i in idxs if (d := fb.decode_verp(env["rcpts"][i][0]))), None)
+        orig_id = id_text(ours[0]) if ours else report.message_id
+        trusted = ours is not None or not fb.verp
+        tenant = None
+        if report.original_headers is not None and self.tenant_header:
+            tenant = report.original_headers.get(self.tenant_header)
+            tenant = str(tenant).strip() or None if tenant is not None else None
+        base = {"id": orig_id, "bounce_id": env.get("id"), "kind": report.kind,
+                "family": report.family, "reporting_mta": report.reporting_mta,
+                "verp": ours is not None, "verp_index": ours[1] if ours else None}
+        if report.kind == "feedback" and report.feedback is not None:
+            f = report.feedback
+            rcpt = f.original_rcpt_to or (report.recipients[0].recipient
+                                          if report.recipients else None)
+            rcpt = rcpt.strip().strip("<>").strip() or None if rcpt else None
+            source = self.sources.get(f.source_ip or "", "")
+            scope = fb.complaint(rcpt, tenant, source, _domain(rcpt)) if rcpt else None
+            self._log(RecordType.FEEDBACK, **base, feedback_type=f.feedback_type, recipient=rcpt, source_ip=f.source_ip,
+                      source=source or None, tenant=tenant, suppressed=scope)
+            return
+        if not report.recipients:
+            # auto-replies and unrecognised mail: logged as such, nobody suppressed
+            self._log(RecordType.OOB, **base, recipient=None, suppressed=None)
+            return
+        for r in report.recipients:
+            suppressed = None
+            if report.kind == "bounce" and r.hard and trusted:
+                if fb.hard_bounce(r.recipient, "", _domain(r.recipient),
+                                  f"oob {r.status or ''} {r.category}"):
+                    suppressed = "global"
+            self._log(RecordType.OOB, **base, recipient=r.recipient, status=r.status,
+                      code=r.reply_code, category=r.category, hard=r.hard, action=r.action,
+                      remote_mta=r.remote_mta, suppressed=suppressed)
+
+    def _log(self, rtype: RecordType, **fields) -> None:
+        if self.logs is not None:
+            self.logs.log(rtype, **fields)

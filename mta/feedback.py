@@ -1,0 +1,143 @@
+"""Feedback state shared by reception, delivery and the bounce intake (issue 5).
+
+One `Feedback` per Server holds what those stages share: the reply classifier
+(mta/bounce, operator rule files re-read on a timer), the suppression list
+(mta/suppression, one SQLite connection used from the loop thread only), the
+secret that signs VERP return paths and unsubscribe tokens (the suppression key
+file), and counters of hard bounces and complaints per (source, site) for the
+shaping layer and the admin API. It decides nothing about SMTP itself: the
+recipient policy (mta/listener/recipients.py), Outcomes, the Dispatcher and the
+intake (mta/bounce_intake.py) call it.
+
+Diagnostics: a bad rule file at start raises ConfigError (through Server); a bad
+rule file later is logged and the previous rules stay in force. A failing
+suppression write is logged, never raised into delivery.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from mta import verp
+from mta.bounce import Classifier, RulesError
+from mta.suppression import SuppressionList, load_or_create_key
+from mta.unsubscribe import list_unsubscribe_headers
+
+if TYPE_CHECKING:
+    from mta.config import Config
+
+log = logging.getLogger("mta.feedback")
+
+RULES_RELOAD_INTERVAL = 3.0        # seconds between mtime checks of the operator rule files
+_LIST_UNSUB = re.compile(rb"(?im)^list-unsubscribe:")
+
+
+class Feedback:
+    def __init__(self, config: Config):
+        b, s, u = config.bounces, config.suppression, config.unsubscribe
+        self.classifier = Classifier(b.rules)    # raises RulesError on a bad file
+        self.bounce_domain = b.domain.strip().lower()
+        self.verp_prefix = b.verp_prefix.lower()
+        self.verp = bool(self.bounce_domain and b.verp)
+        self.on_match = s.on_match
+        self.hard_bounce_expiry = s.hard_bounce_expiry
+        self.complaint_scope = s.complaint_scope
+        self.add_headers = bool(u.add_headers and u.base_url)
+        self.base_url = u.base_url
+        need_key = s.enabled or self.bounce_domain or u.listen is not None or self.add_headers
+        self.key = load_or_create_key(s.key_file) if need_key else b""
+        self.suppressions = SuppressionList(s.store, self.key) if s.enabled else None
+        # (source, site) -> counters, read by DeliveryEngine.shaping_state() and summary()
+        self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
+            lambda: {"hard_bounces": 0, "complaints": 0})
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = loop.call_later(RULES_RELOAD_INTERVAL, self._reload, loop)
+
+    def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            if self.classifier.reload_if_changed():
+                log.info("bounce rules reloaded")
+        except RulesError as exc:   # classify.py logged it too; the old rules stay
+            log.error("bad bounce rule file, previous rules kept: %s", exc)
+        except Exception:
+            log.exception("bounce rules reload failed, previous rules kept")
+        self._timer = loop.call_later(RULES_RELOAD_INTERVAL, self._reload, loop)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.suppressions is not None:
+            self.suppressions.close()
+            self.suppressions = None
+
+    # -- suppression ---------------------------------------------------------------------
+
+    def suppress(self, address: str, scope: str, reason: str, expires: int | None = None,
+                 note: str = "") -> bool:
+        """Add an entry; False (and a log line) when the store failed or is disabled."""
+        if self.suppressions is None or not address:
+            return False
+        try:
+            self.suppressions.add(address, scope=scope, reason=reason, expires=expires,
+                                  note=note[:200])
+            return True
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("cannot add a %s suppression (%s): %s", reason, scope, exc)
+            return False
+
+    def hard_bounce(self, address: str, source: str, site: str, note: str = "") -> bool:
+        self.counts[(source, site)]["hard_bounces"] += 1
+        expiry = self.hard_bounce_expiry
+        expires = int(time.time() + expiry) if expiry else None
+        return self.suppress(address, "global", "hard_bounce", expires, note)
+
+    def complaint(self, address: str, tenant: str | None, source: str, site: str) -> str | None:
+        """Suppress after a complaint; returns the scope used (None: not suppressed)."""
+        self.counts[(source, site)]["complaints"] += 1
+        scope = f"tenant:{tenant}" if tenant and self.complaint_scope == "tenant" else "global"
+        return scope if self.suppress(address, scope, "complaint") else None
+
+    # -- outbound ------------------------------------------------------------------------
+
+    def verp_sender(self, msg_id: bytes, index: int) -> str:
+        return verp.encode(msg_id, index, self.key, self.verp_prefix, self.bounce_domain)
+
+    def decode_verp(self, address: str) -> tuple[bytes, int] | None:
+        if not self.bounce_domain:
+            return None
+        return verp.decode(address, self.key, self.verp_prefix, self.bounce_domain)
+
+    def with_unsubscribe(self, content, address: str, tenant: str | None):
+        """`content` with RFC 8058 headers for `address`, unless it has List-Unsubscribe.
+        The headers go below our leading trace fields (Received stays on top)."""
+        end = content.find(b"\r\n\r\n")
+        head = bytes(content[:end + 2 if end >= 0 else len(content)])
+        if _LIST_UNSUB.search(head):
+            return content
+        scope = f"tenant:{tenant}" if tenant else "global"
+        fields = list_unsubscribe_headers(address, scope, self.key, self.base_url)
+        block = "".join(f"{k}: {v}\r\n" for k, v in fields).encode("ascii")
+        pos = 0
+        while head.startswith(b"Received:", pos):     # skip our trace field(s) and folds
+            nl = head.find(b"\r\n", pos)
+            while nl >= 0 and head[nl + 2:nl + 3] in (b" ", b"\t"):
+                nl = head.find(b"\r\n", nl + 2)
+            if nl < 0:
+                break
+            pos = nl + 2
+        return bytes(content[:pos]) + block + bytes(content[pos:])
+
+    # -- operator view -------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        return {f"{src}|{site}": dict(c) for (src, site), c in self.counts.items()}

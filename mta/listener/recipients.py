@@ -1,0 +1,68 @@
+"""Recipient policy beyond relay_cidrs: the bounce domain and the suppression list.
+
+At RCPT (through `ServerSettings.rcpt_check`, called by the native core only when
+this policy exists, so a daemon without suppression or bounce domain pays nothing):
+- an address at `[bounces] domain` is accepted from any client (returned mail comes
+  from everywhere) and later handed to the bounce intake instead of delivery;
+- a suppressed address (global or domain:<sender domain> scope) is refused with
+  550 5.7.1 when `on_match = "reject"`; with "drop" it is accepted here and removed
+  at end of data.
+At end of data (`filter()`), when the tenant is known: tenant-scoped entries (and,
+for "drop", every scope) remove the recipient, each with a Suppressed log record.
+Logs name the address (our own logs), never its hash key.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mta.replies import REPLIES
+
+if TYPE_CHECKING:
+    from mta.feedback import Feedback
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class RecipientPolicy:
+    def __init__(self, feedback: Feedback):
+        self.feedback = feedback
+        self.bounce_domain = feedback.bounce_domain
+        self.suppressions = feedback.suppressions
+        self.reject = feedback.on_match == "reject"
+
+    def is_bounce_address(self, address: str) -> bool:
+        return bool(self.bounce_domain) and _domain(address) == self.bounce_domain
+
+    def rcpt_check(self, address: str, sender: str, relay_allowed: bool):
+        """The native core's hook: None, True (accept from anyone) or (name, reply line)."""
+        if self.bounce_domain and _domain(address) == self.bounce_domain:
+            return True
+        if self.suppressions is None or not self.reject:
+            return None
+        entry = self.suppressions.check(address, sender_domain=_domain(sender) or None)
+        if entry is None:
+            return None
+        shown = "".join(c if " " < c < "\x7f" else "?" for c in address[:256])   # ASCII reply
+        return "SUPPRESSED", REPLIES["SUPPRESSED"].line(shown, entry.reason)
+
+    def filter(self, rcpts: list, sender: str, tenant: str | None) -> list[tuple[str, str, str]]:
+        """Remove suppressed recipients from `rcpts` in place; returns (address, scope,
+        reason) of each one removed."""
+        if self.suppressions is None:
+            return []
+        if self.reject and not tenant:
+            return []    # global and domain scopes were refused at RCPT already
+        kept, dropped = [], []
+        sender_domain = _domain(sender) or None
+        for r in rcpts:
+            entry = None if self.is_bounce_address(r[0]) else self.suppressions.check(
+                r[0], tenant=tenant, sender_domain=sender_domain)
+            if entry is None:
+                kept.append(r)
+            else:
+                dropped.append((r[0], entry.scope, entry.reason))
+        if dropped:
+            rcpts[:] = kept
+        return dropped
