@@ -49,7 +49,10 @@ class Dispatcher:
                  feedback: Feedback | None = None):
         self.ready = ready
         self.verp = feedback if feedback is not None and feedback.verp else None
-        self.unsubscribe = feedback if feedback is not None and feedback.add_headers else None
+        # a message signed at reception cannot take new header fields without breaking
+        # its signature (List-Unsubscribe is in the signed set), so none are added then
+        self.unsubscribe = (feedback if feedback is not None and feedback.add_headers
+                            and not (dkim is not None and dkim.stage == "reception") else None)
         self.dkim = dkim if dkim is not None and dkim.stage == "delivery" else None
         self.source = source
         self.limits = limits
