@@ -107,6 +107,11 @@ def _reply(t: tuple[int, str, str] | None) -> RemoteReply | None:
 class SmtpClient(asyncio.Protocol):
     """One outbound SMTP session. Build it with `await SmtpClient.connect(...)`."""
 
+    # Slots: tens of thousands of these can be open at once (bench/egress_conns.py).
+    __slots__ = ("loop", "core", "timeouts", "destination", "peer", "local", "mx_name",
+                 "_tls_context", "_server_hostname", "_transport", "_timer", "_timer_key",
+                 "_waiter", "_error", "_result", "_starttls", "_closed", "_busy")
+
     def __init__(self, core: ClientCore, timeouts: Timeouts, destination: str,
                  tls_context: ssl.SSLContext | None, server_hostname: str | None):
         self.loop = asyncio.get_running_loop()
@@ -115,6 +120,7 @@ class SmtpClient(asyncio.Protocol):
         self.destination = destination     # "ip:port" for messages
         self.peer: tuple[str, int] = ("", 0)    # remote address and port
         self.local: tuple[str, int] = ("", 0)   # our (egress source) address and port
+        self.mx_name = ""                   # the MX host name (set by the dispatcher)
         self._tls_context = tls_context
         self._server_hostname = server_hostname
         self._transport: asyncio.Transport | None = None

@@ -226,7 +226,7 @@ class Dispatcher:
                         address, port, source=self.source.address,
                         ehlo_name=self.source.ehlo_name, timeouts=self.timeouts,
                         tls="off" if self.limits.tls == "off" else "opportunistic")
-                    client.mx_name = host.name  # type: ignore[attr-defined]
+                    client.mx_name = host.name
                     if self.limits.tls == "required" and not client.tls:
                         client.abort()
                         last = SessionError(f"{host.name} [{address}]: TLS is required for this "
@@ -243,7 +243,7 @@ class Dispatcher:
     def _attempt(self, client: SmtpClient | None) -> Attempt:
         at = Attempt(self.source.name, self.site.name)
         if client is not None:
-            at.mx = getattr(client, "mx_name", "")
+            at.mx = client.mx_name
             at.ip = client.peer[0]
         return at
 

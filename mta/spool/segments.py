@@ -127,6 +127,9 @@ class Spool:
             return fut
         self._waiting[ticket] = (fut, msg_id)
         if self._hot_limit:
+            # orjson's bytes keep their whole output buffer (4 KiB+ for a 200-byte
+            # envelope): an exact-size copy is what the cache should hold.
+            env = bytes(memoryview(env))
             self._hot[msg_id] = (env, trace, content)
             self._hot_bytes += _hot_size(env, trace, content)
         while self._hot_bytes > self._hot_limit:
