@@ -9,7 +9,8 @@ shaping layer and the admin API. It decides nothing about SMTP itself: the
 recipient policy (mta/listener/recipients.py), Outcomes, the Dispatcher and the
 intake (mta/bounce_intake.py) call it.
 
-Diagnostics: a bad rule file at start raises ConfigError (through Server); a bad
+Diagnostics: a bad rule file (RulesError) or VERP prefix (ValueError) at start
+becomes a ConfigError in Server; a bad
 rule file later is logged and the previous rules stay in force. A failing
 suppression write is logged, never raised into delivery.
 """
@@ -51,6 +52,8 @@ class Feedback:
         self.base_url = u.base_url
         need_key = s.enabled or self.bounce_domain or u.listen is not None or self.add_headers
         self.key = load_or_create_key(s.key_file) if need_key else b""
+        if self.verp:   # a bad prefix fails here, at start, not at the first send
+            verp.encode(bytes(16), 999999, self.key, self.verp_prefix, self.bounce_domain)
         self.suppressions = SuppressionList(s.store, self.key) if s.enabled else None
         # (source, site) -> counters, read by DeliveryEngine.shaping_state() and summary()
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(

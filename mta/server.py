@@ -73,6 +73,8 @@ class Server:
             self.feedback = Feedback(self.config)
         except RulesError as exc:
             raise ConfigError([f"[bounces] rules: {exc}"], self.config.origin) from None
+        except ValueError as exc:
+            raise ConfigError([f"[bounces] verp_prefix: {exc}"], self.config.origin) from None
         self.feedback.start(loop)
         self.reception = Reception(self.config, self.spool, self.logs)
         if self.feedback.suppressions is not None or self.feedback.bounce_domain:
@@ -137,7 +139,7 @@ class Server:
         if u.tls_cert:
             import ssl
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(u.tls_cert, u.tls_key or None)
+            ctx.load_cert_chain(u.tls_cert, u.tls_key)
         self.unsubscribe = UnsubscribeServer(self.feedback.suppressions, self.feedback.key,
                                              *u.listen, ssl_context=ctx)
         await self.unsubscribe.start()

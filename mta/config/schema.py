@@ -198,6 +198,14 @@ def _parse_header_name(value: object, base: Path) -> str:
     return text
 
 
+def _parse_optional_hostname(value: object, base: Path) -> str:
+    return "" if value == "" else _parse_hostname(value, base).lower()
+
+
+def _parse_optional_path(value: object, base: Path) -> Path | None:
+    return None if value == "" else _parse_path(value, base)
+
+
 def _parse_ip(value: object, base: Path) -> str:
     text = _parse_str(value, base)
     try:
@@ -405,6 +413,8 @@ CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key"
 TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
 HOSTNAME = ValueType("hostname", _parse_hostname,
                      f"DNS hostname: {_HOSTNAME_RULES}, at most 253 characters")
+OPTIONAL_HOSTNAME = ValueType("hostname or \"\"", _parse_optional_hostname,
+                              "a DNS hostname (as for hostname), or \"\" for none")
 HEADER_NAME = ValueType("header", _parse_header_name,
                         "header field name (RFC 5322 3.6.8); empty string disables")
 INT = ValueType("int", _parse_int, "a TOML integer (not a float, not a boolean)")
@@ -416,6 +426,8 @@ DURATION = ValueType("duration", parse_duration, "seconds as an integer or float
 PATH = ValueType("path", _parse_path, "a string; ~ is the home directory, relative paths "
                  "resolve against the config file's directory (the working directory for "
                  "the built-in default)")
+OPTIONAL_PATH = ValueType("path or \"\"", _parse_optional_path, "a path (as for path), or "
+                          "\"\" for none")
 IP_ADDRESS = ValueType("ip address", _parse_ip, "an IPv4 or IPv6 address string")
 CIDR_LIST = ValueType("cidr list", _parse_cidrs, "an array of strings like \"10.0.0.0/8\"; "
                       "host bits are ignored")
@@ -436,8 +448,8 @@ WEIGHTED = ValueType("weighted sources", _parse_weighted, "an array of source na
 PATH_LIST = ValueType("path list", _parse_path_list, "an array of file paths (relative to "
                       "the config file's directory)")
 RATE = ValueType("rate", parse_rate, RATE_HELP + ", or \"\" for no limit")
-VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, HEADER_NAME, INT, BOOL, SIZE, DURATION, PATH,
-               IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR,
+VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, OPTIONAL_HOSTNAME, HEADER_NAME, INT, BOOL, SIZE,
+               DURATION, PATH, OPTIONAL_PATH, IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR,
                NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE)
 
 
@@ -735,11 +747,12 @@ class DkimConfig:
 class BouncesConfig:
     """Returned mail: the bounce domain (VERP, out-of-band intake) and the reply classifier."""
 
-    domain: str = key(TEXT, "", "bounce domain: mail to it is parsed locally as DSN/ARF, "
+    domain: str = key(OPTIONAL_HOSTNAME, "", "bounce domain: mail to it is parsed locally as DSN/ARF, "
                       "never relayed; \"\" turns out-of-band intake and VERP off")
     verp: bool = key(BOOL, True, "send with a signed VERP return path at the bounce domain "
                      "(one recipient per transaction)")
-    verp_prefix: str = key(NAME, "b", "local-part prefix of VERP return paths")
+    verp_prefix: str = key(NAME, "b", "local-part prefix of VERP return paths (lowercase "
+                           "letters, digits and inner hyphens, at most 14 characters)")
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
                                   "the shipped mta/bounce/rules.toml; re-read when they change")
 
@@ -772,9 +785,9 @@ class UnsubscribeConfig:
                                          "\"\" disables")
     base_url: str = key(TEXT, "", "public https URL of the endpoint, e.g. "
                         "\"https://unsub.example.com\"")
-    tls_cert: str = key(TEXT, "", "certificate chain (PEM) when the endpoint serves https "
+    tls_cert: Path | None = key(OPTIONAL_PATH, "", "certificate chain (PEM) when the endpoint serves https "
                         "itself; empty: plain HTTP behind a TLS proxy")
-    tls_key: str = key(TEXT, "", "private key (PEM) for tls_cert")
+    tls_key: Path | None = key(OPTIONAL_PATH, "", "private key (PEM) for tls_cert")
     add_headers: bool = key(BOOL, False, "add List-Unsubscribe and List-Unsubscribe-Post to "
                             "outgoing single-recipient messages that lack them")
 
