@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mta.bounce import parse_message
+from mta.egress.pools import DEFAULT_SOURCE
 from mta.ids import id_text
 from mta.logs.records import RecordType
 
@@ -87,7 +88,9 @@ class BounceIntake:
                                           if report.recipients else None)
             rcpt = rcpt.strip().strip("<>").strip() or None if rcpt else None
             source = self.sources.get(f.source_ip or "", "")
-            scope = fb.complaint(rcpt, tenant, source, _domain(rcpt)) if rcpt else None
+            # without [[source]] tables everything leaves from the default source
+            counted = source or ("" if self.sources else DEFAULT_SOURCE)
+            scope = fb.complaint(rcpt, tenant, counted, fb.site_for(rcpt)) if rcpt else None
             self._log(RecordType.FEEDBACK, **base, feedback_type=f.feedback_type, recipient=rcpt, source_ip=f.source_ip,
                       source=source or None, tenant=tenant, suppressed=scope)
             return
@@ -98,7 +101,8 @@ class BounceIntake:
         for r in report.recipients:
             suppressed = None
             if report.kind == "bounce" and r.hard and trusted:
-                if fb.hard_bounce(r.recipient, "", _domain(r.recipient),
+                # a DSN does not say which source sent the original
+                if fb.hard_bounce(r.recipient, "", fb.site_for(r.recipient),
                                   f"oob {r.status or ''} {r.category}"):
                     suppressed = "global"
             self._log(RecordType.OOB, **base, recipient=r.recipient, status=r.status,

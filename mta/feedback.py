@@ -22,7 +22,7 @@ import re
 import sqlite3
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mta import verp
 from mta.bounce import Classifier, RulesError
@@ -59,6 +59,8 @@ class Feedback:
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
             lambda: {"hard_bounces": 0, "complaints": 0})
         self._timer: asyncio.TimerHandle | None = None
+        # domain -> site name from the resolver's cache (set by Server once delivery runs)
+        self.site_of: Callable[[str], str | None] = lambda domain: None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -109,6 +111,11 @@ class Feedback:
         self.counts[(source, site)]["complaints"] += 1
         scope = f"tenant:{tenant}" if tenant and self.complaint_scope == "tenant" else "global"
         return scope if self.suppress(address, scope, "complaint") else None
+
+    def site_for(self, address: str | None) -> str:
+        """The site an address's mail goes to when known, else its domain."""
+        domain = (address or "").rpartition("@")[2].lower()
+        return self.site_of(domain) or domain
 
     # -- outbound ------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Server:
         self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local,
                                        self.dkim, self.feedback)
         self.delivery.start(loop)
+        self.feedback.site_of = self.delivery.resolver.cached_site_name
         if self.feedback.bounce_domain:
             self.intake = BounceIntake(self.config, self.feedback, self.spool, self.logs)
         self.reception.on_stored = self._stored

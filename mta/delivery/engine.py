@@ -162,7 +162,8 @@ class DeliveryEngine:
             "wheel": self.scheduler.wheel.count,
             "inserts": {r.value: n for r, n in self.scheduler.inserts.items()},
             "outcomes": dict(self.outcomes.counters),
-            # hard bounces and complaints per "source|site" (complaints: "source|domain")
+            # hard bounces and complaints per "source|site" (the recipient's domain when its
+            # site is not in the DNS cache; source "" for out-of-band bounces)
             "feedback": self.feedback.summary() if self.feedback is not None else {},
         }
 

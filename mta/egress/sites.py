@@ -296,6 +296,19 @@ class SiteResolver:
         route = self._route_for(key) or self._smarthost
         self._cache.pop(route.name if route else key, None)
 
+    def cached_site_name(self, domain: str) -> str | None:
+        """The site `domain` resolved to, from the cache only (never a query); None when
+        not known. Attributes complaints about a recipient to a (source, site)."""
+        try:
+            name = normalize_domain(domain)
+        except ResolveError:
+            return None
+        route = self._route_for(name) or self._smarthost
+        if route is not None and route.static is not None:
+            return route.static.name
+        entry = self._cache.get(route.name if route else name)
+        return entry.site.name if entry is not None and entry.site is not None else None
+
     def _route_for(self, name: str) -> _Route | None:
         """Exact static route, else the most specific "*.parent" wildcard."""
         routes = self._routes

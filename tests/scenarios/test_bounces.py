@@ -205,6 +205,8 @@ def test_arf_complaint_feedback_record_and_tenant_suppression(daemon_factory):
     assert (fb["feedback_type"], fb["recipient"], fb["source_ip"], fb["source"], fb["tenant"]) == (
         "abuse", "carol@example.test", "127.0.0.1", "ip-one", "acme"), f"got {fb}"
     assert fb["suppressed"] == "tenant:acme"
+    counters = _admin(d, "/queue/summary")["feedback"]
+    assert counters == {"ip-one|example.test": {"hard_bounces": 0, "complaints": 1}}, counters
     # tenant scope: known only after DATA, so the message is refused at end of data ...
     refusal = _refused(d.port, "carol@example.test", headers="X-Tenant: acme\r\n")
     assert refusal.startswith("550") and "suppressed" in refusal, refusal
