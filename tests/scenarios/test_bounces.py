@@ -333,12 +333,20 @@ def test_suppress_cli_against_the_daemon_store_and_drop_mode(daemon_factory):
     assert rec["recipients"] == ["gina@example.test"], "the suppressed recipient is removed"
 
 
-def test_bounce_parse_cli_on_a_corpus_file():
+def test_bounce_parse_cli_on_a_corpus_file(tmp_path):
     path = CORPUS / "sisimai-set-of-emails" / "maildir" / "mac" / "lhost-amavis-01.eml"
     got = _mta("bounce", "parse", str(path))
     assert got.returncode == 0, got.stderr
     lines = [orjson.loads(line) for line in got.stdout.splitlines()]
     assert lines and all(r["kind"] == "bounce" and r["recipient"] for r in lines), lines
+    # -c adds the config's [bounces] rules in front of the shipped ones
+    (tmp_path / "ops.toml").write_text('[[rule]]\nname = "everything"\ncode = "5xx"\n'
+                                       'category = "policy"\nhard = false\n')
+    (tmp_path / "mta.toml").write_text('[bounces]\nrules = ["ops.toml"]\n')
+    got = _mta("bounce", "-c", str(tmp_path / "mta.toml"), "parse", str(path))
+    assert got.returncode == 0, got.stderr
+    cats = {orjson.loads(line)["category"] for line in got.stdout.splitlines()}
+    assert cats == {"policy"}, f"got {cats}"
 
 
 def test_rules_file_reload_changes_the_next_category(daemon_factory, dns_server, receivers,
