@@ -201,11 +201,13 @@ class Dispatcher:
         while (left := deadline - self.loop.time()) > 0:
             fut = self.loop.create_future()
             self._idle.append(fut)
+            # A plain timer, not asyncio.wait_for: with thousands of sources most
+            # messages find their connection idle, and wait_for costs a task each.
+            timer = self.loop.call_later(left, _release, fut)
             try:
-                await asyncio.wait_for(fut, left)
-            except asyncio.TimeoutError:
-                pass
+                await fut
             finally:
+                timer.cancel()
                 if fut in self._idle:
                     self._idle.remove(fut)
             if self.paused_until(time.time()):
@@ -316,6 +318,11 @@ class Dispatcher:
         self.sent += 1
         self.outcomes.settle(msg, env, retry, self.retry)
         return True
+
+
+def _release(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _error_reply(exc: SessionError) -> tuple[int, str, str]:
