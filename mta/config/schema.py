@@ -255,31 +255,33 @@ def _parse_optional_hostport(value: object, base: Path) -> tuple[str, int] | Non
     return None if value == "" else parse_hostport(value, base)
 
 
-def _parse_hostport_list(value: object, base: Path) -> tuple[tuple[str, int], ...]:
+def _parse_each(value: object, base: Path, item: Callable[[object, Path], Any],
+                what: str) -> tuple:
+    """An array whose elements each go through `item`; a problem names its index."""
     if not isinstance(value, list):
-        raise Invalid(f"expected an array of {_HOSTPORT_HELP} strings, got {describe(value)}")
+        raise Invalid(f"expected an array of {what}, got {describe(value)}")
     out = []
-    for i, item in enumerate(value):
+    for i, element in enumerate(value):
         try:
-            out.append(parse_hostport(item, base))
+            out.append(item(element, base))
         except Invalid as e:
             raise Invalid(str(e), at=f"[{i}]") from None
     return tuple(out)
+
+
+def _parse_hostport_list(value: object, base: Path) -> tuple[tuple[str, int], ...]:
+    return _parse_each(value, base, parse_hostport, f"{_HOSTPORT_HELP} strings")
+
+
+def _parse_nonempty_header(value: object, base: Path) -> str:
+    name = _parse_header_name(value, base)
+    if not name:
+        raise Invalid("a header name cannot be empty")
+    return name.lower()
 
 
 def _parse_names(value: object, base: Path) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise Invalid(f"expected an array of header names, got {describe(value)}")
-    out = []
-    for i, item in enumerate(value):
-        try:
-            name = _parse_header_name(item, base)
-        except Invalid as e:
-            raise Invalid(str(e), at=f"[{i}]") from None
-        if not name:
-            raise Invalid("a header name cannot be empty", at=f"[{i}]")
-        out.append(name.lower())
-    return tuple(out)
+    return _parse_each(value, base, _parse_nonempty_header, "header names")
 
 
 def _parse_selector(value: object, base: Path) -> str:
@@ -342,15 +344,7 @@ def _parse_weighted(value: object, base: Path) -> tuple[tuple[str, int], ...]:
 
 
 def _parse_path_list(value: object, base: Path) -> tuple[Path, ...]:
-    if not isinstance(value, list):
-        raise Invalid(f"expected an array of file paths, got {describe(value)}")
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(_parse_path(item, base))
-        except Invalid as e:
-            raise Invalid(str(e), at=f"[{i}]") from None
-    return tuple(out)
+    return _parse_each(value, base, _parse_path, "file paths")
 
 
 @dataclass(frozen=True, slots=True)
