@@ -347,3 +347,14 @@ def test_cli_registers_under_mta_parser(tmp_path):
     args = p.parse_args(["suppress", "check", "z@example.com"])
     assert args.func(args) == 0
     assert os.path.exists(tmp_path / "d.key")
+
+
+@pytest.mark.parametrize("key_len", [1, 32, 64, 65, 200])
+def test_address_hash_is_rfc2104_hmac_sha256(key_len):
+    import hmac
+    from mta.suppression.store import address_hash, normalise
+    key = bytes(range(key_len % 256)) * (key_len // 256 + 1)
+    key = key[:key_len]
+    for address in ("User@Example.ORG", "<a+tag@b.test>", "j\u00f6rg@m\u00fcnchen.example"):
+        want = hmac.digest(key, normalise(address).encode("utf-8", "surrogatepass"), "sha256")
+        assert address_hash(key, address) == want, address
