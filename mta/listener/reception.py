@@ -106,7 +106,8 @@ class Reception:
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
-        if self.policy is not None and self.policy.suppressions is not None:
+        if self.policy is not None and self.policy.suppressions is not None \
+                and not self.policy.suppressions.empty():
             refusal = self._drop_suppressed(txn, session)
             if refusal is not None:
                 fut = session.listener.loop.create_future()

@@ -381,11 +381,15 @@ class SuppressionList:
         """The entry that suppresses `address` for this tenant/sender domain, or None.
         Matches global, tenant:<tenant> and domain:<sender_domain>; expired entries
         do not count. Order of preference when several match: global, tenant, domain."""
-        if time.monotonic() >= self._next_refresh:
-            self.refresh()
-        if not self._filter and not self._recent:
+        if self.empty():
             return None       # an empty list matches nothing: skip normalising and the HMAC
         return self.check_hash(address_hash(self._key, address), tenant, sender_domain)
+
+    def empty(self) -> bool:
+        """No entry at all (cheap: the in-memory filter, refreshed as `check` does)."""
+        if time.monotonic() >= self._next_refresh:
+            self.refresh()
+        return not self._filter and not self._recent
 
     def check_hash(self, h: str | bytes, tenant: str | None = None,
                    sender_domain: str | None = None) -> Entry | None:
