@@ -24,6 +24,11 @@ class ConnectionBudget:
     def available(self) -> bool:
         return self.used < self.limit
 
+    @property
+    def contended(self) -> bool:
+        """Someone waits for a connection: idle ones should close, not linger."""
+        return bool(self._waiting)
+
     def wait(self, key: Any, wake: Callable[[], None]) -> None:
         """Call `wake` once a connection closes (each key waits at most once)."""
         self._waiting.setdefault(key, wake)
@@ -40,11 +45,12 @@ class ConnectionBudget:
 
 class SiteState:
     __slots__ = ("name", "active", "throttle", "connection_limit", "suspended_until",
-                 "dispatchers")
+                 "dispatchers", "blocked")
 
     def __init__(self, name: str):
         self.name = name
         self.dispatchers: list[Any] = []   # one per source sending to the site
+        self.blocked: dict[Any, None] = {}  # dispatchers waiting for a site-wide slot, in order
         self.active = 0                    # connections to this site from every source
         self.throttle: Any = None          # site_max_message_rate across sources, or None
         self.connection_limit: int | None = None   # site_connection_limit, or None

@@ -2,7 +2,8 @@
 
 What can be suspended, for a duration (default one hour):
 - a scheduled queue: its due messages wait in the queue (`Scheduler.hold_back`),
-  including those already handed to a ready queue, which go back when popped;
+  including those already handed to a ready queue, which go back when popped; a
+  queue with no mail yet can be suspended too (it exists from then on);
 - a site: every source's dispatcher for it stops opening connections and
   closes its connections after the message in hand; messages stay ready;
 - a source: pools skip it for new messages; messages already waiting for it
@@ -20,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from mta.queue_name import parse_name
 from mta.queues.scheduled import InsertReason
 
 if TYPE_CHECKING:
@@ -45,6 +47,28 @@ class Controls:
         q = self.engine.scheduler.queues.get(name)
         if q is None:
             raise ControlError(f"no scheduled queue named {name!r} (see `mta queue summary`)")
+        return q
+
+    def _queue_to_suspend(self, name: str) -> ScheduledQueue:
+        """An existing queue, or the queue `name` will be once mail arrives (operators
+        suspend a campaign before it starts); the suspension keeps it alive."""
+        q = self.engine.scheduler.queues.get(name)
+        if q is not None:
+            return q
+        try:
+            parts = parse_name(name)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        if parts.pool and parts.pool not in self.engine.egress.pools:
+            raise ControlError(f"queue {name!r}: no pool named {parts.pool!r}")
+        if parts.klass and parts.klass not in self.engine.egress.classes:
+            raise ControlError(f"queue {name!r}: no queue class named {parts.klass!r}")
+        q = self.engine.scheduler.queue_for(parts.campaign, parts.tenant, parts.domain,
+                                            parts.klass, parts.pool)
+        if q.name != name:
+            self.engine.scheduler.queues.pop(q.name, None)
+            raise ControlError(f"{name!r} is not a queue name as the daemon writes it "
+                               f"(did you mean {q.name!r}?)")
         return q
 
     def _site_dispatchers(self, site: str) -> list[Dispatcher]:
@@ -75,7 +99,7 @@ class Controls:
             raise ControlError("the duration must be above 0 seconds")
         until = time.time() + duration
         if kind == "queue":
-            self.engine.scheduler.suspend(self._queue(name), duration)
+            self.engine.scheduler.suspend(self._queue_to_suspend(name), duration)
         elif kind == "site":
             dispatchers = self._site_dispatchers(name)
             self.engine.sites[name].suspended_until = until

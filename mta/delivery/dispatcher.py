@@ -104,9 +104,13 @@ class Dispatcher:
             return
         site = self.site_state
         if site.connection_limit is not None and site.active >= site.connection_limit:
-            return   # woken when another source's connection to the site closes
+            # woken when a connection to the site closes; ask an idle one to close now
+            site.blocked[self] = None
+            _release_one_idle(site.dispatchers)
+            return
         if not self.budget.available():
             self.budget.wait(self, self.wake)
+            _release_one_idle(site.dispatchers)
             return
         self.budget.take()
         site.active += 1
@@ -174,10 +178,13 @@ class Dispatcher:
             self.budget.give_back()
             if len(self.ready):
                 self.wake()
-            if self.site_state.connection_limit is not None:   # a site-wide slot is free
-                for other in self.site_state.dispatchers:
-                    if other is not self and len(other.ready):
-                        other.wake()
+            blocked = self.site_state.blocked
+            while blocked:                                  # a site-wide slot is free
+                other = next(iter(blocked))
+                del blocked[other]
+                if len(other.ready):
+                    other.wake()
+                    break
 
     def _next(self) -> QueuedMessage | None:
         """Pop the next message, sending those of a suspended scheduled queue back to wait."""
@@ -199,6 +206,8 @@ class Dispatcher:
         """Keep the connection for up to idle_timeout; None when nothing came."""
         deadline = self.loop.time() + self.limits.idle_timeout
         while (left := deadline - self.loop.time()) > 0:
+            if self.site_state.blocked or self.budget.contended:
+                return None   # another source waits for this connection's slot
             fut = self.loop.create_future()
             self._idle.append(fut)
             # A plain timer, not asyncio.wait_for: with thousands of sources most
@@ -318,6 +327,15 @@ class Dispatcher:
         self.sent += 1
         self.outcomes.settle(msg, env, retry, self.retry)
         return True
+
+
+def _release_one_idle(dispatchers: list[Dispatcher]) -> None:
+    """Wake one idle connection of the site; it closes and frees its slot."""
+    for d in dispatchers:
+        for fut in d._idle:
+            if not fut.done():
+                fut.set_result(None)
+                return
 
 
 def _release(fut: asyncio.Future) -> None:

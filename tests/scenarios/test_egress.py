@@ -30,7 +30,8 @@ from conftest import ROOT, Daemon
 SOURCES = 4096
 NET = ipaddress.ip_network("127.1.0.0/20")
 SINKS = {"spread": "127.0.8.1", "weighted": "127.0.8.2", "rate": "127.0.8.3",
-         "pause": "127.0.8.4", "slow": "127.0.8.5"}
+         "pause": "127.0.8.4", "slow": "127.0.8.5", "tls": "127.0.8.6", "sitewide": "127.0.8.7",
+         "ops": "127.0.8.8"}
 PORT = 2525
 RATE = 20          # messages/s for rate.test
 SHAPING = f"""
@@ -42,6 +43,12 @@ max_message_rate = "{RATE}/s"
 
 [site."[{SINKS['slow']}]:{PORT}"]
 connection_limit = 2
+
+[site."[{SINKS['tls']}]:{PORT}"]
+tls = "required"
+
+[site."[{SINKS['sitewide']}]:{PORT}"]
+site_connection_limit = 3
 """
 
 
@@ -94,13 +101,14 @@ def _source_config() -> str:
     parts.append('[[egress_rule]]\ntenant = "r"\npool = "one"\n')
     parts.append('[[egress_rule]]\ntenant = "p"\npool = "one"\n')
     parts.append('[[egress_rule]]\ntenant = "s"\npool = "one"\n')
+    parts.append('[[egress_rule]]\ntenant = "o"\npool = "weighted"\n')
     return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     work = tmp_path_factory.mktemp("egress")
-    sinks = {name: Sink(addr, work, *(["--delay-ms", "20"] if name in ("weighted", "slow")
+    sinks = {name: Sink(addr, work, *(["--delay-ms", "20"] if name in ("weighted", "slow", "sitewide")
                                       else []))
              for name, addr in SINKS.items()}
     (work / "shaping.toml").write_text(SHAPING)
@@ -226,3 +234,66 @@ def test_transactional_overtakes_100k_bulk_backlog(rig, tmp_path):
     left = summary["scheduled"].get("s@slow.test#one", {}).get("count", 0)
     assert left > 90000, f"got {left} bulk messages left: the backlog must still be there " \
                          "for the test to show anything"
+
+
+def test_tls_required_by_shaping_refuses_a_server_without_starttls(rig):
+    d, sinks = rig
+    _send_many(d.port, "sender@x.test", ["user@tls.test"], 1, "X-Tenant: r\r\n")
+    recs = _wait_records(d, "TransientFailure", lambda r: r["queue"] == "r@tls.test#one")
+    assert "TLS is required" in recs[0]["text"], recs[0]
+    assert sinks["tls"].stats()["messages"] == 0, "nothing may be sent in the clear"
+
+
+def test_site_connection_limit_holds_across_4096_sources(rig):
+    d, sinks = rig
+    # pool "all": 200 messages spread over 200 different sources, 20 ms each at the
+    # receiver; the site-wide limit (3) must hold although every source may open its own.
+    _send_many(d.port, "sender@x.test", ["user@sitewide.test"], 200)
+    st = sinks["sitewide"].wait(lambda s: s["messages"] >= 200, 60, "200 messages")
+    assert st["sources"] >= 50, f"got {st['sources']} sources: the spread did not happen"
+    assert st["peak_open"] <= 3, f"got {st['peak_open']} connections at once, site limit 3"
+
+
+def test_queue_and_source_suspension_and_rebind(rig):
+    d, sinks = rig
+    sink = sinks["ops"]
+    queue = "o@ops.test#weighted"
+    _send_many(d.port, "sender@x.test", ["user@ops.test"], 4, "X-Tenant: o\r\n")
+    sink.wait(lambda s: s["messages"] >= 4, 30, "4 messages")
+    # a suspended scheduled queue keeps its messages, even ones routed already
+    _admin(d, "suspend", "queue", queue, "--for", "1h")
+    _send_many(d.port, "sender@x.test", ["user@ops.test"], 4, "X-Tenant: o\r\n")
+    time.sleep(2)
+    assert sink.stats()["messages"] == 4, "a suspended queue delivered"
+    summary = _admin(d, "queue", "summary", "--json")
+    assert summary["scheduled"][queue]["held"] == 4, summary["scheduled"][queue]
+    _admin(d, "resume", "queue", queue)
+    sink.wait(lambda s: s["messages"] >= 8, 10, "the 4 held messages after resume")
+    # a suspended source is skipped by its pool: everything goes through the other one
+    before = Counter(sink.stats()["by_source"])
+    _admin(d, "suspend", "source", "s0000", "--for", "1h")
+    _send_many(d.port, "sender@x.test", ["user@ops.test"], 8, "X-Tenant: o\r\n")
+    st = sink.wait(lambda s: s["messages"] >= 16, 20, "8 more")
+    after = Counter(st["by_source"]) - before
+    assert after == {str(NET[1]): 8}, f"got {dict(after)}, want all 8 from s0001"
+    _admin(d, "resume", "source", "s0000")
+    # rebind waiting messages: held by a suspension, moved to pool "one" (s0002)
+    _admin(d, "suspend", "queue", queue, "--for", "1h")
+    _send_many(d.port, "sender@x.test", ["user@ops.test"], 4, "X-Tenant: o\r\n")
+    result = _admin(d, "queue", "rebind", queue, "one")
+    assert result["pool"] == "one"
+    before = Counter(sink.stats()["by_source"])
+    _admin(d, "resume", "queue", queue)
+    st = sink.wait(lambda s: s["messages"] >= 20, 20, "4 more after rebind")
+    after = Counter(st["by_source"]) - before
+    assert after == {str(NET[2]): 4}, f"got {dict(after)}, want all 4 from s0002 (pool one)"
+
+
+def _wait_records(d: Daemon, rtype: str, match, timeout: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        recs = [r for r in d.log_records(rtype) if match(r)]
+        if recs:
+            return recs
+        time.sleep(0.2)
+    raise AssertionError(f"no matching {rtype} record")
