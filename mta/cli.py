@@ -28,6 +28,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    import dataclasses
+
+    from mta.egress.pools import Egress, EgressError
+    from mta.egress.shaping import Shaping, ShapingError
+    try:       # the parts of the config that live in other files or modules
+        Egress(cfg)
+        Shaping.load(cfg.egress.shaping, dataclasses.asdict(cfg.delivery))
+    except (EgressError, ShapingError) as exc:
+        raise ConfigError([str(exc)], cfg.origin) from None
     from mta.daemon import connection_budget_problem, raise_nofile
     problem = connection_budget_problem(cfg, raise_nofile())
     if problem:

@@ -25,6 +25,8 @@ from mta.bounce_intake import BounceIntake
 from mta.delivery.control import DEFAULT_DURATION, Controls
 from mta.config import Config, ConfigError
 from mta.delivery.engine import DeliveryEngine
+from mta.egress.pools import EgressError
+from mta.egress.shaping import ShapingError
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
 from mta.dkim.signer import DkimConfigError, Signer
@@ -81,8 +83,12 @@ class Server:
             self.reception.policy = RecipientPolicy(self.feedback)
         if self.dkim is not None and self.dkim.stage == "reception":
             self.reception.dkim = self.dkim
-        self.delivery = DeliveryEngine(self.config, self.spool, self.logs, self._inject_local,
-                                       self.dkim, self.feedback)
+        try:
+            self.delivery = DeliveryEngine(self.config, self.spool, self.logs,
+                                           self._inject_local, self.dkim, self.feedback)
+        except (EgressError, ShapingError) as exc:   # a pool hook or shaping file
+            await self.spool.close()
+            raise ConfigError([str(exc)], self.config.origin) from None
         self.delivery.start(loop)
         self.feedback.site_of = self.delivery.resolver.cached_site_name
         if self.feedback.bounce_domain:

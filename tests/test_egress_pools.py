@@ -101,3 +101,33 @@ def test_transactional_lane_is_not_blocked_by_a_full_bulk_lane():
     assert rq.pop().queue is tx, "the transactional message goes first (weight 16 vs 1)"
     taken = [rq.pop().queue.klass for _ in range(5)]
     assert taken == ["bulk"] * 5
+
+
+def pick_pool(envelope: dict, klass: str) -> str | None:
+    """egress.pool_hook used below: VIP senders to pool "vip", others to the rules."""
+    return "vip" if envelope.get("sender", "").startswith("vip@") else None
+
+
+def test_pool_hook_decides_when_no_rule_does():
+    eg = Egress(parse_config(CONFIG + '[egress]\npool_hook = "test_egress_pools:pick_pool"\n'))
+    assert eg.select({"sender": "vip@y.test"}) == ("bulk", "vip")
+    assert eg.select({"sender": "x@y.test"}) == ("bulk", "default")
+    assert eg.select({"sender": "vip@y.test", "tenant": "acme"}) == ("bulk", "p31"), \
+        "a matching rule wins over the hook"
+
+
+def test_pool_hook_that_cannot_load_is_a_clear_error():
+    from mta.egress.pools import EgressError
+    with pytest.raises(EgressError, match="no_such_module"):
+        Egress(parse_config('[egress]\npool_hook = "no_such_module:f"\n'))
+
+
+def test_check_config_reports_a_bad_shaping_file(tmp_path, capsys):
+    from mta.cli import main
+    (tmp_path / "shaping.toml").write_text('["default"]\nconnection_limt = 3\n')
+    conf = tmp_path / "mta.toml"
+    conf.write_text(f'[egress]\nshaping = ["{tmp_path / "shaping.toml"}"]\n'
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    err = capsys.readouterr().err
+    assert "shaping.toml: [default]: connection_limt: unknown key" in err, err
