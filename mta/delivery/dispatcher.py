@@ -77,6 +77,7 @@ class Dispatcher:
         self.sent = 0
         self.suspended_until = 0.0                     # operator: this (source, site) pair
         self._timer: asyncio.TimerHandle | None = None
+        self.last_busy = time.time()                   # last time it had work (reaping)
 
     @property
     def site(self) -> Site:
@@ -88,9 +89,18 @@ class Dispatcher:
                     self.site_state.suspended_until)
         return until if until > now else 0.0
 
+    def idle_since(self, now: float) -> float:
+        """Seconds with no message, connection, timer or pause; 0 while it has any."""
+        if len(self.ready) or self.active or self._timer is not None or self.ready.lanes \
+                or self.paused_until(now):
+            self.last_busy = now
+            return 0.0
+        return now - self.last_busy
+
     def wake(self) -> None:
         """Messages were added: hand one to an idle connection or open another."""
         now = time.time()
+        self.last_busy = now
         until = self.paused_until(now)
         if until:
             self.wake_at(until - now)

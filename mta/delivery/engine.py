@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.delivery")
 
+REAP_INTERVAL = 60.0   # seconds between sweeps of idle (source, site) dispatchers
+REAP_AFTER = 300.0     # a dispatcher with nothing to do for this long is dropped
+
 
 class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
@@ -71,14 +74,33 @@ class DeliveryEngine:
                                  delay_dsn_after=d.delay_dsn_after, feedback=feedback)
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._reaper: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.scheduler.start(loop)
+        self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 
     async def stop(self) -> None:
         self.scheduler.stop()
+        if self._reaper is not None:
+            self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))
+
+    def _reap(self) -> None:
+        """Forget (source, site) dispatchers idle for a while: with thousands of sources
+        and many sites the pairs would otherwise only ever accumulate."""
+        now = time.time()
+        idle = [key for key, d in self.dispatchers.items() if d.idle_since(now) > REAP_AFTER]
+        for key in idle:
+            d = self.dispatchers.pop(key)
+            state = d.site_state
+            state.dispatchers.remove(d)
+            state.blocked.pop(d, None)
+            if not state.dispatchers and not state.suspended(now):
+                del self.sites[state.name]
+        assert self.loop is not None
+        self._reaper = self.loop.call_later(REAP_INTERVAL, self._reap)
 
     # -- input ----------------------------------------------------------------------------
 

@@ -60,6 +60,11 @@ class ReadyQueue:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def lanes(self) -> int:
+        """Lanes with messages or blocked queues (a queue's backlog waits for this one)."""
+        return len(self._lanes)
+
     def _lane(self, queue: ScheduledQueue) -> _Lane:
         lane = self._lanes.get(queue.klass)
         if lane is None:
