@@ -89,6 +89,12 @@ class Dispatcher:
                     self.site_state.suspended_until)
         return until if until > now else 0.0
 
+    def _paused(self) -> float:
+        """paused_until(now) without reading the clock when nothing is suspended."""
+        if self.suspended_until or self.source.suspended_until or self.site_state.suspended_until:
+            return self.paused_until(time.time())
+        return 0.0
+
     def idle_since(self, now: float) -> float:
         """Seconds with no message, connection, timer or pause; 0 while it has any."""
         if len(self.ready) or self.active or self._timer is not None or self.ready.lanes \
@@ -99,11 +105,9 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Messages were added: hand one to an idle connection or open another."""
-        now = time.time()
-        self.last_busy = now
-        until = self.paused_until(now)
+        until = self._paused()
         if until:
-            self.wake_at(until - now)
+            self.wake_at(until - time.time())
             return
         while self._idle and len(self.ready):
             fut = self._idle.pop()
@@ -175,7 +179,7 @@ class Dispatcher:
                 if not await self._deliver(client, msg):
                     return  # the session died; _deliver deferred what it held
                 sent += 1
-                if not client.reusable or sent >= limit or self.paused_until(time.time()):
+                if not client.reusable or sent >= limit or self._paused():
                     break
                 msg = self._next() or await self._wait_for_message()
             await client.quit()
@@ -186,6 +190,7 @@ class Dispatcher:
             self.active -= 1
             self.site_state.active -= 1
             self.budget.give_back()
+            self.last_busy = time.time()
             if len(self.ready):
                 self.wake()
             blocked = self.site_state.blocked
@@ -229,7 +234,7 @@ class Dispatcher:
                 timer.cancel()
                 if fut in self._idle:
                     self._idle.remove(fut)
-            if self.paused_until(time.time()):
+            if self._paused():
                 return None
             msg = self._next()
             if msg is not None:

@@ -68,11 +68,15 @@ class Pool:
     def next(self) -> Source:
         """The next source in weighted round-robin order, skipping suspended ones."""
         seq, n = self.sequence, len(self.sequence)
-        now = time.time()
+        now = 0.0
         for _ in range(n):
             src = seq[self.cursor]
             self.cursor = (self.cursor + 1) % n
-            if src.suspended_until <= now:
+            until = src.suspended_until
+            if not until:
+                return src
+            now = now or time.time()
+            if until <= now:
                 return src
         return seq[self.cursor]   # all suspended: the message waits at its dispatcher
 
@@ -130,6 +134,11 @@ class Egress:
 
     def select(self, envelope: dict[str, Any]) -> tuple[str, str]:
         """(queue class, pool name) for a message, from its envelope."""
+        if not self.rules and self.hook is None:     # the common case: defaults and headers
+            wanted = envelope.get("class")
+            assert self.default_pool is not None
+            return (wanted if wanted in self.classes else self.default_class,
+                    self.default_pool.name)
         klass = pool = ""
         sender_domain = envelope.get("sender", "").rpartition("@")[2].lower()
         headers = envelope.get("headers") or {}

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mta.scheduler")
 
 
+_NAME_CACHE = 100_000   # queue names remembered by their parts (cleared when full)
 _SINGLE = (0,)   # the recipient tuple of most messages, shared (RAM per queued message)
 
 
@@ -87,6 +88,7 @@ class Scheduler:
         self.dispatcher_for = dispatcher_for
         self.on_route_failure = on_route_failure
         self.queues: dict[str, ScheduledQueue] = {}
+        self._names: dict[tuple, str] = {}   # (campaign, tenant, domain, class, pool) -> name
         # insertions by reason since start (operator view: why mail is waiting)
         self.inserts: dict[InsertReason, int] = dict.fromkeys(InsertReason, 0)
         self.wheel = TimerWheel(time.time(), tick=tick)
@@ -115,8 +117,14 @@ class Scheduler:
     def queue_for(self, campaign: str | None, tenant: str | None, domain: str,
                   klass: str | None = None, pool: str | None = None) -> ScheduledQueue:
         klass, pool = klass or self.defaults[0], pool or self.defaults[1]
-        name = format_name(campaign, tenant, domain, "" if klass == self.defaults[0] else klass,
-                           "" if pool == self.defaults[1] else pool)
+        key = (campaign, tenant, domain, klass, pool)
+        name = self._names.get(key)
+        if name is None:     # formatting cleans tenant/campaign char by char: once per key
+            if len(self._names) >= _NAME_CACHE:
+                self._names.clear()
+            name = self._names[key] = format_name(
+                campaign, tenant, domain, "" if klass == self.defaults[0] else klass,
+                "" if pool == self.defaults[1] else pool)
         q = self.queues.get(name)
         if q is None:
             q = self.queues[name] = ScheduledQueue(name, domain.lower(), tenant or "",
