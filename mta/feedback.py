@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mta.feedback")
 
 RULES_RELOAD_INTERVAL = 3.0        # seconds between mtime checks of the operator rule files
+WRITE_INTERVAL = 0.05              # least time between two suppression batch writes (fsyncs)
 _LIST_UNSUB = re.compile(rb"(?im)^list-unsubscribe:")
 
 
@@ -59,6 +60,9 @@ class Feedback:
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
             lambda: {"hard_bounces": 0, "complaints": 0})
         self._timer: asyncio.TimerHandle | None = None
+        self._pending: list[tuple[str, str, str, int | None, str]] = []   # not yet written
+        self._flush: asyncio.Handle | None = None
+        self._last_write = float("-inf")
         # domain -> site name from the resolver's cache (set by Server once delivery runs)
         self.site_of: Callable[[str], str | None] = lambda domain: None
 
@@ -81,6 +85,9 @@ class Feedback:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._flush is not None:
+            self._flush.cancel()
+        self.write_pending()
         if self.suppressions is not None:
             self.suppressions.close()
             self.suppressions = None
@@ -89,16 +96,43 @@ class Feedback:
 
     def suppress(self, address: str, scope: str, reason: str, expires: int | None = None,
                  note: str = "") -> bool:
-        """Add an entry; False (and a log line) when the store failed or is disabled."""
+        """Queue an entry for the next batch write; False when suppression is disabled.
+
+        Writes are batched: everything suppressed in one loop iteration (and, under a
+        burst, within WRITE_INTERVAL) goes in one SQLite transaction, one fsync, so
+        10,000 bounces cost tens of fsyncs on the loop thread, not 10,000. Until its
+        batch is written (same iteration, or <= WRITE_INTERVAL later) an entry is not
+        yet visible to `check`."""
         if self.suppressions is None or not address:
             return False
+        self._pending.append((address, scope, reason, expires, note[:200]))
+        if self._flush is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:    # no loop (tools, tests): write at once
+                self.write_pending()
+                return True
+            wait = self._last_write + WRITE_INTERVAL - loop.time()
+            self._flush = (loop.call_later(wait, self.write_pending) if wait > 0
+                           else loop.call_soon(self.write_pending))
+        return True
+
+    def write_pending(self) -> int:
+        """Write the queued entries now (also called at shutdown)."""
+        self._flush = None
+        pending, self._pending = self._pending, []
+        if not pending or self.suppressions is None:
+            return 0
         try:
-            self.suppressions.add(address, scope=scope, reason=reason, expires=expires,
-                                  note=note[:200])
-            return True
-        except (sqlite3.Error, ValueError) as exc:
-            log.error("cannot add a %s suppression (%s): %s", reason, scope, exc)
-            return False
+            loop = asyncio.get_running_loop()
+            self._last_write = loop.time()
+        except RuntimeError:      # at shutdown, outside the loop
+            pass
+        try:
+            return self.suppressions.add_many(pending)
+        except sqlite3.Error as exc:
+            log.error("cannot write %d suppression entries: %s", len(pending), exc)
+            return 0
 
     def hard_bounce(self, address: str, source: str, site: str, note: str = "") -> bool:
         self.counts[(source, site)]["hard_bounces"] += 1

@@ -83,3 +83,27 @@ def test_hard_bounce_expiry_and_counters(tmp_path):
 def test_bad_verp_prefix_fails_at_start(tmp_path):
     with pytest.raises(ValueError):
         _feedback(tmp_path, bounces='verp_prefix = "x_y"')
+
+
+def test_suppressions_from_a_burst_are_written_in_one_transaction(tmp_path):
+    """10,000 hard bounces in one loop iteration: one SQLite transaction (one fsync),
+    every address suppressed afterwards, nothing visible before the batch is written."""
+    import asyncio
+    fb = _feedback(tmp_path)
+    seq = lambda: fb.suppressions._db.execute(  # noqa: E731
+        "SELECT value FROM meta WHERE name = 'seq'").fetchone()[0]
+
+    async def burst() -> tuple[int, bool, int]:
+        before = seq()
+        for i in range(10000):
+            fb.hard_bounce(f"gone{i}@example.org", "s1", "mx.example.org")
+        visible_early = fb.suppressions.check("gone5@example.org") is not None
+        await asyncio.sleep(0.01)          # the batch runs on the next loop turn
+        return seq() - before, visible_early, fb.suppressions.count()
+
+    transactions, visible_early, count = asyncio.run(burst())
+    assert transactions == 1, f"got {transactions} transactions, want 1 for the whole burst"
+    assert not visible_early
+    assert count == 10000
+    assert fb.suppressions.check("Gone9999@Example.org").reason == "hard_bounce"
+    fb.close()

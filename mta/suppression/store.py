@@ -344,6 +344,27 @@ class SuppressionList:
         self._after_own_write(seq, [raw])
         return Entry(hash_text(raw), *row[1:])
 
+    def add_many(self, items: Iterable[tuple[str, str, str, int | None, str]]) -> int:
+        """Add (address, scope, reason, expires, note) entries in ONE transaction (one
+        fsync): the daemon batches what bounces and complaints produce in a burst.
+        Bad items (not an address, bad scope) are skipped and logged; returns how many
+        were written."""
+        rows = []
+        for address, scope, reason, expires, note in items:
+            try:
+                rows.append(self._row(address_hash(self._key, address), scope, reason, note,
+                                      None, expires))
+            except ValueError as exc:
+                log.warning("suppression entry skipped (%s, %s): %s", scope, reason, exc)
+        if not rows:
+            return 0
+        with self._write():
+            seq = self._bump_seq()
+            self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(*row, seq) for row in rows])
+        self._after_own_write(seq, [row[0] for row in rows])
+        return len(rows)
+
     def _row(self, raw: bytes, scope: str, reason: str, note: str, created: int | None,
              expires: int | None) -> tuple:
         if expires is not None and (not isinstance(expires, int) or expires <= 0):
