@@ -31,9 +31,10 @@ SOURCES = 4096
 NET = ipaddress.ip_network("127.1.0.0/20")
 SINKS = {"spread": "127.0.8.1", "weighted": "127.0.8.2", "rate": "127.0.8.3",
          "pause": "127.0.8.4", "slow": "127.0.8.5", "tls": "127.0.8.6", "sitewide": "127.0.8.7",
-         "ops": "127.0.8.8"}
+         "ops": "127.0.8.8", "crate": "127.0.8.9"}
 PORT = 2525
 RATE = 20          # messages/s for rate.test
+CONN_RATE = 5      # new connections/s for crate.test (one message per connection)
 SHAPING = f"""
 [site."[{SINKS['weighted']}]:{PORT}"]
 connection_limit = 2
@@ -49,6 +50,10 @@ tls = "required"
 
 [site."[{SINKS['sitewide']}]:{PORT}"]
 site_connection_limit = 3
+
+[site."[{SINKS['crate']}]:{PORT}"]
+max_connection_rate = "{CONN_RATE}/s"
+max_deliveries_per_connection = 1
 """
 
 
@@ -297,3 +302,17 @@ def _wait_records(d: Daemon, rtype: str, match, timeout: float = 20.0) -> list[d
             return recs
         time.sleep(0.2)
     raise AssertionError(f"no matching {rtype} record")
+
+
+def test_max_connection_rate_holds(rig):
+    d, sinks = rig
+    n = CONN_RATE * 12
+    _send_many(d.port, "sender@x.test", ["user@crate.test"], n, "X-Tenant: r\r\n")
+    st = sinks["crate"].wait(lambda s: s["messages"] >= n, 60, f"{n} messages")
+    assert st["connections"] == n, f"got {st['connections']} connections, want one per message"
+    times = sorted(t for t, _, _ in st["times"])
+    start = times[0] + 1.0            # after the initial burst of one second's tokens
+    window = [t for t in times if start <= t < start + 10]
+    rate = len(window) / 10
+    assert abs(rate - CONN_RATE) <= 0.1 * CONN_RATE, \
+        f"got {rate:.2f} connections/s over 10 s, want {CONN_RATE}/s +- 10 %"
