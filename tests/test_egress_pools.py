@@ -131,3 +131,19 @@ def test_check_config_reports_a_bad_shaping_file(tmp_path, capsys):
     assert main(["check-config", "-c", str(conf)]) == 1
     err = capsys.readouterr().err
     assert "shaping.toml: [default]: connection_limt: unknown key" in err, err
+
+
+def test_class_rate_limit_skips_a_throttled_lane():
+    from mta.egress.throttle import Rate, Throttle
+    warm = ScheduledQueue("warmup/b@x", "x", "", "", klass="warmup")
+    bulk = ScheduledQueue("b@x", "x", "", "", klass="bulk")
+    rq = ReadyQueue("s", _Site(), capacity=100,
+                    lane_for={"warmup": (1000, Throttle(Rate(1, 60), burst=1)), "bulk": (1, None)})
+    for i in range(5):
+        rq.push(QueuedMessage(bytes([i]) * 16, warm, (0,)))
+        rq.push(QueuedMessage(bytes([100 + i]) * 16, bulk, (0,)))
+    got = [rq.pop().queue.klass for _ in range(5)]
+    assert got == ["warmup"] + ["bulk"] * 4, f"got {got}: one warm-up message per minute"
+    assert rq.pop().queue.klass == "bulk"
+    assert rq.pop() is None and len(rq) == 4 and rq.wait_hint > 50, \
+        "only throttled messages left: nothing now, a hint when to look again"
