@@ -103,6 +103,7 @@ class ReadyQueue:
 
     def pop(self) -> QueuedMessage | None:
         """Next message: weighted turns between classes, round-robin between queues."""
+        self.wait_hint = 0.0
         lanes = self._lanes
         if not lanes:
             return None
