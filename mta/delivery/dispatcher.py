@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.delivery.outcome import Attempt
 from mta.dkim.signer import DkimError
 from mta.egress.throttle import Throttle
+from mta.logs.records import RecordType
 from mta.queues.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -64,6 +66,10 @@ class Dispatcher:
         self.loop = loop
         self.retry = RetryPolicy(limits.retry_initial, limits.retry_max, cfg.max_age)
         self.msg_throttle = Throttle(limits.max_message_rate) if limits.max_message_rate else None
+        # shaping backoff_on: the provider's "slow down" replies pause this (source, site)
+        self.backoff = (re.compile("|".join(f"(?:{p})" for p in limits.backoff_on), re.I)
+                        if limits.backoff_on else None)
+        self.backoffs = 0
         self.conn_throttle = (Throttle(limits.max_connection_rate)
                               if limits.max_connection_rate else None)
         self.timeouts = Timeouts(connect=cfg.connect_timeout, greeting=cfg.command_timeout,
@@ -273,8 +279,32 @@ class Dispatcher:
             at.ip = client.peer[0]
         return at
 
+    def _check_backoff(self, replies: list) -> None:
+        """A 4xx reply matching shaping's backoff_on pauses this (source, site)."""
+        assert self.backoff is not None
+        for r in replies:
+            if r is None or not 400 <= r.code < 500:
+                continue
+            if self.backoff.search(f"{r.code} {r.status or ''} {r.text}"):
+                until = time.time() + self.limits.backoff_for
+                if until <= self.suspended_until:
+                    return
+                self.suspended_until = until
+                self.backoffs += 1
+                log.warning("%s: backing off for %.0fs after %d %s %s", self.ready.name,
+                            self.limits.backoff_for, r.code, r.status or "", r.text[:200])
+                if self.outcomes.logs is not None:
+                    self.outcomes.logs.log(RecordType.BACKOFF, source=self.source.name,
+                                           site=self.site.name, code=r.code, status=r.status,
+                                           text=r.text[:500], until=until)
+                self.release_idle()          # idle connections close; busy ones after
+                self.wake_at(self.limits.backoff_for)   # the message in hand
+                return
+
     def _site_failure(self, first: QueuedMessage, exc: SessionError) -> None:
         """No MX host took a connection: defer everything waiting for this site."""
+        if self.backoff is not None:
+            self._check_backoff([exc.reply])   # e.g. a 421 greeting: "too many connections"
         code, status, text = _error_reply(exc)
         for msg in [first, *self.ready.drain()]:
             at = self._attempt(None)
@@ -337,8 +367,12 @@ class Dispatcher:
                 code, status, text = _error_reply(exc)
                 self.outcomes.defer(msg, env, rest, code, status, text, at)
                 self.outcomes.settle(msg, env, retry + rest, self.retry)
+                if self.backoff is not None:
+                    self._check_backoff([exc.reply, *exc.recipients])
                 return False
             retry += self.outcomes.transaction(msg, env, chunk, result.recipients, result.data, at)
+            if self.backoff is not None:
+                self._check_backoff([*result.recipients, result.data])
         self.sent += 1
         self.outcomes.settle(msg, env, retry, self.retry)
         return True

@@ -207,7 +207,7 @@ class DeliveryEngine:
                 "max_connection_rate": (str(lim.max_connection_rate)
                                         if lim.max_connection_rate else None),
                 "max_deliveries_per_connection": lim.max_deliveries_per_connection,
-                "tls": lim.tls, "ready": len(d.ready), "sent": d.sent,
+                "tls": lim.tls, "ready": len(d.ready), "sent": d.sent, "backoffs": d.backoffs,
                 "hard_bounces": fb.get("hard_bounces", 0), "complaints": fb.get("complaints", 0),
                 "paused_until": d.paused_until(now) or None})
         return out

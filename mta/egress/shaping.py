@@ -78,6 +78,7 @@ from typing import Any
 from mta.config.load import check_value
 from mta.config.schema import (
     CHOICE,
+    DURATION,
     HOSTNAME,
     DeliveryConfig,
     Invalid,
@@ -117,8 +118,21 @@ def _parse_limit(value: object, base: Path) -> int | None:
     return value
 
 
+def _parse_patterns(value: object, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise Invalid(f"expected an array of regular expressions, got {describe_value(value)}")
+    for i, pattern in enumerate(value):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise Invalid(f"{pattern!r} is not a regular expression: {e}", at=f"[{i}]") from None
+    return tuple(value)
+
+
 RATE = ValueType("rate", parse_rate, RATE_HELP)
 LIMIT = ValueType("limit", _parse_limit, 'an integer, or "unlimited"')
+PATTERNS = ValueType("patterns", _parse_patterns, "an array of regular expressions "
+                     "(Python syntax, case-insensitive)")
 
 _DELIVERY = keys_of(DeliveryConfig)
 # Every key a shaping table may hold, in Limits field order. The keys [delivery] also
@@ -142,6 +156,11 @@ KEYS: dict[str, Key] = {
     "scope": Key(CHOICE, None, "what connection_limit, max_connection_rate and "
                  "max_message_rate are counted over: each (source, site), or the site",
                  choices=("source", "site")),
+    "backoff_on": Key(PATTERNS, None, "4xx replies (matched against \"code status text\") "
+                      "that mean the provider is throttling this source: the (source, site) "
+                      "pauses for backoff_for"),
+    "backoff_for": Key(DURATION, None, "how long a backoff_on match pauses the (source, site)",
+                       lo="1s", hi="1d"),
 }
 _SITE_WIDE = ("site_connection_limit", "site_max_message_rate", "scope")
 _SOURCE_KEYS = [k for k in KEYS if k not in _SITE_WIDE]
@@ -151,7 +170,7 @@ _REQUIRED = ("connection_limit", "max_deliveries_per_connection",
              "retry_max")
 _OPTIONAL_DEFAULTS = {"max_connection_rate": None, "max_message_rate": None,
                       "site_connection_limit": None, "site_max_message_rate": None,
-                      "scope": "source"}
+                      "scope": "source", "backoff_on": [], "backoff_for": "10m"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +189,8 @@ class Limits:
     site_connection_limit: int | None
     site_max_message_rate: Rate | None
     scope: str
+    backoff_on: tuple[str, ...]
+    backoff_for: float
     # Tables that applied, least specific first, for operators and the admin API.
     matched: tuple[str, ...]
 

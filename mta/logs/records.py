@@ -20,6 +20,7 @@ class RecordType(str, Enum):
     OOB = "OOB"                            # an out-of-band bounce was received
     FEEDBACK = "Feedback"                  # an ARF complaint was received
     SUPPRESSED = "Suppressed"              # a suppressed recipient was dropped at reception
+    BACKOFF = "Backoff"                    # a throttling reply paused a (source, site)
     CORRUPT = "Corrupt"                    # a spool record failed its checks at start
 
 
@@ -36,5 +37,6 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                      "reporting_mta", "kind", "verp", "suppressed", "time"),
     RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "source_ip",
                           "source", "tenant", "suppressed", "time"),
+    RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
 }

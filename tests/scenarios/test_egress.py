@@ -31,7 +31,7 @@ SOURCES = 4096
 NET = ipaddress.ip_network("127.1.0.0/20")
 SINKS = {"spread": "127.0.8.1", "weighted": "127.0.8.2", "rate": "127.0.8.3",
          "pause": "127.0.8.4", "slow": "127.0.8.5", "tls": "127.0.8.6", "sitewide": "127.0.8.7",
-         "ops": "127.0.8.8", "crate": "127.0.8.9"}
+         "ops": "127.0.8.8", "crate": "127.0.8.9", "backoff": "127.0.8.10"}
 PORT = 2525
 RATE = 20          # messages/s for rate.test
 CONN_RATE = 5      # new connections/s for crate.test (one message per connection)
@@ -54,6 +54,10 @@ site_connection_limit = 3
 [site."[{SINKS['crate']}]:{PORT}"]
 max_connection_rate = "{CONN_RATE}/s"
 max_deliveries_per_connection = 1
+
+[site."[{SINKS['backoff']}]:{PORT}"]
+backoff_on = ['try again later \\(scripted\\)']
+backoff_for = "1h"
 """
 
 
@@ -107,27 +111,31 @@ def _source_config() -> str:
     parts.append('[[egress_rule]]\ntenant = "p"\npool = "one"\n')
     parts.append('[[egress_rule]]\ntenant = "s"\npool = "one"\n')
     parts.append('[[egress_rule]]\ntenant = "o"\npool = "weighted"\n')
+    parts.append('[[egress_rule]]\ntenant = "bd"\npool = "one"\n')
     return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     work = tmp_path_factory.mktemp("egress")
-    sinks = {name: Sink(addr, work, *(["--delay-ms", "20"] if name in ("weighted", "slow", "sitewide")
-                                      else []))
-             for name, addr in SINKS.items()}
     (work / "shaping.toml").write_text(SHAPING)
     routes = ", ".join(f'"{name}.test" = "{addr}:{PORT}"' for name, addr in SINKS.items())
     extra = (f'[delivery]\nroutes = {{{routes}}}\nretry_initial = "1s"\nretry_max = "1s"\n'
              f'idle_timeout = "2s"\n'
              f'[egress]\ndefault_pool = "all"\nshaping = ["{work / "shaping.toml"}"]\n'
              f'max_connections = 12000\n' + _source_config())
-    daemon = Daemon(work / "d", listener="max_messages_per_session = 1000000",
-                    extra=extra).start(timeout=60)
-    yield daemon, sinks
-    daemon.kill()
-    for s in sinks.values():
-        s.stop()
+    daemon = Daemon(work / "d", listener="max_messages_per_session = 1000000", extra=extra)
+    sinks: dict[str, Sink] = {}
+    try:           # whatever fails to start, the sinks started so far are stopped
+        for name, addr in SINKS.items():
+            slow = name in ("weighted", "slow", "sitewide")
+            sinks[name] = Sink(addr, work, *(["--delay-ms", "20"] if slow else []))
+        daemon.start(timeout=60)
+        yield daemon, sinks
+    finally:
+        daemon.kill()
+        for s in sinks.values():
+            s.stop()
 
 
 def _message(sender: str, headers: str = "") -> bytes:
@@ -316,3 +324,25 @@ def test_max_connection_rate_holds(rig):
     rate = len(window) / 10
     assert abs(rate - CONN_RATE) <= 0.1 * CONN_RATE, \
         f"got {rate:.2f} connections/s over 10 s, want {CONN_RATE}/s +- 10 %"
+
+
+def test_throttling_reply_backs_off_the_source_site_pair(rig):
+    d, sinks = rig
+    sink = sinks["backoff"]
+    site = f"[{SINKS['backoff']}]:{PORT}"
+    # the sink answers RCPT for defer* with "451 4.2.0 try again later (scripted)": the
+    # shaping backoff_on pattern for this site, so s0002 -> site pauses for an hour
+    _send_many(d.port, "sender@x.test", ["defer1@backoff.test"], 1, "X-Tenant: bd\r\n")
+    rec = _wait_records(d, "Backoff", lambda r: r["site"] == site)[0]
+    assert rec["source"] == "s0002" and rec["code"] == 451, rec
+    assert rec["until"] > time.time() + 3000
+    _send_many(d.port, "sender@x.test", ["user@backoff.test"], 1, "X-Tenant: r\r\n")
+    time.sleep(2)
+    assert sink.stats()["messages"] == 0, "a backed-off (source, site) delivered"
+    row = next(r for r in _admin(d, "shaping", "show") if r["site"] == site)
+    assert row["backoffs"] == 1 and row["paused_until"], row
+    # the operator lifts it (after holding the deferring queue so it cannot trigger again)
+    _admin(d, "suspend", "queue", "bd@backoff.test#one", "--for", "1h")
+    _admin(d, "resume", "pair", "s0002", site)
+    st = sink.wait(lambda s: s["messages"] >= 1, 10, "the waiting message after resume")
+    assert st["times"][0][2] == "user@backoff.test"
