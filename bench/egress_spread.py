@@ -15,13 +15,12 @@ medians and the ratio many/one (goal: no worse than 0.9).
 from __future__ import annotations
 
 import ipaddress
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accept_bench import STATE, parse_args, peerbench  # noqa: E402
-from relay_bench import mta_target  # noqa: E402
+from accept_bench import STATE, parse_args  # noqa: E402
+from relay_bench import alternate, mta_target  # noqa: E402
 
 NET = ipaddress.ip_network("127.1.0.0/21")
 
@@ -44,15 +43,9 @@ def main() -> int:
         args.size = [2048]
     one, many = sources_config(1), sources_config(1024)
     for size in args.size:
-        a_runs, b_runs = [], []
-        for rnd in range(args.rounds):
-            a_runs.append(float(peerbench("mta-1-source", size, args.n,
-                                          mta_target(sys.executable, one), mode="relay")["deliver_per_s"]))
-            b_runs.append(float(peerbench("mta-1024-sources", size, args.n,
-                                          mta_target(sys.executable, many), mode="relay")["deliver_per_s"]))
-            print(f"size={size} round {rnd + 1}: 1 source {a_runs[-1]:.0f}/s  "
-                  f"1024 sources {b_runs[-1]:.0f}/s", flush=True)
-        a, b = statistics.median(a_runs), statistics.median(b_runs)
+        a, b = alternate("", size, args.n, args.rounds,
+                         ("mta-1-source", "1 source", mta_target(sys.executable, one)),
+                         ("mta-1024-sources", "1024 sources", mta_target(sys.executable, many)))
         print(f"RESULT egress_spread size={size} n={args.n} c=50 rounds={args.rounds} "
               f"one_source_per_s={a:.0f} sources_1024_per_s={b:.0f} ratio={b / a:.2f}", flush=True)
     return 0

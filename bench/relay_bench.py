@@ -46,6 +46,19 @@ def mta_target(python: str, config: Path | None = None) -> list[str]:
     return ["--foreground", "--start", start, "--queue-cmd", queue]
 
 
+def alternate(label: str, size: int, n: int, rounds: int, first: tuple[str, str, list[str]],
+              second: tuple[str, str, list[str]]) -> tuple[float, float]:
+    """Relay runs of two targets (peerbench name, label, target args), A B A B ...;
+    prints each round, returns the two medians of deliveries per second."""
+    runs: tuple[list[float], list[float]] = ([], [])
+    for rnd in range(rounds):
+        for out, (name, _, target) in zip(runs, (first, second)):
+            out.append(float(peerbench(name, size, n, target, mode="relay")["deliver_per_s"]))
+        print(f"size={size} {label}round {rnd + 1}: {first[1]} {runs[0][-1]:.0f}/s  "
+              f"{second[1]} {runs[1][-1]:.0f}/s", flush=True)
+    return statistics.median(runs[0]), statistics.median(runs[1])
+
+
 def main() -> int:
     args = parse_args(__doc__, extra=[("--dkim", dict(choices=["rsa", "ed25519"], action="append",
                                                        help="also run mta signing every message"))])
@@ -54,12 +67,8 @@ def main() -> int:
         return dkim_runs(args)
     for size in args.size:
         ceiling = float(peerbench("ceiling", size, args.n, [], mode="ceiling", port=SINK)["deliver_per_s"])
-        ours, theirs = [], []
-        for rnd in range(args.rounds):
-            theirs.append(float(peerbench("postfix", size, args.n, postfix_target(), mode="relay")["deliver_per_s"]))
-            ours.append(float(peerbench("mta", size, args.n, mta_target(sys.executable), mode="relay")["deliver_per_s"]))
-            print(f"size={size} round {rnd + 1}: postfix {theirs[-1]:.0f}/s  mta {ours[-1]:.0f}/s", flush=True)
-        a, b = statistics.median(ours), statistics.median(theirs)
+        b, a = alternate("", size, args.n, args.rounds, ("postfix", "postfix", postfix_target()),
+                         ("mta", "mta", mta_target(sys.executable)))
         print(f"RESULT relay size={size} n={args.n} c=50 rounds={args.rounds} mta_per_s={a:.0f} "
               f"postfix_per_s={b:.0f} ratio={a / b:.2f} ceiling_per_s={ceiling:.0f}", flush=True)
     return 0
@@ -71,13 +80,9 @@ def dkim_runs(args) -> int:
     for size in args.size:
         for alg in args.dkim:
             conf = dkim_config(alg)
-            off, on = [], []
-            for rnd in range(args.rounds):
-                off.append(float(peerbench("mta", size, args.n, mta_target(sys.executable), mode="relay")["deliver_per_s"]))
-                on.append(float(peerbench(f"mta-dkim-{alg}", size, args.n, mta_target(sys.executable, conf),
-                                          mode="relay")["deliver_per_s"]))
-                print(f"size={size} {alg} round {rnd + 1}: unsigned {off[-1]:.0f}/s  signed {on[-1]:.0f}/s", flush=True)
-            a, b = statistics.median(on), statistics.median(off)
+            b, a = alternate(f"{alg} ", size, args.n, args.rounds,
+                             ("mta", "unsigned", mta_target(sys.executable)),
+                             (f"mta-dkim-{alg}", "signed", mta_target(sys.executable, conf)))
             print(f"RESULT relay_dkim size={size} alg={alg} n={args.n} signed_per_s={a:.0f} "
                   f"unsigned_per_s={b:.0f} ratio={a / b:.2f}", flush=True)
     return 0

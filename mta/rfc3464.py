@@ -356,13 +356,8 @@ def _human_part(reporting_mta: str, qid: str, arrival: float, gravest: str,
         lines += textwrap.wrap(text, _TEXT_WIDTH, subsequent_indent="    ",
                                break_on_hyphens=False) + [""]
     body = "\r\n".join(lines).encode("utf-8", "replace")
-    heads = [_field("Content-Description", "Notification")]
-    if body.isascii():
-        heads.append(_field("Content-Type", "text/plain; charset=us-ascii"))
-    else:
-        heads += [_field("Content-Type", "text/plain; charset=utf-8"),
-                  _field("Content-Transfer-Encoding", "8bit")]
-    return b"".join(heads) + _CRLF + body
+    return _part("Notification", body, "text/plain; charset=us-ascii",
+                 "text/plain; charset=utf-8")
 
 
 def _status_part(reporting_mta: str, envid: str | None, arrival: float, qid: str,
@@ -390,13 +385,17 @@ def _status_part(reporting_mta: str, envid: str | None, arrival: float, qid: str
         if g.retry_until is not None:
             f.append(_field("Will-Retry-Until", _date(g.retry_until)))
         blocks.append(b"".join(f))
-    body = _CRLF.join(blocks)
-    heads = [_field("Content-Description", "Delivery report")]
+    return _part("Delivery report", _CRLF.join(blocks), "message/delivery-status",
+                 "message/global-delivery-status")
+
+
+def _part(description: str, body: bytes, ascii_type: str, utf8_type: str) -> bytes:
+    """A MIME part's header and body: `ascii_type` for ASCII, else `utf8_type` as 8bit."""
+    heads = [_field("Content-Description", description)]
     if body.isascii():
-        heads.append(_field("Content-Type", "message/delivery-status"))
+        heads.append(_field("Content-Type", ascii_type))
     else:
-        heads += [_field("Content-Type", "message/global-delivery-status"),
-                  _field("Content-Transfer-Encoding", "8bit")]
+        heads += [_field("Content-Type", utf8_type), _field("Content-Transfer-Encoding", "8bit")]
     return b"".join(heads) + _CRLF + body
 
 

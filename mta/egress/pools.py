@@ -134,11 +134,19 @@ class Egress:
 
     def select(self, envelope: dict[str, Any]) -> tuple[str, str]:
         """(queue class, pool name) for a message, from its envelope."""
-        if not self.rules and self.hook is None:     # the common case: defaults and headers
+        klass = pool = ""
+        if self.rules:
+            klass, pool = self._match_rules(envelope)
+        if not klass:
             wanted = envelope.get("class")
-            assert self.default_pool is not None
-            return (wanted if wanted in self.classes else self.default_class,
-                    self.default_pool.name)
+            klass = wanted if wanted in self.classes else self.default_class
+        if not pool and self.hook is not None:
+            pool = self._ask_hook(envelope, klass)
+        assert self.default_pool is not None
+        return klass, pool or self.default_pool.name
+
+    def _match_rules(self, envelope: dict[str, Any]) -> tuple[str, str]:
+        """The first matching rule's class and the first matching rule's pool ("": none)."""
         klass = pool = ""
         sender_domain = envelope.get("sender", "").rpartition("@")[2].lower()
         headers = envelope.get("headers") or {}
@@ -155,21 +163,19 @@ class Egress:
             pool = pool or r.pool
             if klass and pool:
                 break
-        if not klass:
-            wanted = envelope.get("class")
-            klass = wanted if wanted in self.classes else self.default_class
-        if not pool and self.hook is not None:
-            try:
-                chosen = self.hook(envelope, klass)
-            except Exception:
-                log.exception("egress.pool_hook failed; using the default pool")
-                chosen = None
-            if chosen is not None and chosen not in self.pools:
-                log.warning("egress.pool_hook returned unknown pool %r; using the default", chosen)
-                chosen = None
-            pool = chosen or ""
-        assert self.default_pool is not None
-        return klass, pool or self.default_pool.name
+        return klass, pool
+
+    def _ask_hook(self, envelope: dict[str, Any], klass: str) -> str:
+        assert self.hook is not None
+        try:
+            chosen = self.hook(envelope, klass)
+        except Exception:
+            log.exception("egress.pool_hook failed; using the default pool")
+            return ""
+        if chosen is not None and chosen not in self.pools:
+            log.warning("egress.pool_hook returned unknown pool %r; using the default", chosen)
+            return ""
+        return chosen or ""
 
 
 def load_hook(spec: str) -> Callable[[dict, str], str | None]:

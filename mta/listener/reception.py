@@ -94,21 +94,24 @@ class Reception:
         return (lines + "; " + self._now_rfc5322() + "\r\n").encode("utf-8", "replace")
 
     def store(self, *, sender: str, rcpts: list, content, helo: str, client_ip: str,
-              client_port: int, listener: str, protocol: str, extra: dict[str, Any]) -> Stored:
+              client_port: int, listener: str, protocol: str, extra: dict[str, Any],
+              x_values: dict[str, Any] | None = None) -> Stored:
+        """Spool a message; `x_values` are its X-header values when already scanned."""
         raw_id = new_id()
         msg_id = id_text(raw_id)
         trace = self.trace_header(msg_id, helo, client_ip, protocol, rcpts)
         envelope = {"id": msg_id, "sender": sender, "rcpts": rcpts, "helo": helo,
                     "client_ip": client_ip, "client_port": client_port, "listener": listener,
                     "protocol": protocol, "received": time.time(), "size": len(trace) + len(content),
-                    **extra, **self._x_values(content)}
+                    **extra, **(self._x_values(content) if x_values is None else x_values)}
         return Stored(msg_id, raw_id, envelope, self.spool.store(raw_id, envelope, trace, content))
 
     def accept(self, txn, session: SmtpSession) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
+        x_values = self._x_values(txn.data)   # one header scan for the filter and the envelope
         if self.policy is not None and self.policy.suppressions is not None \
                 and not self.policy.suppressions.empty():
-            refusal = self._drop_suppressed(txn, session)
+            refusal = self._drop_suppressed(txn, session, x_values.get("tenant"))
             if refusal is not None:
                 fut = session.listener.loop.create_future()
                 fut.set_result(refusal)
@@ -117,13 +120,12 @@ class Reception:
             specs = self.dkim.domains.for_message(txn.data, {"sender": txn.mail_from,
                                                              "rcpts": txn.rcpts})
             if specs:
-                return self._sign_then_accept(txn, session, specs)
-        return self._accept(txn, session, txn.data)
+                return self._sign_then_accept(txn, session, specs, x_values)
+        return self._accept(txn, session, txn.data, x_values)
 
-    def _drop_suppressed(self, txn, session: SmtpSession) -> bytes | None:
+    def _drop_suppressed(self, txn, session: SmtpSession, tenant: str | None) -> bytes | None:
         """Remove recipients suppressed for this tenant (known only now) or, with
         on_match = "drop", in any scope; a reply when none is left."""
-        tenant = self._x_values(txn.data).get("tenant")
         if self.policy.reject and not tenant:
             return None   # global and domain scopes were refused at RCPT
         dropped = self.policy.filter(txn.rcpts, txn.mail_from, tenant)
@@ -143,7 +145,8 @@ class Reception:
         # "drop": the client sees an ordinary acceptance; nothing is stored
         return reply("QUEUED", id_text(new_id()))
 
-    def _sign_then_accept(self, txn, session: SmtpSession, specs: list) -> asyncio.Future:
+    def _sign_then_accept(self, txn, session: SmtpSession, specs: list,
+                          x_values: dict[str, Any]) -> asyncio.Future:
         result = session.listener.loop.create_future()
 
         def signed(fut: asyncio.Future) -> None:
@@ -155,20 +158,21 @@ class Reception:
             if exc is not None:
                 log.warning("accepting unsigned: %s", exc)
             content = txn.data if exc is not None else fut.result()
-            inner = self._accept(txn, session, content)
+            inner = self._accept(txn, session, content, x_values)   # signing adds no X-header
             inner.add_done_callback(lambda f: result.set_result(f.result()))
 
         self.dkim.batcher.sign(bytes(txn.data), specs).add_done_callback(signed)
         return result
 
-    def _accept(self, txn, session: SmtpSession, content) -> asyncio.Future:
+    def _accept(self, txn, session: SmtpSession, content,
+                x_values: dict[str, Any]) -> asyncio.Future:
         started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
         extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
         stored = self.store(
             sender=txn.mail_from, rcpts=txn.rcpts, content=content, helo=txn.helo,
             client_ip=session.peer_ip, client_port=session.peer_port,
-            listener=session.listener.name, protocol=protocol, extra=extra)
+            listener=session.listener.name, protocol=protocol, extra=extra, x_values=x_values)
         msg_id = stored.id
         result = session.listener.loop.create_future()
 
