@@ -130,7 +130,7 @@ def test_group_commit_shares_syncs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_eventfd_wakes_the_loop(tmp_path: Path, loop_kind: str) -> None:
     if loop_kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        import uvloop   # required (requirements-dev.txt): a missing one fails, never skips
         loop = uvloop.new_event_loop()
     else:
         loop = asyncio.new_event_loop()

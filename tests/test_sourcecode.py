@@ -18,8 +18,7 @@ SOURCES = [p for p in ROOT.glob("**/*") if p.suffix in {".py", ".pyx", ".pxi", "
 
 def test_pyflakes_class_errors():
     ruff = shutil.which("ruff") or str((ROOT / ".venv" / "bin" / "ruff"))
-    if not shutil.which(ruff):
-        pytest.skip("ruff is not installed (requirements-dev.txt)")
+    assert shutil.which(ruff), "ruff is not installed: tools/dev.sh installs requirements-dev.txt"
     out = subprocess.run([ruff, "check", "--select", "F", "--no-cache", "mta", "tests", "tools", "bench"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, f"got lint errors, want none:\n{out.stdout[-4000:]}"
