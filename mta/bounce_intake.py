@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mta.bounce import parse_message
+from mta.bounce.report import Report
 from mta.egress.pools import DEFAULT_SOURCE
 from mta.ids import id_text
 from mta.logs.records import RecordType
@@ -63,15 +64,15 @@ class BounceIntake:
         except KeyError:
             return
         try:
-            self._process(env, idxs, bytes(content))
+            self._apply(env, idxs, parse_message(bytes(content), self.feedback.classifier))
         except Exception:   # a parser bug must not keep the message (or the loop) stuck
             log.exception("cannot process returned message %s", env.get("id"))
             self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="error")
         self.processed += 1
 
-    def _process(self, env: dict, idxs: list[int], content: bytes) -> None:
+    def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
+        """Act on a parsed report: log it, suppress what it proves."""
         fb = self.feedback
-        report = parse_message(content, fb.classifier)
         ours = next((d for i in idxs if (d := fb.decode_verp(env["rcpts"][i][0]))), None)
         orig_id = id_text(ours[0]) if ours else report.message_id
         trusted = ours is not None or not fb.verp

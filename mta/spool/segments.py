@@ -73,6 +73,7 @@ class Spool:
         self._hot: OrderedDict[bytes, tuple[bytes, bytes, Any]] = OrderedDict()
         self._hot_bytes = 0
         self._hot_limit = hot_cache
+        self.write_error = 0                          # errno of the last failed batch, 0 when writing
 
     # -- life cycle ------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class Spool:
         for ticket, err in done:
             fut, extra = self._waiting.pop(ticket)
             if err:
+                self.write_error = err
                 if isinstance(extra, bytes):  # a message that never became durable
                     self._forget_hot(extra)
                     packed = self._index.pop(extra, None)
@@ -271,6 +273,13 @@ class Spool:
         rec.check_crc(buf, 0, loc.length)
         _, env, content_at = rec.parse_message(buf, 0, loc.length)
         return orjson.loads(env), buf[content_at:]
+
+    @property
+    def writable(self) -> bool:
+        """False while the writer cannot write (closed, or after a write error):
+        reception refuses new mail and delivery takes no new message, since
+        neither its MESSAGE nor its TOMBSTONE record could be made durable."""
+        return self._writer is not None and not self.write_error
 
     def health(self) -> dict:
         stats = self._writer.stats() if self._writer is not None else {}
