@@ -62,7 +62,8 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.logs = LogWriter(str(self.config.log.directory))
+        self.logs = LogWriter(str(self.config.log.directory), max_buffer=self.config.log.max_buffer,
+                              mode=int(self.config.log.mode, 8))
         found = self.spool.open(loop)
         for bad in found.corrupt + found.torn:
             self.logs.log(RecordType.CORRUPT, segment=bad.segment, offset=bad.offset,

@@ -184,8 +184,9 @@ class Reception:
                                     session.peer_ip, session.listener.name)
                 result.set_result(reply("SPOOL_ERROR"))
                 return
-            self.durable(stored, latency_ms=round((time.perf_counter() - started) * 1000, 3))
+            # the reply first: nothing after durability (queueing, logging) may hold it back
             result.set_result(reply("QUEUED", msg_id))
+            self.durable(stored, latency_ms=round((time.perf_counter() - started) * 1000, 3))
 
         stored.durable.add_done_callback(done)
         return result

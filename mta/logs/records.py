@@ -22,6 +22,7 @@ class RecordType(str, Enum):
     SUPPRESSED = "Suppressed"              # a suppressed recipient was dropped at reception
     BACKOFF = "Backoff"                    # a throttling reply paused a (source, site)
     CORRUPT = "Corrupt"                    # a spool record failed its checks at start
+    LOG_LOSS = "LogLoss"                   # records dropped while the log could not be written
 
 
 # Fields per record type, for documentation and for tests that check records.
@@ -39,4 +40,5 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                           "source", "tenant", "suppressed", "time"),
     RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
+    RecordType.LOG_LOSS: ("lost", "time"),
 }
