@@ -505,6 +505,13 @@ class ServerConfig:
 
     hostname: str = key(HOSTNAME, "mta.localdomain",
                         "our name in the SMTP greeting, EHLO reply and Received headers")
+    data_memory_budget: int = key(SIZE, "512MiB", "message content all SMTP sessions together "
+                                  "may hold in memory before it is stored; at the budget new "
+                                  "transactions get 452 4.3.1 and sessions in DATA stop being "
+                                  "read", lo="1MiB", hi="1024GiB")
+    data_memory_wait: float = key(DURATION, "30s", "how long sessions in DATA may be held "
+                                  "at the memory budget before the largest are closed with "
+                                  "421 4.3.2 to free it", lo="1s", hi="1h")
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +533,12 @@ class LogConfig:
 
     directory: Path = key(PATH, "./var/log", "directory holding the JSONL log files")
     reception_log: bool = key(BOOL, True, "write a Reception record for every message accepted")
+    max_buffer: int = key(SIZE, "64MiB", "log records kept in memory while the log file cannot "
+                          "be written (full or failing disk); past it the oldest are dropped, "
+                          "counted in a LogLoss record", lo="1MiB", hi="4GiB")
+    mode: str = key(CHOICE, "0640", "permissions of the log files: records name senders and "
+                    "recipients, so never world-readable; 0640 lets a log shipper in the "
+                    "daemon's group read them", choices=("0600", "0640"))
 
 
 @dataclass(frozen=True, slots=True)
