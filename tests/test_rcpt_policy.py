@@ -33,17 +33,20 @@ def test_hook_bounce_domain_from_anyone_suppressed_refused_not_counted(tmp_path)
     fb = _feedback(tmp_path)
     fb.suppress("gone@example.test", "global", "hard_bounce")
     fb.suppress("dom@example.test", "domain:sender.test", "manual")
-    core = _core(RecipientPolicy(fb), relay=False, max_errors=2)
-    out, _ = core.feed(b"RCPT TO:<x@Bounces.Test>\r\n")
+    outsider = _core(RecipientPolicy(fb), relay=False, max_errors=3)
+    out, _ = outsider.feed(b"RCPT TO:<x@Bounces.Test>\r\n")
     assert out == reply("RCPT_OK"), "the bounce domain is open to any client"
-    out, _ = core.feed(b"RCPT TO:<other@example.test>\r\n")
-    assert out == reply("RELAY_DENIED")
+    out, _ = outsider.feed(b"RCPT TO:<other@example.test>\r\nRCPT TO:<gone@example.test>\r\n")
+    assert out == reply("RELAY_DENIED") * 2, "outsiders cannot tell who is suppressed"
+    out, _ = outsider.feed(b"RCPT TO:<gone@example.test>\r\n")
+    assert out.startswith(b"421 4.7.0") and outsider.closed, "probes count as errors"
+    core = _core(RecipientPolicy(fb), relay=True, max_errors=2)
     for _ in range(3):   # three refusals with max_errors=2: the session stays open
         out, _ = core.feed(b"RCPT TO:<gone@example.test>\r\n")
         assert out == REPLIES["SUPPRESSED"].line("gone@example.test", "hard_bounce")
     out, _ = core.feed(b"RCPT TO:<dom@example.test>\r\n")
     assert out.startswith(b"550 5.7.1 <dom@example.test>: recipient is suppressed (manual)")
-    assert [r[0] for r in core.rejections] == ["RELAY_DENIED"] + ["SUPPRESSED"] * 4
+    assert [r[0] for r in core.rejections] == ["SUPPRESSED"] * 4
     assert not core.closed
     fb.close()
 

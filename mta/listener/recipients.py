@@ -6,7 +6,10 @@ this policy exists, so a daemon without suppression or bounce domain pays nothin
   from everywhere) and later handed to the bounce intake instead of delivery;
 - a suppressed address (global or domain:<sender domain> scope) is refused with
   550 5.7.1 when `on_match = "reject"`; with "drop" it is accepted here and removed
-  at end of data.
+  at end of data. Only clients that may relay are told: for anyone else the list is
+  not looked at, so an outsider gets the same relay refusal (an error counted towards
+  max_errors) for a suppressed address as for any other, and cannot probe who
+  complained or unsubscribed.
 At end of data (`filter()`), when the tenant is known: tenant-scoped entries (and,
 for "drop", every scope) remove the recipient, each with a Suppressed log record.
 Logs name the address (our own logs), never its hash key.
@@ -39,8 +42,8 @@ class RecipientPolicy:
         """The native core's hook: None, True (accept from anyone) or (name, reply line)."""
         if self.bounce_domain and _domain(address) == self.bounce_domain:
             return True
-        if self.suppressions is None or not self.reject:
-            return None
+        if self.suppressions is None or not self.reject or not relay_allowed:
+            return None   # not relaying: the relay check refuses, suppressed or not
         entry = self.suppressions.check(address, sender_domain=_domain(sender) or None)
         if entry is None:
             return None

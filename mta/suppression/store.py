@@ -233,6 +233,19 @@ def _prefix(h: bytes) -> int:
 
 # --- the store ------------------------------------------------------------------------
 
+def _private(db: Path) -> None:
+    """Make the store and its WAL and shared-memory files 0600: they name who complained
+    or unsubscribed. SQLite gives the WAL and SHM it creates the database file's mode, so
+    creating that file 0600 first is enough; files of an older release are tightened."""
+    os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        try:
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class SuppressionList:
     """One SQLite suppression store. Use one instance per thread (sqlite3 connections
     are not shared across threads); any number of processes may open the same file."""
@@ -248,7 +261,8 @@ class SuppressionList:
         self.path = Path(path)
         self._key = key
         self.refresh_interval = refresh_interval
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(self.path)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
