@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -80,6 +81,10 @@ async def _serve(config: Config, ready_line: bool) -> None:
 def serve(config: Config, *, ready_line: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Spool, quarantine, suppression store and logs hold message content and addresses:
+    # nothing the daemon creates is readable by other local users unless a file is given
+    # its mode on purpose ([log] mode).
+    os.umask(0o077)
     nofile = raise_nofile()
     problem = connection_budget_problem(config, nofile)
     if problem:

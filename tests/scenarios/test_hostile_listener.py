@@ -76,4 +76,7 @@ def test_files_are_private(daemon_factory):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
     log_file = d.log_dir / "mta.jsonl"
     assert stat.S_IMODE(os.stat(log_file).st_mode) == 0o640
+    spool_files = [p for p in d.spool_dir.rglob("*") if p.is_file()]
+    assert spool_files and all(os.stat(p).st_mode & 0o077 == 0 for p in spool_files), \
+        "the daemon's umask keeps message content private"
     assert d.stop() == 0
