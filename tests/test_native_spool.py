@@ -275,10 +275,11 @@ def test_later_segment_exists_breaks_writer(tmp_path: Path) -> None:
 
 EFBIG_SCRIPT = textwrap.dedent(
     """
-    import errno, resource, signal, sys
+    import errno, os, resource, signal, sys
     from mta._native.spool import SegmentWriter
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    w = SegmentWriter(sys.argv[1], 1)
+    d = sys.argv[1]
+    w = SegmentWriter(d, 1, segment_bytes=1 << 20, prologue=b"P" * 24)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
     t1 = w.append(bytearray(16), b"x" * 60_000, 12)
     w.flush()
@@ -288,20 +289,37 @@ EFBIG_SCRIPT = textwrap.dedent(
     w.flush()
     got = w.completed()
     assert got == [(2, errno.EFBIG)], f"got {got}"
-    assert w.stats()["short_writes"] == 1
+    assert w.stats()["short_writes"] == 1 and w.stats()["failed_batches"] == 1
     try:
         w.append(bytearray(16), b"z", 12)
     except OSError as e:
         assert e.errno == errno.EFBIG, e
     else:
         raise AssertionError("append after a failed batch did not raise")
+    # The fault clears (here: a record that fits); resume() continues in a fresh
+    # segment, never in the one whose last write failed.
+    w.resume()
+    t, seg, off = w.append(bytearray(16), b"z" * 1000, 12)
+    assert (seg, off) == (2, 24), (seg, off)
+    w.flush()
+    assert w.completed() == [(t, 0)]
+    # A failing batch that created its segment: the file goes (nothing acknowledged in it).
+    w.roll()
+    w.append(bytearray(16), b"w" * 200_000, 12)
+    w.flush()
+    assert w.completed()[0][1] == errno.EFBIG
+    assert sorted(os.listdir(d)) == ["00000001.seg", "00000002.seg"], os.listdir(d)
+    w.resume()
+    t, seg, off = w.append(bytearray(16), b"v", 12)
+    w.flush()
+    assert w.completed() == [(t, 0)] and (seg, off) == (4, 24), (seg, off)
     w.close()
     print("ok")
     """
 )
 
 
-def test_write_error_breaks_writer(tmp_path: Path) -> None:
+def test_write_error_then_resume_in_a_fresh_segment(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, "-c", EFBIG_SCRIPT, str(tmp_path)],
@@ -309,3 +327,21 @@ def test_write_error_breaks_writer(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     assert seg_path(tmp_path, 1).stat().st_size == 100_000
+    assert seg_path(tmp_path, 2).read_bytes()[:24] == b"P" * 24
+    assert seg_path(tmp_path, 4).stat().st_size == 24 + 17
+
+
+def test_prologue_opens_every_segment(tmp_path: Path) -> None:
+    prologue = b"SEGMENT-HEADER-24-BYTES!"
+    with SegmentWriter(tmp_path, 1, segment_bytes=1000, prologue=prologue) as w:
+        placed = [w.append(bytearray(16), b"r" * 300, 12) for _ in range(7)]
+        w.flush()
+        assert all(err == 0 for _, err in w.completed())
+    # 24 + 3 * 316 fits 1000: three records per segment, each after the prologue.
+    assert [(seg, off) for _, seg, off in placed] == \
+        [(1, 24), (1, 340), (1, 656), (2, 24), (2, 340), (2, 656), (3, 24)]
+    for no in (1, 2, 3):
+        data = seg_path(tmp_path, no).read_bytes()
+        assert data[:24] == prologue and seg_path(tmp_path, no).stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError):
+        SegmentWriter(tmp_path, 9, segment_bytes=16, prologue=prologue)

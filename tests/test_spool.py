@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
+import zlib
+from pathlib import Path
 
+import orjson
 import pytest
 
 from mta.ids import new_id
-from mta.spool import Spool, records as rec
+from mta.spool import Spool
+from mta.spool import records as rec
 from mta.spool.recovery import list_segments, scan, segment_path
 
 
@@ -139,8 +144,174 @@ def test_writer_never_appends_to_an_old_segment(tmp_path):
     assert len(scan(str(tmp_path)).messages) == 6
 
 
-def test_record_layout_matches_native_writer_crc_offset():
-    head = rec.message_head(b"\x01" * 16, b"{}", b"", 0)
-    assert rec.HEADER_SIZE == 16 and rec.CRC_OFFSET == 12
-    magic, version, rtype, _, total, crc = rec.HEADER.unpack_from(head, 0)
-    assert (magic, version, rtype, total, crc) == (b"MTAR", 1, rec.RecordType.MESSAGE, len(head), 0)
+def test_record_layout_matches_native_writer_crc_offset(tmp_path):
+    nonce = b"\x07" * rec.NONCE_SIZE
+    head = rec.message_head(b"\x01" * 16, b"{}", b"", 0, nonce)
+    assert rec.HEADER_SIZE == 24 and rec.CRC_OFFSET == 12 and rec.CRC_START == 16
+    magic, version, rtype, _, total, crc, got_nonce = rec.HEADER.unpack_from(head, 0)
+    assert (magic, version, rtype, total, crc, got_nonce) == \
+        (b"MTAR", 2, rec.RecordType.MESSAGE, len(head), 0, nonce)
+    # Every segment the writer creates opens with the spool's SEGMENT record.
+    run(_fill(str(tmp_path), 3))
+    data = Path(segment_path(str(tmp_path), 1)).read_bytes()
+    rtype, total = rec.parse_header(data, 0, len(data), rec.VERSION)
+    rec.check_crc(data, 0, total)
+    assert (rtype, total) == (rec.RecordType.SEGMENT, rec.HEADER_SIZE)
+    assert rec.record_nonce(data, 0) == rec.record_nonce(data, rec.HEADER_SIZE), \
+        "want every record of the segment to carry the segment's nonce"
+
+
+# -- forged records in message content (issue 10) -----------------------------------------
+#
+# A message body is stored verbatim, so an outsider can put bytes in it that look like a
+# record: magic, version, a MESSAGE type, a correct length and CRC, a plausible envelope.
+# Recovery must never queue such a record, whatever damage precedes it.
+
+FORGED_ID = bytes.fromhex("0badc0de" * 4)
+
+
+def _forged_record(version: int) -> bytes:
+    """A record as an attacker would craft it: valid in every way a reader can check
+    without the segment's nonce (here a guessed one for version 2)."""
+    env = orjson.dumps({"id": FORGED_ID.hex(), "sender": "attacker@evil.example",
+                        "rcpts": [["victim@example.com", None, None]], "size": 5})
+    body = rec.MESSAGE_FIXED.pack(FORGED_ID, len(env)) + env + b"Hello"
+    if version == 1:
+        head = bytearray(rec.HEADER_V1.pack(rec.MAGIC, 1, rec.RecordType.MESSAGE, 0,
+                                            rec.HEADER_V1_SIZE + len(body), 0))
+    else:
+        head = bytearray(rec.HEADER.pack(rec.MAGIC, 2, rec.RecordType.MESSAGE, 0,
+                                         rec.HEADER_SIZE + len(body), 0, os.urandom(rec.NONCE_SIZE)))
+    raw = head + body
+    struct.pack_into("<I", raw, rec.CRC_OFFSET, zlib.crc32(raw[rec.CRC_START:]))
+    return bytes(raw)
+
+
+async def _store_carrier(directory: str) -> tuple[list[bytes], bytes]:
+    """Three messages; the middle one (the carrier) holds both forged records."""
+    spool = Spool(directory)
+    spool.open(asyncio.get_running_loop())
+    ids = [new_id() for _ in range(3)]
+    bodies = [b"Subject: before\r\n\r\nplain\r\n",
+              b"Subject: carrier\r\n\r\n" + b"x" * 3000 + _forged_record(1) + b"y" * 100
+              + _forged_record(2) + b"z" * 3000 + b"\r\n",
+              b"Subject: after\r\n\r\nplain\r\n"]
+    for msg_id, body in zip(ids, bodies):
+        await spool.store(msg_id, {"id": msg_id.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]},
+                          b"Received: test\r\n", bytearray(body))
+    await spool.close()
+    return ids, bodies[1]
+
+
+@pytest.mark.parametrize("damage", ["body", "length", "torn"])
+def test_record_forged_in_a_body_is_never_recovered(tmp_path, damage):
+    """The carrier is damaged before its forged records: by a flipped body byte, by a
+    wrong length field (resync must search), or by a crash mid-write (torn tail)."""
+    ids, carrier = run(_store_carrier(str(tmp_path)))
+    first = scan(str(tmp_path))
+    loc = first.messages[ids[1]]
+    path = segment_path(str(tmp_path), loc.segment)
+    forged_at = loc.offset + loc.length - len(carrier) + carrier.index(rec.MAGIC)
+    if damage == "body":
+        _corrupt_at(path, forged_at - 10)
+    elif damage == "length":
+        with open(path, "r+b") as f:
+            f.seek(loc.offset + 8)
+            f.write(struct.pack("<I", loc.length - 7))
+    else:
+        os.truncate(path, forged_at + 400)   # both forged records whole, the carrier cut
+    found = scan(str(tmp_path))
+    assert FORGED_ID not in found.messages, "got the record forged in a body queued as a message"
+    assert ids[1] not in found.messages, "got the damaged carrier back, want it refused"
+    assert ids[0] in found.messages
+    if damage == "torn":
+        assert len(found.torn) == 1 and not found.corrupt
+    else:
+        assert ids[2] in found.messages, "want the record after the damage found again"
+        assert len(found.corrupt) == 1
+
+
+# -- version 1 segments (written before the nonce) ------------------------------------------
+
+
+def _v1_record(rtype: int, body: bytes) -> bytes:
+    raw = bytearray(rec.HEADER_V1.pack(rec.MAGIC, 1, rtype, 0, rec.HEADER_V1_SIZE + len(body), 0)) + body
+    struct.pack_into("<I", raw, rec.CRC_OFFSET, zlib.crc32(raw[rec.CRC_START:]))
+    return bytes(raw)
+
+
+def _v1_message(msg_id: bytes, content: bytes) -> bytes:
+    env = orjson.dumps({"id": msg_id.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]})
+    return _v1_record(rec.RecordType.MESSAGE, rec.MESSAGE_FIXED.pack(msg_id, len(env)) + env + content)
+
+
+def _write_v1_spool(directory: str, contents: list[bytes]) -> tuple[list[bytes], list[int]]:
+    """Segment 1 as the version 1 writer left it; -> (ids, record offsets)."""
+    ids = [new_id() for _ in contents]
+    data, offsets = b"", []
+    for msg_id, content in zip(ids, contents):
+        offsets.append(len(data))
+        data += _v1_message(msg_id, content)
+    finished = new_id()   # a message finished before the upgrade
+    offsets.append(len(data))
+    data += _v1_message(finished, b"done\r\n")
+    data += _v1_record(rec.RecordType.TOMBSTONE, rec.COUNT.pack(1) + finished)
+    with open(segment_path(directory, 1), "wb") as f:
+        f.write(data)
+    return ids, offsets
+
+
+def test_version1_spool_recovers_after_upgrade(tmp_path):
+    contents = [b"Subject: %d\r\n\r\nold mail\r\n" % i for i in range(5)]
+    ids, _ = _write_v1_spool(str(tmp_path), contents)
+
+    async def main():
+        spool = Spool(str(tmp_path))
+        found = spool.open(asyncio.get_running_loop())
+        assert set(found.messages) == set(ids) and found.finished == 1
+        assert not found.corrupt and not found.torn
+        for msg_id, content in zip(ids, contents):
+            assert spool.read(msg_id)[1] == content, "want the v1 record read back as written"
+        new = new_id()
+        await spool.store(new, {"id": new.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]},
+                          b"", bytearray(b"new\r\n"))
+        await spool.remove(ids[:2])
+        await spool.close()
+        return new
+    new = run(main())
+    found = scan(str(tmp_path))
+    assert set(found.messages) == set(ids[2:]) | {new}
+    assert list_segments(str(tmp_path)) == [1, 2], "want new records in a fresh v2 segment"
+
+
+@pytest.mark.parametrize("damage", ["body", "length"])
+def test_version1_segment_is_not_searched_after_damage(tmp_path, damage):
+    """A v1 segment has no nonce: after damage the scan goes on only where the damaged
+    record's length says; if that fails the rest is quarantined, never searched."""
+    contents = [b"a\r\n", b"x" * 2000 + _forged_record(1) + b"y" * 2000, b"c\r\n", b"d\r\n"]
+    ids, offsets = _write_v1_spool(str(tmp_path), contents)
+    path = segment_path(str(tmp_path), 1)
+    if damage == "body":
+        _corrupt_at(path, offsets[1] + 500)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(offsets[1] + 8)
+            f.write(struct.pack("<I", 100))
+    found = scan(str(tmp_path))
+    assert FORGED_ID not in found.messages
+    assert ids[0] in found.messages and ids[1] not in found.messages
+    assert len(found.corrupt) == 1
+    if damage == "body":
+        assert {ids[2], ids[3]} <= set(found.messages), "want the scan to go on at the next record"
+    else:
+        bad = found.corrupt[0]
+        assert "not searched" in bad.reason
+        assert bad.length == os.path.getsize(path) - offsets[1], "want the rest quarantined whole"
+        assert os.stat(bad.saved_as).st_mode & 0o777 == 0o600
+
+
+def test_spool_directory_and_files_are_private(tmp_path):
+    directory = str(tmp_path / "spool")
+    run(_fill(directory, 2))
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert os.stat(segment_path(directory, 1)).st_mode & 0o777 == 0o600

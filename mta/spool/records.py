@@ -1,22 +1,36 @@
 """Spool record layout: the one definition of what a segment file holds.
 
 A segment (NNNNNNNN.seg) is an append-only sequence of records. Every record
-starts with a fixed 16-byte header and is covered by a CRC-32 (zlib's), which
-the native writer (native/spool/writer.c) fills in at CRC_OFFSET just before
-the write: one fdatasync covers many messages, so a torn batch must be
-detectable record by record (Postfix has typed, length-prefixed records but
-no checksum; we add one).
+starts with a fixed header and is covered by a CRC-32 (zlib's), which the
+native writer (native/spool/writer.c) fills in at CRC_OFFSET just before the
+write: one fdatasync covers many messages, so a torn batch must be detectable
+record by record (Postfix has typed, length-prefixed records but no checksum;
+we add one).
 
-    header   magic "MTAR" | version u8 | type u8 | flags u16 | total_len u32 | crc32 u32
-    MESSAGE  id[16] | envelope_len u32 | envelope (JSON) | content
-    TOMBSTONE count u32 | id[16] * count   (messages that are finished)
+Version 2 (written since issue 10) frames every record with the segment's
+nonce, 8 random bytes (os.urandom) drawn when the spool opens. The native
+writer starts every segment it creates with a SEGMENT record carrying it, and
+every later record repeats it inside the CRC. Message content is stored in
+records verbatim, so a body can hold bytes that look like a record (magic,
+lengths, even a correct CRC); it cannot hold the nonce, which never leaves
+the spool. Recovery therefore resynchronises after damage only at a record
+that carries the segment's nonce (see mta/spool/recovery.py).
+
+    header v2 magic "MTAR" | version u8 = 2 | type u8 | flags u16 | total_len u32 | crc32 u32
+              | nonce[8]                                              (24 bytes)
+    header v1 magic "MTAR" | version u8 = 1 | type u8 | flags u16 | total_len u32 | crc32 u32
+                                                    (16 bytes; read, never written)
+    SEGMENT    (nothing: the header's nonce is the payload; first record of a v2 segment)
+    MESSAGE    id[16] | envelope_len u32 | envelope (JSON) | content
+    TOMBSTONE  count u32 | id[16] * count   (messages that are finished)
     RCPTS_DONE count u32 | (id[16] | rcpt index u32) * count
                                        (recipients finished while others still wait:
                                         a restart must not deliver them again)
 
 All integers little-endian; total_len counts the header; the CRC covers bytes
-[16:total_len]. Readers reject unknown types and versions, lengths that run
-past the file, and CRC mismatches (see mta/spool/recovery.py).
+[16:total_len] in both versions (in v2 that includes the nonce). Readers
+reject unknown types and versions, lengths that run past the file, a nonce
+other than the segment's, and CRC mismatches.
 """
 from __future__ import annotations
 
@@ -25,51 +39,72 @@ import zlib
 from enum import IntEnum
 
 MAGIC = b"MTAR"
-VERSION = 1
-HEADER = struct.Struct("<4sBBHII")   # magic, version, type, flags, total_len, crc
-HEADER_SIZE = HEADER.size            # 16
-CRC_OFFSET = 12                      # where the writer stores the CRC
+VERSION = 2                          # what the writer writes
+V1 = 1                               # still read: segments written before issue 10
+NONCE_SIZE = 8
+HEADER = struct.Struct("<4sBBHII8s")  # magic, version, type, flags, total_len, crc, nonce
+HEADER_SIZE = HEADER.size             # 24
+HEADER_V1 = struct.Struct("<4sBBHII")  # magic, version, type, flags, total_len, crc
+HEADER_V1_SIZE = HEADER_V1.size       # 16
+CRC_OFFSET = 12                       # where the writer stores the CRC
+CRC_START = 16                        # the CRC covers [CRC_START:total_len], both versions
 MESSAGE_FIXED = struct.Struct("<16sI")  # id, envelope_len
 COUNT = struct.Struct("<I")
 RCPT_DONE = struct.Struct("<16sI")      # id, recipient index
 ID_SIZE = 16
 MAX_RECORD = 0xFFFFFFFF
+_HEADER_SIZES = {V1: HEADER_V1_SIZE, VERSION: HEADER_SIZE}
 
 
 class RecordType(IntEnum):
     MESSAGE = 1     # an accepted message: envelope + content
     TOMBSTONE = 2   # ids of messages that are finished (delivered, bounced, expired)
     RCPTS_DONE = 3  # (id, recipient index) pairs finished before their message is
+    SEGMENT = 4     # v2: the first record of a segment, carrying its nonce
 
 
-def message_head(msg_id: bytes, envelope: bytes, trace: bytes, content_len: int) -> bytearray:
+_TYPES = frozenset(RecordType)
+
+
+def _head(rtype: RecordType, total: int, nonce: bytes) -> bytearray:
+    if total > MAX_RECORD:
+        raise ValueError(f"record of {total} bytes exceeds the 4 GiB record limit")
+    return bytearray(HEADER.pack(MAGIC, VERSION, rtype, 0, total, 0, nonce))
+
+
+def segment_header(nonce: bytes) -> bytes:
+    """The SEGMENT record, CRC included: the native writer puts it verbatim at
+    offset 0 of every segment it creates."""
+    head = _head(RecordType.SEGMENT, HEADER_SIZE, nonce)
+    struct.pack_into("<I", head, CRC_OFFSET, zlib.crc32(memoryview(head)[CRC_START:]))
+    return bytes(head)
+
+
+def message_head(msg_id: bytes, envelope: bytes, trace: bytes, content_len: int,
+                 nonce: bytes) -> bytearray:
     """Header + id + envelope + trace header for a MESSAGE record.
 
     The content follows as a separate buffer (zero copy); `trace` (our
     Received header) is the first part of the stored content.
     """
     total = HEADER_SIZE + MESSAGE_FIXED.size + len(envelope) + len(trace) + content_len
-    if total > MAX_RECORD:
-        raise ValueError(f"record of {total} bytes exceeds the 4 GiB record limit")
-    head = bytearray(HEADER.pack(MAGIC, VERSION, RecordType.MESSAGE, 0, total, 0))
+    head = _head(RecordType.MESSAGE, total, nonce)
     head += MESSAGE_FIXED.pack(msg_id, len(envelope))
     head += envelope
     head += trace
     return head
 
 
-def tombstone(ids: list[bytes]) -> bytearray:
-    total = HEADER_SIZE + COUNT.size + ID_SIZE * len(ids)
-    head = bytearray(HEADER.pack(MAGIC, VERSION, RecordType.TOMBSTONE, 0, total, 0))
+def tombstone(ids: list[bytes], nonce: bytes) -> bytearray:
+    head = _head(RecordType.TOMBSTONE, HEADER_SIZE + COUNT.size + ID_SIZE * len(ids), nonce)
     head += COUNT.pack(len(ids))
     for i in ids:
         head += i
     return head
 
 
-def rcpts_done(pairs: list[tuple[bytes, int]]) -> bytearray:
-    total = HEADER_SIZE + COUNT.size + RCPT_DONE.size * len(pairs)
-    head = bytearray(HEADER.pack(MAGIC, VERSION, RecordType.RCPTS_DONE, 0, total, 0))
+def rcpts_done(pairs: list[tuple[bytes, int]], nonce: bytes) -> bytearray:
+    head = _head(RecordType.RCPTS_DONE, HEADER_SIZE + COUNT.size + RCPT_DONE.size * len(pairs), nonce)
     head += COUNT.pack(len(pairs))
     for msg_id, index in pairs:
         head += RCPT_DONE.pack(msg_id, index)
@@ -82,52 +117,79 @@ class RecordError(ValueError):
     def __init__(self, reason: str, total_len: int = 0):
         super().__init__(reason)
         self.reason = reason
-        self.total_len = total_len   # bytes to skip to try the next record, 0 if unknown
+        self.total_len = total_len   # what the length field says, 0 if it is unusable
 
 
-def parse_header(buf: bytes | memoryview, offset: int, available: int) -> tuple[int, int]:
-    """Validate the header at `offset` -> (type, total_len); RecordError otherwise."""
-    if available < HEADER_SIZE:
+def parse_header(buf: bytes | memoryview, offset: int, available: int,
+                 version: int | None = None, nonce: bytes | None = None) -> tuple[int, int]:
+    """Validate the header at `offset` -> (type, total_len); RecordError otherwise.
+
+    `version`: the segment's format (None: either, for reading back a record
+    whose place is known); `nonce`: the segment's nonce (v2), checked when given.
+    """
+    if available < HEADER_V1_SIZE:
         raise RecordError("truncated header")
-    magic, version, rtype, _flags, total, _crc = HEADER.unpack_from(buf, offset)
+    magic, found, rtype, _flags, total, _crc = HEADER_V1.unpack_from(buf, offset)
     if magic != MAGIC:
         raise RecordError("bad magic")
-    if version != VERSION:
-        raise RecordError(f"unknown version {version}")
-    if total < HEADER_SIZE or total > available:
+    size = _HEADER_SIZES.get(found)
+    if size is None or (version is not None and found != version):
+        raise RecordError(f"unknown version {found}" if size is None
+                          else f"version {found} record in a version {version} segment")
+    if total < size or total > available:
         raise RecordError("length runs past the end of the segment")
-    if rtype not in (RecordType.MESSAGE, RecordType.TOMBSTONE, RecordType.RCPTS_DONE):
+    if rtype not in _TYPES or (found == V1 and rtype == RecordType.SEGMENT):
         raise RecordError(f"unknown record type {rtype}", total)
+    if nonce is not None and found == VERSION and buf[offset + CRC_START:offset + size] != nonce:
+        raise RecordError("nonce is not the segment's", total)
     return rtype, total
+
+
+def record_nonce(buf: bytes | memoryview, offset: int) -> bytes:
+    """The nonce of the v2 header at `offset` (validate it first)."""
+    return bytes(buf[offset + CRC_START:offset + HEADER_SIZE])
 
 
 def check_crc(buf: bytes | memoryview, offset: int, total: int) -> None:
     stored = struct.unpack_from("<I", buf, offset + CRC_OFFSET)[0]
-    actual = zlib.crc32(memoryview(buf)[offset + HEADER_SIZE:offset + total])
+    actual = zlib.crc32(memoryview(buf)[offset + CRC_START:offset + total])
     if stored != actual:
         raise RecordError("checksum mismatch", total)
 
 
+def _body(buf: bytes | memoryview, offset: int) -> int:
+    """Where the record's body starts (after a header of its version)."""
+    return offset + _HEADER_SIZES[buf[offset + 4]]
+
+
 def parse_message(buf: bytes | memoryview, offset: int, total: int) -> tuple[bytes, memoryview, int]:
     """MESSAGE body -> (id, envelope bytes view, content offset)."""
-    msg_id, env_len = MESSAGE_FIXED.unpack_from(buf, offset + HEADER_SIZE)
-    env_start = offset + HEADER_SIZE + MESSAGE_FIXED.size
+    start = _body(buf, offset)
+    if start + MESSAGE_FIXED.size > offset + total:
+        raise RecordError("message record too short", total)
+    msg_id, env_len = MESSAGE_FIXED.unpack_from(buf, start)
+    env_start = start + MESSAGE_FIXED.size
     if env_start + env_len > offset + total:
         raise RecordError("envelope runs past the record", total)
     return bytes(msg_id), memoryview(buf)[env_start:env_start + env_len], env_start + env_len
 
 
+def _count(buf: bytes | memoryview, offset: int, total: int) -> tuple[int, int]:
+    start = _body(buf, offset)
+    if start + COUNT.size > offset + total:
+        raise RecordError("record too short for its count", total)
+    return COUNT.unpack_from(buf, start)[0], start + COUNT.size
+
+
 def parse_tombstone(buf: bytes | memoryview, offset: int, total: int) -> list[bytes]:
-    (count,) = COUNT.unpack_from(buf, offset + HEADER_SIZE)
-    start = offset + HEADER_SIZE + COUNT.size
+    count, start = _count(buf, offset, total)
     if start + count * ID_SIZE != offset + total:
         raise RecordError("tombstone count does not match its length", total)
     return [bytes(buf[start + i * ID_SIZE:start + (i + 1) * ID_SIZE]) for i in range(count)]
 
 
 def parse_rcpts_done(buf: bytes | memoryview, offset: int, total: int) -> list[tuple[bytes, int]]:
-    (count,) = COUNT.unpack_from(buf, offset + HEADER_SIZE)
-    start = offset + HEADER_SIZE + COUNT.size
+    count, start = _count(buf, offset, total)
     if start + count * RCPT_DONE.size != offset + total:
         raise RecordError("recipient-done count does not match its length", total)
     return [(bytes(i), n) for i, n in RCPT_DONE.iter_unpack(memoryview(buf)[start:offset + total])]

@@ -5,10 +5,21 @@ and returns the live messages (accepted and not tombstoned). A record that
 fails its checks is never taken as a message:
   - at the tail of a segment (the last, never-acknowledged batch before a
     crash) it is a torn write and is reported as `torn`;
-  - anywhere else it is Corrupt: its bytes are copied to corrupt/ for the
-    operator (never deleted, never silently skipped) and the scan goes on at
-    the next record when the length field can be trusted, else at the next
-    magic that starts a record with a valid checksum.
+  - anywhere else it is Corrupt: its bytes are copied to corrupt/ (0600) for
+    the operator (never deleted, never silently skipped).
+Where the scan goes on after damage (resynchronisation) is where forged
+content could get in, so it goes on only at a record the writer wrote:
+  - at the end the damaged record's length field names, when a valid record
+    (or the end of the segment) is there: the usual case, a flipped bit in a
+    body;
+  - else, in a version 2 segment, at the next record that carries the
+    segment's nonce and a valid checksum. Content cannot carry the nonce
+    (records.py), so a record crafted inside a message body never matches;
+  - a version 1 segment (written before the nonce existed) has nothing that
+    tells a real record from a crafted one, so it is not searched: the rest of
+    the segment is quarantined as one piece and reported as corrupt when a
+    valid-looking record is in it (it may hold accepted mail: the operator
+    decides), else as a torn tail. Intact v1 segments recover in full.
 Diagnostics: warnings only (returned, and logged by the caller). Never raises
 on damaged data; raises OSError when the directory cannot be read.
 """
@@ -66,19 +77,64 @@ def list_segments(directory: str) -> list[int]:
     return sorted(out)
 
 
-def _next_candidate(buf, start: int, end: int) -> int:
-    """Offset of the next record with a valid header and checksum, or end."""
-    pos = start
-    while True:
-        pos = buf.find(rec.MAGIC, pos, end)
-        if pos < 0:
-            return end
-        try:
-            _, total = rec.parse_header(buf, pos, end - pos)
-            rec.check_crc(buf, pos, total)
-            return pos
-        except rec.RecordError:
-            pos += 1
+def _valid_at(buf, pos: int, end: int, version: int | None, nonce: bytes | None) -> bool:
+    try:
+        _, total = rec.parse_header(buf, pos, end - pos, version, nonce)
+        rec.check_crc(buf, pos, total)
+    except rec.RecordError:
+        return False
+    return True
+
+
+def _resync(buf, pos: int, end: int, hint: int, version: int, nonce: bytes | None) -> tuple[int, bool]:
+    """Where the scan may go on after damage at `pos` -> (offset, safe).
+
+    `safe` is False when the rest of the segment could not be searched (no
+    nonce to tell the writer's records from content); see the module docstring.
+    """
+    nxt = pos + hint
+    if hint and (nxt == end or (nxt < end and _valid_at(buf, nxt, end, version, nonce))):
+        return nxt, True
+    if nonce is None:
+        return end, False
+    at = pos + 1
+    while (at := buf.find(rec.MAGIC, at, end)) >= 0:
+        if _valid_at(buf, at, end, version, nonce):
+            return at, True
+        at += 1
+    return end, True
+
+
+def _looks_valid_after(buf, pos: int, end: int) -> bool:
+    """Whether any valid-looking record (right checksum, any nonce) follows `pos`:
+    decides only how an unsearched rest is reported, never what is queued."""
+    at = pos + 1
+    while (at := buf.find(rec.MAGIC, at, end)) >= 0:
+        if _valid_at(buf, at, end, None, None):
+            return True
+        at += 1
+    return False
+
+
+def _framing(buf, size: int) -> tuple[int, bytes | None, int, rec.RecordError | None]:
+    """The segment's format -> (version, nonce, first record offset, damage at 0).
+
+    A v2 segment opens with its SEGMENT record. If that is damaged, the nonce
+    is taken from the record right after it (a known boundary: the SEGMENT
+    record has a fixed size) when that one checks out; else it stays unknown.
+    """
+    if size >= rec.HEADER_V1_SIZE and buf[:4] == rec.MAGIC and buf[4] == rec.V1:
+        return rec.V1, None, 0, None
+    try:
+        rtype, total = rec.parse_header(buf, 0, size, rec.VERSION)
+        rec.check_crc(buf, 0, total)
+        if rtype != rec.RecordType.SEGMENT:
+            raise rec.RecordError("segment does not start with its SEGMENT record")
+        return rec.VERSION, rec.record_nonce(buf, 0), total, None
+    except rec.RecordError as exc:
+        first = rec.HEADER_SIZE
+        nonce = rec.record_nonce(buf, first) if _valid_at(buf, first, size, rec.VERSION, None) else None
+        return rec.VERSION, nonce, 0, rec.RecordError(exc.reason, first)
 
 
 def scan(directory: str, quarantine: str | None = None) -> Recovered:
@@ -98,15 +154,18 @@ def scan(directory: str, quarantine: str | None = None) -> Recovered:
 
 
 def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarantine: str) -> None:
-    pos = 0
+    version, nonce, pos, damage = _framing(buf, size)
     while pos < size:
         try:
-            rtype, total = rec.parse_header(buf, pos, size - pos)
+            if damage is not None:
+                raise damage
+            rtype, total = rec.parse_header(buf, pos, size - pos, version, nonce)
             rec.check_crc(buf, pos, total)
             if rtype == rec.RecordType.MESSAGE:
                 msg_id, env, _ = rec.parse_message(buf, pos, total)
+                envelope = orjson.loads(env)
                 out.messages[msg_id] = Location(seg, pos, total)
-                out.envelopes[msg_id] = orjson.loads(env)
+                out.envelopes[msg_id] = envelope
                 where[msg_id] = seg
             elif rtype == rec.RecordType.TOMBSTONE:
                 refs = out.tombstone_refs.setdefault(seg, set())
@@ -117,33 +176,44 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
                         out.finished += 1
                     if msg_id in where:
                         refs.add(where[msg_id])
-            else:
+            elif rtype == rec.RecordType.RCPTS_DONE:
                 refs = out.tombstone_refs.setdefault(seg, set())
                 for msg_id, index in rec.parse_rcpts_done(buf, pos, total):
                     if msg_id in out.messages:
                         out.done_rcpts.setdefault(msg_id, set()).add(index)
                     if msg_id in where:
                         refs.add(where[msg_id])
+            else:
+                raise rec.RecordError("SEGMENT record inside a segment", total)
             pos += total
         except (rec.RecordError, orjson.JSONDecodeError) as exc:
-            reason = exc.reason if isinstance(exc, rec.RecordError) else "envelope is not JSON"
-            nxt = _next_candidate(buf, pos + 1, size)
-            if nxt == size:
+            damage = None
+            if isinstance(exc, rec.RecordError):
+                reason, hint = exc.reason, exc.total_len
+            else:
+                reason, hint = "envelope is not JSON", total
+            nxt, searched = _resync(buf, pos, size, hint, version, nonce)
+            if nxt == size and (searched or not _looks_valid_after(buf, pos, size)):
                 # Nothing valid follows: the tail of the last batch written
                 # before a crash, which was never acknowledged with a 250.
                 tail = buf[pos:size]
                 saved = "" if tail.count(0) == len(tail) else _quarantine(quarantine, seg, pos, tail)
                 out.torn.append(Corrupt(seg, pos, size - pos, reason, saved))
                 return
+            if not searched:
+                reason += f"; the rest of this version {version} segment is not searched for records"
             saved = _quarantine(quarantine, seg, pos, buf[pos:nxt])
             out.corrupt.append(Corrupt(seg, pos, nxt - pos, reason, saved))
             pos = nxt
 
 
 def _quarantine(directory: str, seg: int, offset: int, data: bytes) -> str:
-    os.makedirs(directory, exist_ok=True)
+    """Copy damaged bytes for the operator; 0600: they are message content."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, f"{seg:08d}-{offset:010d}.bad")
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        os.fchmod(fd, 0o600)   # an older copy may have been made 0644
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -11,15 +11,27 @@ mta/spool/records.py), corrupt/ for quarantined records.
 Reclamation: a segment is unlinked when none of its messages is live and
 none of its tombstones still names a message in a segment that exists (else
 deleting it would resurrect that message at the next start).
-Diagnostics: store() failures resolve the future with SpoolError (the
-session maps it to 451 4.3.0); after one failed sync every later store
-fails too (the writer is broken: nothing after an fsync error is trusted).
+Faults: a failed batch (ENOSPC, EIO, a failed fdatasync) resolves its
+futures with SpoolError (the session answers 451 4.3.0, never 250), and the
+spool stops being `writable`: admission() refuses new mail and delivery takes
+no new message, since its tombstone could not be written. Tombstones and
+RCPTS_DONE records that could not be written are owed, not dropped. Every
+PROBE_INTERVAL the writer is resumed on a fresh segment (the failed one is
+never trusted again) and the owed records (or an empty TOMBSTONE) are written;
+the first such batch that succeeds makes the spool writable again. A MESSAGE
+whose batch failed may still have reached the disk whole, so it is owed a
+tombstone too. Before the disk is full, admission() answers 452/451 by the
+free space and queue size limits.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -27,6 +39,11 @@ import orjson
 from mta._native.spool import SegmentWriter
 from mta.spool import records as rec
 from mta.spool.recovery import Location, Recovered, scan, segment_path
+
+log = logging.getLogger("mta.spool")
+
+PROBE_INTERVAL = 0.5      # seconds between attempts to write again after a failed batch
+FREE_SPACE_SAMPLE = 1.0   # admission() reads statvfs at most this often
 
 
 def _pack(segment: int, offset: int, length: int) -> int:
@@ -49,13 +66,19 @@ class Spool:
     """Store, load, remove and enumerate messages; see the module docstring."""
 
     def __init__(self, directory: str, *, segment_size: int = 64 << 20, max_batch: int = 1024,
-                 hot_cache: int = 256 << 20):
+                 hot_cache: int = 256 << 20, min_free_space: int = 0, min_free_percent: int = 0,
+                 max_queued_messages: int = 0):
         self.directory = directory
         self.segment_size = segment_size
         self.max_batch = max_batch
+        self.min_free_space = min_free_space
+        self.min_free_percent = min_free_percent
+        self.max_queued_messages = max_queued_messages
         self._writer: SegmentWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: dict[int, tuple[asyncio.Future, Any]] = {}   # ticket -> (future, buffers kept alive)
+        self._nonce = b""                             # this run's record nonce (records.py)
+        # ticket -> (future or None, message id | _Meta); buffers stay alive in the writer
+        self._waiting: dict[int, tuple[asyncio.Future | None, Any]] = {}
         # live message id -> where it is, packed in one int (_pack): a Location object
         # per message would cost ~110 bytes more at ten million queued
         self._index: dict[bytes, int] = {}
@@ -63,8 +86,10 @@ class Spool:
         self._refs: dict[int, set[int]] = {}          # segment -> segments its tombstones name
         self._fds: dict[int, int] = {}                # read fds of segments
         self.recovered: Recovered | None = None
-        self._finished: list[bytes] = []              # ids to tombstone in the next batch
-        self._finished_rcpts: list[tuple[bytes, int]] = []  # recipients done, same
+        # Records owed to the disk: written with the next batch, and kept (never
+        # dropped) while the spool cannot write, so a restart does not deliver again.
+        self._owed = _Meta([], [], set(), set())
+        self._owed_futures: list[asyncio.Future] = []  # remove() callers waiting for them
         self._flush_scheduled = False
         # Recently stored messages, kept so a fast delivery needs no read or checksum:
         # id -> (envelope JSON, trace, content). FIFO-evicted past hot_cache bytes.
@@ -74,12 +99,21 @@ class Spool:
         self._hot_bytes = 0
         self._hot_limit = hot_cache
         self.write_error = 0                          # errno of the last failed batch, 0 when writing
+        self._probe: asyncio.TimerHandle | None = None  # next attempt to write again
+        self._probe_ticket = 0                        # the batch that tells whether it works again
+        self._space_checked = -FREE_SPACE_SAMPLE      # monotonic time of the last statvfs
+        self._space_low = False
 
     # -- life cycle ------------------------------------------------------------
 
     def open(self, loop: asyncio.AbstractEventLoop) -> Recovered:
-        """Scan what is on disk, then start the writer on a fresh segment."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Scan what is on disk, then start the writer on a fresh segment.
+
+        Raises OSError naming the directory when it cannot be created, read or
+        written (a read-only mount, missing permission): start-up stops there.
+        """
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        _check_writable(self.directory)
         found = scan(self.directory)
         for msg_id, loc in found.messages.items():
             self._index[msg_id] = _pack(loc.segment, loc.offset, loc.length)
@@ -88,7 +122,9 @@ class Spool:
             self._live.setdefault(seg, 0)
         self._refs = {s: set(r) for s, r in found.tombstone_refs.items()}
         first = (found.segments[-1] + 1) if found.segments else 1
-        self._writer = SegmentWriter(self.directory, first, self.segment_size, self.max_batch)
+        self._nonce = os.urandom(rec.NONCE_SIZE)
+        self._writer = SegmentWriter(self.directory, first, self.segment_size, self.max_batch,
+                                     rec.segment_header(self._nonce))
         self._loop = loop
         loop.add_reader(self._writer.eventfd, self._on_completed)
         self.recovered = found
@@ -99,6 +135,12 @@ class Spool:
     async def close(self) -> None:
         if self._writer is None:
             return
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        if self.write_error:              # one last try for what a restart must not miss
+            self._writer.resume()
+            self.write_error = 0
         self._flush_finished()           # pending tombstones go into the last batch
         writer, self._writer = self._writer, None
         assert self._loop is not None
@@ -106,6 +148,10 @@ class Spool:
         await self._loop.run_in_executor(None, writer.flush)
         self._complete(writer.completed())
         writer.close()
+        if self._owed.ids or self._owed.pairs:
+            log.error("spool %s: %d finished messages and %d recipients could not be marked "
+                      "done; they will be delivered again after the restart", self.directory,
+                      len(self._owed.ids), len(self._owed.pairs))
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -120,10 +166,11 @@ class Spool:
             fut.set_exception(SpoolError("spool is closed"))
             return fut
         env = orjson.dumps(envelope)
-        head = rec.message_head(msg_id, env, trace, len(content))
+        head = rec.message_head(msg_id, env, trace, len(content), self._nonce)
         try:
             ticket, segment, offset = self._writer.append(head, content, rec.CRC_OFFSET)
         except OSError as exc:
+            self._failed(exc.errno)
             fut.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
             return fut
         self._waiting[ticket] = (fut, msg_id)
@@ -141,33 +188,40 @@ class Spool:
         return fut
 
     def remove(self, ids: list[bytes]) -> asyncio.Future:
-        """Tombstone finished messages; the future resolves when that is durable."""
-        emptied = set()
-        named = set()
+        """Tombstone finished messages now; the future resolves when that is durable
+        (it fails if the write does, and the tombstone is then kept and written
+        again once the spool can write)."""
+        assert self._loop is not None
         for msg_id in ids:
-            self._forget_hot(msg_id)
-            packed = self._index.pop(msg_id, None)
-            if packed is not None:
-                seg = packed >> 64
-                named.add(seg)
-                self._live[seg] -= 1
-                emptied.add(seg)
-        return self._append_meta(rec.tombstone(ids), named, emptied)
-
-    def remove_recipients(self, pairs: list[tuple[bytes, int]]) -> asyncio.Future:
-        """Record finished recipients of messages that still wait for others."""
-        named = {self._index[i] >> 64 for i, _ in pairs if i in self._index}
-        return self._append_meta(rec.rcpts_done(pairs), named, set())
+            self._unindex(msg_id)
+        self._owed.ids.extend(ids)
+        fut = self._loop.create_future()
+        self._owed_futures.append(fut)
+        self._flush_finished()
+        return fut
 
     def finish(self, msg_id: bytes) -> None:
         """Tombstone `msg_id` in the next batch (one record per loop iteration)."""
-        self._forget_hot(msg_id)
-        self._finished.append(msg_id)
+        self._unindex(msg_id)
+        self._owed.ids.append(msg_id)
         self._schedule_flush()
 
     def finish_recipients(self, msg_id: bytes, indexes: list[int]) -> None:
-        self._finished_rcpts.extend((msg_id, i) for i in indexes)
+        packed = self._index.get(msg_id)
+        if packed is not None:
+            self._owed.named.add(packed >> 64)
+        self._owed.pairs.extend((msg_id, i) for i in indexes)
         self._schedule_flush()
+
+    def _unindex(self, msg_id: bytes) -> None:
+        """`msg_id` is finished: no longer live; its tombstone will name its segment."""
+        self._forget_hot(msg_id)
+        packed = self._index.pop(msg_id, None)
+        if packed is not None:
+            seg = packed >> 64
+            self._live[seg] -= 1
+            self._owed.named.add(seg)
+            self._owed.emptied.add(seg)
 
     def _forget_hot(self, msg_id: bytes) -> None:
         hot = self._hot.pop(msg_id, None)
@@ -179,25 +233,51 @@ class Spool:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_finished)
 
-    def _flush_finished(self) -> None:
-        self._flush_scheduled = False
-        if self._writer is None:
-            return
-        if self._finished_rcpts:
-            pairs, self._finished_rcpts = self._finished_rcpts, []
-            self.remove_recipients(pairs)
-        if self._finished:
-            ids, self._finished = self._finished, []
-            self.remove(ids)
+    def _flush_finished(self) -> int:
+        """Append the owed RCPTS_DONE and TOMBSTONE records -> ticket of the last (0: none).
 
-    def _append_meta(self, head: bytearray, named: set[int], emptied: set[int]) -> asyncio.Future:
-        assert self._loop is not None and self._writer is not None
-        fut = self._loop.create_future()
-        ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
-        self._live.setdefault(segment, 0)
-        self._refs.setdefault(segment, set()).update(named)
-        self._waiting[ticket] = (fut, emptied)
-        return fut
+        While the spool cannot write they stay owed; the probe writes them.
+        """
+        self._flush_scheduled = False
+        owed = self._owed
+        if self._writer is None or self.write_error or not (owed.ids or owed.pairs):
+            return 0
+        self._owed = _Meta([], [], set(), set())
+        futures, self._owed_futures = self._owed_futures, []
+        return self._append_meta(owed, futures)
+
+    def _append_meta(self, meta: _Meta, futures: list[asyncio.Future]) -> int:
+        assert self._writer is not None
+        heads = []
+        if meta.pairs:
+            heads.append(rec.rcpts_done(meta.pairs, self._nonce))
+        if meta.ids or not meta.pairs:    # an empty TOMBSTONE is the probe's record
+            heads.append(rec.tombstone(meta.ids, self._nonce))
+        ticket = 0
+        try:
+            for head in heads:
+                ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
+                self._live.setdefault(segment, 0)
+                self._refs.setdefault(segment, set()).update(meta.named)
+                self._waiting[ticket] = (None, None)
+        except OSError as exc:
+            # A record appended before the error belongs to a batch that will fail
+            # too (the writer fails everything behind a failed batch) or succeed:
+            # either way writing all of it again is harmless (records are idempotent).
+            self._owe(meta, [])
+            self._failed(exc.errno)
+            for f in futures:   # kept and written later; this attempt failed
+                f.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
+            return 0
+        self._waiting[ticket] = (None, (meta, futures))
+        return ticket
+
+    def _owe(self, meta: _Meta, futures: list[asyncio.Future]) -> None:
+        self._owed.ids.extend(meta.ids)
+        self._owed.pairs.extend(meta.pairs)
+        self._owed.named |= meta.named
+        self._owed.emptied |= meta.emptied
+        self._owed_futures.extend(futures)
 
     def _on_completed(self) -> None:
         assert self._writer is not None
@@ -207,20 +287,110 @@ class Spool:
         for ticket, err in done:
             fut, extra = self._waiting.pop(ticket)
             if err:
-                self.write_error = err
-                if isinstance(extra, bytes):  # a message that never became durable
-                    self._forget_hot(extra)
-                    packed = self._index.pop(extra, None)
-                    if packed is not None:
-                        self._live[packed >> 64] -= 1
-                if not fut.done():
-                    fut.set_exception(SpoolError(err, f"spool write failed: {os.strerror(err)}"))
+                self._failed(err)
+                exc = SpoolError(err, f"spool write failed: {os.strerror(err)}")
+                if isinstance(extra, bytes):
+                    self._void(extra)
+                elif extra is not None:
+                    meta, futures = extra
+                    self._owe(meta, [])
+                    for f in futures:   # kept and written later; this attempt failed
+                        if not f.done():
+                            f.set_exception(exc)
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
                 continue
-            if isinstance(extra, set):  # a durable tombstone may free segments
-                for seg in extra:
+            if ticket == self._probe_ticket:
+                self._recovered_writing()
+            if extra is not None and not isinstance(extra, bytes):
+                meta, futures = extra
+                for seg in meta.emptied:   # a durable tombstone may free segments
                     self._maybe_reclaim(seg)
-            if not fut.done():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(None)
+            if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    def _void(self, msg_id: bytes) -> None:
+        """A MESSAGE whose batch failed: never acknowledged, so not live; but part of
+        it may be on disk in one piece, so it gets a tombstone too (written once the
+        spool can write), or a restart would find it and deliver mail answered 451."""
+        self._forget_hot(msg_id)
+        packed = self._index.pop(msg_id, None)
+        if packed is not None:
+            seg = packed >> 64
+            self._live[seg] -= 1
+            self._owe(_Meta([msg_id], [], {seg}, {seg}), [])
+
+    # -- write errors -----------------------------------------------------------
+
+    def _failed(self, err: int) -> None:
+        """A write failed: not writable until a probe batch succeeds (every PROBE_INTERVAL)."""
+        if not self.write_error:
+            log.warning("spool %s: write failed (%s); refusing new mail and holding "
+                        "deliveries until a write succeeds", self.directory, os.strerror(err))
+        self.write_error = err
+        self._probe_ticket = 0
+        if self._probe is None and self._loop is not None and self._writer is not None:
+            self._probe = self._loop.call_later(PROBE_INTERVAL, self._try_writing)
+
+    def _try_writing(self) -> None:
+        """Resume the writer (a fresh segment) and write what is owed, or an empty
+        TOMBSTONE: its completion says whether the fault has cleared."""
+        self._probe = None
+        if self._writer is None:
+            return
+        self._writer.resume()
+        futures, self._owed_futures = self._owed_futures, []
+        meta, self._owed = self._owed, _Meta([], [], set(), set())
+        self._probe_ticket = self._append_meta(meta, futures)
+
+    def _recovered_writing(self) -> None:
+        log.warning("spool %s: writing again after %s", self.directory,
+                    os.strerror(self.write_error))
+        self.write_error = 0
+        self._probe_ticket = 0
+        if self._writer is None:     # closing
+            return
+        current = self._writer.stats()["segment"]
+        for seg in [s for s, n in self._live.items() if n == 0 and s < current]:
+            if seg in self._live:   # a segment left empty by the failure
+                self._maybe_reclaim(seg)
+        self._schedule_flush()
+
+    # -- backpressure -------------------------------------------------------------
+
+    def admission(self) -> str | None:
+        """Whether new mail may come: None, or the name of the reply (mta/replies.py)
+        to refuse it with. Cheap enough for every MAIL FROM (statvfs at most once
+        per FREE_SPACE_SAMPLE seconds); recovers by itself when the cause goes."""
+        if not self.writable:
+            return "SPOOL_ERROR"
+        if self.max_queued_messages and len(self._index) >= self.max_queued_messages:
+            return "QUEUE_FULL"
+        if (self.min_free_space or self.min_free_percent) and self._low_on_space():
+            return "SPOOL_FULL"
+        return None
+
+    def _low_on_space(self) -> bool:
+        now = time.monotonic()
+        if now - self._space_checked >= FREE_SPACE_SAMPLE:
+            self._space_checked = now
+            try:
+                st = os.statvfs(self.directory)
+            except OSError as exc:
+                log.warning("spool %s: statvfs failed: %s", self.directory, exc.strerror)
+                self._space_low = True
+                return True
+            keep = max(self.min_free_space, st.f_blocks * st.f_frsize * self.min_free_percent // 100)
+            low = st.f_bavail * st.f_frsize < keep
+            if low != self._space_low:
+                log.warning("spool %s: %s: %d bytes free, %d kept free", self.directory,
+                            "refusing new mail" if low else "accepting mail again",
+                            st.f_bavail * st.f_frsize, keep)
+            self._space_low = low
+        return self._space_low
 
     # -- reclamation ------------------------------------------------------------
 
@@ -235,7 +405,10 @@ class Spool:
         fd = self._fds.pop(seg, None)
         if fd is not None:
             os.close(fd)
-        os.unlink(segment_path(self.directory, seg))
+        try:
+            os.unlink(segment_path(self.directory, seg))
+        except FileNotFoundError:
+            pass    # a number a failed batch used: the writer unlinked it already
         dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -269,7 +442,7 @@ class Spool:
         if fd is None:
             fd = self._fds[loc.segment] = os.open(segment_path(self.directory, loc.segment), os.O_RDONLY)
         buf = os.pread(fd, loc.length, loc.offset)
-        rec.parse_header(buf, 0, len(buf))
+        rec.parse_header(buf, 0, len(buf))   # either version: v1 segments from before an upgrade
         rec.check_crc(buf, 0, loc.length)
         _, env, content_at = rec.parse_message(buf, 0, loc.length)
         return orjson.loads(env), buf[content_at:]
@@ -284,4 +457,23 @@ class Spool:
     def health(self) -> dict:
         stats = self._writer.stats() if self._writer is not None else {}
         return {"messages": len(self._index), "segments": len(self._live),
-                "waiting": len(self._waiting), **stats}
+                "waiting": len(self._waiting), "write_error": self.write_error,
+                "owed_tombstones": len(self._owed.ids), "owed_recipients": len(self._owed.pairs),
+                **stats}
+
+
+@dataclass(slots=True)
+class _Meta:
+    """TOMBSTONE and RCPTS_DONE payloads on their way to the disk."""
+    ids: list[bytes]                   # finished (or voided) messages
+    pairs: list[tuple[bytes, int]]     # finished recipients
+    named: set[int]                    # segments those records name (reclamation order)
+    emptied: set[int]                  # segments to try to reclaim once they are durable
+
+
+def _check_writable(directory: str) -> None:
+    """Raise OSError(EROFS or EACCES, directory) unless we can create files there."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), directory)
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)

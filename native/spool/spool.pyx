@@ -8,8 +8,9 @@ bytes, the segment's fdatasync and (for a new segment) the directory fsync
 are done. One native thread (writer.c) syncs everything appended while the
 previous sync ran as one batch, so the sync cost is shared by the batch.
 
-Reads: nothing. Writes: "<directory>/%08d.seg", each created with O_EXCL,
-records contiguous in append order; head[crc_offset:crc_offset+4] gets the
+Reads: nothing. Writes: "<directory>/%08d.seg", each created 0600 with
+O_EXCL and opened by `prologue` (the spool's SEGMENT record), records
+contiguous in append order after it; head[crc_offset:crc_offset+4] gets the
 little-endian zlib crc32 of head[crc_offset+4:] + body before it is written.
 
 Buffers are not copied: the head and body exports (Py_buffer) are held from
@@ -17,9 +18,11 @@ append() until completed() returns the ticket. Do not change them meanwhile
 (a bytearray cannot be resized while exported, so the pointers stay valid).
 
 Diagnostics (STYLE.md section 8):
-- warning: a write or sync error completes every ticket of its batch with a
-  positive errno; the writer is then broken and append() raises that OSError
-  (after a failed fdatasync the page cache is in an unknown state).
+- warning: a write or sync error completes every ticket of its batch (and of
+  the records appended behind it) with a positive errno; append() then raises
+  that OSError until resume(), after which records go to a fresh segment
+  (after a failed fdatasync the failed segment's page cache is in an unknown
+  state, so it is never written again; see writer.h).
 - fatal: __init__ raises OSError (FileExistsError when first_segment exists).
 - bug: RuntimeError for use after close(), ValueError for a bad crc_offset.
 Short writes are finished synchronously (pwritev loop, then fdatasync), not
@@ -35,8 +38,8 @@ from posix.unistd cimport read
 
 from writer cimport (mta_rec, mta_writer, mta_writer_append, mta_writer_close,
                      mta_writer_eventfd, mta_writer_flush, mta_writer_free,
-                     mta_writer_get_stats, mta_writer_open, mta_writer_roll,
-                     mta_writer_stats, mta_writer_take_done)
+                     mta_writer_get_stats, mta_writer_open, mta_writer_resume,
+                     mta_writer_roll, mta_writer_stats, mta_writer_take_done)
 
 
 ctypedef struct Pending:
@@ -73,7 +76,8 @@ cdef class SegmentWriter:
         self._closed = False
         self._leftover = []
 
-    def __init__(self, directory, first_segment, segment_bytes=64 << 20, max_batch=1024):
+    def __init__(self, directory, first_segment, segment_bytes=64 << 20, max_batch=1024,
+                 const unsigned char[::1] prologue=b""):
         cdef mta_writer *w = NULL
         cdef int rc
         if self._w != NULL:
@@ -89,8 +93,12 @@ cdef class SegmentWriter:
         cdef unsigned int c_batch = max_batch
         path = os.fsencode(directory)
         cdef const char *cpath = path
+        cdef size_t c_plen = prologue.shape[0]
+        cdef const unsigned char *c_pro = &prologue[0] if c_plen else NULL
+        if c_plen >= segment_bytes:
+            raise ValueError(f"prologue of {c_plen} bytes leaves no room in a {segment_bytes}-byte segment")
         with nogil:
-            rc = mta_writer_open(cpath, c_first, c_bytes, c_batch, &w)
+            rc = mta_writer_open(cpath, c_first, c_bytes, c_batch, c_pro, c_plen, &w)
         if rc < 0:
             exc = _oserror(rc)
             exc.filename = os.fsdecode(path)
@@ -192,6 +200,15 @@ cdef class SegmentWriter:
         with nogil:
             mta_writer_flush(self._w)
 
+    def resume(self):
+        """After a failed batch: accept appends again, into a fresh segment.
+        Whether the fault cleared shows in the next batch's completions."""
+        cdef int rc
+        self._check_open()
+        rc = mta_writer_resume(self._w)
+        if rc < 0:
+            raise _oserror(rc)
+
     def roll(self):
         """Make the next append start a new segment (no-op on an empty one); returns its number."""
         self._check_open()
@@ -206,7 +223,8 @@ cdef class SegmentWriter:
         return {"batches": s.batches, "records": s.records, "bytes": s.bytes,
                 "syncs": s.syncs, "dir_syncs": s.dir_syncs,
                 "short_writes": s.short_writes,
-                "max_batch_records": s.max_batch_records, "segment": s.segment}
+                "max_batch_records": s.max_batch_records,
+                "failed_batches": s.failed_batches, "segment": s.segment}
 
     def close(self):
         """Flush, stop the thread and close the segment fds; idempotent."""

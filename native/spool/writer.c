@@ -15,6 +15,13 @@
  *      then write 1 to the eventfd.
  * Appends made during 3-5 wait in the pending list for the next batch: that
  * is the group commit.
+ *
+ * A failed batch (7.): its records and every record appended behind it fail
+ * together (they were placed after bytes that are not on disk); the segments
+ * it created are unlinked (they hold nothing acknowledged), the segment it
+ * continued is closed for good (after a failed fdatasync its unsynced pages
+ * cannot be trusted: "fsyncgate"), and the next append goes to a fresh
+ * segment once resume() clears the error.
  */
 #define _GNU_SOURCE
 #include "writer.h"
@@ -79,7 +86,7 @@ struct mta_writer {
     int thread_idle;            /* (mu) thread is waiting on work_cv: append signals */
     int stopping;               /* (mu) close() asked the thread to exit */
     int closed;                 /* (mu) close() ran: appends fail with EPIPE */
-    int broken;                 /* (mu) positive errno of the first failed batch, or 0 */
+    int broken;                 /* (mu) positive errno of the last failed batch until resume(), or 0 */
 
     mta_rec *pending_head;      /* (mu) appended, not yet taken by the thread */
     mta_rec *pending_tail;      /* (mu) last of pending, for O(1) append */
@@ -92,6 +99,8 @@ struct mta_writer {
     uint64_t assign_off;        /* (mu) offset the next append gets in it */
     uint64_t segment_bytes;     /* roll over before a record would cross this */
     unsigned max_batch;         /* most records per batch */
+    unsigned char *prologue;    /* written at offset 0 of every segment created (may be NULL) */
+    size_t prologue_len;        /* its bytes; the first record of a segment goes here */
 
     mta_writer_stats stats;     /* (mu) counters; stats.segment mirrors assign_seg */
 
@@ -103,7 +112,7 @@ struct mta_writer {
     struct io_uring ring;       /* submission/completion ring */
     int ring_ok;                /* ring initialised (needs queue_exit) */
     unsigned ring_entries;      /* SQ size; a batch never needs more SQEs */
-    struct iovec *iovs;         /* 2 * max_batch iovecs for the batch */
+    struct iovec *iovs;         /* 2 * max_batch + one prologue per segment, for the batch */
     struct op *ops;             /* ring_entries ops for the batch */
     struct touched *segs;       /* ring_entries / 2 touched segments */
 };
@@ -128,9 +137,9 @@ int mta_writer_append(mta_writer *w, mta_rec *rec)
     } else {
         /* A record that would cross segment_bytes starts a new segment, unless
          * the current one is empty (then it gets a segment of its own). */
-        if (w->assign_off > 0 && w->assign_off + len > w->segment_bytes) {
+        if (w->assign_off > w->prologue_len && w->assign_off + len > w->segment_bytes) {
             w->assign_seg++;
-            w->assign_off = 0;
+            w->assign_off = w->prologue_len;
         }
         rec->ticket = w->next_ticket++;
         rec->segment = w->assign_seg;
@@ -176,9 +185,9 @@ uint64_t mta_writer_roll(mta_writer *w)
     uint64_t no;
 
     pthread_mutex_lock(&w->mu);
-    if (w->assign_off > 0) {
+    if (w->assign_off > w->prologue_len) {
         w->assign_seg++;
-        w->assign_off = 0;
+        w->assign_off = w->prologue_len;
         w->stats.segment = w->assign_seg;
     }
     no = w->assign_seg;
@@ -208,6 +217,19 @@ int mta_writer_broken(mta_writer *w)
     return b;
 }
 
+int mta_writer_resume(mta_writer *w)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&w->mu);
+    if (w->closed)
+        rc = -EPIPE;
+    else
+        w->broken = 0;      /* the failure already moved assignment to a fresh segment */
+    pthread_mutex_unlock(&w->mu);
+    return rc;
+}
+
 /* ---- batch (writer thread) -------------------------------------------- */
 
 /* Detach up to max_batch pending records whose SQEs fit the ring.  Called with
@@ -226,8 +248,8 @@ static unsigned take_batch(mta_writer *w, mta_rec **out)
         unsigned need = 0;
         if (n == 0 || r->segment != seg) {
             need = 2;           /* a WRITEV and the segment's FDATASYNC */
-            run_iovs = 0;
-            run_bytes = 0;
+            run_iovs = 1;       /* the prologue, if this batch creates the segment */
+            run_bytes = w->prologue_len;
         } else if (run_iovs + niov > IOV_MAX || run_bytes + bytes > WRITE_MAX_BYTES) {
             need = 1;           /* one more WRITEV in the same chain */
             run_iovs = 0;
@@ -347,6 +369,13 @@ static int plan_batch(mta_writer *w, mta_rec *batch, unsigned *nsegs, unsigned *
                 }
                 t->created = 1;
                 *created = 1;
+                if (r->offset != w->prologue_len) {
+                    ns--;       /* cannot happen: a segment's first record follows its prologue */
+                    close(t->fd);
+                    unlinkat(w->dirfd, name, 0);
+                    *nsegs = ns;
+                    return EIO;
+                }
             }
             wop = NULL;
         }
@@ -354,6 +383,12 @@ static int plan_batch(mta_writer *w, mta_rec *batch, unsigned *nsegs, unsigned *
             wop = &w->ops[no++];
             *wop = (struct op){.kind = OP_WRITE, .fd = t->fd, .iov = &w->iovs[ni],
                                .off = r->offset};
+            if (t->created && r->offset == w->prologue_len && w->prologue_len) {
+                w->iovs[ni++] = (struct iovec){.iov_base = w->prologue, .iov_len = w->prologue_len};
+                wop->iovcnt = 1;
+                wop->off = 0;
+                wop->expect = w->prologue_len;
+            }
         }
         w->iovs[ni++] = (struct iovec){.iov_base = r->head, .iov_len = r->head_len};
         if (r->body_len)
@@ -522,7 +557,17 @@ static int write_batch(mta_writer *w, mta_rec *batch, uint64_t *syncs, int *dirs
             w->cur_seg = t->no;
         } else if (t->fd != w->cur_fd) {
             close(t->fd);
+            if (err && t->created) {
+                /* Only this failed batch's records are in it: nothing acknowledged. */
+                char name[32];
+                seg_name(name, sizeof name, t->no);
+                unlinkat(w->dirfd, name, 0);
+            }
         }
+    }
+    if (err && w->cur_fd >= 0) {
+        close(w->cur_fd);       /* never written again: the next batch starts a fresh segment */
+        w->cur_fd = -1;
     }
     return err;
 }
@@ -558,8 +603,26 @@ static void *writer_main(void *arg)
         }
 
         pthread_mutex_lock(&w->mu);
-        if (err && !w->broken)
+        uint64_t behind = 0;
+        if (err) {
             w->broken = err;
+            w->stats.failed_batches++;
+            /* Records appended behind the failed batch fail with it: they were
+             * placed after bytes that are not on disk. */
+            if (w->pending_head) {
+                last->next = w->pending_head;
+                for (mta_rec *r = w->pending_head; r; r = r->next) {
+                    r->err = err;
+                    bytes += r->head_len + r->body_len;
+                    behind++;
+                    last = r;
+                }
+                w->pending_head = w->pending_tail = NULL;
+            }
+            w->assign_seg++;
+            w->assign_off = w->prologue_len;
+            w->stats.segment = w->assign_seg;
+        }
         if (w->done_tail)
             w->done_tail->next = batch;
         else
@@ -567,7 +630,7 @@ static void *writer_main(void *arg)
         w->done_tail = last;
         w->done_ticket = last->ticket;
         w->stats.batches++;
-        w->stats.records += n;
+        w->stats.records += n + behind;
         w->stats.bytes += bytes;
         w->stats.syncs += syncs;
         w->stats.dir_syncs += (uint64_t)dirsync;
@@ -601,7 +664,8 @@ static unsigned ring_size(unsigned max_batch)
 }
 
 int mta_writer_open(const char *directory, uint64_t first_segment,
-                    uint64_t segment_bytes, unsigned max_batch, mta_writer **out)
+                    uint64_t segment_bytes, unsigned max_batch,
+                    const unsigned char *prologue, size_t prologue_len, mta_writer **out)
 {
     mta_writer *w;
     char name[32];
@@ -616,6 +680,16 @@ int mta_writer_open(const char *directory, uint64_t first_segment,
     w->dirfd = w->efd = w->cur_fd = -1;
     w->segment_bytes = segment_bytes;
     w->max_batch = max_batch;
+    if (prologue_len) {
+        w->prologue = malloc(prologue_len);
+        if (!w->prologue) {
+            free(w);
+            return -ENOMEM;
+        }
+        memcpy(w->prologue, prologue, prologue_len);
+        w->prologue_len = prologue_len;
+    }
+    w->assign_off = prologue_len;
     w->assign_seg = w->stats.segment = first_segment;
     w->next_ticket = 1;
     w->ring_entries = ring_size(max_batch);
@@ -639,7 +713,7 @@ int mta_writer_open(const char *directory, uint64_t first_segment,
         rc = -errno;
         goto fail;
     }
-    w->iovs = calloc(2 * (size_t)max_batch, sizeof *w->iovs);
+    w->iovs = calloc(2 * (size_t)max_batch + w->ring_entries / 2, sizeof *w->iovs);
     w->ops = calloc(w->ring_entries, sizeof *w->ops);
     w->segs = calloc(w->ring_entries / 2, sizeof *w->segs);
     if (!w->iovs || !w->ops || !w->segs) {
@@ -701,6 +775,7 @@ void mta_writer_free(mta_writer *w)
     if (w->efd >= 0)
         close(w->efd);
     free(w->iovs);
+    free(w->prologue);
     free(w->ops);
     free(w->segs);
     pthread_cond_destroy(&w->done_cv);

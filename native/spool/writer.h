@@ -9,14 +9,20 @@
  * created), then moves the tickets to the done list and writes 1 to an eventfd
  * so the asyncio loop can answer 250 to the whole batch.
  *
- * Reads: nothing.  Writes: "<directory>/%08llu.seg" files, created with
- * O_EXCL and never reopened for append.
+ * Reads: nothing.  Writes: "<directory>/%08llu.seg" files (0600), created with
+ * O_EXCL and never reopened for append; each starts with the caller's prologue
+ * (the spool's SEGMENT record, mta/spool/records.py), written with the
+ * segment's first batch.
  *
  * Diagnostics: every function returns 0 or a negative errno.  A failed write or
- * sync completes every ticket of its batch with that errno and makes the writer
- * broken: later appends return the same negative errno (after a failed
- * fdatasync the page cache state is unknown; see the 2018 "fsyncgate" thread,
- * https://lwn.net/Articles/752063/).
+ * sync completes every ticket of its batch, and of every record appended behind
+ * it, with that errno and makes the writer broken: appends return the same
+ * negative errno until resume().  The failed segment is never written again
+ * (after a failed fdatasync the page cache state is unknown; see the 2018
+ * "fsyncgate" thread, https://lwn.net/Articles/752063/): segments the batch
+ * created are unlinked (they hold nothing acknowledged), and after resume()
+ * the next append starts a fresh segment.  Records acknowledged before were
+ * made durable by an earlier, successful fdatasync.
  *
  * Short writes are finished, not failed: the rest of the run is written with a
  * synchronous pwritev() loop and the segment is synced with fdatasync(); only
@@ -57,15 +63,19 @@ typedef struct mta_writer_stats {
     uint64_t dir_syncs;         /* FSYNCs of the directory (batches that created a segment) */
     uint64_t short_writes;      /* WRITEVs that came back short and were finished by pwritev */
     uint64_t max_batch_records; /* largest batch seen */
+    uint64_t failed_batches;    /* batches that failed (write, sync or create error) */
     uint64_t segment;           /* segment the next append goes to unless it rolls over */
 } mta_writer_stats;
 
 typedef struct mta_writer mta_writer;
 
 /* Open `directory`, check first_segment does not exist (-EEXIST), create the
- * ring and eventfd and start the thread.  *out is set only on success. */
+ * ring and eventfd and start the thread.  prologue (copied; may be NULL when
+ * prologue_len is 0) opens every segment; records start after it.  *out is
+ * set only on success. */
 int mta_writer_open(const char *directory, uint64_t first_segment,
-                    uint64_t segment_bytes, unsigned max_batch, mta_writer **out);
+                    uint64_t segment_bytes, unsigned max_batch,
+                    const unsigned char *prologue, size_t prologue_len, mta_writer **out);
 
 /* Assign ticket, segment and offset to rec and queue it.  Never blocks on I/O.
  * Returns -EPIPE after close, or the writer's negative errno once broken. */
@@ -89,6 +99,10 @@ int mta_writer_eventfd(const mta_writer *w);
 
 /* Errno that broke the writer (positive), or 0. */
 int mta_writer_broken(mta_writer *w);
+
+/* Accept appends again after a failed batch (they go to a fresh segment);
+ * the next batch shows whether the condition cleared.  -EPIPE after close. */
+int mta_writer_resume(mta_writer *w);
 
 /* Flush, stop and join the thread, close the segment fds, the directory and the
  * ring.  The eventfd and the done list stay until free.  Idempotent. */

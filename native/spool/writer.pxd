@@ -23,13 +23,15 @@ cdef extern from "writer.h" nogil:
         uint64_t dir_syncs              # directory FSYNCs
         uint64_t short_writes           # short WRITEVs finished by pwritev
         uint64_t max_batch_records      # largest batch
+        uint64_t failed_batches         # batches that failed
         uint64_t segment                # where the next append goes
 
     ctypedef struct mta_writer:
         pass                            # opaque
 
     int mta_writer_open(const char *directory, uint64_t first_segment,
-                        uint64_t segment_bytes, unsigned max_batch, mta_writer **out)
+                        uint64_t segment_bytes, unsigned max_batch,
+                        const unsigned char *prologue, size_t prologue_len, mta_writer **out)
     int mta_writer_append(mta_writer *w, mta_rec *rec)
     mta_rec *mta_writer_take_done(mta_writer *w)
     void mta_writer_flush(mta_writer *w)
@@ -37,5 +39,6 @@ cdef extern from "writer.h" nogil:
     void mta_writer_get_stats(mta_writer *w, mta_writer_stats *out)
     int mta_writer_eventfd(const mta_writer *w)
     int mta_writer_broken(mta_writer *w)
+    int mta_writer_resume(mta_writer *w)
     void mta_writer_close(mta_writer *w)
     void mta_writer_free(mta_writer *w)
