@@ -77,6 +77,8 @@ REPLIES: dict[str, Reply] = {
     "BDAT_DISCARDED": Reply(503, "5.5.1", "Error: chunk discarded, no valid transaction"),
     # local trouble: always temporary, never the exception text
     "SPOOL_ERROR": Reply(451, "4.3.0", "Error: queue file write error, try again later"),
+    "SPOOL_FULL": Reply(452, "4.3.1", "Error: insufficient system storage, try again later"),
+    "QUEUE_FULL": Reply(451, "4.3.2", "Error: queue is full, try again later"),
     "INTERNAL": Reply(451, "4.3.0", "Error: internal error, try again later"),
     "DKIM_DEFER": Reply(451, "4.7.0", "Error: message cannot be DKIM-signed now, try again later"),
 }

@@ -46,8 +46,11 @@ log = logging.getLogger("mta.server")
 class Server:
     def __init__(self, config: Config):
         self.config = config
-        self.spool = Spool(str(config.spool.directory), segment_size=config.spool.segment_size,
-                           max_batch=config.spool.max_batch, hot_cache=config.spool.hot_cache)
+        sp = config.spool
+        self.spool = Spool(str(sp.directory), segment_size=sp.segment_size,
+                           max_batch=sp.max_batch, hot_cache=sp.hot_cache,
+                           min_free_space=sp.min_free_space, min_free_percent=sp.min_free_percent,
+                           max_queued_messages=sp.max_queued_messages)
         self.logs: LogWriter | None = None
         self.reception: Reception | None = None
         self.delivery: DeliveryEngine | None = None

@@ -525,6 +525,15 @@ class SpoolConfig:
                          lo=1, hi=65536)
     hot_cache: int = key(SIZE, "256MiB", "recently accepted message content kept in RAM so "
                          "a prompt delivery reads nothing back from disk", lo=0, hi="64GiB")
+    min_free_space: int = key(SIZE, "256MiB", "free space the spool's file system keeps for "
+                              "tombstones: below it (or below min_free_percent) new mail gets "
+                              "452 4.3.1 at MAIL FROM until space returns", lo=0, hi="64GiB")
+    min_free_percent: int = key(INT, 2, "free space to keep, in percent of the spool's file "
+                                "system; the larger of this and min_free_space holds",
+                                lo=0, hi=90)
+    max_queued_messages: int = key(INT, 0, "messages the spool holds at most (0: no limit); "
+                                   "at the limit new mail gets 451 4.3.2 at MAIL FROM",
+                                   lo=0, hi=1 << 40)
 
 
 @dataclass(frozen=True, slots=True)
