@@ -3,18 +3,18 @@
 Where it sits: Server hands every durable message (new or recovered) whose
 recipients include addresses at `[bounces] domain` here instead of to delivery;
 the message was spooled like any other before its 250, so nothing accepted is
-lost. `process()` parses it with mta.bounce, decodes the VERP recipient (our
-message id + recipient index, signed: only return paths we minted decode),
-writes one OOB record per failed recipient or one Feedback record for an ARF
-report, suppresses hard bounces and complaints, and returns; the caller then
+lost. `process()` parses it with mta.bounce, writes one OOB record per failed
+recipient or one Feedback record for an ARF report, suppresses the hard bounces
+and complaints the report proves, and returns; the caller then
 finishes those recipients in the spool (tombstone). A crash before that leaves
 the message live, recovery brings it back and it is processed again
 (at-least-once: a record may repeat, a suppression is idempotent).
 
-Trust: everything here comes from the Internet. A hard bounce suppresses only
-when its VERP address decodes (or VERP is off, when nothing can be checked), so
-a forged DSN to a guessed address suppresses nobody. Auto-replies and delay
-notices are logged, never suppress. XXX: parsing runs on the loop thread; a
+Trust: everything here comes from the Internet. A hard bounce or complaint
+suppresses (and counts) only a recipient the report proves we sent to: a VERP
+return path minted for that recipient, or a complaint from a trusted FBL source
+(mta/feedback_trust.py); the others say in `ignored` why they did not act.
+Auto-replies and delay notices are logged, never suppress. XXX: parsing runs on the loop thread; a
 very large returned message costs milliseconds there.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from mta.bounce import parse_message
 from mta.bounce.report import Report
 from mta.egress.pools import DEFAULT_SOURCE
-from mta.ids import id_text
+from mta.feedback_trust import Evidence, Verdict
 from mta.logs.records import RecordType
 
 if TYPE_CHECKING:
@@ -71,42 +71,48 @@ class BounceIntake:
         self.processed += 1
 
     def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
-        """Act on a parsed report: log it, suppress what it proves."""
+        """Act on a parsed report: log it, and suppress and count only what it proves
+        (mta/feedback_trust.py: a VERP return path of ours for that recipient, or a
+        complaint from a trusted FBL source)."""
         fb = self.feedback
-        ours = next((d for i in idxs if (d := fb.decode_verp(env["rcpts"][i][0]))), None)
-        orig_id = id_text(ours[0]) if ours else report.message_id
-        trusted = ours is not None or not fb.verp
+        evidence = Evidence(fb, env, idxs, report)
         tenant = None
         if report.original_headers is not None and self.tenant_header:
             tenant = report.original_headers.get(self.tenant_header)
             tenant = str(tenant).strip() or None if tenant is not None else None
-        base = {"id": orig_id, "bounce_id": env.get("id"), "kind": report.kind,
-                "family": report.family, "reporting_mta": report.reporting_mta,
-                "verp": ours is not None, "verp_index": ours[1] if ours else None}
+        base = {"bounce_id": env.get("id"), "kind": report.kind, "family": report.family,
+                "reporting_mta": report.reporting_mta}
         if report.kind == "feedback" and report.feedback is not None:
             f = report.feedback
-            rcpt = f.original_rcpt_to or (report.recipients[0].recipient
-                                          if report.recipients else None)
-            rcpt = rcpt.strip().strip("<>").strip() or None if rcpt else None
+            rcpt, verdict = evidence.first_proven(
+                [f.original_rcpt_to, *(r.recipient for r in report.recipients)])
             source = self.sources.get(f.source_ip or "", "")
-            # without [[source]] tables everything leaves from the default source
-            counted = source or ("" if self.sources else DEFAULT_SOURCE)
-            scope = fb.complaint(rcpt, tenant, counted, fb.site_for(rcpt)) if rcpt else None
-            self._log(RecordType.FEEDBACK, **base, feedback_type=f.feedback_type, recipient=rcpt, source_ip=f.source_ip,
+            scope = None
+            if verdict.proof is not None:
+                # without [[source]] tables everything leaves from the default source
+                counted = source or ("" if self.sources else DEFAULT_SOURCE)
+                scope = fb.complaint(rcpt, tenant, counted, fb.site_for(rcpt))
+            self._log(RecordType.FEEDBACK, **base, **verdict.fields(report.message_id),
+                      feedback_type=f.feedback_type, recipient=rcpt, source_ip=f.source_ip,
                       source=source or None, tenant=tenant, suppressed=scope)
             return
         if not report.recipients:
             # auto-replies and unrecognised mail: logged as such, nobody suppressed
-            self._log(RecordType.OOB, **base, recipient=None, suppressed=None)
+            nothing = Verdict(None, None, None).fields(report.message_id)
+            self._log(RecordType.OOB, **base, **nothing, recipient=None, suppressed=None)
             return
         for r in report.recipients:
+            verdict = evidence.prove(r.recipient)
+            acts = report.kind == "bounce" and r.hard
             suppressed = None
-            if report.kind == "bounce" and r.hard and trusted:
-                # a DSN does not say which source sent the original
-                if fb.hard_bounce(r.recipient, "", fb.site_for(r.recipient),
-                                  f"oob {r.status or ''} {r.category}"):
-                    suppressed = "global"
-            self._log(RecordType.OOB, **base, recipient=r.recipient, status=r.status,
+            # a DSN does not say which source sent the original
+            if acts and verdict.proof is not None and fb.hard_bounce(
+                    r.recipient, "", fb.site_for(r.recipient), f"oob {r.status or ''} {r.category}"):
+                suppressed = "global"
+            fields = verdict.fields(report.message_id)
+            if not acts:
+                fields["ignored"] = None     # nothing to act on, nothing ignored
+            self._log(RecordType.OOB, **base, **fields, recipient=r.recipient, status=r.status,
                       code=r.reply_code, category=r.category, hard=r.hard, action=r.action,
                       remote_mta=r.remote_mta, suppressed=suppressed)
 

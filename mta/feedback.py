@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Callable
 
 from mta import verp
 from mta.bounce import Classifier, RulesError
+from mta.config import ConfigError
+from mta.feedback_trust import networks_contain
 from mta.suppression import SuppressionList, load_or_create_key
 from mta.unsubscribe import list_unsubscribe_headers
 
@@ -36,6 +38,7 @@ log = logging.getLogger("mta.feedback")
 
 RULES_RELOAD_INTERVAL = 3.0        # seconds between mtime checks of the operator rule files
 WRITE_INTERVAL = 0.05              # least time between two suppression batch writes (fsyncs)
+MAX_RCPT_INDEX = 99_999            # [[listener]] max_recipients is at most 100,000
 _LIST_UNSUB = re.compile(rb"(?im)^list-unsubscribe:")
 
 
@@ -46,6 +49,14 @@ class Feedback:
         self.bounce_domain = b.domain.strip().lower()
         self.verp_prefix = b.verp_prefix.lower()
         self.verp = bool(self.bounce_domain and b.verp)
+        self.verp_expiry = b.verp_expiry
+        self.trusted_fbl_sources = b.trusted_fbl_sources
+        if self.verp and b.verp_expiry <= config.delivery.max_age:
+            # a bounce for the last attempt would find its return path already expired
+            problem = (f"bounces.verp_expiry: {b.verp_expiry:g}s is not longer than "
+                       f"delivery.max_age ({config.delivery.max_age:g}s) (allowed: max_age "
+                       "plus time for late bounces and complaints)")
+            raise ConfigError([problem], config.origin)
         self.on_match = s.on_match
         self.hard_bounce_expiry = s.hard_bounce_expiry
         self.complaint_scope = s.complaint_scope
@@ -54,7 +65,9 @@ class Feedback:
         need_key = s.enabled or self.bounce_domain or u.listen is not None or self.add_headers
         self.key = load_or_create_key(s.key_file) if need_key else b""
         if self.verp:   # a bad prefix fails here, at start, not at the first send
-            verp.encode(bytes(16), 999999, self.key, self.verp_prefix, self.bounce_domain)
+            verp.encode(bytes(16), MAX_RCPT_INDEX, "postmaster@" + self.bounce_domain,
+                        time.time() + self.verp_expiry, self.key, self.verp_prefix,
+                        self.bounce_domain)
         self.suppressions = SuppressionList(s.store, self.key) if s.enabled else None
         # (source, site) -> counters, read by DeliveryEngine.shaping_state() and summary()
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
@@ -153,13 +166,25 @@ class Feedback:
 
     # -- outbound ------------------------------------------------------------------------
 
-    def verp_sender(self, msg_id: bytes, index: int) -> str:
-        return verp.encode(msg_id, index, self.key, self.verp_prefix, self.bounce_domain)
+    def verp_sender(self, msg_id: bytes, index: int, recipient: str, received: float) -> str:
+        """The return path for one recipient. It expires `verp_expiry` after the
+        message's reception, not after this attempt, so it stays the same across retries
+        (greylisting keys on it) and outlives the last attempt (max_age)."""
+        return verp.encode(msg_id, index, recipient, received + self.verp_expiry, self.key,
+                           self.verp_prefix, self.bounce_domain)
 
-    def decode_verp(self, address: str) -> tuple[bytes, int] | None:
+    def verp_token(self, address: str) -> verp.Token | None:
+        """The unverified token in one of our return paths (see mta/feedback_trust.py)."""
         if not self.bounce_domain:
             return None
-        return verp.decode(address, self.key, self.verp_prefix, self.bounce_domain)
+        return verp.parse(address, self.verp_prefix, self.bounce_domain)
+
+    def verify_verp(self, token: verp.Token, recipient: str, now: float) -> str:
+        return verp.verify(token, recipient, self.key, now)
+
+    def trusted_fbl(self, client_ip: str | None) -> bool:
+        """Did a [bounces] trusted_fbl_sources client deliver the report?"""
+        return networks_contain(self.trusted_fbl_sources, client_ip)
 
     def with_unsubscribe(self, content, address: str, tenant: str | None):
         """`content` with RFC 8058 headers for `address`, unless it has List-Unsubscribe.

@@ -768,7 +768,14 @@ class BouncesConfig:
     verp: bool = key(BOOL, True, "send with a signed VERP return path at the bounce domain "
                      "(one recipient per transaction)")
     verp_prefix: str = key(NAME, "b", "local-part prefix of VERP return paths (lowercase "
-                           "letters, digits and inner hyphens, at most 14 characters)")
+                           "letters, digits and inner hyphens, at most 11 characters)")
+    verp_expiry: float = key(DURATION, "35d", "how long after a message's reception its VERP "
+                             "return paths prove a bounce or complaint; longer than [delivery] "
+                             "max_age, plus time for late complaints", lo="1h", hi="3650d")
+    trusted_fbl_sources: tuple[IPNetwork, ...] = key(
+        CIDR_LIST, [], "SMTP clients whose complaints (ARF) act without a VERP proof, on the "
+        "recipient they name: your own FBL relay, never a mailbox provider's outbound range "
+        "(its users could send forged reports)")
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
                                   "the shipped mta/bounce/rules.toml; re-read when they change")
 

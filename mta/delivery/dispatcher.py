@@ -350,7 +350,8 @@ class Dispatcher:
             chunk = idxs[start:start + step]
             rcpts = [tuple(env["rcpts"][i]) for i in chunk]
             try:
-                sender = verp.verp_sender(msg.id, chunk[0]) if verp else env["sender"]
+                sender = (verp.verp_sender(msg.id, chunk[0], rcpts[0][0], msg.received)
+                          if verp else env["sender"])
                 result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
                                            smtputf8=bool(env.get("smtputf8")), ret=env.get("ret"),
                                            envid=env.get("envid"))

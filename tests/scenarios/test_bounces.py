@@ -46,8 +46,14 @@ def _crlf(text: str) -> bytes:
     return text.replace("\n", "\r\n").encode()
 
 
-def _dsn(rcpt: str, status: str, diag: str) -> bytes:
-    """An RFC 3464 DSN as a remote MTA would return it."""
+def _dsn(rcpt: str, status: str, diag: str, also: tuple[str, ...] = ()) -> bytes:
+    """An RFC 3464 DSN as a remote MTA would return it; `also`: more failed recipients."""
+    more = "".join(f"""
+Final-Recipient: rfc822; {r}
+Action: failed
+Status: {status}
+Diagnostic-Code: smtp; {diag}
+""" for r in also)
     return _crlf(f"""From: MAILER-DAEMON@mx.remote.test
 To: someone@bounces.test
 Subject: Undelivered Mail Returned to Sender
@@ -69,7 +75,7 @@ Action: failed
 Status: {status}
 Remote-MTA: dns; mx.remote.test
 Diagnostic-Code: smtp; {diag}
-
+{more}
 --BB
 Content-Type: message/rfc822
 
@@ -82,8 +88,10 @@ hello
 """)
 
 
-def _arf(rcpt: str, source_ip: str, tenant: str) -> bytes:
-    """An RFC 5965 abuse report with the original (and its tenant header) attached."""
+def _arf(rcpt: str, source_ip: str, tenant: str, return_path: str = "") -> bytes:
+    """An RFC 5965 abuse report with the original (and its tenant header) attached;
+    `return_path`: the Return-Path the mailbox provider stamped on the original."""
+    stamp = f"Return-Path: <{return_path}>\n" if return_path else ""
     return _crlf(f"""From: fbl@isp.test
 To: fbl@bounces.test
 Subject: FW: complaint
@@ -109,7 +117,7 @@ Reported-Domain: sender.test
 --FF
 Content-Type: message/rfc822
 
-From: alice@sender.test
+{stamp}From: alice@sender.test
 To: {rcpt}
 Subject: offer
 X-Tenant: {tenant}
@@ -119,9 +127,11 @@ buy now
 """)
 
 
-def _refused(port: int, rcpt: str, sender: str = "alice@sender.test", headers: str = "") -> str:
-    """Send one message; the refusal text (RCPT or end of data), or "" when accepted."""
-    with smtplib.SMTP("127.0.0.1", port) as s:
+def _refused(port: int, rcpt: str, sender: str = "alice@sender.test", headers: str = "",
+             client: str = "127.0.0.1") -> str:
+    """Send one message from `client`; the refusal text (RCPT or end of data), or "" when
+    accepted."""
+    with smtplib.SMTP("127.0.0.1", port, source_address=(client, 0)) as s:
         try:
             s.sendmail(sender, [rcpt], f"From: <{sender}>\r\n{headers}Subject: x\r\n\r\nhi\r\n")
         except smtplib.SMTPRecipientsRefused as exc:
@@ -158,10 +168,11 @@ def scripted():
 
 
 def test_oob_dsn_to_verp_address_suppresses_and_next_rcpt_is_refused(daemon_factory):
-    # relay only from 10/8: returned mail to the bounce domain is taken from anyone
-    d = _feedback_daemon(daemon_factory, listener='relay_cidrs = ["10.0.0.0/8"]')
+    # relay only from 127.0.0.2: returned mail to the bounce domain is taken from anyone
+    d = _feedback_daemon(daemon_factory, listener='relay_cidrs = ["127.0.0.2/32"]')
     our_id = os.urandom(16)
-    ret_path = verp.encode(our_id, 3, _key(d), "b", BOUNCE_DOMAIN)
+    ret_path = verp.encode(our_id, 3, "gone@example.test", time.time() + 86400, _key(d), "b",
+                           BOUNCE_DOMAIN)
     assert _refused(d.port, "x@example.test").startswith("554"), "others are still not relayed"
     with smtplib.SMTP("127.0.0.1", d.port) as s:
         s.sendmail("", [ret_path], _dsn("gone@example.test", "5.1.1",
@@ -172,7 +183,8 @@ def test_oob_dsn_to_verp_address_suppresses_and_next_rcpt_is_refused(daemon_fact
     assert (oob["kind"], oob["status"], oob["category"], oob["hard"]) == (
         "bounce", "5.1.1", "invalid_recipient", True), f"got {oob}"
     assert oob["suppressed"] == "global" and oob["reporting_mta"] == "mx.remote.test"
-    refusal = _refused(d.port, "gone@example.test")
+    # only a client that may relay learns of the suppression (outsiders cannot probe it)
+    refusal = _refused(d.port, "gone@example.test", client="127.0.0.2")
     assert refusal.startswith("550") and "5.7.1" in refusal and "suppressed" in refusal, refusal
     rej = [r for r in _records(d, "Rejection", 2) if r["reason"] == "suppressed"]
     assert [r["recipients"] for r in rej] == [["gone@example.test"]]
@@ -182,7 +194,8 @@ def test_oob_dsn_to_verp_address_suppresses_and_next_rcpt_is_refused(daemon_fact
 
 def test_oob_forged_address_and_auto_reply_suppress_nobody(daemon_factory):
     d = _feedback_daemon(daemon_factory)
-    forged = verp.encode(os.urandom(16), 0, os.urandom(32), "b", BOUNCE_DOMAIN)
+    forged = verp.encode(os.urandom(16), 0, "victim@example.test", time.time() + 86400,
+                         os.urandom(32), "b", BOUNCE_DOMAIN)
     with smtplib.SMTP("127.0.0.1", d.port) as s:
         s.sendmail("", [forged], _dsn("victim@example.test", "5.1.1", "550 5.1.1 user unknown"))
         s.sendmail("bob@remote.test", ["anything@bounces.test"],
@@ -200,7 +213,11 @@ def test_oob_forged_address_and_auto_reply_suppress_nobody(daemon_factory):
 def test_arf_complaint_feedback_record_and_tenant_suppression(daemon_factory):
     d = _feedback_daemon(daemon_factory, extra='[[source]]\nname = "ip-one"\naddress = "127.0.0.1"\n')
     with smtplib.SMTP("127.0.0.1", d.port) as s:
-        s.sendmail("", ["fbl@bounces.test"], _arf("carol@example.test", "127.0.0.1", "acme"))
+        # a feedback loop's fixed address; the proof is the original's Return-Path
+        ret_path = verp.encode(os.urandom(16), 0, "carol@example.test", time.time() + 86400,
+                               _key(d), "b", BOUNCE_DOMAIN)
+        s.sendmail("", ["fbl@bounces.test"], _arf("carol@example.test", "127.0.0.1", "acme",
+                                                  return_path=ret_path))
     fb, = _records(d, "Feedback", 1)
     assert (fb["feedback_type"], fb["recipient"], fb["source_ip"], fb["source"], fb["tenant"]) == (
         "abuse", "carol@example.test", "127.0.0.1", "ip-one", "acme"), f"got {fb}"
@@ -226,7 +243,8 @@ def test_recovered_unprocessed_bounce_is_processed_again(daemon_factory):
     plain.config.write_text(d.config.read_text().replace(f'domain = "{BOUNCE_DOMAIN}"', ""))
     plain.spool_dir, plain.log_dir, plain.port = d.spool_dir, d.log_dir, d.port
     plain.start()
-    ret_path = verp.encode(os.urandom(16), 0, key, "b", BOUNCE_DOMAIN)
+    ret_path = verp.encode(os.urandom(16), 0, "later@example.test", time.time() + 86400, key,
+                           "b", BOUNCE_DOMAIN)
     with smtplib.SMTP("127.0.0.1", plain.port) as s:
         s.sendmail("", [ret_path], _dsn("later@example.test", "5.1.1", "550 5.1.1 no such user"))
     plain.kill()
@@ -281,9 +299,13 @@ def test_verp_mail_from_decodes_to_the_message_id(daemon_factory, dns_server, re
     rec, = _records(d, "Reception", 1)
     for mail_from, rcpts, _ in msgs:
         assert mail_from.endswith("@" + BOUNCE_DOMAIN), f"got MAIL FROM {mail_from}"
-        msg_id, idx = verp.decode(mail_from, _key(d), "b", BOUNCE_DOMAIN)
-        assert id_text(msg_id) == rec["id"]
-        assert rcpts == [["bob@example.test", "eve@example.test"][idx]], "one recipient each"
+        token = verp.parse(mail_from, "b", BOUNCE_DOMAIN)
+        assert id_text(token.msg_id) == rec["id"]
+        assert rcpts == [["bob@example.test", "eve@example.test"][token.index]], "one each"
+        assert verp.verify(token, rcpts[0], _key(d)) == verp.VALID, "bound to its recipient"
+        # valid for [bounces] verp_expiry (35d) after reception, then no longer
+        expires = rec["started"] + 35 * 86400
+        assert expires <= token.expiry_hour * 3600 < expires + 3600
     delivered = _records(d, "Delivery", 2)
     assert {r["sender"] for r in delivered} == {"alice@sender.test"}, "logs keep the sender"
 
