@@ -27,9 +27,10 @@ part; parse folds case. The local part stays within RFC 5321 4.5.3.1.1's 64 octe
 
 Return paths of the first form (`<prefix>-<id><index>-<mac>`, no recipient, no expiry)
 still parse, as LEGACY: their MAC is checked only to say so in the log; they never
-prove anything, because they would let their holder suppress anyone, forever. Mail in
-flight at the upgrade loses at most one out-of-band suppression per recipient; the next
-bounce for that recipient carries the new form.
+prove anything, because they would let their holder suppress anyone, forever. The cost:
+bounces and complaints about mail sent before the upgrade do not suppress (their records
+say verp_legacy, with the recipient, for an operator to act on); a message still queued
+at the upgrade is retried with the new form.
 
 Diagnostics: encode raises ValueError for a bad id, index, recipient, expiry, prefix or
 an over-long local part. parse and verify never raise on input from the network (the
