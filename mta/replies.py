@@ -79,6 +79,8 @@ REPLIES: dict[str, Reply] = {
     "SPOOL_ERROR": Reply(451, "4.3.0", "Error: queue file write error, try again later"),
     "SPOOL_FULL": Reply(452, "4.3.1", "Error: insufficient system storage, try again later"),
     "QUEUE_FULL": Reply(451, "4.3.2", "Error: queue is full, try again later"),
+    "MEMORY_FULL": Reply(452, "4.3.1", "Error: insufficient system resources, try again later"),
+    "MEMORY_SHED": Reply(421, "4.3.2", "{} Error: insufficient system resources, closing connection"),
     "INTERNAL": Reply(451, "4.3.0", "Error: internal error, try again later"),
     "DKIM_DEFER": Reply(451, "4.7.0", "Error: message cannot be DKIM-signed now, try again later"),
 }

@@ -9,6 +9,8 @@ resolves to the reply line: 250 with the id once the batch is durable, 451
 4.3.0 when the spool write failed (the text never carries the OS error).
 It writes the Reception and Rejection log records. Also the path of
 `Server.inject()` (no SMTP session, protocol "local").
+It holds what all listeners share at MAIL: the memory governor for buffered
+content (governor.py) and the spool's admission, asked through `mail_check`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mta.ids import id_text, new_id
+from mta.listener.governor import DataMemory
 from mta.logs.records import RecordType
 from mta.replies import REPLIES, reply
 
@@ -64,6 +67,19 @@ class Reception:
         self.dkim: Any = None
         # Suppression and the bounce domain (mta/listener/recipients.py); None: neither.
         self.policy: RecipientPolicy | None = None
+        self.memory = DataMemory(config.server.data_memory_budget, config.server.data_memory_wait)
+        # Spool backpressure (free space, queue size): a reply name or None.
+        self._spool_admission: Callable[[], str | None] | None = getattr(spool, "admission", None)
+
+    def mail_check(self, sender: str) -> tuple[str, bytes] | None:
+        """The native core's MAIL hook: a refusal while the spool or the memory budget
+        cannot take another message (452/451, the client retries), else None."""
+        name = self._spool_admission() if self._spool_admission is not None else None
+        if name is None:
+            if not self.memory.full:
+                return None
+            name = "MEMORY_FULL"
+        return name, reply(name)
 
     def _now_rfc5322(self) -> str:
         now = int(time.time())

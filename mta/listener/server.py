@@ -38,6 +38,7 @@ class Listener:
             max_messages_per_session=cfg.max_messages_per_session)
         if reception.policy is not None:   # bounce domain / suppression at RCPT
             self.settings.rcpt_check = reception.policy.rcpt_check
+        self.settings.mail_check = reception.mail_check   # spool and memory backpressure
         self._relay = [ipaddress.ip_network(n) for n in cfg.relay_cidrs]
         self._relay_cache: dict[str, bool] = {}
         self.sessions: set[SmtpSession] = set()
@@ -110,6 +111,7 @@ class Listener:
         now = self.loop.time()
         idle, data = self.cfg.idle_timeout, self.cfg.data_timeout
         for s in list(self.sessions):
-            if not s.storing and s.idle_for(now) > s.timeout_limit(idle, data):
+            # a session the memory governor holds waits on us: the governor bounds it
+            if not s.storing and not s.memory_paused and s.idle_for(now) > s.timeout_limit(idle, data):
                 s.close_with("TIMEOUT")
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)

@@ -5,7 +5,9 @@ feeds the bytes to mta._native.wire.ServerCore, writes back what the core
 returns, and at end of data hands the transaction to Reception
 (reception.py), answering 250 only when the spool batch holding the message
 is durable. While a message is being stored, reading is paused: pipelined
-commands wait in the core's buffer, never in an unbounded queue.
+commands wait in the core's buffer, never in an unbounded queue. After every
+read it tells the memory governor (governor.py) how much content it holds;
+the governor may pause its reading or close it at the global budget.
 
 Trust: network bytes go only to the core. Diagnostics: a bug in the core
 (InternalError or any exception) closes this connection with 421 and is
@@ -28,7 +30,7 @@ log = logging.getLogger("mta.session")
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "last_active",
-                 "_storing", "_write_paused")
+                 "_storing", "_write_paused", "_memory_paused", "_held")
 
     def __init__(self, listener: Listener):
         self.listener = listener
@@ -39,6 +41,8 @@ class SmtpSession(asyncio.Protocol):
         self.last_active = 0.0        # loop.time() of the last bytes received
         self._storing = False         # a message is on its way to the spool
         self._write_paused = False    # the transport's write buffer is over its high-water mark
+        self._memory_paused = False   # the memory governor stopped reading (budget reached)
+        self._held = 0                # bytes last reported to the memory governor
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -66,6 +70,7 @@ class SmtpSession(asyncio.Protocol):
             self._bug()
             return
         self._handle(out, ev)
+        self._charge()
 
     def pause_writing(self) -> None:
         # The peer does not read its replies (e.g. it pipelines without end):
@@ -77,11 +82,13 @@ class SmtpSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self.transport is not None and not self._storing and not self.transport.is_closing():
+        if (self.transport is not None and not self._storing and not self._memory_paused
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.forget(self)
+        self.listener.reception.memory.release(self)
         self.core = None
 
     # -- flow ------------------------------------------------------------------------
@@ -116,9 +123,20 @@ class SmtpSession(asyncio.Protocol):
             self._bug()
             return
         if (self.transport is not None and not self.transport.is_closing()
-                and not self._write_paused):
+                and not self._write_paused and not self._memory_paused):
             self.transport.resume_reading()
         self._handle(out, ev)
+        self._charge()
+
+    def _charge(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        memory = self.listener.reception.memory
+        held = core.held
+        if held != self._held or memory.full:
+            self._held = held
+            memory.charge(self, held)
 
     def _bug(self) -> None:
         log.exception("internal error in SMTP session from %s; closing it", self.peer_ip)
@@ -126,6 +144,28 @@ class SmtpSession(asyncio.Protocol):
             self.transport.write(reply("INTERNAL"))
             self.transport.close()
         self.core = None
+
+    # -- used by the memory governor ------------------------------------------------
+
+    def memory_pause(self) -> None:
+        self._memory_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def memory_resume(self) -> None:
+        self._memory_paused = False
+        self.last_active = self.listener.loop.time()   # the wait was ours, not the client's
+        if (self.transport is not None and not self._storing and not self._write_paused
+                and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
+    @property
+    def in_content(self) -> bool:
+        return self.core is not None and self.core.in_content
+
+    @property
+    def memory_paused(self) -> bool:
+        return self._memory_paused
 
     # -- used by the listener ------------------------------------------------------
 

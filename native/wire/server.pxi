@@ -64,6 +64,9 @@ cdef class ServerSettings:
     # common path costs one pointer test: (address, sender, relay_allowed) -> None (the
     # relay check decides), True (accept from any client) or (reply name, reply line).
     cdef public object rcpt_check
+    # MAIL admission hook (spool backpressure, the DATA memory budget), None when unset:
+    # (sender) -> None (go on) or (reply name, reply line) to refuse the transaction.
+    cdef public object mail_check
 
 
     def __init__(self, str hostname, dict replies, *, str bare_newline="reject",
@@ -82,6 +85,7 @@ cdef class ServerSettings:
         self.max_junk = max_junk_commands
         self.max_messages = max_messages_per_session
         self.rcpt_check = None
+        self.mail_check = None
 
 
 cdef class Transaction:
@@ -158,6 +162,15 @@ cdef class ServerCore:
     @property
     def closed(self):
         return self.state == ST_CLOSED
+
+    @property
+    def held(self):
+        """Bytes of client input held in memory: the content of the transaction being
+        received or stored, and input not processed yet (the memory governor's measure)."""
+        cdef Py_ssize_t n = len(self.pending)
+        if self.txn is not None:
+            n += len(self.txn.data)
+        return n
 
     def greeting(self):
         return self.s.replies["GREETING"]
@@ -462,6 +475,13 @@ cdef class ServerCore:
             else:
                 self._error("PARAM_UNKNOWN")
                 return
+        if self.s.mail_check is not None:
+            verdict = self.s.mail_check(addr)
+            if verdict is not None:
+                # our trouble (full spool, memory budget), not the client's: not counted
+                self.rejections.append((verdict[0], addr, []))
+                self.out += verdict[1]
+                return
         self.txn = t
         self.junk = 0
         self._set_state(ST_MAIL)
@@ -513,7 +533,8 @@ cdef class ServerCore:
                 relay = True
             elif verdict is not None:
                 # a policy refusal of one recipient, not a client error: not counted
-                # towards max_errors (a bulk transaction may carry many suppressed ones)
+                # towards max_errors (a bulk transaction may carry many suppressed ones;
+                # only clients that may relay get one, see mta/listener/recipients.py)
                 self.rejections.append((verdict[0], self.txn.mail_from, [addr]))
                 self.out += verdict[1]
                 return
