@@ -17,7 +17,7 @@ import email.message
 from .diagnostic import ADDR, clean_address
 from .dsn import parse_fields
 from .mime import header, part_text, raw_text
-from .report import Feedback
+from .report import MAX_RECIPIENTS, Feedback
 
 __all__ = ["find_feedback", "jmrp_original"]
 
@@ -61,7 +61,7 @@ def _arf(text: str) -> tuple[Feedback, list[str]]:
     for attr, vals in values.items():
         setattr(fb, attr, " | ".join(vals))
     rcpts = [clean_address(v) for v in (fb.original_rcpt_to or "").split(" | ") if v.strip()]
-    return fb, [r for r in rcpts if "@" in r]
+    return fb, [r for r in rcpts if "@" in r][:MAX_RECIPIENTS]
 
 
 def jmrp_original(msg: email.message.Message) -> email.message.Message | None:

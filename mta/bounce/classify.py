@@ -207,10 +207,13 @@ class Classifier:
         return True
 
     def classify(self, code: int | None, status: str | None, text: str) -> Verdict:
+        # (keyed by what is classified: a whole notice as the key would be hashed
+        # per call and kept alive by the cache)
+        text = (text or "")[:_CLASSIFIED]
         key = (code, status, text)
         v = self._cache.get(key)
         if v is None:
-            v = self._classify(code, status, (text or "")[:2000].lower())
+            v = self._classify(code, status, text.lower())
             if len(self._cache) >= 4096:   # replies repeat a lot; a full cache just starts over
                 self._cache.clear()
             self._cache[key] = v
@@ -260,6 +263,7 @@ class Classifier:
         return Verdict("unknown", False, "")
 
 
+_CLASSIFIED = 2000   # characters of a reply text the rules see
 _QUOTED_REPLY = re.compile(r"\b[245]\d\d[ -]'([^']{3,300})'")
 _LEADING_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
 _RCPT_REJECTED = re.compile(r"recipient address rejected: ?([^.;<\n]{3,200})")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .diagnostic import clean_address, unfold
 from .mime import part_text
+from .report import MAX_RECIPIENTS
 
 __all__ = ["DsnGroup", "DsnReport", "find_dsn_parts", "parse_fields"]
 
@@ -22,6 +23,9 @@ _FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)$")
 _PLAIN_ADDR = re.compile(r"^[^@\s:/<>]+@[^@\s:/<>]+$")
 _DSN_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _DSN_HINT = re.compile(r"^(final-recipient|original-recipient)\s*:", re.I | re.M)
+# Repeated Diagnostic-Code fields of one group are joined up to this length
+# (each join copies the text: unbounded, a group repeating it was quadratic).
+_MAX_DIAGNOSTIC = 8192
 _ACTION_HINT = re.compile(r"^(action|status)\s*:", re.I | re.M)
 
 
@@ -71,19 +75,20 @@ class DsnReport:
 
 def parse_fields(text: str) -> list[tuple[str, str]]:
     """'Name: value' lines with continuation lines, in order; other lines are ignored."""
-    out: list[tuple[str, str]] = []
+    # (a field's lines are collected in a list and joined once: appending to the
+    # value string per continuation line was quadratic in the field's length)
+    out: list[tuple[str, list[str]]] = []
     for line in text.split("\n"):
         if line[:1] in (" ", "\t") and out:
             if line.strip():
-                name, value = out[-1]
-                out[-1] = (name, value + " " + line.strip())
+                out[-1][1].append(line.strip())
             continue
         m = _FIELD.match(line)
         if m:
-            out.append((m.group(1).lower(), m.group(2).strip()))
+            out.append((m.group(1).lower(), [m.group(2).strip()]))
         elif line.strip():
-            out.append(("", line.strip()))   # a stray line ends the previous field
-    return [(n, unfold(v)) for n, v in out if n]
+            out.append(("", []))   # a stray line ends the previous field
+    return [(n, unfold(" ".join(v))) for n, v in out if n]
 
 
 def _dsn_text(part: email.message.Message) -> str:
@@ -147,10 +152,12 @@ def parse_dsn(texts: list[str]) -> DsnReport | None:
                         reporting = _mta(value)
                     continue
                 if cur is None or (name == "final-recipient" and name in cur.fields):
+                    if len(groups) >= MAX_RECIPIENTS:
+                        break
                     cur = DsnGroup()
                     groups.append(cur)
                 if name in cur.fields:
-                    if name == "diagnostic-code":
+                    if name == "diagnostic-code" and len(cur.fields[name]) < _MAX_DIAGNOSTIC:
                         cur.fields[name] += " " + value
                     continue
                 cur.fields[name] = value

@@ -51,15 +51,20 @@ _SIGNATURES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((f, re.compile(_low
 ))
 
 
+# Characters of each header field the signatures see: some (".*postmaster")
+# scan to the end of the line from every match, so the text they see is bounded.
+_FIELD_CHARS = 1000
+
+
 def detect_family(msg: email.message.Message, text: str, standard: bool) -> str:
     heads = []
     for name in ("From", "Subject", "X-Mailer", "Message-Id", "X-Failed-Recipients", "X-Postfix-Queue-ID",
                  "X-SES-Outgoing", "X-MS-Exchange-Message-Is-Ndr", "X-MimeOLE"):
         v = msg.get(name)
         if v is not None:
-            heads.append(f"{name}: {v}")
+            heads.append(f"{name}: {str(v)[:_FIELD_CHARS]}")
     rcv = msg.get_all("Received") or []
-    heads.extend(f"Received: {r}" for r in rcv[:2])   # the reporting side only, not the original's trail
+    heads.extend(f"Received: {str(r)[:_FIELD_CHARS]}" for r in rcv[:2])   # the reporting side only, not the original's trail
     blob = ("\n".join(heads) + "\n" + text[:4000]).lower()
     for family, pat in _SIGNATURES:
         if pat.search(blob):

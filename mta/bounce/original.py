@@ -18,6 +18,7 @@ from .mime import part_text
 __all__ = ["attached_original", "headers_from_text", "our_message_id"]
 
 _OUR_RECEIVED = re.compile(r"\bby\s+\S+\s+\(mta\)\s+with\s+\S+\s+id\s+<?([0-9A-Za-z._-]+)>?", re.I)
+_FIELD_LINE = re.compile(r"\s*[A-Za-z][\w-]*:")
 _X_MTA_ID = re.compile(r"^X-Mta-Id:[ \t]*<?([0-9A-Za-z._-]+)>?", re.I | re.M)
 
 
@@ -45,10 +46,10 @@ def attached_original(msg: email.message.Message) -> email.message.Message | Non
 def headers_from_text(text: str) -> email.message.Message | None:
     """Parse a quoted header block (leading separator lines and indentation removed)."""
     lines = text.lstrip("\n").split("\n")
-    while lines and not re.match(r"^\s*[A-Za-z][\w-]*:", lines[0]):
-        lines.pop(0)
-        if not lines:
-            return None
+    first = next((i for i, l in enumerate(lines) if _FIELD_LINE.match(l)), None)
+    if first is None:
+        return None
+    del lines[:first]   # (one slice: popping the head line by line was quadratic)
     # Quoted originals are sometimes indented as a whole: strip the common indent.
     indent = min((len(l) - len(l.lstrip(" ")) for l in lines[:5] if l.strip()), default=0)
     if indent:

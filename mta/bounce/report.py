@@ -8,7 +8,13 @@ from __future__ import annotations
 import email.message
 from dataclasses import dataclass, field
 
-__all__ = ["FailedRecipient", "Feedback", "Report"]
+__all__ = ["FailedRecipient", "Feedback", "Report", "MAX_RECIPIENTS"]
+
+# Failed recipients one report may name (the first ones, in the report's order).
+# A real DSN names the recipients of one transaction, with VERP exactly one; a
+# bound keeps a report listing a hundred thousand addresses from costing a
+# hundred thousand verdicts, log records and suppressions.
+MAX_RECIPIENTS = 1000
 
 
 @dataclass(slots=True)

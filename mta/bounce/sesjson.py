@@ -11,7 +11,7 @@ import json
 import re
 
 from .diagnostic import find_code_status
-from .report import Feedback, FailedRecipient
+from .report import MAX_RECIPIENTS, Feedback, FailedRecipient
 
 __all__ = ["parse_ses"]
 
@@ -54,7 +54,7 @@ def parse_ses(text: str) -> tuple[str, list[FailedRecipient], Feedback | None, d
         b = inner.get("bounce") or {}
         transient = str(b.get("bounceType", "")).lower() == "transient"
         out = []
-        for r in b.get("bouncedRecipients") or []:
+        for r in (b.get("bouncedRecipients") or [])[:MAX_RECIPIENTS]:
             diag = str(r.get("diagnosticCode") or "")
             code, status = find_code_status(diag)
             out.append(FailedRecipient(
@@ -65,7 +65,7 @@ def parse_ses(text: str) -> tuple[str, list[FailedRecipient], Feedback | None, d
         return ("delay" if transient else "bounce"), out, None, mail
     if kind == "Complaint":
         c = inner.get("complaint") or {}
-        rcpts = [str(r.get("emailAddress") or "") for r in c.get("complainedRecipients") or []]
+        rcpts = [str(r.get("emailAddress") or "") for r in (c.get("complainedRecipients") or [])[:MAX_RECIPIENTS]]
         fb = Feedback(feedback_type=str(c.get("complaintFeedbackType") or "abuse"),
                       original_rcpt_to=" | ".join(rcpts) or None, user_agent=c.get("userAgent"),
                       arrival_date=c.get("arrivalDate"), source_ip=mail.get("sourceIp"),
@@ -79,6 +79,6 @@ def parse_ses(text: str) -> tuple[str, list[FailedRecipient], Feedback | None, d
         code, status = find_code_status(diag)
         out = [FailedRecipient(recipient=str(a), status=status, reply_code=code, diagnostic=diag,
                                action="delivered", remote_mta=d.get("reportingMTA"))
-               for a in d.get("recipients") or []]
+               for a in (d.get("recipients") or [])[:MAX_RECIPIENTS]]
         return "delivery", out, None, mail
     return None
