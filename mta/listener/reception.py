@@ -68,13 +68,11 @@ class Reception:
         # Suppression and the bounce domain (mta/listener/recipients.py); None: neither.
         self.policy: RecipientPolicy | None = None
         self.memory = DataMemory(config.server.data_memory_budget, config.server.data_memory_wait)
-        # Spool backpressure (free space, queue size): a reply name or None.
-        self._spool_admission: Callable[[], str | None] | None = getattr(spool, "admission", None)
 
     def mail_check(self, sender: str) -> tuple[str, bytes] | None:
         """The native core's MAIL hook: a refusal while the spool or the memory budget
         cannot take another message (452/451, the client retries), else None."""
-        name = self._spool_admission() if self._spool_admission is not None else None
+        name = self.spool.admission()   # free space, queue size, a failed write
         if name is None:
             if not self.memory.full:
                 return None

@@ -80,3 +80,19 @@ def test_files_are_private(daemon_factory):
     assert spool_files and all(os.stat(p).st_mode & 0o077 == 0 for p in spool_files), \
         "the daemon's umask keeps message content private"
     assert d.stop() == 0
+
+
+def test_full_queue_refuses_at_mail_not_counted_as_client_errors(daemon_factory):
+    d = daemon_factory(extra='[delivery]\nhold = true\n', listener="max_errors = 2\n",
+                       start=False)
+    d.config.write_text(d.config.read_text().replace(
+        "[spool]\n", "[spool]\nmax_queued_messages = 2\n", 1))
+    d.start()
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as s:
+        for i in range(2):
+            s.sendmail("a@sender.test", [f"r{i}@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+        code, text = s.mail("a@sender.test")
+        assert (code, text[:5]) == (451, b"4.3.2"), "the spool's admission answers MAIL"
+        for _ in range(2):
+            assert s.mail("a@sender.test")[0] == 451
+        assert s.noop()[0] == 250, "our refusals are not client errors (max_errors = 2)"
