@@ -71,7 +71,7 @@ class DataMemory:
             if (held > old or session.in_content) and not session.storing \
                     and session is not self._runner and session not in self._paused:
                 self._pause(session)
-            if self._runner is None:
+            if self._runner is None and self._paused:
                 self._next_runner()
         elif self.used >= self.budget:
             self._close()

@@ -134,7 +134,7 @@ class SmtpSession(asyncio.Protocol):
             return
         memory = self.listener.reception.memory
         held = core.held
-        if held != self._held or memory.full:
+        if held != self._held or (memory.full and core.in_content):   # DATA waits too
             self._held = held
             memory.charge(self, held)
 
