@@ -49,7 +49,12 @@ class LogWriter:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"{name}.jsonl")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
-        os.fchmod(self._fd, mode)   # the umask (0o077 in the daemon) must not decide it
+        try:
+            os.fchmod(self._fd, mode)   # the umask (0o077 in the daemon) must not decide it
+        except OSError as exc:          # e.g. a file left by another user
+            os.close(self._fd)
+            raise OSError(exc.errno, f"cannot set mode {mode:04o} on {self.path}: "
+                                     f"{exc.strerror}") from None
         self._buf = bytearray()
         self._interval = flush_interval
         self._retry = retry_interval
