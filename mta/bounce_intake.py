@@ -1,29 +1,47 @@
 """Out-of-band intake: returned mail addressed to the bounce domain, processed locally.
 
 Where it sits: Server hands every durable message (new or recovered) whose
-recipients include addresses at `[bounces] domain` here instead of to delivery;
-the message was spooled like any other before its 250, so nothing accepted is
-lost. `process()` parses it with mta.bounce, writes one OOB record per failed
-recipient or one Feedback record for an ARF report, suppresses the hard bounces
-and complaints the report proves, and returns; the caller then
-finishes those recipients in the spool (tombstone). A crash before that leaves
-the message live, recovery brings it back and it is processed again
-(at-least-once: a record may repeat, a suppression is idempotent).
+recipients include addresses at `[bounces] domain` here (`submit()`) instead of
+to delivery; the message was spooled like any other before its 250, so nothing
+accepted is lost. The intake queues it and `process()` parses it in a child
+process (mta/bounce/worker.py: time, size and memory budget), writes one OOB
+record per failed recipient or one Feedback record for an ARF report,
+suppresses the hard bounces and complaints the report proves, and then hands
+the message back (`on_done`): Server finishes those recipients in the spool and
+only then gives the message's other recipients, if any, to delivery, so the
+tombstone is never written while the intake still owes its verdict. A crash
+before that leaves the message live, recovery brings it back and it is
+processed again (at-least-once: a record may repeat, a suppression is
+idempotent); recovery only queues it, so the listeners open at once.
+
+Over budget: a parse that overruns [bounces] parse_timeout or parse_memory, or
+whose child dies, is "unparsed": an OOB record with kind "unparsed" and the
+reason, the message copied (0600) to unparsed/ under the spool directory for
+the operator, and finished like any other. Each parse is counted first in
+intake/ under the spool directory; a message whose parses were cut short
+parse_attempts times by daemon crashes is finished unparsed ("attempts")
+without parsing again, so a crash-restart loop cannot re-parse it forever.
+
+Queue: waiting messages are kept as ids (their content stays on disk); content
+is read from the spool only when a parser process is free, so at most
+parse_workers messages are held in memory; nothing accepted is ever dropped.
 
 Trust: everything here comes from the Internet. A hard bounce or complaint
 suppresses (and counts) only a recipient the report proves we sent to: a VERP
 return path minted for that recipient, or a complaint from a trusted FBL source
 (mta/feedback_trust.py); the others say in `ignored` why they did not act.
-Auto-replies and delay notices are logged, never suppress. XXX: parsing runs on the loop thread; a
-very large returned message costs milliseconds there.
+Auto-replies and delay notices are logged, never suppress.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
 
-from mta.bounce import parse_message
 from mta.bounce.report import Report
+from mta.bounce.worker import Parsed, ParserPool
 from mta.egress.pools import DEFAULT_SOURCE
 from mta.feedback_trust import Evidence, Verdict
 from mta.logs.records import RecordType
@@ -50,6 +68,59 @@ class BounceIntake:
         # complaint reports name the sending IP; operators think in [[source]] names
         self.sources = {s.address: s.name for s in config.source}
         self.processed = 0
+        b = config.bounces
+        self.parser = ParserPool(b.rules, workers=b.parse_workers, timeout=b.parse_timeout,
+                                 max_size=b.parse_max_size, memory=b.parse_memory)
+        self.workers = b.parse_workers
+        self.max_attempts = b.parse_attempts
+        self.attempts = AttemptLedger(os.path.join(str(config.spool.directory), "intake"))
+        self.quarantine = os.path.join(str(config.spool.directory), "unparsed")
+        # (id, envelope, indexes, after) -> None: the message's bounce-domain recipients
+        # are done; `after` is what submit() was given
+        self.on_done: Callable[[bytes, dict, list[int], Any], None] | None = None
+        self._waiting: deque[tuple[bytes, list[int], Any]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.unparsed = 0
+
+    # -- queue ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.attempts.prune(lambda msg_id: msg_id in self.spool)
+        self._wake = asyncio.Event()
+        self._tasks = [loop.create_task(self._run()) for _ in range(self.workers)]
+
+    def submit(self, msg_id: bytes, idxs: list[int], after: Any = None) -> None:
+        """Queue a durable message for its bounce-domain recipients `idxs` (returns at once)."""
+        self._waiting.append((msg_id, idxs, after))
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._waiting)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            msg_id, idxs, after = self._waiting.popleft()
+            try:
+                await self.process(msg_id, idxs, after)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # the message stays live: the next start processes it again
+                log.exception("returned message %s not processed", msg_id.hex())
+
+    async def stop(self) -> None:
+        """Stop taking messages; one being parsed stays live (and uncounted) for the next start."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.parser.close()
 
     def bounce_indexes(self, env: dict) -> list[int]:
         dom = self.feedback.bounce_domain
@@ -57,18 +128,50 @@ class BounceIntake:
             return []
         return [i for i, r in enumerate(env["rcpts"]) if _domain(r[0]) == dom]
 
-    def process(self, msg_id: bytes, env: dict, idxs: list[int]) -> None:
-        """Handle the message for its bounce-domain recipients `idxs` (never raises)."""
+    async def process(self, msg_id: bytes, idxs: list[int], after: Any = None) -> None:
+        """Parse the message off the loop, act on the report, finish `idxs` (on_done)."""
         try:
-            _, content = self.spool.read(msg_id)
+            env, content = self.spool.read(msg_id)
         except KeyError:
-            return
+            return                  # finished meanwhile
+        tries = self.attempts.begin(msg_id)
         try:
-            self._apply(env, idxs, parse_message(bytes(content), self.feedback.classifier))
-        except Exception:   # a parser bug must not keep the message (or the loop) stuck
-            log.exception("cannot process returned message %s", env.get("id"))
-            self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="error")
+            if tries > self.max_attempts:
+                parsed = Parsed(None, "attempts")
+            else:
+                try:
+                    parsed = await self.parser.parse(bytes(content))
+                except OSError as exc:   # no parser process (fork or pipe failure)
+                    log.error("bounce parser process unavailable: %s", exc)
+                    parsed = Parsed(None, "crash")
+        except BaseException:
+            self.attempts.undo(msg_id, tries)    # cut short by shutdown: not the message's fault
+            raise
+        if parsed.report is None:
+            await self._unparsed(env, content, parsed.unparsed or "crash", tries)
+        else:
+            try:
+                self._apply(env, idxs, parsed.report)
+            except Exception:   # a bug acting on the report must not keep the message stuck
+                log.exception("cannot act on returned message %s", env.get("id"))
+                self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="error")
         self.processed += 1
+        if self.on_done is not None:
+            self.on_done(msg_id, env, idxs, after)
+        self.attempts.end(msg_id)
+
+    async def _unparsed(self, env: dict, content, reason: str, tries: int) -> None:
+        """Over budget: keep the message for the operator, log why, finish it."""
+        self.unparsed += 1
+        name = f"{env.get('id') or 'unknown'}.eml"
+        try:
+            saved = await asyncio.to_thread(_keep, self.quarantine, name, bytes(content))
+        except OSError as exc:
+            log.error("cannot keep unparsed returned message %s: %s", env.get("id"), exc)
+            saved = None
+        log.warning("returned message %s unparsed (%s), kept as %s", env.get("id"), reason, saved)
+        self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="unparsed", reason=reason,
+                  attempts=tries, saved_as=saved, recipient=None, suppressed=None)
 
     def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
         """Act on a parsed report: log it, and suppress and count only what it proves
@@ -119,3 +222,80 @@ class BounceIntake:
     def _log(self, rtype: RecordType, **fields) -> None:
         if self.logs is not None:
             self.logs.log(rtype, **fields)
+
+
+def _keep(directory: str, name: str, content: bytes) -> str:
+    """Write `content` to directory/name, readable by the daemon's user only."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)          # (an older copy may have other modes)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return path
+
+
+class AttemptLedger:
+    """Parses begun per returned message, in one small file each (directory/<hex id>).
+
+    Written before a parse and removed once the message is finished, so after a
+    crash the count says how many parses of it were cut short. (Plain writes, no
+    fsync: the ledger guards against crash-restart loops of the process, which
+    leave the page cache intact.)"""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def _path(self, msg_id: bytes) -> str:
+        return os.path.join(self.directory, msg_id.hex())
+
+    def begin(self, msg_id: bytes) -> int:
+        """Count one more parse of `msg_id`; returns the count including this one."""
+        try:
+            with open(self._path(msg_id), "rb") as f:
+                tries = int(f.read(20) or b"0") + 1
+        except (OSError, ValueError):
+            tries = 1
+        self._write(msg_id, tries)
+        return tries
+
+    def undo(self, msg_id: bytes, tries: int) -> None:
+        if tries > 1:
+            self._write(msg_id, tries - 1)
+        else:
+            self.end(msg_id)
+
+    def end(self, msg_id: bytes) -> None:
+        try:
+            os.unlink(self._path(msg_id))
+        except FileNotFoundError:
+            pass
+
+    def prune(self, live: Callable[[bytes], bool]) -> None:
+        """Forget counts of messages no longer in the spool (finished just before a crash)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            try:
+                gone = not live(bytes.fromhex(name))
+            except ValueError:
+                continue
+            if gone:
+                self.end(bytes.fromhex(name))
+
+    def _write(self, msg_id: bytes, tries: int) -> None:
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(self._path(msg_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, str(tries).encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:   # the parse still happens; only the crash-loop guard is lost
+            log.error("cannot count parse attempts in %s: %s", self.directory, exc)
