@@ -97,6 +97,8 @@ class Server:
         self.feedback.site_of = self.delivery.resolver.cached_site_name
         if self.feedback.bounce_domain:
             self.intake = BounceIntake(self.config, self.feedback, self.spool, self.logs)
+            self.intake.on_done = self._intake_done
+            self.intake.start(loop)     # recovered returned mail is only queued: listeners open now
         self.reception.on_stored = self._stored
         for msg_id in found.messages:
             self._stored(msg_id, found.envelopes[msg_id], found.done_rcpts.get(msg_id),
@@ -128,14 +130,23 @@ class Server:
 
     def _stored(self, msg_id: bytes, envelope: dict, done: set[int] | None = None,
                 reason: InsertReason = InsertReason.RECEIVED) -> None:
-        """A durable message (new or recovered): recipients at the bounce domain are
-        processed by the intake, the others go to delivery."""
+        """A durable message (new or recovered): recipients at the bounce domain go to
+        the intake first (parsed off the loop); the message reaches delivery, for its
+        other recipients or its tombstone, only once the intake is done with it."""
         if self.intake is not None:
             idxs = [i for i in self.intake.bounce_indexes(envelope) if not done or i not in done]
             if idxs:
-                self.intake.process(msg_id, envelope, idxs)
-                # finished like delivered recipients: a tombstone when none is left
-                done = set(done or ()) | set(idxs)
+                self.intake.submit(msg_id, idxs, (done, reason))
+                return
+        self.delivery.submit(msg_id, envelope, done, reason)
+
+    def _intake_done(self, msg_id: bytes, envelope: dict, idxs: list[int], after: tuple) -> None:
+        """The intake finished recipients `idxs`: a tombstone when none is left, else a
+        RCPTS_DONE record (a restart must not parse it again) and delivery of the rest."""
+        done, reason = after
+        done = set(done or ()) | set(idxs)
+        if len(done) < len(envelope["rcpts"]):
+            self.spool.finish_recipients(msg_id, idxs)
         self.delivery.submit(msg_id, envelope, done, reason)
 
     async def _start_unsubscribe(self) -> None:
@@ -177,6 +188,8 @@ class Server:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
+        if self.intake is not None:
+            await self.intake.stop()
         if self.delivery is not None:
             await self.delivery.stop()
         if self._background:

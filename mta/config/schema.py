@@ -778,6 +778,21 @@ class BouncesConfig:
         "(its users could send forged reports)")
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
                                   "the shipped mta/bounce/rules.toml; re-read when they change")
+    parse_workers: int = key(INT, 1, "child processes parsing returned mail (off the event "
+                             "loop; each holds one message at a time)", lo=1, hi=64)
+    parse_timeout: float = key(DURATION, "10s", "time one returned message may take to parse; "
+                               "past it the child is killed and replaced and the message is "
+                               "logged \"unparsed\" and kept under <spool>/unparsed", lo="100ms",
+                               hi="10m")
+    parse_max_size: int = key(SIZE, "1MiB", "bytes of a returned message that are parsed (the "
+                              "notice and status come first; a longer returned original is cut)",
+                              lo="64KiB", hi="256MiB")
+    parse_memory: int = key(SIZE, "512MiB", "address space (RLIMIT_AS) of each parsing child; "
+                            "a parse that needs more is \"unparsed\" (0: no limit)", lo=0,
+                            hi="64GiB")
+    parse_attempts: int = key(INT, 3, "parses of one returned message cut short by daemon "
+                              "crashes before it is finished \"unparsed\" without parsing again",
+                              lo=1, hi=100)
 
 
 @dataclass(frozen=True, slots=True)
