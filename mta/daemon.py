@@ -95,6 +95,8 @@ def serve(config: Config, *, ready_line: bool = True) -> int:
     try:
         uvloop.run(_serve(config, ready_line))
     except OSError as exc:
-        print(f"mta: {exc}", file=sys.stderr)
+        # e.g. "mta: /var/spool/mta: Read-only file system": the path and the errno text
+        where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc
+        print(f"mta: {where}", file=sys.stderr)
         return 1
     return 0

@@ -50,7 +50,8 @@ class Server:
         self.spool = Spool(str(sp.directory), segment_size=sp.segment_size,
                            max_batch=sp.max_batch, hot_cache=sp.hot_cache,
                            min_free_space=sp.min_free_space, min_free_percent=sp.min_free_percent,
-                           max_queued_messages=sp.max_queued_messages)
+                           max_queued_messages=sp.max_queued_messages,
+                           reserve_space=sp.reserve_space)
         self.logs: LogWriter | None = None
         self.reception: Reception | None = None
         self.delivery: DeliveryEngine | None = None

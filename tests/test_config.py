@@ -15,7 +15,7 @@ import pytest
 
 from mta.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from mta.config.load import check_value
-from mta.config.schema import SECTIONS, Invalid, keys_of, parse_duration, parse_size
+from mta.config.schema import SECTIONS, Invalid, SpoolConfig, keys_of, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_config_is_frozen() -> None:
     ('[[listener]]\nbare_newline = "lax"',
      'listener[0].bare_newline: "lax" is not one of "reject", "normalize"'),
     ('[spool]\nsegmentsize = "1MiB"',
-     "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch, hot_cache)"),
+     "spool.segmentsize: unknown key (allowed: " + ", ".join(keys_of(SpoolConfig)) + ")"),
     ("[server]\nhostname = 5", "server.hostname: expected a string, got integer 5"),
     ('[server]\nhostname = "mta_1.example"',
      'server.hostname: "mta_1.example" is not a valid DNS hostname ('
@@ -181,7 +181,7 @@ def test_all_problems_reported_together() -> None:
     want = [
         "--spool-dir: \"\" is not a usable path (empty, or contains NUL)",
         "bogus: unknown key (allowed: " + ", ".join(s.name for s in SECTIONS) + ")",
-        "spool.segmentsize: unknown key (allowed: directory, segment_size, max_batch, hot_cache)",
+        "spool.segmentsize: unknown key (allowed: " + ", ".join(keys_of(SpoolConfig)) + ")",
         "spool.max_batch: 0 is out of range (allowed 1..65536)",
         "listener[0].port: 70000 is out of range (allowed 1..65535)",
         'listener[0].bare_newline: "lax" is not one of "reject", "normalize"',

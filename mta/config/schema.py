@@ -534,6 +534,11 @@ class SpoolConfig:
     max_queued_messages: int = key(INT, 0, "messages the spool holds at most (0: no limit); "
                                    "at the limit new mail gets 451 4.3.2 at MAIL FROM",
                                    lo=0, hi=1 << 40)
+    reserve_space: int = key(SIZE, "8MiB", "space held back in a reserve file in the spool "
+                             "directory and released when the disk runs full, so finished "
+                             "messages can still be marked done and free their segments; new "
+                             "mail gets 452 4.3.1 until it is back (0: no reserve)",
+                             lo=0, hi="1GiB")
 
 
 @dataclass(frozen=True, slots=True)

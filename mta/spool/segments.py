@@ -22,6 +22,10 @@ the first such batch that succeeds makes the spool writable again. A MESSAGE
 whose batch failed may still have reached the disk whole, so it is owed a
 tombstone too. Before the disk is full, admission() answers 452/451 by the
 free space and queue size limits.
+A disk filled by the queue itself would deadlock (no tombstone, so no
+delivery can finish, so nothing is freed): a reserve file (reserve_space
+bytes, fallocate'd at open) is released at ENOSPC, so tombstones fit and
+deliveries go on freeing segments; new mail is refused until it is back.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from mta.spool.recovery import Location, Recovered, scan, segment_path
 log = logging.getLogger("mta.spool")
 
 PROBE_INTERVAL = 0.5      # seconds between attempts to write again after a failed batch
+RESERVE_NAME = "reserve"  # the reserve file in the spool directory (see _make_reserve)
 FREE_SPACE_SAMPLE = 1.0   # admission() reads statvfs at most this often
 
 
@@ -67,13 +72,16 @@ class Spool:
 
     def __init__(self, directory: str, *, segment_size: int = 64 << 20, max_batch: int = 1024,
                  hot_cache: int = 256 << 20, min_free_space: int = 0, min_free_percent: int = 0,
-                 max_queued_messages: int = 0):
+                 max_queued_messages: int = 0, reserve_space: int = 0):
         self.directory = directory
         self.segment_size = segment_size
         self.max_batch = max_batch
         self.min_free_space = min_free_space
         self.min_free_percent = min_free_percent
         self.max_queued_messages = max_queued_messages
+        self.reserve_space = reserve_space
+        self._reserve_path = os.path.join(directory, RESERVE_NAME)
+        self._reserve_held = False                    # the reserve file is in place
         self._writer: SegmentWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nonce = b""                             # this run's record nonce (records.py)
@@ -130,6 +138,9 @@ class Spool:
         self.recovered = found
         for seg in list(self._live):
             self._maybe_reclaim(seg)
+        if self.reserve_space and not self._make_reserve():
+            log.warning("spool %s: no room for the %d-byte reserve yet; new mail is refused "
+                        "until there is", self.directory, self.reserve_space)
         return found
 
     async def close(self) -> None:
@@ -330,6 +341,17 @@ class Spool:
         if not self.write_error:
             log.warning("spool %s: write failed (%s); refusing new mail and holding "
                         "deliveries until a write succeeds", self.directory, os.strerror(err))
+        if err in (errno.ENOSPC, errno.EDQUOT) and self._reserve_held:
+            # The disk may be full of our own queue: without room for tombstones no
+            # delivery could finish and nothing would ever be freed.
+            try:
+                os.unlink(self._reserve_path)
+            except FileNotFoundError:
+                pass    # an operator removed it first: the space is free all the same
+            self._reserve_held = False
+            log.warning("spool %s: released the %d-byte reserve so deliveries can be "
+                        "marked done; new mail is refused until it is back", self.directory,
+                        self.reserve_space)
         self.write_error = err
         self._probe_ticket = 0
         if self._probe is None and self._loop is not None and self._writer is not None:
@@ -369,11 +391,13 @@ class Spool:
             return "SPOOL_ERROR"
         if self.max_queued_messages and len(self._index) >= self.max_queued_messages:
             return "QUEUE_FULL"
-        if (self.min_free_space or self.min_free_percent) and self._low_on_space():
+        if (self.min_free_space or self.min_free_percent or self.reserve_space) \
+                and self._low_on_space():
             return "SPOOL_FULL"
         return None
 
     def _low_on_space(self) -> bool:
+        """Free space below the limits, or the reserve not in place (sampled)."""
         now = time.monotonic()
         if now - self._space_checked >= FREE_SPACE_SAMPLE:
             self._space_checked = now
@@ -384,13 +408,34 @@ class Spool:
                 self._space_low = True
                 return True
             keep = max(self.min_free_space, st.f_blocks * st.f_frsize * self.min_free_percent // 100)
-            low = st.f_bavail * st.f_frsize < keep
+            free = st.f_bavail * st.f_frsize
+            if self.reserve_space and not self._reserve_held and self.writable \
+                    and free >= keep + 2 * self.reserve_space and self._make_reserve():
+                free -= self.reserve_space
+            low = free < keep or (self.reserve_space > 0 and not self._reserve_held)
             if low != self._space_low:
-                log.warning("spool %s: %s: %d bytes free, %d kept free", self.directory,
-                            "refusing new mail" if low else "accepting mail again",
-                            st.f_bavail * st.f_frsize, keep)
+                log.warning("spool %s: %s: %d bytes free, %d kept free%s", self.directory,
+                            "refusing new mail" if low else "accepting mail again", free, keep,
+                            "" if self._reserve_held or not self.reserve_space
+                            else ", reserve not in place")
             self._space_low = low
         return self._space_low
+
+    def _make_reserve(self) -> bool:
+        """(Re)create the reserve file: space held back so that when the disk fills,
+        releasing it lets tombstones be written and deliveries free segments."""
+        fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.reserve_space)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(self._reserve_path)   # a partial reserve holds space for nothing
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return False
+        os.close(fd)
+        self._reserve_held = True
+        return True
 
     # -- reclamation ------------------------------------------------------------
 
