@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.dispatcher")
 
+SPOOL_RECHECK = 0.5   # seconds between looks at a spool that cannot write (Spool.writable)
+
 
 class Dispatcher:
     def __init__(self, ready: ReadyQueue, *, source: Source, limits: Limits, site_state: SiteState,
@@ -111,6 +113,9 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Messages were added: hand one to an idle connection or open another."""
+        if not self.spool.writable:
+            self.wake_at(SPOOL_RECHECK)
+            return
         until = self._paused()
         if until:
             self.wake_at(until - time.time())
@@ -208,7 +213,13 @@ class Dispatcher:
                     break
 
     def _next(self) -> QueuedMessage | None:
-        """Pop the next message, sending those of a suspended scheduled queue back to wait."""
+        """Pop the next message, sending those of a suspended scheduled queue back to wait.
+
+        None while the spool cannot write: a message delivered now could not be
+        tombstoned, and a restart would deliver it again."""
+        if not self.spool.writable:
+            self.wake_at(SPOOL_RECHECK)
+            return None
         while (msg := self.ready.pop()) is not None:
             until = msg.queue.suspended_until
             if until and until > time.time():
