@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import orjson
 import pytest
 
 from mta.ids import new_id
-from mta.spool import Spool
+from mta.replies import REPLIES
+from mta.spool import Spool, SpoolError
 from mta.spool import records as rec
 from mta.spool.recovery import list_segments, scan, segment_path
 
@@ -315,3 +317,135 @@ def test_spool_directory_and_files_are_private(tmp_path):
     run(_fill(directory, 2))
     assert os.stat(directory).st_mode & 0o777 == 0o700
     assert os.stat(segment_path(directory, 1)).st_mode & 0o777 == 0o600
+
+
+# -- faults: a full disk, owed tombstones, backpressure (issue 10) ------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (the tests run as root), unmounted at the end."""
+    path = tmp_path / "spool"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill_disk(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    chunk = 1 << 20
+    while chunk >= 4096:
+        try:
+            os.write(fd, b"\0" * chunk)
+        except OSError:
+            chunk //= 2
+    os.close(fd)
+
+
+ENVELOPE = {"sender": "a@b", "rcpts": [["c@d", None, None]]}
+
+
+def test_full_disk_owes_tombstones_and_recovers(small_tmpfs):
+    directory = str(small_tmpfs / "q")
+    filler = small_tmpfs / "filler"
+
+    async def main():
+        spool = Spool(directory, segment_size=1 << 20)
+        spool.open(asyncio.get_running_loop())
+        kept = [new_id() for _ in range(3)]
+        for msg_id in kept:
+            await spool.store(msg_id, ENVELOPE, b"", bytearray(b"x" * 1000))
+        _fill_disk(filler)
+        spool.finish(kept[0])              # delivered: its tombstone must not be lost
+        refused = new_id()
+        with pytest.raises(SpoolError):
+            await spool.store(refused, ENVELOPE, b"", bytearray(b"y" * 100_000))
+        await asyncio.sleep(0.1)
+        assert not spool.writable and spool.admission() == "SPOOL_ERROR"
+        assert spool.health()["owed_tombstones"] >= 1
+        await asyncio.sleep(1.2)           # probes fail while the disk stays full
+        assert not spool.writable and spool.health()["failed_batches"] >= 2
+        filler.unlink()
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if spool.writable:
+                break
+        assert spool.writable, "want the spool writable again once space returned, no restart"
+        assert spool.admission() is None
+        assert spool.health()["owed_tombstones"] == 0
+        after = new_id()
+        await spool.store(after, ENVELOPE, b"", bytearray(b"z" * 1000))
+        await spool.close()
+        return kept, refused, after
+    kept, refused, after = run(main())
+    found = scan(directory)
+    assert kept[0] not in found.messages, "got the delivered message back: its tombstone was lost"
+    assert refused not in found.messages, "got a message that was answered 451 back"
+    assert set(found.messages) == {kept[1], kept[2], after}
+    assert not [n for n in os.listdir(directory) if n.endswith(".seg") and
+                os.path.getsize(os.path.join(directory, n)) == 0], "want no empty segments left"
+
+
+def test_admission_by_queue_size_and_free_space(tmp_path):
+    async def main():
+        spool = Spool(str(tmp_path), max_queued_messages=2)
+        spool.open(asyncio.get_running_loop())
+        assert spool.admission() is None
+        ids = [new_id(), new_id()]
+        for msg_id in ids:
+            await spool.store(msg_id, ENVELOPE, b"", bytearray(b"x"))
+        assert spool.admission() == "QUEUE_FULL"
+        await spool.remove(ids[:1])
+        assert spool.admission() is None, "want QUEUE_FULL to clear by itself"
+        spool.min_free_space = 1
+        assert spool.admission() is None   # samples statvfs
+        spool.min_free_space = 1 << 62     # more than any disk has
+        assert spool.admission() is None, "want statvfs sampled at most once a second"
+        spool._space_checked -= 2          # a second later
+        assert spool.admission() == "SPOOL_FULL"
+        spool.min_free_space = 0
+        spool.min_free_percent = 100
+        spool._space_checked -= 2
+        assert spool.admission() == "SPOOL_FULL"
+        spool.min_free_percent = 0
+        spool._space_checked -= 2
+        assert spool.admission() is None
+        await spool.close()
+        assert spool.admission() == "SPOOL_ERROR", "want a closed spool refused"
+    run(main())
+    assert REPLIES["SPOOL_FULL"][:2] == (452, "4.3.1") and REPLIES["QUEUE_FULL"][:2] == (451, "4.3.2")
+    assert REPLIES["SPOOL_ERROR"][0] == 451
+
+
+def test_reserve_is_released_on_enospc_and_restored(small_tmpfs):
+    """A disk full of our own queue: releasing the reserve lets tombstones through."""
+    directory = str(small_tmpfs)
+
+    async def main():
+        spool = Spool(directory, segment_size=1 << 20, reserve_space=512 << 10)
+        spool.open(asyncio.get_running_loop())
+        reserve = os.path.join(directory, "reserve")
+        assert os.path.getsize(reserve) == 512 << 10 and os.stat(reserve).st_mode & 0o777 == 0o600
+        stored = []
+        with pytest.raises(SpoolError):
+            while True:                    # the queue fills the disk
+                msg_id = new_id()
+                await spool.store(msg_id, ENVELOPE, b"", bytearray(b"m" * 50_000))
+                stored.append(msg_id)
+        assert not os.path.exists(reserve), "want the reserve released at ENOSPC"
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            if spool.writable:
+                break
+        assert spool.writable, "want tombstones writable again from the reserve's space"
+        spool._space_checked -= 2
+        assert spool.admission() == "SPOOL_FULL", "want new mail refused until the reserve is back"
+        await spool.remove(stored)         # deliveries finish: segments are reclaimed
+        spool._space_checked -= 2
+        assert spool.admission() is None and os.path.getsize(reserve) == 512 << 10
+        await spool.close()
+        return stored
+    stored = run(main())
+    assert not scan(directory).messages
+    assert len(stored) > 10
