@@ -109,7 +109,7 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mta.bounce.worker", json.dumps(settings),
+            sys.executable, "-c", "from mta.bounce.worker import child_main; child_main()", json.dumps(settings),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
         return cls(proc)
 
@@ -145,7 +145,8 @@ class ParserPool:
                  max_size: int = 1 << 20, memory: int = 512 << 20):
         self.timeout = timeout
         self.max_size = max_size
-        self.settings = {"rules": [str(p) for p in rule_files], "memory": memory}
+        self.settings = {"rules": [str(p) for p in rule_files], "memory": memory,
+                         "timeout": timeout, "parent": os.getpid()}
         self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         for _ in range(workers):
             self._idle.put_nowait(None)      # spawned on first use
@@ -200,13 +201,18 @@ class ParserPool:
 
 # -- the child's side --------------------------------------------------------------------
 
-def _serve(settings: dict) -> None:
+def child_main() -> None:
+    """The child process: parse each message read from stdin, answer on stdout."""
     import resource
     import signal
 
     from . import Classifier, RulesError, parse_message
 
+    settings = json.loads(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the daemon decides when we stop
+    _die_with_parent()
+    if os.getppid() != settings["parent"]:
+        return                                       # (it died before we asked)
     classifier = Classifier([Path(p) for p in settings["rules"]])
     if settings.get("memory"):
         resource.setrlimit(resource.RLIMIT_AS, (settings["memory"], settings["memory"]))
@@ -217,6 +223,11 @@ def _serve(settings: dict) -> None:
         if len(head) < 4:
             return                                   # the daemon closed the pipe (or died)
         data = inp.read(int.from_bytes(head, "big"))
+        # CPU backstop: should the daemon be gone and unable to kill an overrunning
+        # parse, the kernel ends it (SIGXCPU) a little after twice the time budget
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime + 2 * settings["timeout"]) + 2,
+                                                 resource.RLIM_INFINITY))
         try:
             try:
                 classifier.reload_if_changed()
@@ -231,5 +242,12 @@ def _serve(settings: dict) -> None:
         out.flush()
 
 
-if __name__ == "__main__":
-    _serve(json.loads(sys.argv[1]))
+def _die_with_parent() -> None:
+    """Linux: SIGKILL when the daemon exits (PR_SET_PDEATHSIG), even mid-parse."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        pass      # elsewhere the CPU backstop and end of input stop an orphan
+

@@ -1,0 +1,157 @@
+"""Returned mail under a budget, against the real daemon (issue 10, item 2).
+
+Attacks first: on the old code returned mail was parsed on the event loop, so a
+hostile message froze every SMTP session, and after a kill the recovered
+message was parsed again before the listeners opened (the daemon never came
+back). A parse that runs forever is made here the way an operator can: a rule
+file with a catastrophic regex; the hostile 200 KB message is one of the shapes
+the parser used to be quadratic on.
+"""
+from __future__ import annotations
+
+import os
+import smtplib
+import stat
+import time
+
+import pytest
+
+from hostile_bounces import SHAPES
+from peers import _records
+
+BOUNCE = "bounces.test"
+SLOW_RULE = '[[rule]]\nname = "slow"\ntext = [\'(a|aa)+$\']\ncategory = "policy"\n'
+
+
+def _dsn(diagnostic: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@mx.remote.test\r\nTo: b-x@bounces.test\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="BB"\r\n\r\n'
+        "--BB\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
+        "--BB\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
+        "Final-Recipient: rfc822; user@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n\r\n--BB--\r\n").encode()
+
+
+SLOW = _dsn("550 " + "a" * 80 + "!")           # runs the slow rule for ever
+
+
+def _daemon(daemon_factory, tmp_path, rules: str, extra: str = ""):
+    path = tmp_path / "rules.toml"
+    path.write_text(rules)
+    return daemon_factory(extra=f'[bounces]\ndomain = "{BOUNCE}"\nrules = ["{path}"]\n{extra}\n'), path
+
+
+def _send(port: int, rcpt: str, data: bytes, timeout: float = 30.0) -> float:
+    """One transaction; returns the seconds from connect to the 250 after the data."""
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as s:
+        s.sendmail("sender@remote.test", [rcpt], data)
+    return time.monotonic() - started
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(p))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _wait(cond, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_hostile_returned_mail_does_not_stall_other_sessions(daemon_factory, tmp_path):
+    d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "3s"')
+    hostile = SHAPES["spaces_in_lines"](200_000)   # ~25 s of loop time on the old parser
+    assert 150_000 < len(hostile) < 250_000
+    _send(d.port, f"b-1@{BOUNCE}", SLOW)
+    # while the slow parse runs, another client's transaction is answered promptly
+    assert _send(d.port, "rcpt@example.com", b"Subject: hi\r\n\r\nhello\r\n") < 1.5
+    _send(d.port, f"b-2@{BOUNCE}", hostile)
+    assert _send(d.port, "rcpt@example.com", b"Subject: hi\r\n\r\nhello\r\n") < 1.5
+
+    oob = _records(d, "OOB", 2, timeout=30)
+    by_reason = {r.get("reason") for r in oob}
+    assert "time" in by_reason                     # the slow one: over its time budget...
+    unparsed = next(r for r in oob if r["kind"] == "unparsed")
+    saved = unparsed["saved_as"]
+    assert os.path.dirname(saved) == str(d.spool_dir / "unparsed")
+    assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600    # ...kept for the operator
+    assert open(saved, "rb").read().endswith(SLOW)
+    hostile_rec = next(r for r in oob if r is not unparsed)
+    assert hostile_rec["kind"] != "unparsed"       # the hostile one got its verdict in time
+    d.stop()
+    live = {e["id"] for e in d.spooled().envelopes.values()}
+    assert not live & {r["bounce_id"] for r in oob}   # both finished: never retried
+
+
+def test_kill_during_slow_parse_restart_answers_at_once_and_processes_once(daemon_factory, tmp_path):
+    d, rules = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "5m"\nparse_attempts = 3')
+    ledger = d.spool_dir / "intake"
+    _send(d.port, f"b-1@{BOUNCE}", SLOW)
+    entry = _wait(lambda: list(ledger.glob("*")) if ledger.exists() else [], what="a parse to begin")[0]
+    assert entry.read_text() == "1"
+    workers = _children(d.proc.pid)
+    assert workers
+    d.kill()                                         # kill -9 mid-parse
+    _wait(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), 5, "the parser child to die with it")
+
+    # the recovered message is queued for parsing; the listeners do not wait for it
+    started = time.monotonic()
+    d.start()
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=5) as s:
+        assert s.noop()[0] == 250
+    assert time.monotonic() - started < 10
+    _wait(lambda: entry.exists() and entry.read_text() == "2", what="the second parse to begin")
+    assert _send(d.port, "rcpt@example.com", b"Subject: hi\r\n\r\nhello\r\n") < 1.5
+    d.kill()
+
+    rules.write_text("")                            # the operator fixes the rule
+    d.start()
+    oob = _records(d, "OOB", 1, timeout=30)
+    assert [(r["kind"], r["recipient"], r["status"]) for r in oob] == [("bounce", "user@remote.test", "5.1.1")]
+    d.stop()
+    d.start()                                       # finished: a later start does not parse it again
+    time.sleep(2)
+    assert len(d.log_records("OOB")) == 1
+    assert not ledger.exists() or not list(ledger.glob("*"))
+    d.stop()
+    live = {e["id"] for e in d.spooled().envelopes.values()}
+    assert oob[0]["bounce_id"] not in live          # (the mail to example.com waits for DNS)
+
+
+def test_crash_loop_ends_unparsed_without_parsing_again(daemon_factory, tmp_path):
+    d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "5m"\nparse_attempts = 1')
+    ledger = d.spool_dir / "intake"
+    _send(d.port, f"b-1@{BOUNCE}", SLOW)
+    _wait(lambda: list(ledger.glob("*")) if ledger.exists() else [], what="a parse to begin")
+    d.kill()
+    d.start()                                       # the slow rule is still there
+    rec = _records(d, "OOB", 1, timeout=15)[0]
+    assert (rec["kind"], rec["reason"], rec["attempts"]) == ("unparsed", "attempts", 2)
+    assert os.path.exists(rec["saved_as"])
+    d.stop()
+    assert not d.spooled().messages
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_parsers():
+    before = _children(os.getpid())
+    yield
+    # daemons are killed by the fixture; their parser children must not outlive them
+    time.sleep(0.2)
+    assert _children(os.getpid()) <= before
