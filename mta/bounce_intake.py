@@ -147,6 +147,9 @@ class BounceIntake:
         except BaseException:
             self.attempts.undo(msg_id, tries)    # cut short by shutdown: not the message's fault
             raise
+        if parsed.truncated:
+            log.info("returned message %s longer than parse_max_size: parsed on its head only",
+                     env.get("id"))
         if parsed.report is None:
             await self._unparsed(env, content, parsed.unparsed or "crash", tries)
         else:

@@ -148,6 +148,24 @@ def test_crash_loop_ends_unparsed_without_parsing_again(daemon_factory, tmp_path
     assert not d.spooled().messages
 
 
+def test_other_recipients_wait_for_the_intake_and_it_is_not_repeated(daemon_factory, tmp_path):
+    # a message for the bounce domain and for a normal recipient: the intake's verdict is
+    # recorded (RCPTS_DONE) before delivery may finish the message, and a restart does
+    # not parse it again while the normal recipient still waits
+    d, _ = _daemon(daemon_factory, tmp_path, "")
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+        s.sendmail("sender@remote.test", [f"b-1@{BOUNCE}", "rcpt@example.com"], _dsn("550 5.1.1 user unknown"))
+    oob = _records(d, "OOB", 1)
+    assert oob[0]["recipient"] == "user@remote.test"
+    d.stop()
+    found = d.spooled()
+    (raw, env), = [(k, e) for k, e in found.envelopes.items() if e["id"] == oob[0]["bounce_id"]]
+    assert found.done_rcpts.get(raw) == {0}          # the bounce recipient is done, the other is not
+    d.start()
+    time.sleep(2)
+    assert len(d.log_records("OOB")) == 1
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_parsers():
     before = _children(os.getpid())
