@@ -24,7 +24,9 @@ without parsing again, so a crash-restart loop cannot re-parse it forever.
 
 Queue: waiting messages are kept as ids (their content stays on disk); content
 is read from the spool only when a parser process is free, so at most
-parse_workers messages are held in memory; nothing accepted is ever dropped.
+parse_workers messages are held in memory. Nothing accepted is ever dropped:
+at parse_backlog waiting messages, new mail to the bounce domain is refused at
+RCPT with 451 4.3.2 (mta/listener/recipients.py) and waits at its sender.
 
 Trust: everything here comes from the Internet. A hard bounce or complaint
 suppresses (and counts) only a recipient the report proves we sent to: a VERP
@@ -73,6 +75,7 @@ class BounceIntake:
                                  max_size=b.parse_max_size, memory=b.parse_memory)
         self.workers = b.parse_workers
         self.max_attempts = b.parse_attempts
+        self.max_backlog = b.parse_backlog
         self.attempts = AttemptLedger(os.path.join(str(config.spool.directory), "intake"))
         self.quarantine = os.path.join(str(config.spool.directory), "unparsed")
         # (id, envelope, indexes, after) -> None: the message's bounce-domain recipients
@@ -99,6 +102,10 @@ class BounceIntake:
     @property
     def backlog(self) -> int:
         return len(self._waiting)
+
+    def full(self) -> bool:
+        """New returned mail waits at its sender (RCPT 451) while this holds."""
+        return len(self._waiting) >= self.max_backlog
 
     async def _run(self) -> None:
         assert self._wake is not None

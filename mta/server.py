@@ -99,6 +99,8 @@ class Server:
         if self.feedback.bounce_domain:
             self.intake = BounceIntake(self.config, self.feedback, self.spool, self.logs)
             self.intake.on_done = self._intake_done
+            if self.reception.policy is not None:
+                self.reception.policy.bounce_full = self.intake.full
             self.intake.start(loop)     # recovered returned mail is only queued: listeners open now
         self.reception.on_stored = self._stored
         for msg_id in found.messages:

@@ -3,7 +3,9 @@
 At RCPT (through `ServerSettings.rcpt_check`, called by the native core only when
 this policy exists, so a daemon without suppression or bounce domain pays nothing):
 - an address at `[bounces] domain` is accepted from any client (returned mail comes
-  from everywhere) and later handed to the bounce intake instead of delivery;
+  from everywhere) and later handed to the bounce intake instead of delivery; while
+  the intake's backlog is full ([bounces] parse_backlog) it gets 451 4.3.2 instead
+  (the sender retries later: returned mail waits at its sender, not in our memory);
 - a suppressed address (global or domain:<sender domain> scope) is refused with
   550 5.7.1 when `on_match = "reject"`; with "drop" it is accepted here and removed
   at end of data. Only clients that may relay are told: for anyone else the list is
@@ -16,7 +18,7 @@ Logs name the address (our own logs), never its hash key.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mta.replies import REPLIES
 
@@ -34,6 +36,8 @@ class RecipientPolicy:
         self.bounce_domain = feedback.bounce_domain
         self.suppressions = feedback.suppressions
         self.reject = feedback.on_match == "reject"
+        # the bounce intake's backlog is full (set by Server once the intake exists)
+        self.bounce_full: Callable[[], bool] = lambda: False
 
     def is_bounce_address(self, address: str) -> bool:
         return bool(self.bounce_domain) and _domain(address) == self.bounce_domain
@@ -41,7 +45,7 @@ class RecipientPolicy:
     def rcpt_check(self, address: str, sender: str, relay_allowed: bool):
         """The native core's hook: None, True (accept from anyone) or (name, reply line)."""
         if self.bounce_domain and _domain(address) == self.bounce_domain:
-            return True
+            return ("QUEUE_FULL", REPLIES["QUEUE_FULL"].line()) if self.bounce_full() else True
         if self.suppressions is None or not self.reject or not relay_allowed:
             return None   # not relaying: the relay check refuses, suppressed or not
         entry = self.suppressions.check(address, sender_domain=_domain(sender) or None)

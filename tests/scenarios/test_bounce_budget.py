@@ -148,6 +148,21 @@ def test_crash_loop_ends_unparsed_without_parsing_again(daemon_factory, tmp_path
     assert not d.spooled().messages
 
 
+def test_full_backlog_defers_new_returned_mail_at_rcpt(daemon_factory, tmp_path):
+    d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "5m"\nparse_backlog = 1')
+    ledger = d.spool_dir / "intake"
+    _send(d.port, f"b-1@{BOUNCE}", SLOW)            # being parsed (for ever)
+    _wait(lambda: list(ledger.glob("*")) if ledger.exists() else [], what="a parse to begin")
+    _send(d.port, f"b-2@{BOUNCE}", SLOW)            # waits: the backlog is full
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as s:
+        s.ehlo()
+        s.mail("sender@remote.test")
+        assert s.rcpt(f"b-3@{BOUNCE}")[0] == 451    # the sender keeps it and retries
+        assert s.rcpt("rcpt@example.com")[0] == 250  # other mail is not held up
+    d.kill()
+    assert len(d.spooled().messages) == 2           # both accepted ones kept for the next start
+
+
 def test_other_recipients_wait_for_the_intake_and_it_is_not_repeated(daemon_factory, tmp_path):
     # a message for the bounce domain and for a normal recipient: the intake's verdict is
     # recorded (RCPTS_DONE) before delivery may finish the message, and a restart does
