@@ -5,7 +5,7 @@ target what an attacker controls in mail to the bounce domain: HTML parts with
 tags that never close, long runs of white space or separator characters next
 to optional or repeated groups, thousands of addresses (one per line or all on
 one line), DSNs with thousands of groups or endless continuation lines, deep
-MIME nesting, many parts, huge header counts. Used by tests/test_bounce_budget.py
+MIME nesting, many parts, huge header counts. Used by tests/test_bounce_linear.py
 (no input of 1 MB takes more than a second) and by the daemon scenario.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Returned mail parsed in child processes, with a time, size and memory budget per message.
 
 Why a process: the parser reads mail anyone may send to the bounce domain. Its
-scans are linear (tests/test_bounce_budget.py), but only a process boundary
+scans are linear (tests/test_bounce_linear.py), but only a process boundary
 also bounds what nobody foresaw, an operator's catastrophic rule regex
 included: a child that overruns `timeout` is killed and replaced, its address
 space is capped (RLIMIT_AS, `memory`), and a crash in it costs one message, not
