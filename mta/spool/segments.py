@@ -30,6 +30,7 @@ deliveries go on freeing segments; new mail is refused until it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -348,6 +349,8 @@ class Spool:
                 os.unlink(self._reserve_path)
             except FileNotFoundError:
                 pass    # an operator removed it first: the space is free all the same
+            except OSError as exc:
+                log.error("spool %s: cannot release the reserve: %s", self.directory, exc.strerror)
             self._reserve_held = False
             log.warning("spool %s: released the %d-byte reserve so deliveries can be "
                         "marked done; new mail is refused until it is back", self.directory,
@@ -424,16 +427,18 @@ class Spool:
     def _make_reserve(self) -> bool:
         """(Re)create the reserve file: space held back so that when the disk fills,
         releasing it lets tombstones be written and deliveries free segments."""
-        fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, self.reserve_space)
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_space)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            os.close(fd)
-            os.unlink(self._reserve_path)   # a partial reserve holds space for nothing
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
+                log.warning("spool %s: cannot make the reserve: %s", self.directory, exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(self._reserve_path)   # a partial reserve holds space for nothing
             return False
-        os.close(fd)
         self._reserve_held = True
         return True
 
