@@ -2,6 +2,10 @@
 
 MTA_DEBUG=1 builds with -O0 -g, Cython linetrace and -DMTA_DEBUG=1;
 MTA_SANITIZE=1 adds AddressSanitizer and UBSan.
+MTA_FUZZ=1 builds only the wire extension with clang, AddressSanitizer and
+libFuzzer's coverage hooks (-fsanitize=fuzzer-no-link) for tests/fuzz; use it with
+--build-lib build/fuzz/lib (`make fuzz-build`), never in place: the result only
+loads under atheris' asan_with_fuzzer.so (see docs/fuzzing.md).
 """
 import os
 import sys
@@ -26,6 +30,10 @@ _require_header("/usr/include/openssl/evp.h", "libssl-dev")
 
 DEBUG = os.environ.get("MTA_DEBUG") == "1"
 SANITIZE = os.environ.get("MTA_SANITIZE") == "1"
+FUZZ = os.environ.get("MTA_FUZZ") == "1"
+if FUZZ:
+    os.environ["CC"] = "clang"
+    os.environ["LDSHARED"] = "clang -shared"
 
 cflags = ["-Wall", "-Wextra", "-std=gnu11"]
 ldflags: list[str] = []
@@ -38,6 +46,9 @@ else:
 if SANITIZE:
     cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     ldflags += ["-fsanitize=address,undefined"]
+if FUZZ:
+    cflags += ["-g", "-fsanitize=address,fuzzer-no-link", "-fno-omit-frame-pointer"]
+    # no sanitizer runtime linked in: atheris' asan_with_fuzzer.so (LD_PRELOAD) provides it
 
 
 def ext(name: str, sources: list[str], libraries: list[str] = ()) -> Extension:
@@ -58,6 +69,8 @@ extensions = [
     ext("queues", ["native/queues/queues.pyx"]),
     ext("dkim", ["native/dkim/dkim.pyx", "native/dkim/sign.c", "native/dkim/canon.c", "native/dkim/pool.c"], ["crypto", "pthread"]),
 ]
+if FUZZ:
+    extensions = [e for e in extensions if e.name == "mta._native.wire"]
 
 setup(
     ext_modules=cythonize(

@@ -41,7 +41,7 @@ def find_feedback(msg: email.message.Message) -> tuple[Feedback, list[str]] | No
         if part.get_content_type() == "message/feedback-report":
             return _arf(_report_text(part))
     # A few senders mislabel the report part as text/plain: accept it only with both key fields.
-    if msg.get_content_type() == "multipart/report" and "feedback-report" in (msg.get("Content-Type") or "").lower():
+    if msg.get_content_type() == "multipart/report" and "feedback-report" in header(msg, "Content-Type").lower():
         for part in msg.walk():
             if part.get_content_type() == "text/plain":
                 text = part_text(part)

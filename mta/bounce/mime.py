@@ -79,7 +79,7 @@ def _decode(data: bytes, charset: str | None) -> str:
             continue
         try:
             return data.decode(cs)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, ValueError):   # ValueError: a bad name ("utf\0-8"), or bytes it cannot decode
             continue
     return data.decode("latin-1")
 
