@@ -48,7 +48,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_spool(args: argparse.Namespace) -> int:
     from mta.spool.recovery import scan
     directory = args.spool_dir or str(_config(args).spool.directory)
-    found = scan(directory)
+    try:
+        found = scan(directory)
+    except OSError as exc:   # missing, unreadable, or read-only with records to quarantine
+        print(f"mta: {exc.filename or directory}: {exc.strerror}", file=sys.stderr)
+        return 1
     if args.action == "ls":
         for msg_id, loc in found.messages.items():
             env = found.envelopes[msg_id]

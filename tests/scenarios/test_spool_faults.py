@@ -297,3 +297,12 @@ def test_read_only_spool_is_one_line_and_exit_1(daemon_factory):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"mta: {d.spool_dir}: Read-only file system", f"got {last!r}"
     assert "ready" not in proc.stdout
+
+
+def test_offline_spool_scan_of_a_missing_directory_is_one_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run([sys.executable, "-m", "mta", "spool", "ls", "--spool-dir", str(missing)],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"mta: {missing}: No such file or directory"
