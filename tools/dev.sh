@@ -13,7 +13,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { printf '[dev] %s\n' "$*" >&2; }
 
-APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps
+# clang: the fuzz build of the wire extension (make fuzz-build, docs/fuzzing.md)
+APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps clang
               $(grep -hv '^#' tools/dns-packages.txt tools/dkim-packages.txt))
 
 install_system() {
@@ -44,7 +45,7 @@ install_python() {
         log "creating .venv"
         "$py" -m venv .venv
     fi
-    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, dns, dkim, nacl, cryptography, ruff" 2>/dev/null; then
+    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, atheris, dns, dkim, nacl, cryptography, ruff" 2>/dev/null; then
         log "pip install build and test requirements"
         .venv/bin/python -m pip install -q -r requirements-dev.txt
     fi
