@@ -10,7 +10,44 @@ MIME nesting, many parts, huge header counts. Used by tests/test_bounce_linear.p
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
+
+# An operator rule no parser budget foresees: (a|aa)+$ backtracks exponentially on a
+# long run of a's that does not end the text. Only the process boundary bounds it.
+SLOW_RULE = '[[rule]]\nname = "slow"\ntext = [\'(a|aa)+$\']\ncategory = "policy"\n'
+
+
+def dsn(diagnostic: str, original_body: str = "hello\r\n") -> bytes:
+    """An RFC 3464 DSN for user@remote.test with this Diagnostic-Code, the original attached."""
+    return (
+        "From: MAILER-DAEMON@mx.remote.test\r\nTo: b-x@bounces.test\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="BB"\r\n\r\n'
+        "--BB\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
+        "--BB\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
+        "Final-Recipient: rfc822; user@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n\r\n"
+        "--BB\r\nContent-Type: message/rfc822\r\n\r\n"
+        "Return-Path: <b-token@bounces.test>\r\nFrom: sender@example.com\r\nTo: user@remote.test\r\n"
+        f"Subject: hi\r\n\r\n{original_body}\r\n--BB--\r\n").encode()
+
+
+SLOW = dsn("550 " + "a" * 80 + "!")               # runs SLOW_RULE for ever
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of `pid` (parser processes of a daemon or of this test)."""
+    out = set()
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(p))
+            except (OSError, ValueError):
+                pass
+    return out
 
 
 def _bounce(body: str, *, ctype: str = "text/plain", subject: str = "Undelivered Mail Returned to Sender",

@@ -14,30 +14,12 @@ import time
 import pytest
 
 from conftest import CORPUS
+from hostile_bounces import SLOW, SLOW_RULE, children, dsn
 from mta.bounce import Classifier, parse_message
 from mta.bounce.worker import ParserPool
 
 SISIMAI = CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd"
-# (a|aa)+$ on a long run of a's that does not end the text: exponential backtracking
-SLOW_RULE = '[[rule]]\nname = "slow"\ntext = [\'(a|aa)+$\']\ncategory = "policy"\n'
-
-
-def _dsn(diagnostic: str, original_body: str = "hello\r\n") -> bytes:
-    return (
-        "From: MAILER-DAEMON@mx.remote.test\r\nTo: b-x@bounces.test\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="BB"\r\n\r\n'
-        "--BB\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
-        "--BB\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
-        f"Final-Recipient: rfc822; user@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        f"Diagnostic-Code: smtp; {diagnostic}\r\n\r\n"
-        "--BB\r\nContent-Type: message/rfc822\r\n\r\n"
-        "Return-Path: <b-token@bounces.test>\r\nFrom: sender@example.com\r\nTo: user@remote.test\r\n"
-        f"Subject: hi\r\n\r\n{original_body}\r\n--BB--\r\n").encode()
-
-
-SLOW = _dsn("550 " + "a" * 80 + "!")
-NORMAL = _dsn("550 5.1.1 <user@remote.test>: Recipient address rejected: User unknown")
+NORMAL = dsn("550 5.1.1 <user@remote.test>: Recipient address rejected: User unknown")
 
 
 def _run(coro):
@@ -45,17 +27,7 @@ def _run(coro):
 
 
 def _children() -> set[int]:
-    me = str(os.getpid())
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        out.add(int(pid))
-            except OSError:
-                pass
-    return out
+    return children(os.getpid())
 
 
 @pytest.mark.parametrize("name", ["rfc3464-01.eml", "lhost-postfix-01.eml", "arf-01.eml", "lhost-exim-02.eml"])
@@ -102,7 +74,7 @@ def test_overrun_is_killed_and_replaced_while_the_loop_keeps_running(tmp_path):
         slow = await pool.parse(SLOW)
         took = time.monotonic() - started
         kids = _children()
-        normal = await pool.parse(_dsn("550 5.1.1 user unknown"))
+        normal = await pool.parse(dsn("550 5.1.1 user unknown"))
         tick.cancel()
         await pool.close()
         return slow, took, normal, lags, kids, pool.replaced
@@ -158,8 +130,8 @@ def test_memory_budget():
 
 
 def test_size_budget_parses_the_head_of_a_long_message():
-    data = _dsn("550 5.1.1 user unknown")
-    long = _dsn("550 5.1.1 user unknown", original_body=("x" * 998 + "\r\n") * 2000)   # a 2 MB original
+    data = dsn("550 5.1.1 user unknown")
+    long = dsn("550 5.1.1 user unknown", original_body=("x" * 998 + "\r\n") * 2000)   # a 2 MB original
 
     async def run():
         pool = ParserPool(max_size=64 << 10)

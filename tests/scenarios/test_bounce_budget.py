@@ -16,27 +16,10 @@ import time
 
 import pytest
 
-from hostile_bounces import SHAPES
+from hostile_bounces import SHAPES, SLOW, SLOW_RULE, children, dsn
 from peers import _records
 
 BOUNCE = "bounces.test"
-SLOW_RULE = '[[rule]]\nname = "slow"\ntext = [\'(a|aa)+$\']\ncategory = "policy"\n'
-
-
-def _dsn(diagnostic: str) -> bytes:
-    return (
-        "From: MAILER-DAEMON@mx.remote.test\r\nTo: b-x@bounces.test\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="BB"\r\n\r\n'
-        "--BB\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
-        "--BB\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
-        "Final-Recipient: rfc822; user@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        f"Diagnostic-Code: smtp; {diagnostic}\r\n\r\n--BB--\r\n").encode()
-
-
-SLOW = _dsn("550 " + "a" * 80 + "!")           # runs the slow rule for ever
-
-
 def _daemon(daemon_factory, tmp_path, rules: str, extra: str = ""):
     path = tmp_path / "rules.toml"
     path.write_text(rules)
@@ -49,19 +32,6 @@ def _send(port: int, rcpt: str, data: bytes, timeout: float = 30.0) -> float:
     with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as s:
         s.sendmail("sender@remote.test", [rcpt], data)
     return time.monotonic() - started
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(p))
-            except (OSError, ValueError):
-                pass
-    return out
 
 
 def _wait(cond, timeout: float = 15.0, what: str = "condition"):
@@ -105,7 +75,7 @@ def test_kill_during_slow_parse_restart_answers_at_once_and_processes_once(daemo
     _send(d.port, f"b-1@{BOUNCE}", SLOW)
     entry = _wait(lambda: list(ledger.glob("*")) if ledger.exists() else [], what="a parse to begin")[0]
     assert entry.read_text() == "1"
-    workers = _children(d.proc.pid)
+    workers = children(d.proc.pid)
     assert workers
     d.kill()                                         # kill -9 mid-parse
     _wait(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), 5, "the parser child to die with it")
@@ -169,7 +139,7 @@ def test_other_recipients_wait_for_the_intake_and_it_is_not_repeated(daemon_fact
     # not parse it again while the normal recipient still waits
     d, _ = _daemon(daemon_factory, tmp_path, "")
     with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
-        s.sendmail("sender@remote.test", [f"b-1@{BOUNCE}", "rcpt@example.com"], _dsn("550 5.1.1 user unknown"))
+        s.sendmail("sender@remote.test", [f"b-1@{BOUNCE}", "rcpt@example.com"], dsn("550 5.1.1 user unknown"))
     oob = _records(d, "OOB", 1)
     assert oob[0]["recipient"] == "user@remote.test"
     d.stop()
@@ -183,8 +153,8 @@ def test_other_recipients_wait_for_the_intake_and_it_is_not_repeated(daemon_fact
 
 @pytest.fixture(autouse=True)
 def _no_stray_parsers():
-    before = _children(os.getpid())
+    before = children(os.getpid())
     yield
     # daemons are killed by the fixture; their parser children must not outlive them
     time.sleep(0.2)
-    assert _children(os.getpid()) <= before
+    assert children(os.getpid()) <= before
