@@ -4,6 +4,9 @@
 non-standard MTA formats, ARF / JMRP feedback reports, Amazon SES
 notifications and RFC 3834 auto-replies. `Classifier` maps an SMTP reply
 (code, enhanced status, text) to a category and hard/soft, from TOML rules.
+The parser is linear in its input (bounded notice, recipients, MIME nesting);
+the daemon runs it in child processes with a time, size and memory budget
+(`worker.ParserPool`).
 """
 from __future__ import annotations
 

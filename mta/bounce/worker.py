@@ -92,8 +92,8 @@ def decode_report(doc: dict) -> Report:
 
 # -- the parent's side -------------------------------------------------------------------
 
-class _Overrun(Exception):
-    pass
+class _BadReply(Exception):
+    """The child answered something that is not a reply of ours."""
 
 
 class _Worker:
@@ -119,7 +119,7 @@ class _Worker:
         await self.proc.stdin.drain()
         size = int.from_bytes(await self.proc.stdout.readexactly(4), "big")
         if size > _MAX_REPLY:
-            raise _Overrun(f"reply of {size} bytes")
+            raise _BadReply(f"reply of {size} bytes")
         return json.loads(await self.proc.stdout.readexactly(size))
 
     async def kill(self) -> None:
@@ -164,15 +164,17 @@ class ParserPool:
             self._busy.add(worker)
             try:
                 doc = await asyncio.wait_for(worker.request(data), self.timeout)
-            except asyncio.TimeoutError:
-                reason = "time"
-            except (_Overrun, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
-                log.warning("bounce parser process failed (%s, exit status %s)", exc, worker.proc.returncode)
-                reason = "crash"
-            else:
                 if "report" in doc:
                     return Parsed(decode_report(doc["report"]), truncated=truncated)
-                return Parsed(None, str(doc.get("unparsed") or "crash"), truncated)
+                if "unparsed" in doc:      # over budget inside the child (memory), which lives on
+                    return Parsed(None, str(doc["unparsed"]), truncated)
+                raise _BadReply(f"reply without a report: {str(doc)[:80]}")
+            except asyncio.TimeoutError:
+                reason = "time"
+            except (_BadReply, asyncio.IncompleteReadError, ConnectionError, ValueError, TypeError,
+                    KeyError, AttributeError) as exc:
+                log.warning("bounce parser process failed (%s, exit status %s)", exc, worker.proc.returncode)
+                reason = "crash"
             self._busy.discard(worker)
             await worker.kill()
             self.replaced += 1
