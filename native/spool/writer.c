@@ -6,7 +6,8 @@
  *   1. take every pending record (up to max_batch, and no more than the ring
  *      has SQEs for), drop the mutex;
  *   2. crc32 each record into its head;
- *   3. openat(O_CREAT|O_EXCL) each segment the batch starts;
+ *   3. openat(O_CREAT|O_EXCL) each segment the batch starts, whose first
+ *      WRITEV then begins with the prologue at offset 0;
  *   4. per touched segment, one chain: WRITEV (split at IOV_MAX iovecs or
  *      WRITE_MAX_BYTES) -> ... -> FSYNC(DATASYNC), linked with IOSQE_IO_LINK;
  *      plus an unlinked FSYNC of the directory when step 3 created a file;
@@ -16,7 +17,7 @@
  * Appends made during 3-5 wait in the pending list for the next batch: that
  * is the group commit.
  *
- * A failed batch (7.): its records and every record appended behind it fail
+ * A failed batch: its records and every record appended behind it fail
  * together (they were placed after bytes that are not on disk); the segments
  * it created are unlinked (they hold nothing acknowledged), the segment it
  * continued is closed for good (after a failed fdatasync its unsynced pages
