@@ -17,7 +17,8 @@ idempotent); recovery only queues it, so the listeners open at once.
 Over budget: a parse that overruns [bounces] parse_timeout or parse_memory, or
 whose child dies, is "unparsed": an OOB record with kind "unparsed" and the
 reason, the message copied (0600) to unparsed/ under the spool directory for
-the operator, and finished like any other. Each parse is counted first in
+the operator, and finished like any other (if the copy fails, it stays in the
+spool instead, for the next start). Each parse is counted first in
 intake/ under the spool directory; a message whose parses were cut short
 parse_attempts times by daemon crashes is finished unparsed ("attempts")
 without parsing again, so a crash-restart loop cannot re-parse it forever.
@@ -158,7 +159,8 @@ class BounceIntake:
             log.info("returned message %s longer than parse_max_size: parsed on its head only",
                      env.get("id"))
         if parsed.report is None:
-            await self._unparsed(env, content, parsed.unparsed or "crash", tries)
+            if not await self._unparsed(msg_id, env, content, parsed.unparsed or "crash", tries):
+                return              # not kept elsewhere: it stays in the spool for the next start
         else:
             try:
                 self._apply(env, idxs, parsed.report)
@@ -170,18 +172,21 @@ class BounceIntake:
             self.on_done(msg_id, env, idxs, after)
         self.attempts.end(msg_id)
 
-    async def _unparsed(self, env: dict, content, reason: str, tries: int) -> None:
-        """Over budget: keep the message for the operator, log why, finish it."""
-        self.unparsed += 1
-        name = f"{env.get('id') or 'unknown'}.eml"
+    async def _unparsed(self, msg_id: bytes, env: dict, content, reason: str, tries: int) -> bool:
+        """Over budget: keep the message for the operator and log why; True when it
+        was kept (then it can be finished)."""
+        name = f"{env.get('id') or msg_id.hex()}.eml"
         try:
             saved = await asyncio.to_thread(_keep, self.quarantine, name, bytes(content))
         except OSError as exc:
-            log.error("cannot keep unparsed returned message %s: %s", env.get("id"), exc)
-            saved = None
+            log.error("returned message %s unparsed (%s) and not copied, left in the spool: %s",
+                      env.get("id"), reason, exc)
+            return False
+        self.unparsed += 1
         log.warning("returned message %s unparsed (%s), kept as %s", env.get("id"), reason, saved)
         self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="unparsed", reason=reason,
                   attempts=tries, saved_as=saved, recipient=None, suppressed=None)
+        return True
 
     def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
         """Act on a parsed report: log it, and suppress and count only what it proves

@@ -118,6 +118,16 @@ def test_crash_loop_ends_unparsed_without_parsing_again(daemon_factory, tmp_path
     assert not d.spooled().messages
 
 
+def test_unparsed_message_that_cannot_be_copied_stays_in_the_spool(daemon_factory, tmp_path):
+    d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "1s"')
+    (d.spool_dir / "unparsed").write_text("in the way")   # the quarantine cannot be created
+    _send(d.port, f"b-1@{BOUNCE}", SLOW)
+    _wait(lambda: b"not copied" in (d.workdir / "daemon.err").read_bytes(), what="the copy to fail")
+    d.stop()
+    assert not d.log_records("OOB")
+    assert len(d.spooled().messages) == 1           # not finished: nothing is lost
+
+
 def test_full_backlog_defers_new_returned_mail_at_rcpt(daemon_factory, tmp_path):
     d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "5m"\nparse_backlog = 1')
     ledger = d.spool_dir / "intake"
