@@ -46,7 +46,7 @@ def _wait(cond, timeout: float = 15.0, what: str = "condition"):
 
 def test_hostile_returned_mail_does_not_stall_other_sessions(daemon_factory, tmp_path):
     d, _ = _daemon(daemon_factory, tmp_path, SLOW_RULE, 'parse_timeout = "3s"')
-    hostile = SHAPES["spaces_in_lines"](200_000)   # ~25 s of loop time on the old parser
+    hostile = SHAPES["spaces_in_lines"](200_000)   # 7 s of loop time on the old parser
     assert 150_000 < len(hostile) < 250_000
     _send(d.port, f"b-1@{BOUNCE}", SLOW)
     # while the slow parse runs, another client's transaction is answered promptly
