@@ -128,7 +128,7 @@ def text_parts(msg: email.message.Message) -> list[email.message.Message]:
                 if isinstance(sub, email.message.Message):
                     walk(sub)
         elif ctype.startswith("text/") and ctype != "text/rfc822-headers":
-            disp = (m.get("Content-Disposition") or "").lower()
+            disp = header(m, "Content-Disposition").lower()
             if "attachment" not in disp or ctype == "text/plain":
                 out.append(m)
 

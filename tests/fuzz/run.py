@@ -62,6 +62,9 @@ def _reexec_with_preload() -> None:
     env = dict(os.environ, LD_PRELOAD=preload)
     # Python leaks by design at start-up; an out-of-memory is a finding (-rss_limit_mb), not an abort.
     env.setdefault("ASAN_OPTIONS", "detect_leaks=0:allocator_may_return_null=1:quarantine_size_mb=16")
+    # every object through malloc, so ASan sees the bytearrays the scanner writes into
+    # (pymalloc would hide an overflow inside its arenas)
+    env.setdefault("PYTHONMALLOC", "malloc")
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

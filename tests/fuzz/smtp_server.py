@@ -3,7 +3,8 @@
 Input: 4 header bytes, then the client's byte stream.
   [0] bit 0 bare_newline=normalize, bit 1 the client may relay, bit 2 an RCPT policy
       hook is set, bits 3-4 the spool's verdict (250 queued, 451, 554)
-  [1] limits (message size, line length, recipients, errors, junk, messages)
+  [1] limits: bits 0-1 message size, 2-3 line length, then one bit each for
+      tight recipient, error, junk-command and per-session message limits
   [2:4] seed of the pseudo-random split points
 Every input runs three times: one feed(), one byte per feed(), split at random
 points. Invariants (any break raises AssertionError, any other exception is a bug:
@@ -54,10 +55,10 @@ def settings_for(flags: int, limits: int):
         "mx.fuzz.test", "fuzz", bare_newline="normalize" if flags & 1 else "reject",
         max_message_size=(16, 300, 4096, 50 << 20)[limits & 3],
         max_line_length=(24, 100, 512, 2048)[(limits >> 2) & 3],
-        max_recipients=(1, 3)[(limits >> 4) & 1] if limits & 0x40 else 1000,
-        max_errors=(3, 10)[(limits >> 5) & 1],
-        max_junk_commands=(4, 100)[(limits >> 7) & 1],
-        max_messages_per_session=(2 if limits & 0x80 else 1000))
+        max_recipients=2 if limits & 0x10 else 1000,
+        max_errors=3 if limits & 0x20 else 10,
+        max_junk_commands=4 if limits & 0x40 else 100,
+        max_messages_per_session=2 if limits & 0x80 else 1000)
     if flags & 4:
         s.rcpt_check = _rcpt_check
     return s
