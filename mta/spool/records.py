@@ -114,10 +114,9 @@ def rcpts_done(pairs: list[tuple[bytes, int]], nonce: bytes) -> bytearray:
 class RecordError(ValueError):
     """A record that must not be trusted; `reason` says why."""
 
-    def __init__(self, reason: str, total_len: int = 0):
+    def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-        self.total_len = total_len   # what the length field says, 0 if it is unusable
 
 
 def parse_header(buf: bytes | memoryview, offset: int, available: int,
@@ -139,9 +138,9 @@ def parse_header(buf: bytes | memoryview, offset: int, available: int,
     if total < size or total > available:
         raise RecordError("length runs past the end of the segment")
     if rtype not in _TYPES or (found == V1 and rtype == RecordType.SEGMENT):
-        raise RecordError(f"unknown record type {rtype}", total)
+        raise RecordError(f"unknown record type {rtype}")
     if nonce is not None and found == VERSION and buf[offset + CRC_START:offset + size] != nonce:
-        raise RecordError("nonce is not the segment's", total)
+        raise RecordError("nonce is not the segment's")
     return rtype, total
 
 
@@ -154,7 +153,7 @@ def check_crc(buf: bytes | memoryview, offset: int, total: int) -> None:
     stored = struct.unpack_from("<I", buf, offset + CRC_OFFSET)[0]
     actual = zlib.crc32(memoryview(buf)[offset + CRC_START:offset + total])
     if stored != actual:
-        raise RecordError("checksum mismatch", total)
+        raise RecordError("checksum mismatch")
 
 
 def _body(buf: bytes | memoryview, offset: int) -> int:
@@ -166,30 +165,30 @@ def parse_message(buf: bytes | memoryview, offset: int, total: int) -> tuple[byt
     """MESSAGE body -> (id, envelope bytes view, content offset)."""
     start = _body(buf, offset)
     if start + MESSAGE_FIXED.size > offset + total:
-        raise RecordError("message record too short", total)
+        raise RecordError("message record too short")
     msg_id, env_len = MESSAGE_FIXED.unpack_from(buf, start)
     env_start = start + MESSAGE_FIXED.size
     if env_start + env_len > offset + total:
-        raise RecordError("envelope runs past the record", total)
+        raise RecordError("envelope runs past the record")
     return bytes(msg_id), memoryview(buf)[env_start:env_start + env_len], env_start + env_len
 
 
 def _count(buf: bytes | memoryview, offset: int, total: int) -> tuple[int, int]:
     start = _body(buf, offset)
     if start + COUNT.size > offset + total:
-        raise RecordError("record too short for its count", total)
+        raise RecordError("record too short for its count")
     return COUNT.unpack_from(buf, start)[0], start + COUNT.size
 
 
 def parse_tombstone(buf: bytes | memoryview, offset: int, total: int) -> list[bytes]:
     count, start = _count(buf, offset, total)
     if start + count * ID_SIZE != offset + total:
-        raise RecordError("tombstone count does not match its length", total)
+        raise RecordError("tombstone count does not match its length")
     return [bytes(buf[start + i * ID_SIZE:start + (i + 1) * ID_SIZE]) for i in range(count)]
 
 
 def parse_rcpts_done(buf: bytes | memoryview, offset: int, total: int) -> list[tuple[bytes, int]]:
     count, start = _count(buf, offset, total)
     if start + count * RCPT_DONE.size != offset + total:
-        raise RecordError("recipient-done count does not match its length", total)
+        raise RecordError("recipient-done count does not match its length")
     return [(bytes(i), n) for i, n in RCPT_DONE.iter_unpack(memoryview(buf)[start:offset + total])]

@@ -9,17 +9,19 @@ fails its checks is never taken as a message:
     the operator (never deleted, never silently skipped).
 Where the scan goes on after damage (resynchronisation) is where forged
 content could get in, so it goes on only at a record the writer wrote:
-  - at the end the damaged record's length field names, when a valid record
-    (or the end of the segment) is there: the usual case, a flipped bit in a
-    body;
-  - else, in a version 2 segment, at the next record that carries the
-    segment's nonce and a valid checksum. Content cannot carry the nonce
-    (records.py), so a record crafted inside a message body never matches;
+  - in a version 2 segment, at the next record that carries the segment's
+    nonce and a valid checksum. Content cannot carry the nonce (records.py),
+    so a record crafted inside a message body never matches. (Not at the end
+    the damaged record's length field names: that field is outside the CRC,
+    and content can hold a crafted record at each offset one flipped bit of it
+    would name. The nonce search finds the true next record anyway.)
   - a version 1 segment (written before the nonce existed) has nothing that
     tells a real record from a crafted one, so it is not searched: the rest of
     the segment is quarantined as one piece and reported as corrupt when
     something like a record header is in it (it may hold accepted mail: the
-    operator decides), else as a torn tail. Intact v1 segments recover in full.
+    operator decides), else as a torn tail. Intact v1 segments recover in full;
+    so does a v2 segment whose nonce is unknown (its SEGMENT record and the
+    record after it both damaged), up to the damage.
 Every search is linear in the segment: a candidate is checked for the nonce
 (in its header) before its checksum, so crafted magics cost O(1) each.
 Diagnostics: warnings only (returned, and logged by the caller). Never raises
@@ -88,15 +90,12 @@ def _valid_at(buf, pos: int, end: int, version: int | None, nonce: bytes | None)
     return True
 
 
-def _resync(buf, pos: int, end: int, hint: int, version: int, nonce: bytes | None) -> tuple[int, bool]:
-    """Where the scan may go on after damage at `pos` -> (offset, safe).
+def _resync(buf, pos: int, end: int, version: int, nonce: bytes | None) -> tuple[int, bool]:
+    """Where the scan may go on after damage at `pos` -> (offset, searched).
 
-    `safe` is False when the rest of the segment could not be searched (no
+    `searched` is False when the rest of the segment could not be searched (no
     nonce to tell the writer's records from content); see the module docstring.
     """
-    nxt = pos + hint
-    if hint and (nxt == end or (nxt < end and _valid_at(buf, nxt, end, version, nonce))):
-        return nxt, True
     if nonce is None:
         return end, False
     at = pos + 1
@@ -140,7 +139,7 @@ def _framing(buf, size: int) -> tuple[int, bytes | None, int, rec.RecordError | 
     except rec.RecordError as exc:
         first = rec.HEADER_SIZE
         nonce = rec.record_nonce(buf, first) if _valid_at(buf, first, size, rec.VERSION, None) else None
-        return rec.VERSION, nonce, 0, rec.RecordError(exc.reason, first)
+        return rec.VERSION, nonce, 0, exc
 
 
 def scan(directory: str, quarantine: str | None = None) -> Recovered:
@@ -190,15 +189,12 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
                     if msg_id in where:
                         refs.add(where[msg_id])
             else:
-                raise rec.RecordError("SEGMENT record inside a segment", total)
+                raise rec.RecordError("SEGMENT record inside a segment")
             pos += total
         except (rec.RecordError, orjson.JSONDecodeError) as exc:
             damage = None
-            if isinstance(exc, rec.RecordError):
-                reason, hint = exc.reason, exc.total_len
-            else:
-                reason, hint = "envelope is not JSON", total
-            nxt, searched = _resync(buf, pos, size, hint, version, nonce)
+            reason = exc.reason if isinstance(exc, rec.RecordError) else "envelope is not JSON"
+            nxt, searched = _resync(buf, pos, size, version, nonce)
             if nxt == size and (searched or not _looks_valid_after(buf, pos, size)):
                 # Nothing valid follows: the tail of the last batch written
                 # before a crash, which was never acknowledged with a 250.
