@@ -2,7 +2,8 @@
 
 Input: 4 header bytes, then the client's byte stream.
   [0] bit 0 bare_newline=normalize, bit 1 the client may relay, bit 2 an RCPT policy
-      hook is set, bits 3-4 the spool's verdict (250 queued, 451, 554)
+      hook is set, bits 3-4 the spool's verdict (250 queued, 451, 554), bit 5 a MAIL
+      admission hook is set (spool or memory backpressure)
   [1] limits: bits 0-1 message size, 2-3 line length, then one bit each for
       tight recipient, error, junk-command and per-session message limits
   [2:4] seed of the pseudo-random split points
@@ -15,6 +16,9 @@ the core documents none, and InternalError is an illegal state transition):
   - DATA content ends only on <CR><LF>.<CR><LF>, exactly where the first one is,
     and the message (or its refusal) agrees with the reference model of
     unstuffing in tests/test_wire_data.py (size limit, bare CR/LF rule);
+  - a session never holds more client input (ServerCore.held, the memory governor's
+    measure) than its caps allow: the content limit (doubled in normalize mode for
+    BDAT) plus one command line;
   - a closed session stays closed.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ ST = {name: number for number, name in STATES.items()}
 VERDICTS = (reply("QUEUED", "FUZZ0001"), reply("SPOOL_ERROR"), reply("RELAY_DENIED"), reply("QUEUED", "FUZZ0002"))
 REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])[\x20-\x7e]*\Z")
 SUPPRESSED = ("SUPPRESSED", reply("SUPPRESSED", "x", "fuzz"))
+SPOOL_FULL = ("SPOOL_FULL", reply("SPOOL_FULL"))
 
 
 def _rcpt_check(address: str, sender: str, relay: bool):
@@ -47,6 +52,11 @@ def _rcpt_check(address: str, sender: str, relay: bool):
     if address.startswith("b"):
         return True
     return None
+
+
+def _mail_check(sender: str):
+    """Backpressure at MAIL, chosen by the sender so runs agree."""
+    return SPOOL_FULL if sender.startswith("f") else None
 
 
 @lru_cache(maxsize=None)
@@ -61,6 +71,8 @@ def settings_for(flags: int, limits: int):
         max_messages_per_session=2 if limits & 0x80 else 1000)
     if flags & 4:
         s.rcpt_check = _rcpt_check
+    if flags & 0x20:
+        s.mail_check = _mail_check
     return s
 
 
@@ -90,6 +102,7 @@ class Session:
         self.fed = 0
         self.data_start = -1      # stream offset where the current DATA content begins
         self.max_size = settings.max_message_size
+        self.max_held = 2 * settings.max_message_size + 2 + settings.max_line_length
         self.normalize = settings.bare_mode == 1
 
     def feed(self, chunk: bytes, exact: bool) -> None:
@@ -100,6 +113,7 @@ class Session:
         self.out += out
         if exact:
             self._check_data_boundary(before, ev)
+            assert self.core.held <= self.max_held, f"session holds {self.core.held} bytes"
         while ev == EV_MESSAGE:
             t = self.core.transaction()
             self.messages.append((t.mail_from, list(t.rcpts), bytes(t.data), t.chunked, t.size_hint))
@@ -154,7 +168,7 @@ def test_one_input(data: bytes) -> None:
         return
     flags, limits = data[0], data[1]
     stream = data[4:]
-    settings = settings_for(flags & 7, limits)
+    settings = settings_for(flags & 0x27, limits)
     relay = bool(flags & 2)
     verdict = VERDICTS[(flags >> 3) & 3]
     rng = random.Random(int.from_bytes(data[2:4], "little"))
@@ -175,7 +189,7 @@ SESSIONS = [
     b"RCPT TO:<r@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;r@d.example\r\nDATA\r\n"
     b"Subject: x\r\n\r\n..stuffed\r\n.\r\nQUIT\r\n",
     b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@d>\r\nRCPT TO:<s@d>\r\nBDAT 5\r\nab\r\ncBDAT 3 LAST\r\nx\r\nRSET\r\n",
-    b"EHLO c\r\nMAIL FROM:<a@b> RET=HDRS ENVID=QQ+2B\r\nRCPT TO:<\"q\\ t\"@d>\r\nDATA\r\nline\n.\r\n.\r\nNOOP\r\n",
+    b"EHLO c\r\nMAIL FROM:<full@b>\r\nMAIL FROM:<a@b> RET=HDRS ENVID=QQ+2B\r\nRCPT TO:<\"q\\ t\"@d>\r\nDATA\r\nline\n.\r\n.\r\nNOOP\r\n",
     b"EHLO c\r\nMAIL FROM:<a@b> SMTPUTF8\r\nRCPT TO:<\xc3\xa9@d>\r\nDATA\r\nx\r\r\n.\r\n\r\n.\r\nVRFY x\r\nHELP\r\nQUIT\r\n",
     b"EHLO c\r\nBDAT 4\r\nabcdMAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<r@d>\r\nBDAT 0 LAST\r\nSTARTTLS\r\nAUTH PLAIN\r\n",
 ]
@@ -184,7 +198,7 @@ SESSIONS = [
 def seeds():
     for s in SESSIONS:
         yield HEADER + s
-        yield bytes([0x07, 0x00, 1, 0]) + s   # normalize, tight limits, policy hook
+        yield bytes([0x27, 0x00, 1, 0]) + s   # normalize, tight limits, policy hooks
     # the end-of-data sequences of the SMTP smuggling tools, each followed by a smuggled transaction
     table = CORPUS / "smtp-smuggling" / "sequences.tsv"
     with table.open(newline="") as f:
