@@ -30,7 +30,7 @@ def test_fuzz_target_short_run(target, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(RUNNER), target, "--runs", str(runs), "--seconds", str(seconds), "-seed=1",
          "--corpus", str(tmp_path / "corpus"), "--findings", str(findings)],
-        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 90)
+        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 90, check=False)
     report = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("INFO: Instrumenting"))
     saved = sorted(p.name for p in findings.iterdir()) if findings.exists() else []
     assert proc.returncode == 0 and not saved, \

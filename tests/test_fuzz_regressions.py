@@ -14,7 +14,7 @@ from mta.spool import records as rec
 from mta.spool.recovery import scan, segment_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
-from v1_segment import v1_message  # noqa: E402
+from v1_segment import v1_message
 
 
 def test_feedback_report_with_8bit_content_type_is_read():

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import random
 
+from test_wire_data import reference
+
 from mta._native.wire import EV_MESSAGE, ServerCore
 from mta.listener.settings import server_settings
 from mta.replies import REPLIES, reply
-from test_wire_data import reference
 
 MAX_LEN = 8192
 TIMEOUT = 10

@@ -26,13 +26,14 @@ from __future__ import annotations
 import csv
 import random
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
+
+from test_wire_data import reference
 
 from mta._native.wire import EV_CLOSE, EV_MESSAGE, STATES, ServerCore
 from mta.listener.settings import server_settings
 from mta.replies import reply
-from test_wire_data import reference
 
 MAX_LEN = 4096
 TIMEOUT = 10
@@ -59,7 +60,7 @@ def _mail_check(sender: str):
     return SPOOL_FULL if sender.startswith("f") else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def settings_for(flags: int, limits: int):
     s = server_settings(
         "mx.fuzz.test", "fuzz", bare_newline="normalize" if flags & 1 else "reject",
@@ -185,9 +186,9 @@ def test_one_input(data: bytes) -> None:
 HEADER = bytes([0x02, 0x0b, 0, 0])      # reject mode, relay allowed, 4096-byte messages
 
 SESSIONS = [
-    b"EHLO c.example\r\nMAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME\r\n"
-    b"RCPT TO:<r@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;r@d.example\r\nDATA\r\n"
-    b"Subject: x\r\n\r\n..stuffed\r\n.\r\nQUIT\r\n",
+    (b"EHLO c.example\r\nMAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME\r\n"
+     b"RCPT TO:<r@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;r@d.example\r\nDATA\r\n"
+     b"Subject: x\r\n\r\n..stuffed\r\n.\r\nQUIT\r\n"),
     b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@d>\r\nRCPT TO:<s@d>\r\nBDAT 5\r\nab\r\ncBDAT 3 LAST\r\nx\r\nRSET\r\n",
     b"EHLO c\r\nMAIL FROM:<full@b>\r\nMAIL FROM:<a@b> RET=HDRS ENVID=QQ+2B\r\nRCPT TO:<\"q\\ t\"@d>\r\nDATA\r\nline\n.\r\n.\r\nNOOP\r\n",
     b"EHLO c\r\nMAIL FROM:<a@b> SMTPUTF8\r\nRCPT TO:<\xc3\xa9@d>\r\nDATA\r\nx\r\r\n.\r\n\r\n.\r\nVRFY x\r\nHELP\r\nQUIT\r\n",

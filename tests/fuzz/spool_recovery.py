@@ -27,13 +27,15 @@ import os
 import shutil
 import struct
 import tempfile
+from pathlib import Path
 
 import atheris
+from v1_segment import v1_message, v1_record
 
 from mta.ids import new_id
-from mta.spool import Spool, records as rec
+from mta.spool import Spool
+from mta.spool import records as rec
 from mta.spool.recovery import scan, segment_path
-from v1_segment import v1_message, v1_record
 
 MAX_LEN = 4096
 TIMEOUT = 20
@@ -78,7 +80,7 @@ def _build() -> tuple[dict[str, list[bytes]], set[bytes], set[bytes], set[bytes]
     contents[4] = crafted + b"\r\n" + crafted
     v2_dir = os.path.join(WORK, "v2")
     ids = asyncio.run(_write(v2_dir, contents, 1, 1))
-    v2 = [open(segment_path(v2_dir, n), "rb").read() for n in sorted(_segments(v2_dir))]
+    v2 = [Path(segment_path(v2_dir, n)).read_bytes() for n in sorted(_segments(v2_dir))]
 
     v1_ids = [new_id() for _ in range(4)]
     v1 = b"".join(v1_message(i, b"Subject: v1\r\n\r\n" + (crafted if k == 1 else b"body\r\n"))
