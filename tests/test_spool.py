@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-import subprocess
 import time
 import zlib
 from pathlib import Path
 
 import orjson
 import pytest
+from tmpfs import fill_up, mount_tmpfs, umount
 
 from mta.ids import new_id
 from mta.replies import REPLIES
@@ -324,23 +324,11 @@ def test_spool_directory_and_files_are_private(tmp_path):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs (the tests run as root), unmounted at the end."""
+    """A 2 MiB tmpfs, unmounted at the end."""
     path = tmp_path / "spool"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], check=True)
+    mount_tmpfs(path, "2m")
     yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill_disk(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    chunk = 1 << 20
-    while chunk >= 4096:
-        try:
-            os.write(fd, b"\0" * chunk)
-        except OSError:
-            chunk //= 2
-    os.close(fd)
+    umount(path)
 
 
 ENVELOPE = {"sender": "a@b", "rcpts": [["c@d", None, None]]}
@@ -356,7 +344,7 @@ def test_full_disk_owes_tombstones_and_recovers(small_tmpfs):
         kept = [new_id() for _ in range(3)]
         for msg_id in kept:
             await spool.store(msg_id, ENVELOPE, b"", bytearray(b"x" * 1000))
-        _fill_disk(filler)
+        fill_up(filler)
         spool.finish(kept[0])              # delivered: its tombstone must not be lost
         refused = new_id()
         with pytest.raises(SpoolError):

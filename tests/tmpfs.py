@@ -1,39 +1,33 @@
-"""A small tmpfs mounted for one test: a disk that really fills up (ENOSPC), then frees.
-
-Needs root (the test machines run as root); unmounted (lazily, so an open file
-never leaves it behind) when the block ends.
-"""
+"""A small tmpfs for spool fault tests (the tests run as root): mount it, fill it
+to ENOSPC with a filler file, unmount it lazily (a daemon may still hold it)."""
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+def mount_tmpfs(path: Path, size: str, *options: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    opts = ",".join((f"size={size}", "mode=0700", *options))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
 
 
-def fill(path: Path) -> Path:
-    """Fill the filesystem holding `path`; returns the filler file (remove it to free space)."""
-    filler = path / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_up(path: Path) -> None:
+    """Write the file `path` until the file system says ENOSPC, down to single pages."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        for size in (1 << 16, 1 << 12, 1 << 8, 1):
+        chunk = 1 << 20
+        while chunk >= 4096:
             try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass
+                os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                chunk //= 2
     finally:
         os.close(fd)
-    return filler

@@ -12,7 +12,6 @@ no message that was refused is ever delivered.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import os
 import re
@@ -26,19 +25,10 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 from conftest import free_port
+from tmpfs import fill_up, mount_tmpfs, umount
 
 _LOADERS = itertools.count()
 TAG_RE = re.compile(rb"Message-ID: <([^@>]+)@fault\.example>")
-
-
-def _mount_tmpfs(path: Path, size: str, *options: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    opts = ",".join((f"size={size}", "mode=0700", *options))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 class SlowSink:
@@ -137,21 +127,6 @@ def _wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _fill_up(path: Path) -> None:
-    """Write `path` until the file system says ENOSPC, down to single pages."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        chunk = 1 << 20
-        while chunk >= 4096:
-            try:
-                os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                chunk //= 2
-    finally:
-        os.close(fd)
-
-
 def _spool_settings(d, extra: str) -> None:
     """Add keys to the [spool] table the fixture wrote (a second [spool] is not TOML)."""
     text = d.config.read_text()
@@ -174,7 +149,7 @@ def _tmpfs_daemon(daemon_factory, sink_port: int, size: str, spool: str):
                        start=False)
     # Free-space thresholds off: these tests are about the disk actually running full.
     _spool_settings(d, f'segment_size = "1MiB"\nmin_free_space = 0\nmin_free_percent = 0\n{spool}')
-    _mount_tmpfs(d.spool_dir, size)
+    mount_tmpfs(d.spool_dir, size)
     return d
 
 
@@ -235,7 +210,7 @@ def test_full_disk_holds_delivery_and_recovers_when_space_returns(daemon_factory
         load = _load_until_refused(d)
         late = [r for r in load.refused if r[0] == "end of data"]
         assert late, "want some messages refused at end of data: their write failed"
-        _fill_up(filler)                   # not a byte left, not even for a tombstone
+        fill_up(filler)                   # not a byte left, not even for a tombstone
         last = [handler.count(), time.monotonic()]
 
         def stalled() -> bool:
@@ -262,7 +237,7 @@ def test_full_disk_holds_delivery_and_recovers_when_space_returns(daemon_factory
               f"returned; {len(delivered)} delivered once each")
     finally:
         d.kill()
-        _umount(d.spool_dir)
+        umount(d.spool_dir)
 
 
 def test_queue_filling_its_own_disk_recovers_without_an_operator(daemon_factory, sink):
@@ -280,18 +255,18 @@ def test_queue_filling_its_own_disk_recovers_without_an_operator(daemon_factory,
               f"after {took:.2f}s; {len(delivered)} delivered once each")
     finally:
         d.kill()
-        _umount(d.spool_dir)
+        umount(d.spool_dir)
 
 
 def test_read_only_spool_is_one_line_and_exit_1(daemon_factory):
     d = daemon_factory(start=False)
-    _mount_tmpfs(d.spool_dir, "1m", "ro")
+    mount_tmpfs(d.spool_dir, "1m", "ro")
     try:
         proc = subprocess.run([sys.executable, "-m", "mta", "serve", "-c", str(d.config)],
                               cwd=d.workdir, capture_output=True, text=True, timeout=60, check=False,
                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     finally:
-        _umount(d.spool_dir)
+        umount(d.spool_dir)
     assert proc.returncode == 1, f"got exit code {proc.returncode}, want 1"
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
