@@ -6,8 +6,9 @@
 
 TARGET is a module of this directory (see TARGETS). Each defines seeds() (the
 starting corpus), test_one_input(data) (raises AssertionError when an invariant
-breaks), MAX_LEN and TIMEOUT (seconds per input). TARGETS names the packages whose
-Python bytecode atheris instruments for coverage feedback.
+breaks), MAX_LEN and TIMEOUT (seconds per input); TARGET.dict beside it, when
+there is one, is a libFuzzer dictionary. TARGETS names the packages whose Python
+bytecode atheris instruments for coverage feedback.
 
 The corpus grows in build/fuzz/corpus/TARGET (seeded on first use); crashes, hangs
 and their inputs go to build/fuzz/findings/TARGET/. Exit status 0: nothing found.
@@ -104,6 +105,9 @@ def main(argv: list[str]) -> int:
 
     flags = [f"-max_len={target.MAX_LEN}", f"-timeout={target.TIMEOUT}", "-rss_limit_mb=2048",
              "-print_final_stats=1"]
+    dictionary = HERE / f"{args.target}.dict"   # the protocol's words, for the mutator
+    if dictionary.exists():
+        flags.append(f"-dict={dictionary}")
     if args.inputs:
         return _fuzz(atheris, target, [*args.inputs, *flags])
     corpus = args.corpus or WORK / "corpus" / args.target
