@@ -34,10 +34,11 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                            "reason", "time"),
     RecordType.SUPPRESSED: ("sender", "recipient", "scope", "reason", "client_ip", "listener",
                             "time"),
-    # proof: what let the report act (mta/feedback_trust.py); ignored: why it did not
+    # proof: what let the report act (mta/feedback_trust.py); ignored: why it did not;
+    # kind "unparsed" (over the parser's budget) adds reason, attempts and saved_as
     RecordType.OOB: ("id", "bounce_id", "recipient", "status", "category", "hard", "family",
                      "reporting_mta", "kind", "verp", "verp_index", "proof", "ignored",
-                     "suppressed", "time"),
+                     "suppressed", "reason", "attempts", "saved_as", "time"),
     RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "source_ip",
                           "source", "tenant", "verp", "verp_index", "proof", "ignored",
                           "suppressed", "time"),
