@@ -162,6 +162,9 @@ class DeliveryEngine:
             env, _ = self.spool.read(msg.id)
         except KeyError:
             return
+        if not self.spool.writable:   # a bounce now could not be tombstoned: decide later
+            self.outcomes.settle(msg, env, list(msg.rcpts))
+            return
         if isinstance(exc, ResolveError):
             status, text, permanent = exc.status, exc.reason, exc.permanent
         else:

@@ -281,3 +281,40 @@ def test_offline_spool_scan_of_a_missing_directory_is_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == f"mta: {missing}: No such file or directory"
+
+
+def test_no_bounce_is_decided_while_the_spool_cannot_write(daemon_factory, dns_server):
+    """A permanent routing failure (NXDOMAIN) met while the spool cannot write waits:
+    its bounce could not be tombstoned, nor its DSN stored. Once space returns it
+    bounces once, and the DSN is queued."""
+    dns = dns_server([])                   # every name is NXDOMAIN
+    d = daemon_factory(extra=f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+                             f'[delivery]\nretry_initial = "1s"\nretry_max = "1s"\n', start=False)
+    _spool_settings(d, 'min_free_space = 0\nmin_free_percent = 0\nreserve_space = 0\n')
+    mount_tmpfs(d.spool_dir, "4m")
+    filler = d.spool_dir / "filler"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    try:
+        d.start()
+        subprocess.run([sys.executable, "-m", "mta", "suspend", "queue", "nx.test", "--for", "3s",
+                        "-c", str(d.config)], check=True, capture_output=True, env=env, timeout=30)
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+            s.sendmail("sender@sender.test", ["r@nx.test"], _message("nx-original"))
+        fill_up(filler)
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:   # this write fails
+            s.ehlo("loader.fault.example")
+            codes = [s.mail("loader@fault.example")[0], s.rcpt("r@dest.example")[0]]
+            if codes == [250, 250]:
+                codes.append(s.data(_message("nx-filler"))[0])
+        assert 400 <= codes[-1] < 500, f"got {codes}, want the spool write refused"
+        time.sleep(5.0)                    # the suspension ends; the route fails for good
+        assert not d.log_records("Bounce"), "got a bounce decided while the spool could not write"
+        receptions = len(d.log_records("Reception"))
+        filler.unlink()
+        _wait(lambda: d.log_records("Bounce"), 20, "the bounce once space returned")
+        _wait(lambda: len(d.log_records("Reception")) > receptions, 10, "the DSN queued")
+        time.sleep(1.0)
+        assert len([r for r in d.log_records("Bounce") if r["queue"] == "nx.test"]) == 1
+    finally:
+        d.kill()
+        umount(d.spool_dir)
