@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from tmpfs import fill_up, mount_tmpfs, umount
+from tmpfs import fill, tmpfs
 
 from mta.ids import new_id
 from mta.replies import REPLIES
@@ -325,10 +325,8 @@ def test_spool_directory_and_files_are_private(tmp_path):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 2 MiB tmpfs, unmounted at the end."""
-    path = tmp_path / "spool"
-    mount_tmpfs(path, "2m")
-    yield path
-    umount(path)
+    with tmpfs(tmp_path / "spool", "2m") as path:
+        yield path
 
 
 ENVELOPE = {"sender": "a@b", "rcpts": [["c@d", None, None]]}
@@ -344,7 +342,7 @@ def test_full_disk_owes_tombstones_and_recovers(small_tmpfs):
         kept = [new_id() for _ in range(3)]
         for msg_id in kept:
             await spool.store(msg_id, ENVELOPE, b"", bytearray(b"x" * 1000))
-        fill_up(filler)
+        assert fill(small_tmpfs) == filler
         spool.finish(kept[0])              # delivered: its tombstone must not be lost
         refused = new_id()
         with pytest.raises(SpoolError):

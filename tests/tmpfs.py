@@ -1,33 +1,40 @@
-"""A small tmpfs for spool fault tests (the tests run as root): mount it, fill it
-to ENOSPC with a filler file, unmount it lazily (a daemon may still hold it)."""
+"""A small tmpfs mounted for one test: a disk that really fills up (ENOSPC), then frees.
+
+Needs root (the test machines run as root); unmounted (lazily, so an open file
+never leaves it behind) when the block ends.
+"""
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def mount_tmpfs(path: Path, size: str, *options: str) -> None:
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "1m", *options: str) -> Iterator[Path]:
+    """`options`: more mount options, e.g. "ro" for a read-only file system."""
     path.mkdir(parents=True, exist_ok=True)
-    opts = ",".join((f"size={size}", "mode=0700", *options))
+    opts = ",".join((f"size={size}", "mode=0755", *options))
     subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
-
-
-def umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill_up(path: Path) -> None:
-    """Write the file `path` until the file system says ENOSPC, down to single pages."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        chunk = 1 << 20
-        while chunk >= 4096:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> Path:
+    """Fill the filesystem holding `path`; returns the filler file (remove it to free space)."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 16, 1 << 12, 1 << 8, 1):
             try:
-                os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                chunk //= 2
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
     finally:
         os.close(fd)
+    return filler

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 from conftest import free_port
-from tmpfs import fill_up, mount_tmpfs, umount
+from tmpfs import fill, tmpfs
 
 _LOADERS = itertools.count()
 TAG_RE = re.compile(rb"Message-ID: <([^@>]+)@fault\.example>")
@@ -143,13 +143,12 @@ def sink():
     ctl.stop()
 
 
-def _tmpfs_daemon(daemon_factory, sink_port: int, size: str, spool: str):
+def _tmpfs_daemon(daemon_factory, sink_port: int, spool: str):
     d = daemon_factory(extra=f'[delivery]\nsmarthost = "127.0.0.1:{sink_port}"\n'
                              f'connection_limit = 1\nretry_initial = "1s"\nretry_max = "1s"\n',
                        start=False)
     # Free-space thresholds off: these tests are about the disk actually running full.
     _spool_settings(d, f'segment_size = "1MiB"\nmin_free_space = 0\nmin_free_percent = 0\n{spool}')
-    mount_tmpfs(d.spool_dir, size)
     return d
 
 
@@ -200,8 +199,13 @@ def test_full_disk_holds_delivery_and_recovers_when_space_returns(daemon_factory
     """Someone else fills the disk: 4xx, deliveries held (their tombstones could not be
     written), then the operator frees space and the same daemon goes on by itself."""
     handler, sink_port = sink
-    d = _tmpfs_daemon(daemon_factory, sink_port, "8m", "reserve_space = 0\n")
+    d = _tmpfs_daemon(daemon_factory, sink_port, "reserve_space = 0\n")
     filler = d.spool_dir / "filler"
+    with tmpfs(d.spool_dir, "8m"):
+        _full_disk_scenario(d, handler, filler)
+
+
+def _full_disk_scenario(d, handler: SlowSink, filler: Path) -> None:
     try:
         d.start()
         st = os.statvfs(d.spool_dir)
@@ -210,7 +214,7 @@ def test_full_disk_holds_delivery_and_recovers_when_space_returns(daemon_factory
         load = _load_until_refused(d)
         late = [r for r in load.refused if r[0] == "end of data"]
         assert late, "want some messages refused at end of data: their write failed"
-        fill_up(filler)                   # not a byte left, not even for a tombstone
+        fill(d.spool_dir)                  # not a byte left, not even for a tombstone
         last = [handler.count(), time.monotonic()]
 
         def stalled() -> bool:
@@ -237,7 +241,6 @@ def test_full_disk_holds_delivery_and_recovers_when_space_returns(daemon_factory
               f"returned; {len(delivered)} delivered once each")
     finally:
         d.kill()
-        umount(d.spool_dir)
 
 
 def test_queue_filling_its_own_disk_recovers_without_an_operator(daemon_factory, sink):
@@ -245,28 +248,25 @@ def test_queue_filling_its_own_disk_recovers_without_an_operator(daemon_factory,
     deliveries free segments, and new mail is taken again, with nobody freeing space."""
     handler, sink_port = sink
     handler.delay = 0.02
-    d = _tmpfs_daemon(daemon_factory, sink_port, "6m", 'reserve_space = "1MiB"\n')
-    try:
-        d.start()
-        load = _load_until_refused(d)
-        again, took = _accepting_again(d, 90)
-        delivered = _delivered_once_across_kill9(d, handler, load.acked | again)
-        print(f"{len(load.acked)} accepted, {len(load.refused)} refused; accepting again "
-              f"after {took:.2f}s; {len(delivered)} delivered once each")
-    finally:
-        d.kill()
-        umount(d.spool_dir)
+    d = _tmpfs_daemon(daemon_factory, sink_port, 'reserve_space = "1MiB"\n')
+    with tmpfs(d.spool_dir, "6m"):
+        try:
+            d.start()
+            load = _load_until_refused(d)
+            again, took = _accepting_again(d, 90)
+            delivered = _delivered_once_across_kill9(d, handler, load.acked | again)
+            print(f"{len(load.acked)} accepted, {len(load.refused)} refused; accepting again "
+                  f"after {took:.2f}s; {len(delivered)} delivered once each")
+        finally:
+            d.kill()
 
 
 def test_read_only_spool_is_one_line_and_exit_1(daemon_factory):
     d = daemon_factory(start=False)
-    mount_tmpfs(d.spool_dir, "1m", "ro")
-    try:
+    with tmpfs(d.spool_dir, "1m", "ro"):
         proc = subprocess.run([sys.executable, "-m", "mta", "serve", "-c", str(d.config)],
                               cwd=d.workdir, capture_output=True, text=True, timeout=60, check=False,
                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
-    finally:
-        umount(d.spool_dir)
     assert proc.returncode == 1, f"got exit code {proc.returncode}, want 1"
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -291,16 +291,19 @@ def test_no_bounce_is_decided_while_the_spool_cannot_write(daemon_factory, dns_s
     d = daemon_factory(extra=f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
                              f'[delivery]\nretry_initial = "1s"\nretry_max = "1s"\n', start=False)
     _spool_settings(d, 'min_free_space = 0\nmin_free_percent = 0\nreserve_space = 0\n')
-    mount_tmpfs(d.spool_dir, "4m")
-    filler = d.spool_dir / "filler"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    with tmpfs(d.spool_dir, "4m"):
+        _bounce_waits_for_the_spool(d, env)
+
+
+def _bounce_waits_for_the_spool(d, env: dict) -> None:
     try:
         d.start()
         subprocess.run([sys.executable, "-m", "mta", "suspend", "queue", "nx.test", "--for", "3s",
                         "-c", str(d.config)], check=True, capture_output=True, env=env, timeout=30)
         with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
             s.sendmail("sender@sender.test", ["r@nx.test"], _message("nx-original"))
-        fill_up(filler)
+        filler = fill(d.spool_dir)
         with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:   # this write fails
             s.ehlo("loader.fault.example")
             codes = [s.mail("loader@fault.example")[0], s.rcpt("r@dest.example")[0]]
@@ -317,4 +320,3 @@ def test_no_bounce_is_decided_while_the_spool_cannot_write(daemon_factory, dns_s
         assert len([r for r in d.log_records("Bounce") if r["queue"] == "nx.test"]) == 1
     finally:
         d.kill()
-        umount(d.spool_dir)
