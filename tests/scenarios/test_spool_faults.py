@@ -320,3 +320,58 @@ def _bounce_waits_for_the_spool(d, env: dict) -> None:
         assert len([r for r in d.log_records("Bounce") if r["queue"] == "nx.test"]) == 1
     finally:
         d.kill()
+
+
+class SlowRejecter(SlowSink):
+    """Refuses bounce@ recipients with 550 after `delay` seconds; takes everything else."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay)
+        self.dsns: list[bytes] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("bounce@"):
+            await asyncio.sleep(self.delay)
+            return f"550 5.1.1 <{address}>: no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if envelope.rcpt_tos == ["sender@sender.test"]:   # the DSN
+            with self.lock:
+                self.dsns.append(envelope.original_content)
+        return "250 2.0.0 OK"
+
+
+def test_dsn_made_while_the_spool_cannot_write_is_kept_until_it_can(daemon_factory):
+    """A bounce arrives (a slow 550) just after the spool stopped writing: the message is
+    finished, and its DSN, the only copy of that news, waits in memory and is stored
+    and sent once space returns."""
+    handler = SlowRejecter(delay=3.0)
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    d = _tmpfs_daemon(daemon_factory, ctl.port, "reserve_space = 0\n")
+    try:
+        with tmpfs(d.spool_dir, "4m"):
+            try:
+                d.start()
+                with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+                    s.sendmail("sender@sender.test", ["bounce@dest.example"], _message("dsn-original"))
+                time.sleep(0.5)            # delivery waits for the sink's RCPT reply
+                filler = fill(d.spool_dir)
+                with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:   # this write fails
+                    s.ehlo("loader.fault.example")
+                    code = s.mail("loader@fault.example")[0]
+                    if code == 250 and s.rcpt("r@dest.example")[0] == 250:
+                        code = s.data(_message("dsn-filler"))[0]
+                assert 400 <= code < 500, f"got {code}, want the spool write refused"
+                _wait(lambda: d.log_records("Bounce"), 10, "the 550")
+                time.sleep(1.5)            # the DSN's store has failed by now
+                assert not handler.dsns
+                filler.unlink()
+                _wait(lambda: handler.dsns, 20, "the DSN at the sink once space returned")
+                assert b"dsn-original" in handler.dsns[0]
+            finally:
+                d.kill()
+    finally:
+        ctl.stop()
