@@ -65,6 +65,22 @@ def test_dsn_with_8bit_content_disposition_is_read():
     assert [r.recipient for r in report.recipients] == ["user@example.net"]
 
 
+def test_feedback_report_with_nul_in_charset_is_read():
+    """bounce_parser: the report part's fields carry a charset with a NUL and an 8-bit
+    byte follows: email's as_string() raises, and the fallback in mime.raw_text called
+    get_payload(), which decodes with that charset and raises ValueError as well."""
+    data = (b"From: fbl@isp.example\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/report; report-type=feedback-report; boundary=\"B\"\r\n\r\n"
+            b"--B\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+            b"--B\r\nContent-Type: message/feedback-report\r\n\r\n"
+            b"Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n"
+            b"Original-Rcpt-To: user@example.net\r\n"
+            b"Content-Type: text/plain; charset=\"iso-\x002022-jp\"\r\n\r\nd\xe9tails\r\n--B--\r\n")
+    report = parse_message(data)
+    assert report.kind == "feedback", f"got kind {report.kind!r}, want the complaint read"
+    assert report.feedback.original_rcpt_to == "user@example.net"
+
+
 def test_v1_segment_damaged_length_does_not_resync_into_content(tmp_path):
     """spool_recovery: in a version 1 segment (no nonce) a damaged record's length
     field, which the CRC does not cover, is trusted as the place to go on when a

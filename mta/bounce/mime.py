@@ -111,8 +111,10 @@ def raw_text(msg: email.message.Message) -> str:
         return msg.as_string()
     except Exception:
         lines = [f"{k}: {v}" for k, v in msg.items()]
-        body = msg.get_payload()
-        return "\n".join(lines) + "\n\n" + (body if isinstance(body, str) else "")
+        # not get_payload(): it decodes 8-bit text with the declared charset and raises
+        # on a bad one ("iso-\0..."); part_text falls back to UTF-8, then Latin-1
+        body = "" if msg.is_multipart() else part_text(msg)
+        return "\n".join(lines) + "\n\n" + body
 
 
 def text_parts(msg: email.message.Message) -> list[email.message.Message]:
