@@ -48,6 +48,11 @@ def _load_native_wire() -> None:
     found = glob.glob(str(NATIVE_BUILD / "mta" / "_native" / "wire.*.so"))
     if not found:
         sys.exit(f"no instrumented wire extension under {NATIVE_BUILD}: run `make fuzz-build` first")
+    newer = [p.name for p in (ROOT / "native" / "wire").iterdir()
+             if p.suffix in (".pyx", ".pxi", ".c", ".h") and p.name != "wire.c"
+             and p.stat().st_mtime > os.path.getmtime(found[0])]
+    if newer:   # fuzzing old code would report its bugs, or miss the new ones
+        sys.exit(f"{found[0]} is older than native/wire/{', '.join(sorted(newer))}: run `make fuzz-build`")
     spec = importlib.util.spec_from_file_location("mta._native.wire", found[0])
     module = importlib.util.module_from_spec(spec)
     sys.modules["mta._native.wire"] = module
