@@ -10,9 +10,10 @@ cdef bytes _ATEXT = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
                      b"!#$%&'*+-/=?^_`{|}~.")
 # XXX: RFC 5321 caps the local part at 64 octets; VERP return paths of bulk
 # senders exceed it, so we allow more (Postfix enforces no limit at all).
-DEF MAX_LOCAL = 256
-DEF MAX_DOMAIN = 255
-DEF MAX_ENVID = 100
+cdef enum:
+    MAX_LOCAL = 256     # octets of a local part
+    MAX_DOMAIN = 255    # octets of a domain (RFC 5321 4.5.3.1.2)
+    MAX_ENVID = 100     # octets of a DSN ENVID (RFC 3461 4.4)
 
 
 cdef inline bint _is_atext(int c, bint utf8):

@@ -19,7 +19,8 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from libc.string cimport memcpy
 
-DEF MAX_REPLY = 65536
+cdef enum:
+    MAX_REPLY = 65536   # octets of one reply over all its lines
 
 # Byte -> byte table making peer text printable ASCII: TAB becomes a space,
 # every other control or non-ASCII octet a '?'.

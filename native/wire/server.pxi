@@ -18,18 +18,19 @@ cdef dict _TRANSITIONS = {
 
 # Command table: verb -> (code, junk-counted). Junk commands are those a
 # client can repeat without ever sending mail (Postfix smtpd_junk_command_limit).
-DEF C_HELO = 1
-DEF C_EHLO = 2
-DEF C_MAIL = 3
-DEF C_RCPT = 4
-DEF C_DATA = 5
-DEF C_BDAT = 6
-DEF C_RSET = 7
-DEF C_NOOP = 8
-DEF C_QUIT = 9
-DEF C_VRFY = 10
-DEF C_HELP = 11
-DEF C_NOTIMPL = 12
+cdef enum CommandCode:
+    C_HELO = 1
+    C_EHLO = 2
+    C_MAIL = 3
+    C_RCPT = 4
+    C_DATA = 5
+    C_BDAT = 6
+    C_RSET = 7
+    C_NOOP = 8
+    C_QUIT = 9
+    C_VRFY = 10
+    C_HELP = 11
+    C_NOTIMPL = 12      # recognised, refused with 502
 cdef dict _COMMANDS = {
     b"HELO": (C_HELO, False), b"EHLO": (C_EHLO, False),
     b"MAIL": (C_MAIL, False), b"RCPT": (C_RCPT, False),
@@ -346,6 +347,7 @@ cdef class ServerCore:
     # -- commands ------------------------------------------------------------
 
     cdef _dispatch(self, bytes line):
+        cdef int code   # a C int, so the branches below compare C values
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).upper()
         arg = b"" if sp < 0 else line[sp + 1:]
