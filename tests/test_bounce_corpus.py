@@ -1,4 +1,4 @@
-"""The bounce parser against the real corpora in ../shared/corpus (read in place, never copied).
+"""The bounce parser against real corpora: sisimai (tests/data), flufl and ARF (../shared, GPL).
 
 Scoring lives in tools/bounce_accuracy.py (the same numbers the tool prints);
 here the goals are asserted: recipient >= 98 %, status (rows with a real DSN
@@ -12,14 +12,12 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, ROOT
+from conftest import ROOT, corpus
 from mta.bounce import Classifier, parse_message
 
 import bounce_accuracy  # noqa: E402  (tools/ is on sys.path, conftest)
 
-# The corpora are part of the test set (../shared/corpus, CI has them): a missing one
-# fails every test here rather than skipping it.
-assert (CORPUS / "sisimai-set-of-emails").is_dir(), f"corpus not found under {CORPUS}"
+SISIMAI = corpus("sisimai-set-of-emails") / "maildir"
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +27,17 @@ def classifier() -> Classifier:
 
 @pytest.fixture(scope="module")
 def sisimai(classifier):
-    return bounce_accuracy.run_sisimai(CORPUS, classifier)
+    return bounce_accuracy.run_sisimai(corpus("sisimai-set-of-emails"), classifier)
 
 
 @pytest.fixture(scope="module")
 def flufl(classifier):
-    return bounce_accuracy.run_flufl(CORPUS, classifier)
+    return bounce_accuracy.run_flufl(corpus("flufl-bounce"), classifier)
 
 
 @pytest.fixture(scope="module")
 def arf(classifier):
-    return bounce_accuracy.run_arf(CORPUS, classifier)
+    return bounce_accuracy.run_arf(corpus("arf-fbl"), classifier)
 
 
 def _pct(scores, name):
@@ -70,7 +68,7 @@ def test_sisimai_reply_code_and_feedback_type(sisimai):
 
 def test_not_bounces_yield_nothing(classifier):
     for name in ("is-not-bounce-01.eml", "is-not-bounce-02.eml"):
-        rep = parse_message((CORPUS / "sisimai-set-of-emails" / "maildir" / "not" / name).read_bytes(), classifier)
+        rep = parse_message((SISIMAI / "not" / name).read_bytes(), classifier)
         assert rep.kind == "none" and not rep.recipients, name
 
 
@@ -81,7 +79,7 @@ def test_not_bounce_rb_issue_368(classifier):
     # notification", "your message was rejected", the returned original attached. Telling
     # it apart would mean matching this one notice's wording, so it is read as what it
     # says: a soft (mailbox full) failure for the target address, never a hard one.
-    rep = parse_message((CORPUS / "sisimai-set-of-emails/maildir/not/rb-issue-368-bug.eml").read_bytes(), classifier)
+    rep = parse_message((SISIMAI / "not" / "rb-issue-368-bug.eml").read_bytes(), classifier)
     assert rep.kind == "bounce"
     assert [(r.recipient, r.category, r.hard) for r in rep.recipients] == [("xxxx@yyyyyy.net", "mailbox_full", False)]
 
@@ -141,8 +139,8 @@ def test_garbage_never_raises(data):
 
 
 def test_cli(tmp_path):
-    good = CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd" / "lhost-exim-02.eml"
-    nob = CORPUS / "sisimai-set-of-emails" / "maildir" / "not" / "is-not-bounce-01.eml"
+    good = SISIMAI / "bsd" / "lhost-exim-02.eml"
+    nob = SISIMAI / "not" / "is-not-bounce-01.eml"
     code = "import sys; from mta.bounce.cli import main; sys.exit(main(sys.argv[1:]))"
     p = subprocess.run([sys.executable, "-c", code, "parse", str(good), str(nob)], cwd=ROOT,
                        capture_output=True, text=True)
@@ -163,7 +161,7 @@ def test_cli(tmp_path):
 
 def test_speed(classifier):
     import time
-    data = (CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd" / "lhost-postfix-01.eml").read_bytes()
+    data = (SISIMAI / "bsd" / "lhost-postfix-01.eml").read_bytes()
     parse_message(data, classifier)
     t = time.perf_counter()
     for _ in range(50):

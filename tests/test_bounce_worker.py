@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from conftest import CORPUS
+from conftest import corpus
 from hostile_bounces import SLOW, SLOW_RULE, children, dsn
 from mta.bounce import Classifier, parse_message
 from mta.bounce.worker import ParserPool
 
-SISIMAI = CORPUS / "sisimai-set-of-emails" / "maildir" / "bsd"
+SISIMAI = corpus("sisimai-set-of-emails") / "maildir" / "bsd"
 NORMAL = dsn("550 5.1.1 <user@remote.test>: Recipient address rejected: User unknown")
 
 

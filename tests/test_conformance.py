@@ -1,6 +1,6 @@
 """OpenSMTPD's smtpscript regress cases, run against a real `mta serve` over TCP.
 
-The cases come from ../shared/corpus/smtp-conformance (60 cases, one TCP
+The cases come from tests/data/smtp-conformance (60 cases, one TCP
 connection each; see its README for the step language). This file is the step
 interpreter: `send_line` sends text + CRLF, `expect` reads one (possibly
 multi-line) reply and checks its class, `repeat` loops, and
@@ -15,10 +15,10 @@ import socket
 
 import pytest
 
-from conftest import CORPUS, Daemon
+from conftest import Daemon, corpus
 from mta.replies import REPLIES
 
-CASES = json.loads((CORPUS / "smtp-conformance" / "opensmtpd-smtpscript-cases.json").read_text())
+CASES = json.loads((corpus("smtp-conformance") / "opensmtpd-smtpscript-cases.json").read_text())
 
 # OpenSMTPD's own limits, which the scripts test: the 5th bad command disconnects
 # (test.smtp2#9) and a session takes 100 messages (test.smtp2#11). Our defaults are

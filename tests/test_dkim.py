@@ -1,7 +1,7 @@
 """DKIM signer (mta/dkim/signer.py over native/dkim/): vectors, round trips, batches, keys.
 
 The verifier is dkimpy (independent Python implementation); DNS is a dict.
-Vectors come from ../shared/corpus/dkim-vectors (README.md there):
+Vectors come from tests/data/dkim-vectors (README.md there):
 - canonicalization.tsv: every row through the native canonicaliser;
 - every stored signature: our bh= equals the signer's, the stored b= verifies
   (with the published public key) over our header-hash input, and where the
@@ -22,7 +22,7 @@ import threading
 
 import dkim
 import pytest
-from conftest import CORPUS
+from conftest import corpus
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from hypothesis import HealthCheck, given, settings
@@ -43,7 +43,7 @@ from mta.dkim.signer import (
     load_key,
 )
 
-VEC = CORPUS / "dkim-vectors"
+VEC = corpus("dkim-vectors")
 
 
 def _tsv(name: str) -> list[list[str]]:

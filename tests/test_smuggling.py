@@ -1,6 +1,6 @@
 """SMTP smuggling (CVE-2023-51764/5/6): every end-of-data sequence of the public tools.
 
-Rows come from ../shared/corpus/smtp-smuggling/sequences.tsv. Each row runs on a
+Rows come from tests/data/smtp-smuggling/sequences.tsv. Each row runs on a
 real daemon in both bare_newline modes, the way the SEC Consult scanner does
 it: a message line, then SEQ, then a complete second transaction ("MAIL
 FROM:<smuggled@...>" ... "Smuggled: yes"), then a proper <CRLF>.<CRLF> and
@@ -25,11 +25,11 @@ import re
 
 import pytest
 
-from conftest import CORPUS, smtp_exchange
+from conftest import corpus, smtp_exchange
 from mta.replies import REPLIES, reply
 from mta.spool import records as rec
 
-ROWS = list(csv.DictReader((CORPUS / "smtp-smuggling" / "sequences.tsv").open(newline=""),
+ROWS = list(csv.DictReader((corpus("smtp-smuggling") / "sequences.tsv").open(newline=""),
                            delimiter="\t"))
 
 COMMANDS = (b"EHLO client.example\r\nMAIL FROM:<sender@example.org>\r\n"

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Accuracy of mta.bounce.parse_message on the shared bounce corpora, per field and per source family.
 
-Corpora (read in place from ../shared/corpus, never copied into the repo):
+Corpora (each where tools/corpora.py finds it: tests/data, else ../shared/corpus; the GPL
+flufl-bounce and arf-fbl are only in ../shared, and a missing one is reported, not scored):
   sisimai-set-of-emails  maildir/bsd/*.eml vs expectations.tsv; maildir/dos and
                          maildir/mac via line-ending-variants.tsv (rows whose file is
                          identical to its bsd counterpart after newline normalisation);
@@ -22,6 +23,7 @@ Fields (each a fraction of the rows where the corpus states a value):
   arf:<Field> arf-fbl fields, exact text
 
 Usage: tools/bounce_accuracy.py [--corpus DIR] [--failures]
+  DIR: one folder holding all three; exit status 1 when a corpus was not found.
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import corpora  # noqa: E402  (tools/corpora.py)
+
 from mta.bounce import Classifier, Report, parse_message  # noqa: E402
 
-DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 PSEUDO = "libsisimai.org.invalid"
 ARF_FIELDS = {
     "Feedback-Type": "feedback_type", "Original-Rcpt-To": "original_rcpt_to", "Source-IP": "source_ip",
@@ -126,8 +129,7 @@ def score_sisimai_rows(scores: Scores, rep: Report, rows: list[dict[str, str]], 
             scores.add(fam, "feedback", ft == row["feedback_type"], f"{ctx}: want {row['feedback_type']} got {ft}")
 
 
-def run_sisimai(corpus: Path, classifier: Classifier) -> Scores:
-    base = corpus / "sisimai-set-of-emails"
+def run_sisimai(base: Path, classifier: Classifier) -> Scores:
     scores = Scores()
     by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in _read_tsv(base / "expectations.tsv"):
@@ -150,8 +152,7 @@ def run_sisimai(corpus: Path, classifier: Classifier) -> Scores:
     return scores
 
 
-def run_flufl(corpus: Path, classifier: Classifier) -> Scores:
-    base = corpus / "flufl-bounce"
+def run_flufl(base: Path, classifier: Classifier) -> Scores:
     scores = Scores()
     expected: dict[str, tuple[set[str], str]] = {}
     for row in _read_tsv(base / "expectations.tsv"):
@@ -175,8 +176,7 @@ def run_flufl(corpus: Path, classifier: Classifier) -> Scores:
     return scores
 
 
-def run_arf(corpus: Path, classifier: Classifier) -> Scores:
-    base = corpus / "arf-fbl"
+def run_arf(base: Path, classifier: Classifier) -> Scores:
     scores = Scores()
     for row in _read_tsv(base / "expectations.tsv"):
         path = (base / row["path"]).resolve()
@@ -210,19 +210,27 @@ def table(title: str, scores: Scores) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--corpus", type=Path,
+                    help="one folder holding all three corpora (default: each found by tools/corpora.py)")
     ap.add_argument("--failures", action="store_true", help="list every failed comparison")
     args = ap.parse_args(argv)
     classifier = Classifier()
+    not_scored = 0
     for title, fn in (("sisimai-set-of-emails", run_sisimai), ("flufl-bounce", run_flufl), ("arf-fbl", run_arf)):
-        scores = fn(args.corpus, classifier)
+        base = corpora.find(title) if args.corpus is None else args.corpus / title
+        if base is None or not base.is_dir():
+            print(f"== {title}: not scored, " + (corpora.missing(title) if args.corpus is None else f"no folder {base}"),
+                  file=sys.stderr)
+            not_scored += 1
+            continue
+        scores = fn(base, classifier)
         print(table(title, scores))
         if args.failures and scores.failures:
             print("failures:")
             for line in scores.failures:
                 print("  " + line)
         print()
-    return 0
+    return 1 if not_scored else 0
 
 
 if __name__ == "__main__":

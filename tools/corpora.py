@@ -17,13 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENDORED = ROOT / "tests" / "data"
 
-# Corpora deliberately not vendored: name -> why, and where upstream keeps them.
+# Corpora deliberately not vendored: name -> (why not, where upstream keeps the messages).
+# Their expectations.tsv was written for the shared folder and exists only there.
 NOT_VENDORED = {
-    "flufl-bounce": "LGPL-3/GPL-2 and un-anonymised addresses; upstream github.com/wRAR/flufl.bounce "
-                    "flufl/bounce/tests/data (the expectations.tsv is the shared folder's)",
-    "arf-fbl": "AbuseIO samples are GPL-2, Email-ARF samples Perl 5 terms; upstream "
-               "github.com/AbuseIO/AbuseIO extra/notifier-samples/feedback-loop and "
-               "github.com/rjbs/Email-ARF t/messages (the expectations.tsv is the shared folder's)",
+    "flufl-bounce": ("LGPL-3/GPL-2 messages with un-anonymised addresses",
+                     "github.com/wRAR/flufl.bounce flufl/bounce/tests/data"),
+    "arf-fbl": ("AbuseIO samples are GPL-2, Email-ARF samples under Perl 5 terms",
+                "github.com/AbuseIO/AbuseIO extra/notifier-samples/feedback-loop, github.com/rjbs/Email-ARF t/messages"),
 }
 
 
@@ -42,8 +42,10 @@ def find(name: str) -> Path | None:
 
 def missing(name: str) -> str:
     """What to tell someone whose checkout lacks corpus `name`: which one, and where to get it."""
-    where = f"{VENDORED / name} nor {shared_dir() / 'corpus' / name}"
+    looked = f"looked in {VENDORED / name} and {shared_dir() / 'corpus' / name}"
     if name not in NOT_VENDORED:
-        return f"corpus {name!r} not found in {where}: it is vendored in tests/data; is the checkout complete?"
-    return (f"corpus {name!r} not found in {where}; it is not in the repository ({NOT_VENDORED[name]}): "
-            f"put the founders' shared folder at {ROOT.parent / 'shared'} or point MTA_SHARED_DIR at it")
+        return f"corpus {name!r} is missing ({looked}); it is vendored in tests/data: is the checkout complete?"
+    why, upstream = NOT_VENDORED[name]
+    return (f"corpus {name!r} is missing ({looked}). It is not in the repository ({why}): put the "
+            f"founders' shared folder at {ROOT.parent / 'shared'} (CI has it) or set MTA_SHARED_DIR to it. "
+            f"Upstream messages: {upstream}; the expectations exist only in the shared folder.")

@@ -9,8 +9,9 @@ gets arbitrary bytes. Invariants:
     "none") hides a returned message: each new site (type, file, line) is written to
     the findings directory (swallowed-<hash>: the input; .txt: the traceback) and
     fuzzing goes on; with MTA_FUZZ_STRICT=1 it is a crash (to replay or minimise).
-Seeds: every message of the shared bounce and ARF corpora (../shared/corpus),
-read in place, never copied into the tree.
+Seeds: every message of the bounce and ARF corpora, each where tools/corpora.py finds
+it (sisimai is in tests/data; the GPL flufl and ARF sets only in ../shared: without
+them the run starts from fewer seeds and says so on stderr).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
+import corpora
 from mta.bounce import Classifier, parse_message
 
 MAX_LEN = 64 << 10
@@ -29,9 +30,8 @@ TIMEOUT = 20
 BUDGET = float(os.environ.get("MTA_FUZZ_BOUNCE_BUDGET", "1.0"))
 STRICT = os.environ.get("MTA_FUZZ_STRICT") == "1"
 KINDS = {"bounce", "delay", "delivery", "autoreply", "feedback", "none"}   # report.py; "delivery": success DSNs
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-SEED_DIRS = ("flufl-bounce/data", "sisimai-set-of-emails/maildir/bsd", "sisimai-set-of-emails/maildir/not",
-             "arf-fbl/abuseio", "arf-fbl/email-arf")
+SEED_DIRS = {"flufl-bounce": ("data",), "sisimai-set-of-emails": ("maildir/bsd", "maildir/not"),
+             "arf-fbl": ("abuseio", "email-arf")}
 
 classifier = Classifier()
 
@@ -87,7 +87,12 @@ def test_one_input(data: bytes) -> None:
 
 
 def seeds():
-    for d in SEED_DIRS:
-        for path in sorted((CORPUS / d).iterdir()):
-            if path.is_file():
-                yield path.read_bytes()
+    for name, subdirs in SEED_DIRS.items():
+        base = corpora.find(name)
+        if base is None:
+            print(f"[fuzz] fewer seeds: {corpora.missing(name)}", file=sys.stderr)
+            continue
+        for d in subdirs:
+            for path in sorted((base / d).iterdir()):
+                if path.is_file():
+                    yield path.read_bytes()

@@ -105,6 +105,7 @@ def main(argv: list[str]) -> int:
     if args.native:
         _load_native_wire()
     sys.path.insert(0, str(HERE.parent))   # test_wire_data
+    sys.path.insert(0, str(ROOT / "tools"))   # corpora: where the seed corpora are
     with atheris.instrument_imports(include=[args.target, *TARGETS[args.target]]):
         target = importlib.import_module(args.target)
 

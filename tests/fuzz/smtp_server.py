@@ -27,8 +27,8 @@ import csv
 import random
 import re
 from functools import cache
-from pathlib import Path
 
+import corpora
 from test_wire_data import reference
 
 from mta._native.wire import EV_CLOSE, EV_MESSAGE, STATES, ServerCore
@@ -37,7 +37,6 @@ from mta.replies import reply
 
 MAX_LEN = 4096
 TIMEOUT = 10
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 
 ST = {name: number for number, name in STATES.items()}
 VERDICTS = (reply("QUEUED", "FUZZ0001"), reply("SPOOL_ERROR"), reply("RELAY_DENIED"), reply("QUEUED", "FUZZ0002"))
@@ -201,7 +200,10 @@ def seeds():
         yield HEADER + s
         yield bytes([0x27, 0x00, 1, 0]) + s   # normalize, tight limits, policy hooks
     # the end-of-data sequences of the SMTP smuggling tools, each followed by a smuggled transaction
-    table = CORPUS / "smtp-smuggling" / "sequences.tsv"
+    smuggling = corpora.find("smtp-smuggling")
+    if smuggling is None:
+        raise FileNotFoundError(corpora.missing("smtp-smuggling"))
+    table = smuggling / "sequences.tsv"
     with table.open(newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             seq = bytes.fromhex(row["hex"])

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import CORPUS, ROOT, free_port
+from conftest import ROOT, corpus, free_port
 from peers import NET, ZONE, _records, _send, Receiver
 
 from mta import verp
@@ -356,7 +356,7 @@ def test_suppress_cli_against_the_daemon_store_and_drop_mode(daemon_factory):
 
 
 def test_bounce_parse_cli_on_a_corpus_file(tmp_path):
-    path = CORPUS / "sisimai-set-of-emails" / "maildir" / "mac" / "lhost-amavis-01.eml"
+    path = corpus("sisimai-set-of-emails") / "maildir" / "mac" / "lhost-amavis-01.eml"
     got = _mta("bounce", "parse", str(path))
     assert got.returncode == 0, got.stderr
     lines = [orjson.loads(line) for line in got.stdout.splitlines()]
