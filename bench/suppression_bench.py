@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mta.suppression.store import SuppressionList, address_hash, load_or_create_key  # noqa: E402
+from mta.feedback.suppression.store import SuppressionList, address_hash, load_or_create_key  # noqa: E402
 
 
 def addr(i: int) -> str:

@@ -221,8 +221,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_shaping)
     from mta.dkim.cli import add_parser as add_dkim
     add_dkim(sub)
-    from mta.bounce.cli import add_parser as add_bounce
-    from mta.suppression.cli import add_parser as add_suppress
+    from mta.feedback.bounce.cli import add_parser as add_bounce
+    from mta.feedback.suppression.cli import add_parser as add_suppress
     _, store, key = _feedback_defaults(argv)
     sp = add_suppress(sub, *store, *key)
     sp.add_argument("-c", "--config", help="take --store and --key defaults from this config")

@@ -19,26 +19,26 @@ import asyncio
 import logging
 from typing import Iterable
 
-from mta.admin import AdminServer
-from mta.bounce import RulesError
-from mta.bounce_intake import BounceIntake
-from mta.delivery.control import DEFAULT_DURATION, Controls
 from mta.config import Config, ConfigError
+from mta.control.actions import DEFAULT_DURATION, Controls
+from mta.control.admin import AdminServer
 from mta.delivery.engine import DeliveryEngine
-from mta.egress.pools import EgressError
-from mta.egress.shaping import ShapingError
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
 from mta.dkim.signer import DkimConfigError, Signer
-from mta.feedback import Feedback
-from mta.listener.recipients import RecipientPolicy
-from mta.listener.reception import Reception
-from mta.listener.server import Listener
-from mta.logs.records import RecordType
+from mta.egress.pools import EgressError
+from mta.egress.shaping import ShapingError
+from mta.feedback.bounce import RulesError
+from mta.feedback.intake import BounceIntake
+from mta.feedback.rcpt_policy import RecipientPolicy
+from mta.feedback.state import Feedback
+from mta.feedback.unsubscribe import UnsubscribeServer
+from mta.ingest.listener import Listener
+from mta.ingest.reception import Reception
 from mta.logs.writer import LogWriter
-from mta.queues.scheduled import InsertReason
+from mta.model.log_records import RecordType
+from mta.model.queued import InsertReason
 from mta.spool import Spool, SpoolError
-from mta.unsubscribe import UnsubscribeServer
 
 log = logging.getLogger("mta.server")
 

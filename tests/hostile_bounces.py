@@ -1,4 +1,4 @@
-"""Hostile returned mail: inputs shaped to find super-linear regexes and scans in mta.bounce.
+"""Hostile returned mail: inputs shaped to find super-linear regexes and scans in mta.feedback.bounce.
 
 Each shape is a function (size in bytes) -> a message of about that size. They
 target what an attacker controls in mail to the bounce domain: HTML parts with

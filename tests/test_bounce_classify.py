@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.bounce import Classifier, RulesError
-from mta.bounce.classify import SHIPPED_RULES, load_rules
+from mta.feedback.bounce import Classifier, RulesError
+from mta.feedback.bounce.classify import SHIPPED_RULES, load_rules
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, corpus
-from mta.bounce import Classifier, parse_message
+from mta.feedback.bounce import Classifier, parse_message
 
 import bounce_accuracy  # noqa: E402  (tools/ is on sys.path, conftest)
 
@@ -141,7 +141,7 @@ def test_garbage_never_raises(data):
 def test_cli(tmp_path):
     good = SISIMAI / "bsd" / "lhost-exim-02.eml"
     nob = SISIMAI / "not" / "is-not-bounce-01.eml"
-    code = "import sys; from mta.bounce.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mta.feedback.bounce.cli import main; sys.exit(main(sys.argv[1:]))"
     p = subprocess.run([sys.executable, "-c", code, "parse", str(good), str(nob)], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hostile_bounces import SHAPES
-from mta.bounce import Classifier, parse_message
-from mta.bounce.report import MAX_RECIPIENTS
+from mta.feedback.bounce import Classifier, parse_message
+from mta.feedback.bounce.report import MAX_RECIPIENTS
 
 LIMIT = 1.0        # seconds of CPU per message, the bound
 MB = 1_000_000

@@ -1,6 +1,6 @@
 """The bounce parser's child processes: time, memory and size budgets; a crash costs one message.
 
-Real child processes (mta/bounce/worker.py). The slow parse is an operator rule
+Real child processes (mta/feedback/bounce/worker.py). The slow parse is an operator rule
 with a catastrophic regex: the parser's own scans are linear, and the process
 boundary is what bounds everything else.
 """
@@ -15,8 +15,8 @@ import pytest
 
 from conftest import corpus
 from hostile_bounces import SLOW, SLOW_RULE, children, dsn
-from mta.bounce import Classifier, parse_message
-from mta.bounce.worker import ParserPool
+from mta.feedback.bounce import Classifier, parse_message
+from mta.feedback.bounce.worker import ParserPool
 
 SISIMAI = corpus("sisimai-set-of-emails") / "maildir" / "bsd"
 NORMAL = dsn("550 5.1.1 <user@remote.test>: Recipient address rejected: User unknown")

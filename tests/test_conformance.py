@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from conftest import Daemon, corpus
-from mta.replies import REPLIES
+from mta.model.replies import REPLIES
 
 CASES = json.loads((corpus("smtp-conformance") / "opensmtpd-smtpscript-cases.json").read_text())
 
@@ -35,7 +35,7 @@ DELIBERATE: dict[str, str] = {
 }
 
 # Our steps for the DELIBERATE cases. `expect_reply` names the exact line from
-# mta.replies; `expect_not_in_ehlo` checks the previous EHLO reply.
+# mta.model.replies; `expect_not_in_ehlo` checks the previous EHLO reply.
 OURS: dict[str, list[dict]] = {
     "test.tls#59": [
         {"expect": "2xx-or-3xx"},

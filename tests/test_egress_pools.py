@@ -7,7 +7,7 @@ import pytest
 
 from mta.config import ConfigError, parse_config
 from mta.egress.pools import Egress, Pool, Source, smooth_wrr
-from mta.message import QueuedMessage
+from mta.model.queued import QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.scheduled import ScheduledQueue
 

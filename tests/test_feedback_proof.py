@@ -1,4 +1,4 @@
-"""mta.feedback_trust without a daemon: where proof is looked for, what it may act on,
+"""mta.feedback.trust without a daemon: where proof is looked for, what it may act on,
 and what a hostile report costs (a real Feedback with its key and suppression store in a
 temporary directory; Reports built as the parser returns them)."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from mta import verp
-from mta.bounce.report import FailedRecipient, Feedback as Arf, Report
+from mta.feedback import verp
+from mta.feedback.bounce.report import FailedRecipient, Feedback as Arf, Report
 from mta.config import ConfigError, parse_config
-from mta.feedback import Feedback
-from mta.feedback_trust import (CHECK_BUDGET, ENVELOPE, MAX_CHECKS, MAX_TOKENS, NO_RECIPIENT,
+from mta.feedback.state import Feedback
+from mta.feedback.trust import (CHECK_BUDGET, ENVELOPE, MAX_CHECKS, MAX_TOKENS, NO_RECIPIENT,
                                 NO_VERP, ORIGINAL_MAIL_FROM, RETURN_PATH, TRUSTED_SOURCE,
                                 Evidence)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mta.bounce import parse_message
-from mta.ids import new_id
+from mta.feedback.bounce import parse_message
+from mta.model.ids import new_id
 from mta.spool import records as rec
 from mta.spool.recovery import scan, segment_path
 

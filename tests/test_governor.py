@@ -1,10 +1,10 @@
-"""The DATA memory governor (mta/listener/governor.py) against stand-in sessions: the
+"""The DATA memory governor (mta/ingest/governor.py) against stand-in sessions: the
 budget, the runner that keeps memory being freed, hysteresis, and shedding."""
 from __future__ import annotations
 
 import asyncio
 
-from mta.listener.governor import DataMemory
+from mta.ingest.governor import DataMemory
 
 
 class Session:

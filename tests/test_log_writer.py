@@ -12,8 +12,8 @@ import pytest
 from tmpfs import fill, tmpfs
 
 from mta.logs import writer as writer_module
-from mta.logs.records import RecordType
 from mta.logs.writer import LogWriter
+from mta.model.log_records import RecordType
 
 
 def _lines(path) -> list[dict]:

@@ -6,9 +6,9 @@ import asyncio
 
 from mta._native.wire import ServerCore
 from mta.config import parse_config
-from mta.listener.reception import Reception
-from mta.listener.settings import server_settings
-from mta.replies import reply
+from mta.ingest.reception import Reception
+from mta.ingest.settings import server_settings
+from mta.model.replies import reply
 from test_governor import Session
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from mta.message import QueuedMessage
-from mta.queue_name import QueueName, format_name, parse_name
+from mta.model.queue_name import QueueName, format_name, parse_name
+from mta.model.queued import QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.retry import RetryPolicy
 from mta.queues.scheduled import ScheduledQueue

@@ -1,4 +1,4 @@
-"""The RCPT policy: the native core's `rcpt_check` hook and mta/listener/recipients.py,
+"""The RCPT policy: the native core's `rcpt_check` hook and mta/feedback/rcpt_policy.py,
 against a real SuppressionList in a temporary directory (no daemon, no sockets)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 
 from mta._native.wire import ServerCore
 from mta.config import parse_config
-from mta.feedback import Feedback
-from mta.listener.recipients import RecipientPolicy
-from mta.listener.settings import server_settings
-from mta.replies import REPLIES, reply
+from mta.feedback.rcpt_policy import RecipientPolicy
+from mta.feedback.state import Feedback
+from mta.ingest.settings import server_settings
+from mta.model.replies import REPLIES, reply
 
 
 def _feedback(tmp_path, extra: str = "", bounces: str = "") -> Feedback:

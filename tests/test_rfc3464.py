@@ -1,4 +1,4 @@
-"""Tests for mta/rfc3464.py: every DSN is parsed back with the stdlib email parser
+"""Tests for mta/feedback/dsn_builder.py: every DSN is parsed back with the stdlib email parser
 and checked field by field (RFC 3464, 3461, 6522, 6533)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mta.rfc3464 import RecipientStatus, build_dsn, should_notify
+from mta.feedback.dsn_builder import RecipientStatus, build_dsn, should_notify
 
 ARRIVAL = 1_700_000_000.0
 ORIGINAL = (b"Return-Path: <alice@example.org>\r\n"

@@ -26,7 +26,7 @@ import re
 import pytest
 
 from conftest import corpus, smtp_exchange
-from mta.replies import REPLIES, reply
+from mta.model.replies import REPLIES, reply
 from mta.spool import records as rec
 
 ROWS = list(csv.DictReader((corpus("smtp-smuggling") / "sequences.tsv").open(newline=""),

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from tmpfs import fill, tmpfs
 
-from mta.ids import new_id
-from mta.replies import REPLIES
+from mta.model.ids import new_id
+from mta.model.replies import REPLIES
 from mta.spool import Spool, SpoolError
 from mta.spool import records as rec
 from mta.spool.recovery import list_segments, scan, segment_path

@@ -1,4 +1,4 @@
-"""mta.suppression: normalisation, key file, the SQLite store (no raw addresses on disk),
+"""mta.feedback.suppression: normalisation, key file, the SQLite store (no raw addresses on disk),
 scopes and expiry, the in-memory filter staying in step with other writers, and the
 `suppress` CLI run as a separate process against the same store."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from conftest import ROOT
-from mta.suppression import (KeyFileError, SuppressionList, address_hash, hash_text,
+from mta.feedback.suppression import (KeyFileError, SuppressionList, address_hash, hash_text,
                              load_key, load_or_create_key, normalise)
-from mta.suppression.cli import parse_expires
+from mta.feedback.suppression.cli import parse_expires
 
 KEY = bytes(range(32))
 
@@ -258,7 +258,7 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path):
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")       # another process holds the write lock ...
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r});"
-              "from mta.suppression import SuppressionList;"
+              "from mta.feedback.suppression import SuppressionList;"
               f"s = SuppressionList({str(path)!r}, bytes(range(32)), busy_timeout=10);"
               "s.add('waiter@example.com'); print('ok')")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -278,7 +278,7 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path):
 
 def cli(tmp_path, *args, stdin=None):
     cmd = [sys.executable, "-c",
-           "import sys; from mta.suppression.cli import main; sys.exit(main(sys.argv[1:]))",
+           "import sys; from mta.feedback.suppression.cli import main; sys.exit(main(sys.argv[1:]))",
            *args, "--store", str(tmp_path / "s.sqlite"), "--key", str(tmp_path / "s.key")]
     return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
 
@@ -338,7 +338,7 @@ def test_cli(tmp_path):
 
 def test_cli_registers_under_mta_parser(tmp_path):
     import argparse
-    from mta.suppression.cli import add_parser
+    from mta.feedback.suppression.cli import add_parser
     p = argparse.ArgumentParser(prog="mta")
     add_parser(p.add_subparsers(dest="command"), str(tmp_path / "d.sqlite"), str(tmp_path / "d.key"))
     args = p.parse_args(["suppress", "add", "z@example.com", "--reason", "complaint"])
@@ -352,7 +352,7 @@ def test_cli_registers_under_mta_parser(tmp_path):
 @pytest.mark.parametrize("key_len", [1, 32, 64, 65, 200])
 def test_address_hash_is_rfc2104_hmac_sha256(key_len):
     import hmac
-    from mta.suppression.store import address_hash, normalise
+    from mta.feedback.suppression.store import address_hash, normalise
     key = bytes(range(key_len % 256)) * (key_len // 256 + 1)
     key = key[:key_len]
     for address in ("User@Example.ORG", "<a+tag@b.test>", "j\u00f6rg@m\u00fcnchen.example"):

@@ -1,4 +1,4 @@
-"""mta.unsubscribe: RFC 8058 tokens and headers, and the one-click endpoint driven by real
+"""mta.feedback.unsubscribe: RFC 8058 tokens and headers, and the one-click endpoint driven by real
 HTTP clients (http.client, urllib, curl when installed) over 127.0.0.1, plain and HTTPS
 with a throwaway self-signed certificate. Suppression is checked through a fresh
 SuppressionList on the same SQLite file."""
@@ -19,8 +19,8 @@ import urllib.request
 
 import pytest
 
-from mta.suppression import SuppressionList, address_hash, hash_text
-from mta.unsubscribe import (UnsubscribeServer, list_unsubscribe_headers, make_token,
+from mta.feedback.suppression import SuppressionList, address_hash, hash_text
+from mta.feedback.unsubscribe import (UnsubscribeServer, list_unsubscribe_headers, make_token,
                              read_token)
 
 KEY = b"\x42" * 32

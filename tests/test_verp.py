@@ -1,4 +1,4 @@
-"""mta.verp: signed VERP return paths round-trip, fold case, stay within 64 octets, prove
+"""mta.feedback.verp: signed VERP return paths round-trip, fold case, stay within 64 octets, prove
 exactly one recipient until their expiry, and refuse every tampered, foreign or wrongly
 keyed address; the first form (no recipient, no expiry) is recognised and proves nothing."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mta.verp import (EXPIRED, LEGACY, MAX_LOCAL, MISMATCH, VALID, Token, encode, parse,
+from mta.feedback.verp import (EXPIRED, LEGACY, MAX_LOCAL, MISMATCH, VALID, Token, encode, parse,
                       verify)
 
 KEY = b"\x11" * 32

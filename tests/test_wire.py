@@ -1,7 +1,7 @@
 """Tests for mta._native.wire.ServerCore: the SMTP server state machine without sockets.
 
 Bytes go in through feed(), replies and events come out; every expected reply
-is taken from mta.replies (the one reply table), never retyped. Covers command
+is taken from mta.model.replies (the one reply table), never retyped. Covers command
 syntax and sequence (RFC 5321 4.1, 4.3.2), paths (4.1.2), SIZE (RFC 1870), DSN
 parameters (RFC 3461), PIPELINING (RFC 2920), CHUNKING (RFC 3030), transparency
 (4.5.2), the per-session limits, and bare CR/LF handling in both modes (SMTP
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mta._native.wire import EV_CLOSE, EV_MESSAGE, EV_NONE, ServerCore
-from mta.listener.settings import server_settings
-from mta.replies import REPLIES, ehlo_lines, reply
+from mta.ingest.settings import server_settings
+from mta.model.replies import REPLIES, ehlo_lines, reply
 
 HOST = "mx.wire.test"
 CLIENT = "client.example"

@@ -34,7 +34,7 @@ from mta._native.wire import (
     content_needs_8bit,
     dot_stuff,
 )
-from mta.listener.settings import server_settings
+from mta.ingest.settings import server_settings
 
 NAME = b"client.example"
 GREETING = b"220 mx.example ESMTP\r\n"

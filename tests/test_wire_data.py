@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from mta.listener.settings import server_settings
+from mta.ingest.settings import server_settings
 from mta._native.wire import EV_MESSAGE, ServerCore
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Accuracy of mta.bounce.parse_message on the shared bounce corpora, per field and per source family.
+"""Accuracy of mta.feedback.bounce.parse_message on the shared bounce corpora, per field and per source family.
 
 Corpora (each where tools/corpora.py finds it: tests/data, else ../shared/corpus; the GPL
 flufl-bounce and arf-fbl are only in ../shared, and a missing one is reported, not scored):
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import corpora  # noqa: E402  (tools/corpora.py)
 
-from mta.bounce import Classifier, Report, parse_message  # noqa: E402
+from mta.feedback.bounce import Classifier, Report, parse_message  # noqa: E402
 
 PSEUDO = "libsisimai.org.invalid"
 ARF_FIELDS = {

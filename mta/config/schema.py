@@ -782,7 +782,7 @@ class BouncesConfig:
         "recipient they name: your own FBL relay, never a mailbox provider's outbound range "
         "(its users could send forged reports)")
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
-                                  "the shipped mta/bounce/rules.toml; re-read when they change")
+                                  "the shipped mta/feedback/bounce/rules.toml; re-read when they change")
     parse_workers: int = key(INT, 1, "child processes parsing returned mail (off the event "
                              "loop; each holds one message at a time)", lo=1, hi=64)
     parse_timeout: float = key(DURATION, "10s", "time one returned message may take to parse; "

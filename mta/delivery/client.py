@@ -27,27 +27,11 @@ from typing import Callable
 
 from mta._native.wire import EV_CLOSED, EV_DONE, EV_FAILED, EV_STARTTLS, ClientCore, InternalError
 from mta.delivery.connect import ConnectError, endpoint, open_socket
+from mta.model.attempt import RemoteReply, TransactionResult
 
 log = logging.getLogger("mta.delivery")
 
 PHASE_CONNECT = "connecting"    # the phase of a failed TCP connect
-
-
-@dataclass(slots=True, frozen=True)
-class RemoteReply:
-    code: int       # SMTP reply code (RFC 5321 4.2), or ours for a local refusal
-    status: str     # enhanced status code (RFC 3463), "" if none
-    text: str       # reply text, lines joined by spaces, printable ASCII only
-
-
-@dataclass(slots=True)
-class TransactionResult:
-    # One per recipient, in the order given: its RCPT reply, or the MAIL reply
-    # when MAIL was refused, or our local refusal when nothing was sent. The
-    # message reached recipient i iff recipients[i] and `data` are both 2xx.
-    recipients: list[RemoteReply]
-    data: RemoteReply | None    # end of data / BDAT LAST (or refused DATA) reply; None: not sent
-    phase: str                  # last phase reached (Postfix-style phrase)
 
 
 class SessionError(Exception):

@@ -22,10 +22,10 @@ import time
 from typing import TYPE_CHECKING
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
-from mta.delivery.outcome import Attempt
 from mta.dkim.signer import DkimError
 from mta.egress.throttle import Throttle
-from mta.logs.records import RecordType
+from mta.model.attempt import Attempt
+from mta.model.log_records import RecordType
 from mta.queues.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from mta.egress.shaping import Limits
     from mta.delivery.outcome import Outcomes
     from mta.dkim.domains import DkimStage
-    from mta.feedback import Feedback
+    from mta.feedback.state import Feedback
     from mta.egress.sites import Site
-    from mta.message import QueuedMessage
+    from mta.model.queued import QueuedMessage
     from mta.queues.ready import ReadyQueue
     from mta.spool import Spool
 

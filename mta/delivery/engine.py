@@ -8,34 +8,34 @@ routes or the smarthost, mta/egress/sites.py); `dispatcher_for()` takes the
 next source of the queue's pool and returns the dispatcher of that (source,
 site), created with the shaping Limits that hold for it
 (mta/egress/shaping.py). Operators see it through `summary()`, `inspect()`
-and `shaping_state()`, and act through mta/delivery/control.py.
+and `shaping_state()`, and act through mta/control/actions.py.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import TYPE_CHECKING, Any, Callable
-
 import dataclasses
+import logging
 import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
-from mta.delivery.outcome import Attempt, Outcomes
+from mta.delivery.outcome import Outcomes
 from mta.egress.pools import Egress
 from mta.egress.shaping import Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
-from mta.ids import id_from_text
-from mta.message import QueuedMessage
+from mta.model.attempt import Attempt
+from mta.model.ids import id_from_text
+from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.retry import RetryPolicy
-from mta.queues.scheduled import InsertReason, ScheduledQueue, Scheduler
+from mta.queues.scheduled import ScheduledQueue, Scheduler
 
 if TYPE_CHECKING:
     from mta.config import Config
     from mta.dkim.domains import DkimStage
-    from mta.feedback import Feedback
+    from mta.feedback.state import Feedback
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 

@@ -11,7 +11,7 @@ Scope of an error (Postfix smtp_trouble.c): a recipient reply touches that
 recipient; a session error or a DNS failure touches every recipient of the
 entry (and the dispatcher defers the rest of the site's ready queue).
 Every Bounce and TransientFailure record carries the classifier's `category` and
-`hard` (mta/bounce/classify.py); a hard bounce suppresses the recipient (global
+`hard` (mta/feedback/bounce/classify.py); a hard bounce suppresses the recipient (global
 scope) and counts against its (source, site) in Feedback.counts.
 """
 from __future__ import annotations
@@ -20,15 +20,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from mta.delivery.client import RemoteReply
-from mta.ids import id_text
-from mta.logs.records import RecordType
-from mta.message import DELAY_DSN_SENT, QueuedMessage
-from mta.queues.scheduled import InsertReason
-from mta.rfc3464 import RecipientStatus, build_dsn, should_notify
+from mta.feedback.dsn_builder import RecipientStatus, build_dsn, should_notify
+from mta.model.attempt import Attempt, RemoteReply
+from mta.model.ids import id_text
+from mta.model.log_records import RecordType
+from mta.model.queued import DELAY_DSN_SENT, InsertReason, QueuedMessage
 
 if TYPE_CHECKING:
-    from mta.feedback import Feedback
+    from mta.feedback.state import Feedback
     from mta.logs.writer import LogWriter
     from mta.queues.retry import RetryPolicy
     from mta.queues.scheduled import Scheduler
@@ -38,19 +37,6 @@ log = logging.getLogger("mta.outcome")
 
 # inject(sender, rcpts, content) -> None: queue a locally generated message (a DSN)
 InjectFn = Callable[[str, list[str], bytes], Any]
-
-
-class Attempt:
-    """Where one delivery attempt went, for the log records."""
-
-    __slots__ = ("source", "site", "mx", "ip", "started")
-
-    def __init__(self, source: str, site: str, mx: str = "", ip: str = ""):
-        self.source = source
-        self.site = site
-        self.mx = mx
-        self.ip = ip
-        self.started = time.time()
 
 
 class Outcomes:

@@ -23,7 +23,7 @@ import time
 
 import orjson
 
-from mta.logs.records import RecordType
+from mta.model.log_records import RecordType
 
 log = logging.getLogger("mta.logs")
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from mta.egress.sites import Site
-    from mta.message import QueuedMessage
+    from mta.model.queued import QueuedMessage
     from mta.queues.scheduled import ScheduledQueue
 
 

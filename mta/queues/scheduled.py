@@ -14,14 +14,13 @@ the `on_route_failure` callback; nothing here raises to its callers.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from mta.message import QueuedMessage
-from mta.queue_name import format_name
+from mta.model.queue_name import format_name
+from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.timerwheel import TimerWheel
 
 if TYPE_CHECKING:
@@ -33,14 +32,6 @@ log = logging.getLogger("mta.scheduler")
 
 _NAME_CACHE = 100_000   # queue names remembered by their parts (cleared when full)
 _SINGLE = (0,)   # the recipient tuple of most messages, shared (RAM per queued message)
-
-
-class InsertReason(str, enum.Enum):
-    RECEIVED = "received"               # new message from reception
-    RECOVERED = "recovered"             # found in the spool at start
-    TRANSIENT_FAILURE = "transient"     # a 4xx or a connection problem; backing off
-    READY_FULL = "ready_full"           # its ready queue was full: waits in the queue's backlog
-    SUSPENDED = "suspended"             # its queue is suspended by the operator
 
 
 class ScheduledQueue:

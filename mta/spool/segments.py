@@ -387,7 +387,7 @@ class Spool:
     # -- backpressure -------------------------------------------------------------
 
     def admission(self) -> str | None:
-        """Whether new mail may come: None, or the name of the reply (mta/replies.py)
+        """Whether new mail may come: None, or the name of the reply (mta/model/replies.py)
         to refuse it with. Cheap enough for every MAIL FROM (statvfs at most once
         per FREE_SPACE_SAMPLE seconds); recovers by itself when the cause goes."""
         if not self.writable:

@@ -1,4 +1,4 @@
-"""Fuzz target: the returned-mail parser, mta.bounce.parse_message(bytes, classifier).
+"""Fuzz target: the returned-mail parser, mta.feedback.bounce.parse_message(bytes, classifier).
 
 Returned mail comes from anyone who can reach the bounce domain's MX, so the parser
 gets arbitrary bytes. Invariants:
@@ -23,7 +23,7 @@ import time
 import traceback
 
 import corpora
-from mta.bounce import Classifier, parse_message
+from mta.feedback.bounce import Classifier, parse_message
 
 MAX_LEN = 64 << 10
 TIMEOUT = 20
@@ -67,7 +67,7 @@ class _Swallowed(logging.Handler):
 
 
 swallowed = _Swallowed()
-parser_log = logging.getLogger("mta.bounce.parser")
+parser_log = logging.getLogger("mta.feedback.bounce.parser")
 parser_log.setLevel(logging.DEBUG)
 parser_log.addHandler(swallowed)
 parser_log.propagate = False

@@ -22,8 +22,8 @@ import random
 from test_wire_data import reference
 
 from mta._native.wire import EV_MESSAGE, ServerCore
-from mta.listener.settings import server_settings
-from mta.replies import REPLIES, reply
+from mta.ingest.settings import server_settings
+from mta.model.replies import REPLIES, reply
 
 MAX_LEN = 8192
 TIMEOUT = 10

@@ -32,8 +32,8 @@ import corpora
 from test_wire_data import reference
 
 from mta._native.wire import EV_CLOSE, EV_MESSAGE, STATES, ServerCore
-from mta.listener.settings import server_settings
-from mta.replies import reply
+from mta.ingest.settings import server_settings
+from mta.model.replies import reply
 
 MAX_LEN = 4096
 TIMEOUT = 10

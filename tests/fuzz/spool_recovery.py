@@ -27,7 +27,7 @@ from pathlib import Path
 import atheris
 from v1_segment import v1_message, v1_record
 
-from mta.ids import new_id
+from mta.model.ids import new_id
 from mta.spool import Spool
 from mta.spool import records as rec
 from mta.spool.recovery import scan, segment_path

@@ -22,9 +22,9 @@ from aiosmtpd.controller import Controller
 from conftest import ROOT, corpus, free_port
 from peers import NET, ZONE, _records, _send, Receiver
 
-from mta import verp
-from mta.ids import id_text
-from mta.suppression import load_key
+from mta.feedback import verp
+from mta.model.ids import id_text
+from mta.feedback.suppression import load_key
 
 BOUNCE_DOMAIN = "bounces.test"
 

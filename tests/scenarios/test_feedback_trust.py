@@ -14,7 +14,7 @@ import time
 from peers import NET, _records, _send
 from test_bounces import BOUNCE_DOMAIN, _admin, _arf, _dsn, _feedback_daemon, _key, _refused
 
-from mta import verp
+from mta.feedback import verp
 
 GLOBAL = '[suppression]\ncomplaint_scope = "global"\n'
 

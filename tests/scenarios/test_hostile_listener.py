@@ -12,7 +12,7 @@ import time
 from conftest import ROOT, smtp_exchange
 from tmpfs import fill, tmpfs
 
-from mta.replies import reply
+from mta.model.replies import reply
 
 
 def _suppress(d, address: str) -> None:

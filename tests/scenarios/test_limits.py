@@ -7,7 +7,7 @@ limits in total and per client IP (loopback sources 127.0.0.x are distinct
 client addresses), and a client that pipelines without ever reading its
 replies (reading must pause instead of buffering replies without bound, and
 an idle timeout must still free its slot). Expected replies come from
-mta.replies; the size refusal is also checked in the Rejection log records.
+mta.model.replies; the size refusal is also checked in the Rejection log records.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from mta.replies import REPLIES, reply
+from mta.model.replies import REPLIES, reply
 
 HOST = "mx.test.example"   # conftest's [server] hostname
 

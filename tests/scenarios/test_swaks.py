@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from conftest import smtp_exchange
-from mta.replies import REPLIES, reply
+from mta.model.replies import REPLIES, reply
 from mta.spool import records as rec
 
 SENDER = "sender@example.org"

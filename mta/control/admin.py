@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import orjson
 
-log = logging.getLogger("mta.admin")
+log = logging.getLogger("mta.control.admin")
 _MAX_HEAD = 8192
 _MAX_BODY = 65536
 

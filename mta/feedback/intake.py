@@ -4,7 +4,7 @@ Where it sits: Server hands every durable message (new or recovered) whose
 recipients include addresses at `[bounces] domain` here (`submit()`) instead of
 to delivery; the message was spooled like any other before its 250, so nothing
 accepted is lost. The intake queues it and `process()` parses it in a child
-process (mta/bounce/worker.py: time, size and memory budget), writes one OOB
+process (mta/feedback/bounce/worker.py: time, size and memory budget), writes one OOB
 record per failed recipient or one Feedback record for an ARF report,
 suppresses the hard bounces and complaints the report proves, and then hands
 the message back (`on_done`): Server finishes those recipients in the spool and
@@ -27,12 +27,12 @@ Queue: waiting messages are kept as ids (their content stays on disk); content
 is read from the spool only when a parser process is free, so at most
 parse_workers messages are held in memory. Nothing accepted is ever dropped:
 at parse_backlog waiting messages, new mail to the bounce domain is refused at
-RCPT with 451 4.3.2 (mta/listener/recipients.py) and waits at its sender.
+RCPT with 451 4.3.2 (mta/feedback/rcpt_policy.py) and waits at its sender.
 
 Trust: everything here comes from the Internet. A hard bounce or complaint
 suppresses (and counts) only a recipient the report proves we sent to: a VERP
 return path minted for that recipient, or a complaint from a trusted FBL source
-(mta/feedback_trust.py); the others say in `ignored` why they did not act.
+(mta/feedback/trust.py); the others say in `ignored` why they did not act.
 Auto-replies and delay notices are logged, never suppress.
 """
 from __future__ import annotations
@@ -43,19 +43,19 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from mta.bounce.report import Report
-from mta.bounce.worker import Parsed, ParserPool
 from mta.egress.pools import DEFAULT_SOURCE
-from mta.feedback_trust import Evidence, Verdict
-from mta.logs.records import RecordType
+from mta.feedback.bounce.report import Report
+from mta.feedback.bounce.worker import Parsed, ParserPool
+from mta.feedback.trust import Evidence, Verdict
+from mta.model.log_records import RecordType
 
 if TYPE_CHECKING:
     from mta.config import Config
-    from mta.feedback import Feedback
+    from mta.feedback.state import Feedback
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
-log = logging.getLogger("mta.bounce_intake")
+log = logging.getLogger("mta.feedback.intake")
 
 
 def _domain(address: str | None) -> str:
@@ -190,7 +190,7 @@ class BounceIntake:
 
     def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
         """Act on a parsed report: log it, and suppress and count only what it proves
-        (mta/feedback_trust.py: a VERP return path of ours for that recipient, or a
+        (mta/feedback/trust.py: a VERP return path of ours for that recipient, or a
         complaint from a trusted FBL source)."""
         fb = self.feedback
         evidence = Evidence(fb, env, idxs, report)

@@ -1,5 +1,5 @@
 """`mta suppress add | remove | check | import | export | purge`: the operator's view of
-the suppression list (mta/suppression/store.py), safe to run while the daemon is up.
+the suppression list (mta/feedback/suppression/store.py), safe to run while the daemon is up.
 
 add     ADDRESS [--scope S] [--reason R] [--expires 30d|12h|UNIXTIME|never] [--note TEXT]
 remove  ADDRESS [--scope S]            (every scope when --scope is not given)
@@ -16,7 +16,7 @@ a new key would silently match nothing. Addresses given on the command line are 
 printed back. Diagnostics: exit 2 with one line naming the problem (bad key file, bad
 address/scope/expiry, database locked); 2 also for usage errors (argparse).
 
-Standalone:  python -c "import sys; from mta.suppression.cli import main; sys.exit(main(sys.argv[1:]))" add x@y.com
+Standalone:  python -c "import sys; from mta.feedback.suppression.cli import main; sys.exit(main(sys.argv[1:]))" add x@y.com
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 
 import orjson
 
-from mta.suppression.store import (KeyFileError, SuppressionList, load_key,
+from mta.feedback.suppression.store import (KeyFileError, SuppressionList, load_key,
                                    load_or_create_key)
 
 DEFAULT_STORE = "./var/suppression/suppression.sqlite"

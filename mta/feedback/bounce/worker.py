@@ -36,7 +36,7 @@ from .report import FailedRecipient, Feedback, Report
 
 __all__ = ["Parsed", "ParserPool"]
 
-log = logging.getLogger("mta.bounce.worker")
+log = logging.getLogger("mta.feedback.bounce.worker")
 
 _MAX_REPLY = 64 << 20            # a reply larger than this is a broken child
 _HEADER_FIELDS = 500             # fields of the returned original's header sent back...
@@ -96,6 +96,10 @@ class _BadReply(Exception):
     """The child answered something that is not a reply of ours."""
 
 
+_READY = b"RDY1"        # the child's first bytes: started, rules loaded
+_START_TIMEOUT = 60.0    # seconds a child may take to start (not a parse budget)
+
+
 class _Worker:
     """One child process; requests are strictly one at a time."""
 
@@ -106,11 +110,23 @@ class _Worker:
     async def spawn(cls, settings: dict) -> "_Worker":
         env = dict(os.environ)
         # the child imports this very package, wherever the daemon was started from
-        root = str(Path(__file__).resolve().parent.parent.parent)
+        root = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from mta.bounce.worker import child_main; child_main()", json.dumps(settings),
+            sys.executable, "-c", "from mta.feedback.bounce.worker import child_main; child_main()", json.dumps(settings),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
+        # The child says it is ready before the first request, so a start-up slowed by a
+        # loaded machine (interpreter, email package, rule files) never counts against a
+        # message's parse budget.
+        assert proc.stdout is not None
+        try:
+            hello = await asyncio.wait_for(proc.stdout.readexactly(len(_READY)), _START_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            hello = b""
+        if hello != _READY:
+            worker = cls(proc)
+            await worker.kill()
+            raise OSError(f"bounce parser process did not start (exit status {proc.returncode})")
         return cls(proc)
 
     async def request(self, data: bytes) -> dict:
@@ -220,6 +236,8 @@ def child_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (settings["memory"], settings["memory"]))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr                          # a stray print must not corrupt the replies
+    out.write(_READY)
+    out.flush()
     while True:
         head = inp.read(4)
         if len(head) < 4:

@@ -28,7 +28,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mta.listener.session import SmtpSession
+    from mta.ingest.session import SmtpSession
 
 log = logging.getLogger("mta.governor")
 _REPORT_EVERY = 60.0   # seconds between reports of reaching the budget (it can flip often)

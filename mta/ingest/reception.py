@@ -21,15 +21,15 @@ import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-from mta.ids import id_text, new_id
-from mta.listener.governor import DataMemory
-from mta.logs.records import RecordType
-from mta.replies import REPLIES, reply
+from mta.ingest.governor import DataMemory
+from mta.model.ids import id_text, new_id
+from mta.model.log_records import RecordType
+from mta.model.replies import REPLIES, reply
 
 if TYPE_CHECKING:
     from mta.config import Config
-    from mta.listener.recipients import RecipientPolicy
-    from mta.listener.session import SmtpSession
+    from mta.feedback.rcpt_policy import RecipientPolicy
+    from mta.ingest.session import SmtpSession
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
@@ -65,7 +65,7 @@ class Reception:
         self.on_stored: Callable[[bytes, dict], None] | None = None
         # DKIM at reception (signing.stage = "reception"): sign before the spool write.
         self.dkim: Any = None
-        # Suppression and the bounce domain (mta/listener/recipients.py); None: neither.
+        # Suppression and the bounce domain (mta/feedback/rcpt_policy.py); None: neither.
         self.policy: RecipientPolicy | None = None
         self.memory = DataMemory(config.server.data_memory_budget, config.server.data_memory_wait)
 

@@ -4,7 +4,7 @@ Where the original is: a message/rfc822 (or message/global) part, a
 text/rfc822-headers part, or quoted inline after a separator in the notice of
 a non-standard bounce. Our id is in the Received: field this MTA adds on
 reception ("by HOSTNAME (mta) with ESMTP id <32 hex digits>", see
-mta/listener/reception.py) or in an X-Mta-Id: header field.
+mta/ingest/reception.py) or in an X-Mta-Id: header field.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                            "reason", "time"),
     RecordType.SUPPRESSED: ("sender", "recipient", "scope", "reason", "client_ip", "listener",
                             "time"),
-    # proof: what let the report act (mta/feedback_trust.py); ignored: why it did not;
+    # proof: what let the report act (mta/feedback/trust.py); ignored: why it did not;
     # kind "unparsed" (over the parser's budget) adds reason, attempts and saved_as
     RecordType.OOB: ("id", "bounce_id", "recipient", "status", "category", "hard", "family",
                      "reporting_mta", "kind", "verp", "verp_index", "proof", "ignored",

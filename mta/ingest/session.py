@@ -20,10 +20,10 @@ import logging
 from typing import TYPE_CHECKING
 
 from mta._native.wire import EV_CLOSE, EV_MESSAGE, ServerCore
-from mta.replies import reply
+from mta.model.replies import reply
 
 if TYPE_CHECKING:
-    from mta.listener.server import Listener
+    from mta.ingest.listener import Listener
 
 log = logging.getLogger("mta.session")
 

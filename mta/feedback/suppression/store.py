@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-log = logging.getLogger("mta.suppression")
+log = logging.getLogger("mta.feedback.suppression")
 
 KEY_SIZE = 32
 HASH_PREFIX = "hmac-sha256:"

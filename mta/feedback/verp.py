@@ -17,7 +17,7 @@ e.g. b-aaaqeayeaudaocajbifqydiob447-ph6hwkjnfom7yw7qjezi@bounce.example: 48 octe
 the prefix and the index digits, so 54 with prefix "b" and index 99999 (the largest a
 listener accepts); a prefix of up to 11 characters fits with five-digit indexes.
 
-The recipient is bound in its suppression form (mta.suppression.normalise: lowercased,
+The recipient is bound in its suppression form (mta.feedback.suppression.normalise: lowercased,
 A-label domain), the form a suppression acts on, so a DSN that spells the address in
 another case still matches.
 
@@ -45,7 +45,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from mta.suppression import normalise
+from mta.feedback.suppression import normalise
 
 MAC_BYTES = 10            # 80 bits: forging takes ~2^80 tries, each one a report we receive
 MAX_LOCAL = 64            # RFC 5321 4.5.3.1.1

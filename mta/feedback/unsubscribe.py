@@ -11,12 +11,12 @@ the suppression list with reason "unsubscribe" in the token's scope.
 Tokens carry the recipient's suppression HASH (HMAC-SHA256 of the normalised address
 under the suppression key), never the address, plus the scope and a MAC, url-safe
 base64 without padding. `key` everywhere here is the suppression key (the 32-byte key
-file of mta/suppression); the token MAC uses a key derived from it, so one secret
+file of mta/feedback/suppression); the token MAC uses a key derived from it, so one secret
 serves both and a token MAC can never be confused with an address hash. Tokens do not
 expire (RFC 8058 does not ask for it; a list link should keep working); rotating the
 key invalidates every outstanding link.
 
-The server: HTTP/1.1 on asyncio streams, no framework (like mta/admin.py), one request
+The server: HTTP/1.1 on asyncio streams, no framework (like mta/control/admin.py), one request
 per connection (Connection: close). Bounded: request head size, header count, body
 size, an idle/request timeout, a connection cap; optional TLS via an ssl.SSLContext.
 Trust: every byte is from the Internet; errors answer with a fixed text, never with
@@ -38,10 +38,10 @@ import urllib.parse
 from email.parser import BytesParser
 from email.policy import HTTP
 
-from mta.suppression.store import (SuppressionList, address_hash, check_scope, hash_text,
+from mta.feedback.suppression.store import (SuppressionList, address_hash, check_scope, hash_text,
                                    parse_hash)
 
-log = logging.getLogger("mta.unsubscribe")
+log = logging.getLogger("mta.feedback.unsubscribe")
 
 _VERSION = b"\x01"
 _MAC_BYTES = 16

@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from mta.queue_name import parse_name
-from mta.queues.scheduled import InsertReason
+from mta.model.queue_name import parse_name
+from mta.model.queued import InsertReason
 
 if TYPE_CHECKING:
     from mta.delivery.dispatcher import Dispatcher

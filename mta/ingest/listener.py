@@ -13,12 +13,12 @@ import ipaddress
 import socket
 from typing import TYPE_CHECKING
 
-from mta.listener.session import SmtpSession
-from mta.listener.settings import server_settings
+from mta.ingest.session import SmtpSession
+from mta.ingest.settings import server_settings
 
 if TYPE_CHECKING:
     from mta.config import ListenerConfig
-    from mta.listener.reception import Reception
+    from mta.ingest.reception import Reception
 
 _SWEEP_INTERVAL = 1.0
 

@@ -1,13 +1,13 @@
 """Feedback state shared by reception, delivery and the bounce intake (issue 5).
 
 One `Feedback` per Server holds what those stages share: the reply classifier
-(mta/bounce, operator rule files re-read on a timer), the suppression list
-(mta/suppression, one SQLite connection used from the loop thread only), the
+(mta/feedback/bounce, operator rule files re-read on a timer), the suppression list
+(mta/feedback/suppression, one SQLite connection used from the loop thread only), the
 secret that signs VERP return paths and unsubscribe tokens (the suppression key
 file), and counters of hard bounces and complaints per (source, site) for the
 shaping layer and the admin API. It decides nothing about SMTP itself: the
-recipient policy (mta/listener/recipients.py), Outcomes, the Dispatcher and the
-intake (mta/bounce_intake.py) call it.
+recipient policy (mta/feedback/rcpt_policy.py), Outcomes, the Dispatcher and the
+intake (mta/feedback/intake.py) call it.
 
 Diagnostics: a bad rule file (RulesError) or VERP prefix (ValueError) at start
 becomes a ConfigError in Server; a bad
@@ -24,17 +24,17 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Callable
 
-from mta import verp
-from mta.bounce import Classifier, RulesError
 from mta.config import ConfigError
-from mta.feedback_trust import networks_contain
-from mta.suppression import SuppressionList, load_or_create_key
-from mta.unsubscribe import list_unsubscribe_headers
+from mta.feedback import verp
+from mta.feedback.bounce import Classifier, RulesError
+from mta.feedback.suppression import SuppressionList, load_or_create_key
+from mta.feedback.trust import networks_contain
+from mta.feedback.unsubscribe import list_unsubscribe_headers
 
 if TYPE_CHECKING:
     from mta.config import Config
 
-log = logging.getLogger("mta.feedback")
+log = logging.getLogger("mta.feedback.state")
 
 RULES_RELOAD_INTERVAL = 3.0        # seconds between mtime checks of the operator rule files
 WRITE_INTERVAL = 0.05              # least time between two suppression batch writes (fsyncs)
@@ -174,7 +174,7 @@ class Feedback:
                            self.verp_prefix, self.bounce_domain)
 
     def verp_token(self, address: str) -> verp.Token | None:
-        """The unverified token in one of our return paths (see mta/feedback_trust.py)."""
+        """The unverified token in one of our return paths (see mta/feedback/trust.py)."""
         if not self.bounce_domain:
             return None
         return verp.parse(address, self.verp_prefix, self.bounce_domain)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mta.model.verdict import Verdict
+
 __all__ = ["CATEGORIES", "Classifier", "RulesError", "Verdict", "SHIPPED_RULES"]
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,6 @@ _RULE_KEYS = frozenset({"name", "code", "status", "text", "not_text", "category"
 
 class RulesError(ValueError):
     """A rules file is unreadable or a rule in it is malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    category: str
-    hard: bool
-    rule: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ OOB/Feedback record):
   trusted_source           a complaint delivered by a client in [bounces]
                            trusted_fbl_sources (the SMTP peer address of the session that
                            brought the report)
-A VERP return path is bound to one recipient and expires (mta/verp.py), so it acts on
+A VERP return path is bound to one recipient and expires (mta/feedback/verp.py), so it acts on
 that recipient only, and only until then; a trusted source vouches for the recipient
 its complaint names, and for complaints only. A record that would have acted but could
 not says why in `ignored`: no_verp, verp_mismatch, verp_expired, verp_legacy,
@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from mta import verp
-from mta.ids import id_text
+from mta.feedback import verp
+from mta.model.ids import id_text
 
 if TYPE_CHECKING:
-    from mta.bounce.report import Report
-    from mta.feedback import Feedback
+    from mta.feedback.bounce.report import Report
+    from mta.feedback.state import Feedback
 
 MAX_TOKENS = 4       # distinct return paths taken from one report
 MAX_CHECKS = 256     # HMAC verifications per report

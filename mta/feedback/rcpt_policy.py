@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from mta.replies import REPLIES
+from mta.model.replies import REPLIES
 
 if TYPE_CHECKING:
-    from mta.feedback import Feedback
+    from mta.feedback.state import Feedback
 
 
 def _domain(address: str) -> str:

@@ -1,13 +1,13 @@
 """Builds the native core's per-listener settings from a listener's config.
 
-The reply lines come from mta.replies (the one reply table); slots that are
+The reply lines come from mta.model.replies (the one reply table); slots that are
 fixed per listener (our hostname, the SIZE limit) are filled here once, and
 the one slot that varies per session (the client's HELO name) stays "{}".
 """
 from __future__ import annotations
 
 from mta._native.wire import ServerSettings
-from mta.replies import REPLIES, ehlo_lines, reply
+from mta.model.replies import REPLIES, ehlo_lines, reply
 
 
 def server_settings(hostname: str, banner: str, *, bare_newline: str = "reject",

@@ -1,0 +1,4 @@
+"""Ingest, the first stage: listening sockets (listener.py), SMTP sessions
+(session.py, settings.py), the DATA memory governor (governor.py) and the
+reception policy that spools a message before its 250 (reception.py).
+"""

@@ -1,1 +1,0 @@
-"""Reception: listening sockets, SMTP sessions, reception policy."""
