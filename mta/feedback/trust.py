@@ -27,14 +27,13 @@ from __future__ import annotations
 import ipaddress
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from mta.feedback import verp
 from mta.model.ids import id_text
 
 if TYPE_CHECKING:
     from mta.feedback.bounce.report import Report
-    from mta.feedback.state import Feedback
 
 MAX_TOKENS = 4       # distinct return paths taken from one report
 MAX_CHECKS = 256     # HMAC verifications per report
@@ -49,6 +48,15 @@ NO_RECIPIENT = "no_recipient"
 CHECK_BUDGET = "check_budget"
 # when several return paths fail, the most telling reason is logged
 _RANK = {verp.EXPIRED: 3, verp.LEGACY: 2, verp.MISMATCH: 1, CHECK_BUDGET: 0}
+
+
+class Keys(Protocol):
+    """What proof needs of the feedback state (mta/feedback/state.py implements it):
+    the VERP secret and the trusted FBL sources, not the rest of the state."""
+
+    def verp_token(self, address: str) -> verp.Token | None: ...   # unverified, None: not ours
+    def verify_verp(self, token: verp.Token, recipient: str, now: float) -> str: ...  # verp.VALID...
+    def trusted_fbl(self, client_ip: str | None) -> bool: ...   # a trusted_fbl_sources client?
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,7 @@ class Verdict:
 class Evidence:
     """The proof one report carries, gathered once; `prove` asks about one recipient."""
 
-    def __init__(self, feedback: Feedback, env: dict, idxs: list[int], report: Report,
+    def __init__(self, feedback: Keys, env: dict, idxs: list[int], report: Report,
                  now: float | None = None):
         self.feedback = feedback
         self.now = time.time() if now is None else now
