@@ -26,11 +26,12 @@ class Throttle:
     after a pause, at the price of exceeding the rate over short windows.
     """
 
-    __slots__ = ("rate", "burst", "_per_second", "_tokens", "_last")
+    __slots__ = ("_last", "_own_burst", "_per_second", "_tokens", "burst", "rate")
 
     def __init__(self, rate: Rate, burst: float | None = None) -> None:
         if not rate.per_second > 0:
             raise ValueError(f"rate {rate} must be above 0")
+        self._own_burst = burst is None      # the burst follows the rate (set_rate)
         if burst is None:
             burst = max(1.0, rate.per_second)
         if not burst >= 1:
@@ -41,14 +42,30 @@ class Throttle:
         self._tokens = self.burst            # a new path starts with a full bucket
         self._last: float | None = None      # clock time of the last refill
 
-    def delay(self, now: float) -> float:
-        """0.0 if a token is available (it is taken); else seconds until one is."""
+    def set_rate(self, rate: Rate, now: float) -> None:
+        """Go on at `rate` (a live shaping change, mta/egress/limits.py): the tokens
+        earned until `now` at the old rate are kept, capped at the new burst, so a
+        change neither hands out a fresh burst nor takes back what was earned."""
+        if not rate.per_second > 0:
+            raise ValueError(f"rate {rate} must be above 0")
+        self._refill(now)
+        self.rate = rate
+        self._per_second = rate.per_second
+        if self._own_burst:
+            self.burst = max(1.0, rate.per_second)
+        self._tokens = min(self._tokens, self.burst)
+
+    def _refill(self, now: float) -> None:
         last = self._last
         # A clock that steps back refills nothing rather than draining the bucket.
         if last is not None and now > last:
             self._tokens = min(self.burst, self._tokens + (now - last) * self._per_second)
         if last is None or now > last:
             self._last = now
+
+    def delay(self, now: float) -> float:
+        """0.0 if a token is available (it is taken); else seconds until one is."""
+        self._refill(now)
         # 1e-9: after waiting exactly the delay returned, float rounding may leave
         # 0.9999999999 tokens; without the slack the caller would spin on tiny delays.
         if self._tokens >= 1.0 - 1e-9:
