@@ -1,8 +1,8 @@
 """Ready queue per (egress source, site): messages due now, waiting for a connection.
 
 One lane per queue class present (transactional, bulk, ...), each bounded on
-its own: when a lane is full, `push` refuses; the scheduler parks the message
-in its scheduled queue's backlog and marks that queue blocked here. Each `pop`
+its own: when a lane is full, `offer` parks the message in its scheduled
+queue's backlog and marks that queue blocked here. Each `pop`
 refills from the blocked queues (round-robin), so a slow site with a million
 due messages costs no polling and no timer churn: they wait in place. Because
 every class has its own lane and bound, a bulk flood can never fill the room a
@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from mta.egress.sites import Site
     from mta.model.queued import QueuedMessage
-    from mta.queues.scheduled import ScheduledQueue
 
 
 class Throttle(Protocol):
     def delay(self, now: float) -> float: ...   # 0: a token was taken; else seconds to wait
+
+
+class Upstream(Protocol):
+    """A scheduled queue as its ready queues see it (ScheduledQueue in scheduled.py);
+    hashable, one FIFO per upstream in its lane."""
+    name: str                        # the queue name, for per_queue()
+    klass: str                       # its queue class: the lane it goes to
+    backlog: deque[QueuedMessage]    # due messages parked while the lane was full
 
 
 class _Lane:
@@ -38,15 +45,16 @@ class _Lane:
         self.name = name
         self.weight = weight
         self.credit = 0
-        self.fifos: OrderedDict[ScheduledQueue, deque[QueuedMessage]] = OrderedDict()
-        self.blocked: OrderedDict[ScheduledQueue, None] = OrderedDict()  # queues with a backlog for us
+        self.fifos: OrderedDict[Upstream, deque[QueuedMessage]] = OrderedDict()
+        self.blocked: OrderedDict[Upstream, None] = OrderedDict()  # queues with a backlog for us
         self.len = 0
         self.throttle = throttle
 
 
 class ReadyQueue:
     def __init__(self, source: str, site: Site, capacity: int,
-                 lane_for: dict[str, tuple[int, Throttle | None]] | None = None):
+                 lane_for: dict[str, tuple[int, Throttle | None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.source = source            # egress source name
         self.site = site                # the destination MX set (refreshed when DNS changes)
         self.capacity = capacity        # per lane
@@ -56,6 +64,7 @@ class ReadyQueue:
         self._lanes: dict[str, _Lane] = {}
         self._len = 0
         self.wait_hint = 0.0            # after a None pop with messages left: seconds to wait
+        self._clock = clock             # the class throttles' clock (the loop's, in the engine)
 
     def __len__(self) -> int:
         return self._len
@@ -65,7 +74,7 @@ class ReadyQueue:
         """Lanes with messages or blocked queues (a queue's backlog waits for this one)."""
         return len(self._lanes)
 
-    def _lane(self, queue: ScheduledQueue) -> _Lane:
+    def _lane(self, queue: Upstream) -> _Lane:
         lane = self._lanes.get(queue.klass)
         if lane is None:
             weight, throttle = self._lane_for.get(queue.klass, (1, None))
@@ -84,7 +93,17 @@ class ReadyQueue:
         self._len += 1
         return True
 
-    def block(self, queue: ScheduledQueue) -> None:
+    def offer(self, msg: QueuedMessage) -> bool:
+        """A due message: into its lane (True), or, the lane being full, parked at the end
+        of its scheduled queue's backlog with the queue marked blocked here, so `pop`
+        pulls it in as room frees (False). Nothing polls: this is the whole backlog protocol."""
+        if self.push(msg):
+            return True
+        msg.queue.backlog.append(msg)
+        self.block(msg.queue)
+        return False
+
+    def block(self, queue: Upstream) -> None:
         self._lane(queue).blocked[queue] = None
 
     def _refill(self, lane: _Lane) -> None:
@@ -109,9 +128,9 @@ class ReadyQueue:
             return None
         if len(lanes) == 1:                   # the common case: one class at this site
             lane = next(iter(lanes.values()))
-            return self._take(lane, time.monotonic() if lane.throttle else 0.0)
+            return self._take(lane, self._clock() if lane.throttle else 0.0)
         # Smooth weighted round-robin over the lanes that have something to give.
-        now = time.monotonic()
+        now = self._clock()
         candidates = []
         total = 0
         for lane in lanes.values():
@@ -151,7 +170,7 @@ class ReadyQueue:
         self._len -= 1
         return msg
 
-    def drain(self, queue: ScheduledQueue | None = None) -> list[QueuedMessage]:
+    def drain(self, queue: Upstream | None = None) -> list[QueuedMessage]:
         """Everything waiting (backlogs included), or only `queue`'s messages: a site-level
         failure defers them all; a rebind or a source suspension moves them elsewhere."""
         out: list[QueuedMessage] = []

@@ -17,15 +17,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
+from mta.model.envelope import Envelope
 from mta.model.queue_name import format_name
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.timerwheel import TimerWheel
 
 if TYPE_CHECKING:
-    from mta.delivery.dispatcher import Dispatcher
     from mta.egress.sites import Site
+    from mta.queues.ready import ReadyQueue
 
 log = logging.getLogger("mta.scheduler")
 
@@ -58,31 +59,47 @@ class ScheduledQueue:
 
 # (queue) -> site; raises the resolver's ResolveError
 RouteFn = Callable[[ScheduledQueue], Awaitable["Site"]]
+
+
+class Outlet(Protocol):
+    """Where due messages go: one ready queue and the one who serves it (delivery's
+    Dispatcher implements it). The scheduler only offers messages and says so."""
+
+    @property
+    def ready(self) -> ReadyQueue: ...   # the (source, site) ready queue
+    def wake(self) -> None: ...          # messages arrived: use or open a connection
+
+
+# (queue, site) -> its outlet now (the delivery side picks the egress source)
+OutletFn = Callable[[ScheduledQueue, "Site"], Outlet]
 # envelope -> (queue class, pool name)
-SelectFn = Callable[[dict], tuple[str, str]]
+SelectFn = Callable[[Envelope], tuple[str, str]]
 
 
-def _no_selection(envelope: dict) -> tuple[str, str]:
+def _no_selection(envelope: Envelope) -> tuple[str, str]:
     return "bulk", "default"
 
 
 class Scheduler:
-    def __init__(self, *, route: RouteFn,
-                 dispatcher_for: Callable[[ScheduledQueue, "Site"], "Dispatcher"],
+    def __init__(self, *, route: RouteFn, outlet_for: OutletFn,
                  on_route_failure: Callable[[QueuedMessage, Exception], None],
                  select: SelectFn = _no_selection, defaults: tuple[str, str] = ("bulk", "default"),
-                 tick: float = 1.0, hold: bool = False):
+                 tick: float = 1.0, hold: bool = False,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.hold = hold                  # delivery.hold: queue everything, route nothing
+        self.clock = clock                # wall time: due times, suspensions
+        self.monotonic = monotonic        # the loop's clock: how long a route stays cached
         self.route = route
         self.select = select              # egress rules: class and pool of a message
         self.defaults = defaults          # (class, pool) left out of queue names
-        self.dispatcher_for = dispatcher_for
+        self.outlet_for = outlet_for
         self.on_route_failure = on_route_failure
         self.queues: dict[str, ScheduledQueue] = {}
         self._names: dict[tuple, str] = {}   # (campaign, tenant, domain, class, pool) -> name
         # insertions by reason since start (operator view: why mail is waiting)
         self.inserts: dict[InsertReason, int] = dict.fromkeys(InsertReason, 0)
-        self.wheel = TimerWheel(time.time(), tick=tick)
+        self.wheel = TimerWheel(clock(), tick=tick)
         self.tick = tick
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,7 +116,7 @@ class Scheduler:
             self._timer = None
 
     def _on_tick(self) -> None:
-        self.wheel.advance(time.time(), self._on_due)
+        self.wheel.advance(self.clock(), self._on_due)
         assert self._loop is not None
         self._timer = self._loop.call_later(self.tick, self._on_tick)
 
@@ -122,19 +139,17 @@ class Scheduler:
                                                    campaign or "", klass, pool)
         return q
 
-    def submit(self, msg_id: bytes, envelope: dict, done: set[int] | frozenset = frozenset(),
+    def submit(self, msg_id: bytes, envelope: Envelope, done: set[int] | frozenset = frozenset(),
                reason: InsertReason = InsertReason.RECEIVED) -> list[QueuedMessage]:
         """Queue a durable message: one QueuedMessage per recipient domain."""
         by_domain: dict[str, list[int]] = {}
-        for i, rcpt in enumerate(envelope["rcpts"]):
+        for i, rcpt in enumerate(envelope.recipients):
             if i not in done:
-                addr = rcpt[0]
-                domain = addr.rpartition("@")[2].lower() or "localhost"
-                by_domain.setdefault(domain, []).append(i)
+                by_domain.setdefault(rcpt.domain or "localhost", []).append(i)
         out = []
         klass, pool = self.select(envelope)
         for domain, idxs in by_domain.items():
-            q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain, klass, pool)
+            q = self.queue_for(envelope.campaign, envelope.tenant, domain, klass, pool)
             msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)
@@ -157,7 +172,7 @@ class Scheduler:
     # -- due -> ready ---------------------------------------------------------------------
 
     def _on_due(self, msg: QueuedMessage) -> None:
-        if msg.due == 0.0 or msg.due > time.time() + self.tick:
+        if msg.due == 0.0 or msg.due > self.clock() + self.tick:
             return  # stale wheel entry: the message was moved since (lazy cancel)
         self.make_ready(msg, InsertReason.TRANSIENT_FAILURE)
 
@@ -168,11 +183,11 @@ class Scheduler:
             msg.due = 0.0
             q.backlog.append(msg)
             return
-        if q.suspended_until and q.suspended_until > time.time():
+        if q.suspended_until and q.suspended_until > self.clock():
             self.hold_back(msg)
             return
         msg.due = 0.0
-        if q.site is not None and q.site_expires > time.monotonic():
+        if q.site is not None and q.site_expires > self.monotonic():
             self._to_ready(msg, q.site)
             return
         if q.resolving is not None:
@@ -195,21 +210,17 @@ class Scheduler:
         q.site = site
         # Site.expires is loop time; the cache check uses monotonic time
         ttl = site.expires - asyncio.get_running_loop().time() if site.expires else 60.0
-        q.site_expires = time.monotonic() + max(1.0, ttl)
+        q.site_expires = self.monotonic() + max(1.0, ttl)
         waiting, q.resolving = q.resolving or [], None
         for msg in waiting:
             self._to_ready(msg, site)
 
     def _to_ready(self, msg: QueuedMessage, site: Site) -> None:
-        d = self.dispatcher_for(msg.queue, site)
-        if d.ready.push(msg):
-            d.wake()
-        else:
-            # Backpressure without polling: the ready queue pulls from the backlog as
-            # connections take messages (ReadyQueue.pop refills).
+        outlet = self.outlet_for(msg.queue, site)
+        if outlet.ready.offer(msg):
+            outlet.wake()
+        else:   # parked in the queue's backlog; the ready queue pulls it (ReadyQueue.offer)
             self.inserts[InsertReason.READY_FULL] += 1
-            msg.queue.backlog.append(msg)
-            d.ready.block(msg.queue)
 
     # -- operator controls -----------------------------------------------------------------
 
@@ -224,7 +235,7 @@ class Scheduler:
 
     def suspend(self, q: ScheduledQueue, seconds: float) -> None:
         """Stop handing out `q`'s messages for `seconds` (resume() ends it early)."""
-        q.suspended_until = time.time() + seconds
+        q.suspended_until = self.clock() + seconds
         if q.resume is not None:
             q.resume.cancel()
         assert self._loop is not None
@@ -243,7 +254,7 @@ class Scheduler:
     # -- operator view ----------------------------------------------------------------------
 
     def summary(self) -> dict[str, dict]:
-        now = time.time()
+        now = self.clock()
         return {q.name: {"count": q.count, "site": q.site.name if q.site else None,
                          "class": q.klass, "pool": q.pool, "backlog": len(q.backlog),
                          "held": len(q.held or ()),
