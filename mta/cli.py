@@ -97,7 +97,7 @@ def _print_result(status: int, data: object) -> int:
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
-    from mta.config.schema import Invalid, parse_duration
+    from mta.config.values import Invalid, parse_duration
     if args.kind == "pair" and not args.site:
         raise SystemExit(f"mta {args.command} pair needs SOURCE and SITE")
     body = {"kind": args.kind, "name": args.name, "site": args.site or ""}

@@ -95,17 +95,32 @@ def test_bad_rules_file_keeps_old_rules(tmp_path: Path):
     with pytest.raises(RulesError) as ei:
         c.reload_if_changed()
     msg = str(ei.value)
-    assert str(ops) in msg and "rule #2" in msg and "broken-one" in msg and "regex" in msg
+    assert str(ops) in msg and "rule #2" in msg and "broken-one" in msg
+    assert 'text: "([unclosed" is not a regular expression' in msg
     assert c.classify(550, None, "zzz-special").category == "virus"   # old rules still active
 
 
 @pytest.mark.parametrize("body,problem", [
-    ('[[rule]]\nname = "x"\ncategory = "nonsense"\n', "unknown category"),
-    ('[[rule]]\nname = "x"\ncategory = "policy"\ncode = "6xx"\n', "bad 'code'"),
-    ('[[rule]]\nname = "x"\ncategory = "policy"\nstatus = "5.1"\n', "bad status pattern"),
-    ('[[rule]]\ncategory = "policy"\n', "missing 'name'"),
-    ('[[rule]]\nname = "x"\ncategory = "policy"\ncolour = "red"\n', "unknown key"),
-    ('[[rule]\n', "not valid TOML"),
+    ('[[rule]]\nname = "x"\ncategory = "nonsense"\n',
+     'rule #1 (\'x\'): category: "nonsense" is not one of "auto_reply", "bad_sender", '),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\ncode = "6xx"\n',
+     "rule #1 ('x'): code: expected a reply code: 550, \"5xx\", \"55x\" or [lo, hi], "
+     'got string "6xx"'),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\ncode = 600\n',
+     "rule #1 ('x'): code: reply code 600 is outside 200..599"),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\nstatus = "5.1"\n',
+     "rule #1 ('x'): status: \"5.1\" is not a status pattern"),
+    ('[[rule]]\ncategory = "policy"\n', "rule #1: name: required"),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\ncolour = "red"\n',
+     "rule #1 ('x'): colour: unknown key (allowed: name, code, status, text, not_text, "
+     "category, hard)"),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\ntext = ""\n',
+     "rule #1 ('x'): text: an empty regular expression would match everything"),
+    ('[[rule]]\nname = "x"\ncategory = "policy"\ntext = []\n',
+     "rule #1 ('x'): text: expected a regular expression or a non-empty array of them"),
+    ("rule = 3\n", "'rule' must be an array of tables"),
+    ("rule = [3]\n", "rule #1: expected a table, got integer 3"),
+    ('[[rule]\n', "TOML syntax error at line 1"),
 ])
 def test_bad_rules_file_messages(tmp_path: Path, body: str, problem: str):
     f = tmp_path / "bad.toml"

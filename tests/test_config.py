@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from mta.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
-from mta.config.load import check_value
-from mta.config.schema import SECTIONS, Invalid, SpoolConfig, keys_of, parse_duration, parse_size
+from mta.config.schema import SECTIONS, SpoolConfig, keys_of
+from mta.config.values import Invalid, check_value, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

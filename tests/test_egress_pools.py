@@ -134,7 +134,8 @@ def test_check_config_reports_a_bad_shaping_file(tmp_path, capsys):
 
 
 def test_class_rate_limit_skips_a_throttled_lane():
-    from mta.egress.throttle import Rate, Throttle
+    from mta.egress.throttle import Throttle
+    from mta.model.rate import Rate
     warm = ScheduledQueue("warmup/b@x", "x", "", "", klass="warmup")
     bulk = ScheduledQueue("b@x", "x", "", "", klass="bulk")
     rq = ReadyQueue("s", _Site(), capacity=100,

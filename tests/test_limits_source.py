@@ -10,7 +10,8 @@ from virtual_time import VirtualLoop
 
 from mta.config.load import parse_config
 from mta.egress.limits import LimitsError, LimitsSource, Scope
-from mta.egress.shaping import Rate, Shaping
+from mta.egress.shaping import Shaping
+from mta.model.rate import Rate
 
 DELIVERY = dataclasses.asdict(parse_config("").delivery)
 GMAIL_MX = ("alt1.gmail-smtp-in.l.google.com", "gmail-smtp-in.l.google.com")

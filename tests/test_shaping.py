@@ -10,8 +10,10 @@ import tomllib
 import pytest
 
 from mta.config.load import parse_config
-from mta.egress.shaping import KEYS, SHIPPED, Limits, Rate, Shaping, ShapingError
-from mta.egress.throttle import Throttle, parse_rate
+from mta.config.values import parse_rate
+from mta.egress.shaping import KEYS, SHIPPED, Limits, Shaping, ShapingError
+from mta.egress.throttle import Throttle
+from mta.model.rate import Rate
 
 DELIVERY = dataclasses.asdict(parse_config("").delivery)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mta.config.schema import SECTIONS, VALUE_TYPES, Key, keys_of, render  # noqa: E402
+from mta.config.schema import SECTIONS, keys_of  # noqa: E402
+from mta.config.values import VALUE_TYPES, Key, render  # noqa: E402
 
 DOC_PATH = ROOT / "docs" / "config.md"
 

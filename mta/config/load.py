@@ -3,8 +3,9 @@
 `mta serve` and `mta check-config` call load_config() once at start-up; the Config it
 returns is handed section by section to the components daemon.py builds. Every key comes
 from the tables in schema.py: a missing key takes its default, an unknown key is an error
-(KumoMTA `deny_unknown_fields`), and a value goes through its type's parser, then its
-choices, then its bounds. Command-line flags (--listen, --spool-dir) arrive as overrides
+(KumoMTA `deny_unknown_fields`), and a value goes through the TOML value checker
+(values.py, shared with the shaping and rule files): its type's parser, then its choices,
+then its bounds. Command-line flags (--listen, --spool-dir) arrive as overrides
 and are checked with the same key definitions.
 
 Reads: the given file, or the built-in mta/config/default.toml. Writes nothing.
@@ -22,21 +23,20 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from mta.config.schema import (
-    SECTIONS,
-    Config,
+from mta.config.schema import SECTIONS, Config, ListenerConfig, SpoolConfig, keys_of
+from mta.config.values import (
     Invalid,
     Key,
-    ListenerConfig,
-    SpoolConfig,
+    check_value,
     describe,
-    keys_of,
     parse_hostport,
+    parse_toml,
+    read_text,
     render,
+    unknown_key,
 )
 
 # Shipped in the package; `mta serve` without -c runs on it.
@@ -79,14 +79,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
         file, source = Path(path), os.fspath(path)
         base = file.absolute().parent
     try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise ConfigError([f"cannot read the file: {e.strerror or e}"], source) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"not UTF-8 (TOML files must be): invalid byte at offset "
-                           f"{e.start}"], source) from None
+        text = read_text(file)
+    except Invalid as e:
+        raise ConfigError([str(e)], source) from None
     return parse_config(text, source, base, overrides)
 
 
@@ -97,9 +92,9 @@ def parse_config(text: str, source: str = "<string>",
     problems: list[str] = []
     base = Path(os.path.abspath(base_dir)) if base_dir is not None else Path.cwd()
     try:
-        data: dict[str, Any] | None = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        problems.append(_syntax_problem(e))
+        data: dict[str, Any] | None = parse_toml(text)
+    except Invalid as e:
+        problems.append(str(e))
         data = None
     flags = _parse_overrides(overrides or {}, problems)
     if data is None:
@@ -112,27 +107,6 @@ def parse_config(text: str, source: str = "<string>",
     if problems:
         raise ConfigError(problems, source)
     return _build(sections, source)
-
-
-def _syntax_problem(e: tomllib.TOMLDecodeError) -> str:
-    # tomllib (3.11) puts the position only in the text: "Invalid value (at line 3, column 8)".
-    m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", str(e), re.DOTALL)
-    if m is None:
-        return f"TOML syntax error: {e}"
-    return f"TOML syntax error at {m[2]}: {m[1]}"
-
-
-def check_value(k: Key, raw: object, base: Path) -> Any:
-    """One value through its key's type, choices and bounds; raises Invalid."""
-    value = k.type.parse(raw, base)
-    if k.choices and value not in k.choices:
-        raise Invalid(f"{render(value)} is not one of {k.allowed()}")
-    if k.lo is not None:
-        lo, hi = k.type.parse(k.lo, base), k.type.parse(k.hi, base)
-        # Written so NaN (a valid TOML float) fails too.
-        if not lo <= value <= hi:
-            raise Invalid(f"{render(raw)} is out of range (allowed {k.allowed()})")
-    return value
 
 
 class _Checker:
@@ -200,8 +174,7 @@ class _Checker:
     def _unknown(self, prefix: str, raw: dict[str, Any], allowed: list[str]) -> None:
         for name in raw:
             if name not in allowed:
-                self.problems.append(f"{prefix}{name}: unknown key "
-                                     f"(allowed: {', '.join(allowed)})")
+                self.problems.append(prefix + unknown_key(name, allowed))
 
 
 _LISTEN_RE = re.compile(r"\[([^\]]*)\]:(\d+)|([^:\[\]]*):(\d+)", re.ASCII)

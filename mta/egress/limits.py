@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mta.config.load import check_value
-from mta.config.schema import Invalid
+from mta.config.values import Invalid, check_value
 from mta.egress.shaping import KEYS, Limits, Shaping
-from mta.egress.throttle import Rate, Throttle
+from mta.egress.throttle import Throttle
+from mta.model.rate import Rate
 
 KINDS = ("provider", "site", "source", "pair")   # least specific first
 # Keys an override may not change: `scope` decides whether counters live per path or per

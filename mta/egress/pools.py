@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from mta.config.load import BUILTIN_CLASSES
-from mta.config.schema import Rate
+from mta.model.rate import Rate
 
 if TYPE_CHECKING:
     from mta.config import Config

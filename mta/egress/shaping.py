@@ -62,34 +62,39 @@ Reads: the shaping files, once, at `load`. Writes nothing. Keeps a bounded cache
 resolved Limits (identical Limits are shared).
 Diagnostics: `ShapingError` (fatal: configuration), naming the file, the table path and
 the problem: unknown key (with the allowed ones), wrong type, bad rate, out of range.
+Values go through the config's TOML value checker (mta/config/values.py), so a rate,
+a duration or a regex is read, and refused, as in mta.toml.
 Trust: the files are the operator's; every value is still checked.
 """
 from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.config.load import check_value
-from mta.config.schema import (
+from mta.config.schema import DeliveryConfig, keys_of
+from mta.config.values import (
     CHOICE,
     DURATION,
     HOSTNAME,
-    DeliveryConfig,
+    LIMIT,
+    RATE,
+    REGEX_LIST,
     Invalid,
     Key,
-    ValueType,
-    describe as describe_value,
-    keys_of,
+    check_value,
+    read_toml,
 )
-from mta.egress.throttle import RATE_HELP, Rate, Throttle, parse_rate
+from mta.config.values import (
+    describe as describe_value,
+)
+from mta.model.rate import Rate
 
-__all__ = ["Limits", "Rate", "SHIPPED", "Shaping", "ShapingError", "Throttle", "KEYS"]
+__all__ = ["Limits", "SHIPPED", "Shaping", "ShapingError", "KEYS"]
 
 # The shipped defaults: big mailbox providers, each number with its source.
 SHIPPED = Path(__file__).with_name("shaping.toml")
@@ -108,31 +113,6 @@ class ShapingError(ValueError):
 
 # --- keys ------------------------------------------------------------------------------
 
-
-def _parse_limit(value: object, base: Path) -> int | None:
-    if value == "unlimited":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
-        raise Invalid(f"expected an integer 1..1000000 or \"unlimited\", "
-                      f"got {describe_value(value)}")
-    return value
-
-
-def _parse_patterns(value: object, base: Path) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise Invalid(f"expected an array of regular expressions, got {describe_value(value)}")
-    for i, pattern in enumerate(value):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise Invalid(f"{pattern!r} is not a regular expression: {e}", at=f"[{i}]") from None
-    return tuple(value)
-
-
-RATE = ValueType("rate", parse_rate, RATE_HELP)
-LIMIT = ValueType("limit", _parse_limit, 'an integer, or "unlimited"')
-PATTERNS = ValueType("patterns", _parse_patterns, "an array of regular expressions "
-                     "(Python syntax, case-insensitive)")
 
 _DELIVERY = keys_of(DeliveryConfig)
 # Every key a shaping table may hold, in Limits field order. The keys [delivery] also
@@ -156,7 +136,7 @@ KEYS: dict[str, Key] = {
     "scope": Key(CHOICE, None, "what connection_limit, max_connection_rate and "
                  "max_message_rate are counted over: each (source, site), or the site",
                  choices=("source", "site")),
-    "backoff_on": Key(PATTERNS, None, "4xx replies (matched against \"code status text\") "
+    "backoff_on": Key(REGEX_LIST, None, "4xx replies (matched against \"code status text\") "
                       "that mean the provider is throttling this source: the (source, site) "
                       "pauses for backoff_for"),
     "backoff_for": Key(DURATION, None, "how long a backoff_on match pauses the (source, site)",
@@ -237,13 +217,9 @@ class _Loader:
     def file(self, path: Path) -> None:
         name = str(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ShapingError(name, "", f"cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ShapingError(name, "", f"not UTF-8 text: {e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ShapingError(name, "", f"TOML syntax error: {e}") from None
+            data = read_toml(path)
+        except Invalid as e:
+            raise ShapingError(name, "", str(e)) from None
         for top, raw in data.items():
             if top == "default":
                 self.table(name, ("default",), raw, self.default)
@@ -333,7 +309,7 @@ class _Loader:
         try:
             return check_value(k, raw, Path())
         except Invalid as e:
-            raise ShapingError(file, _path(*path), f"{name}: {e}") from None
+            raise ShapingError(file, _path(*path), f"{name}{e.at}: {e}") from None
 
     def check_patterns(self) -> dict[str, tuple[tuple[str, bool], ...]]:
         """Provider -> its patterns as (suffix or name, is wildcard); no pattern twice."""

@@ -1,4 +1,4 @@
-"""Rates ("600/m") and the token bucket that holds a sender to one.
+"""The token bucket that holds a sender to a Rate ("600/m").
 
 The delivery engine keeps one `Throttle` per (source, site) for each of
 max_message_rate and max_connection_rate (and one per site for the site-wide
@@ -6,15 +6,15 @@ rate). Before sending a message or opening a connection it calls
 `delay(now)`: 0 means go (a token was taken), otherwise it waits that many
 seconds and asks again. The clock is the caller's, so tests run on fake time.
 
-Rate and parse_rate live in mta/config/schema.py (a config value type); reads and
-writes nothing. Diagnostics: `parse_rate` raises
-`mta.config.schema.Invalid` (the shaping loader adds the file and table).
+Rate is a value of mta/model/rate.py, parsed by mta/config/values.py (the config and
+the shaping files). Reads and writes nothing; raises ValueError only for a bad
+argument from the caller.
 """
 from __future__ import annotations
 
-from mta.config.schema import RATE_HELP, Rate, parse_rate
+from mta.model.rate import Rate
 
-__all__ = ["RATE_HELP", "Rate", "Throttle", "parse_rate"]
+__all__ = ["Throttle"]
 
 
 class Throttle:

@@ -11,6 +11,10 @@ All given constraints must hold; the first matching rule wins.
 failure (unknown user, unknown/null-MX domain, moved) and only when the reply
 is permanent; a 4xx never counts as hard, nor do IP blocks or content rejections.
 
+Rule files are checked by the config's TOML value checker (mta/config/values.py):
+a problem names the file, the rule (number and name) and the key, and says what the
+key allows. RulesError is fatal at start-up; on a reload the old rules stay.
+
 Speed: every rule's regexes are joined into one precompiled pattern; a verdict
 is a short loop of integer and regex tests (microseconds). Reloads stat the
 files and re-read only when an mtime changed; a broken file keeps the old rules.
@@ -20,11 +24,23 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mta.config.values import (
+    BOOL,
+    CHOICE,
+    REGEX,
+    REGEX_LIST,
+    Invalid,
+    Key,
+    ValueType,
+    check_table,
+    describe,
+    read_toml,
+    render,
+)
 from mta.model.verdict import Verdict
 
 __all__ = ["CATEGORIES", "Classifier", "RulesError", "Verdict", "SHIPPED_RULES"]
@@ -40,9 +56,6 @@ CATEGORIES = frozenset({
     "protocol_error", "tls_error", "network_error", "system_error",
     "auto_reply", "bad_sender", "unknown",
 })
-
-_RULE_KEYS = frozenset({"name", "code", "status", "text", "not_text", "category", "hard"})
-
 
 class RulesError(ValueError):
     """A rules file is unreadable or a rule in it is malformed."""
@@ -61,28 +74,45 @@ class _Rule:
     hard: bool
 
 
-def _status_pattern(value: object) -> re.Pattern[str]:
+def _parse_rule_name(value: object, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a non-empty string, got {describe(value)}")
+    return value
+
+
+def _parse_code(value: object, base: Path) -> tuple[int, int, str]:
+    """(lo, hi, prefix) from 550, "5xx" / "55x", or [lo, hi]."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 200 <= value <= 599:
+            raise Invalid(f"reply code {value} is outside 200..599")
+        return value, value, ""
+    if isinstance(value, str) and re.fullmatch(r"[2-5](?:\d|[xX])(?:\d|[xX])", value):
+        prefix = re.split(r"[xX]", value, maxsplit=1)[0]
+        return 0, 999, prefix
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[0] <= value[1]):
+        return value[0], value[1], ""
+    raise Invalid(f"expected a reply code: 550, \"5xx\", \"55x\" or [lo, hi], got {describe(value)}")
+
+
+def _parse_status(value: object, base: Path) -> re.Pattern[str]:
     pats = [value] if isinstance(value, str) else value
     if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
-        raise ValueError("'status' must be a string or a list of strings")
+        raise Invalid(f"expected a status pattern or a non-empty array of them, got "
+                      f"{describe(value)}")
     alts = []
     for p in pats:
         parts = p.split(".")
         if len(parts) != 3 or not all(re.fullmatch(r"\d{1,3}|[*xX]", s) for s in parts):
-            raise ValueError(f"bad status pattern {p!r} (want like '5.1.1', '5.7.*', '*.2.2')")
+            raise Invalid(f"{render(p)} is not a status pattern (like \"5.1.1\", \"5.7.*\", \"*.2.2\")")
         alts.append(r"\.".join(r"\d{1,3}" if s in "*xX" else re.escape(s) for s in parts))
     return re.compile(r"\A(?:" + "|".join(alts) + r")\Z")
 
 
-def _text_pattern(value: object, key: str) -> re.Pattern[str]:
-    pats = [value] if isinstance(value, str) else value
-    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
-        raise ValueError(f"'{key}' must be a string or a list of regex strings")
-    for p in pats:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ValueError(f"bad regex {p!r} in '{key}': {e}") from None
+def _parse_text(value: object, base: Path) -> re.Pattern[str]:
+    pats = (REGEX.parse(value, base),) if isinstance(value, str) else REGEX_LIST.parse(value, base)
+    if not pats:
+        raise Invalid("expected a regular expression or a non-empty array of them, got []")
     # Case-insensitive by lower-casing both sides: sre is several times faster
     # on plain patterns than with re.IGNORECASE over long alternations.
     return re.compile("|".join(f"(?:{_lower_regex(p)})" for p in pats))
@@ -101,62 +131,47 @@ def _lower_regex(p: str) -> str:
     return "".join(out)
 
 
-def _code(value: object) -> tuple[int, int, str]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 200 <= value <= 599:
-            raise ValueError(f"reply code {value} outside 200..599")
-        return value, value, ""
-    if isinstance(value, str) and re.fullmatch(r"[2-5](?:\d|[xX])(?:\d|[xX])", value):
-        prefix = re.split(r"[xX]", value, maxsplit=1)[0]
-        return 0, 999, prefix
-    if (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[0] <= value[1]):
-        return value[0], value[1], ""
-    raise ValueError(f"bad 'code' {value!r} (want 550, \"5xx\", \"55x\" or [lo, hi])")
+_TEXT = ValueType("regexes", _parse_text, "a regular expression or an array of them; "
+                  "case-insensitive")
+# The keys of a [[rule]] table, in the order they are checked.
+RULE_KEYS = {
+    "name": Key(ValueType("rule name", _parse_rule_name, "a non-empty string"), None,
+                "the rule's name, logged as the verdict's rule", required=True),
+    "code": Key(ValueType("reply code", _parse_code, '550, "5xx", "55x" or [lo, hi]'), None,
+                "the reply codes the rule applies to; absent: any"),
+    "status": Key(ValueType("status patterns", _parse_status, '"5.1.1", "5.7.*", "*.2.2" '
+                            "or an array of them"), None,
+                  "enhanced status codes the rule applies to; absent: any"),
+    "text": Key(_TEXT, None, "the reply text must match one of these; absent: any"),
+    "not_text": Key(_TEXT, None, "the reply text must match none of these"),
+    "category": Key(CHOICE, None, "the verdict's category", choices=tuple(sorted(CATEGORIES)),
+                    required=True),
+    "hard": Key(BOOL, False, "a permanent reply means the address is bad: suppress it"),
+}
 
 
-def _compile_rule(raw: object, index: int) -> _Rule:
-    if not isinstance(raw, dict):
-        raise ValueError("a rule must be a table")
-    unknown = set(raw) - _RULE_KEYS
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError("missing 'name'")
-    category = raw.get("category")
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}")
-    hard = raw.get("hard", False)
-    if not isinstance(hard, bool):
-        raise ValueError("'hard' must be true or false")
-    lo, hi, prefix = _code(raw["code"]) if "code" in raw else (0, 999, "")
-    return _Rule(
-        name=name, code_lo=lo, code_hi=hi, code_prefix=prefix,
-        status=_status_pattern(raw["status"]) if "status" in raw else None,
-        text=_text_pattern(raw["text"], "text") if "text" in raw else None,
-        not_text=_text_pattern(raw["not_text"], "not_text") if "not_text" in raw else None,
-        category=category, hard=hard,
-    )
+def _compile_rule(raw: object) -> _Rule:
+    v = check_table(raw, RULE_KEYS, Path())
+    lo, hi, prefix = v["code"] or (0, 999, "")
+    return _Rule(name=v["name"], code_lo=lo, code_hi=hi, code_prefix=prefix,
+                 status=v["status"], text=v["text"], not_text=v["not_text"],
+                 category=v["category"], hard=v["hard"])
 
 
 def load_rules(path: Path) -> list[_Rule]:
     """Compile one rules file; RulesError names the file, the rule and the problem."""
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise RulesError(f"{path}: cannot read: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RulesError(f"{path}: not valid TOML: {e}") from None
+        doc = read_toml(path)
+    except Invalid as e:
+        raise RulesError(f"{path}: {e}") from None
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
         raise RulesError(f"{path}: 'rule' must be an array of tables ([[rule]])")
     rules = []
     for i, raw in enumerate(raw_rules, 1):
         try:
-            rules.append(_compile_rule(raw, i))
-        except ValueError as e:
+            rules.append(_compile_rule(raw))
+        except Invalid as e:
             name = raw.get("name") if isinstance(raw, dict) else None
             label = f"rule #{i}" + (f" ({name!r})" if name else "")
             raise RulesError(f"{path}: {label}: {e}") from None
