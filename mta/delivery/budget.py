@@ -58,3 +58,19 @@ class SiteState:
 
     def suspended(self, now: float | None = None) -> bool:
         return self.suspended_until > (time.time() if now is None else now)
+
+    def reshape(self, connection_limit: int | None) -> None:
+        """A new site-wide connection limit (a live shaping change): idle connections
+        above a lower one close now (busy ones after their message); a higher one wakes
+        the dispatchers waiting for a slot."""
+        old, self.connection_limit = self.connection_limit, connection_limit
+        if connection_limit is not None and self.active > connection_limit:
+            excess = self.active - connection_limit
+            for d in self.dispatchers:
+                excess -= d.close_idle(excess)
+                if excess <= 0:
+                    break
+        if old is not None and (connection_limit is None or connection_limit > old):
+            waiting, self.blocked = list(self.blocked), {}
+            for d in waiting:
+                d.wake()
