@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from delivery_fakes import FakeSpool, Net, make_id
+from virtual_time import VirtualLoop
 
 import mta.delivery.dispatcher as dispatcher_module
 from mta.config.load import parse_config
 from mta.delivery.engine import DeliveryEngine
 from mta.egress.limits import Scope
 from mta.model.attempt import RemoteReply
-from delivery_fakes import FakeSpool, Net, make_id
-from virtual_time import VirtualLoop
 
 SITE = "[127.0.0.1]:2525"   # the static route of example.test: no DNS
 

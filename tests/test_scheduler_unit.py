@@ -9,6 +9,8 @@ import asyncio
 from collections import Counter
 
 import pytest
+from delivery_fakes import make_id
+from virtual_time import VirtualLoop
 
 from mta.egress.sites import MxHost, Site
 from mta.egress.throttle import Rate, Throttle
@@ -17,8 +19,6 @@ from mta.model.ids import id_text
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.scheduled import ScheduledQueue, Scheduler
-from delivery_fakes import make_id
-from virtual_time import VirtualLoop
 
 SITE = Site("mx.example.net", (MxHost("mx.example.net", 10, ("127.0.0.1",)),), 25, 0.0)
 
