@@ -19,7 +19,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
-from mta.model.envelope import Envelope
 from mta.model.queue_name import format_name
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.timerwheel import TimerWheel
@@ -73,10 +72,10 @@ class Outlet(Protocol):
 # (queue, site) -> its outlet now (the delivery side picks the egress source)
 OutletFn = Callable[[ScheduledQueue, "Site"], Outlet]
 # envelope -> (queue class, pool name)
-SelectFn = Callable[[Envelope], tuple[str, str]]
+SelectFn = Callable[[dict], tuple[str, str]]
 
 
-def _no_selection(envelope: Envelope) -> tuple[str, str]:
+def _no_selection(envelope: dict) -> tuple[str, str]:
     return "bulk", "default"
 
 
@@ -84,12 +83,8 @@ class Scheduler:
     def __init__(self, *, route: RouteFn, outlet_for: OutletFn,
                  on_route_failure: Callable[[QueuedMessage, Exception], None],
                  select: SelectFn = _no_selection, defaults: tuple[str, str] = ("bulk", "default"),
-                 tick: float = 1.0, hold: bool = False,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 tick: float = 1.0, hold: bool = False):
         self.hold = hold                  # delivery.hold: queue everything, route nothing
-        self.clock = clock                # wall time: due times, suspensions
-        self.monotonic = monotonic        # the loop's clock: how long a route stays cached
         self.route = route
         self.select = select              # egress rules: class and pool of a message
         self.defaults = defaults          # (class, pool) left out of queue names
@@ -99,7 +94,7 @@ class Scheduler:
         self._names: dict[tuple, str] = {}   # (campaign, tenant, domain, class, pool) -> name
         # insertions by reason since start (operator view: why mail is waiting)
         self.inserts: dict[InsertReason, int] = dict.fromkeys(InsertReason, 0)
-        self.wheel = TimerWheel(clock(), tick=tick)
+        self.wheel = TimerWheel(time.time(), tick=tick)
         self.tick = tick
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +111,7 @@ class Scheduler:
             self._timer = None
 
     def _on_tick(self) -> None:
-        self.wheel.advance(self.clock(), self._on_due)
+        self.wheel.advance(time.time(), self._on_due)
         assert self._loop is not None
         self._timer = self._loop.call_later(self.tick, self._on_tick)
 
@@ -139,17 +134,19 @@ class Scheduler:
                                                    campaign or "", klass, pool)
         return q
 
-    def submit(self, msg_id: bytes, envelope: Envelope, done: set[int] | frozenset = frozenset(),
+    def submit(self, msg_id: bytes, envelope: dict, done: set[int] | frozenset = frozenset(),
                reason: InsertReason = InsertReason.RECEIVED) -> list[QueuedMessage]:
         """Queue a durable message: one QueuedMessage per recipient domain."""
         by_domain: dict[str, list[int]] = {}
-        for i, rcpt in enumerate(envelope.recipients):
+        for i, rcpt in enumerate(envelope["rcpts"]):
             if i not in done:
-                by_domain.setdefault(rcpt.domain or "localhost", []).append(i)
+                addr = rcpt[0]
+                domain = addr.rpartition("@")[2].lower() or "localhost"
+                by_domain.setdefault(domain, []).append(i)
         out = []
         klass, pool = self.select(envelope)
         for domain, idxs in by_domain.items():
-            q = self.queue_for(envelope.campaign, envelope.tenant, domain, klass, pool)
+            q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain, klass, pool)
             msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)
@@ -172,7 +169,7 @@ class Scheduler:
     # -- due -> ready ---------------------------------------------------------------------
 
     def _on_due(self, msg: QueuedMessage) -> None:
-        if msg.due == 0.0 or msg.due > self.clock() + self.tick:
+        if msg.due == 0.0 or msg.due > time.time() + self.tick:
             return  # stale wheel entry: the message was moved since (lazy cancel)
         self.make_ready(msg, InsertReason.TRANSIENT_FAILURE)
 
@@ -183,11 +180,11 @@ class Scheduler:
             msg.due = 0.0
             q.backlog.append(msg)
             return
-        if q.suspended_until and q.suspended_until > self.clock():
+        if q.suspended_until and q.suspended_until > time.time():
             self.hold_back(msg)
             return
         msg.due = 0.0
-        if q.site is not None and q.site_expires > self.monotonic():
+        if q.site is not None and q.site_expires > time.monotonic():
             self._to_ready(msg, q.site)
             return
         if q.resolving is not None:
@@ -210,7 +207,7 @@ class Scheduler:
         q.site = site
         # Site.expires is loop time; the cache check uses monotonic time
         ttl = site.expires - asyncio.get_running_loop().time() if site.expires else 60.0
-        q.site_expires = self.monotonic() + max(1.0, ttl)
+        q.site_expires = time.monotonic() + max(1.0, ttl)
         waiting, q.resolving = q.resolving or [], None
         for msg in waiting:
             self._to_ready(msg, site)
@@ -235,7 +232,7 @@ class Scheduler:
 
     def suspend(self, q: ScheduledQueue, seconds: float) -> None:
         """Stop handing out `q`'s messages for `seconds` (resume() ends it early)."""
-        q.suspended_until = self.clock() + seconds
+        q.suspended_until = time.time() + seconds
         if q.resume is not None:
             q.resume.cancel()
         assert self._loop is not None
@@ -254,7 +251,7 @@ class Scheduler:
     # -- operator view ----------------------------------------------------------------------
 
     def summary(self) -> dict[str, dict]:
-        now = self.clock()
+        now = time.time()
         return {q.name: {"count": q.count, "site": q.site.name if q.site else None,
                          "class": q.klass, "pool": q.pool, "backlog": len(q.backlog),
                          "held": len(q.held or ()),
