@@ -9,8 +9,9 @@ import pytest
 from virtual_time import VirtualLoop
 
 from mta.config.load import parse_config
-from mta.egress.limits import LimitsError, LimitsSource, Scope
+from mta.egress.limits import LimitsError, LimitsSource, Scope, retune
 from mta.egress.shaping import Shaping
+from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
 DELIVERY = dataclasses.asdict(parse_config("").delivery)
@@ -110,3 +111,22 @@ def test_an_override_expires_on_time_and_subscribers_hear_it(source):
     assert not src.overrides() and src.next_expiry() is None
     src.stop()
     loop.close()
+
+
+def test_a_rate_change_keeps_the_bucket_and_its_earned_tokens():
+    bucket = Throttle(Rate(1, 1))                  # burst 1
+    assert bucket.delay(0.0) == 0.0                # the one token is spent
+    # 0.5 s at 1/s earns half a token; the rest comes at the new 6/m: 5 s, not a new burst
+    assert retune(bucket, Rate(6, 60), 0.5) is bucket
+    assert bucket.delay(0.5) == pytest.approx(5.0)
+    assert bucket.delay(5.5) == 0.0
+    fast = retune(bucket, Rate(100, 1), 5.5)       # a bigger burst fills only with time
+    assert fast is bucket and bucket.burst == 100 and bucket.delay(5.5) > 0
+    assert retune(bucket, None, 6.0) is None
+    assert retune(None, Rate(1, 1), 6.0).delay(6.0) == 0.0, "a new limit starts full"
+
+
+def test_an_explicit_burst_stays_when_the_rate_changes():
+    bucket = Throttle(Rate(1, 1), burst=3)
+    bucket.set_rate(Rate(10, 1), 0.0)
+    assert bucket.burst == 3
