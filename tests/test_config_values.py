@@ -60,7 +60,8 @@ BAD_DURATION = ('"soon" is not a duration (seconds as a number, or a string like
 
 
 @pytest.mark.parametrize("kind, body, want", [
-    ("shaping", '["default"]\nbackoff_on = ["(unclosed"]\n', f"[default]: backoff_on[0]: {BAD_REGEX}"),
+    ("shaping", '["default"]\nbackoff_on = ["(unclosed"]\n',
+     f"[default]: backoff_on[0]: {BAD_REGEX}"),
     ("rules", '[[rule]]\nname = "x"\ncategory = "policy"\ntext = ["ok", "(unclosed"]\n',
      f"rule #1 ('x'): text[1]: {BAD_REGEX}"),
     ("rules", '[[rule]]\nname = "x"\ncategory = "policy"\nnot_text = "(unclosed"\n',
@@ -70,7 +71,8 @@ BAD_DURATION = ('"soon" is not a duration (seconds as a number, or a string like
     ("shaping", '["default"]\nmax_message_rate = "10/fortnight"\n',
      f"[default]: max_message_rate: {BAD_RATE}"),
     ("config", '[delivery]\nidle_timeout = "soon"\n', f"delivery.idle_timeout: {BAD_DURATION}"),
-    ("shaping", '["gmail.com"]\nidle_timeout = "soon"\n', f'["gmail.com"]: idle_timeout: {BAD_DURATION}'),
+    ("shaping", '["gmail.com"]\nidle_timeout = "soon"\n',
+     f'["gmail.com"]: idle_timeout: {BAD_DURATION}'),
     ("config", "[delivery]\nhold = 1\n",
      "delivery.hold: expected a boolean (true or false), got integer 1"),
     ("rules", '[[rule]]\nname = "x"\ncategory = "policy"\nhard = 1\n',
@@ -85,9 +87,11 @@ def test_one_rate_type(tmp_path: Path) -> None:
     config = parse_config('[[queue_class]]\nname = "x"\nmax_message_rate = "600/m"\n')
     shaping_file = tmp_path / "s.toml"
     shaping_file.write_text('["default"]\nmax_message_rate = "600/m"\n')
-    limits = Shaping.load([shaping_file], DELIVERY, shipped=False).limits("a", "x.org", ["mx.x.org"])
+    shaping = Shaping.load([shaping_file], DELIVERY, shipped=False)
+    limits = shaping.limits("a", "x.org", ["mx.x.org"])
     got = [parse_rate("600/m"), config.queue_class[0].max_message_rate, limits.max_message_rate]
-    assert all(type(r) is Rate and r == Rate(600, 60) for r in got), f"got {got}, want Rate(600, 60) x3"
+    assert all(type(r) is Rate and r == Rate(600, 60) for r in got), \
+        f"got {got}, want Rate(600, 60) three times"
 
 
 def test_rate_defined_once() -> None:

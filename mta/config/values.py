@@ -5,9 +5,10 @@ the traffic-shaping files (mta/egress/shaping.py) and the bounce classifier's ru
 (mta/feedback/bounce/classify.py). Each declares its keys as `Key`s of the value types
 below (duration, size, rate, host:port, CIDR, regular expression, choice, ...), and each
 value goes through `check_value`: the type's parser, then the key's choices, then its
-bounds. So "5m" means the same in every file, and a mistake reads the same in every file:
-the loader prefixes the file and the key path, the text here says what is wrong and what
-is allowed. `read_toml` is the one place a file is read and its syntax errors worded.
+bounds (`check_table` does a whole table: unknown, missing and bad keys). So "5m" means
+the same in every file, and a mistake reads the same in every file: the loader prefixes
+the file and the key path, the text here says what is wrong and what is allowed.
+`read_toml` is the one place a file is read and its syntax errors worded.
 
 Reads: the files handed to read_text/read_toml. Writes nothing.
 Diagnostics: everything here raises `Invalid`; each loader turns it into its own fatal
@@ -499,18 +500,18 @@ def _bound(value: object) -> str:
     return value if isinstance(value, str) else render(value)
 
 
-
-
 def check_value(k: Key, raw: object, base: Path) -> Any:
     """One value through its key's type, choices and bounds; raises Invalid."""
     value = k.type.parse(raw, base)
     if k.choices and value not in k.choices:
-        raise Invalid(f"{render(value)} is not one of {', '.join(render(c) for c in k.choices)}")
+        allowed = ", ".join(render(c) for c in k.choices)
+        raise Invalid(f"{render(value)} is not one of {allowed}")
     if k.lo is not None:
         lo, hi = k.type.parse(k.lo, base), k.type.parse(k.hi, base)
         # Written so NaN (a valid TOML float) fails too.
         if not lo <= value <= hi:
-            raise Invalid(f"{render(raw)} is out of range (allowed {_bound(k.lo)}..{_bound(k.hi)})")
+            raise Invalid(f"{render(raw)} is out of range "
+                          f"(allowed {_bound(k.lo)}..{_bound(k.hi)})")
     return value
 
 

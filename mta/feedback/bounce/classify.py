@@ -92,7 +92,8 @@ def _parse_code(value: object, base: Path) -> tuple[int, int, str]:
     if (isinstance(value, list) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[0] <= value[1]):
         return value[0], value[1], ""
-    raise Invalid(f"expected a reply code: 550, \"5xx\", \"55x\" or [lo, hi], got {describe(value)}")
+    raise Invalid(f"expected a reply code: 550, \"5xx\", \"55x\" or [lo, hi], "
+                  f"got {describe(value)}")
 
 
 def _parse_status(value: object, base: Path) -> re.Pattern[str]:
@@ -104,7 +105,8 @@ def _parse_status(value: object, base: Path) -> re.Pattern[str]:
     for p in pats:
         parts = p.split(".")
         if len(parts) != 3 or not all(re.fullmatch(r"\d{1,3}|[*xX]", s) for s in parts):
-            raise Invalid(f"{render(p)} is not a status pattern (like \"5.1.1\", \"5.7.*\", \"*.2.2\")")
+            raise Invalid(f"{render(p)} is not a status pattern "
+                          "(like \"5.1.1\", \"5.7.*\", \"*.2.2\")")
         alts.append(r"\.".join(r"\d{1,3}" if s in "*xX" else re.escape(s) for s in parts))
     return re.compile(r"\A(?:" + "|".join(alts) + r")\Z")
 
