@@ -4,7 +4,10 @@ Opens connections while messages wait and fewer than `connection_limit` are
 open, tries the site's MX hosts in order (next host on connection failure or
 a 4xx/5xx greeting), reuses each connection for up to
 `max_deliveries_per_connection` messages, and keeps an idle connection for
-`idle_timeout` in case more arrive. When no host of the site can be reached,
+`idle_timeout` in case more arrive. The limits can change while it runs
+(`set_limits`, pushed by the engine from mta/egress/limits.py): connections
+above a lowered limit close after the message in hand, or at once when idle.
+When no host of the site can be reached,
 every message waiting in the ready queue is deferred (site scope), not only
 the one in hand.
 Reads message content from the spool (page cache) per attempt.
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.dkim.signer import DkimError
+from mta.egress.limits import retune
 from mta.egress.throttle import Throttle
 from mta.model.attempt import Attempt
 from mta.model.log_records import RecordType
@@ -50,8 +54,10 @@ class Dispatcher:
     def __init__(self, ready: ReadyQueue, *, source: Source, limits: Limits, site_state: SiteState,
                  budget: ConnectionBudget, cfg: DeliveryConfig, spool: Spool, outcomes: Outcomes,
                  loop: asyncio.AbstractEventLoop, hold_back: Callable[[QueuedMessage], None],
-                 dkim: DkimStage | None = None, feedback: Feedback | None = None):
+                 dkim: DkimStage | None = None, feedback: Feedback | None = None,
+                 clock: Callable[[], float] = time.time):
         self.ready = ready
+        self.clock = clock            # wall time; throttles and timers use loop time
         self.hold_back = hold_back    # a message of a suspended queue goes back to wait there
         self.verp = feedback if feedback is not None and feedback.verp else None
         # a message signed at reception cannot take new header fields without breaking
@@ -70,8 +76,7 @@ class Dispatcher:
         self.retry = RetryPolicy(limits.retry_initial, limits.retry_max, cfg.max_age)
         self.msg_throttle = Throttle(limits.max_message_rate) if limits.max_message_rate else None
         # shaping backoff_on: the provider's "slow down" replies pause this (source, site)
-        self.backoff = (re.compile("|".join(f"(?:{p})" for p in limits.backoff_on), re.I)
-                        if limits.backoff_on else None)
+        self.backoff = _backoff_pattern(limits.backoff_on)
         self.backoffs = 0
         self.conn_throttle = (Throttle(limits.max_connection_rate)
                               if limits.max_connection_rate else None)
@@ -86,7 +91,7 @@ class Dispatcher:
         self.sent = 0
         self.suspended_until = 0.0                     # operator: this (source, site) pair
         self._timer: asyncio.TimerHandle | None = None
-        self.last_busy = time.time()                   # last time it had work (reaping)
+        self.last_busy = clock()                       # last time it had work (reaping)
 
     @property
     def site(self) -> Site:
@@ -101,7 +106,7 @@ class Dispatcher:
     def _paused(self) -> float:
         """paused_until(now) without reading the clock when nothing is suspended."""
         if self.suspended_until or self.source.suspended_until or self.site_state.suspended_until:
-            return self.paused_until(time.time())
+            return self.paused_until(self.clock())
         return 0.0
 
     def idle_since(self, now: float) -> float:
@@ -119,7 +124,7 @@ class Dispatcher:
             return
         until = self._paused()
         if until:
-            self.wake_at(until - time.time())
+            self.wake_at(until - self.clock())
             return
         while self._idle and len(self.ready):
             fut = self._idle.pop()
@@ -145,6 +150,39 @@ class Dispatcher:
         task = self.loop.create_task(self._worker())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def set_limits(self, limits: Limits) -> None:
+        """New shaping for this path while it runs. Throttles keep their tokens; above a
+        lowered connection_limit idle connections close now, busy ones after the message
+        in hand, and none opens; a raised one opens connections for what waits now."""
+        old, self.limits = self.limits, limits
+        if (limits.retry_initial, limits.retry_max) != (old.retry_initial, old.retry_max):
+            self.retry = RetryPolicy(limits.retry_initial, limits.retry_max, self.cfg.max_age)
+        now = self.loop.time()
+        self.msg_throttle = retune(self.msg_throttle, limits.max_message_rate, now)
+        self.conn_throttle = retune(self.conn_throttle, limits.max_connection_rate, now)
+        if limits.backoff_on != old.backoff_on:
+            self.backoff = _backoff_pattern(limits.backoff_on)
+        if self.active > limits.connection_limit:
+            self.close_idle(self.active - limits.connection_limit)
+        for _ in range(min(len(self.ready), limits.connection_limit - self.active)):
+            self.wake()
+
+    def _over_limit(self) -> bool:
+        """More connections open than the limits allow now (they were lowered)."""
+        site = self.site_state
+        return self.active > self.limits.connection_limit or (
+            site.connection_limit is not None and site.active > site.connection_limit)
+
+    def close_idle(self, n: int) -> int:
+        """Ask up to `n` idle connections to close (they find they are over the limit);
+        returns how many were asked."""
+        asked = 0
+        for fut in self._idle:
+            if asked < n and not fut.done():
+                fut.set_result(None)
+                asked += 1
+        return asked
 
     def release_idle(self) -> None:
         """Idle connections look again now (a pause closes them)."""
@@ -186,12 +224,12 @@ class Dispatcher:
                 self._site_failure(msg, exc)
                 return
             sent = 0
-            limit = self.limits.max_deliveries_per_connection
             while msg is not None:
                 if not await self._deliver(client, msg):
                     return  # the session died; _deliver deferred what it held
                 sent += 1
-                if not client.reusable or sent >= limit or self._paused():
+                if not client.reusable or sent >= self.limits.max_deliveries_per_connection \
+                        or self._paused() or self._over_limit():
                     break
                 msg = self._next() or await self._wait_for_message()
             await client.quit()
@@ -202,7 +240,7 @@ class Dispatcher:
             self.active -= 1
             self.site_state.active -= 1
             self.budget.give_back()
-            self.last_busy = time.time()
+            self.last_busy = self.clock()
             if len(self.ready):
                 self.wake()
             blocked = self.site_state.blocked
@@ -223,7 +261,7 @@ class Dispatcher:
             return None
         while (msg := self.ready.pop()) is not None:
             until = msg.queue.suspended_until
-            if until and until > time.time():
+            if until and until > self.clock():
                 self.hold_back(msg)
                 continue
             return msg
@@ -232,7 +270,7 @@ class Dispatcher:
         return None
 
     async def _pace(self, throttle: Throttle) -> None:
-        while (wait := throttle.delay(time.monotonic())) > 0:
+        while (wait := throttle.delay(self.loop.time())) > 0:
             await asyncio.sleep(wait)
 
     async def _wait_for_message(self) -> QueuedMessage | None:
@@ -252,7 +290,7 @@ class Dispatcher:
                 timer.cancel()
                 if fut in self._idle:
                     self._idle.remove(fut)
-            if self._paused():
+            if self._paused() or self._over_limit():
                 return None
             msg = self._next()
             if msg is not None:
@@ -298,7 +336,7 @@ class Dispatcher:
             if r is None or not 400 <= r.code < 500:
                 continue
             if self.backoff.search(f"{r.code} {r.status or ''} {r.text}"):
-                until = time.time() + self.limits.backoff_for
+                until = self.clock() + self.limits.backoff_for
                 if until <= self.suspended_until:
                     return
                 self.suspended_until = until
@@ -398,6 +436,11 @@ def _release_one_idle(dispatchers: list[Dispatcher]) -> None:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+
+def _backoff_pattern(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """shaping backoff_on: one regex for the provider's "slow down" replies."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.I) if patterns else None
 
 
 def _release(fut: asyncio.Future) -> None:

@@ -6,9 +6,12 @@ recipients already finished). The egress rules (mta/egress/pools.py) give each
 message its queue class and pool; `route()` finds a queue's site (DNS, static
 routes or the smarthost, mta/egress/sites.py); `dispatcher_for()` takes the
 next source of the queue's pool and returns the dispatcher of that (source,
-site), created with the shaping Limits that hold for it
-(mta/egress/shaping.py). Operators see it through `summary()`, `inspect()`
-and `shaping_state()`, and act through mta/control/actions.py.
+site), created with the shaping Limits that hold for it. Those come from
+`limits` (mta/egress/limits.py: the shaping files plus run-time overrides);
+when an override changes, the engine pushes the new Limits into the live
+dispatchers it covers and into their site's shared state. Operators see it
+through `summary()`, `inspect()` and `shaping_state()`, and act through
+mta/control/actions.py.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
+from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
-from mta.egress.shaping import Shaping
+from mta.egress.shaping import Limits, Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
 from mta.model.attempt import Attempt
@@ -48,8 +52,11 @@ REAP_AFTER = 300.0     # a dispatcher with nothing to do for this long is droppe
 class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
                  inject: Callable[[str, list[str], bytes], Any], dkim: DkimStage | None = None,
-                 feedback: Feedback | None = None):
+                 feedback: Feedback | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         d = config.delivery
+        self.clock = clock                # wall time (unit tests pass a virtual clock, and
+        #                                   run the engine on a loop with the same time)
         self.feedback = feedback
         self.dkim = dkim
         self.config = config
@@ -60,6 +67,9 @@ class DeliveryEngine:
             smarthost=d.smarthost, port=d.port)
         self.egress = Egress(config)
         self.shaping = Shaping.load(config.egress.shaping, dataclasses.asdict(d))
+        self.limits = LimitsSource(self.shaping, clock=clock)
+        self.limits.subscribe(self._limits_changed)
+        self.paths: dict[tuple[str, str], LimitsPath] = {}   # (source, site) -> its shaping path
         self.budget = ConnectionBudget(config.egress.max_connections)
         self.sites: dict[str, SiteState] = {}
         assert self.egress.default_pool is not None
@@ -67,12 +77,14 @@ class DeliveryEngine:
                                    on_route_failure=self._route_failure, hold=d.hold,
                                    select=self.egress.select,
                                    defaults=(self.egress.default_class,
-                                             self.egress.default_pool.name))
+                                             self.egress.default_pool.name),
+                                   clock=clock, monotonic=monotonic)
         self.retry = RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
         self.outcomes = Outcomes(spool=spool, schedule=self.scheduler.schedule,
                                  finished=self.scheduler.finished, logs=logs, retry=self.retry,
                                  inject=inject, hostname=config.server.hostname,
-                                 delay_dsn_after=d.delay_dsn_after, feedback=feedback)
+                                 delay_dsn_after=d.delay_dsn_after, feedback=feedback,
+                                 clock=clock)
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.TimerHandle | None = None
@@ -80,10 +92,12 @@ class DeliveryEngine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.scheduler.start(loop)
+        self.limits.start(loop)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 
     async def stop(self) -> None:
         self.scheduler.stop()
+        self.limits.stop()
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))
@@ -91,10 +105,11 @@ class DeliveryEngine:
     def _reap(self) -> None:
         """Forget (source, site) dispatchers idle for a while: with thousands of sources
         and many sites the pairs would otherwise only ever accumulate."""
-        now = time.time()
+        now = self.clock()
         idle = [key for key, d in self.dispatchers.items() if d.idle_since(now) > REAP_AFTER]
         for key in idle:
             d = self.dispatchers.pop(key)
+            del self.paths[key]
             state = d.site_state
             state.dispatchers.remove(d)
             state.blocked.pop(d, None)
@@ -132,31 +147,54 @@ class DeliveryEngine:
 
     def _new_dispatcher(self, source, site: Site, domain: str) -> Dispatcher:
         assert self.loop is not None
-        limits = self.shaping.limits(source.name, domain, [h.name for h in site.hosts],
-                                     site=site.name if site.name.startswith("[") else None)
+        path = self.limits.path(source.name, site.name, domain, [h.name for h in site.hosts])
+        self.paths[(source.name, site.name)] = path
+        limits = self.limits.limits(path)
         state = self.sites.get(site.name)
         if state is None:
             state = self.sites[site.name] = SiteState(site.name)
-            if limits.scope == "site":   # the per-path limits count for the whole site
-                state.connection_limit = limits.connection_limit
-                if limits.max_message_rate:
-                    state.throttle = Throttle(limits.max_message_rate)
-            if limits.site_connection_limit is not None:
-                state.connection_limit = min(limits.site_connection_limit,
-                                             state.connection_limit or limits.site_connection_limit)
-            if limits.site_max_message_rate is not None and state.throttle is None:
-                state.throttle = Throttle(limits.site_max_message_rate)
-        if limits.scope == "site" and limits.max_message_rate:
-            limits = dataclasses.replace(limits, max_message_rate=None)   # the site's throttle
+            self._shape_site(state, limits)
         lanes = {c.name: (c.weight, Throttle(c.max_message_rate)
                           if c.max_message_rate else None) for c in self.egress.classes.values()}
-        ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes)
-        d = Dispatcher(ready, source=source, limits=limits, site_state=state, budget=self.budget,
+        ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes,
+                           clock=self.loop.time)
+        d = Dispatcher(ready, source=source, limits=_path_limits(limits), site_state=state,
+                       budget=self.budget,
                        cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
                        loop=self.loop, hold_back=self.scheduler.hold_back, dkim=self.dkim,
-                       feedback=self.feedback)
+                       feedback=self.feedback, clock=self.clock)
         state.dispatchers.append(d)
         return d
+
+    # -- limits that change while traffic flows ---------------------------------------------
+
+    def _limits_changed(self, scope: Scope) -> None:
+        """An override of `scope` changed: the dispatchers it covers take their new
+        Limits now; a site's shared limits follow the site's first dispatcher, which
+        set them (as at creation)."""
+        for key, d in self.dispatchers.items():
+            path = self.paths[key]
+            if not scope.covers(path):
+                continue
+            limits = self.limits.limits(path)
+            if d.site_state.dispatchers[0] is d:
+                self._shape_site(d.site_state, limits)
+            d.set_limits(_path_limits(limits))
+
+    def _shape_site(self, state: SiteState, limits: Limits) -> None:
+        """What all sources' dispatchers of a site share: the site-wide connection limit and
+        message throttle (a throttle keeps its tokens across a change)."""
+        assert self.loop is not None
+        connections, rate = None, None
+        if limits.scope == "site":   # the per-path limits count for the whole site
+            connections, rate = limits.connection_limit, limits.max_message_rate
+        if limits.site_connection_limit is not None:
+            connections = min(limits.site_connection_limit,
+                              connections or limits.site_connection_limit)
+        if rate is None:
+            rate = limits.site_max_message_rate
+        state.throttle = retune(state.throttle, rate, self.loop.time())
+        state.reshape(connections)
 
     def _route_failure(self, msg: QueuedMessage, exc: Exception) -> None:
         at = Attempt("", "")
@@ -196,7 +234,7 @@ class DeliveryEngine:
 
     def shaping_state(self) -> list[dict]:
         """Live state per (source, site): limits in force, connections, throughput, pauses."""
-        now = time.time()
+        now = self.clock()
         out = []
         counts = self.feedback.counts if self.feedback is not None else {}
         for (source, site), d in self.dispatchers.items():
@@ -225,3 +263,11 @@ class DeliveryEngine:
         return {"id": text_id, "envelope": env, "size": len(content),
                 "headers": bytes(content[:content.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in content
                                          else 4096]).decode("utf-8", "replace")}
+
+
+def _path_limits(limits: Limits) -> Limits:
+    """The Limits a dispatcher enforces itself: with scope = "site" the message rate is
+    the site's throttle, not one per source."""
+    if limits.scope == "site" and limits.max_message_rate:
+        return dataclasses.replace(limits, max_message_rate=None)
+    return limits

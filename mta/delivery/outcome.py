@@ -45,8 +45,10 @@ FinishedFn = Callable[[QueuedMessage], None]
 class Outcomes:
     def __init__(self, *, spool: Spool, schedule: ScheduleFn, finished: FinishedFn,
                  logs: LogWriter | None, retry: RetryPolicy, inject: InjectFn, hostname: str,
-                 delay_dsn_after: float, feedback: Feedback | None = None):
+                 delay_dsn_after: float, feedback: Feedback | None = None,
+                 clock: Callable[[], float] = time.time):
         self.spool = spool
+        self.clock = clock            # wall time: retry due times, queued_s, DSN dates
         self.schedule = schedule      # a deferred entry goes back to its scheduled queue
         self.finished = finished      # an entry left its scheduled queue for good
         self.logs = logs
@@ -129,7 +131,7 @@ class Outcomes:
             return
         msg.rcpts = tuple(retry_idx)
         msg.attempts += 1
-        now = time.time()
+        now = self.clock()
         due = (retry or self.retry).next_due(msg.attempts, msg.received, now)
         if due is None:
             self._expire(msg, env)
@@ -168,7 +170,7 @@ class Outcomes:
                                f"{reply.code} {reply.status} {verdict.category}")
         if self.logs is None:
             return
-        now = time.time()
+        now = self.clock()
         self.logs.log(rtype, **extra, id=msg.id_text, queue=msg.queue.name, recipient=rcpt,
                       sender=env["sender"] if env is not None else None,
                       source=at.source if at else None, site=at.site if at else None,
@@ -185,7 +187,8 @@ class Outcomes:
         for idx, status, diag, mx in items:
             addr, notify, orcpt = env["rcpts"][idx]
             if should_notify(kind, notify):
-                rcpts.append(RecipientStatus(addr, orcpt, kind, status, diag, mx, time.time(), until))
+                rcpts.append(RecipientStatus(addr, orcpt, kind, status, diag, mx, self.clock(),
+                                             until))
         if not rcpts:
             return
         try:

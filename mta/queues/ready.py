@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from mta.egress.sites import Site
@@ -53,7 +53,8 @@ class _Lane:
 
 class ReadyQueue:
     def __init__(self, source: str, site: Site, capacity: int,
-                 lane_for: dict[str, tuple[int, Throttle | None]] | None = None):
+                 lane_for: dict[str, tuple[int, Throttle | None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.source = source            # egress source name
         self.site = site                # the destination MX set (refreshed when DNS changes)
         self.capacity = capacity        # per lane
@@ -63,6 +64,7 @@ class ReadyQueue:
         self._lanes: dict[str, _Lane] = {}
         self._len = 0
         self.wait_hint = 0.0            # after a None pop with messages left: seconds to wait
+        self._clock = clock             # the class throttles' clock (the loop's, in the engine)
 
     def __len__(self) -> int:
         return self._len
@@ -126,9 +128,9 @@ class ReadyQueue:
             return None
         if len(lanes) == 1:                   # the common case: one class at this site
             lane = next(iter(lanes.values()))
-            return self._take(lane, time.monotonic() if lane.throttle else 0.0)
+            return self._take(lane, self._clock() if lane.throttle else 0.0)
         # Smooth weighted round-robin over the lanes that have something to give.
-        now = time.monotonic()
+        now = self._clock()
         candidates = []
         total = 0
         for lane in lanes.values():

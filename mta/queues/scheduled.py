@@ -83,8 +83,12 @@ class Scheduler:
     def __init__(self, *, route: RouteFn, outlet_for: OutletFn,
                  on_route_failure: Callable[[QueuedMessage, Exception], None],
                  select: SelectFn = _no_selection, defaults: tuple[str, str] = ("bulk", "default"),
-                 tick: float = 1.0, hold: bool = False):
+                 tick: float = 1.0, hold: bool = False,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.hold = hold                  # delivery.hold: queue everything, route nothing
+        self.clock = clock                # wall time: due times, suspensions
+        self.monotonic = monotonic        # the loop's clock: how long a route stays cached
         self.route = route
         self.select = select              # egress rules: class and pool of a message
         self.defaults = defaults          # (class, pool) left out of queue names
@@ -94,7 +98,7 @@ class Scheduler:
         self._names: dict[tuple, str] = {}   # (campaign, tenant, domain, class, pool) -> name
         # insertions by reason since start (operator view: why mail is waiting)
         self.inserts: dict[InsertReason, int] = dict.fromkeys(InsertReason, 0)
-        self.wheel = TimerWheel(time.time(), tick=tick)
+        self.wheel = TimerWheel(clock(), tick=tick)
         self.tick = tick
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,7 +115,7 @@ class Scheduler:
             self._timer = None
 
     def _on_tick(self) -> None:
-        self.wheel.advance(time.time(), self._on_due)
+        self.wheel.advance(self.clock(), self._on_due)
         assert self._loop is not None
         self._timer = self._loop.call_later(self.tick, self._on_tick)
 
@@ -169,7 +173,7 @@ class Scheduler:
     # -- due -> ready ---------------------------------------------------------------------
 
     def _on_due(self, msg: QueuedMessage) -> None:
-        if msg.due == 0.0 or msg.due > time.time() + self.tick:
+        if msg.due == 0.0 or msg.due > self.clock() + self.tick:
             return  # stale wheel entry: the message was moved since (lazy cancel)
         self.make_ready(msg, InsertReason.TRANSIENT_FAILURE)
 
@@ -180,11 +184,11 @@ class Scheduler:
             msg.due = 0.0
             q.backlog.append(msg)
             return
-        if q.suspended_until and q.suspended_until > time.time():
+        if q.suspended_until and q.suspended_until > self.clock():
             self.hold_back(msg)
             return
         msg.due = 0.0
-        if q.site is not None and q.site_expires > time.monotonic():
+        if q.site is not None and q.site_expires > self.monotonic():
             self._to_ready(msg, q.site)
             return
         if q.resolving is not None:
@@ -207,7 +211,7 @@ class Scheduler:
         q.site = site
         # Site.expires is loop time; the cache check uses monotonic time
         ttl = site.expires - asyncio.get_running_loop().time() if site.expires else 60.0
-        q.site_expires = time.monotonic() + max(1.0, ttl)
+        q.site_expires = self.monotonic() + max(1.0, ttl)
         waiting, q.resolving = q.resolving or [], None
         for msg in waiting:
             self._to_ready(msg, site)
@@ -232,7 +236,7 @@ class Scheduler:
 
     def suspend(self, q: ScheduledQueue, seconds: float) -> None:
         """Stop handing out `q`'s messages for `seconds` (resume() ends it early)."""
-        q.suspended_until = time.time() + seconds
+        q.suspended_until = self.clock() + seconds
         if q.resume is not None:
             q.resume.cancel()
         assert self._loop is not None
@@ -251,7 +255,7 @@ class Scheduler:
     # -- operator view ----------------------------------------------------------------------
 
     def summary(self) -> dict[str, dict]:
-        now = time.time()
+        now = self.clock()
         return {q.name: {"count": q.count, "site": q.site.name if q.site else None,
                          "class": q.klass, "pool": q.pool, "backlog": len(q.backlog),
                          "held": len(q.held or ()),
