@@ -10,6 +10,8 @@ printed, with peerbench's `ceiling` (loader + sink alone) for reference.
 
     python3 bench/relay_bench.py                  # 50 KB and 2 KB, 3 rounds
     python3 bench/relay_bench.py -s 51200 -r 5
+    python3 bench/relay_bench.py --against /tmp/base  # A/B: this tree vs another checkout
+                                                  # (its extensions built in place)
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ def dkim_config(algorithm: str) -> Path:
     return conf
 
 
-def mta_target(python: str, config: Path | None = None) -> list[str]:
+def mta_target(python: str, config: Path | None = None, root: Path = ROOT) -> list[str]:
+    """peerbench target args for `mta serve` from the tree at `root`."""
     work = STATE / "mta-relay"
     conf = f"-c {config} " if config else ""
-    start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={ROOT} exec {python} "
+    start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={root} exec {python} "
              f"-m mta serve {conf}--listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
              f"--smarthost 127.0.0.1:{SINK} --dns 127.0.0.1:9 --admin 127.0.0.1:8026 2>>{work}/daemon.err")
-    queue = f"cd {work} && PYTHONPATH={ROOT} {python} -m mta queue count --admin 127.0.0.1:8026"
+    queue = f"cd {work} && PYTHONPATH={root} {python} -m mta queue count --admin 127.0.0.1:8026"
     return ["--foreground", "--start", start, "--queue-cmd", queue]
 
 
@@ -61,16 +64,31 @@ def alternate(label: str, size: int, n: int, rounds: int, first: tuple[str, str,
 
 def main() -> int:
     args = parse_args(__doc__, extra=[("--dkim", dict(choices=["rsa", "ed25519"], action="append",
-                                                       help="also run mta signing every message"))])
+                                                       help="also run mta signing every message")),
+                                      ("--against", dict(type=Path, metavar="TREE",
+                                                         help="A/B against mta from another checkout"))])
     (STATE / "mta-relay").mkdir(parents=True, exist_ok=True)
     if args.dkim:
         return dkim_runs(args)
+    if args.against:
+        return tree_runs(args)
     for size in args.size:
         ceiling = float(peerbench("ceiling", size, args.n, [], mode="ceiling", port=SINK)["deliver_per_s"])
         b, a = alternate("", size, args.n, args.rounds, ("postfix", "postfix", postfix_target()),
                          ("mta", "mta", mta_target(sys.executable)))
         print(f"RESULT relay size={size} n={args.n} c=50 rounds={args.rounds} mta_per_s={a:.0f} "
               f"postfix_per_s={b:.0f} ratio={a / b:.2f} ceiling_per_s={ceiling:.0f}", flush=True)
+    return 0
+
+
+def tree_runs(args) -> int:
+    """This tree versus another checkout of mta, alternating: the cost of a change."""
+    for size in args.size:
+        b, a = alternate("", size, args.n, args.rounds,
+                         ("mta-base", "base", mta_target(sys.executable, root=args.against.resolve())),
+                         ("mta", "this", mta_target(sys.executable)))
+        print(f"RESULT relay_ab size={size} n={args.n} this_per_s={a:.0f} base_per_s={b:.0f} "
+              f"ratio={a / b:.2f} base={args.against}", flush=True)
     return 0
 
 
