@@ -33,7 +33,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "mta"
@@ -166,36 +165,22 @@ def test_every_module_has_a_rank():
     assert not unranked, f"got modules outside every ranked package {unranked}, want a RANKS entry"
 
 
-# XXX cycles that predate this test, each being broken (issue 11); the list only shrinks.
-KNOWN_CYCLES = [
-    {"mta.ingest.governor", "mta.ingest.session", "mta.ingest.listener", "mta.ingest.reception"},
-]
-KNOWN_UPWARD: set[tuple[str, str]] = set()
-
-
 def _upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     return [(module, target) for module, targets in sorted(graph.items()) for target in sorted(targets)
             if _package(target) != _package(module) and RANKS[_package(target)] >= RANKS[_package(module)]]
 
 
 def test_no_import_cycles():
-    cycles = [c for c in _cycles(_graph()) if not any(set(c) <= known for known in KNOWN_CYCLES)]
+    cycles = _cycles(_graph())
     shown = "\n".join(" -> ".join(c) for c in cycles)
     assert not cycles, f"got import cycles, want none:\n{shown}"
 
 
 def test_no_import_of_a_later_stage():
-    upward = [(m, t) for m, t in _upward(_graph()) if (m, t) not in KNOWN_UPWARD]
+    upward = _upward(_graph())
     shown = "\n".join(f"{m} (rank {RANKS[_package(m)]}) imports {t} (rank {RANKS[_package(t)]})"
                       for m, t in upward)
     assert not upward, f"got imports of a same or later stage, want only earlier ones:\n{shown}"
-
-
-@pytest.mark.xfail(strict=True, reason="cycles of the old layout not broken yet (KNOWN_CYCLES)")
-def test_known_cycles_are_broken():
-    graph = _graph()
-    left = [" -> ".join(c) for c in _cycles(graph)] + [f"{m} -> {t}" for m, t in _upward(graph)]
-    assert not left, "got, want none:\n" + "\n".join(left)
 
 
 def test_model_is_a_leaf():

@@ -25,13 +25,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mta.ingest.session import SmtpSession
+from typing import Protocol
 
 log = logging.getLogger("mta.governor")
 _REPORT_EVERY = 60.0   # seconds between reports of reaching the budget (it can flip often)
+
+
+class Holder(Protocol):
+    """A session as the governor sees it (the SMTP sessions of session.py implement it)."""
+
+    @property
+    def storing(self) -> bool: ...        # its message is on its way to the spool
+    @property
+    def in_content(self) -> bool: ...     # inside DATA/BDAT content
+    def memory_pause(self) -> None: ...   # stop reading it
+    def memory_resume(self) -> None: ...  # read it again
+    def close_with(self, name: str) -> None: ...   # end it with the named 421 reply
 
 
 class DataMemory:
@@ -41,9 +50,9 @@ class DataMemory:
         self.wait = wait
         self.used = 0                 # bytes held by all sessions
         self.full = False
-        self._held: dict[SmtpSession, int] = {}
-        self._paused: set[SmtpSession] = set()
-        self._runner: SmtpSession | None = None   # the one session read while full
+        self._held: dict[Holder, int] = {}
+        self._paused: set[Holder] = set()
+        self._runner: Holder | None = None   # the one session read while full
         self._shed_timer: asyncio.TimerHandle | None = None
         # counters for metrics
         self.times_full = 0
@@ -52,7 +61,7 @@ class DataMemory:
         self._reported_at = -_REPORT_EVERY   # loop time of the last report
         self._reported_times = 0
 
-    def charge(self, session: SmtpSession, held: int) -> None:
+    def charge(self, session: Holder, held: int) -> None:
         """`session` now holds `held` bytes; pauses it when the budget is reached."""
         old = self._held.get(session, 0)
         if held:
@@ -76,7 +85,7 @@ class DataMemory:
         elif self.used >= self.budget:
             self._close()
 
-    def release(self, session: SmtpSession) -> None:
+    def release(self, session: Holder) -> None:
         self._paused.discard(session)
         if session is self._runner:
             self._runner = None
@@ -123,7 +132,7 @@ class DataMemory:
         for s in paused:
             s.memory_resume()
 
-    def _pause(self, session: SmtpSession) -> None:
+    def _pause(self, session: Holder) -> None:
         self._paused.add(session)
         session.memory_pause()
 

@@ -29,12 +29,18 @@ from mta.model.replies import REPLIES, reply
 if TYPE_CHECKING:
     from mta.config import Config
     from mta.feedback.rcpt_policy import RecipientPolicy
-    from mta.ingest.session import SmtpSession
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
 log = logging.getLogger("mta.reception")
 _HEADER_SCAN = 64 << 10   # tenant/campaign headers are looked for in the first 64 KiB
+
+
+class Peer(NamedTuple):
+    """Who handed a transaction over, as values: reception knows no SMTP session."""
+    ip: str          # client address
+    port: int        # client port
+    listener: str    # name of the listener it came in on
 
 
 class Stored(NamedTuple):
@@ -120,24 +126,24 @@ class Reception:
                     **extra, **(self._x_values(content) if x_values is None else x_values)}
         return Stored(msg_id, raw_id, envelope, self.spool.store(raw_id, envelope, trace, content))
 
-    def accept(self, txn, session: SmtpSession) -> asyncio.Future:
+    def accept(self, txn, peer: Peer) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
         x_values = self._x_values(txn.data)   # one header scan for the filter and the envelope
         if self.policy is not None and self.policy.suppressions is not None \
                 and not self.policy.suppressions.empty():
-            refusal = self._drop_suppressed(txn, session, x_values.get("tenant"))
+            refusal = self._drop_suppressed(txn, peer, x_values.get("tenant"))
             if refusal is not None:
-                fut = session.listener.loop.create_future()
+                fut = asyncio.get_running_loop().create_future()
                 fut.set_result(refusal)
                 return fut
         if self.dkim is not None:
             specs = self.dkim.domains.for_message(txn.data, {"sender": txn.mail_from,
                                                              "rcpts": txn.rcpts})
             if specs:
-                return self._sign_then_accept(txn, session, specs, x_values)
-        return self._accept(txn, session, txn.data, x_values)
+                return self._sign_then_accept(txn, peer, specs, x_values)
+        return self._accept(txn, peer, txn.data, x_values)
 
-    def _drop_suppressed(self, txn, session: SmtpSession, tenant: str | None) -> bytes | None:
+    def _drop_suppressed(self, txn, peer: Peer, tenant: str | None) -> bytes | None:
         """Remove recipients suppressed for this tenant (known only now) or, with
         on_match = "drop", in any scope; a reply when none is left."""
         if self.policy.reject and not tenant:
@@ -147,21 +153,21 @@ class Reception:
             if self._rejection_logs is not None:
                 self._rejection_logs.log(RecordType.SUPPRESSED, sender=txn.mail_from,
                                          recipient=addr, scope=scope, reason=reason,
-                                         client_ip=session.peer_ip,
-                                         listener=session.listener.name)
+                                         client_ip=peer.ip,
+                                         listener=peer.listener)
         if txn.rcpts:
             return None
         if self.policy.reject:   # after DATA only the whole message can be refused
             self._log_rejection("SUPPRESSED", txn.mail_from, [a for a, _, _ in dropped],
-                                session.peer_ip, session.listener.name)
+                                peer.ip, peer.listener)
             return reply("SUPPRESSED", dropped[0][0].encode("ascii", "replace").decode(),
                          dropped[0][2])
         # "drop": the client sees an ordinary acceptance; nothing is stored
         return reply("QUEUED", id_text(new_id()))
 
-    def _sign_then_accept(self, txn, session: SmtpSession, specs: list,
+    def _sign_then_accept(self, txn, peer: Peer, specs: list,
                           x_values: dict[str, Any]) -> asyncio.Future:
-        result = session.listener.loop.create_future()
+        result = asyncio.get_running_loop().create_future()
 
         def signed(fut: asyncio.Future) -> None:
             exc = fut.exception()
@@ -172,30 +178,30 @@ class Reception:
             if exc is not None:
                 log.warning("accepting unsigned: %s", exc)
             content = txn.data if exc is not None else fut.result()
-            inner = self._accept(txn, session, content, x_values)   # signing adds no X-header
+            inner = self._accept(txn, peer, content, x_values)   # signing adds no X-header
             inner.add_done_callback(lambda f: result.set_result(f.result()))
 
         self.dkim.batcher.sign(bytes(txn.data), specs).add_done_callback(signed)
         return result
 
-    def _accept(self, txn, session: SmtpSession, content,
+    def _accept(self, txn, peer: Peer, content,
                 x_values: dict[str, Any]) -> asyncio.Future:
         started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
         extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
         stored = self.store(
             sender=txn.mail_from, rcpts=txn.rcpts, content=content, helo=txn.helo,
-            client_ip=session.peer_ip, client_port=session.peer_port,
-            listener=session.listener.name, protocol=protocol, extra=extra, x_values=x_values)
+            client_ip=peer.ip, client_port=peer.port,
+            listener=peer.listener, protocol=protocol, extra=extra, x_values=x_values)
         msg_id = stored.id
-        result = session.listener.loop.create_future()
+        result = asyncio.get_running_loop().create_future()
 
         def done(fut: asyncio.Future) -> None:
             exc = fut.exception()
             if exc is not None:
-                log.error("spool write failed for %s from %s: %s", msg_id, session.peer_ip, exc)
+                log.error("spool write failed for %s from %s: %s", msg_id, peer.ip, exc)
                 self._log_rejection("SPOOL_ERROR", txn.mail_from, [r[0] for r in txn.rcpts],
-                                    session.peer_ip, session.listener.name)
+                                    peer.ip, peer.listener)
                 result.set_result(reply("SPOOL_ERROR"))
                 return
             # the reply first: nothing after durability (queueing, logging) may hold it back
@@ -219,9 +225,9 @@ class Reception:
                           campaign=env.get("campaign"), protocol=env["protocol"],
                           started=env["received"], latency_ms=latency_ms)
 
-    def log_rejections(self, session: SmtpSession, rejections: list) -> None:
+    def log_rejections(self, peer: Peer, rejections: list) -> None:
         for name, sender, rcpts in rejections:
-            self._log_rejection(name, sender, rcpts, session.peer_ip, session.listener.name)
+            self._log_rejection(name, sender, rcpts, peer.ip, peer.listener)
 
     def _log_rejection(self, name: str, sender: str, rcpts: list, ip: str, listener: str) -> None:
         if self._rejection_logs is None:

@@ -17,27 +17,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from mta._native.wire import EV_CLOSE, EV_MESSAGE, ServerCore
+from mta._native.wire import EV_CLOSE, EV_MESSAGE, ServerCore, ServerSettings
+from mta.ingest.reception import Peer, Reception
 from mta.model.replies import reply
-
-if TYPE_CHECKING:
-    from mta.ingest.listener import Listener
 
 log = logging.getLogger("mta.session")
 
 
+class Host(Protocol):
+    """What a session needs of the listener that accepted it (Listener in listener.py)."""
+
+    name: str                              # listener name, for the logs
+    hostname: str                          # our name in the greeting and refusals
+    settings: ServerSettings               # its replies and limits, for the native core
+    reception: Reception                   # where finished transactions go
+    loop: asyncio.AbstractEventLoop
+
+    def admit(self, session: SmtpSession) -> str | None: ...   # None, or a refusal reply name
+    def forget(self, session: SmtpSession) -> None: ...
+    def relay_allowed(self, ip: str) -> bool: ...
+
+
 class SmtpSession(asyncio.Protocol):
-    __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "last_active",
+    __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "peer", "last_active",
                  "_storing", "_write_paused", "_memory_paused", "_held")
 
-    def __init__(self, listener: Listener):
+    def __init__(self, listener: Host):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.core: ServerCore | None = None
         self.peer_ip = ""
         self.peer_port = 0
+        self.peer = Peer("", 0, listener.name)   # the same, as values for reception
         self.last_active = 0.0        # loop.time() of the last bytes received
         self._storing = False         # a message is on its way to the spool
         self._write_paused = False    # the transport's write buffer is over its high-water mark
@@ -50,6 +63,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip, self.peer_port = peer[0], peer[1]
+        self.peer = Peer(self.peer_ip, self.peer_port, self.listener.name)
         refusal = self.listener.admit(self)
         if refusal is not None:
             transport.write(reply(refusal, self.listener.hostname))
@@ -99,14 +113,14 @@ class SmtpSession(asyncio.Protocol):
         if core is None or transport is None:
             return
         if core.rejections:
-            self.listener.reception.log_rejections(self, core.rejections)
+            self.listener.reception.log_rejections(self.peer, core.rejections)
             core.rejections.clear()
         if out:
             transport.write(out)
         if ev == EV_MESSAGE:
             self._storing = True
             transport.pause_reading()
-            fut = self.listener.reception.accept(core.transaction(), self)
+            fut = self.listener.reception.accept(core.transaction(), self.peer)
             fut.add_done_callback(self._on_stored)
         elif ev == EV_CLOSE:
             transport.close()
