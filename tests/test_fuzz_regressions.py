@@ -81,6 +81,23 @@ def test_feedback_report_with_nul_in_charset_is_read():
     assert report.feedback.original_rcpt_to == "user@example.net"
 
 
+def test_dsn_field_group_with_nul_in_charset_is_read():
+    """bounce_parser (second 5-minute run): the same NUL charset inside a delivery-status
+    field group that has a body (a line that is not a field ends its header block):
+    dsn._fields_text called get_payload(), which raised ValueError."""
+    data = (b"From: MAILER-DAEMON@mx.example\r\nTo: bounces@sender.example\r\n"
+            b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
+            b"--B\r\nContent-Type: text/plain\r\n\r\nI could not deliver your mail.\r\n"
+            b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
+            b"Final-Recipient: rfc822; user@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+            b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\nno such \xe9user\r\n--B--\r\n")
+    report = parse_message(data)
+    assert report.kind == "bounce", f"got kind {report.kind!r}, want the DSN read"
+    assert [r.recipient for r in report.recipients] == ["user@example.net"]
+
+
 def test_v1_segment_damaged_length_does_not_resync_into_content(tmp_path):
     """spool_recovery: in a version 1 segment (no nonce) a damaged record's length
     field, which the CRC does not cover, is trusted as the place to go on when a

@@ -16,7 +16,7 @@ import email.message
 
 from .diagnostic import ADDR, clean_address
 from .dsn import parse_fields
-from .mime import header, part_text, raw_text
+from .mime import header, part_text, payload_of, raw_text
 from .report import MAX_RECIPIENTS, Feedback
 
 __all__ = ["find_feedback", "jmrp_original"]
@@ -29,7 +29,7 @@ _FIELDS = {
 
 
 def _report_text(part: email.message.Message) -> str:
-    payload = part.get_payload()
+    payload = payload_of(part)
     if isinstance(payload, list):
         return "\n\n".join(raw_text(p) for p in payload if isinstance(p, email.message.Message))
     return part_text(part)
@@ -70,7 +70,7 @@ def jmrp_original(msg: email.message.Message) -> email.message.Message | None:
         return None
     for part in msg.walk():
         if part.get_content_type() == "message/rfc822":
-            payload = part.get_payload()
+            payload = payload_of(part)
             inner = payload[0] if isinstance(payload, list) and payload else None
             if isinstance(inner, email.message.Message) and inner.get("X-HmXmrOriginalRecipient"):
                 return inner

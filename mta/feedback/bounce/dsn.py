@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from .diagnostic import clean_address, unfold
-from .mime import part_text
+from .mime import part_text, payload_of
 from .report import MAX_RECIPIENTS
 
 __all__ = ["DsnGroup", "DsnReport", "find_dsn_parts", "parse_fields"]
@@ -92,7 +92,7 @@ def parse_fields(text: str) -> list[tuple[str, str]]:
 
 
 def _dsn_text(part: email.message.Message) -> str:
-    payload = part.get_payload()
+    payload = payload_of(part)
     if isinstance(payload, list):
         # The field groups come parsed as header-only messages: join their
         # fields directly (as_string() through the generator is several times slower).
@@ -101,7 +101,7 @@ def _dsn_text(part: email.message.Message) -> str:
 
 
 def _fields_text(part: email.message.Message) -> str:
-    body = part.get_payload()
+    body = payload_of(part)
     head = "\n".join(f"{k}: {v}" for k, v in part.items())
     if isinstance(body, str) and body.strip():
         return head + "\n\n" + body

@@ -84,6 +84,16 @@ def _decode(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")
 
 
+def payload_of(part: email.message.Message) -> str | list:
+    """part.get_payload() that does not raise: for 8-bit text, email decodes it with the
+    declared charset and raises ValueError on a name holding a NUL ("utf\\0-8"); such
+    a part's text comes through part_text instead (UTF-8, then Latin-1)."""
+    try:
+        return part.get_payload()
+    except ValueError:
+        return part_text(part)
+
+
 def part_text(part: email.message.Message) -> str:
     """The decoded body of a non-multipart part (transfer encoding and charset)."""
     try:

@@ -13,7 +13,7 @@ import email.message
 import email.policy
 import re
 
-from .mime import part_text
+from .mime import part_text, payload_of
 
 __all__ = ["attached_original", "headers_from_text", "our_message_id"]
 
@@ -29,10 +29,10 @@ def attached_original(msg: email.message.Message) -> email.message.Message | Non
             continue
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/global", "message/partial"):
-            payload = part.get_payload()
+            payload = payload_of(part)
             if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
                 inner = payload[0]
-                if len(inner.keys()) == 0 and isinstance(inner.get_payload(), str):
+                if len(inner.keys()) == 0 and isinstance(payload_of(inner), str):
                     # Headers were encoded (base64/QP) as a whole: decode and reparse.
                     return headers_from_text(part_text(part))
                 return inner
