@@ -56,8 +56,8 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     if args.action == "ls":
         for msg_id, loc in found.messages.items():
             env = found.envelopes[msg_id]
-            print(orjson.dumps({"id": env["id"], "sender": env["sender"],
-                                "recipients": [r[0] for r in env["rcpts"]], "size": env["size"],
+            print(orjson.dumps({"id": env.id, "sender": env.sender,
+                                "recipients": [r.address for r in env.recipients], "size": env.size,
                                 "segment": loc.segment, "offset": loc.offset}).decode())
     for bad in found.corrupt:
         print(f"corrupt record: segment {bad.segment} offset {bad.offset}: {bad.reason} "

@@ -36,6 +36,7 @@ from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.reception import Reception
 from mta.logs.writer import LogWriter
+from mta.model.envelope import Envelope, Recipient
 from mta.model.log_records import RecordType
 from mta.model.queued import InsertReason
 from mta.spool import Spool, SpoolError
@@ -134,7 +135,7 @@ class Server:
             await self.stop()
             raise
 
-    def _stored(self, msg_id: bytes, envelope: dict, done: set[int] | None = None,
+    def _stored(self, msg_id: bytes, envelope: Envelope, done: set[int] | None = None,
                 reason: InsertReason = InsertReason.RECEIVED) -> None:
         """A durable message (new or recovered): recipients at the bounce domain go to
         the intake first (parsed off the loop); the message reaches delivery, for its
@@ -146,12 +147,12 @@ class Server:
                 return
         self.delivery.submit(msg_id, envelope, done, reason)
 
-    def _intake_done(self, msg_id: bytes, envelope: dict, idxs: list[int], after: tuple) -> None:
+    def _intake_done(self, msg_id: bytes, envelope: Envelope, idxs: list[int], after: tuple) -> None:
         """The intake finished recipients `idxs`: a tombstone when none is left, else a
         RCPTS_DONE record (a restart must not parse it again) and delivery of the rest."""
         done, reason = after
         done = set(done or ()) | set(idxs)
-        if len(done) < len(envelope["rcpts"]):
+        if len(done) < len(envelope.recipients):
             self.spool.finish_recipients(msg_id, idxs)
         self.delivery.submit(msg_id, envelope, done, reason)
 
@@ -233,12 +234,13 @@ class Server:
         """
         if self.reception is None:
             raise RuntimeError("Server.inject() before start()")
-        rcpts = [(r, None, None) for r in recipients]
+        rcpts = [Recipient(r) for r in recipients]
         if not rcpts:
             raise ValueError("inject() needs at least one recipient")
-        stored = self.reception.store(
-            sender=sender, rcpts=rcpts, content=content, helo="localhost", client_ip=client,
-            client_port=0, listener="inject", protocol="local", extra={})
+        raw_id, envelope = self.reception.new_envelope(
+            sender, rcpts, content, helo="localhost", client_ip=client, client_port=0,
+            listener="inject", protocol="local")
+        stored = self.reception.store(raw_id, envelope, content)
         await stored.durable
         self.reception.durable(stored)
         return stored.id

@@ -7,6 +7,7 @@ from conftest import ROOT
 from mta.config import load_config
 from mta.egress.pools import Egress
 from mta.egress.shaping import Shaping
+from mta.model.envelope import Envelope
 
 EXAMPLES = ROOT / "docs" / "examples"
 
@@ -14,9 +15,9 @@ EXAMPLES = ROOT / "docs" / "examples"
 def test_sender_example_loads_and_resolves():
     cfg = load_config(EXAMPLES / "sender.toml")
     eg = Egress(cfg)
-    assert eg.select({"sender": "app@example.com", "headers": {"X-Mail-Kind": "transactional"}}) \
+    assert eg.select(Envelope("", "app@example.com", [], headers={"X-Mail-Kind": "transactional"})) \
         == ("transactional", "transactional")
-    assert eg.select({"sender": "news@example.com"}) == ("bulk", "bulk")
+    assert eg.select(Envelope("", "news@example.com", [])) == ("bulk", "bulk")
     picks = [eg.pools["bulk"].next().name for _ in range(21)]
     assert picks.count("warm-1") == 1 and picks.count("bulk-1") == 10
     shaping = Shaping.load(cfg.egress.shaping, dataclasses.asdict(cfg.delivery))

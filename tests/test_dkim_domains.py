@@ -11,6 +11,7 @@ import pytest
 from mta.config import parse_config
 from mta.dkim.domains import SigningDomains, from_domain
 from mta.dkim.signer import DkimConfigError, keygen
+from mta.model.envelope import Envelope
 
 
 @pytest.mark.parametrize("headers,want", [
@@ -43,13 +44,13 @@ def test_parent_domain_and_multiple_signatures(tmp_path):
 
 def test_policy_hook_overrides(tmp_path):
     hook = types.ModuleType("mta_test_dkim_policy")
-    hook.choose = lambda dom, env: ["other.org"] if env["sender"].startswith("bulk") else None
+    hook.choose = lambda dom, env: ["other.org"] if env.sender.startswith("bulk") else None
     sys.modules["mta_test_dkim_policy"] = hook
     domains = SigningDomains(_tables(tmp_path, ["example.com", "other.org"]),
                              "mta_test_dkim_policy:choose")
     msg = b"From: a@example.com\r\n\r\nx\r\n"
-    assert [s.key.domain for s in domains.for_message(msg, {"sender": "bulk@x"})] == ["other.org"]
-    assert [s.key.domain for s in domains.for_message(msg, {"sender": "tx@x"})] == ["example.com"]
+    assert [s.key.domain for s in domains.for_message(msg, Envelope("", "bulk@x", []))] == ["other.org"]
+    assert [s.key.domain for s in domains.for_message(msg, Envelope("", "tx@x", []))] == ["example.com"]
 
 
 def test_bad_key_and_bad_hook_are_named(tmp_path):

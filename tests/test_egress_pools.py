@@ -7,6 +7,7 @@ import pytest
 
 from mta.config import ConfigError, parse_config
 from mta.egress.pools import Egress, Pool, Source, smooth_wrr
+from mta.model.envelope import Envelope
 from mta.model.queued import QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.scheduled import ScheduledQueue
@@ -61,13 +62,17 @@ def test_pool_skips_a_suspended_source():
     assert pool.next().name in {"a", "b"}
 
 
+def _env(sender: str, **fields) -> Envelope:
+    return Envelope("", sender, [], **fields)
+
+
 def test_rules_choose_pool_and_class():
     eg = Egress(parse_config(CONFIG))
-    assert eg.select({"tenant": "acme", "sender": "x@y.test"}) == ("bulk", "p31")
-    assert eg.select({"sender": "x@y.test", "headers": {"X-Mailer-Kind": "Receipt"}}) == \
+    assert eg.select(_env("x@y.test", tenant="acme")) == ("bulk", "p31")
+    assert eg.select(_env("x@y.test", headers={"X-Mailer-Kind": "Receipt"})) == \
         ("transactional", "vip")
-    assert eg.select({"sender": "x@y.test", "class": "warmup"}) == ("warmup", "default")
-    assert eg.select({"sender": "x@y.test", "class": "no-such-class"}) == ("bulk", "default")
+    assert eg.select(_env("x@y.test", queue_class="warmup")) == ("warmup", "default")
+    assert eg.select(_env("x@y.test", queue_class="no-such-class")) == ("bulk", "default")
     weights = Counter(eg.pools["p31"].next().name for _ in range(400))
     assert weights == {"a": 300, "b": 100}
 
@@ -103,16 +108,16 @@ def test_transactional_lane_is_not_blocked_by_a_full_bulk_lane():
     assert taken == ["bulk"] * 5
 
 
-def pick_pool(envelope: dict, klass: str) -> str | None:
+def pick_pool(envelope: Envelope, klass: str) -> str | None:
     """egress.pool_hook used below: VIP senders to pool "vip", others to the rules."""
-    return "vip" if envelope.get("sender", "").startswith("vip@") else None
+    return "vip" if envelope.sender.startswith("vip@") else None
 
 
 def test_pool_hook_decides_when_no_rule_does():
     eg = Egress(parse_config(CONFIG + '[egress]\npool_hook = "test_egress_pools:pick_pool"\n'))
-    assert eg.select({"sender": "vip@y.test"}) == ("bulk", "vip")
-    assert eg.select({"sender": "x@y.test"}) == ("bulk", "default")
-    assert eg.select({"sender": "vip@y.test", "tenant": "acme"}) == ("bulk", "p31"), \
+    assert eg.select(_env("vip@y.test")) == ("bulk", "vip")
+    assert eg.select(_env("x@y.test")) == ("bulk", "default")
+    assert eg.select(_env("vip@y.test", tenant="acme")) == ("bulk", "p31"), \
         "a matching rule wins over the hook"
 
 

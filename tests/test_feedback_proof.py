@@ -13,6 +13,7 @@ from mta.feedback import verp
 from mta.feedback.bounce.report import FailedRecipient, Feedback as Arf, Report
 from mta.config import ConfigError, parse_config
 from mta.feedback.state import Feedback
+from mta.model.envelope import Envelope, Recipient
 from mta.feedback.trust import (CHECK_BUDGET, ENVELOPE, MAX_CHECKS, MAX_TOKENS, NO_RECIPIENT,
                                 NO_VERP, ORIGINAL_MAIL_FROM, RETURN_PATH, TRUSTED_SOURCE,
                                 Evidence)
@@ -30,8 +31,9 @@ def _path(fb: Feedback, rcpt: str, index: int = 0) -> str:
     return fb.verp_sender(os.urandom(16), index, rcpt, time.time())
 
 
-def _env(*rcpts: str, client_ip: str = "192.0.2.9") -> tuple[dict, list[int]]:
-    return {"rcpts": [[r, None] for r in rcpts], "client_ip": client_ip}, list(range(len(rcpts)))
+def _env(*rcpts: str, client_ip: str = "192.0.2.9") -> tuple[Envelope, list[int]]:
+    return (Envelope("", "", [Recipient(r) for r in rcpts], client_ip=client_ip),
+            list(range(len(rcpts))))
 
 
 def _bounce(*rcpts: str) -> Report:

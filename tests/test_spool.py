@@ -13,6 +13,7 @@ import orjson
 import pytest
 from tmpfs import fill, tmpfs
 
+from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import new_id
 from mta.model.replies import REPLIES
 from mta.spool import Spool, SpoolError
@@ -33,13 +34,13 @@ async def _fill(directory: str, n: int, segment_size: int = 1 << 20, size: int =
         msg_id = new_id()
         content = bytearray(b"Subject: %d\r\n\r\n" % i + b"x" * size + b"\r\n")
         sent[msg_id] = bytes(content)
-        futs.append(spool.store(msg_id, {"id": msg_id.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]},
+        futs.append(spool.store(msg_id, Envelope(msg_id.hex(), "a@b", [Recipient("c@d")]),
                                 b"Received: test\r\n", content))
     await asyncio.gather(*futs)
     for msg_id, content in sent.items():
         env, stored = spool.read(msg_id)
         assert stored == b"Received: test\r\n" + content, "got different content, want what was stored"
-        assert env["id"] == msg_id.hex()
+        assert env.id == msg_id.hex()
     await spool.close()
     return sent
 
@@ -200,7 +201,7 @@ async def _store_carrier(directory: str) -> tuple[list[bytes], bytes]:
               + _forged_record(2) + b"z" * 3000 + b"\r\n",
               b"Subject: after\r\n\r\nplain\r\n"]
     for msg_id, body in zip(ids, bodies):
-        await spool.store(msg_id, {"id": msg_id.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]},
+        await spool.store(msg_id, Envelope(msg_id.hex(), "a@b", [Recipient("c@d")]),
                           b"Received: test\r\n", bytearray(body))
     await spool.close()
     return ids, bodies[1]
@@ -276,7 +277,7 @@ def test_version1_spool_recovers_after_upgrade(tmp_path):
         for msg_id, content in zip(ids, contents):
             assert spool.read(msg_id)[1] == content, "want the v1 record read back as written"
         new = new_id()
-        await spool.store(new, {"id": new.hex(), "sender": "a@b", "rcpts": [["c@d", None, None]]},
+        await spool.store(new, Envelope(new.hex(), "a@b", [Recipient("c@d")]),
                           b"", bytearray(b"new\r\n"))
         await spool.remove(ids[:2])
         await spool.close()
@@ -329,7 +330,7 @@ def small_tmpfs(tmp_path):
         yield path
 
 
-ENVELOPE = {"sender": "a@b", "rcpts": [["c@d", None, None]]}
+ENVELOPE = Envelope("", "a@b", [Recipient("c@d")])
 
 
 def test_full_disk_owes_tombstones_and_recovers(small_tmpfs):

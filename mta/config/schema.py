@@ -229,7 +229,7 @@ class EgressConfig:
     max_connections: int = key(INT, 16000, "outbound connections open at once, all sources "
                                "and sites together (needs as many open files: see RLIMIT_NOFILE)",
                                lo=1, hi=10000000)
-    pool_hook: str = key(TEXT, "", "\"module:function\" called with (envelope, queue name) "
+    pool_hook: str = key(TEXT, "", "\"module:function\" called with (Envelope, queue class) "
                          "returning a pool name (or None for the rules); empty: none")
 
 
@@ -309,7 +309,7 @@ class SigningConfig:
                         "(malformed header block) goes out unsigned (and is logged) or is "
                         "deferred", choices=("send_unsigned", "defer"))
     threads: int = key(INT, 0, "signing threads; 0 = one per CPU", lo=0, hi=256)
-    policy: str = key(TEXT, "", "\"module:function\" called with (from_domain, envelope) "
+    policy: str = key(TEXT, "", "\"module:function\" called with (from_domain, Envelope) "
                       "returning the signing domains to use instead of the From domain; "
                       "empty: none")
 

@@ -371,8 +371,8 @@ class Dispatcher:
         idxs = list(msg.rcpts)
         if self.unsubscribe is not None and len(idxs) == 1:
             try:
-                content = self.unsubscribe.with_unsubscribe(content, env["rcpts"][idxs[0]][0],
-                                                            env.get("tenant"))
+                content = self.unsubscribe.with_unsubscribe(content, env.recipients[idxs[0]].address,
+                                                            env.tenant)
             except ValueError as exc:   # e.g. a base_url that is not https
                 log.warning("%s: no List-Unsubscribe: %s", msg.id_text, exc)
         if self.dkim is not None:
@@ -386,9 +386,9 @@ class Dispatcher:
                         self.outcomes.settle(msg, env, idxs, self.retry)
                         return True
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
-        body_8bit = env.get("body") == "8BITMIME"   # the client core also scans the bytes
+        body_8bit = env.body == "8BITMIME"   # the client core also scans the bytes
         step = self.limits.max_recipients_per_transaction
-        verp = self.verp if self.verp is not None and env["sender"] else None
+        verp = self.verp if self.verp is not None and env.sender else None
         if verp is not None:
             step = 1    # the return path names one recipient
         if self.msg_throttle is not None:
@@ -398,13 +398,14 @@ class Dispatcher:
         retry: list[int] = []
         for start in range(0, len(idxs), step):
             chunk = idxs[start:start + step]
-            rcpts = [tuple(env["rcpts"][i]) for i in chunk]
+            # the native client core takes (address, NOTIFY, ORCPT) as the SMTP core gave them
+            chosen = [env.recipients[i] for i in chunk]
+            rcpts = [(r.address, r.notify, r.orcpt) for r in chosen]
             try:
-                sender = (verp.verp_sender(msg.id, chunk[0], rcpts[0][0], msg.received)
-                          if verp else env["sender"])
+                sender = (verp.verp_sender(msg.id, chunk[0], chosen[0].address, msg.received)
+                          if verp else env.sender)
                 result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
-                                           smtputf8=bool(env.get("smtputf8")), ret=env.get("ret"),
-                                           envid=env.get("envid"))
+                                           smtputf8=env.smtputf8, ret=env.ret, envid=env.envid)
             except SessionError as exc:
                 # A 5xx already given to a recipient stands (bounce it); everything
                 # else of the message is retried, delivered or not (at-least-once).

@@ -30,6 +30,7 @@ from mta.egress.shaping import Limits, Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
 from mta.model.attempt import Attempt
+from mta.model.envelope import Envelope
 from mta.model.ids import id_from_text
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
@@ -120,7 +121,7 @@ class DeliveryEngine:
 
     # -- input ----------------------------------------------------------------------------
 
-    def submit(self, msg_id: bytes, envelope: dict, done: set[int] | None = None,
+    def submit(self, msg_id: bytes, envelope: Envelope, done: set[int] | None = None,
                reason: InsertReason = InsertReason.RECEIVED) -> None:
         entries = self.scheduler.submit(msg_id, envelope, done or frozenset(), reason)
         if not entries:          # every recipient already finished: only the tombstone is missing
@@ -260,7 +261,7 @@ class DeliveryEngine:
         if msg_id not in self.spool:
             return None
         env, content = self.spool.read(msg_id)
-        return {"id": text_id, "envelope": env, "size": len(content),
+        return {"id": text_id, "envelope": env.view(), "size": len(content),
                 "headers": bytes(content[:content.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in content
                                          else 4096]).decode("utf-8", "replace")}
 

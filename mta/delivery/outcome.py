@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mta.feedback.dsn_builder import RecipientStatus, build_dsn, should_notify
 from mta.model.attempt import Attempt, RemoteReply
+from mta.model.envelope import Envelope
 from mta.model.ids import id_text
 from mta.model.log_records import RecordType
 from mta.model.queued import DELAY_DSN_SENT, InsertReason, QueuedMessage
@@ -79,7 +80,7 @@ class Outcomes:
 
     # -- results ---------------------------------------------------------------------------
 
-    def transaction(self, msg: QueuedMessage, env: dict, idxs: list[int], replies: list,
+    def transaction(self, msg: QueuedMessage, env: Envelope, idxs: list[int], replies: list,
                     data_reply: Any, at: Attempt) -> list[int]:
         """Apply one transaction's replies; returns the indexes that must be retried."""
         retry_idx, bounced = [], []
@@ -104,7 +105,7 @@ class Outcomes:
                                            for i, r in bounced])
         return retry_idx
 
-    def defer(self, msg: QueuedMessage, env: dict | None, idxs: list[int], code: int,
+    def defer(self, msg: QueuedMessage, env: Envelope | None, idxs: list[int], code: int,
               status: str, text: str, at: Attempt) -> None:
         """A session/site/DNS trouble: every recipient in `idxs` is retried later."""
         reply = RemoteReply(code, status, text)
@@ -112,7 +113,7 @@ class Outcomes:
             self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, reply, at)
         self.counters["deferred"] += len(idxs)
 
-    def bounce_all(self, msg: QueuedMessage, env: dict, code: int, status: str, text: str,
+    def bounce_all(self, msg: QueuedMessage, env: Envelope, code: int, status: str, text: str,
                    at: Attempt) -> None:
         reply = RemoteReply(code, status, text)
         for idx in msg.rcpts:
@@ -121,7 +122,7 @@ class Outcomes:
         self._dsn(env, msg, "failed", [(i, status, f"{code} {status} {text}", None) for i in msg.rcpts])
         self._entry_done(msg, list(msg.rcpts))
 
-    def settle(self, msg: QueuedMessage, env: dict | None, retry_idx: list[int],
+    def settle(self, msg: QueuedMessage, env: Envelope | None, retry_idx: list[int],
                retry: RetryPolicy | None = None) -> None:
         """After all transactions of an attempt: finish the entry or schedule its retry
         (with `retry`, the destination's shaped policy, else the [delivery] one)."""
@@ -146,7 +147,7 @@ class Outcomes:
                       msg.received + self.retry.max_age)
         self.schedule(msg, due, InsertReason.TRANSIENT_FAILURE)
 
-    def _expire(self, msg: QueuedMessage, env: dict | None) -> None:
+    def _expire(self, msg: QueuedMessage, env: Envelope | None) -> None:
         reply = RemoteReply(550, "4.4.7", "message expired: delivery time limit exceeded")
         for idx in msg.rcpts:
             self._log(RecordType.EXPIRATION, msg, env, idx, reply, None)
@@ -156,9 +157,9 @@ class Outcomes:
 
     # -- logs and DSNs -------------------------------------------------------------------------
 
-    def _log(self, rtype: RecordType, msg: QueuedMessage, env: dict | None, idx: int,
+    def _log(self, rtype: RecordType, msg: QueuedMessage, env: Envelope | None, idx: int,
              reply: Any, at: Attempt | None) -> None:
-        rcpt = env["rcpts"][idx][0] if env is not None else None
+        rcpt = env.recipients[idx].address if env is not None else None
         extra = {}
         fb = self.feedback
         if fb is not None and (rtype is RecordType.BOUNCE
@@ -172,22 +173,23 @@ class Outcomes:
             return
         now = self.clock()
         self.logs.log(rtype, **extra, id=msg.id_text, queue=msg.queue.name, recipient=rcpt,
-                      sender=env["sender"] if env is not None else None,
+                      sender=env.sender if env is not None else None,
                       source=at.source if at else None, site=at.site if at else None,
                       mx=at.mx if at else None, ip=at.ip if at else None,
                       code=reply.code, status=reply.status, text=reply.text[:500],
                       attempt=msg.attempts + 1, queued_s=round(now - msg.received, 3),
                       attempt_s=round(now - at.started, 4) if at else None)
 
-    def _dsn(self, env: dict, msg: QueuedMessage, kind: str, items: list, until: float | None = None) -> None:
-        sender = env.get("sender", "")
+    def _dsn(self, env: Envelope, msg: QueuedMessage, kind: str, items: list,
+             until: float | None = None) -> None:
+        sender = env.sender
         if not sender:
             return  # never a DSN to the null sender (RFC 3461 6.2)
         rcpts = []
         for idx, status, diag, mx in items:
-            addr, notify, orcpt = env["rcpts"][idx]
-            if should_notify(kind, notify):
-                rcpts.append(RecipientStatus(addr, orcpt, kind, status, diag, mx, self.clock(),
+            r = env.recipients[idx]
+            if should_notify(kind, r.notify):
+                rcpts.append(RecipientStatus(r.address, r.orcpt, kind, status, diag, mx, self.clock(),
                                              until))
         if not rcpts:
             return
@@ -196,9 +198,9 @@ class Outcomes:
         except KeyError:
             content = b""
         try:
-            dsn = build_dsn(reporting_mta=self.hostname, original_envelope_id=env.get("envid"),
+            dsn = build_dsn(reporting_mta=self.hostname, original_envelope_id=env.envid,
                             sender=sender, recipients=rcpts, original_content=bytes(content),
-                            ret=env.get("ret"), arrival_date=msg.received, queue_id=id_text(msg.id))
+                            ret=env.ret, arrival_date=msg.received, queue_id=id_text(msg.id))
         except ValueError as exc:
             log.warning("no DSN for %s: %s", msg.id_text, exc)
             return

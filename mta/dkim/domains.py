@@ -5,7 +5,7 @@ then (a bad key is fatal at start, naming the file; never a surprise at the
 first message). For a message, the signing domain is the From header's
 domain, else its nearest parent that has keys (so news.example.com is signed
 by example.com, aligned for DMARC in relaxed mode); a policy hook
-(`signing.policy = "module:function"`, called with (from_domain, envelope)
+(`signing.policy = "module:function"`, called with (from_domain, Envelope)
 and returning a list of signing domains, or None to keep the default) can
 override it. Several [[dkim]] tables for one domain give several
 signatures (e.g. Ed25519 and RSA, RFC 8463 3).
@@ -18,6 +18,7 @@ from email.utils import getaddresses
 from typing import Any, Callable
 
 from mta.dkim.signer import (DEFAULT_HEADERS, DkimConfigError, SignSpec, load_key)
+from mta.model.envelope import Envelope
 
 _FROM = re.compile(rb"(?im)^From[ \t]*:(.*(?:\r?\n[ \t].*)*)")
 _HEADER_SCAN = 64 << 10
@@ -35,7 +36,7 @@ def from_domain(content: bytes | bytearray | memoryview) -> str | None:
     return addrs[0].rsplit("@", 1)[1].strip().lower().rstrip(".") if addrs else None
 
 
-def load_policy(spec: str) -> Callable[[str | None, dict], Any] | None:
+def load_policy(spec: str) -> Callable[[str | None, Envelope], Any] | None:
     if not spec:
         return None
     module, _, func = spec.partition(":")
@@ -73,7 +74,7 @@ class SigningDomains:
             _, _, domain = domain.partition(".")
         return []
 
-    def for_message(self, content: bytes | bytearray, envelope: dict) -> list[SignSpec]:
+    def for_message(self, content: bytes | bytearray, envelope: Envelope) -> list[SignSpec]:
         domain = from_domain(content)
         if self.policy is not None:
             chosen = self.policy(domain, envelope)

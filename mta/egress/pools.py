@@ -23,10 +23,11 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from mta.config.load import BUILTIN_CLASSES
 from mta.model.rate import Rate
+from mta.model.envelope import Envelope
 
 if TYPE_CHECKING:
     from mta.config import Config
@@ -129,30 +130,30 @@ class Egress:
         self.rules = config.egress_rule
         # header names (lower case) rules look at: reception copies their values
         self.rule_headers = tuple(sorted({r.header for r in self.rules if r.header}))
-        self.hook: Callable[[dict, str], str | None] | None = (
+        self.hook: Callable[[Envelope, str], str | None] | None = (
             load_hook(eg.pool_hook) if eg.pool_hook else None)
 
-    def select(self, envelope: dict[str, Any]) -> tuple[str, str]:
+    def select(self, envelope: Envelope) -> tuple[str, str]:
         """(queue class, pool name) for a message, from its envelope."""
         klass = pool = ""
         if self.rules:
             klass, pool = self._match_rules(envelope)
         if not klass:
-            wanted = envelope.get("class")
+            wanted = envelope.queue_class
             klass = wanted if wanted in self.classes else self.default_class
         if not pool and self.hook is not None:
             pool = self._ask_hook(envelope, klass)
         assert self.default_pool is not None
         return klass, pool or self.default_pool.name
 
-    def _match_rules(self, envelope: dict[str, Any]) -> tuple[str, str]:
+    def _match_rules(self, envelope: Envelope) -> tuple[str, str]:
         """The first matching rule's class and the first matching rule's pool ("": none)."""
         klass = pool = ""
-        sender_domain = envelope.get("sender", "").rpartition("@")[2].lower()
-        headers = envelope.get("headers") or {}
+        sender_domain = envelope.sender.rpartition("@")[2].lower()
+        headers = envelope.headers or {}
         for r in self.rules:
-            if (r.tenant and r.tenant != envelope.get("tenant")) or \
-                    (r.campaign and r.campaign != envelope.get("campaign")) or \
+            if (r.tenant and r.tenant != envelope.tenant) or \
+                    (r.campaign and r.campaign != envelope.campaign) or \
                     (r.sender_domain and r.sender_domain.lower() != sender_domain):
                 continue
             if r.header:
@@ -165,7 +166,7 @@ class Egress:
                 break
         return klass, pool
 
-    def _ask_hook(self, envelope: dict[str, Any], klass: str) -> str:
+    def _ask_hook(self, envelope: Envelope, klass: str) -> str:
         assert self.hook is not None
         try:
             chosen = self.hook(envelope, klass)
@@ -178,7 +179,7 @@ class Egress:
         return chosen or ""
 
 
-def load_hook(spec: str) -> Callable[[dict, str], str | None]:
+def load_hook(spec: str) -> Callable[[Envelope, str], str | None]:
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

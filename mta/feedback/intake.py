@@ -47,6 +47,7 @@ from mta.egress.pools import DEFAULT_SOURCE
 from mta.feedback.bounce.report import Report
 from mta.feedback.bounce.worker import Parsed, ParserPool
 from mta.feedback.trust import Evidence, Verdict
+from mta.model.envelope import Envelope
 from mta.model.log_records import RecordType
 
 if TYPE_CHECKING:
@@ -56,10 +57,6 @@ if TYPE_CHECKING:
     from mta.spool import Spool
 
 log = logging.getLogger("mta.feedback.intake")
-
-
-def _domain(address: str | None) -> str:
-    return (address or "").rpartition("@")[2].lower()
 
 
 class BounceIntake:
@@ -130,11 +127,11 @@ class BounceIntake:
         self._tasks = []
         await self.parser.close()
 
-    def bounce_indexes(self, env: dict) -> list[int]:
+    def bounce_indexes(self, env: Envelope) -> list[int]:
         dom = self.feedback.bounce_domain
         if not dom:
             return []
-        return [i for i, r in enumerate(env["rcpts"]) if _domain(r[0]) == dom]
+        return [i for i, r in enumerate(env.recipients) if r.domain == dom]
 
     async def process(self, msg_id: bytes, idxs: list[int], after: Any = None) -> None:
         """Parse the message off the loop, act on the report, finish `idxs` (on_done)."""
@@ -157,7 +154,7 @@ class BounceIntake:
             raise
         if parsed.truncated:
             log.info("returned message %s longer than parse_max_size: parsed on its head only",
-                     env.get("id"))
+                     env.id)
         if parsed.report is None:
             if not await self._unparsed(msg_id, env, content, parsed.unparsed or "crash", tries):
                 return              # not kept elsewhere: it stays in the spool for the next start
@@ -165,30 +162,30 @@ class BounceIntake:
             try:
                 self._apply(env, idxs, parsed.report)
             except Exception:   # a bug acting on the report must not keep the message stuck
-                log.exception("cannot act on returned message %s", env.get("id"))
-                self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="error")
+                log.exception("cannot act on returned message %s", env.id)
+                self._log(RecordType.OOB, id=None, bounce_id=env.id, kind="error")
         self.processed += 1
         if self.on_done is not None:
             self.on_done(msg_id, env, idxs, after)
         self.attempts.end(msg_id)
 
-    async def _unparsed(self, msg_id: bytes, env: dict, content, reason: str, tries: int) -> bool:
+    async def _unparsed(self, msg_id: bytes, env: Envelope, content, reason: str, tries: int) -> bool:
         """Over budget: keep the message for the operator and log why; True when it
         was kept (then it can be finished)."""
-        name = f"{env.get('id') or msg_id.hex()}.eml"
+        name = f"{env.id or msg_id.hex()}.eml"
         try:
             saved = await asyncio.to_thread(_keep, self.quarantine, name, bytes(content))
         except OSError as exc:
             log.error("returned message %s unparsed (%s) and not copied, left in the spool: %s",
-                      env.get("id"), reason, exc)
+                      env.id, reason, exc)
             return False
         self.unparsed += 1
-        log.warning("returned message %s unparsed (%s), kept as %s", env.get("id"), reason, saved)
-        self._log(RecordType.OOB, id=None, bounce_id=env.get("id"), kind="unparsed", reason=reason,
+        log.warning("returned message %s unparsed (%s), kept as %s", env.id, reason, saved)
+        self._log(RecordType.OOB, id=None, bounce_id=env.id, kind="unparsed", reason=reason,
                   attempts=tries, saved_as=saved, recipient=None, suppressed=None)
         return True
 
-    def _apply(self, env: dict, idxs: list[int], report: Report) -> None:
+    def _apply(self, env: Envelope, idxs: list[int], report: Report) -> None:
         """Act on a parsed report: log it, and suppress and count only what it proves
         (mta/feedback/trust.py: a VERP return path of ours for that recipient, or a
         complaint from a trusted FBL source)."""
@@ -198,7 +195,7 @@ class BounceIntake:
         if report.original_headers is not None and self.tenant_header:
             tenant = report.original_headers.get(self.tenant_header)
             tenant = str(tenant).strip() or None if tenant is not None else None
-        base = {"bounce_id": env.get("id"), "kind": report.kind, "family": report.family,
+        base = {"bounce_id": env.id, "kind": report.kind, "family": report.family,
                 "reporting_mta": report.reporting_mta}
         if report.kind == "feedback" and report.feedback is not None:
             f = report.feedback

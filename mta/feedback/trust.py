@@ -34,6 +34,7 @@ from mta.model.ids import id_text
 
 if TYPE_CHECKING:
     from mta.feedback.bounce.report import Report
+    from mta.model.envelope import Envelope
 
 MAX_TOKENS = 4       # distinct return paths taken from one report
 MAX_CHECKS = 256     # HMAC verifications per report
@@ -78,19 +79,19 @@ class Verdict:
 class Evidence:
     """The proof one report carries, gathered once; `prove` asks about one recipient."""
 
-    def __init__(self, feedback: Keys, env: dict, idxs: list[int], report: Report,
+    def __init__(self, feedback: Keys, env: Envelope, idxs: list[int], report: Report,
                  now: float | None = None):
         self.feedback = feedback
         self.now = time.time() if now is None else now
         self.checks = 0
         self.tokens: dict[verp.Token, str] = {}     # token -> where it was found
-        self._gather(ENVELOPE, (env["rcpts"][i][0] for i in idxs))
+        self._gather(ENVELOPE, (env.recipients[i].address for i in idxs))
         original = report.original_headers
         if original is not None:
             self._gather(RETURN_PATH, original.get_all("Return-Path") or ())
         if report.feedback is not None and report.feedback.original_mail_from:
             self._gather(ORIGINAL_MAIL_FROM, (report.feedback.original_mail_from,))
-        self.trusted = report.kind == "feedback" and feedback.trusted_fbl(env.get("client_ip"))
+        self.trusted = report.kind == "feedback" and feedback.trusted_fbl(env.client_ip)
 
     def _gather(self, where: str, addresses: Iterable[object]) -> None:
         for address in addresses:

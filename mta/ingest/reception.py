@@ -22,6 +22,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mta.ingest.governor import DataMemory
+from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import id_text, new_id
 from mta.model.log_records import RecordType
 from mta.model.replies import REPLIES, reply
@@ -46,7 +47,7 @@ class Peer(NamedTuple):
 class Stored(NamedTuple):
     id: str                   # text form of the spool id
     raw_id: bytes             # the 16-byte id
-    envelope: dict            # what was stored with the message
+    envelope: Envelope        # what was stored with the message
     durable: asyncio.Future   # resolves when the spool batch is on disk
 
 
@@ -56,11 +57,11 @@ class Reception:
         self.spool = spool
         self.logs = logs if config.log.reception_log else None
         self._rejection_logs = logs
-        # (envelope key, header regex): tenant, campaign and class name scheduled queues;
+        # (Envelope field, header regex): tenant, campaign and class name scheduled queues;
         # "h:<name>" keys collect the headers [[egress_rule]]s match on.
         wanted = [("tenant", config.reception.tenant_header),
                   ("campaign", config.reception.campaign_header),
-                  ("class", config.reception.class_header)]
+                  ("queue_class", config.reception.class_header)]
         wanted += sorted({("h:" + r.header, r.header) for r in config.egress_rule if r.header})
         self._x_headers = [(name, re.compile(rb"(?im)^" + re.escape(h.encode()) + rb":[ \t]*([^\r\n]*)"))
                            for name, h in wanted if h]
@@ -68,7 +69,7 @@ class Reception:
         self._date = ""
         self.accepted = 0            # messages acknowledged with 250 since start
         # Called with (raw id, envelope) once a message is durable: the delivery engine.
-        self.on_stored: Callable[[bytes, dict], None] | None = None
+        self.on_stored: Callable[[bytes, Envelope], None] | None = None
         # DKIM at reception (signing.stage = "reception"): sign before the spool write.
         self.dkim: Any = None
         # Suppression and the bounce domain (mta/feedback/rcpt_policy.py); None: neither.
@@ -91,8 +92,9 @@ class Reception:
             self._date_sec, self._date = now, formatdate(now, localtime=True)
         return self._date
 
-    def _x_values(self, content) -> dict[str, str]:
-        out = {}
+    def _x_values(self, content) -> dict[str, Any]:
+        """Envelope field -> value of the X-headers reception is configured to read."""
+        out: dict[str, Any] = {}
         if not self._x_headers:
             return out
         end = content.find(b"\r\n\r\n", 0, _HEADER_SCAN)   # copy the header block only
@@ -107,24 +109,30 @@ class Reception:
                     out[name] = value
         return out
 
-    def trace_header(self, msg_id: str, helo: str, ip: str, protocol: str, rcpts: list) -> bytes:
-        lines = f"Received: from {helo or 'unknown'} ([{ip}])\r\n\tby {self.hostname} (mta) with {protocol} id {msg_id}"
-        if len(rcpts) == 1:
-            lines += f"\r\n\tfor <{rcpts[0][0]}>"
+    def trace_header(self, env: Envelope) -> bytes:
+        lines = (f"Received: from {env.helo or 'unknown'} ([{env.client_ip}])\r\n\tby {self.hostname}"
+                 f" (mta) with {env.protocol} id {env.id}")
+        if len(env.recipients) == 1:
+            lines += f"\r\n\tfor <{env.recipients[0].address}>"
         return (lines + "; " + self._now_rfc5322() + "\r\n").encode("utf-8", "replace")
 
-    def store(self, *, sender: str, rcpts: list, content, helo: str, client_ip: str,
-              client_port: int, listener: str, protocol: str, extra: dict[str, Any],
-              x_values: dict[str, Any] | None = None) -> Stored:
-        """Spool a message; `x_values` are its X-header values when already scanned."""
+    def new_envelope(self, sender: str, recipients: list[Recipient], content, *, helo: str,
+                     client_ip: str, client_port: int, listener: str, protocol: str,
+                     x_values: dict[str, Any] | None = None, **mail: Any) -> tuple[bytes, Envelope]:
+        """A new message's raw id and envelope. `mail`: its MAIL parameters (body, smtputf8,
+        ret, envid); `x_values`: its X-header values when already scanned. store() sets
+        the size."""
         raw_id = new_id()
-        msg_id = id_text(raw_id)
-        trace = self.trace_header(msg_id, helo, client_ip, protocol, rcpts)
-        envelope = {"id": msg_id, "sender": sender, "rcpts": rcpts, "helo": helo,
-                    "client_ip": client_ip, "client_port": client_port, "listener": listener,
-                    "protocol": protocol, "received": time.time(), "size": len(trace) + len(content),
-                    **extra, **(self._x_values(content) if x_values is None else x_values)}
-        return Stored(msg_id, raw_id, envelope, self.spool.store(raw_id, envelope, trace, content))
+        return raw_id, Envelope(id_text(raw_id), sender, recipients, helo, client_ip, client_port,
+                                listener, protocol, time.time(), 0, **mail,
+                                **(self._x_values(content) if x_values is None else x_values))
+
+    def store(self, raw_id: bytes, envelope: Envelope, content) -> Stored:
+        """Spool a message under our Received header (counted in its size)."""
+        trace = self.trace_header(envelope)
+        envelope.size = len(trace) + len(content)
+        return Stored(envelope.id, raw_id, envelope,
+                      self.spool.store(raw_id, envelope, trace, content))
 
     def accept(self, txn, peer: Peer) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
@@ -136,12 +144,17 @@ class Reception:
                 fut = asyncio.get_running_loop().create_future()
                 fut.set_result(refusal)
                 return fut
+        protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
+        raw_id, envelope = self.new_envelope(
+            txn.mail_from, [Recipient(a, n, o) for a, n, o in txn.rcpts], txn.data,
+            helo=txn.helo, client_ip=peer.ip, client_port=peer.port,
+            listener=peer.listener, protocol=protocol, x_values=x_values,
+            body=txn.body_type, smtputf8=txn.smtputf8, ret=txn.ret, envid=txn.envid)
         if self.dkim is not None:
-            specs = self.dkim.domains.for_message(txn.data, {"sender": txn.mail_from,
-                                                             "rcpts": txn.rcpts})
-            if specs:
-                return self._sign_then_accept(txn, peer, specs, x_values)
-        return self._accept(txn, peer, txn.data, x_values)
+            specs = self.dkim.domains.for_message(txn.data, envelope)
+            if specs:   # signing adds no X-header: the envelope stays as it is
+                return self._sign_then_accept(txn, peer, specs, raw_id, envelope)
+        return self._accept(txn, peer, txn.data, raw_id, envelope)
 
     def _drop_suppressed(self, txn, peer: Peer, tenant: str | None) -> bytes | None:
         """Remove recipients suppressed for this tenant (known only now) or, with
@@ -165,8 +178,8 @@ class Reception:
         # "drop": the client sees an ordinary acceptance; nothing is stored
         return reply("QUEUED", id_text(new_id()))
 
-    def _sign_then_accept(self, txn, peer: Peer, specs: list,
-                          x_values: dict[str, Any]) -> asyncio.Future:
+    def _sign_then_accept(self, txn, peer: Peer, specs: list, raw_id: bytes,
+                          envelope: Envelope) -> asyncio.Future:
         result = asyncio.get_running_loop().create_future()
 
         def signed(fut: asyncio.Future) -> None:
@@ -178,21 +191,16 @@ class Reception:
             if exc is not None:
                 log.warning("accepting unsigned: %s", exc)
             content = txn.data if exc is not None else fut.result()
-            inner = self._accept(txn, peer, content, x_values)   # signing adds no X-header
+            inner = self._accept(txn, peer, content, raw_id, envelope)
             inner.add_done_callback(lambda f: result.set_result(f.result()))
 
         self.dkim.batcher.sign(bytes(txn.data), specs).add_done_callback(signed)
         return result
 
-    def _accept(self, txn, peer: Peer, content,
-                x_values: dict[str, Any]) -> asyncio.Future:
+    def _accept(self, txn, peer: Peer, content, raw_id: bytes,
+                envelope: Envelope) -> asyncio.Future:
         started = time.perf_counter()  # uvloop's loop.time() has only ms resolution
-        protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
-        extra = {"body": txn.body_type, "smtputf8": txn.smtputf8, "ret": txn.ret, "envid": txn.envid}
-        stored = self.store(
-            sender=txn.mail_from, rcpts=txn.rcpts, content=content, helo=txn.helo,
-            client_ip=peer.ip, client_port=peer.port,
-            listener=peer.listener, protocol=protocol, extra=extra, x_values=x_values)
+        stored = self.store(raw_id, envelope, content)
         msg_id = stored.id
         result = asyncio.get_running_loop().create_future()
 
@@ -200,7 +208,8 @@ class Reception:
             exc = fut.exception()
             if exc is not None:
                 log.error("spool write failed for %s from %s: %s", msg_id, peer.ip, exc)
-                self._log_rejection("SPOOL_ERROR", txn.mail_from, [r[0] for r in txn.rcpts],
+                self._log_rejection("SPOOL_ERROR", txn.mail_from,
+                                    [r.address for r in envelope.recipients],
                                     peer.ip, peer.listener)
                 result.set_result(reply("SPOOL_ERROR"))
                 return
@@ -218,12 +227,12 @@ class Reception:
         if self.on_stored is not None:
             self.on_stored(stored.raw_id, env)
         if self.logs is not None:
-            self.logs.log(RecordType.RECEPTION, id=stored.id, sender=env["sender"],
-                          recipients=[r[0] for r in env["rcpts"]], size=env["size"],
-                          client_ip=env["client_ip"], client_port=env["client_port"],
-                          helo=env["helo"], listener=env["listener"], tenant=env.get("tenant"),
-                          campaign=env.get("campaign"), protocol=env["protocol"],
-                          started=env["received"], latency_ms=latency_ms)
+            self.logs.log(RecordType.RECEPTION, id=stored.id, sender=env.sender,
+                          recipients=[r.address for r in env.recipients], size=env.size,
+                          client_ip=env.client_ip, client_port=env.client_port,
+                          helo=env.helo, listener=env.listener, tenant=env.tenant,
+                          campaign=env.campaign, protocol=env.protocol,
+                          started=env.received, latency_ms=latency_ms)
 
     def log_rejections(self, peer: Peer, rejections: list) -> None:
         for name, sender, rcpts in rejections:

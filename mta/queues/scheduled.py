@@ -19,6 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
+from mta.model.envelope import Envelope
 from mta.model.queue_name import format_name
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.timerwheel import TimerWheel
@@ -72,10 +73,10 @@ class Outlet(Protocol):
 # (queue, site) -> its outlet now (the delivery side picks the egress source)
 OutletFn = Callable[[ScheduledQueue, "Site"], Outlet]
 # envelope -> (queue class, pool name)
-SelectFn = Callable[[dict], tuple[str, str]]
+SelectFn = Callable[[Envelope], tuple[str, str]]
 
 
-def _no_selection(envelope: dict) -> tuple[str, str]:
+def _no_selection(envelope: Envelope) -> tuple[str, str]:
     return "bulk", "default"
 
 
@@ -138,19 +139,17 @@ class Scheduler:
                                                    campaign or "", klass, pool)
         return q
 
-    def submit(self, msg_id: bytes, envelope: dict, done: set[int] | frozenset = frozenset(),
+    def submit(self, msg_id: bytes, envelope: Envelope, done: set[int] | frozenset = frozenset(),
                reason: InsertReason = InsertReason.RECEIVED) -> list[QueuedMessage]:
         """Queue a durable message: one QueuedMessage per recipient domain."""
         by_domain: dict[str, list[int]] = {}
-        for i, rcpt in enumerate(envelope["rcpts"]):
+        for i, rcpt in enumerate(envelope.recipients):
             if i not in done:
-                addr = rcpt[0]
-                domain = addr.rpartition("@")[2].lower() or "localhost"
-                by_domain.setdefault(domain, []).append(i)
+                by_domain.setdefault(rcpt.domain or "localhost", []).append(i)
         out = []
         klass, pool = self.select(envelope)
         for domain, idxs in by_domain.items():
-            q = self.queue_for(envelope.get("campaign"), envelope.get("tenant"), domain, klass, pool)
+            q = self.queue_for(envelope.campaign, envelope.tenant, domain, klass, pool)
             msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)

@@ -33,8 +33,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
-import orjson
-
+from mta.model.envelope import Envelope, EnvelopeError
 from mta.spool import records as rec
 
 SEGMENT_SUFFIX = ".seg"
@@ -59,7 +58,7 @@ class Corrupt:
 @dataclass
 class Recovered:
     messages: dict[bytes, Location] = field(default_factory=dict)   # live messages by id
-    envelopes: dict[bytes, dict] = field(default_factory=dict)      # their envelopes
+    envelopes: dict[bytes, Envelope] = field(default_factory=dict)  # their envelopes
     corrupt: list[Corrupt] = field(default_factory=list)            # quarantined records
     torn: list[Corrupt] = field(default_factory=list)               # torn tails (never acknowledged)
     segments: list[int] = field(default_factory=list)               # segment numbers found
@@ -168,7 +167,7 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
             rec.check_crc(buf, pos, total)
             if rtype == rec.RecordType.MESSAGE:
                 msg_id, env, _ = rec.parse_message(buf, pos, total)
-                envelope = orjson.loads(env)
+                envelope = Envelope.from_json(env)
                 out.messages[msg_id] = Location(seg, pos, total)
                 out.envelopes[msg_id] = envelope
                 where[msg_id] = seg
@@ -191,9 +190,9 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
             else:
                 raise rec.RecordError("SEGMENT record inside a segment")
             pos += total
-        except (rec.RecordError, orjson.JSONDecodeError) as exc:
+        except (rec.RecordError, EnvelopeError) as exc:
             damage = None
-            reason = exc.reason if isinstance(exc, rec.RecordError) else "envelope is not JSON"
+            reason = exc.reason if isinstance(exc, rec.RecordError) else str(exc)
             nxt, searched = _resync(buf, pos, size, version, nonce)
             if nxt == size and (searched or not _looks_valid_after(buf, pos, size)):
                 # Nothing valid follows: the tail of the last batch written

@@ -39,9 +39,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from mta._native.spool import SegmentWriter
+from mta.model.envelope import Envelope
 from mta.spool import records as rec
 from mta.spool.recovery import Location, Recovered, scan, segment_path
 
@@ -61,7 +60,8 @@ def _unpack(packed: int) -> Location:
 
 
 def _hot_size(env: bytes, trace: bytes, content: Any) -> int:
-    return len(env) + len(trace) + len(content) + 200   # + the tuple, dict slot and objects
+    # the envelope's JSON length stands for the object's size; + the tuple, dict slot, objects
+    return len(env) + len(trace) + len(content) + 400
 
 
 class SpoolError(OSError):
@@ -101,10 +101,11 @@ class Spool:
         self._owed_futures: list[asyncio.Future] = []  # remove() callers waiting for them
         self._flush_scheduled = False
         # Recently stored messages, kept so a fast delivery needs no read or checksum:
-        # id -> (envelope JSON, trace, content). FIFO-evicted past hot_cache bytes.
+        # id -> (envelope, trace, content, bytes counted). FIFO-evicted past hot_cache
+        # bytes. The Envelope object itself: a prompt attempt decodes nothing.
         # (OrderedDict: popping the oldest of a plain dict rescans its deleted slots,
         # which made every insert O(evictions so far) once the cache was full.)
-        self._hot: OrderedDict[bytes, tuple[bytes, bytes, Any]] = OrderedDict()
+        self._hot: OrderedDict[bytes, tuple[Envelope, bytes, Any, int]] = OrderedDict()
         self._hot_bytes = 0
         self._hot_limit = hot_cache
         self.write_error = 0                          # errno of the last failed batch, 0 when writing
@@ -170,14 +171,14 @@ class Spool:
 
     # -- the write path -------------------------------------------------------
 
-    def store(self, msg_id: bytes, envelope: dict, trace: bytes, content) -> asyncio.Future:
+    def store(self, msg_id: bytes, envelope: Envelope, trace: bytes, content) -> asyncio.Future:
         """Append a MESSAGE record; the future resolves when it is durable."""
         assert self._loop is not None
         fut = self._loop.create_future()
         if self._writer is None:
             fut.set_exception(SpoolError("spool is closed"))
             return fut
-        env = orjson.dumps(envelope)
+        env = envelope.to_json()
         head = rec.message_head(msg_id, env, trace, len(content), self._nonce)
         try:
             ticket, segment, offset = self._writer.append(head, content, rec.CRC_OFFSET)
@@ -187,14 +188,12 @@ class Spool:
             return fut
         self._waiting[ticket] = (fut, msg_id)
         if self._hot_limit:
-            # orjson's bytes keep their whole output buffer (4 KiB+ for a 200-byte
-            # envelope): an exact-size copy is what the cache should hold.
-            env = bytes(memoryview(env))
-            self._hot[msg_id] = (env, trace, content)
-            self._hot_bytes += _hot_size(env, trace, content)
+            cost = _hot_size(env, trace, content)
+            self._hot[msg_id] = (envelope, trace, content, cost)
+            self._hot_bytes += cost
         while self._hot_bytes > self._hot_limit:
             _, old = self._hot.popitem(last=False)
-            self._hot_bytes -= _hot_size(*old)
+            self._hot_bytes -= old[3]
         self._index[msg_id] = _pack(segment, offset, len(head) + len(content))
         self._live[segment] = self._live.get(segment, 0) + 1
         return fut
@@ -238,7 +237,7 @@ class Spool:
     def _forget_hot(self, msg_id: bytes) -> None:
         hot = self._hot.pop(msg_id, None)
         if hot is not None:
-            self._hot_bytes -= _hot_size(*hot)
+            self._hot_bytes -= hot[3]
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -482,11 +481,11 @@ class Spool:
     def ids(self) -> list[bytes]:
         return list(self._index)
 
-    def read(self, msg_id: bytes) -> tuple[dict, bytes]:
+    def read(self, msg_id: bytes) -> tuple[Envelope, bytes]:
         """Envelope and content (trace header + data) of a live message."""
         hot = self._hot.get(msg_id)
         if hot is not None:
-            return orjson.loads(hot[0]), hot[1] + hot[2]
+            return hot[0], hot[1] + hot[2]
         loc = _unpack(self._index[msg_id])
         fd = self._fds.get(loc.segment)
         if fd is None:
@@ -495,7 +494,7 @@ class Spool:
         rec.parse_header(buf, 0, len(buf))   # either version: v1 segments from before an upgrade
         rec.check_crc(buf, 0, loc.length)
         _, env, content_at = rec.parse_message(buf, 0, loc.length)
-        return orjson.loads(env), buf[content_at:]
+        return Envelope.from_json(env), buf[content_at:]
 
     @property
     def writable(self) -> bool:

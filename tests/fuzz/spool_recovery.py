@@ -27,6 +27,7 @@ from pathlib import Path
 import atheris
 from v1_segment import v1_message, v1_record
 
+from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import new_id
 from mta.spool import Spool
 from mta.spool import records as rec
@@ -38,9 +39,8 @@ WORK = tempfile.mkdtemp(prefix="mta-fuzz-spool-", dir="/dev/shm" if os.path.isdi
 atexit.register(shutil.rmtree, WORK, True)
 
 
-def _envelope(msg_id: bytes) -> dict:
-    return {"id": msg_id.hex(), "sender": "a@b.example", "rcpts": [["c@d.example", None, None],
-                                                                 ["e@d.example", None, None]]}
+def _envelope(msg_id: bytes) -> Envelope:
+    return Envelope(msg_id.hex(), "a@b.example", [Recipient("c@d.example"), Recipient("e@d.example")])
 
 
 async def _write(directory: str, contents: list[bytes], finished: int, rcpt_done: int) -> list[bytes]:

@@ -65,7 +65,7 @@ def test_hostile_returned_mail_does_not_stall_other_sessions(daemon_factory, tmp
     hostile_rec = next(r for r in oob if r is not unparsed)
     assert hostile_rec["kind"] != "unparsed"       # the hostile one got its verdict in time
     d.stop()
-    live = {e["id"] for e in d.spooled().envelopes.values()}
+    live = {e.id for e in d.spooled().envelopes.values()}
     assert not live & {r["bounce_id"] for r in oob}   # both finished: never retried
 
 
@@ -100,7 +100,7 @@ def test_kill_during_slow_parse_restart_answers_at_once_and_processes_once(daemo
     assert len(d.log_records("OOB")) == 1
     assert not ledger.exists() or not list(ledger.glob("*"))
     d.stop()
-    live = {e["id"] for e in d.spooled().envelopes.values()}
+    live = {e.id for e in d.spooled().envelopes.values()}
     assert oob[0]["bounce_id"] not in live          # (the mail to example.com waits for DNS)
 
 
@@ -154,7 +154,7 @@ def test_other_recipients_wait_for_the_intake_and_it_is_not_repeated(daemon_fact
     assert oob[0]["recipient"] == "user@remote.test"
     d.stop()
     found = d.spooled()
-    (raw, env), = [(k, e) for k, e in found.envelopes.items() if e["id"] == oob[0]["bounce_id"]]
+    (raw, env), = [(k, e) for k, e in found.envelopes.items() if e.id == oob[0]["bounce_id"]]
     assert found.done_rcpts.get(raw) == {0}          # the bounce recipient is done, the other is not
     d.start()
     time.sleep(2)

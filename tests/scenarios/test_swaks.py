@@ -45,7 +45,7 @@ def spooled(daemon) -> dict[str, tuple[dict, bytes]]:
     for raw_id, loc in found.messages.items():
         seg = (daemon.spool_dir / f"{loc.segment:08d}.seg").read_bytes()
         _, _, start = rec.parse_message(seg, loc.offset, loc.length)
-        env = found.envelopes[raw_id]
+        env = found.envelopes[raw_id].view()   # the stored JSON, as mta queue shows it
         out[env["id"]] = (env, seg[start:loc.offset + loc.length])
     return out
 
