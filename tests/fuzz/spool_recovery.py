@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import shutil
 import struct
@@ -35,8 +34,34 @@ from mta.spool.recovery import scan, segment_path
 
 MAX_LEN = 4096
 TIMEOUT = 20
-WORK = tempfile.mkdtemp(prefix="mta-fuzz-spool-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-atexit.register(shutil.rmtree, WORK, True)
+SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()   # quarantine fsyncs are cheap there
+PREFIX = "mta-fuzz-spool-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _work_dir() -> str:
+    """SCRATCH/mta-fuzz-spool-<pid>. libFuzzer ends the process with exit(), so Python's
+    atexit never runs: each start removes the directories of runs that are gone."""
+    for name in os.listdir(SCRATCH):
+        pid = name[len(PREFIX):]
+        if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(SCRATCH, name), ignore_errors=True)
+    path = os.path.join(SCRATCH, f"{PREFIX}{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.mkdir(path)
+    return path
+
+
+WORK = _work_dir()
 
 
 def _envelope(msg_id: bytes) -> Envelope:
