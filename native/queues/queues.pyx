@@ -7,7 +7,7 @@ three C numbers, no instance dict, and -- the point -- no cyclic-GC header
 Python's cycle collector would otherwise walk ten million records that can
 never be part of a cycle (a QueuedMessage refers to its id, its scheduled
 queue and a tuple of ints; nothing refers back to it but containers).
-See mta/message.py for the field meanings.
+See mta/model/queued.py for the field meanings.
 """
 cimport cython
 

@@ -2,7 +2,7 @@
 # RFC 6152, RFC 6531, RFC 1870). Part of wire.pyx.
 #
 # Trust: the argument text is straight from the network. Every function
-# returns either a value or the name of the reply to send (see mta/replies.py);
+# returns either a value or the name of the reply to send (see mta/model/replies.py);
 # none raises on bad input.
 
 # atext (RFC 5322 3.2.3) plus '.', for unquoted local parts

@@ -536,7 +536,7 @@ cdef class ServerCore:
             elif verdict is not None:
                 # a policy refusal of one recipient, not a client error: not counted
                 # towards max_errors (a bulk transaction may carry many suppressed ones;
-                # only clients that may relay get one, see mta/listener/recipients.py)
+                # only clients that may relay get one, see mta/feedback/rcpt_policy.py)
                 self.rejections.append((verdict[0], self.txn.mail_from, [addr]))
                 self.out += verdict[1]
                 return

@@ -2,7 +2,7 @@
 """mta._native.wire: SMTP protocol cores (bytes in, replies and events out).
 
 The server core is a state machine over a byte stream: the asyncio Protocol
-in mta/listener/session.py feeds it what the socket read and writes back what
+in mta/ingest/session.py feeds it what the socket read and writes back what
 it returns. It does no I/O and knows nothing of the loop (asyncpg's
 coreproto/protocol split), so it can be fed from tests and fuzzers directly.
 
