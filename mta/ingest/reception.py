@@ -118,13 +118,14 @@ class Reception:
 
     def new_envelope(self, sender: str, recipients: list[Recipient], content, *, helo: str,
                      client_ip: str, client_port: int, listener: str, protocol: str,
-                     x_values: dict[str, Any] | None = None, **mail: Any) -> tuple[bytes, Envelope]:
-        """A new message's raw id and envelope. `mail`: its MAIL parameters (body, smtputf8,
-        ret, envid); `x_values`: its X-header values when already scanned. store() sets
-        the size."""
+                     x_values: dict[str, Any] | None = None, body: str = "",
+                     smtputf8: bool = False, ret: str | None = None,
+                     envid: str | None = None) -> tuple[bytes, Envelope]:
+        """A new message's raw id and envelope with its MAIL parameters; `x_values`: its
+        X-header values when already scanned. store() sets the size."""
         raw_id = new_id()
         return raw_id, Envelope(id_text(raw_id), sender, recipients, helo, client_ip, client_port,
-                                listener, protocol, time.time(), 0, **mail,
+                                listener, protocol, time.time(), 0, body, smtputf8, ret, envid,
                                 **(self._x_values(content) if x_values is None else x_values))
 
     def store(self, raw_id: bytes, envelope: Envelope, content) -> Stored:
