@@ -10,6 +10,7 @@ and the ratio. From mta's own logs it adds accept latency (end of data ->
 
     python3 bench/accept_bench.py                 # 50 KB and 2 KB, 3 rounds each
     python3 bench/accept_bench.py -s 51200 -r 5 -n 20000
+    python3 bench/accept_bench.py --against /tmp/base   # A/B: this tree vs another checkout
 
 Needs root (smtp-sink/smtp-source) and peerbench's setup.sh (run once; this
 script runs it when Postfix's tools are missing). Loopback only.
@@ -44,9 +45,10 @@ def peerbench(name: str, size: int, n: int, extra: list[str], mode: str = "accep
     return dict(kv.split("=", 1) for kv in result.split()[1:])
 
 
-def mta_target(python: str) -> list[str]:
+def mta_target(python: str, root: Path = ROOT) -> list[str]:
+    """peerbench target args for `mta serve --hold` from the tree at `root`."""
     work = STATE / "mta"   # cwd of the daemon: its logs go to ./var/log there
-    start = (f"mkdir -p {work} && cd {work} && rm -rf spool && PYTHONPATH={ROOT} exec {python} "
+    start = (f"mkdir -p {work} && cd {work} && rm -rf spool && PYTHONPATH={root} exec {python} "
              f"-m mta serve --listen 127.0.0.1:{PORT} --spool-dir {work}/spool --hold "
              f"--dns 127.0.0.1:9 2>>{work}/daemon.err")   # accept only; nothing leaves loopback
     return ["--foreground", "--start", start]
@@ -98,8 +100,25 @@ def parse_args(doc: str, extra: list = ()) -> argparse.Namespace:
     return args
 
 
+def tree_runs(args) -> int:
+    """This tree's mta versus another checkout's, alternating: the cost of a change."""
+    for size in args.size:
+        runs: tuple[list[float], list[float]] = ([], [])
+        for rnd in range(args.rounds):
+            for out, root in zip(runs, (args.against.resolve(), ROOT)):
+                out.append(float(peerbench("mta", size, args.n, mta_target(sys.executable, root))["accept_per_s"]))
+            print(f"size={size} round {rnd + 1}: base {runs[0][-1]:.0f}/s  this {runs[1][-1]:.0f}/s", flush=True)
+        b, a = statistics.median(runs[0]), statistics.median(runs[1])
+        print(f"RESULT accept_ab size={size} n={args.n} this_per_s={a:.0f} base_per_s={b:.0f} "
+              f"ratio={a / b:.2f} base={args.against}", flush=True)
+    return 0
+
+
 def main() -> int:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=[("--against", dict(type=Path, metavar="TREE",
+                                                         help="A/B against mta from another checkout"))])
+    if args.against:
+        return tree_runs(args)
     sizes = args.size
     work = STATE / "mta"
     work.mkdir(parents=True, exist_ok=True)
