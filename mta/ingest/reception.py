@@ -7,8 +7,8 @@ client, tenant, campaign and queue class from the configured X-headers,
 and the headers egress rules look at), stores it, and
 resolves to the reply line: 250 with the id once the batch is durable, 451
 4.3.0 when the spool write failed (the text never carries the OS error).
-It writes the Reception and Rejection log records. Also the path of
-`Server.inject()` (no SMTP session, protocol "local").
+It writes the Reception and Rejection log records. Also the path of local
+submission (local.py: `Server.inject()` and DSNs; no SMTP session, protocol "local").
 It holds what all listeners share at MAIL: the memory governor for buffered
 content (governor.py) and the spool's admission, asked through `mail_check`.
 """
