@@ -113,18 +113,20 @@ def _cmd_shaping(args: argparse.Namespace) -> int:
     status, data = _admin_get(args, "/shaping")
     if status != 200 or args.json:
         return _print_result(status, data)
+    from mta.control.views import ShapingRow
     assert isinstance(data, list)
     print(f"{'source':<16} {'site':<40} {'conn':>5} {'limit':>5} {'peak':>5} {'rate':>8} "
           f"{'ready':>7} {'sent':>8}  state")
-    for r in sorted(data, key=lambda r: (r["site"], r["source"])):
-        state = "paused" if r["paused_until"] else "running"
-        print(f"{r['source']:<16} {r['site'][:40]:<40} {r['connections']:>5} "
-              f"{r['connection_limit']:>5} {r['peak_connections']:>5} "
-              f"{r['max_message_rate'] or '-':>8} {r['ready']:>7} {r['sent']:>8}  {state}")
+    for r in sorted(map(ShapingRow.from_json, data), key=lambda r: (r.site, r.source)):
+        state = "paused" if r.paused_until else "running"
+        print(f"{r.source:<16} {r.site[:40]:<40} {r.connections:>5} {r.connection_limit:>5} "
+              f"{r.peak_connections:>5} {r.max_message_rate or '-':>8} {r.ready:>7} "
+              f"{r.sent:>8}  {state}")
     return 0
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
+    from mta.control.views import MessageView, QueueSummary
     if args.action == "rebind":
         if len(args.args) != 2:
             raise SystemExit("usage: mta queue rebind QUEUE POOL")
@@ -138,21 +140,25 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         if args.json:
             print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
             return 0
+        summary = QueueSummary.from_json(data)
         print(f"{'scheduled queue':<50} {'count':>8}  site")
-        for name, q in sorted(data["scheduled"].items()):
-            print(f"{name:<50} {q['count']:>8}  {q['site'] or '-'}{'  (suspended)' if q['suspended'] else ''}")
+        for name, q in sorted(summary.scheduled.items()):
+            print(f"{name:<50} {q.count:>8}  {q.site or '-'}{'  (suspended)' if q.suspended else ''}")
         print(f"\n{'ready queue (source->site)':<50} {'count':>8}  connections  sent")
-        for name, r in sorted(data["ready"].items()):
-            print(f"{name:<50} {r['count']:>8}  {r['connections']:>11}  {r['sent']}")
-        print(f"\nwaiting in the timer wheel: {data['wheel']}; outcomes since start: {data['outcomes']}")
+        for name, r in sorted(summary.ready.items()):
+            print(f"{name:<50} {r.count:>8}  {r.connections:>11}  {r.sent}")
+        print(f"\nwaiting in the timer wheel: {summary.wheel}; "
+              f"outcomes since start: {summary.outcomes.to_json()}")
         return 0
     if args.action == "count":   # one number, for scripts (peerbench --queue-cmd)
         status, data = _admin_get(args, "/queue/summary")
-        print(sum(q["count"] for q in data["scheduled"].values()) if status == 200 else -1)
+        print(QueueSummary.from_json(data).queued if status == 200 else -1)
         return 0 if status == 200 else 1
     if len(args.args) != 1:
         raise SystemExit("mta queue inspect needs a message id")
     status, data = _admin_get(args, f"/queue/messages/{args.args[0]}")
+    if status == 200:   # parsed and written back: what the daemon sent is a message view
+        data = MessageView.from_json(data).to_json()
     print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     return 0 if status == 200 else 1
 

@@ -22,6 +22,7 @@ from typing import Iterable
 from mta.config import Config, ConfigError
 from mta.control.actions import DEFAULT_DURATION, Controls
 from mta.control.admin import AdminServer
+from mta.control.views import view_routes
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
@@ -114,9 +115,7 @@ class Server:
             if self.config.admin.listen is not None:
                 controls = Controls(self.delivery)
                 self.admin = AdminServer(
-                    {"/queue/summary": lambda _: self.delivery.summary(),
-                     "/queue/messages": self.delivery.inspect,
-                     "/shaping": lambda _: self.delivery.shaping_state()},
+                    view_routes(self.delivery),
                     {"/control/suspend": lambda a: controls.suspend(
                         str(a.get("kind")), str(a.get("name")), str(a.get("site") or ""),
                         float(a.get("duration") or DEFAULT_DURATION)),

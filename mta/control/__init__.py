@@ -1,4 +1,5 @@
 """Control: the operator's hands on the running daemon, the HTTP admin API
-(admin.py) and the actions it runs on the delivery engine (actions.py:
-suspend, resume, rebind).
+(admin.py), the typed views it serves and the CLI reads (views.py: queue
+summary, one message, shaping rows) and the actions it runs on the delivery
+engine (actions.py: suspend, resume, rebind).
 """

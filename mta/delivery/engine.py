@@ -10,8 +10,8 @@ site), created with the shaping Limits that hold for it. Those come from
 `limits` (mta/egress/limits.py: the shaping files plus run-time overrides);
 when an override changes, the engine pushes the new Limits into the live
 dispatchers it covers and into their site's shared state. Operators see it
-through `summary()`, `inspect()` and `shaping_state()`, and act through
-mta/control/actions.py.
+through the views control builds from its state (mta/control/views.py) and act
+through mta/control/actions.py.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
 from mta.model.attempt import Attempt
 from mta.model.envelope import Envelope
-from mta.model.ids import id_from_text
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.retry import RetryPolicy
@@ -215,55 +214,6 @@ class DeliveryEngine:
         else:
             self.outcomes.defer(msg, env, list(msg.rcpts), 451, status, text, at)
             self.outcomes.settle(msg, env, list(msg.rcpts))
-
-    # -- operator view ---------------------------------------------------------------------
-
-    def summary(self) -> dict:
-        return {
-            "scheduled": self.scheduler.summary(),
-            "ready": {d.ready.name: {"count": len(d.ready), "connections": d.active,
-                                     "sent": d.sent, "queues": d.ready.per_queue()}
-                      for d in self.dispatchers.values()},
-            "connections": self.budget.used,
-            "wheel": self.scheduler.wheel.count,
-            "inserts": {r.value: n for r, n in self.scheduler.inserts.items()},
-            "outcomes": dict(self.outcomes.counters),
-            # hard bounces and complaints per "source|site" (the recipient's domain when its
-            # site is not in the DNS cache; source "" for out-of-band bounces)
-            "feedback": self.feedback.summary() if self.feedback is not None else {},
-        }
-
-    def shaping_state(self) -> list[dict]:
-        """Live state per (source, site): limits in force, connections, throughput, pauses."""
-        now = self.clock()
-        out = []
-        counts = self.feedback.counts if self.feedback is not None else {}
-        for (source, site), d in self.dispatchers.items():
-            lim = d.limits
-            fb = counts.get((source, site)) or {}
-            out.append({
-                "source": source, "site": site, "matched": list(lim.matched),
-                "connections": d.active, "peak_connections": d.peak,
-                "connection_limit": lim.connection_limit,
-                "site_connections": d.site_state.active,
-                "site_connection_limit": d.site_state.connection_limit,
-                "max_message_rate": str(lim.max_message_rate) if lim.max_message_rate else None,
-                "max_connection_rate": (str(lim.max_connection_rate)
-                                        if lim.max_connection_rate else None),
-                "max_deliveries_per_connection": lim.max_deliveries_per_connection,
-                "tls": lim.tls, "ready": len(d.ready), "sent": d.sent, "backoffs": d.backoffs,
-                "hard_bounces": fb.get("hard_bounces", 0), "complaints": fb.get("complaints", 0),
-                "paused_until": d.paused_until(now) or None})
-        return out
-
-    def inspect(self, text_id: str) -> dict | None:
-        msg_id = id_from_text(text_id)
-        if msg_id not in self.spool:
-            return None
-        env, content = self.spool.read(msg_id)
-        return {"id": text_id, "envelope": env.view(), "size": len(content),
-                "headers": bytes(content[:content.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in content
-                                         else 4096]).decode("utf-8", "replace")}
 
 
 def _path_limits(limits: Limits) -> Limits:

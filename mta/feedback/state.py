@@ -69,7 +69,7 @@ class Feedback:
                         time.time() + self.verp_expiry, self.key, self.verp_prefix,
                         self.bounce_domain)
         self.suppressions = SuppressionList(s.store, self.key) if s.enabled else None
-        # (source, site) -> counters, read by DeliveryEngine.shaping_state() and summary()
+        # (source, site) -> counters, shown by the operator views (mta/control/views.py)
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
             lambda: {"hard_bounces": 0, "complaints": 0})
         self._timer: asyncio.TimerHandle | None = None
@@ -205,8 +205,3 @@ class Feedback:
                 break
             pos = nl + 2
         return bytes(content[:pos]) + block + bytes(content[pos:])
-
-    # -- operator view -------------------------------------------------------------------
-
-    def summary(self) -> dict:
-        return {f"{src}|{site}": dict(c) for (src, site), c in self.counts.items()}

@@ -1,0 +1,266 @@
+"""Operator views: the queue summary, one queued message and the shaping rows, as typed values.
+
+Where it sits: the control stage. The admin API (admin.py, routes wired in
+mta/server.py) serves `to_json()` of these values; `mta queue summary|count|
+inspect` and `mta shaping show` (mta/cli.py) parse the response with
+`from_json()` and format from attributes, so the wire format is written and
+read in one module. The JSON is the one the admin API served before these
+types existed (keys, order, None for "none"); scripts and tests read it.
+
+Reads: the delivery engine's live state (scheduler queues, dispatchers, ready
+queues, outcome and feedback counters, the spool for one message). The views
+are built here rather than by the engine because they are the operator's
+shape of that state, and delivery (rank 5) may not import control (rank 6):
+the engine keeps its state, control decides how an operator sees it.
+Writes nothing.
+
+Diagnostics: `from_json()` raises KeyError/TypeError/ValueError on a response
+that is not such a view (a daemon of another version); the CLI lets it show.
+`message_view()` raises ValueError for text that is not a spool id (the admin
+API answers 400).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from mta.model.envelope import Envelope
+from mta.model.ids import id_from_text
+from mta.model.queued import InsertReason
+
+if TYPE_CHECKING:
+    from mta.delivery.engine import DeliveryEngine
+
+_HEAD_LIMIT = 4096   # header bytes shown when the message has no blank line ending its header
+
+
+@dataclass(slots=True)
+class ScheduledRow:
+    """One scheduled queue (campaign:tenant@domain) as `mta queue summary` lists it."""
+    count: int                       # messages queued in it
+    site: str | None                 # its site's name; None while the route is not resolved
+    klass: str                       # queue class (JSON key "class")
+    pool: str                        # egress pool it draws sources from
+    backlog: int                     # messages waiting because their ready queue was full
+    held: int                        # messages held while the queue is suspended
+    suspended: bool                  # suspended by the operator right now
+    suspended_until: float | None    # wall-clock end of the suspension; None when running
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "site": self.site, "class": self.klass, "pool": self.pool,
+                "backlog": self.backlog, "held": self.held, "suspended": self.suspended,
+                "suspended_until": self.suspended_until}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ScheduledRow:
+        return cls(d["count"], d["site"], d["class"], d["pool"], d["backlog"], d["held"],
+                   d["suspended"], d["suspended_until"])
+
+
+@dataclass(slots=True)
+class ReadyRow:
+    """One ready queue (egress source -> site) with its dispatcher's counters."""
+    count: int                       # messages waiting for a connection
+    connections: int                 # connections open now
+    sent: int                        # messages sent since start, whatever the reply
+    queues: dict[str, int]           # scheduled queue name -> its messages in this ready queue
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "connections": self.connections, "sent": self.sent,
+                "queues": self.queues}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ReadyRow:
+        return cls(d["count"], d["connections"], d["sent"], dict(d["queues"]))
+
+
+@dataclass(slots=True)
+class OutcomeCounts:
+    """Recipients by outcome since start (mta/delivery/outcome.py's counters)."""
+    delivered: int                   # accepted by the remote MX
+    bounced: int                     # permanently failed (a DSN goes to the return path)
+    deferred: int                    # temporarily failed, queued for a retry
+    expired: int                     # past max age
+
+    def to_json(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "bounced": self.bounced,
+                "deferred": self.deferred, "expired": self.expired}
+
+    @classmethod
+    def from_json(cls, d: dict[str, int]) -> OutcomeCounts:
+        # by name: a counter this view does not know is a TypeError, not dropped in silence
+        return cls(**d)
+
+
+@dataclass(slots=True)
+class FeedbackCounts:
+    """Signals counted against one (source, site) from returned mail and complaints."""
+    hard_bounces: int                # hard bounces (in-band and out-of-band)
+    complaints: int                  # feedback-loop complaints (ARF)
+
+    def to_json(self) -> dict[str, int]:
+        return {"hard_bounces": self.hard_bounces, "complaints": self.complaints}
+
+    @classmethod
+    def from_json(cls, d: dict[str, int]) -> FeedbackCounts:
+        return cls(**d)
+
+
+@dataclass(slots=True)
+class QueueSummary:
+    """GET /queue/summary: every queue with its counts, and the engine's counters."""
+    scheduled: dict[str, ScheduledRow]     # scheduled queue name -> row
+    ready: dict[str, ReadyRow]             # ready queue name ("source->site") -> row
+    connections: int                       # outbound connections open, all dispatchers
+    wheel: int                             # messages waiting in the timer wheel
+    inserts: dict[InsertReason, int]       # scheduled-queue insertions since start, by reason
+    outcomes: OutcomeCounts                # recipients by outcome since start
+    # hard bounces and complaints per "source|site" (the recipient's domain when its site is
+    # not in the DNS cache; source "" for out-of-band bounces)
+    feedback: dict[str, FeedbackCounts]
+
+    @property
+    def queued(self) -> int:
+        """Messages in all scheduled queues (`mta queue count`)."""
+        return sum(row.count for row in self.scheduled.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheduled": {n: r.to_json() for n, r in self.scheduled.items()},
+                "ready": {n: r.to_json() for n, r in self.ready.items()},
+                "connections": self.connections, "wheel": self.wheel,
+                "inserts": {r.value: n for r, n in self.inserts.items()},
+                "outcomes": self.outcomes.to_json(),
+                "feedback": {k: c.to_json() for k, c in self.feedback.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QueueSummary:
+        return cls({n: ScheduledRow.from_json(r) for n, r in d["scheduled"].items()},
+                   {n: ReadyRow.from_json(r) for n, r in d["ready"].items()},
+                   d["connections"], d["wheel"],
+                   {InsertReason(r): n for r, n in d["inserts"].items()},
+                   OutcomeCounts.from_json(d["outcomes"]),
+                   {k: FeedbackCounts.from_json(c) for k, c in d["feedback"].items()})
+
+
+@dataclass(slots=True)
+class MessageView:
+    """GET /queue/messages/<id>: one queued message's envelope and header."""
+    id: str                          # spool id, text form
+    envelope: Envelope               # as stored
+    size: int                        # bytes stored (our Received header plus the content)
+    headers: str                     # the header block (or its first 4 KiB), decoded leniently
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "envelope": self.envelope.view(), "size": self.size,
+                "headers": self.headers}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MessageView:
+        return cls(d["id"], Envelope.from_json(orjson.dumps(d["envelope"])), d["size"],
+                   d["headers"])
+
+
+@dataclass(slots=True)
+class ShapingRow:
+    """GET /shaping: one (egress source, site) with the limits in force and its live state."""
+    source: str                      # egress source name
+    site: str                        # site name (the destination's MX set)
+    matched: list[str]               # shaping rules that matched, in the order applied
+    connections: int                 # connections open now
+    peak_connections: int            # most connections open at once since start
+    connection_limit: int            # connections allowed for this (source, site)
+    site_connections: int            # connections open to the site from every source
+    site_connection_limit: int | None   # the site's own limit across sources; None: none
+    max_message_rate: str | None     # e.g. "100/s"; None: unlimited
+    max_connection_rate: str | None  # e.g. "10/s"; None: unlimited
+    max_deliveries_per_connection: int   # messages per connection before it closes
+    tls: str                         # TLS policy in force
+    ready: int                       # messages in its ready queue
+    sent: int                        # messages sent since start, whatever the reply
+    backoffs: int                    # times it backed off after a site-scoped failure
+    hard_bounces: int                # hard bounces counted against it
+    complaints: int                  # complaints counted against it
+    paused_until: float | None       # wall time its pause ends; None: not paused
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "site": self.site, "matched": self.matched,
+                "connections": self.connections, "peak_connections": self.peak_connections,
+                "connection_limit": self.connection_limit,
+                "site_connections": self.site_connections,
+                "site_connection_limit": self.site_connection_limit,
+                "max_message_rate": self.max_message_rate,
+                "max_connection_rate": self.max_connection_rate,
+                "max_deliveries_per_connection": self.max_deliveries_per_connection,
+                "tls": self.tls, "ready": self.ready, "sent": self.sent,
+                "backoffs": self.backoffs, "hard_bounces": self.hard_bounces,
+                "complaints": self.complaints, "paused_until": self.paused_until}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ShapingRow:
+        return cls(d["source"], d["site"], list(d["matched"]), d["connections"],
+                   d["peak_connections"], d["connection_limit"], d["site_connections"],
+                   d["site_connection_limit"], d["max_message_rate"], d["max_connection_rate"],
+                   d["max_deliveries_per_connection"], d["tls"], d["ready"], d["sent"],
+                   d["backoffs"], d["hard_bounces"], d["complaints"], d["paused_until"])
+
+
+def queue_summary(engine: DeliveryEngine) -> QueueSummary:
+    """The summary of the engine's queues as they are now."""
+    now = engine.scheduler.clock()
+    scheduled = {}
+    for q in engine.scheduler.queues.values():
+        suspended = q.suspended_until > now
+        scheduled[q.name] = ScheduledRow(
+            q.count, q.site.name if q.site else None, q.klass, q.pool, len(q.backlog),
+            len(q.held or ()), suspended, q.suspended_until if suspended else None)
+    counts = engine.feedback.counts if engine.feedback is not None else {}
+    return QueueSummary(
+        scheduled,
+        {d.ready.name: ReadyRow(len(d.ready), d.active, d.sent, d.ready.per_queue())
+         for d in engine.dispatchers.values()},
+        engine.budget.used, engine.scheduler.wheel.count, dict(engine.scheduler.inserts),
+        OutcomeCounts(**engine.outcomes.counters),
+        {f"{src}|{site}": FeedbackCounts(**c) for (src, site), c in counts.items()})
+
+
+def shaping_rows(engine: DeliveryEngine) -> list[ShapingRow]:
+    """Live state per (source, site): limits in force, connections, throughput, pauses."""
+    now = engine.clock()
+    counts = engine.feedback.counts if engine.feedback is not None else {}
+    rows = []
+    for (source, site), d in engine.dispatchers.items():
+        lim = d.limits
+        fb = counts.get((source, site)) or {}
+        rows.append(ShapingRow(
+            source, site, list(lim.matched), d.active, d.peak, lim.connection_limit,
+            d.site_state.active, d.site_state.connection_limit,
+            str(lim.max_message_rate) if lim.max_message_rate else None,
+            str(lim.max_connection_rate) if lim.max_connection_rate else None,
+            lim.max_deliveries_per_connection, lim.tls, len(d.ready), d.sent, d.backoffs,
+            fb.get("hard_bounces", 0), fb.get("complaints", 0), d.paused_until(now) or None))
+    return rows
+
+
+def message_view(engine: DeliveryEngine, text_id: str) -> MessageView | None:
+    """One queued message as stored; None when the spool does not hold it."""
+    msg_id = id_from_text(text_id)
+    if msg_id not in engine.spool:
+        return None
+    env, content = engine.spool.read(msg_id)
+    end = content.find(b"\r\n\r\n")
+    head = content[:end + 2 if end >= 0 else _HEAD_LIMIT]
+    return MessageView(text_id, env, len(content), bytes(head).decode("utf-8", "replace"))
+
+
+def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
+    """The admin API's GET routes (AdminServer's path prefix -> handler of the rest)."""
+    def message(text_id: str) -> dict[str, Any] | None:
+        view = message_view(engine, text_id)
+        return view.to_json() if view is not None else None
+
+    return {"/queue/summary": lambda _: queue_summary(engine).to_json(),
+            "/queue/messages": message,
+            "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)]}
