@@ -250,14 +250,3 @@ class Scheduler:
         for msg in held or ():
             self.make_ready(msg, InsertReason.RECEIVED if msg.attempts == 0
                             else InsertReason.TRANSIENT_FAILURE)
-
-    # -- operator view ----------------------------------------------------------------------
-
-    def summary(self) -> dict[str, dict]:
-        now = self.clock()
-        return {q.name: {"count": q.count, "site": q.site.name if q.site else None,
-                         "class": q.klass, "pool": q.pool, "backlog": len(q.backlog),
-                         "held": len(q.held or ()),
-                         "suspended": q.suspended_until > now,
-                         "suspended_until": q.suspended_until if q.suspended_until > now else None}
-                for q in self.queues.values()}
