@@ -17,6 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 from v1_segment import v1_message
 
 
+def _dsn(notice: bytes, status_tail: bytes = b"") -> bytes:
+    """A one-recipient DSN (user@example.net, 5.1.1) around the part under test:
+    `notice` is the human-readable part (its header fields and text), `status_tail`
+    goes at the end of the delivery-status part."""
+    return (b"From: MAILER-DAEMON@mx.example\r\nTo: bounces@sender.example\r\n"
+            b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
+            b"--B\r\n" + notice +
+            b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
+            b"Final-Recipient: rfc822; user@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n" + status_tail + b"--B--\r\n")
+
+
 def test_feedback_report_with_8bit_content_type_is_read():
     """bounce_parser: an 8-bit byte in the report's Content-Type made email return a
     Header object, `.lower()` raised AttributeError in arf.find_feedback, and the
@@ -37,13 +50,7 @@ def test_dsn_with_nul_in_charset_is_read():
     """bounce_parser: a NUL inside a part's charset made bytes.decode raise ValueError
     ("embedded null character", not a LookupError) in mime._decode; the whole DSN
     came out as kind "none"."""
-    data = (b"From: MAILER-DAEMON@mx.example\r\nTo: bounces@sender.example\r\n"
-            b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
-            b"--B\r\nContent-Type: text/plain; charset=\"utf\x00-8\"\r\n\r\nI could not deliver your mail.\r\n"
-            b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
-            b"Final-Recipient: rfc822; user@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-            b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n--B--\r\n")
+    data = _dsn(b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\n\r\nI could not deliver your mail.\r\n")
     report = parse_message(data)
     assert report.kind == "bounce", f"got kind {report.kind!r}, want the DSN read"
     assert [r.recipient for r in report.recipients] == ["user@example.net"]
@@ -52,14 +59,8 @@ def test_dsn_with_nul_in_charset_is_read():
 def test_dsn_with_8bit_content_disposition_is_read():
     """bounce_parser: the same Header-object failure as above, in mime.text_parts,
     for an 8-bit byte in a text part's Content-Disposition (a filename)."""
-    data = (b"From: MAILER-DAEMON@mx.example\r\nTo: bounces@sender.example\r\n"
-            b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
-            b"--B\r\nContent-Type: text/plain\r\nContent-Disposition: inline; filename=\"caf\xc3\xa9.txt\"\r\n"
-            b"\r\nI could not deliver your mail.\r\n"
-            b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
-            b"Final-Recipient: rfc822; user@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-            b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n--B--\r\n")
+    data = _dsn(b"Content-Type: text/plain\r\nContent-Disposition: inline; filename=\"caf\xc3\xa9.txt\"\r\n"
+                b"\r\nI could not deliver your mail.\r\n")
     report = parse_message(data)
     assert report.kind == "bounce", f"got kind {report.kind!r}, want the DSN read"
     assert [r.recipient for r in report.recipients] == ["user@example.net"]
@@ -85,14 +86,8 @@ def test_dsn_field_group_with_nul_in_charset_is_read():
     """bounce_parser (second 5-minute run): the same NUL charset inside a delivery-status
     field group that has a body (a line that is not a field ends its header block):
     dsn._fields_text called get_payload(), which raised ValueError."""
-    data = (b"From: MAILER-DAEMON@mx.example\r\nTo: bounces@sender.example\r\n"
-            b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
-            b"--B\r\nContent-Type: text/plain\r\n\r\nI could not deliver your mail.\r\n"
-            b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
-            b"Final-Recipient: rfc822; user@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-            b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-            b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\nno such \xe9user\r\n--B--\r\n")
+    data = _dsn(b"Content-Type: text/plain\r\n\r\nI could not deliver your mail.\r\n",
+                b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\nno such \xe9user\r\n")
     report = parse_message(data)
     assert report.kind == "bounce", f"got kind {report.kind!r}, want the DSN read"
     assert [r.recipient for r in report.recipients] == ["user@example.net"]

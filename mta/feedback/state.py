@@ -28,8 +28,8 @@ from mta.config import ConfigError
 from mta.feedback import verp
 from mta.feedback.bounce import Classifier, RulesError
 from mta.feedback.suppression import SuppressionList, load_or_create_key
-from mta.feedback.trust import networks_contain
 from mta.feedback.unsubscribe import list_unsubscribe_headers
+from mta.model.networks import contains
 
 if TYPE_CHECKING:
     from mta.config import Config
@@ -184,7 +184,7 @@ class Feedback:
 
     def trusted_fbl(self, client_ip: str | None) -> bool:
         """Did a [bounces] trusted_fbl_sources client deliver the report?"""
-        return networks_contain(self.trusted_fbl_sources, client_ip)
+        return contains(self.trusted_fbl_sources, client_ip)
 
     def with_unsubscribe(self, content, address: str, tenant: str | None):
         """`content` with RFC 8058 headers for `address`, unless it has List-Unsubscribe.

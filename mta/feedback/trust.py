@@ -24,7 +24,6 @@ about a millisecond, not seconds. A genuine report needs one or two.
 """
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Protocol
@@ -137,16 +136,3 @@ def clean(address: str) -> str | None:
     """An address as a report writes it, without brackets and blanks; None when empty."""
     a = address.strip().strip("<>").strip()
     return a or None
-
-
-def networks_contain(networks: tuple, address: str | None) -> bool:
-    """Is the client `address` (an IPv4-mapped IPv6 address counts as IPv4) in one?"""
-    if not networks or not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from mta.ingest.session import SmtpSession
 from mta.ingest.settings import server_settings
+from mta.model.networks import contains
 
 if TYPE_CHECKING:
     from mta.config import ListenerConfig
@@ -99,10 +100,7 @@ class Listener:
     def relay_allowed(self, ip: str) -> bool:
         hit = self._relay_cache.get(ip)
         if hit is None:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
-            hit = any(addr in net for net in self._relay)
+            hit = contains(self._relay, ip)
             if len(self._relay_cache) < 100_000:
                 self._relay_cache[ip] = hit
         return hit
