@@ -10,6 +10,7 @@ import pytest
 from test_dispatcher_unit import SITE, Rig
 
 from mta import cli
+from mta.control import cli as control_cli
 from mta.control.views import (
     MessageView,
     OutcomeCounts,
@@ -130,7 +131,7 @@ def _serve(monkeypatch, engine) -> None:
                 value = handler(path[len(prefix) + 1:])
                 return (200, value) if value is not None else (404, {"error": "not found"})
         raise AssertionError(f"the CLI asked for {path}")
-    monkeypatch.setattr(cli, "_admin_get", admin_get)
+    monkeypatch.setattr(control_cli, "_request", admin_get)
 
 
 def test_cli_formats_the_parsed_views(engine_after_three_outcomes, monkeypatch, capsys):
