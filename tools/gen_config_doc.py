@@ -30,7 +30,17 @@ problems the daemon would refuse to start with, and exits non-zero if there are 
 Every key is optional and takes the default below. An unknown key is an error, and every
 error names the key path (`listener[0].port`) and says what is allowed. The command-line
 flags `--listen HOST:PORT` (`[::1]:2525` for IPv6) and `--spool-dir DIR` replace
-`listener[0].address`/`port` and `spool.directory`."""
+`listener[0].address`/`port` and `spool.directory`.
+
+A running daemon re-reads the file on SIGHUP (`systemctl reload mta`, or `POST
+/control/reload` on the admin API): the new file is checked as at start, and a file with
+problems is refused (the problems are logged) while the old configuration stays in force.
+Keys marked *needs a restart* below keep their running value on a reload: a reload that
+changes one logs a warning naming it. Everything else (shaping files and the delivery
+defaults they sit on, sources, pools, egress rules, queue classes, DKIM keys and signing
+policy, log file mode and buffer) applies at once; log files are reopened on every reload
+and on SIGUSR1 (after logrotate). SIGTERM drains: new connections get 421, deliveries in
+flight may finish for `[delivery] shutdown_grace`, then the daemon exits."""
 
 
 def _cell(text: str) -> str:
@@ -45,7 +55,8 @@ def _row(name: str, k: Key) -> str:
     default = (f"same as {_code(k.inherit)}" if k.inherit is not None
                else _code(render(k.default)))
     allowed = _code(k.allowed()) if k.allowed() else ""
-    cells = [_code(name), k.type.name, default, allowed, k.doc]
+    doc = f"{k.doc} *(needs a restart)*" if k.restart else k.doc
+    cells = [_code(name), k.type.name, default, allowed, doc]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 

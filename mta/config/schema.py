@@ -59,10 +59,10 @@ from mta.model.rate import Rate
 
 def key(value_type: ValueType, default: object, doc: str, *, lo: object = None,
         hi: object = None, choices: tuple[str, ...] = (), inherit: str | None = None,
-        required: bool = False) -> Any:
+        required: bool = False, restart: bool = False) -> Any:
     """Declare a section dataclass field as a configuration key (no dataclass default:
-    the loader always passes every field)."""
-    spec = Key(value_type, default, doc, lo, hi, choices, inherit, required)
+    the loader always passes every field). `restart`: a reload cannot change it."""
+    spec = Key(value_type, default, doc, lo, hi, choices, inherit, required, restart)
     return dataclasses.field(metadata={"key": spec})
 
 
@@ -76,49 +76,49 @@ class ServerConfig:
     """This node as a whole."""
 
     hostname: str = key(HOSTNAME, "mta.localdomain",
-                        "our name in the SMTP greeting, EHLO reply and Received headers")
+                        "our name in the SMTP greeting, EHLO reply and Received headers", restart=True)
     data_memory_budget: int = key(SIZE, "512MiB", "message content all SMTP sessions together "
                                   "may hold in memory before it is stored; at the budget new "
                                   "transactions get 452 4.3.1 and sessions in DATA stop being "
-                                  "read", lo="1MiB", hi="1024GiB")
+                                  "read", lo="1MiB", hi="1024GiB", restart=True)
     data_memory_wait: float = key(DURATION, "30s", "how long sessions in DATA may be held "
                                   "at the memory budget before the largest are closed with "
-                                  "421 4.3.2 to free it", lo="1s", hi="1h")
+                                  "421 4.3.2 to free it", lo="1s", hi="1h", restart=True)
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """The durable message store: append-only segment files, one fsync per batch."""
 
-    directory: Path = key(PATH, "./var/spool", "directory holding the spool segment files")
+    directory: Path = key(PATH, "./var/spool", "directory holding the spool segment files", restart=True)
     segment_size: int = key(SIZE, "64MiB", "size at which a segment file is closed and "
-                            "a new one started", lo="1MiB", hi="4GiB")
+                            "a new one started", lo="1MiB", hi="4GiB", restart=True)
     max_batch: int = key(INT, 1024, "most records written by one group commit (one fsync)",
-                         lo=1, hi=65536)
+                         lo=1, hi=65536, restart=True)
     hot_cache: int = key(SIZE, "256MiB", "recently accepted message content kept in RAM so "
-                         "a prompt delivery reads nothing back from disk", lo=0, hi="64GiB")
+                         "a prompt delivery reads nothing back from disk", lo=0, hi="64GiB", restart=True)
     min_free_space: int = key(SIZE, "256MiB", "free space the spool's file system keeps for "
                               "tombstones: below it (or below min_free_percent) new mail gets "
-                              "452 4.3.1 at MAIL FROM until space returns", lo=0, hi="64GiB")
+                              "452 4.3.1 at MAIL FROM until space returns", lo=0, hi="64GiB", restart=True)
     min_free_percent: int = key(INT, 2, "free space to keep, in percent of the spool's file "
                                 "system; the larger of this and min_free_space holds",
-                                lo=0, hi=90)
+                                lo=0, hi=90, restart=True)
     max_queued_messages: int = key(INT, 0, "messages the spool holds at most (0: no limit); "
                                    "at the limit new mail gets 451 4.3.2 at MAIL FROM",
-                                   lo=0, hi=1 << 40)
+                                   lo=0, hi=1 << 40, restart=True)
     reserve_space: int = key(SIZE, "8MiB", "space held back in a reserve file in the spool "
                              "directory and released when the disk runs full, so finished "
                              "messages can still be marked done and free their segments; new "
                              "mail gets 452 4.3.1 until it is back (0: no reserve)",
-                             lo=0, hi="1GiB")
+                             lo=0, hi="1GiB", restart=True)
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     """JSONL log records (Reception, Delivery, Bounce, ...)."""
 
-    directory: Path = key(PATH, "./var/log", "directory holding the JSONL log files")
-    reception_log: bool = key(BOOL, True, "write a Reception record for every message accepted")
+    directory: Path = key(PATH, "./var/log", "directory holding the JSONL log files", restart=True)
+    reception_log: bool = key(BOOL, True, "write a Reception record for every message accepted", restart=True)
     max_buffer: int = key(SIZE, "64MiB", "log records kept in memory while the log file cannot "
                           "be written (full or failing disk); past it the oldest are dropped, "
                           "counted in a LogLoss record", lo="1MiB", hi="4GiB")
@@ -132,47 +132,47 @@ class ReceptionConfig:
     """What is taken from an accepted message into its envelope."""
 
     tenant_header: str = key(HEADER_NAME, "X-Tenant", "header whose value names the tenant "
-                             "of the message's scheduled queue; empty disables")
+                             "of the message's scheduled queue; empty disables", restart=True)
     campaign_header: str = key(HEADER_NAME, "X-Campaign", "header whose value names the "
-                               "campaign of the message's scheduled queue; empty disables")
+                               "campaign of the message's scheduled queue; empty disables", restart=True)
     class_header: str = key(HEADER_NAME, "X-Queue-Class", "header whose value names the "
-                            "message's queue class (an unknown class is ignored); empty disables")
+                            "message's queue class (an unknown class is ignored); empty disables", restart=True)
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One SMTP listening socket and the limits of the sessions it accepts."""
 
-    address: str = key(IP_ADDRESS, "127.0.0.1", "IP address to listen on")
-    port: int = key(INT, 2525, "TCP port to listen on", lo=1, hi=65535)
+    address: str = key(IP_ADDRESS, "127.0.0.1", "IP address to listen on", restart=True)
+    port: int = key(INT, 2525, "TCP port to listen on", lo=1, hi=65535, restart=True)
     hostname: str = key(HOSTNAME, None, "name in this listener's greeting and EHLO reply",
-                        inherit="server.hostname")
-    banner: str = key(TEXT, "ESMTP mta", "text after the hostname in the 220 greeting")
+                        inherit="server.hostname", restart=True)
+    banner: str = key(TEXT, "ESMTP mta", "text after the hostname in the 220 greeting", restart=True)
     relay_cidrs: tuple[IPNetwork, ...] = key(
         CIDR_LIST, ["127.0.0.0/8", "::1/128"],
-        "clients allowed to relay to any domain; others are refused at RCPT")
+        "clients allowed to relay to any domain; others are refused at RCPT", restart=True)
     bare_newline: str = key(CHOICE, "reject", "what to do with a bare LF in DATA: refuse "
                             "the message (closes SMTP smuggling) or rewrite it as CRLF",
-                            choices=("reject", "normalize"))
+                            choices=("reject", "normalize"), restart=True)
     max_message_size: int = key(SIZE, "50MiB", "largest message accepted (advertised in "
-                                "EHLO SIZE)", lo="1KiB", hi="2GiB")
-    max_recipients: int = key(INT, 1000, "most RCPT TO accepted per message", lo=1, hi=100000)
+                                "EHLO SIZE)", lo="1KiB", hi="2GiB", restart=True)
+    max_recipients: int = key(INT, 1000, "most RCPT TO accepted per message", lo=1, hi=100000, restart=True)
     max_line_length: int = key(INT, 2048, "longest command line accepted, CRLF included",
-                               lo=512, hi=65536)
+                               lo=512, hi=65536, restart=True)
     max_errors: int = key(INT, 10, "protocol errors in a session before 421 and disconnect",
-                          lo=1, hi=1000)
+                          lo=1, hi=1000, restart=True)
     max_junk_commands: int = key(INT, 100, "NOOP, RSET, VRFY and HELP commands allowed "
-                                 "before MAIL", lo=1, hi=100000)
+                                 "before MAIL", lo=1, hi=100000, restart=True)
     max_messages_per_session: int = key(INT, 1000, "messages accepted on one connection",
-                                        lo=1, hi=1000000)
+                                        lo=1, hi=1000000, restart=True)
     idle_timeout: float = key(DURATION, "5m", "wait for the next command before 421 and "
-                              "disconnect", lo="1s", hi="1h")
+                              "disconnect", lo="1s", hi="1h", restart=True)
     data_timeout: float = key(DURATION, "10m", "wait for the next chunk of DATA before 421 "
-                              "and disconnect", lo="1s", hi="1h")
+                              "and disconnect", lo="1s", hi="1h", restart=True)
     max_connections: int = key(INT, 2000, "concurrent connections to this listener",
-                               lo=1, hi=1000000)
+                               lo=1, hi=1000000, restart=True)
     max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP",
-                                      lo=1, hi=1000000)
+                                      lo=1, hi=1000000, restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +182,12 @@ class DeliveryConfig:
     ehlo_name: str = key(HOSTNAME, None, "name we give in EHLO to remote servers",
                          inherit="server.hostname")
     hold: bool = key(BOOL, False, "accept and queue, but deliver nothing (maintenance, "
-                     "accept-only benchmarks); held mail goes out after a restart without it")
+                     "accept-only benchmarks); held mail goes out after a restart without it", restart=True)
     smarthost: tuple[str, int] | None = key(HOSTPORT, "", "send everything to this "
-                                            "host:port instead of looking up MX records")
+                                            "host:port instead of looking up MX records", restart=True)
     routes: dict[str, tuple[str, int]] = key(ROUTES, {}, "static routes: domain -> next "
-                                             "hop, bypassing MX lookups")
-    port: int = key(INT, 25, "TCP port of remote MX hosts", lo=1, hi=65535)
+                                             "hop, bypassing MX lookups", restart=True)
+    port: int = key(INT, 25, "TCP port of remote MX hosts", lo=1, hi=65535, restart=True)
     connection_limit: int = key(INT, 32, "concurrent connections per site (MX set)",
                                 lo=1, hi=100000)
     max_deliveries_per_connection: int = key(INT, 1000, "messages sent over one connection "
@@ -195,24 +195,28 @@ class DeliveryConfig:
     max_recipients_per_transaction: int = key(INT, 100, "recipients of one domain sent in "
                                               "one transaction", lo=1, hi=10000)
     ready_queue_size: int = key(INT, 4096, "messages waiting per ready queue before more "
-                                "are pushed back to their scheduled queue", lo=1, hi=10000000)
+                                "are pushed back to their scheduled queue", lo=1, hi=10000000, restart=True)
     tls: str = key(CHOICE, "opportunistic", "STARTTLS towards servers that offer it "
                    "(unauthenticated, RFC 7435), or never", choices=("opportunistic", "off"))
     connect_timeout: float = key(DURATION, "30s", "TCP connect to a remote host",
-                                 lo="100ms", hi="10m")
+                                 lo="100ms", hi="10m", restart=True)
     command_timeout: float = key(DURATION, "5m", "wait for a reply to a command (RFC 5321 "
-                                 "4.5.3.2 minimums)", lo="100ms", hi="1h")
+                                 "4.5.3.2 minimums)", lo="100ms", hi="1h", restart=True)
     data_timeout: float = key(DURATION, "10m", "wait for the reply to end of data",
-                              lo="100ms", hi="1h")
+                              lo="100ms", hi="1h", restart=True)
     idle_timeout: float = key(DURATION, "5s", "keep an idle connection open for reuse",
                               lo="0s", hi="10m")
     retry_initial: float = key(DURATION, "5m", "first retry interval after a temporary "
                                "failure; doubled each attempt, with jitter", lo="1s", hi="1d")
     retry_max: float = key(DURATION, "4h", "longest retry interval", lo="1s", hi="7d")
     max_age: float = key(DURATION, "5d", "time after which a message that still fails "
-                         "temporarily expires and bounces", lo="1s", hi="30d")
+                         "temporarily expires and bounces", lo="1s", hi="30d", restart=True)
     delay_dsn_after: float = key(DURATION, "0s", "send one delay DSN once a message has "
-                                 "waited this long (0s: never)", lo="0s", hi="30d")
+                                 "waited this long (0s: never)", lo="0s", hi="30d", restart=True)
+    shutdown_grace: float = key(DURATION, "30s", "on SIGTERM, how long deliveries in flight "
+                                "and SMTP transactions in progress may take to finish before "
+                                "the daemon exits (a second SIGTERM stops at once)",
+                                lo="0s", hi="1h")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +232,7 @@ class EgressConfig:
                                     "order, over the shipped mta/egress/shaping.toml")
     max_connections: int = key(INT, 16000, "outbound connections open at once, all sources "
                                "and sites together (needs as many open files: see RLIMIT_NOFILE)",
-                               lo=1, hi=10000000)
+                               lo=1, hi=10000000, restart=True)
     pool_hook: str = key(TEXT, "", "\"module:function\" called with (Envelope, queue class) "
                          "returning a pool name (or None for the rules); empty: none")
 
@@ -286,9 +290,9 @@ class DnsConfig:
     """The resolver used for MX and address lookups."""
 
     nameservers: tuple[tuple[str, int], ...] = key(HOSTPORT_LIST, [], "DNS servers to ask, "
-                                                   "as \"ip:port\"; empty: /etc/resolv.conf")
-    timeout: float = key(DURATION, "5s", "time for one DNS query", lo="100ms", hi="1m")
-    ipv6: bool = key(BOOL, False, "also look up AAAA records of MX hosts")
+                                                   "as \"ip:port\"; empty: /etc/resolv.conf", restart=True)
+    timeout: float = key(DURATION, "5s", "time for one DNS query", lo="100ms", hi="1m", restart=True)
+    ipv6: bool = key(BOOL, False, "also look up AAAA records of MX hosts", restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +300,7 @@ class AdminConfig:
     """The HTTP admin API that `mta queue` talks to."""
 
     listen: tuple[str, int] | None = key(HOSTPORT, "127.0.0.1:8025", "address of the HTTP "
-                                         "admin API (loopback only is advised); \"\" disables")
+                                         "admin API (loopback only is advised); \"\" disables", restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,11 +308,11 @@ class SigningConfig:
     """DKIM signing as a whole; the keys are the [[dkim]] tables."""
 
     stage: str = key(CHOICE, "delivery", "sign on the way out (each attempt) or once at "
-                     "reception, before the 250", choices=("delivery", "reception"))
+                     "reception, before the 250", choices=("delivery", "reception"), restart=True)
     on_error: str = key(CHOICE, "send_unsigned", "a message that cannot be signed "
                         "(malformed header block) goes out unsigned (and is logged) or is "
                         "deferred", choices=("send_unsigned", "defer"))
-    threads: int = key(INT, 0, "signing threads; 0 = one per CPU", lo=0, hi=256)
+    threads: int = key(INT, 0, "signing threads; 0 = one per CPU", lo=0, hi=256, restart=True)
     policy: str = key(TEXT, "", "\"module:function\" called with (from_domain, Envelope) "
                       "returning the signing domains to use instead of the From domain; "
                       "empty: none")
@@ -341,38 +345,38 @@ class BouncesConfig:
     """Returned mail: the bounce domain (VERP, out-of-band intake) and the reply classifier."""
 
     domain: str = key(OPTIONAL_HOSTNAME, "", "bounce domain: mail to it is parsed locally as DSN/ARF, "
-                      "never relayed; \"\" turns out-of-band intake and VERP off")
+                      "never relayed; \"\" turns out-of-band intake and VERP off", restart=True)
     verp: bool = key(BOOL, True, "send with a signed VERP return path at the bounce domain "
-                     "(one recipient per transaction)")
+                     "(one recipient per transaction)", restart=True)
     verp_prefix: str = key(NAME, "b", "local-part prefix of VERP return paths (lowercase "
-                           "letters, digits and inner hyphens, at most 11 characters)")
+                           "letters, digits and inner hyphens, at most 11 characters)", restart=True)
     verp_expiry: float = key(DURATION, "35d", "how long after a message's reception its VERP "
                              "return paths prove a bounce or complaint; longer than [delivery] "
-                             "max_age, plus time for late complaints", lo="1h", hi="3650d")
+                             "max_age, plus time for late complaints", lo="1h", hi="3650d", restart=True)
     trusted_fbl_sources: tuple[IPNetwork, ...] = key(
         CIDR_LIST, [], "SMTP clients whose complaints (ARF) act without a VERP proof, on the "
         "recipient they name: your own FBL relay, never a mailbox provider's outbound range "
-        "(its users could send forged reports)")
+        "(its users could send forged reports)", restart=True)
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
-                                  "the shipped mta/feedback/bounce/rules.toml; re-read when they change")
+                                  "the shipped mta/feedback/bounce/rules.toml; re-read when they change", restart=True)
     parse_workers: int = key(INT, 1, "child processes parsing returned mail (off the event "
-                             "loop; each holds one message at a time)", lo=1, hi=64)
+                             "loop; each holds one message at a time)", lo=1, hi=64, restart=True)
     parse_timeout: float = key(DURATION, "10s", "time one returned message may take to parse; "
                                "past it the child is killed and replaced and the message is "
                                "logged \"unparsed\" and kept under <spool>/unparsed", lo="100ms",
-                               hi="10m")
+                               hi="10m", restart=True)
     parse_max_size: int = key(SIZE, "1MiB", "bytes of a returned message that are parsed (the "
                               "notice and status come first; a longer returned original is cut)",
-                              lo="64KiB", hi="256MiB")
+                              lo="64KiB", hi="256MiB", restart=True)
     parse_memory: int = key(SIZE, "512MiB", "address space (RLIMIT_AS) of each parsing child; "
                             "a parse that needs more is \"unparsed\" (0: no limit)", lo=0,
-                            hi="64GiB")
+                            hi="64GiB", restart=True)
     parse_backlog: int = key(INT, 10000, "returned messages waiting for a parser at most; "
                              "beyond, new mail to the bounce domain gets 451 4.3.2 at RCPT "
-                             "(nothing accepted is dropped)", lo=1, hi=10000000)
+                             "(nothing accepted is dropped)", lo=1, hi=10000000, restart=True)
     parse_attempts: int = key(INT, 3, "parses of one returned message cut short by daemon "
                               "crashes before it is finished \"unparsed\" without parsing again",
-                              lo=1, hi=100)
+                              lo=1, hi=100, restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,18 +385,18 @@ class SuppressionConfig:
     unsubscribes, operator entries)."""
 
     enabled: bool = key(BOOL, True, "check recipients against the list and add hard bounces "
-                        "and complaints to it")
+                        "and complaints to it", restart=True)
     store: Path = key(PATH, "./var/suppression/suppression.sqlite", "SQLite store of hashed "
-                      "addresses")
+                      "addresses", restart=True)
     key_file: Path = key(PATH, "./var/suppression/suppression.key", "32-byte secret for the "
-                         "address hashes, VERP and unsubscribe tokens (created when missing)")
+                         "address hashes, VERP and unsubscribe tokens (created when missing)", restart=True)
     on_match: str = key(CHOICE, "reject", "a suppressed recipient is refused at RCPT (550 "
-                        "5.7.1) or accepted and dropped", choices=("reject", "drop"))
+                        "5.7.1) or accepted and dropped", choices=("reject", "drop"), restart=True)
     hard_bounce_expiry: float = key(DURATION, "0s", "how long a hard bounce suppresses "
-                                    "(0s: until removed)", lo="0s", hi="3650d")
+                                    "(0s: until removed)", lo="0s", hi="3650d", restart=True)
     complaint_scope: str = key(CHOICE, "tenant", "scope of a complaint's entry: the "
                                "original's tenant (when known) or everyone",
-                               choices=("tenant", "global"))
+                               choices=("tenant", "global"), restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,14 +404,14 @@ class UnsubscribeConfig:
     """RFC 8058 one-click unsubscribe: the HTTP(S) endpoint and the headers."""
 
     listen: tuple[str, int] | None = key(HOSTPORT, "", "address of the one-click endpoint; "
-                                         "\"\" disables")
+                                         "\"\" disables", restart=True)
     base_url: str = key(TEXT, "", "public https URL of the endpoint, e.g. "
-                        "\"https://unsub.example.com\"")
+                        "\"https://unsub.example.com\"", restart=True)
     tls_cert: Path | None = key(OPTIONAL_PATH, "", "certificate chain (PEM) when the endpoint serves https "
-                        "itself; empty: plain HTTP behind a TLS proxy")
-    tls_key: Path | None = key(OPTIONAL_PATH, "", "private key (PEM) for tls_cert")
+                        "itself; empty: plain HTTP behind a TLS proxy", restart=True)
+    tls_key: Path | None = key(OPTIONAL_PATH, "", "private key (PEM) for tls_cert", restart=True)
     add_headers: bool = key(BOOL, False, "add List-Unsubscribe and List-Unsubscribe-Post to "
-                            "outgoing single-recipient messages that lack them")
+                            "outgoing single-recipient messages that lack them", restart=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -484,6 +484,9 @@ class Key:
     inherit: str | None = None
     # The key has no default: a table without it is an error.
     required: bool = False
+    # A running daemon keeps its value until a restart: a reload (SIGHUP) that changes it
+    # logs a warning naming the key and keeps the old value.
+    restart: bool = False
 
     def allowed(self) -> str:
         """What this key accepts, beyond its type: the docs' 'allowed' column."""
