@@ -26,6 +26,25 @@ that carries the segment's nonce (see mta/spool/recovery.py).
     RCPTS_DONE count u32 | (id[16] | rcpt index u32) * count
                                        (recipients finished while others still wait:
                                         a restart must not deliver them again)
+    SCHEDULE   id[16] | attempts u32 | flags u32 | due f64 | written f64 | pending u16
+               | finished u16 | domain_len u8 | reply_len u16
+               | rcpt index u32 * pending | (rcpt index u32 | state u8) * finished
+               | domain (ASCII, <= 255) | reply (UTF-8, <= MAX_REPLY bytes)
+                                       (one scheduled entry -- a message's recipients at
+                                        one domain -- was deferred: its attempt count,
+                                        next due time (Unix seconds), flags, last reply
+                                        and which of its recipients were delivered (1)
+                                        or bounced (2); the newest record per (id,
+                                        domain) counts, older ones are history. Written
+                                        in the batch of whatever comes next, no fsync of
+                                        its own: losing the last one costs an early
+                                        retry, never a message.)
+
+Compatibility: SCHEDULE (type 5) exists since issue 13. A daemon older than
+that rejects the type: it quarantines each SCHEDULE record as corrupt (logging
+a Corrupt record per record), resynchronises at the next record by the nonce,
+and still recovers every message, only without their schedules. Downgrading
+over a spool that holds SCHEDULE records is therefore noisy, not lossy.
 
 All integers little-endian; total_len counts the header; the CRC covers bytes
 [16:total_len] in both versions (in v2 that includes the nonce). Readers
@@ -36,6 +55,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from enum import IntEnum
 
 MAGIC = b"MTAR"
@@ -51,6 +71,11 @@ CRC_START = 16                        # the CRC covers [CRC_START:total_len], bo
 MESSAGE_FIXED = struct.Struct("<16sI")  # id, envelope_len
 COUNT = struct.Struct("<I")
 RCPT_DONE = struct.Struct("<16sI")      # id, recipient index
+# id, attempts, flags, due, written, pending count, finished count, domain len, reply len
+SCHEDULE_FIXED = struct.Struct("<16sIIddHHBH")
+RCPT_STATE = struct.Struct("<IB")       # recipient index, state (FINISHED_STATES)
+MAX_REPLY = 512                         # bytes of the last reply kept in a SCHEDULE record
+DELIVERED, BOUNCED = 1, 2               # finished recipient states in a SCHEDULE record
 ID_SIZE = 16
 MAX_RECORD = 0xFFFFFFFF
 _HEADER_SIZES = {V1: HEADER_V1_SIZE, VERSION: HEADER_SIZE}
@@ -61,6 +86,7 @@ class RecordType(IntEnum):
     TOMBSTONE = 2   # ids of messages that are finished (delivered, bounced, expired)
     RCPTS_DONE = 3  # (id, recipient index) pairs finished before their message is
     SEGMENT = 4     # v2: the first record of a segment, carrying its nonce
+    SCHEDULE = 5    # issue 13: a deferred entry's attempts, due time, last reply
 
 
 _TYPES = frozenset(RecordType)
@@ -108,6 +134,46 @@ def rcpts_done(pairs: list[tuple[bytes, int]], nonce: bytes) -> bytearray:
     head += COUNT.pack(len(pairs))
     for msg_id, index in pairs:
         head += RCPT_DONE.pack(msg_id, index)
+    return head
+
+
+@dataclass(slots=True)
+class Schedule:
+    """A SCHEDULE record's payload: the state of one scheduled entry of a message."""
+    msg_id: bytes
+    domain: str                    # the entry's recipient domain (its scheduled queue's)
+    attempts: int                  # attempts that failed temporarily so far
+    due: float                     # Unix time of the next attempt
+    flags: int                     # QueuedMessage flags (DELAY_DSN_SENT)
+    written: float                 # Unix time the state was noted (newest wins)
+    pending: tuple[int, ...]       # recipient indexes still to deliver
+    finished: dict[int, int]       # recipient index -> DELIVERED or BOUNCED
+    reply: str                     # the last reply, "code status text", cut to MAX_REPLY bytes
+
+
+def schedule_payload(s: Schedule) -> bytes:
+    """The body of a SCHEDULE record (without header): what `schedule()` frames."""
+    domain = s.domain.encode("ascii", "replace")[:255]
+    reply = s.reply.encode("utf-8", "replace")[:MAX_REPLY]
+    pending = s.pending[:0xFFFF]
+    finished = list(s.finished.items())[:0xFFFF]
+    out = bytearray(SCHEDULE_FIXED.pack(s.msg_id, s.attempts & 0xFFFFFFFF,
+                                        s.flags & 0xFFFFFFFF, s.due, s.written, len(pending),
+                                        len(finished), len(domain), len(reply)))
+    for i in pending:
+        out += COUNT.pack(i)
+    for i, state in finished:
+        out += RCPT_STATE.pack(i, state)
+    out += domain
+    out += reply
+    return bytes(out)
+
+
+def schedule(payload: bytes, nonce: bytes) -> bytearray:
+    """A SCHEDULE record around `payload` (schedule_payload(); also a payload read back
+    from an older segment, rewritten forward before that segment is reclaimed)."""
+    head = _head(RecordType.SCHEDULE, HEADER_SIZE + len(payload), nonce)
+    head += payload
     return head
 
 
@@ -192,3 +258,33 @@ def parse_rcpts_done(buf: bytes | memoryview, offset: int, total: int) -> list[t
     if start + count * RCPT_DONE.size != offset + total:
         raise RecordError("recipient-done count does not match its length")
     return [(bytes(i), n) for i, n in RCPT_DONE.iter_unpack(memoryview(buf)[start:offset + total])]
+
+
+def schedule_body(buf: bytes | memoryview, offset: int, total: int) -> bytes:
+    """A SCHEDULE record's payload bytes (to parse, or to write again forward)."""
+    return bytes(buf[_body(buf, offset):offset + total])
+
+
+def parse_schedule(buf: bytes | memoryview, offset: int, total: int) -> Schedule:
+    return parse_schedule_payload(schedule_body(buf, offset, total))
+
+
+def parse_schedule_payload(p: bytes) -> Schedule:
+    if len(p) < SCHEDULE_FIXED.size:
+        raise RecordError("schedule record too short")
+    msg_id, attempts, flags, due, written, npend, nfin, dlen, rlen = SCHEDULE_FIXED.unpack_from(p)
+    at = SCHEDULE_FIXED.size
+    if at + npend * COUNT.size + nfin * RCPT_STATE.size + dlen + rlen != len(p):
+        raise RecordError("schedule record lengths do not match its size")
+    if not (due == due and written == written):   # NaN: never a time
+        raise RecordError("schedule record with a time that is not a number")
+    pending = tuple(COUNT.unpack_from(p, at + 4 * k)[0] for k in range(npend))
+    at += npend * COUNT.size
+    finished = {}
+    for k in range(nfin):
+        i, state = RCPT_STATE.unpack_from(p, at + k * RCPT_STATE.size)
+        finished[i] = state
+    at += nfin * RCPT_STATE.size
+    domain = p[at:at + dlen].decode("ascii", "replace")
+    reply = p[at + dlen:].decode("utf-8", "replace")
+    return Schedule(msg_id, domain, attempts, due, flags, written, pending, finished, reply)

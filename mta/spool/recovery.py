@@ -24,6 +24,10 @@ content could get in, so it goes on only at a record the writer wrote:
     record after it both damaged), up to the damage.
 Every search is linear in the segment: a candidate is checked for the nonce
 (in its header) before its checksum, so crafted magics cost O(1) each.
+SCHEDULE records (records.py) give each live message's deferred entries their
+attempt count and due time back: the newest per (id, domain) by its `written`
+time (a record rewritten forward keeps its time, so its copy never wins over a
+newer state). A schedule for a message not live at that point is history.
 Diagnostics: warnings only (returned, and logged by the caller). Never raises
 on damaged data; raises OSError when the directory cannot be read.
 """
@@ -65,6 +69,8 @@ class Recovered:
     done_rcpts: dict[bytes, set[int]] = field(default_factory=dict)    # live id -> finished recipient indexes
     tombstone_refs: dict[int, set[int]] = field(default_factory=dict)  # segment -> segments its tombstones name
     finished: int = 0                                                # tombstoned messages seen
+    # live id -> {entry domain -> (newest SCHEDULE state, where that record is)}
+    schedules: dict[bytes, dict[str, tuple[rec.Schedule, Location]]] = field(default_factory=dict)
 
 
 def segment_path(directory: str, number: int) -> str:
@@ -177,6 +183,7 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
                     if out.messages.pop(msg_id, None) is not None:
                         out.envelopes.pop(msg_id, None)
                         out.done_rcpts.pop(msg_id, None)
+                        out.schedules.pop(msg_id, None)
                         out.finished += 1
                     if msg_id in where:
                         refs.add(where[msg_id])
@@ -187,6 +194,13 @@ def _scan_segment(out: Recovered, where: dict, seg: int, buf, size: int, quarant
                         out.done_rcpts.setdefault(msg_id, set()).add(index)
                     if msg_id in where:
                         refs.add(where[msg_id])
+            elif rtype == rec.RecordType.SCHEDULE:
+                state = rec.parse_schedule(buf, pos, total)
+                if state.msg_id in out.messages:   # else finished already: history
+                    mine = out.schedules.setdefault(state.msg_id, {})
+                    old = mine.get(state.domain)
+                    if old is None or old[0].written <= state.written:
+                        mine[state.domain] = (state, Location(seg, pos, total))
             else:
                 raise rec.RecordError("SEGMENT record inside a segment")
             pos += total

@@ -11,6 +11,15 @@ mta/spool/records.py), corrupt/ for quarantined records.
 Reclamation: a segment is unlinked when none of its messages is live and
 none of its tombstones still names a message in a segment that exists (else
 deleting it would resurrect that message at the next start).
+Schedules (issue 13): `note_schedule()` appends a SCHEDULE record (a deferred
+entry's attempts, due time, last reply) in the next batch, no fsync of its own.
+The spool remembers where the newest record of each live (id, domain) is; a
+segment that is otherwise reclaimable but still holds such newest records has
+them rewritten forward first (read back, appended to the current segment with
+the same `written` time) and is unlinked once that batch is durable. So a
+restart always finds the newest durable state, never an older one (falling
+back would mean early retries and attempt counters going backwards for every
+deferred message whose state happened to sit in a busy segment).
 Faults: a failed batch (ENOSPC, EIO, a failed fdatasync) resolves its
 futures with SpoolError (the session answers 451 4.3.0, never 250), and the
 spool stops being `writable`: admission() refuses new mail and delivery takes
@@ -93,11 +102,16 @@ class Spool:
         self._index: dict[bytes, int] = {}
         self._live: dict[int, int] = {}               # segment -> live messages in it
         self._refs: dict[int, set[int]] = {}          # segment -> segments its tombstones name
+        # live id -> (domain, packed location, domain, packed location, ...): where the
+        # newest SCHEDULE record of each deferred entry is (a flat tuple: RAM per message)
+        self._sched: dict[bytes, tuple] = {}
+        self._sched_segs: dict[int, int] = {}         # segment -> newest SCHEDULE records in it
+        self._rewriting: set[int] = set()             # segments whose schedules go forward now
         self._fds: dict[int, int] = {}                # read fds of segments
         self.recovered: Recovered | None = None
         # Records owed to the disk: written with the next batch, and kept (never
         # dropped) while the spool cannot write, so a restart does not deliver again.
-        self._owed = _Meta([], [], set(), set())
+        self._owed = _Meta([], [], set(), set(), [])
         self._owed_futures: list[asyncio.Future] = []  # remove() callers waiting for them
         self._flush_scheduled = False
         # Recently stored messages, kept so a fast delivery needs no read or checksum:
@@ -131,6 +145,9 @@ class Spool:
         for seg in found.segments:
             self._live.setdefault(seg, 0)
         self._refs = {s: set(r) for s, r in found.tombstone_refs.items()}
+        for msg_id, entries in found.schedules.items():
+            for domain, (_, loc) in entries.items():
+                self._set_sched(msg_id, domain, _pack(loc.segment, loc.offset, loc.length))
         first = (found.segments[-1] + 1) if found.segments else 1
         self._nonce = os.urandom(rec.NONCE_SIZE)
         self._writer = SegmentWriter(self.directory, first, self.segment_size, self.max_batch,
@@ -224,9 +241,82 @@ class Spool:
         self._owed.pairs.extend((msg_id, i) for i in indexes)
         self._schedule_flush()
 
+    def note_schedule(self, msg_id: bytes, domain: str, attempts: int, due: float, *,
+                      flags: int = 0, pending: tuple[int, ...] | list[int] = (),
+                      reply: str = "", finished: dict[int, int] | None = None) -> None:
+        """A deferred entry (`msg_id`'s recipients at `domain`): its attempt count, next
+        due time (Unix seconds), flags, the recipients still pending, those finished in
+        this attempt (index -> records.DELIVERED or BOUNCED) and the last reply, as a
+        SCHEDULE record in the next batch. No fsync of its own: a crash before that
+        batch costs an early retry. Ignored for a message that is not live."""
+        if msg_id not in self._index:
+            return
+        state = rec.Schedule(msg_id, domain, attempts, due, flags, time.time(), tuple(pending),
+                             dict(finished or {}), reply)
+        self._owed.scheds.append((msg_id, domain, rec.schedule_payload(state), None, -1))
+        self._schedule_flush()
+
+    def schedules(self, msg_id: bytes) -> list[rec.Schedule]:
+        """The newest durable SCHEDULE state of each deferred entry of `msg_id` (read back
+        from the segments; [] when never deferred, or not written yet)."""
+        out = []
+        found = self._sched.get(msg_id, ())
+        for k in range(0, len(found), 2):
+            payload = self._read_sched(found[k + 1])
+            if payload is not None:
+                out.append(rec.parse_schedule_payload(payload))
+        return out
+
+    def _read_sched(self, packed: int) -> bytes | None:
+        loc = _unpack(packed)
+        try:
+            fd = self._fds.get(loc.segment)
+            if fd is None:
+                fd = self._fds[loc.segment] = os.open(segment_path(self.directory, loc.segment),
+                                                      os.O_RDONLY)
+            buf = os.pread(fd, loc.length, loc.offset)
+            rec.parse_header(buf, 0, len(buf))
+            rec.check_crc(buf, 0, loc.length)
+            return rec.schedule_body(buf, 0, loc.length)
+        except (OSError, rec.RecordError) as exc:
+            log.warning("spool %s: cannot read a schedule record at %s: %s", self.directory,
+                        loc, exc)
+            return None
+
+    def _set_sched(self, msg_id: bytes, domain: str, packed: int) -> None:
+        """The newest SCHEDULE record of (msg_id, domain) is at `packed` now."""
+        old = self._sched.get(msg_id, ())
+        new = []
+        for k in range(0, len(old), 2):
+            if old[k] == domain:
+                self._sched_dec(old[k + 1] >> 64)
+            else:
+                new += old[k:k + 2]
+        new += (domain, packed)
+        self._sched[msg_id] = tuple(new)
+        seg = packed >> 64
+        self._sched_segs[seg] = self._sched_segs.get(seg, 0) + 1
+
+    def _sched_dec(self, seg: int) -> None:
+        n = self._sched_segs.get(seg, 0) - 1
+        if n > 0:
+            self._sched_segs[seg] = n
+        else:
+            self._sched_segs.pop(seg, None)
+
+    def _sched_at(self, msg_id: bytes, domain: str) -> int | None:
+        found = self._sched.get(msg_id, ())
+        for k in range(0, len(found), 2):
+            if found[k] == domain:
+                return found[k + 1]
+        return None
+
     def _unindex(self, msg_id: bytes) -> None:
         """`msg_id` is finished: no longer live; its tombstone will name its segment."""
         self._forget_hot(msg_id)
+        found = self._sched.pop(msg_id, ())
+        for k in range(1, len(found), 2):
+            self._sched_dec(found[k] >> 64)
         packed = self._index.pop(msg_id, None)
         if packed is not None:
             seg = packed >> 64
@@ -251,21 +341,40 @@ class Spool:
         """
         self._flush_scheduled = False
         owed = self._owed
-        if self._writer is None or self.write_error or not (owed.ids or owed.pairs):
+        if self._writer is None or self.write_error or not (owed.ids or owed.pairs or owed.scheds):
             return 0
-        self._owed = _Meta([], [], set(), set())
+        self._owed = _Meta([], [], set(), set(), [])
         futures, self._owed_futures = self._owed_futures, []
         return self._append_meta(owed, futures)
 
     def _append_meta(self, meta: _Meta, futures: list[asyncio.Future]) -> int:
         assert self._writer is not None
-        heads = []
-        if meta.pairs:
-            heads.append(rec.rcpts_done(meta.pairs, self._nonce))
-        if meta.ids or not meta.pairs:    # an empty TOMBSTONE is the probe's record
-            heads.append(rec.tombstone(meta.ids, self._nonce))
         ticket = 0
         try:
+            # SCHEDULE records first: a tombstone in the same batch comes after them
+            scheds, meta.scheds = meta.scheds, []
+            for k, (msg_id, domain, payload, expect, origin) in enumerate(scheds):
+                if msg_id not in self._index or (expect is not None
+                                                  and self._sched_at(msg_id, domain) != expect):
+                    meta.scheds.append((msg_id, domain, payload, expect, origin))
+                    continue   # finished meanwhile, or a rewrite overtaken by a newer state
+                head = rec.schedule(payload, self._nonce)
+                try:
+                    ticket, segment, offset = self._writer.append(head, None, rec.CRC_OFFSET)
+                except OSError:
+                    meta.scheds.extend(scheds[k:])
+                    raise
+                self._live.setdefault(segment, 0)
+                packed = _pack(segment, offset, len(head))
+                self._set_sched(msg_id, domain, packed)
+                self._waiting[ticket] = (None, None)
+                # written again after a failure only while it is still the newest state
+                meta.scheds.append((msg_id, domain, payload, packed, origin))
+            heads = []
+            if meta.pairs:
+                heads.append(rec.rcpts_done(meta.pairs, self._nonce))
+            if meta.ids or not (meta.pairs or ticket):   # an empty TOMBSTONE: the probe's record
+                heads.append(rec.tombstone(meta.ids, self._nonce))
             for head in heads:
                 ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
                 self._live.setdefault(segment, 0)
@@ -288,6 +397,7 @@ class Spool:
         self._owed.pairs.extend(meta.pairs)
         self._owed.named |= meta.named
         self._owed.emptied |= meta.emptied
+        self._owed.scheds.extend(meta.scheds)
         self._owed_futures.extend(futures)
 
     def _on_completed(self) -> None:
@@ -315,6 +425,8 @@ class Spool:
                 self._recovered_writing()
             if extra is not None and not isinstance(extra, bytes):
                 meta, futures = extra
+                for *_, origin in meta.scheds:   # schedules rewritten forward are durable
+                    self._rewriting.discard(origin)
                 for seg in meta.emptied:   # a durable tombstone may free segments
                     self._maybe_reclaim(seg)
                 for f in futures:
@@ -332,7 +444,7 @@ class Spool:
         if packed is not None:
             seg = packed >> 64
             self._live[seg] -= 1
-            self._owe(_Meta([msg_id], [], {seg}, {seg}), [])
+            self._owe(_Meta([msg_id], [], {seg}, {seg}, []), [])
 
     # -- write errors -----------------------------------------------------------
 
@@ -367,7 +479,7 @@ class Spool:
             return
         self._writer.resume()
         futures, self._owed_futures = self._owed_futures, []
-        meta, self._owed = self._owed, _Meta([], [], set(), set())
+        meta, self._owed = self._owed, _Meta([], [], set(), set(), [])
         self._probe_ticket = self._append_meta(meta, futures)
 
     def _recovered_writing(self) -> None:
@@ -451,6 +563,11 @@ class Spool:
             return
         if any(ref != seg and ref in self._live for ref in self._refs.get(seg, ())):
             return
+        if seg in self._rewriting:
+            return      # its schedules are on their way forward: after that batch
+        if self._sched_segs.get(seg):
+            self._rewrite_schedules(seg)
+            return
         fd = self._fds.pop(seg, None)
         if fd is not None:
             os.close(fd)
@@ -469,6 +586,42 @@ class Spool:
             if seg in refs:
                 refs.discard(seg)
                 self._maybe_reclaim(other)
+
+    def _rewrite_schedules(self, seg: int) -> None:
+        """`seg` could go but holds the newest SCHEDULE state of live entries: append
+        those records again (same payload, same `written` time) and try again once
+        that batch is durable."""
+        self._rewriting.add(seg)
+        moved = 0
+        for msg_id, found in list(self._sched.items()):
+            for k in range(0, len(found), 2):
+                if found[k + 1] >> 64 != seg:
+                    continue
+                payload = self._read_sched(found[k + 1])
+                if payload is None:   # unreadable: forget it (an earlier retry, no loss)
+                    self._set_sched_gone(msg_id, found[k])
+                    continue
+                self._owed.scheds.append((msg_id, found[k], payload, found[k + 1], seg))
+                moved += 1
+        self._owed.emptied.add(seg)
+        if moved:
+            self._schedule_flush()
+        elif self._loop is not None:
+            self._rewriting.discard(seg)
+            self._loop.call_soon(self._maybe_reclaim, seg)
+
+    def _set_sched_gone(self, msg_id: bytes, domain: str) -> None:
+        found = self._sched.get(msg_id, ())
+        rest = []
+        for k in range(0, len(found), 2):
+            if found[k] == domain:
+                self._sched_dec(found[k + 1] >> 64)
+            else:
+                rest += found[k:k + 2]
+        if rest:
+            self._sched[msg_id] = tuple(rest)
+        else:
+            self._sched.pop(msg_id, None)
 
     # -- reading ----------------------------------------------------------------
 
@@ -518,6 +671,9 @@ class _Meta:
     pairs: list[tuple[bytes, int]]     # finished recipients
     named: set[int]                    # segments those records name (reclamation order)
     emptied: set[int]                  # segments to try to reclaim once they are durable
+    # SCHEDULE payloads: (id, domain, payload, the location it must still replace to be
+    # written (None: a new state), the segment it is rewritten from (-1: none))
+    scheds: list[tuple[bytes, str, bytes, int | None, int]]
 
 
 def _check_writable(directory: str) -> None:
