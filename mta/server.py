@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mta.config import Config, ConfigError
 from mta.control.actions import DEFAULT_DURATION, Controls
-from mta.control.admin import AdminServer
+from mta.control.admin import AdminServer, TokenError, load_or_create_token, token_path
 from mta.control.views import view_routes
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
@@ -33,6 +33,7 @@ from mta.feedback.bounce import RulesError
 from mta.feedback.intake import BounceIntake
 from mta.feedback.rcpt_policy import RecipientPolicy
 from mta.feedback.state import Feedback
+from mta.feedback.suppression import KeyFileError
 from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.local import LocalSubmission
@@ -43,7 +44,65 @@ from mta.model.log_records import RecordType
 from mta.model.queued import InsertReason
 from mta.spool import Spool
 
+if TYPE_CHECKING:
+    import ssl
+
 log = logging.getLogger("mta.server")
+
+
+# --- construction from the config -------------------------------------------------------
+# The pieces start() builds that can refuse a config, as functions so `mta check-config`
+# (mta/preflight.py) builds them through the same code without binding a socket or
+# opening the spool. Each raises ConfigError naming the file and the problem.
+
+
+def signing_domains(config: Config) -> SigningDomains | None:
+    """Every [[dkim]] key loaded and checked (a missing, garbage or public-only key file,
+    a bad policy hook); None when nothing is signed."""
+    if not config.dkim:
+        return None
+    try:
+        return SigningDomains(config.dkim, config.signing.policy)
+    except DkimConfigError as exc:
+        raise ConfigError([str(exc)], config.origin) from None
+
+
+def build_feedback(config: Config) -> Feedback:
+    """The classifier (bounce rule files), suppression list and key, VERP settings."""
+    try:
+        return Feedback(config)
+    except RulesError as exc:
+        raise ConfigError([f"[bounces] rules: {exc}"], config.origin) from None
+    except KeyFileError as exc:
+        raise ConfigError([f"[suppression] key_file: {exc}"], config.origin) from None
+    except ValueError as exc:
+        raise ConfigError([f"[bounces] verp_prefix: {exc}"], config.origin) from None
+
+
+def build_delivery(config: Config, spool: Spool, logs: LogWriter | None,
+                   inject: Callable[..., Any], dkim: DkimStage | None = None,
+                   feedback: Feedback | None = None) -> DeliveryEngine:
+    """The delivery engine: sources, pools, pool hook, shaping files, resolver settings.
+    Construction reads the spool object only once started, so an unopened Spool will do."""
+    try:
+        return DeliveryEngine(config, spool, logs, inject, dkim, feedback)
+    except (EgressError, ShapingError) as exc:   # a pool hook or shaping file
+        raise ConfigError([str(exc)], config.origin) from None
+
+
+def unsubscribe_tls(config: Config) -> "ssl.SSLContext | None":
+    """The one-click endpoint's TLS context when [unsubscribe] tls_cert is set."""
+    u = config.unsubscribe
+    if u.listen is None or not u.tls_cert:
+        return None
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(u.tls_cert, u.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        what = f"{exc.filename}: {exc.strerror}" if getattr(exc, "filename", None) else exc
+        raise ConfigError([f"[unsubscribe] tls_cert/tls_key: {what}"], config.origin) from None
+    return ctx
 
 
 class Server:
@@ -79,12 +138,7 @@ class Server:
         log.info("spool %s: %d messages recovered, %d corrupt records, %d torn tails",
                  self.config.spool.directory, len(found.messages), len(found.corrupt), len(found.torn))
         self.dkim = self._dkim_stage(loop)
-        try:
-            self.feedback = Feedback(self.config)
-        except RulesError as exc:
-            raise ConfigError([f"[bounces] rules: {exc}"], self.config.origin) from None
-        except ValueError as exc:
-            raise ConfigError([f"[bounces] verp_prefix: {exc}"], self.config.origin) from None
+        self.feedback = build_feedback(self.config)
         self.feedback.start(loop)
         self.reception = Reception(self.config, self.spool, self.logs)
         if self.feedback.suppressions is not None or self.feedback.bounce_domain:
@@ -93,11 +147,11 @@ class Server:
             self.reception.dkim = self.dkim
         self.local = LocalSubmission(self.reception)
         try:
-            self.delivery = DeliveryEngine(self.config, self.spool, self.logs,
+            self.delivery = build_delivery(self.config, self.spool, self.logs,
                                            self.local.submit_kept, self.dkim, self.feedback)
-        except (EgressError, ShapingError) as exc:   # a pool hook or shaping file
+        except ConfigError:
             await self.spool.close()
-            raise ConfigError([str(exc)], self.config.origin) from None
+            raise
         self.delivery.start(loop)
         self.feedback.site_of = self.delivery.resolver.cached_site_name
         if self.feedback.bounce_domain:
@@ -114,6 +168,10 @@ class Server:
         try:
             if self.config.admin.listen is not None:
                 controls = Controls(self.delivery)
+                try:
+                    token = load_or_create_token(token_path(self.config))
+                except TokenError as exc:
+                    raise ConfigError([f"[admin] token_file: {exc}"], self.config.origin) from None
                 self.admin = AdminServer(
                     view_routes(self.delivery),
                     {"/control/suspend": lambda a: controls.suspend(
@@ -122,7 +180,8 @@ class Server:
                      "/control/resume": lambda a: controls.resume(
                         str(a.get("kind")), str(a.get("name")), str(a.get("site") or "")),
                      "/control/rebind": lambda a: controls.rebind(str(a.get("queue")),
-                                                                  str(a.get("pool")))})
+                                                                  str(a.get("pool")))},
+                    token=token)
                 await self.admin.start(*self.config.admin.listen)
             await self._start_unsubscribe()
             for cfg in self.config.listener:
@@ -162,23 +221,16 @@ class Server:
             log.warning("[unsubscribe] listen is set but [suppression] is disabled: "
                         "no unsubscribe endpoint")
             return
-        ctx = None
-        if u.tls_cert:
-            import ssl
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(u.tls_cert, u.tls_key)
+        ctx = unsubscribe_tls(self.config)
         self.unsubscribe = UnsubscribeServer(self.feedback.suppressions, self.feedback.key,
                                              *u.listen, ssl_context=ctx)
         await self.unsubscribe.start()
 
     def _dkim_stage(self, loop: asyncio.AbstractEventLoop) -> DkimStage | None:
         """Load every DKIM key now: a bad key or policy hook is fatal at start."""
-        if not self.config.dkim:
+        domains = signing_domains(self.config)
+        if domains is None:
             return None
-        try:
-            domains = SigningDomains(self.config.dkim, self.config.signing.policy)
-        except DkimConfigError as exc:
-            raise ConfigError([str(exc)], self.config.origin) from None
         self._signer = Signer(self.config.signing.threads or None)
         return DkimStage(domains, SigningBatcher(self._signer, loop), self.config.signing.stage,
                          self.config.signing.on_error)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import signal
@@ -31,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import orjson  # noqa: E402
 
 from dnsserver import DnsServer  # noqa: E402
 from mta.config import load_config  # noqa: E402
+from mta.control.client import admin_request  # noqa: E402
 
 DOMAINS = ["gmail.demo", "example.demo", "yahoo.demo", "outlook.demo"]
 ZONE = [
@@ -114,16 +113,13 @@ async def _inject(host: str, port: int, count: int, size: int,
     return time.perf_counter() - t0, lat, suppressed
 
 
-def _outcomes(admin: tuple[str, int]) -> dict:
-    conn = http.client.HTTPConnection(*admin, timeout=5)
-    try:
-        conn.request("GET", "/queue/summary")
-        return orjson.loads(conn.getresponse().read())["outcomes"]
-    finally:
-        conn.close()
+def _outcomes(cfg) -> dict:
+    status, data = admin_request(cfg, "/queue/summary")   # address and token from the config
+    assert status == 200, data
+    return data["outcomes"]
 
 
-def _wait_delivered(admin: tuple[str, int], count: int, t0: float, timeout: float) -> dict:
+def _wait_delivered(admin, count: int, t0: float, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         out = _outcomes(admin)
@@ -165,14 +161,14 @@ def main() -> int:
                       file=sys.stderr)
                 return 1
             print(f"  {ready} (default config, spool {cfg.spool.directory})")
-            before = _outcomes(cfg.admin.listen)
+            before = _outcomes(cfg)
             t0 = time.perf_counter()
             inject_s, lat, suppressed = asyncio.run(
                 _inject(host, port, args.count, args.size, args.concurrency))
             # reject* recipients the sink refuses (each also sends a DSN), unless our own
             # suppression list refused them at RCPT (they hard-bounced in an earlier run)
             refused = sum(1 for i in range(args.count) if i % 100 == 99) - len(suppressed)
-            out = _wait_delivered(cfg.admin.listen, len(lat) + refused + before["delivered"]
+            out = _wait_delivered(cfg, len(lat) + refused + before["delivered"]
                                   + before["bounced"], t0, timeout=300)
             total_s = time.perf_counter() - t0
         finally:

@@ -301,6 +301,11 @@ class AdminConfig:
 
     listen: tuple[str, int] | None = key(HOSTPORT, "127.0.0.1:8025", "address of the HTTP "
                                          "admin API (loopback only is advised); \"\" disables", restart=True)
+    token_file: Path | None = key(OPTIONAL_PATH, "", "file holding the admin API's bearer "
+                                  "token, which every request must send; the daemon creates it "
+                                  "(mode 0600, 32 random bytes in hex) when missing, and `mta` "
+                                  "commands read it from the same config; \"\": admin.token "
+                                  "in the spool directory", restart=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,27 +9,94 @@
     POST /control/rebind         {"queue": ..., "pool": ...}
 
 Deliberately tiny (no framework) until the full injection/admin API with
-OpenAPI arrives. Trust: it listens on loopback by default and has no
-authentication (say so in the operator docs); requests are bounded (8 KiB
-of head, 64 KiB of JSON body), errors are JSON with a status code.
+OpenAPI arrives. Trust: it listens on loopback by default, and every request
+must carry `Authorization: Bearer <token>`, the token in [admin] token_file
+(default <spool directory>/admin.token, created by the daemon at start when
+missing: 0600, 32 random bytes in hex); anything else gets 401 before its body
+is read. The token also makes a command talk to its own daemon: a command run
+with another daemon's config is refused rather than answered by the wrong
+daemon. Requests are bounded (8 KiB of head, 64 KiB of JSON body), errors are
+JSON with a status code.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import re
+import secrets
+from pathlib import Path
 from typing import Any, Callable
 
 import orjson
 
+from mta.config import Config
+
 log = logging.getLogger("mta.control.admin")
 _MAX_HEAD = 8192
 _MAX_BODY = 65536
+_AUTH = re.compile(rb"(?im)^authorization:[ \t]*bearer[ \t]+(\S+)[ \t]*\r?$")
+_TOKEN = re.compile(r"[\x21-\x7e]{16,256}", re.ASCII)   # visible ASCII, no spaces
+TOKEN_NAME = "admin.token"
+
+
+class TokenError(Exception):
+    """The token file is unreadable or does not hold a token (the text names the file)."""
+
+
+def token_path(config: Config) -> Path:
+    """[admin] token_file, or admin.token in the spool directory."""
+    return config.admin.token_file or Path(config.spool.directory) / TOKEN_NAME
+
+
+def read_token(path: Path) -> str:
+    """The token in `path`; FileNotFoundError when missing, TokenError when unusable."""
+    try:
+        text = path.read_bytes()[:4096].decode("ascii").strip()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise TokenError(f"admin token file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        text = ""
+    if not _TOKEN.fullmatch(text):
+        raise TokenError(f"admin token file {path}: not a token (16 to 256 visible ASCII "
+                         "characters; delete it and the daemon makes a new one)")
+    return text
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in `path`, written first (0600, 32 random bytes in hex) when missing.
+    Created under a temporary name and linked into place, so a reader never sees half a
+    token and two daemons racing on one file end with one token."""
+    try:
+        return read_token(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, token.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return read_token(path)
+    finally:
+        os.unlink(tmp)
+    return token
 
 
 class AdminServer:
     def __init__(self, routes: dict[str, Callable[[str], Any]],
-                 actions: dict[str, Callable[[dict], Any]] | None = None):
+                 actions: dict[str, Callable[[dict], Any]] | None = None, *, token: str):
+        # every request must send "Authorization: Bearer <token>"
+        self._token = token.encode()
         # path prefix -> handler(rest of path) returning a JSON-able value or None (404)
         self.routes = routes
         # POST path -> handler(JSON object) returning a JSON-able value; ValueError -> 400
@@ -53,6 +120,11 @@ class AdminServer:
                 raise ValueError
             method, path, _ = head.split(b"\r\n", 1)[0].decode("ascii").split(" ", 2)
             request = b""
+            if not self._authorized(head):
+                await self._reply(writer, 401, orjson.dumps(
+                    {"error": "unauthorized: send the daemon's token ([admin] token_file) as "
+                              "Authorization: Bearer"}), b"WWW-Authenticate: Bearer\r\n")
+                return
             if method == "POST":
                 m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
                 length = int(m[1]) if m else 0
@@ -67,11 +139,23 @@ class AdminServer:
             status, body = self._act(path, request)
         else:
             status, body = self._dispatch(method, path)
+        await self._reply(writer, status, body)
+
+    def _authorized(self, head: bytes) -> bool:
+        """The one place the token is checked (constant-time compare)."""
+        m = _AUTH.search(head)
+        return m is not None and hmac.compare_digest(m[1], self._token)
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes,
+                     extra: bytes = b"") -> None:
+        reason = {200: b"OK", 401: b"Unauthorized"}.get(status, b"Error")
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"Connection: close\r\n\r\n" % (status, b"OK" if status == 200 else b"Error",
-                                                     len(body)) + body)
+                     b"%sConnection: close\r\n\r\n" % (status, reason, len(body), extra) + body)
         try:
             await writer.drain()
+        except OSError:   # the client went away
+            pass
         finally:
             writer.close()
 

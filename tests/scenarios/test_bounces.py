@@ -284,11 +284,9 @@ def _matching(d, rtype: str, rcpt: str, timeout: float = 15.0) -> list[dict]:
 
 
 def _admin(d, path: str):
-    conn = http.client.HTTPConnection("127.0.0.1", d.admin_port, timeout=10)
-    conn.request("GET", path)
-    data = orjson.loads(conn.getresponse().read())
-    conn.close()
-    return data
+    from mta.config import load_config
+    from mta.control.client import admin_request
+    return admin_request(load_config(d.config), path)[1]   # the daemon's address and token
 
 
 def test_verp_mail_from_decodes_to_the_message_id(daemon_factory, dns_server, receivers):
