@@ -1,12 +1,21 @@
-"""The `mta` command: serve, check-config, spool, queue, suspend/resume, shaping, dkim,
-bounce parse, suppress.
+"""The `mta` command: serve, check-config, config show, spool, queue, suspend/resume,
+shaping, dkim, bounce parse, suppress.
 
-Admin verbs that need the running daemon come with the HTTP API; `spool`
+Conventions every subcommand follows:
+- the common options (-c/--config and the overrides --listen, --spool-dir, --smarthost,
+  --dns, --admin, --hold) go anywhere on the line, before or after the subcommand;
+- a user error (bad arguments, a bad config, a file that cannot be read, a daemon that
+  does not answer) is one line on stderr and an exit status, never a traceback;
+- output into a closed pipe (`mta spool ls | head`) ends quietly with status 141;
+- the exit statuses are in EPILOG (`mta --help`).
+
+Admin verbs that need the running daemon go through its HTTP API (mta/control); `spool`
 reads a stopped daemon's spool directory offline (the same scan as start-up).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
@@ -15,33 +24,68 @@ from mta.config import ConfigError, load_config
 
 _OVERRIDES = ("listen", "spool_dir", "smarthost", "dns", "admin", "hold")
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PIPE = 0, 1, 2, 3, 141
+EPILOG = """\
+common options (-c/--config FILE and the overrides --listen, --spool-dir, --smarthost,
+--dns, --admin, --hold) may be given before or after the subcommand.
+
+exit status:
+  0    success
+  1    error: bad config, a file that cannot be read, check-config found problems,
+       dkim verify failed, suppress check: not suppressed, the daemon refused a request
+  2    usage: bad arguments
+  3    daemon unreachable: the admin API is off, does not answer, or refuses this
+       config's token ([admin] token_file: the command talks to the wrong daemon)
+  141  the output pipe was closed (e.g. `mta spool ls | head`)
+"""
+
+
+def version() -> str:
+    """The installed distribution's version, else mta.__version__."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            return dist_version("mta")
+        except PackageNotFoundError:
+            pass
+    except ImportError:      # pragma: no cover
+        pass
+    import mta
+    return getattr(mta, "__version__", "unknown")
+
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, {k: getattr(args, k, None) for k in _OVERRIDES})
+    return load_config(getattr(args, "config", None),
+                       {k: getattr(args, k, None) for k in _OVERRIDES})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mta.daemon import serve
-    return serve(_config(args))
+    return serve(_config(args), loader=lambda: _config(args))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    import dataclasses
+    from mta.daemon import raise_nofile
+    from mta.preflight import check
+    report = check(cfg, raise_nofile())
+    for line in report.warnings:
+        print(line, file=sys.stderr)
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if report.errors:
+        print(f"{cfg.origin}: {len(report.errors)} problem(s): mta serve would refuse this "
+              "config", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{cfg.origin}: OK ({len(cfg.listener)} listener(s), spool {cfg.spool.directory}"
+          f"{f', {len(report.warnings)} warning(s)' if report.warnings else ''})")
+    return EXIT_OK
 
-    from mta.egress.pools import Egress, EgressError
-    from mta.egress.shaping import Shaping, ShapingError
-    try:       # the parts of the config that live in other files or modules
-        Egress(cfg)
-        Shaping.load(cfg.egress.shaping, dataclasses.asdict(cfg.delivery))
-    except (EgressError, ShapingError) as exc:
-        raise ConfigError([str(exc)], cfg.origin) from None
-    from mta.daemon import connection_budget_problem, raise_nofile
-    problem = connection_budget_problem(cfg, raise_nofile())
-    if problem:
-        print(f"{cfg.origin}: warning: {problem}", file=sys.stderr)
-    print(f"{cfg.origin}: OK ({len(cfg.listener)} listener(s), spool {cfg.spool.directory})")
-    return 0
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from mta.config.show import render
+    sys.stdout.write(render(_config(args), changed=args.changed))
+    return EXIT_OK
 
 
 def _cmd_spool(args: argparse.Namespace) -> int:
@@ -51,7 +95,7 @@ def _cmd_spool(args: argparse.Namespace) -> int:
         found = scan(directory)
     except OSError as exc:   # missing, unreadable, or read-only with records to quarantine
         print(f"mta: {exc.filename or directory}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     if args.action == "ls":
         for msg_id, loc in found.messages.items():
             env = found.envelopes[msg_id]
@@ -64,7 +108,7 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     print(f"{len(found.messages)} messages queued in {len(found.segments)} segments; "
           f"{found.finished} finished; {len(found.corrupt)} corrupt; {len(found.torn)} torn tails",
           file=sys.stderr if args.action == "ls" else sys.stdout)
-    return 0
+    return EXIT_OK
 
 
 def _feedback_defaults(argv: list[str] | None) -> tuple[str | None, list[str], list[str]]:
@@ -82,29 +126,66 @@ def _feedback_defaults(argv: list[str] | None) -> tuple[str | None, list[str], l
     return known.config, [str(cfg.suppression.store)], [str(cfg.suppression.key_file)]
 
 
+def _add_common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """The common options. On a subcommand they default to SUPPRESS, so a value given
+    before the subcommand is not overwritten by the subcommand's default; an option
+    string the subcommand already has (dkim verify --dns) keeps its own definition."""
+    taken = p._option_string_actions
+    default: dict = {} if top else {"default": argparse.SUPPRESS}
+    opts = [(("-c", "--config"), dict(metavar="FILE", help="TOML config file (default: the "
+                                      "built-in one)")),
+            (("--listen",), dict(metavar="HOST:PORT", help="override the first listener's "
+                                 "address")),
+            (("--spool-dir",), dict(metavar="DIR", help="override spool.directory")),
+            (("--smarthost",), dict(metavar="HOST:PORT", help="relay everything to one next "
+                                    "hop")),
+            (("--dns",), dict(metavar="IP:PORT", help="the DNS server to ask (dns.nameservers)")),
+            (("--admin",), dict(metavar="HOST:PORT", help="admin API address (\"\" disables)")),
+            (("--hold",), dict(action="store_true", help="accept and queue but deliver nothing "
+                               "(delivery.hold)"))]
+    group = p.add_argument_group("common options (anywhere on the line)")
+    for flags, kw in opts:
+        if any(f in taken for f in flags):
+            continue
+        if top and flags == ("--hold",):
+            kw = {**kw, "default": None}
+        group.add_argument(*flags, **{**default, **kw})
+
+
+def _add_common_everywhere(p: argparse.ArgumentParser) -> None:
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in dict.fromkeys(action.choices.values()):   # aliases share a parser
+                if "--spool-dir" not in sp._option_string_actions:
+                    _add_common(sp)
+                _add_common_everywhere(sp)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta", description="high-volume MTA core")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="mta", description="high-volume MTA core", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mta {version()}")
+    _add_common(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", help="TOML config file (default: the built-in one)")
-        sp.add_argument("--listen", metavar="HOST:PORT", help="override the first listener's address")
-        sp.add_argument("--spool-dir", metavar="DIR", help="override spool.directory")
-        sp.add_argument("--smarthost", metavar="HOST:PORT", help="relay everything to one next hop")
-        sp.add_argument("--dns", metavar="IP:PORT", help="the DNS server to ask (dns.nameservers)")
-        sp.add_argument("--admin", metavar="HOST:PORT", help="admin API address (\"\" disables)")
-        sp.add_argument("--hold", action="store_true", default=None,
-                        help="accept and queue but deliver nothing (delivery.hold)")
+        _add_common(sp)
 
     sp = sub.add_parser("serve", help="run the daemon")
-    with_config(sp)
     sp.set_defaults(func=_cmd_serve)
-    sp = sub.add_parser("check-config", help="validate a config file and exit")
-    with_config(sp)
+    sp = sub.add_parser("check-config", help="check a config as serve would (keys, files, "
+                        "addresses) and exit; exit 1 when serve would refuse it")
     sp.set_defaults(func=_cmd_check_config)
+    sp = sub.add_parser("config", help="show the effective configuration")
+    csub = sp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="every key with the value in force, as TOML "
+                           "(postconf -d); --changed: only what differs from the defaults "
+                           "(postconf -n)")
+    show.add_argument("--changed", action="store_true",
+                      help="only the keys that differ from their defaults")
+    show.set_defaults(func=_cmd_config_show)
     sp = sub.add_parser("spool", help="inspect a spool directory offline (daemon stopped)")
     sp.add_argument("action", choices=["ls", "stat"])
-    with_config(sp)
     sp.set_defaults(func=_cmd_spool)
     from mta.control.cli import add_parser as add_control
     add_control(sub, with_config, _config)
@@ -113,10 +194,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from mta.feedback.bounce.cli import add_parser as add_bounce
     from mta.feedback.suppression.cli import add_parser as add_suppress
     _, store, key = _feedback_defaults(argv)
-    sp = add_suppress(sub, *store, *key)
-    sp.add_argument("-c", "--config", help="take --store and --key defaults from this config")
-    sp = add_bounce(sub)
-    sp.add_argument("-c", "--config", help="also use this config's [bounces] rules")
+    add_suppress(sub, *store, *key)   # -c: --store and --key defaults from that config
+    add_bounce(sub)                   # -c: that config's [bounces] rules go first
+    _add_common_everywhere(p)
     return p
 
 
@@ -126,11 +206,36 @@ def _with_config_rules(args: argparse.Namespace) -> None:
         args.rules = [*_config(args).bounces.rules, *args.rules]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: point fd 1 at /dev/null so the flush at exit is silent."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mta.control.client import AdminUnreachable
+    try:
+        args = build_parser(argv).parse_args(argv)   # usage errors: exit 2 (argparse)
         _with_config_rules(args)
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()      # a closed pipe shows here, not at interpreter exit
+        return rc
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except AdminUnreachable as exc:
+        print(exc.code, file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:      # a file named on the command line or in the config
+        where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc
+        print(f"mta: {where}", file=sys.stderr)
+        return EXIT_ERROR

@@ -3,6 +3,13 @@
 Raises RLIMIT_NOFILE's soft limit to the hard limit at start (connections
 are file descriptors), logs to stderr, and stops in order on a signal so
 sessions waiting for a spool sync still get their 250.
+Signals: SIGHUP reloads the config (Server.reload: checked first, refused whole
+when it has problems, restart-only keys kept) and reopens the log file; SIGUSR1
+reopens the log file (logrotate). SIGTERM/SIGINT drains: new connections get 421,
+sessions finish the message in hand, deliveries in flight reach their end-of-data
+reply and are recorded, for up to [delivery] shutdown_grace; then the daemon
+stops. A second SIGTERM/SIGINT during the drain stops at once (what was in flight
+is delivered again after the restart: at least once).
 Diagnostics: fatal errors at start (config, bind, spool) print one line and
 exit 1; nothing after start is fatal.
 """
@@ -14,6 +21,7 @@ import os
 import resource
 import signal
 import sys
+from typing import Callable
 
 import uvloop
 
@@ -53,19 +61,34 @@ def connection_budget_problem(config: Config, nofile: int) -> str | None:
             f"ulimit -Hn) or lower the budgets")
 
 
-async def _serve(config: Config, ready_line: bool) -> None:
+async def _serve(config: Config, ready_line: bool,
+                 loader: Callable[[], Config] | None = None) -> None:
     server = Server(config)
+    if loader is not None:
+        server.loader = loader
     await server.start()
-    stop = asyncio.Event()
+    stop = asyncio.Event()     # the first SIGTERM/SIGINT: drain, then stop
+    now = asyncio.Event()      # the second: stop at once
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        (now if stop.is_set() else stop).set()
+
+    def on_reopen() -> None:
+        if server.logs is not None:
+            server.logs.reopen()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    loop.add_signal_handler(signal.SIGUSR1, on_reopen)
     addrs = ", ".join(f"{h}:{p}" for h, p in server.addresses)
     log.info("listening on %s; spool %s; %d messages queued", addrs,
              config.spool.directory, len(server.spool))
     if ready_line:
         print(f"mta: ready on {addrs}", flush=True)
     await stop.wait()
+    await _drain(server, now)
     log.info("stopping")
     health = server.spool.health()
     await server.stop()
@@ -78,7 +101,27 @@ async def _serve(config: Config, ready_line: bool) -> None:
             print(f"mta: {line}", flush=True)
 
 
-def serve(config: Config, *, ready_line: bool = True) -> int:
+async def _drain(server: Server, now: asyncio.Event) -> None:
+    grace = server.config.delivery.shutdown_grace
+    log.info("draining for up to %gs: new connections get 421, messages in progress finish "
+             "(SIGTERM again to stop at once)", grace)
+    server.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while server.busy and not now.is_set() and loop.time() < deadline:
+        try:
+            await asyncio.wait_for(now.wait(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+    if server.busy:
+        log.warning("stopping with %d sessions and deliveries unfinished (%s); their messages "
+                    "stay queued and go out after the restart", server.busy,
+                    "second signal" if now.is_set() else f"grace of {grace:g}s over")
+
+
+def serve(config: Config, *, ready_line: bool = True,
+          loader: Callable[[], Config] | None = None) -> int:
+    """Run the daemon; `loader` reads the config again for a reload (SIGHUP)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Spool, quarantine, suppression store and logs hold message content and addresses:
@@ -93,7 +136,7 @@ def serve(config: Config, *, ready_line: bool = True) -> int:
     else:
         log.info("open files limit %d", nofile)
     try:
-        uvloop.run(_serve(config, ready_line))
+        uvloop.run(_serve(config, ready_line, loader))
     except OSError as exc:
         # e.g. "mta: /var/spool/mta: Read-only file system": the path and the errno text
         where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc

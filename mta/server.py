@@ -10,16 +10,23 @@ Start order: logs, spool (recovery scan: Corrupt records are logged), feedback
 (classifier, suppression list), the delivery engine (recovered messages are queued
 again; recovered returned mail goes to the bounce intake again), the admin API, the
 one-click unsubscribe endpoint, then listeners; stop order is the reverse, letting sessions that wait for a spool
-sync get their reply first. Diagnostics: start() raises OSError (cannot bind,
+sync get their reply first. `reload()` (SIGHUP, POST /control/reload) applies a new
+config checked as at start, keeping restart-only keys (schema `restart=True`) and the
+old config whole when the new one has problems; `drain()` (SIGTERM) refuses new
+connections with 421 and lets messages in progress, in and out, finish before stop().
+Diagnostics: start() raises OSError (cannot bind,
 cannot open the spool); everything after start is logged, not raised.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mta.config import Config, ConfigError
+from mta.config.load import DEFAULT_CONFIG_PATH, load_config
+from mta.config.schema import SECTIONS, keys_of
 from mta.control.actions import DEFAULT_DURATION, Controls
 from mta.control.admin import AdminServer, TokenError, load_or_create_token, token_path
 from mta.control.views import view_routes
@@ -27,8 +34,8 @@ from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
 from mta.dkim.signer import DkimConfigError, Signer
-from mta.egress.pools import EgressError
-from mta.egress.shaping import ShapingError
+from mta.egress.pools import Egress, EgressError
+from mta.egress.shaping import Shaping, ShapingError
 from mta.feedback.bounce import RulesError
 from mta.feedback.intake import BounceIntake
 from mta.feedback.rcpt_policy import RecipientPolicy
@@ -125,6 +132,11 @@ class Server:
         self.feedback: Feedback | None = None
         self.intake: BounceIntake | None = None
         self.unsubscribe: UnsubscribeServer | None = None
+        self.controls: Controls | None = None   # operator controls, kept in the spool directory
+        # reads the config file again for a reload: daemon.py passes the CLI's loader (its
+        # flags included); by default the file the config came from
+        self.loader = self._load_again
+        self.draining = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,14 +172,21 @@ class Server:
             if self.reception.policy is not None:
                 self.reception.policy.bounce_full = self.intake.full
             self.intake.start(loop)     # recovered returned mail is only queued: listeners open now
+        # operator state (holds, suspensions, rebinds, shaping overrides) and each deferred
+        # entry's schedule apply to the recovered messages as they are queued again
+        self.controls = Controls(self.delivery, self.config.spool.directory)
+        self.controls.restore()
+        self.delivery.scheduler.saved = found.schedules
         self.reception.on_stored = self._stored
         for msg_id in found.messages:
             self._stored(msg_id, found.envelopes[msg_id], found.done_rcpts.get(msg_id),
                          InsertReason.RECOVERED)
+        self.delivery.scheduler.saved = None
         found.envelopes.clear()  # the queue keeps compact records; envelopes stay on disk
+        found.schedules.clear()
         try:
             if self.config.admin.listen is not None:
-                controls = Controls(self.delivery)
+                controls = self.controls
                 try:
                     token = load_or_create_token(token_path(self.config))
                 except TokenError as exc:
@@ -180,8 +199,10 @@ class Server:
                      "/control/resume": lambda a: controls.resume(
                         str(a.get("kind")), str(a.get("name")), str(a.get("site") or "")),
                      "/control/rebind": lambda a: controls.rebind(str(a.get("queue")),
-                                                                  str(a.get("pool")))},
+                                                                  str(a.get("pool"))),
+                     "/control/reload": lambda a: self.reload()},
                     token=token)
+                self.admin.actions.update(controls.actions())   # queue surgery, limits
                 await self.admin.start(*self.config.admin.listen)
             await self._start_unsubscribe()
             for cfg in self.config.listener:
@@ -264,6 +285,84 @@ class Server:
             self.logs.close()
             self.logs = None
 
+    # -- reload and drain ---------------------------------------------------------------
+
+    def reload(self, config: Config | None = None) -> dict[str, object]:
+        """Apply a new config (default: read again through `loader`) if it passes the
+        checks start does; else keep the old one whole. Returns (and logs) what happened:
+        {"applied", "problems", "restart": keys whose change waits for a restart}."""
+        if self.delivery is None or self.logs is None or self.draining:
+            return {"applied": False, "problems": ["the daemon is not running"], "restart": []}
+        if config is None:
+            try:
+                config = self.loader()
+            except ConfigError as exc:
+                return self._refused(exc.problems)
+        merged, restart = keep_restart_keys(self.config, config)
+        for key in restart:
+            log.warning("reload: %s changed; it needs a restart, keeping the running value", key)
+        problems: list[str] = []
+        try:
+            shaping = Shaping.load(merged.egress.shaping, dataclasses.asdict(merged.delivery))
+        except ShapingError as exc:
+            problems.append(str(exc))
+        try:
+            egress = Egress(merged)
+        except EgressError as exc:
+            problems.append(str(exc))
+        domains = None
+        if merged.dkim or self.dkim is not None:
+            try:
+                domains = SigningDomains(merged.dkim, merged.signing.policy)
+            except DkimConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            return self._refused(problems)
+        if self.feedback is not None:
+            try:
+                self.feedback.classifier.reload_if_changed()
+            except RulesError:
+                pass   # logged; the previous bounce rules stay (as between reloads)
+        self.delivery.reconfigure(merged, shaping, egress)
+        if self.dkim is not None and domains is not None:
+            self.dkim.domains = domains
+            self.dkim.on_error = merged.signing.on_error
+        elif merged.dkim:
+            restart.append("dkim (signing was off at start)")
+            log.warning("reload: [[dkim]] tables added to a daemon started without any: "
+                        "signing starts after a restart")
+        self.logs.reopen(mode=int(merged.log.mode, 8), max_buffer=merged.log.max_buffer)
+        self.config = merged
+        log.info("reload: applied %s%s", merged.origin,
+                 f" (needs a restart: {', '.join(restart)})" if restart else "")
+        return {"applied": True, "problems": [], "restart": restart}
+
+    def _load_again(self) -> Config:
+        origin = self.config.origin
+        if origin == "<string>":
+            raise ConfigError(["the config was given as text: no file to read again"], origin)
+        return load_config(None if origin == str(DEFAULT_CONFIG_PATH) else origin)
+
+    def _refused(self, problems: list[str]) -> dict[str, object]:
+        for p in problems:
+            log.error("reload refused, the running config stays: %s", p)
+        return {"applied": False, "problems": problems, "restart": []}
+
+    def drain(self) -> None:
+        """Start shutting down gracefully: new connections get 421, idle sessions 421,
+        sessions in a message finish it; no delivery starts, those in flight go on."""
+        self.draining = True
+        for listener in self.listeners:
+            listener.drain()
+        if self.delivery is not None:
+            self.delivery.drain()
+
+    @property
+    def busy(self) -> int:
+        """After drain(): sessions and deliveries still finishing."""
+        n = sum(listener.busy for listener in self.listeners)
+        return n + (self.delivery.in_flight if self.delivery is not None else 0)
+
     async def __aenter__(self) -> "Server":
         await self.start()
         return self
@@ -286,3 +385,30 @@ class Server:
         if self.local is None:
             raise RuntimeError("Server.inject() before start()")
         return await self.local.submit(sender, recipients, content, client=client)
+
+
+def keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the running value of every restart-only key that differs, and the
+    names of those keys ("spool.directory", "listener[0].port", "listener": a table
+    added or removed)."""
+    changed: list[str] = []
+    sections: dict[str, object] = {}
+    for sec in SECTIONS:
+        ov, nv = getattr(old, sec.name), getattr(new, sec.name)
+        keys = keys_of(sec.cls)
+        restart = [k for k, spec in keys.items() if spec.restart]
+        if not restart:
+            sections[sec.name] = nv
+            continue
+        if not sec.many:
+            diff = [k for k in restart if getattr(ov, k) != getattr(nv, k)]
+            changed += [f"{sec.name}.{k}" for k in diff]
+            sections[sec.name] = dataclasses.replace(nv, **{k: getattr(ov, k) for k in diff})
+            continue
+        # tables of a restart-only array (listeners) stay as they run
+        if len(ov) != len(nv):
+            changed.append(sec.name)
+        for i, (a, b) in enumerate(zip(ov, nv)):
+            changed += [f"{sec.name}[{i}].{k}" for k in restart if getattr(a, k) != getattr(b, k)]
+        sections[sec.name] = ov
+    return dataclasses.replace(new, **sections), changed

@@ -9,7 +9,10 @@ next source of the queue's pool and returns the dispatcher of that (source,
 site), created with the shaping Limits that hold for it. Those come from
 `limits` (mta/egress/limits.py: the shaping files plus run-time overrides);
 when an override changes, the engine pushes the new Limits into the live
-dispatchers it covers and into their site's shared state. Operators see it
+dispatchers it covers and into their site's shared state. A reload
+(`reconfigure()`) swaps the shaping files, sources, pools, rules and classes the same
+way. `drain()` (SIGTERM) stops starting deliveries and lets those in flight reach
+their end-of-data reply and be recorded (`in_flight` counts them). Operators see it
 through the views control builds from its state (mta/control/views.py) and act
 through mta/control/actions.py.
 """
@@ -88,6 +91,7 @@ class DeliveryEngine:
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.TimerHandle | None = None
+        self.draining = False     # drain(): no delivery starts any more
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,6 +105,45 @@ class DeliveryEngine:
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))
+
+    # -- reload and drain -------------------------------------------------------------------
+
+    def reconfigure(self, config: Config, shaping: Shaping, egress: Egress) -> None:
+        """A reload: new shaping files (over the new [delivery] defaults), sources, pools,
+        egress rules and classes, all checked by the caller. Live dispatchers take their
+        new Limits at once; a source kept by name keeps its operator suspension, and its
+        dispatchers bind the new address from their next connection. Queues keep their
+        names; a queue whose pool is gone uses the default pool. Restart-only keys
+        (schema `restart=True`) must be unchanged in `config`."""
+        for name, src in egress.sources.items():
+            old = self.egress.sources.get(name)
+            if old is not None:
+                src.suspended_until = old.suspended_until
+        for (source, _), d in self.dispatchers.items():
+            new = egress.sources.get(source)
+            if new is not None:
+                d.source = new
+        self.config = config
+        self.egress = egress
+        self.scheduler.select = egress.select
+        self.shaping = shaping
+        self.limits.set_shaping(shaping)   # -> _limits_changed(None): every dispatcher
+
+    def drain(self) -> None:
+        """Shutting down: start no delivery (scheduler stopped, routed mail waits in its
+        queue, every dispatcher's connection limit 0: idle connections close, busy ones
+        after the message in hand). Messages waiting in ready queues stay in the spool."""
+        self.draining = True
+        self.scheduler.stop()
+        self.scheduler.hold = True
+        for d in self.dispatchers.values():
+            d.ready.drain()
+            d.set_limits(dataclasses.replace(d.limits, connection_limit=0))
+
+    @property
+    def in_flight(self) -> int:
+        """Connections open or opening; after drain(), those finishing a delivery."""
+        return sum(d.active for d in self.dispatchers.values())
 
     def _reap(self) -> None:
         """Forget (source, site) dispatchers idle for a while: with thousands of sources
@@ -168,13 +211,18 @@ class DeliveryEngine:
 
     # -- limits that change while traffic flows ---------------------------------------------
 
-    def _limits_changed(self, scope: Scope) -> None:
-        """An override of `scope` changed: the dispatchers it covers take their new
-        Limits now; a site's shared limits follow the site's first dispatcher, which
-        set them (as at creation)."""
+    def _limits_changed(self, scope: Scope | None) -> None:
+        """An override of `scope` changed (None: the shaping files, at a reload): the
+        dispatchers it covers take their new Limits now; a site's shared limits follow
+        the site's first dispatcher, which set them (as at creation)."""
+        if self.draining:
+            return
         for key, d in self.dispatchers.items():
             path = self.paths[key]
-            if not scope.covers(path):
+            if scope is None:    # a provider's MX patterns may have changed too
+                path = self.paths[key] = self.limits.path(path.source, path.site,
+                                                          path.domain, path.mx_hosts)
+            elif not scope.covers(path):
                 continue
             limits = self.limits.limits(path)
             if d.site_state.dispatchers[0] is d:

@@ -16,7 +16,8 @@ that scope covers and pushes the new Limits into them (their throttles keep thei
 tokens; a lower connection_limit closes idle connections above it, a higher one lets
 waiting messages go at once).
 
-Reads and writes nothing on disk; overrides live in RAM (a restart starts from the
+A reload swaps the shaping files (`set_shaping`): subscribers are told with the scope
+None (every path); overrides stay. Reads and writes nothing on disk; overrides live in RAM (a restart starts from the
 shaping files). Diagnostics: LimitsError (a ValueError naming the scope, the key and
 what is allowed) for an override that cannot apply; nothing else raises.
 Trust: values come from our own components or the authenticated admin API; every value
@@ -113,7 +114,7 @@ class LimitsSource:
         self.clock = clock
         self.generation = 0                 # bumped on every change
         self._overrides: dict[Scope, Override] = {}
-        self._subscribers: list[Callable[[Scope], None]] = []
+        self._subscribers: list[Callable[[Scope | None], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -145,9 +146,17 @@ class LimitsSource:
 
     # -- changing -------------------------------------------------------------------------
 
-    def subscribe(self, fn: Callable[[Scope], None]) -> None:
-        """`fn(scope)` after every change of the overrides of `scope`."""
+    def subscribe(self, fn: Callable[[Scope | None], None]) -> None:
+        """`fn(scope)` after every change of the overrides of `scope`; `fn(None)` after
+        the shaping files changed (every path)."""
         self._subscribers.append(fn)
+
+    def set_shaping(self, shaping: Shaping) -> None:
+        """New shaping files (a reload, checked by the caller); the overrides stay on top."""
+        self.shaping = shaping
+        self.generation += 1
+        for fn in self._subscribers:
+            fn(None)
 
     def set(self, scope: Scope, values: Mapping[str, object], *, ttl: float | None = None,
             reason: str = "") -> Override:

@@ -4,6 +4,10 @@ One Listener per [[listener]] table. It owns the sockets (SO_REUSEPORT, so
 more workers can share a port later), counts connections in total and per
 client IP, and sweeps sessions once a second for idle and DATA timeouts
 (one timer for all sessions instead of a timer reset per read).
+Draining (SIGTERM, see daemon.py): `drain()` keeps the socket open but answers
+every new connection `421 4.3.2 <host> Service shutting down` and closes it, ends
+idle sessions with the same 421 at once, and lets a session inside DATA (or whose
+message is being stored) finish that message, get its reply, then the 421.
 Diagnostics: start() raises OSError naming the address when it cannot bind.
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Listener:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.address: tuple[str, int] | None = None   # bound address (port 0 resolved)
+        self.draining = False     # shutting down: new connections and idle sessions get 421
 
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.cfg.address else socket.AF_INET
@@ -59,6 +64,23 @@ class Listener:
         sock = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def drain(self) -> None:
+        """Refuse new connections with 421 and end idle sessions; sessions in the middle of
+        a message finish it first (the session closes after its reply, see
+        SmtpSession._on_stored, and the sweep catches the rest)."""
+        self.draining = True
+        self._close_idle()
+
+    @property
+    def busy(self) -> int:
+        """Sessions still open (while draining: those finishing a message)."""
+        return len(self.sessions)
+
+    def _close_idle(self) -> None:
+        for s in list(self.sessions):
+            if not s.storing and not s.in_content:
+                s.close_with("SHUTDOWN")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let messages being stored get their reply, close the rest."""
@@ -80,6 +102,8 @@ class Listener:
     def admit(self, session: SmtpSession) -> str | None:
         """Count a new connection; the reply name when it must be refused."""
         ip = session.peer_ip
+        if self.draining:
+            return "SHUTDOWN"
         if len(self.sessions) >= self.cfg.max_connections:
             return "TOO_MANY_CONNECTIONS"
         if self._per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
@@ -112,4 +136,6 @@ class Listener:
             # a session the memory governor holds waits on us: the governor bounds it
             if not s.storing and not s.memory_paused and s.idle_for(now) > s.timeout_limit(idle, data):
                 s.close_with("TIMEOUT")
+        if self.draining:
+            self._close_idle()
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)

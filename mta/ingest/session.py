@@ -34,6 +34,7 @@ class Host(Protocol):
     settings: ServerSettings               # its replies and limits, for the native core
     reception: Reception                   # where finished transactions go
     loop: asyncio.AbstractEventLoop
+    draining: bool                         # shutting down: 421 after the message in hand
 
     def admit(self, session: SmtpSession) -> str | None: ...   # None, or a refusal reply name
     def forget(self, session: SmtpSession) -> None: ...
@@ -140,6 +141,11 @@ class SmtpSession(asyncio.Protocol):
                 and not self._write_paused and not self._memory_paused):
             self.transport.resume_reading()
         self._handle(out, ev)
+        transport = self.transport
+        if self.listener.draining and transport is not None and not transport.is_closing():
+            # the message got its reply: now the 421
+            self.close_with("SHUTDOWN")
+            return
         self._charge()
 
     def _charge(self) -> None:

@@ -12,6 +12,10 @@ records are dropped and counted, and once writing works again a LogLoss record
 says how many were lost. Trouble is reported on stderr through logging (the
 first failure, then at most once a minute, and the recovery) and in stats().
 File: <log directory>/<name>.jsonl, appended, with mode `mode` whatever the umask.
+`reopen()` (the daemon calls it on SIGUSR1 and on a reload) opens the path again, so
+after logrotate renamed the file the records go to a new one: the open runs in the
+writer thread, and the old file is closed there after the write in flight, so no record
+is lost or split between the two files.
 """
 from __future__ import annotations
 
@@ -43,18 +47,41 @@ def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
     return done, None
 
 
+def _open_log(path: str, mode: int) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)   # the umask (0o077 in the daemon) must not decide it
+    except OSError as exc:    # e.g. a file left by another user
+        os.close(fd)
+        raise OSError(exc.errno, f"cannot set mode {mode:04o} on {path}: "
+                                 f"{exc.strerror}") from None
+    return fd
+
+
+def _try_open(path: str, mode: int) -> int | OSError:
+    try:
+        return _open_log(path, mode)
+    except OSError as exc:
+        return exc
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 class LogWriter:
     def __init__(self, directory: str, name: str = "mta", flush_interval: float = 0.2, *,
                  max_buffer: int = 64 << 20, mode: int = 0o640, retry_interval: float = 1.0):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"{name}.jsonl")
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(self._fd, mode)   # the umask (0o077 in the daemon) must not decide it
-        except OSError as exc:          # e.g. a file left by another user
-            os.close(self._fd)
-            raise OSError(exc.errno, f"cannot set mode {mode:04o} on {self.path}: "
-                                     f"{exc.strerror}") from None
+        self.mode = mode
+        self._fd = _open_log(self.path, mode)
+        self._reopening = False      # an open of the path is on its way in the writer thread
+        self.reopened = 0            # reopens done (tests, stats)
         self._buf = bytearray()
         self._interval = flush_interval
         self._retry = retry_interval
@@ -110,6 +137,27 @@ class LogWriter:
         loop = self._loop
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._written, f, data))
 
+    def reopen(self, *, mode: int | None = None, max_buffer: int | None = None) -> None:
+        """Open the path again (logrotate moved the file away), with `mode` and `max_buffer`
+        when given (a reload). Records logged meanwhile go to the old file or the new one,
+        whole; a failed open is logged and the old file kept."""
+        if mode is not None:
+            self.mode = mode
+        if max_buffer is not None:
+            self._max = max(max_buffer, _FLUSH_AT)
+        if self._fd < 0 or self._reopening:
+            return
+        if self._running_loop() is None:   # no loop (tools, tests): here and now
+            self._swap(_try_open(self.path, self.mode))
+            return
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mta-log")
+        self._reopening = True
+        # the one writer thread runs jobs in order: the open comes after the write in flight
+        fut = self._thread.submit(_try_open, self.path, self.mode)
+        loop = self._loop
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._swap, f.result()))
+
     def stats(self) -> dict[str, object]:
         """Counters for metrics and health checks."""
         return {"buffered_bytes": len(self._buf), "written_bytes": self.written_bytes,
@@ -144,6 +192,24 @@ class LogWriter:
             self._thread = None
 
     # -- internals ---------------------------------------------------------------------
+
+    def _swap(self, opened: int | OSError) -> None:
+        """The new file is open (or could not be): writes go to it from now on; the old
+        one is closed after the write in flight, in the writer thread."""
+        self._reopening = False
+        if isinstance(opened, OSError):
+            log.error("cannot reopen %s, still writing to the file open before: %s",
+                      self.path, opened.strerror)
+            return
+        if self._fd < 0:                  # closed meanwhile
+            os.close(opened)
+            return
+        old, self._fd = self._fd, opened
+        self.reopened += 1
+        if self._writing is not None and self._thread is not None:
+            self._thread.submit(_close_quietly, old)   # runs after the write in flight
+        else:
+            _close_quietly(old)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop | None:
         # get_running_loop() checks getpid() on every call: look it up once
