@@ -27,6 +27,7 @@ class FakeSpool:
         self.messages: dict[bytes, tuple[Envelope, bytes]] = {}
         self.finished: list[bytes] = []                    # tombstones, in order
         self.rcpts_done: list[tuple[bytes, list[int]]] = []   # RCPTS_DONE records
+        self.noted: list[tuple] = []                        # note_schedule() calls
         self.writable = True
 
     def add(self, msg_id: bytes, sender: str, rcpts: list[str], **extra) -> Envelope:
@@ -45,6 +46,14 @@ class FakeSpool:
 
     def finish_recipients(self, msg_id: bytes, idxs) -> None:
         self.rcpts_done.append((msg_id, sorted(idxs)))
+
+    def note_schedule(self, msg_id: bytes, domain: str, attempts: int, due: float,
+                      **state) -> None:
+        """SCHEDULE records (issue 13): (id, domain, attempts, due, the rest) in order."""
+        self.noted.append((msg_id, domain, attempts, due, state))
+
+    def schedules(self, msg_id: bytes) -> list:
+        return []
 
 
 OK = RemoteReply(250, "2.0.0", "ok")

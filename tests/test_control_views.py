@@ -36,7 +36,7 @@ SHAPING_KEYS = ["source", "site", "matched", "connections", "peak_connections",
                 "connection_limit", "site_connections", "site_connection_limit",
                 "max_message_rate", "max_connection_rate", "max_deliveries_per_connection",
                 "tls", "ready", "sent", "backoffs", "hard_bounces", "complaints", "paused_until"]
-MESSAGE_KEYS = ["id", "envelope", "size", "headers"]
+MESSAGE_KEYS = ["id", "envelope", "size", "headers", "recipients"]
 
 
 @pytest.fixture

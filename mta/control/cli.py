@@ -1,11 +1,15 @@
 """The `mta` commands that drive a running daemon through its admin API: queue
-(summary, count, inspect, rebind), suspend/resume, shaping show. They parse the
+(summary [--ages], count, inspect, ls, rebind, and the surgery verbs flush, hold,
+release, delete, bounce with one selector: --queue/--site/--domain/--tenant/
+--campaign/--id/--all), suspend/resume, shaping show|set|clear. They parse the
 daemon's JSON into the typed views (mta/control/views.py) and format from those.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import urllib.parse
 from typing import Callable
 
 import orjson
@@ -40,7 +44,50 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return _print_result(*_request(args, f"/control/{args.command}", body))
 
 
+def _parse_ttl(text: str | None, flag: str) -> float | None:
+    from mta.config.values import Invalid, parse_duration
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except Invalid as exc:
+        raise SystemExit(f"mta {flag}: {exc}") from None
+
+
+def _shaping_scope(args: argparse.Namespace) -> dict:
+    """SOURCE SITE (either may be "*": any) or --provider NAME -> the override's scope."""
+    if args.provider:   # SOURCE and SITE were keys then
+        args.values = [v for v in (args.source, args.site) if v] + list(args.values)
+        args.source = args.site = None
+        return {"kind": "provider", "name": args.provider, "site": ""}
+    source, site = args.source, args.site
+    if not source or not site or (source == "*" and site == "*"):
+        raise SystemExit("mta shaping set|clear: SOURCE SITE (one may be \"*\"), or "
+                         "--provider NAME")
+    if source == "*":
+        return {"kind": "site", "name": site, "site": ""}
+    if site == "*":
+        return {"kind": "source", "name": source, "site": ""}
+    return {"kind": "pair", "name": source, "site": site}
+
+
 def _cmd_shaping(args: argparse.Namespace) -> int:
+    if args.action in ("set", "clear"):
+        body = _shaping_scope(args)
+        if args.action == "set":
+            values = {}
+            for item in args.values:
+                key, eq, value = item.partition("=")
+                if not eq or not key:
+                    raise SystemExit(f"mta shaping set: {item!r} is not key=value")
+                values[key.strip()] = _value(value.strip())
+            if not values:
+                raise SystemExit("mta shaping set: give at least one key=value")
+            body.update(values=values, ttl=_parse_ttl(args.duration, "shaping set --for"),
+                        reason=args.reason or "")
+        else:
+            body.update(clear=True, keys=list(args.values))
+        return _print_result(*_request(args, "/control/limits", body))
     status, data = _request(args, "/shaping")
     if status != 200 or args.json:
         return _print_result(status, data)
@@ -56,13 +103,87 @@ def _cmd_shaping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value(text: str) -> object:
+    """A shaping value from the command line: numbers and booleans as such, else text
+    (durations, sizes and rates are parsed by the daemon's checker)."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_SURGERY = ("flush", "hold", "release", "delete", "bounce")
+
+
+def _selector(args: argparse.Namespace) -> dict:
+    sel = {f: getattr(args, f) for f in ("queue", "site", "domain", "tenant", "campaign", "id")
+           if getattr(args, f)}
+    if args.all:
+        sel["all"] = True
+    if not sel:
+        raise SystemExit(f"mta queue {args.action}: select with --queue, --site, --domain, "
+                         "--tenant, --campaign, --id or --all")
+    return sel
+
+
+def _print_ages(data: dict) -> None:
+    from mta.control.views import AgeTable
+    table = AgeTable.from_json(data)
+    head = f"{table.by:<50} {'total':>7}" + "".join(f" {b:>8}" for b in table.buckets)
+    print(head)
+    print(f"{'TOTAL':<50} {sum(table.total):>7}" + "".join(f" {n:>8}" for n in table.total))
+    for name, row in sorted(table.rows.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{name[:50]:<50} {sum(row):>7}" + "".join(f" {n:>8}" for n in row))
+
+
 def _cmd_queue(args: argparse.Namespace) -> int:
-    from mta.control.views import MessageView, QueueSummary
+    from mta.control.views import MessageView, QueueListing, QueueSummary
+    if args.action in _SURGERY:
+        if args.args:
+            raise SystemExit(f"mta queue {args.action} takes options, not {args.args[0]!r} "
+                             "(e.g. --queue NAME, --id ID)")
+        body: dict = {"selector": _selector(args)}
+        if args.action in ("delete", "bounce"):
+            body["reason"] = args.reason or ""
+        return _print_result(*_request(args, f"/control/{args.action}", body))
+    if args.action == "holds":
+        return _print_result(*_request(args, "/queue/holds"))
+    if args.action == "ls":
+        if len(args.args) != 1:
+            raise SystemExit("usage: mta queue ls QUEUE [--limit N] [--after ID]")
+        query = urllib.parse.urlencode({"limit": args.limit, **({"after": args.after}
+                                                                 if args.after else {})})
+        status, data = _request(args, "/queue/list/" + urllib.parse.quote(args.args[0], safe="")
+                                + "?" + query)
+        if status != 200 or args.json:
+            return _print_result(status, data)
+        listing = QueueListing.from_json(data)
+        now = time.time()
+        print(f"{'id':<32}  {'where':<9} {'rcpts':>5} {'tries':>5} {'age':>8}  next retry")
+        for m in listing.messages:
+            retry = f"in {m.next_retry - now:.0f}s" if m.next_retry else "now"
+            print(f"{m.id:<32}  {m.where:<9} {m.rcpts:>5} {m.attempts:>5} {m.age:>7.0f}s  {retry}")
+        if listing.next:
+            print(f"more: --after {listing.next}")
+        return 0
     if args.action == "rebind":
         if len(args.args) != 2:
             raise SystemExit("usage: mta queue rebind QUEUE POOL")
         return _print_result(*_request(args, "/control/rebind",
                                          {"queue": args.args[0], "pool": args.args[1]}))
+    if args.action == "summary" and args.ages:
+        status, data = _request(args, f"/queue/ages/{args.by}")
+        if status != 200 or args.json:
+            return _print_result(status, data)
+        _print_ages(data)
+        return 0
     if args.action == "summary":
         status, data = _request(args, "/queue/summary")
         if status != 200 or not isinstance(data, dict):
@@ -96,11 +217,32 @@ def _cmd_queue(args: argparse.Namespace) -> int:
 
 def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
                load: Callable[[argparse.Namespace], Config]) -> None:
-    sp = sub.add_parser("queue", help="ask the running daemon about its queues")
-    sp.add_argument("action", choices=["summary", "inspect", "count", "rebind"])
+    sp = sub.add_parser("queue", help="ask the running daemon about its queues, or change them")
+    sp.add_argument("action", choices=["summary", "inspect", "count", "ls", "rebind", "holds",
+                                       *_SURGERY],
+                    help="flush: deferred messages go now; hold/release: keep messages "
+                         "queued (survives a restart); delete: drop without a DSN; bounce: "
+                         "drop with a DSN to the sender")
     sp.add_argument("args", nargs="*", metavar="ARG",
-                    help="inspect: message id; rebind: scheduled queue name and pool name")
+                    help="inspect: message id; ls: scheduled queue name; rebind: scheduled "
+                         "queue name and pool name")
     sp.add_argument("--json", action="store_true", help="raw JSON")
+    sel = sp.add_argument_group("selection (flush, hold, release, delete, bounce); "
+                                "options given together must all match")
+    sel.add_argument("--queue", help="a scheduled queue name")
+    sel.add_argument("--site", help="a site name (see `mta shaping show`)")
+    sel.add_argument("--domain", help="a recipient domain")
+    sel.add_argument("--tenant")
+    sel.add_argument("--campaign")
+    sel.add_argument("--id", help="one message id")
+    sel.add_argument("--all", action="store_true", help="every queued message")
+    sp.add_argument("--reason", help="delete, bounce: logged (and in the DSN of a bounce)")
+    sp.add_argument("--ages", action="store_true",
+                    help="summary: messages by age (0-5m ... 160m+), like qshape")
+    sp.add_argument("--by", choices=["queue", "domain"], default="queue",
+                    help="summary --ages: a row per scheduled queue or recipient domain")
+    sp.add_argument("--limit", type=int, default=100, help="ls: messages per page")
+    sp.add_argument("--after", help="ls: the cursor printed by the previous page")
     with_config(sp)
     sp.set_defaults(func=_cmd_queue, load_config=load)
     for verb, what in (("suspend", "stop delivering for a while"), ("resume", "undo a suspend")):
@@ -114,8 +256,18 @@ def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
                             help="how long, e.g. 90s, 10m, 2h (default 1h)")
         with_config(sp)
         sp.set_defaults(func=_cmd_control, load_config=load)
-    sp = sub.add_parser("shaping", help="live shaping state per (source, site)")
-    sp.add_argument("action", choices=["show"])
+    sp = sub.add_parser("shaping", help="live shaping state per (source, site), and run-time "
+                                        "overrides (set/clear; kept across restarts)")
+    sp.add_argument("action", choices=["show", "set", "clear"])
+    sp.add_argument("source", nargs="?", help="set/clear: egress source name, or * for any")
+    sp.add_argument("site", nargs="?", help="set/clear: site name, or * for any")
+    sp.add_argument("values", nargs="*", metavar="KEY=VALUE",
+                    help="set: shaping keys, e.g. connection_limit=2 max_message_rate=100/m; "
+                         "clear: keys to drop (all when none)")
+    sp.add_argument("--provider", help="set/clear: a provider from the shaping files instead")
+    sp.add_argument("--for", dest="duration", help="set: how long, e.g. 1h (default: until "
+                                                   "cleared)")
+    sp.add_argument("--reason", help="set: shown with the override")
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_shaping, load_config=load)

@@ -25,11 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import urllib.parse
+
 import orjson
 
 from mta.model.envelope import Envelope
 from mta.model.ids import id_from_text
 from mta.model.queued import InsertReason
+from mta.spool import records as rec
 
 if TYPE_CHECKING:
     from mta.delivery.engine import DeliveryEngine
@@ -146,21 +149,109 @@ class QueueSummary:
 
 
 @dataclass(slots=True)
+class RecipientRow:
+    """One recipient of a queued message, as `mta queue inspect` shows it."""
+    index: int                       # position in the envelope
+    address: str
+    # pending (waiting: see `where`), in_flight (an attempt is running), delivered,
+    # bounced, done (finished; the outcome is in the logs)
+    state: str
+    where: str | None                # pending: scheduled, ready, backlog, held, resolving
+    queue: str | None                # its scheduled queue (pending only)
+    attempts: int | None             # attempts that failed temporarily (pending only)
+    next_retry: float | None         # Unix time of the next attempt; None: due now
+    last_reply: str | None           # the last reply of a deferred attempt, when known
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "address": self.address, "state": self.state,
+                "where": self.where, "queue": self.queue, "attempts": self.attempts,
+                "next_retry": self.next_retry, "last_reply": self.last_reply}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RecipientRow:
+        return cls(d["index"], d["address"], d["state"], d["where"], d["queue"],
+                   d["attempts"], d["next_retry"], d["last_reply"])
+
+
+@dataclass(slots=True)
 class MessageView:
-    """GET /queue/messages/<id>: one queued message's envelope and header."""
+    """GET /queue/messages/<id>: one queued message's envelope, header and recipients."""
     id: str                          # spool id, text form
     envelope: Envelope               # as stored
     size: int                        # bytes stored (our Received header plus the content)
     headers: str                     # the header block (or its first 4 KiB), decoded leniently
+    recipients: list[RecipientRow]   # every recipient's state (issue 13)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "envelope": self.envelope.view(), "size": self.size,
-                "headers": self.headers}
+                "headers": self.headers, "recipients": [r.to_json() for r in self.recipients]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MessageView:
         return cls(d["id"], Envelope.from_json(orjson.dumps(d["envelope"])), d["size"],
-                   d["headers"])
+                   d["headers"], [RecipientRow.from_json(r) for r in d["recipients"]])
+
+
+AGE_BUCKETS = (5, 10, 20, 40, 80, 160)   # minutes: 0-5m, 5-10m, ... 80-160m, 160m+
+
+
+def age_labels() -> list[str]:
+    edges = (0,) + AGE_BUCKETS
+    return [f"{a}-{b}m" for a, b in zip(edges, edges[1:])] + [f"{AGE_BUCKETS[-1]}m+"]
+
+
+@dataclass(slots=True)
+class AgeTable:
+    """GET /queue/ages/<by>: queued entries by age, like Postfix's qshape, per scheduled
+    queue or per recipient domain. Age: since the message was received."""
+    by: str                          # "queue" or "domain"
+    buckets: list[str]               # column labels (age_labels())
+    rows: dict[str, list[int]]       # name -> count per bucket
+    total: list[int]                 # per bucket, all rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "buckets": self.buckets, "rows": self.rows, "total": self.total}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AgeTable:
+        return cls(d["by"], list(d["buckets"]), {k: list(v) for k, v in d["rows"].items()},
+                   list(d["total"]))
+
+
+@dataclass(slots=True)
+class ListedMessage:
+    """One row of `mta queue ls`."""
+    id: str
+    where: str                       # scheduled, ready, backlog, held, resolving
+    rcpts: int                       # recipients of this entry still pending
+    attempts: int
+    next_retry: float | None         # Unix time; None: due now
+    age: float                       # seconds since it was received
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "where": self.where, "rcpts": self.rcpts,
+                "attempts": self.attempts, "next_retry": self.next_retry, "age": self.age}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ListedMessage:
+        return cls(d["id"], d["where"], d["rcpts"], d["attempts"], d["next_retry"], d["age"])
+
+
+@dataclass(slots=True)
+class QueueListing:
+    """GET /queue/list/<queue>?limit=N&after=ID: a page of a scheduled queue's messages,
+    in id (arrival) order; `next` is the cursor for the following page (None: last)."""
+    queue: str
+    messages: list[ListedMessage]
+    next: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"queue": self.queue, "messages": [m.to_json() for m in self.messages],
+                "next": self.next}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QueueListing:
+        return cls(d["queue"], [ListedMessage.from_json(m) for m in d["messages"]], d["next"])
 
 
 @dataclass(slots=True)
@@ -244,6 +335,16 @@ def shaping_rows(engine: DeliveryEngine) -> list[ShapingRow]:
     return rows
 
 
+def entries(engine: DeliveryEngine):
+    """(entry, where) for every queued entry the operator can reach: the scheduler's
+    (scheduled, backlog, held, resolving) and the ready queues' ("ready"); not those in
+    flight. O(queued): admin requests only."""
+    yield from engine.scheduler.waiting()
+    for d in engine.dispatchers.values():
+        for msg in d.ready.entries():
+            yield msg, "ready"
+
+
 def message_view(engine: DeliveryEngine, text_id: str) -> MessageView | None:
     """One queued message as stored; None when the spool does not hold it."""
     msg_id = id_from_text(text_id)
@@ -252,7 +353,78 @@ def message_view(engine: DeliveryEngine, text_id: str) -> MessageView | None:
     env, content = engine.spool.read(msg_id)
     end = content.find(b"\r\n\r\n")
     head = content[:end + 2 if end >= 0 else _HEAD_LIMIT]
-    return MessageView(text_id, env, len(content), bytes(head).decode("utf-8", "replace"))
+    return MessageView(text_id, env, len(content), bytes(head).decode("utf-8", "replace"),
+                       _recipient_rows(engine, msg_id, env))
+
+
+def _recipient_rows(engine: DeliveryEngine, msg_id: bytes, env: Envelope) -> list[RecipientRow]:
+    found = [(m, where) for m, where in entries(engine) if m.id == msg_id]
+    states = {s.domain: s for s in engine.spool.schedules(msg_id)}
+    finished: dict[int, int] = {}
+    for s in states.values():
+        finished.update(s.finished)
+    pending = {}
+    for m, where in found:
+        for i in m.rcpts:
+            pending[i] = (m, where)
+    rows = []
+    for i, r in enumerate(env.recipients):
+        if i in pending:
+            m, where = pending[i]
+            st = states.get(m.queue.domain)
+            rows.append(RecipientRow(i, r.address, "pending", where, m.queue.name, m.attempts,
+                                     m.due or None, st.reply if st is not None else None))
+            continue
+        if i in finished:
+            state = {rec.DELIVERED: "delivered", rec.BOUNCED: "bounced"}.get(finished[i], "done")
+        else:
+            state = "done" if found else "in_flight"
+        st = states.get(r.domain)
+        rows.append(RecipientRow(i, r.address, state, None, None,
+                                 st.attempts if st is not None else None, None,
+                                 st.reply if st is not None else None))
+    return rows
+
+
+def age_table(engine: DeliveryEngine, by: str = "queue") -> AgeTable:
+    """Queued entries per scheduled queue (or recipient domain) and age bucket."""
+    if by not in ("queue", "domain"):
+        raise ValueError(f"ages by {by!r}: by queue or by domain")
+    now = engine.scheduler.clock()
+    edges = [m * 60 for m in AGE_BUCKETS]
+    rows: dict[str, list[int]] = {}
+    total = [0] * (len(edges) + 1)
+    for m, _ in entries(engine):
+        age = now - m.received
+        k = next((n for n, e in enumerate(edges) if age < e), len(edges))
+        name = m.queue.name if by == "queue" else m.queue.domain
+        row = rows.get(name)
+        if row is None:
+            row = rows[name] = [0] * (len(edges) + 1)
+        row[k] += 1
+        total[k] += 1
+    return AgeTable(by, age_labels(), rows, total)
+
+
+_MAX_PAGE = 10_000
+
+
+def queue_listing(engine: DeliveryEngine, name: str, limit: int = 100,
+                  after: str = "") -> QueueListing | None:
+    """A page of scheduled queue `name`'s entries by id; None when there is no such queue."""
+    if name not in engine.scheduler.queues:
+        return None
+    if not 0 < limit <= _MAX_PAGE:
+        raise ValueError(f"limit must be 1..{_MAX_PAGE}")
+    cursor = id_from_text(after) if after else b""
+    now = engine.scheduler.clock()
+    found = sorted(((m.id, m, where) for m, where in entries(engine)
+                    if m.queue.name == name and m.id > cursor), key=lambda t: t[0])
+    page = found[:limit]
+    out = [ListedMessage(m.id_text, where, len(m.rcpts), m.attempts, m.due or None,
+                         round(now - m.received, 3)) for _, m, where in page]
+    more = len(found) > limit
+    return QueueListing(name, out, page[-1][1].id_text if more and page else None)
 
 
 def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
@@ -261,6 +433,20 @@ def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
         view = message_view(engine, text_id)
         return view.to_json() if view is not None else None
 
+    def listing(rest: str) -> dict[str, Any] | None:
+        path, _, query = rest.partition("?")
+        args = urllib.parse.parse_qs(query)
+        try:
+            limit = int(args.get("limit", ["100"])[0])
+        except ValueError:
+            raise ValueError("limit must be a number") from None
+        view = queue_listing(engine, urllib.parse.unquote(path), limit,
+                             args.get("after", [""])[0])
+        return view.to_json() if view is not None else None
+
     return {"/queue/summary": lambda _: queue_summary(engine).to_json(),
             "/queue/messages": message,
+            "/queue/ages": lambda by: age_table(engine, by or "queue").to_json(),
+            "/queue/list": listing,
+            "/queue/holds": lambda _: [h.to_json() for h in engine.scheduler.holds],
             "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)]}

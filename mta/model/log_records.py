@@ -16,7 +16,8 @@ class RecordType(str, Enum):
     TRANSIENT_FAILURE = "TransientFailure"  # a delivery attempt failed, will retry
     BOUNCE = "Bounce"                      # a recipient failed permanently
     EXPIRATION = "Expiration"              # a recipient's max age passed
-    ADMIN_BOUNCE = "AdminBounce"           # an operator removed a message
+    ADMIN_BOUNCE = "AdminBounce"           # an operator bounced a recipient (DSN to the sender)
+    ADMIN_DELETE = "AdminDelete"           # an operator deleted a queued message (no DSN)
     OOB = "OOB"                            # an out-of-band bounce was received
     FEEDBACK = "Feedback"                  # an ARF complaint was received
     SUPPRESSED = "Suppressed"              # a suppressed recipient was dropped at reception
@@ -45,4 +46,10 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
     RecordType.LOG_LOSS: ("lost", "time"),
+    # one per recipient; dsn: whether a DSN went to the sender (NOTIFY, null sender)
+    RecordType.ADMIN_BOUNCE: ("id", "queue", "recipient", "sender", "tenant", "campaign",
+                              "status", "reason", "selector", "dsn", "time"),
+    # one per deleted scheduled entry (a message's recipients at one domain)
+    RecordType.ADMIN_DELETE: ("id", "queue", "recipients", "sender", "tenant", "campaign",
+                              "reason", "selector", "time"),
 }

@@ -190,5 +190,12 @@ class ReadyQueue:
                 del self._lanes[lane.name]
         return out
 
+    def entries(self):
+        """Every message in the lanes (not the backlogs, which the scheduler shows): for
+        operator scans."""
+        for lane in self._lanes.values():
+            for fifo in lane.fifos.values():
+                yield from fifo
+
     def per_queue(self) -> dict[str, int]:
         return {q.name: len(f) for lane in self._lanes.values() for q, f in lane.fifos.items()}

@@ -8,6 +8,15 @@ TimerWheel. Every insertion carries an InsertReason (kept on the log record).
 Site resolution (DNS) happens per scheduled queue, not per message: the
 queue caches its site until the DNS TTL runs out, and messages that arrive
 while a lookup is in flight wait on it.
+Restarts (issue 13): while recovery submits what the spool found, `saved` holds
+the spool's SCHEDULE states (id -> {domain -> (state, location)}); an entry with a
+state gets its attempts and flags back and waits in the wheel until its due time
+instead of going out at once.
+Holds (issue 13): `holds` is a list of Selectors (mta/queues/select.py) set by
+the operator; a message that comes due while a hold matches it waits in its
+queue's `held` deque (as during a suspension) until `release()`. Operator scans
+(`waiting()`, `flush()`, `take()`) walk the timer wheel and the queues' deques:
+O(queued), admin requests only, never on the delivery path.
 Diagnostics: DNS failures become per-message outcomes (bounce or retry) via
 the `on_route_failure` callback; nothing here raises to its callers.
 """
@@ -22,6 +31,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 from mta.model.envelope import Envelope
 from mta.model.queue_name import format_name
 from mta.model.queued import InsertReason, QueuedMessage
+from mta.queues.select import Selector
 from mta.queues.timerwheel import TimerWheel
 
 if TYPE_CHECKING:
@@ -103,6 +113,9 @@ class Scheduler:
         self.tick = tick
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # recovery only: id -> {domain -> (schedule state, its location)} (see the docstring)
+        self.saved: dict[bytes, dict[str, tuple]] | None = None
+        self.holds: list[Selector] = []   # operator holds: matching messages never go out
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -148,11 +161,20 @@ class Scheduler:
                 by_domain.setdefault(rcpt.domain or "localhost", []).append(i)
         out = []
         klass, pool = self.select(envelope)
+        saved = self.saved.get(msg_id) if self.saved else None
         for domain, idxs in by_domain.items():
             q = self.queue_for(envelope.campaign, envelope.tenant, domain, klass, pool)
             msg = QueuedMessage(msg_id, q, _SINGLE if idxs == [0] else tuple(idxs))
             q.count += 1
             out.append(msg)
+            state = saved.get(q.domain) if saved else None
+            if state is not None:
+                state = state[0]
+                msg.attempts = state.attempts
+                msg.flags = state.flags
+                if state.due > self.clock():   # not before its time, as before the restart
+                    self.schedule(msg, state.due, reason)
+                    continue
             self.make_ready(msg, reason)
         return out
 
@@ -183,7 +205,8 @@ class Scheduler:
             msg.due = 0.0
             q.backlog.append(msg)
             return
-        if q.suspended_until and q.suspended_until > self.clock():
+        if (q.suspended_until and q.suspended_until > self.clock()) or \
+                (self.holds and self.is_held(msg)):
             self.hold_back(msg)
             return
         msg.due = 0.0
@@ -240,6 +263,96 @@ class Scheduler:
             q.resume.cancel()
         assert self._loop is not None
         q.resume = self._loop.call_later(seconds, self.resume, q)
+
+    def is_held(self, msg: QueuedMessage) -> bool:
+        """Whether an operator hold matches `msg`."""
+        return any(sel.matches(msg) for sel in self.holds)
+
+    def add_hold(self, sel: Selector) -> None:
+        """Hold what `sel` matches from now on (those in ready queues: see control)."""
+        if sel not in self.holds:
+            self.holds.append(sel)
+        for q in self.queues.values():   # due and waiting for room: held in place
+            if q.backlog and sel.matches_queue(q):
+                keep = deque()
+                for msg in q.backlog:
+                    if sel.matches(msg):
+                        self.hold_back(msg)
+                    else:
+                        keep.append(msg)
+                q.backlog = keep
+
+    def release(self, sel: Selector) -> int:
+        """Drop the hold `sel` (an equal selector); what no other hold or suspension keeps
+        goes out. Returns how many messages were released."""
+        if sel not in self.holds:
+            return 0
+        self.holds.remove(sel)
+        now = self.clock()
+        released = 0
+        for q in list(self.queues.values()):
+            if not q.held or (q.suspended_until and q.suspended_until > now):
+                continue
+            held, q.held = q.held, None
+            for msg in held:
+                if not self.is_held(msg):
+                    released += 1
+                self.make_ready(msg, InsertReason.RECEIVED if msg.attempts == 0
+                                else InsertReason.TRANSIENT_FAILURE)
+        return released
+
+    def waiting(self):
+        """(entry, where) for every entry the scheduler holds: "scheduled" (in the timer
+        wheel), "backlog", "held", "resolving". Not those in ready queues or in flight."""
+        seen = set()
+        for msg in self.wheel.items():
+            if msg.due > 0.0 and id(msg) not in seen:   # due 0: a stale wheel entry
+                seen.add(id(msg))
+                yield msg, "scheduled"
+        for q in list(self.queues.values()):
+            for msg in q.backlog:
+                yield msg, "backlog"
+            for msg in q.held or ():
+                yield msg, "held"
+            for msg in q.resolving or ():
+                yield msg, "resolving"
+
+    def flush(self, sel: Selector) -> int:
+        """Deferred entries `sel` matches are due now (holds and suspensions still apply);
+        returns how many."""
+        due = [msg for msg, where in self.waiting() if where == "scheduled" and sel.matches(msg)]
+        for msg in due:
+            self.make_ready(msg, InsertReason.TRANSIENT_FAILURE)
+        return len(due)
+
+    def take(self, sel: Selector) -> list[QueuedMessage]:
+        """Remove the entries `sel` matches from the wheel and the queues' deques (for a
+        delete or a bounce); the caller finishes them (`finished`). In ready queues and
+        in flight they are not seen here."""
+        taken = []
+        seen = set()
+        for msg in self.wheel.items():
+            if msg.due > 0.0 and id(msg) not in seen and sel.matches(msg):
+                seen.add(id(msg))
+                msg.due = 0.0          # its wheel entry is stale from now on
+                taken.append(msg)
+        for q in list(self.queues.values()):
+            if not sel.matches_queue(q):
+                continue
+            for attr in ("backlog", "held", "resolving"):
+                entries = getattr(q, attr)
+                if not entries:
+                    continue
+                keep = [m for m in entries if not sel.matches(m)]
+                taken.extend(m for m in entries if sel.matches(m))
+                if len(keep) != len(entries):
+                    if attr == "resolving":
+                        q.resolving = keep
+                    elif attr == "held":
+                        q.held = deque(keep) or None
+                    else:
+                        q.backlog = deque(keep)
+        return taken
 
     def resume(self, q: ScheduledQueue) -> None:
         q.suspended_until = 0.0

@@ -64,6 +64,15 @@ class TimerWheel:
             fire(item)
         return len(bucket)
 
+    def items(self):
+        """Every entry in the wheel and the overflow, stale ones and repeats included
+        (the owner filters them as at expiry); for operator scans, O(entries)."""
+        for bucket in self._wheel:
+            if bucket:
+                yield from bucket
+        for _, item in self._overflow:
+            yield item
+
     def _rewheel(self) -> None:
         pending, self._overflow = self._overflow, []
         self.count -= len(pending)
