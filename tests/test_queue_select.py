@@ -124,3 +124,14 @@ def test_recovered_entries_keep_attempts_and_due_time(r):
     assert r.ready() == [], "before its saved due time"
     r.loop.settle(12)
     assert r.ready() == [later]
+
+
+def test_a_hold_by_site_catches_messages_once_their_route_resolves():
+    rig = Rig(route_delay=0.5)
+    try:
+        rig.scheduler.add_hold(Selector(site="mx.example.net"))
+        msg, = rig.submit("a@one.test")
+        rig.loop.settle(1)
+        assert rig.ready() == [] and list(msg.queue.held) == [msg]
+    finally:
+        rig.close()

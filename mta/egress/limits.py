@@ -17,8 +17,10 @@ tokens; a lower connection_limit closes idle connections above it, a higher one 
 waiting messages go at once).
 
 A reload swaps the shaping files (`set_shaping`): subscribers are told with the scope
-None (every path); overrides stay. Reads and writes nothing on disk; overrides live in RAM (a restart starts from the
-shaping files). Diagnostics: LimitsError (a ValueError naming the scope, the key and
+None (every path); overrides stay. Reads and writes nothing on disk: the operator's
+overrides (POST /control/limits, `mta shaping set`) are kept across restarts by
+mta/control/actions.py (the operator state file), which sets them again at start;
+overrides set by other components live in RAM. Diagnostics: LimitsError (a ValueError naming the scope, the key and
 what is allowed) for an override that cannot apply; nothing else raises.
 Trust: values come from our own components or the authenticated admin API; every value
 still goes through the key's checker from shaping.KEYS.

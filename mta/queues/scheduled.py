@@ -236,7 +236,10 @@ class Scheduler:
         q.site_expires = self.monotonic() + max(1.0, ttl)
         waiting, q.resolving = q.resolving or [], None
         for msg in waiting:
-            self._to_ready(msg, site)
+            if self.holds and self.is_held(msg):   # a hold by site matches only now
+                self.hold_back(msg)
+            else:
+                self._to_ready(msg, site)
 
     def _to_ready(self, msg: QueuedMessage, site: Site) -> None:
         outlet = self.outlet_for(msg.queue, site)
