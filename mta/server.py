@@ -106,9 +106,10 @@ def unsubscribe_tls(config: Config) -> "ssl.SSLContext | None":
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(u.tls_cert, u.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        what = f"{exc.filename}: {exc.strerror}" if getattr(exc, "filename", None) else exc
-        raise ConfigError([f"[unsubscribe] tls_cert/tls_key: {what}"], config.origin) from None
+    except (OSError, ssl.SSLError) as exc:   # OSError's filename is not set here
+        why = exc.strerror or exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise ConfigError([f"[unsubscribe] tls_cert {u.tls_cert}, tls_key {u.tls_key}: "
+                           f"{why or exc}"], config.origin) from None
     return ctx
 
 
@@ -136,6 +137,8 @@ class Server:
         # reads the config file again for a reload: daemon.py passes the CLI's loader (its
         # flags included); by default the file the config came from
         self.loader = self._load_again
+        # header fields reception copies for egress rules: fixed at start (Reception)
+        self._rule_headers = {r.header for r in config.egress_rule if r.header}
         self.draining = False
 
     async def start(self) -> None:
@@ -324,6 +327,12 @@ class Server:
             except RulesError:
                 pass   # logged; the previous bounce rules stay (as between reloads)
         self.delivery.reconfigure(merged, shaping, egress)
+        for header in sorted({r.header for r in merged.egress_rule if r.header}
+                             - self._rule_headers):
+            restart.append(f"egress_rule header {header}")
+            log.warning("reload: an [[egress_rule]] matches header %s, which reception "
+                        "copies from messages only after a restart: the rule matches no "
+                        "message until then", header)
         if self.dkim is not None and domains is not None:
             self.dkim.domains = domains
             self.dkim.on_error = merged.signing.on_error

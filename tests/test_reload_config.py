@@ -49,6 +49,14 @@ def test_reload_refuses_a_bad_config_and_applies_a_good_one(tmp_path):
                 .connection_limit == 5
             await asyncio.sleep(0.2)                  # the open runs in the writer thread
             assert server.logs.reopened == 1
+            # sources, pools and classes: swapped; an operator's suspension stays
+            server.delivery.egress.sources["default"].suspended_until = 4e9
+            more = _config(tmp_path, f'[egress]\nshaping = ["{shaping}"]\n'
+                                     '[[queue_class]]\nname = "newsletters"\nweight = 3\n')
+            more = dataclasses.replace(more, listener=())
+            assert server.reload(more) == {"applied": True, "problems": [], "restart": []}
+            assert server.delivery.egress.classes["newsletters"].weight == 3
+            assert server.delivery.egress.sources["default"].suspended_until == 4e9
             missing = _config(tmp_path, '[[dkim]]\ndomain = "x.test"\nselector = "s"\n'
                                         f'key_file = "{tmp_path / "nokey.pem"}"\n')
             refused = server.reload(missing)

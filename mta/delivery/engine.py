@@ -73,6 +73,8 @@ class DeliveryEngine:
         self.limits = LimitsSource(self.shaping, clock=clock)
         self.limits.subscribe(self._limits_changed)
         self.paths: dict[tuple[str, str], LimitsPath] = {}   # (source, site) -> its shaping path
+        # (source, site) -> its ready queue's class lanes (weight, throttle), kept to retune
+        self.lane_specs: dict[tuple[str, str], dict[str, tuple[int, Throttle | None]]] = {}
         self.budget = ConnectionBudget(config.egress.max_connections)
         self.sites: dict[str, SiteState] = {}
         assert self.egress.default_pool is not None
@@ -113,7 +115,9 @@ class DeliveryEngine:
         egress rules and classes, all checked by the caller. Live dispatchers take their
         new Limits at once; a source kept by name keeps its operator suspension, and its
         dispatchers bind the new address from their next connection. Queues keep their
-        names; a queue whose pool is gone uses the default pool. Restart-only keys
+        names; a queue whose pool is gone uses the default pool. A queue class's new weight
+        or rate holds at a (source, site) from the next time its lane there is made (lanes
+        live while they hold messages); a changed rate retunes a throttle a lane has at once. Restart-only keys
         (schema `restart=True`) must be unchanged in `config`."""
         for name, src in egress.sources.items():
             old = self.egress.sources.get(name)
@@ -126,6 +130,11 @@ class DeliveryEngine:
         self.config = config
         self.egress = egress
         self.scheduler.select = egress.select
+        now = self.loop.time() if self.loop is not None else 0.0
+        for lanes in self.lane_specs.values():    # a class lane made from now on (lanes come
+            for c in egress.classes.values():     # and go with traffic) takes the new values;
+                old = lanes.get(c.name)           # a throttle keeps its tokens
+                lanes[c.name] = (c.weight, retune(old[1] if old else None, c.max_message_rate, now))
         self.shaping = shaping
         self.limits.set_shaping(shaping)   # -> _limits_changed(None): every dispatcher
 
@@ -153,6 +162,7 @@ class DeliveryEngine:
         for key in idle:
             d = self.dispatchers.pop(key)
             del self.paths[key]
+            self.lane_specs.pop(key, None)
             state = d.site_state
             state.dispatchers.remove(d)
             state.blocked.pop(d, None)
@@ -199,6 +209,7 @@ class DeliveryEngine:
             self._shape_site(state, limits)
         lanes = {c.name: (c.weight, Throttle(c.max_message_rate)
                           if c.max_message_rate else None) for c in self.egress.classes.values()}
+        self.lane_specs[(source.name, site.name)] = lanes
         ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes,
                            clock=self.loop.time)
         d = Dispatcher(ready, source=source, limits=_path_limits(limits), site_state=state,

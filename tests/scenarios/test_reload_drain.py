@@ -323,6 +323,81 @@ def test_sigterm_drains_a_slow_delivery_once(daemon_factory, sink, tmp_path):
     assert d.stop() == 0
 
 
+class Raw:
+    """A raw SMTP client: send bytes, read whole replies, see EOF."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """One whole reply, or b"" on EOF."""
+        while True:
+            end = re.search(rb"(?m)^\d{3} .*\r\n", self.buf)
+            if end:
+                out, self.buf = self.buf[:end.end()], self.buf[end.end():]
+                return out
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                return b""
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_drain_ends_idle_sessions_and_lets_a_message_in_data_finish(daemon_factory, sink, tmp_path):
+    s = sink(delay=3.0)
+    d, _ = _daemon(daemon_factory, s, tmp_path, '["default"]\n')
+    _send(d.port, 1, "held")                  # keeps the drain open for a few seconds
+    _wait_for(lambda: s.in_data == 1, "the sink holding its end-of-data reply")
+    idle, busy = Raw(d.port), Raw(d.port)
+    for c in (idle, busy):
+        assert c.reply().startswith(b"220")
+        c.send(b"EHLO client.test\r\n")
+        assert c.reply().startswith(b"250")
+    busy.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n")
+    assert busy.reply().startswith(b"250") and busy.reply().startswith(b"250")
+    assert busy.reply().startswith(b"354")
+    busy.send(b"From: <a@sender.test>\r\nMessage-ID: <indata1@sender.test>\r\n\r\nfirst half\r\n")
+    d.proc.send_signal(signal.SIGTERM)
+    got = idle.reply()                         # the idle session: 421 at once, then EOF
+    assert got.startswith(b"421 4.3.2 " + HOST.encode()), got
+    assert idle.reply() == b""
+    busy.send(b"second half\r\n.\r\n")      # the session in DATA finishes its message
+    assert busy.reply().startswith(b"250"), "the message in DATA was not taken"
+    assert busy.reply().startswith(b"421 4.3.2")
+    assert busy.reply() == b""
+    idle.close()
+    busy.close()
+    assert d.proc.wait(30) == 0
+    d.proc = None
+    assert s.ids() == ["held1@sender.test"]
+    # the message taken during the drain is queued; it goes out after the restart
+    d.start()
+    s.wait(2)
+    assert sorted(s.ids()) == ["held1@sender.test", "indata1@sender.test"]
+    assert d.stop() == 0
+
+
+def test_admin_reload_action(daemon_factory, sink, tmp_path):
+    from mta.config import load_config
+    from mta.control.client import admin_request
+    s = sink()
+    d, shaping = _daemon(daemon_factory, s, tmp_path, '["default"]\n')
+    cfg = load_config(d.config)
+    shaping.write_text('["default"]\nconnection_limit = "many"\n')
+    status, body = admin_request(cfg, "/control/reload", {})
+    assert status == 200 and body["applied"] is False and "connection_limit" in body["problems"][0]
+    shaping.write_text('["default"]\nconnection_limit = 3\n')
+    status, body = admin_request(cfg, "/control/reload", {})
+    assert status == 200 and body == {"applied": True, "problems": [], "restart": []}
+    assert d.stop() == 0
+
+
 def test_second_sigterm_stops_at_once(daemon_factory, sink, tmp_path):
     s = sink(delay=20.0)
     d, _ = _daemon(daemon_factory, s, tmp_path, '["default"]\n')
