@@ -295,7 +295,9 @@ class Server:
         checks start does; else keep the old one whole. Returns (and logs) what happened:
         {"applied", "problems", "restart": keys whose change waits for a restart}."""
         if self.delivery is None or self.logs is None or self.draining:
-            return {"applied": False, "problems": ["the daemon is not running"], "restart": []}
+            why = "the daemon is stopping" if self.draining else "the daemon is not running"
+            log.warning("reload refused: %s", why)
+            return {"applied": False, "problems": [why], "restart": []}
         if config is None:
             try:
                 config = self.loader()
@@ -344,6 +346,8 @@ class Server:
         self.config = merged
         log.info("reload: applied %s%s", merged.origin,
                  f" (needs a restart: {', '.join(restart)})" if restart else "")
+        self.logs.log(RecordType.RELOAD, origin=merged.origin, applied=True, problems=[],
+                      restart=restart)
         return {"applied": True, "problems": [], "restart": restart}
 
     def _load_again(self) -> Config:
@@ -355,6 +359,9 @@ class Server:
     def _refused(self, problems: list[str]) -> dict[str, object]:
         for p in problems:
             log.error("reload refused, the running config stays: %s", p)
+        if self.logs is not None:
+            self.logs.log(RecordType.RELOAD, origin=self.config.origin, applied=False,
+                          problems=problems, restart=[])
         return {"applied": False, "problems": problems, "restart": []}
 
     def drain(self) -> None:

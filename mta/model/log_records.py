@@ -24,6 +24,7 @@ class RecordType(str, Enum):
     BACKOFF = "Backoff"                    # a throttling reply paused a (source, site)
     CORRUPT = "Corrupt"                    # a spool record failed its checks at start
     LOG_LOSS = "LogLoss"                   # records dropped while the log could not be written
+    RELOAD = "Reload"                      # the config was re-read (SIGHUP): applied or refused
 
 
 # Fields per record type, for documentation and for tests that check records.
@@ -46,6 +47,9 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
     RecordType.LOG_LOSS: ("lost", "time"),
+    # applied: false when refused (problems say why; the running config stays); restart:
+    # changed keys that keep their running value until a restart
+    RecordType.RELOAD: ("origin", "applied", "problems", "restart", "time"),
     # one per recipient; dsn: whether a DSN went to the sender (NOTIFY, null sender)
     RecordType.ADMIN_BOUNCE: ("id", "queue", "recipient", "sender", "tenant", "campaign",
                               "status", "reason", "selector", "dsn", "time"),

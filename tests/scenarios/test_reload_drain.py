@@ -193,6 +193,9 @@ def test_reload_applies_connection_limit_live_and_refuses_a_bad_file(daemon_fact
     time.sleep(1.0)
     assert s.peak == 1, "a refused reload changed the limits"
     assert [r["connection_limit"] for r in _shaping(d)] == [1]   # GET /shaping
+    _wait_for(lambda: d.log_records("Reload"), "a Reload record")
+    rec = d.log_records("Reload")[0]
+    assert rec["applied"] is False and "connection_limit" in rec["problems"][0]
 
     # a good one: the live dispatcher opens more connections for what waits
     shaping.write_text('["default"]\nconnection_limit = 4\n')
@@ -200,6 +203,8 @@ def test_reload_applies_connection_limit_live_and_refuses_a_bad_file(daemon_fact
     _wait_for(lambda: "reload: applied" in _err(d), "the reload")
     _wait_for(lambda: s.peak >= 2, "a second connection after the limit was raised")
     assert [r["connection_limit"] for r in _shaping(d)] == [4]
+    _wait_for(lambda: len(d.log_records("Reload")) == 2, "a second Reload record")
+    assert d.log_records("Reload")[1]["applied"] is True
     s.wait(16)
     assert sorted(s.ids()) == sorted(f"r{i}@sender.test" for i in range(16))
     assert d.stop() == 0
