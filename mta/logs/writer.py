@@ -65,6 +65,16 @@ def _try_open(path: str, mode: int) -> int | OSError:
         return exc
 
 
+def _hand_back(loop: asyncio.AbstractEventLoop, swap, opened: int | OSError) -> None:
+    """From the writer thread: the opened file to the loop, or closed when the loop is
+    gone (the daemon stopped meanwhile)."""
+    try:
+        loop.call_soon_threadsafe(swap, opened)
+    except RuntimeError:
+        if isinstance(opened, int):
+            os.close(opened)
+
+
 def _close_quietly(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -156,7 +166,7 @@ class LogWriter:
         # the one writer thread runs jobs in order: the open comes after the write in flight
         fut = self._thread.submit(_try_open, self.path, self.mode)
         loop = self._loop
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._swap, f.result()))
+        fut.add_done_callback(lambda f: _hand_back(loop, self._swap, f.result()))
 
     def stats(self) -> dict[str, object]:
         """Counters for metrics and health checks."""
