@@ -37,6 +37,7 @@ exit status:
   3    daemon unreachable: the admin API is off, does not answer, or refuses this
        config's token ([admin] token_file: the command talks to the wrong daemon)
   141  the output pipe was closed (e.g. `mta spool ls | head`)
+`mta suppress` works like grep: 0 suppressed / done, 1 not suppressed, 2 any error.
 """
 
 

@@ -7,7 +7,11 @@ verify  reads a message on stdin and prints one verdict line per signature,
         system resolver, or --dns IP:PORT) or from --key-record "v=DKIM1; ...".
 keygen  writes a new private key (mode 0600, refusing to overwrite) and
         prints the DNS TXT record to publish.
-Diagnostics: exit 1 with one line naming the problem; 2 for usage errors.
+--algorithm is spelled as in the config's [[dkim]] algorithm, rsa-sha256 or
+ed25519-sha256, in sign and keygen alike; the key types rsa and ed25519 are
+accepted as the same.
+Diagnostics: exit 1 with one line naming the problem (verify: a signature that
+fails, whatever the reason, is a "fail" line, never a traceback); 2 for usage errors.
 """
 from __future__ import annotations
 
@@ -20,6 +24,17 @@ from mta.dkim.signer import (DkimConfigError, DkimError, SignSpec, Signer, dns_r
                              load_key)
 
 _SIG = re.compile(rb"(?im)^DKIM-Signature[ \t]*:")
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+_ALIASES = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+
+
+def _algorithm(text: str) -> str:
+    """rsa-sha256 | ed25519-sha256, also written rsa | ed25519 (the key type)."""
+    value = _ALIASES.get(text.lower(), text.lower())
+    if value not in ALGORITHMS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(ALGORITHMS)} "
+                                         "(or rsa, ed25519)")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--domain", required=True)
     s.add_argument("--selector", required=True)
     s.add_argument("--key", required=True, help="private key file (PEM)")
-    s.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], help="default: from the key")
+    s.add_argument("--algorithm", type=_algorithm, metavar="{rsa-sha256,ed25519-sha256}",
+                   help="default: from the key")
     s.add_argument("--canon", default="relaxed/relaxed",
                    choices=["relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"])
     s.set_defaults(func=_sign)
@@ -40,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k = dsub.add_parser("keygen", help="write a new key and print its DNS record")
     k.add_argument("--domain", required=True)
     k.add_argument("--selector", required=True)
-    k.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    k.add_argument("--algorithm", type=_algorithm, default="rsa-sha256",
+                   metavar="{rsa-sha256,ed25519-sha256}", help="default: rsa-sha256")
     k.add_argument("--bits", type=int, default=2048)
     k.add_argument("--out", help="key file (default: SELECTOR._domainkey.DOMAIN.pem)")
     k.set_defaults(func=_keygen)
@@ -100,8 +117,8 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             ok = d.verify(idx=i, dnsfunc=dnsfunc)
             why = "" if ok else "signature does not verify"
-        except dkim.DKIMException as exc:
-            ok, why = False, str(exc)
+        except Exception as exc:   # hostile input: a key of another type, a bad tag, ...
+            ok, why = False, " ".join(str(exc).split()) or type(exc).__name__
         tags = d.signature_fields if hasattr(d, "signature_fields") else {}
         dom = tags.get(b"d", b"?").decode(errors="replace")
         sel = tags.get(b"s", b"?").decode(errors="replace")
@@ -114,8 +131,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _keygen(args: argparse.Namespace) -> int:
     out = args.out or f"{args.selector}._domainkey.{args.domain}.pem"
+    key_type = args.algorithm.split("-")[0]          # rsa-sha256 -> rsa
     try:
-        pem, public = keygen(args.algorithm, args.bits)
+        pem, public = keygen(key_type, args.bits)
     except ValueError as exc:
         print(f"mta dkim keygen: {exc}", file=sys.stderr)
         return 1
@@ -127,5 +145,5 @@ def _keygen(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     print(f"; private key written to {out} (mode 0600)", file=sys.stderr)
-    print(dns_record(args.selector, args.domain, args.algorithm, public))
+    print(dns_record(args.selector, args.domain, key_type, public))
     return 0
