@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
@@ -150,7 +149,7 @@ class Controls:
                 duration: float = DEFAULT_DURATION) -> dict:
         if duration <= 0:
             raise ControlError("the duration must be above 0 seconds")
-        until = time.time() + duration
+        until = self.engine.clock() + duration
         if kind == "queue":
             self.engine.scheduler.suspend(self._queue_to_suspend(name), duration)
         elif kind == "site":
@@ -316,7 +315,7 @@ class Controls:
         out = self.engine.outcomes
         removed = self._remove(sel)
         dsns = 0
-        now = time.time()
+        now = self.engine.clock()
         for msg in removed:
             env = self._envelope(msg)
             if env is None:
@@ -415,7 +414,7 @@ class Controls:
 
     def state(self) -> dict:
         """What the state file holds (expired suspensions and overrides left out)."""
-        now = time.time()
+        now = self.engine.clock()
         live = {o["scope"] for o in self.engine.limits.overrides()}
         return {
             "version": _STATE_VERSION,
@@ -472,7 +471,7 @@ class Controls:
             except OSError:
                 pass
             return done
-        now = time.time()
+        now = self.engine.clock()
         sched = self.engine.scheduler
         for item in _list(state.get("holds")):
             try:
@@ -551,7 +550,7 @@ class Controls:
         """Scheduler.outlet_for while restored site/pair suspensions wait for their site."""
         assert self._outlet_for is not None
         d = self._outlet_for(queue, site)
-        now = time.time()
+        now = self.engine.clock()
         for key in [k for k in self._pending
                     if (k[0] == "site" and k[1] == site.name)
                     or (k[0] == "pair" and k[2] == site.name and k[1] == d.source.name)]:
