@@ -307,7 +307,14 @@ class Controls:
                          reason=reason, selector=sel.to_json())
             self._entry_done(msg)
         return {"deleted": len(removed), "messages": len({m.id for m in removed}),
-                "selector": sel.to_json()}
+                **self._in_flight(sel, removed), "selector": sel.to_json()}
+
+    def _in_flight(self, sel: Selector, removed: list) -> dict:
+        """One message asked for by id, not found waiting but still queued: an attempt
+        at it is running (it settles itself; ask again if it is deferred)."""
+        if sel.id and not removed and sel.id in self.engine.spool:
+            return {"in_flight": 1}
+        return {}
 
     def bounce(self, sel: Selector, reason: str = "") -> dict:
         """As delete, with a DSN (failed, 5.0.0) to each message's sender."""
@@ -348,7 +355,7 @@ class Controls:
                                  reason=reason, selector=sel.to_json(), dsn=sent)
             self._entry_done(msg)
         return {"bounced": len(removed), "messages": len({m.id for m in removed}),
-                "dsns": dsns, "selector": sel.to_json()}
+                "dsns": dsns, **self._in_flight(sel, removed), "selector": sel.to_json()}
 
     def _envelope(self, msg: QueuedMessage):
         try:

@@ -195,7 +195,8 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         summary = QueueSummary.from_json(data)
         print(f"{'scheduled queue':<50} {'count':>8}  site")
         for name, q in sorted(summary.scheduled.items()):
-            print(f"{name:<50} {q.count:>8}  {q.site or '-'}{'  (suspended)' if q.suspended else ''}")
+            note = ("  (suspended)" if q.suspended else "") + (f"  (held {q.held})" if q.held else "")
+            print(f"{name:<50} {q.count:>8}  {q.site or '-'}{note}")
         print(f"\n{'ready queue (source->site)':<50} {'count':>8}  connections  sent")
         for name, r in sorted(summary.ready.items()):
             print(f"{name:<50} {r.count:>8}  {r.connections:>11}  {r.sent}")

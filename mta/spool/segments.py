@@ -661,6 +661,7 @@ class Spool:
         return {"messages": len(self._index), "segments": len(self._live),
                 "waiting": len(self._waiting), "write_error": self.write_error,
                 "owed_tombstones": len(self._owed.ids), "owed_recipients": len(self._owed.pairs),
+                "scheduled_states": len(self._sched), "owed_schedules": len(self._owed.scheds),
                 **stats}
 
 
