@@ -93,7 +93,8 @@ def build_delivery(config: Config, spool: Spool, logs: LogWriter | None,
     Construction reads the spool object only once started, so an unopened Spool will do."""
     try:
         return DeliveryEngine(config, spool, logs, inject, dkim, feedback)
-    except (EgressError, ShapingError) as exc:   # a pool hook or shaping file
+    except (EgressError, ShapingError, ValueError) as exc:
+        # a pool hook or shaping file; the resolver's (no nameserver in resolv.conf)
         raise ConfigError([str(exc)], config.origin) from None
 
 
@@ -323,11 +324,11 @@ class Server:
                 problems.append(str(exc))
         if problems:
             return self._refused(problems)
-        if self.feedback is not None:
+        if self.feedback is not None:   # the rule files, now rather than at the next look
             try:
                 self.feedback.classifier.reload_if_changed()
-            except RulesError:
-                pass   # logged; the previous bounce rules stay (as between reloads)
+            except RulesError as exc:   # nothing was applied yet: refuse the whole reload
+                return self._refused([f"[bounces] rules: {exc}"])
         self.delivery.reconfigure(merged, shaping, egress)
         for header in sorted({r.header for r in merged.egress_rule if r.header}
                              - self._rule_headers):
@@ -360,6 +361,7 @@ class Server:
         for p in problems:
             log.error("reload refused, the running config stays: %s", p)
         if self.logs is not None:
+            self.logs.reopen()   # a SIGHUP after logrotate still moves to the new file
             self.logs.log(RecordType.RELOAD, origin=self.config.origin, applied=False,
                           problems=problems, restart=[])
         return {"applied": False, "problems": problems, "restart": []}

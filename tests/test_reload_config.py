@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import time
 
 from mta.config import parse_config
 from mta.server import Server, keep_restart_keys
@@ -14,7 +16,8 @@ def _config(tmp_path, extra: str = "", segment: str = "64MiB"):
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\nsegment_size = "{segment}"\n'
         f'[log]\ndirectory = "{tmp_path / "log"}"\n[admin]\nlisten = ""\n'
         f'[dns]\nnameservers = ["127.0.0.1:9"]\n'
-        f'[[listener]]\naddress = "127.0.0.1"\nport = 1\n{extra}\n', str(tmp_path / "mta.toml"))
+        f'[[listener]]\naddress = "127.0.0.1"\nport = 1\n{extra}\n', str(tmp_path / "mta.toml"),
+        base_dir=tmp_path)
 
 
 def test_keep_restart_keys(tmp_path):
@@ -61,6 +64,26 @@ def test_reload_refuses_a_bad_config_and_applies_a_good_one(tmp_path):
                                         f'key_file = "{tmp_path / "nokey.pem"}"\n')
             refused = server.reload(missing)
             assert refused["applied"] is False and "dkim[0]" in refused["problems"][0]
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_reload_refused_while_a_bounce_rules_file_is_bad(tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "mine"\ncode = 550\ncategory = "invalid_recipient"\nhard = true\n')
+
+    async def main() -> None:
+        cfg = dataclasses.replace(_config(tmp_path, f'[bounces]\nrules = ["{rules}"]\n'),
+                                  listener=())
+        server = Server(cfg)
+        await server.start()
+        try:
+            rules.write_text('[[rule]]\nname = "mine"\ncode = "sometimes"\n')
+            os.utime(rules, (time.time() + 5, time.time() + 5))   # a new mtime, surely
+            out = server.reload(cfg)
+            assert out["applied"] is False and "[bounces] rules" in out["problems"][0]
         finally:
             await server.stop()
 
