@@ -160,3 +160,10 @@ def test_reclamation_at_open_rewrites_forward(tmp_path):
     assert [s.attempts for s in run(third())] == [3]
     s, _ = scan(str(tmp_path)).schedules[keep]["d.test"]
     assert s.attempts == 3
+
+
+@pytest.mark.parametrize("due", [float("nan"), float("inf")])
+def test_a_time_that_is_not_finite_is_refused(due):
+    s = rec.Schedule(new_id(), "d.test", 1, due, 0, 1.0, (0,), {}, "")
+    with pytest.raises(rec.RecordError):
+        rec.parse_schedule_payload(rec.schedule_payload(s))

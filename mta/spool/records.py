@@ -53,6 +53,7 @@ other than the segment's, and CRC mismatches.
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -276,8 +277,8 @@ def parse_schedule_payload(p: bytes) -> Schedule:
     at = SCHEDULE_FIXED.size
     if at + npend * COUNT.size + nfin * RCPT_STATE.size + dlen + rlen != len(p):
         raise RecordError("schedule record lengths do not match its size")
-    if not (due == due and written == written):   # NaN: never a time
-        raise RecordError("schedule record with a time that is not a number")
+    if not (math.isfinite(due) and math.isfinite(written)):
+        raise RecordError("schedule record with a time that is not a finite number")
     pending = tuple(COUNT.unpack_from(p, at + 4 * k)[0] for k in range(npend))
     at += npend * COUNT.size
     finished = {}
