@@ -68,6 +68,7 @@ class Net:
     send_time: float = 1.0                      # virtual seconds per transaction
     replies: dict[str, RemoteReply] = field(default_factory=dict)   # recipient -> reply
     refuse: bool = False                        # connect fails (no MX reachable)
+    drop_at: str | None = None                  # the session dies in a transaction to this rcpt
     connects: list[float] = field(default_factory=list)
     sends: list[tuple[int, str, float]] = field(default_factory=list)  # (conn, rcpt, time)
     open: int = 0
@@ -100,6 +101,10 @@ class Net:
             async def send(self, sender, rcpts, content, **kw):
                 await asyncio.sleep(net.send_time)
                 got = [net.replies.get(r[0], OK) for r in rcpts]
+                if net.drop_at in [r[0] for r in rcpts]:
+                    self.abort()
+                    raise SessionError("connection reset by peer", phase="sending message data",
+                                       recipients=got)
                 for r in rcpts:
                     net.sends.append((self.n, r[0], net.loop.time()))
                 data = OK if any(g.code < 300 for g in got) else None

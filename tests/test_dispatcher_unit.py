@@ -132,6 +132,31 @@ def test_site_failure_defers_everything_waiting(rig):
     assert len(r.spool.finished) == 4, "the deferred messages were not retried"
 
 
+def test_a_session_dying_mid_message_settles_every_recipient_once(rig):
+    """One recipient per transaction: the first is delivered, the second refused
+    (5xx), then the session dies in the third; one result for the whole entry: the
+    delivered and bounced recipients are done on disk, the other two retried, one DSN."""
+    r = rig(shaping='["default"]\nmax_recipients_per_transaction = 1\n',
+            delivery='retry_initial = "1m"\nretry_max = "1m"')
+    r.net.replies["gone@example.test"] = RemoteReply(550, "5.1.1", "no such user")
+    r.net.drop_at = "c@example.test"
+    msg_id = make_id(r.loop.clock())
+    env = r.spool.add(msg_id, "a@x.test", ["ok@example.test", "gone@example.test",
+                                           "c@example.test", "d@example.test"])
+    r.engine.submit(msg_id, env)
+    r.loop.settle(5)
+    assert [rcpt for _, rcpt, _ in r.net.sends] == ["ok@example.test", "gone@example.test"]
+    assert r.spool.rcpts_done == [(msg_id, [0, 1])]
+    assert msg_id not in r.spool.finished
+    assert [d[1] for d in r.dsns] == [["a@x.test"]], "one DSN for the bounce"
+    assert r.engine.outcomes.counters == {"delivered": 1, "bounced": 1, "deferred": 2,
+                                          "expired": 0}
+    r.net.drop_at = None
+    r.loop.settle(80)                     # the retry: only the two left are sent
+    assert [rcpt for _, rcpt, _ in r.net.sends[2:]] == ["c@example.test", "d@example.test"]
+    assert msg_id in r.spool.finished
+
+
 def test_per_recipient_results_tombstone_and_bounce(rig):
     r = rig()
     r.net.replies["gone@example.test"] = RemoteReply(550, "5.1.1", "no such user")

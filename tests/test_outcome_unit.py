@@ -11,7 +11,7 @@ from delivery_fakes import FakeSpool, make_id
 from virtual_time import VirtualClock
 
 from mta.delivery.outcome import Outcomes
-from mta.model.attempt import Attempt, RemoteReply
+from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import id_text
 from mta.model.log_records import RecordType
@@ -64,11 +64,9 @@ class Rig:
 
     def attempt(self, msg, env, replies) -> None:
         """One transaction for all of the entry's recipients, then settle."""
-        idxs = list(msg.rcpts)
-        retry = self.outcomes.transaction(msg, env, idxs, replies,
-                                          OK if any(r.code < 300 for r in replies) else None,
-                                          Attempt("s1", "mx.example", "mx.example", "127.0.0.1"))
-        self.outcomes.settle(msg, env, retry)
+        self.outcomes.apply(AttemptResult(msg, env, Attempt("s1", "mx.example", "mx.example",
+                                                            "127.0.0.1"),
+                                          list(zip(msg.rcpts, replies))))
 
 
 @pytest.fixture
@@ -133,8 +131,8 @@ def test_deferral_schedules_the_retry_with_backoff_on_the_clock(rig):
 
 def test_the_destinations_shaped_retry_policy_wins(rig):
     msg, env = rig.message("later@example.test")
-    retry = rig.outcomes.transaction(msg, env, [0], [LATER], None, Attempt("s1", "mx"))
-    rig.outcomes.settle(msg, env, retry, RetryPolicy(initial=60, maximum=60, max_age=HOUR))
+    rig.outcomes.apply(AttemptResult(msg, env, Attempt("s1", "mx"), [(0, LATER)]),
+                       RetryPolicy(initial=60, maximum=60, max_age=HOUR))
     due = rig.scheduled[0][1] - rig.clock()
     assert 48 <= due <= 72, f"got {due:.0f}s, want the shaped 60 s +- 20 %"
 
@@ -167,9 +165,10 @@ def test_one_delay_dsn_once_the_message_waited_long_enough():
     assert b"delayed" in rig.dsns[0][2]
 
 
-def test_route_failure_bounce_all_finishes_the_entry(rig):
+def test_route_failure_bouncing_every_recipient_finishes_the_entry(rig):
     msg, env = rig.message("a@nowhere.test", "b@nowhere.test")
-    rig.outcomes.bounce_all(msg, env, 550, "5.1.2", "domain does not exist", Attempt("", ""))
+    rig.outcomes.apply(AttemptResult.all(msg, env, Attempt("", ""),
+                                         RemoteReply(550, "5.1.2", "domain does not exist")))
     assert rig.logs.types() == ["Bounce", "Bounce"] and rig.spool.finished == [msg.id]
     assert len(rig.dsns) == 1 and rig.outcomes.counters["bounced"] == 2
     assert id_text(msg.id) in rig.dsns[0][2].decode("ascii", "replace")

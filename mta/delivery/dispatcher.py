@@ -28,8 +28,7 @@ from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.dkim.signer import DkimError
 from mta.egress.limits import retune
 from mta.egress.throttle import Throttle
-from mta.model.attempt import Attempt
-from mta.model.log_records import RecordType
+from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.queues.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -343,10 +342,7 @@ class Dispatcher:
                 self.backoffs += 1
                 log.warning("%s: backing off for %.0fs after %d %s %s", self.ready.name,
                             self.limits.backoff_for, r.code, r.status or "", r.text[:200])
-                if self.outcomes.logs is not None:
-                    self.outcomes.logs.log(RecordType.BACKOFF, source=self.source.name,
-                                           site=self.site.name, code=r.code, status=r.status,
-                                           text=r.text[:500], until=until)
+                self.outcomes.paused(self.source.name, self.site.name, r, until)
                 self.release_idle()          # idle connections close; busy ones after
                 self.wake_at(self.limits.backoff_for)   # the message in hand
                 return
@@ -355,11 +351,10 @@ class Dispatcher:
         """No MX host took a connection: defer everything waiting for this site."""
         if self.backoff is not None:
             self._check_backoff([exc.reply])   # e.g. a 421 greeting: "too many connections"
-        code, status, text = _error_reply(exc)
+        reply = _error_reply(exc)
         for msg in [first, *self.ready.drain()]:
-            at = self._attempt(None)
-            self.outcomes.defer(msg, None, list(msg.rcpts), code, status, text, at)
-            self.outcomes.settle(msg, None, list(msg.rcpts), self.retry)
+            self.outcomes.apply(AttemptResult.all(msg, None, self._attempt(None), reply),
+                                self.retry)
 
     async def _deliver(self, client: SmtpClient, msg: QueuedMessage) -> bool:
         """One message over an open session; False when the session died."""
@@ -382,8 +377,8 @@ class Dispatcher:
                     content = await self.dkim.batcher.sign(bytes(content), specs)
                 except DkimError as exc:
                     if self.dkim.on_error == "defer":
-                        self.outcomes.defer(msg, env, idxs, 451, "4.7.0", str(exc), at)
-                        self.outcomes.settle(msg, env, idxs, self.retry)
+                        self.outcomes.apply(AttemptResult.all(
+                            msg, env, at, RemoteReply(451, "4.7.0", str(exc))), self.retry)
                         return True
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
         body_8bit = env.body == "8BITMIME"   # the client core also scans the bytes
@@ -395,7 +390,7 @@ class Dispatcher:
             await self._pace(self.msg_throttle)
         if self.site_state.throttle is not None:
             await self._pace(self.site_state.throttle)
-        retry: list[int] = []
+        replies: list[tuple[int, RemoteReply]] = []
         for start in range(0, len(idxs), step):
             chunk = idxs[start:start + step]
             # the native client core takes (address, NOTIFY, ORCPT) as the SMTP core gave them
@@ -411,22 +406,19 @@ class Dispatcher:
                 # else of the message is retried, delivered or not (at-least-once).
                 refused = [(i, r) for i, r in zip(chunk, exc.recipients)
                            if r is not None and r.code >= 500]
-                if refused:
-                    self.outcomes.transaction(msg, env, [i for i, _ in refused],
-                                              [r for _, r in refused], None, at)
                 gone = {i for i, _ in refused}
-                rest = [i for i in idxs[start:] if i not in gone]
-                code, status, text = _error_reply(exc)
-                self.outcomes.defer(msg, env, rest, code, status, text, at)
-                self.outcomes.settle(msg, env, retry + rest, self.retry)
+                error = _error_reply(exc)
+                replies += refused
+                replies += [(i, error) for i in idxs[start:] if i not in gone]
+                self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
                 if self.backoff is not None:
                     self._check_backoff([exc.reply, *exc.recipients])
                 return False
-            retry += self.outcomes.transaction(msg, env, chunk, result.recipients, result.data, at)
+            replies += zip(chunk, result.finals())
             if self.backoff is not None:
                 self._check_backoff([*result.recipients, result.data])
         self.sent += 1
-        self.outcomes.settle(msg, env, retry, self.retry)
+        self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
         return True
 
 
@@ -449,8 +441,9 @@ def _release(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-def _error_reply(exc: SessionError) -> tuple[int, str, str]:
+def _error_reply(exc: SessionError) -> RemoteReply:
+    """What a session error means for the recipients it left undecided: a retry."""
     if exc.reply is not None:
         code = exc.reply.code if exc.reply.code < 500 else 451  # session trouble is retried
-        return code, exc.reply.status or "4.4.2", f"{exc.phase}: {exc.reply.text}"
-    return 451, "4.4.1", f"{exc.phase}: {exc}"
+        return RemoteReply(code, exc.reply.status or "4.4.2", f"{exc.phase}: {exc.reply.text}")
+    return RemoteReply(451, "4.4.1", f"{exc.phase}: {exc}")

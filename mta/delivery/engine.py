@@ -32,7 +32,7 @@ from mta.egress.pools import Egress
 from mta.egress.shaping import Limits, Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
-from mta.model.attempt import Attempt
+from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.envelope import Envelope
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
@@ -261,18 +261,15 @@ class DeliveryEngine:
             env, _ = self.spool.read(msg.id)
         except KeyError:
             return
-        if not self.spool.writable:   # a bounce now could not be tombstoned: decide later
-            self.outcomes.settle(msg, env, list(msg.rcpts))
-            return
         if isinstance(exc, ResolveError):
             status, text, permanent = exc.status, exc.reason, exc.permanent
         else:
             status, text, permanent = "4.3.0", "internal routing error", False
-        if permanent:
-            self.outcomes.bounce_all(msg, env, 550, status, text, at)
-        else:
-            self.outcomes.defer(msg, env, list(msg.rcpts), 451, status, text, at)
-            self.outcomes.settle(msg, env, list(msg.rcpts))
+        if permanent and not self.spool.writable:
+            # a bounce now could not be tombstoned: decide when the spool takes writes again
+            status, text, permanent = "4.3.0", f"{text} (bounce postponed: spool not writable)", False
+        reply = RemoteReply(550 if permanent else 451, status, text)
+        self.outcomes.apply(AttemptResult.all(msg, env, at, reply))
 
 
 def _path_limits(limits: Limits) -> Limits:

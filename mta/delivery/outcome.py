@@ -1,5 +1,7 @@
 """What a delivery attempt means for each recipient, and what follows from it.
 
+Dispatchers and the router hand over one AttemptResult per attempt at a queue
+entry (mta/model/attempt.py); Outcomes.apply is the one place that acts on it:
 (reply or error) -> per recipient: delivered (2xx), bounced (5xx), or deferred
 (4xx, connection and protocol trouble, temporary DNS failure). Then: the log
 record (Delivery, Bounce, TransientFailure, Expiration), the spool update
@@ -21,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from mta.feedback.dsn_builder import RecipientStatus, build_dsn, should_notify
-from mta.model.attempt import Attempt, RemoteReply
+from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.envelope import Envelope
 from mta.model.ids import id_text
 from mta.model.log_records import RecordType
@@ -80,52 +82,39 @@ class Outcomes:
 
     # -- results ---------------------------------------------------------------------------
 
-    def transaction(self, msg: QueuedMessage, env: Envelope, idxs: list[int], replies: list,
-                    data_reply: Any, at: Attempt) -> list[int]:
-        """Apply one transaction's replies; returns the indexes that must be retried."""
+    def apply(self, result: AttemptResult, retry: RetryPolicy | None = None) -> None:
+        """What one attempt means: a record per recipient, DSNs for bounces, then the
+        entry is finished or scheduled again (with `retry`, the destination's shaped
+        policy, else the [delivery] one)."""
+        msg, env, at = result.msg, result.env, result.at
         retry_idx, bounced = [], []
-        for idx, rcpt_reply in zip(idxs, replies):
-            if rcpt_reply.code >= 300:
-                final = rcpt_reply
-            else:  # accepted at RCPT: the data reply decides (none: never sent, retry)
-                final = data_reply or RemoteReply(451, "4.3.0", "no reply to the message data")
-            if 200 <= final.code < 300:
-                self._log(RecordType.DELIVERY, msg, env, idx, final, at)
-                self.counters["delivered"] += 1
-            elif final.code >= 500:
-                self._log(RecordType.BOUNCE, msg, env, idx, final, at)
-                self.counters["bounced"] += 1
-                bounced.append((idx, final))
+        counters = self.counters
+        for idx, reply in result.replies:
+            if 200 <= reply.code < 300:
+                self._log(RecordType.DELIVERY, msg, env, idx, reply, at)
+                counters["delivered"] += 1
+            elif reply.code >= 500:
+                self._log(RecordType.BOUNCE, msg, env, idx, reply, at)
+                counters["bounced"] += 1
+                bounced.append((idx, reply))
             else:
-                self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, final, at)
-                self.counters["deferred"] += 1
+                self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, reply, at)
+                counters["deferred"] += 1
                 retry_idx.append(idx)
-        if bounced:
-            self._dsn(env, msg, "failed", [(i, r.status or _default_status(r.code), _diag(r), at.mx)
-                                           for i, r in bounced])
-        return retry_idx
+        if bounced and env is not None:
+            self._dsn(env, msg, "failed", [(i, r.status or _default_status(r.code), _diag(r),
+                                            at.mx or None) for i, r in bounced])
+        self._settle(msg, env, retry_idx, retry)
 
-    def defer(self, msg: QueuedMessage, env: Envelope | None, idxs: list[int], code: int,
-              status: str, text: str, at: Attempt) -> None:
-        """A session/site/DNS trouble: every recipient in `idxs` is retried later."""
-        reply = RemoteReply(code, status, text)
-        for idx in idxs:
-            self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, reply, at)
-        self.counters["deferred"] += len(idxs)
+    def paused(self, source: str, site: str, reply: RemoteReply, until: float) -> None:
+        """A (source, site) pauses after a "slow down" reply (shaping's backoff_on)."""
+        if self.logs is not None:
+            self.logs.log(RecordType.BACKOFF, source=source, site=site, code=reply.code,
+                          status=reply.status, text=reply.text[:500], until=until)
 
-    def bounce_all(self, msg: QueuedMessage, env: Envelope, code: int, status: str, text: str,
-                   at: Attempt) -> None:
-        reply = RemoteReply(code, status, text)
-        for idx in msg.rcpts:
-            self._log(RecordType.BOUNCE, msg, env, idx, reply, at)
-        self.counters["bounced"] += len(msg.rcpts)
-        self._dsn(env, msg, "failed", [(i, status, f"{code} {status} {text}", None) for i in msg.rcpts])
-        self._entry_done(msg, list(msg.rcpts))
-
-    def settle(self, msg: QueuedMessage, env: Envelope | None, retry_idx: list[int],
-               retry: RetryPolicy | None = None) -> None:
-        """After all transactions of an attempt: finish the entry or schedule its retry
-        (with `retry`, the destination's shaped policy, else the [delivery] one)."""
+    def _settle(self, msg: QueuedMessage, env: Envelope | None, retry_idx: list[int],
+                retry: RetryPolicy | None) -> None:
+        """Finish the entry or schedule its retry."""
         done = [i for i in msg.rcpts if i not in retry_idx]
         if not retry_idx:
             self._entry_done(msg, done)
