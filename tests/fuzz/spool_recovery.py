@@ -11,7 +11,9 @@ Invariants:
   - scan never raises on damaged data;
   - every message it returns was written as a real record (never a crafted one),
     and its Location points at a record that checks out again;
-  - envelopes and done_rcpts name only returned messages;
+  - envelopes, done_rcpts and schedules (SCHEDULE records) name only returned
+    messages, and every schedule's Location points at a SCHEDULE record that
+    checks out again and holds that state;
   - undamaged segments give back exactly the live (not tombstoned) messages.
 """
 from __future__ import annotations
@@ -77,6 +79,7 @@ async def _write(directory: str, contents: list[bytes], finished: int, rcpt_done
                            for i, c in zip(ids, contents)))
     if rcpt_done:
         spool.finish_recipients(ids[-1], [1])
+        spool.note_schedule(ids[-1], "d.example", 2, 1.7e9, pending=(0,), reply="451 fuzz")
     if finished:
         await spool.remove(ids[:finished])   # written with the recipient above, durable when it resolves
     await spool.close()
@@ -167,6 +170,14 @@ def test_one_input(data: bytes) -> None:
     assert got <= REAL, "recovery returned an id that was never written"
     assert set(found.envelopes) == set(found.messages), "envelopes do not match the recovered messages"
     assert set(found.done_rcpts) <= set(found.messages), "finished recipients of a message that is not live"
+    assert set(found.schedules) <= set(found.messages), "a schedule of a message that is not live"
+    for msg_id, states in found.schedules.items():
+        for domain, (state, loc) in states.items():
+            buf = bytes(segs[loc.segment - 1])
+            rec.parse_header(buf, loc.offset, len(buf) - loc.offset)
+            rec.check_crc(buf, loc.offset, loc.length)
+            assert rec.parse_schedule(buf, loc.offset, loc.length) == state, "Location names another record"
+            assert (state.msg_id, state.domain) == (msg_id, domain)
     for msg_id, loc in found.messages.items():
         buf = bytes(segs[loc.segment - 1])
         rec.parse_header(buf, loc.offset, len(buf) - loc.offset)
