@@ -109,3 +109,13 @@ def test_bounce_sends_one_dsn_and_tombstones(rigs, tmp_path):
     (sender, rcpts, dsn), = r.dsns
     assert (sender, rcpts) == ("", ["alice@x.test"])
     assert b"cancelled" in dsn and b"Status: 5.0.0" in dsn
+
+
+def test_a_deferral_notes_its_schedule_in_the_spool(rigs):
+    r, msg_id = _deferred_rig(rigs)
+    (noted_id, domain, attempts, due, state), = r.spool.noted
+    assert (noted_id, domain, attempts) == (msg_id, "example.test", 1)
+    (msg, _), = [(m, w) for m, w in r.engine.scheduler.waiting() if m.id == msg_id]
+    assert due == msg.due > r.loop.clock(), "the record holds the due time the wheel has"
+    assert state["pending"] == (0,) and state["reply"] == "451 4.2.0 try later", state
+    assert state["finished"] == {}

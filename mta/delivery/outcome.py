@@ -28,6 +28,7 @@ from mta.model.envelope import Envelope
 from mta.model.ids import id_text
 from mta.model.log_records import RecordType
 from mta.model.queued import DELAY_DSN_SENT, InsertReason, QueuedMessage
+from mta.spool.records import BOUNCED, DELIVERED
 
 if TYPE_CHECKING:
     from mta.feedback.state import Feedback
@@ -104,7 +105,7 @@ class Outcomes:
         if bounced and env is not None:
             self._dsn(env, msg, "failed", [(i, r.status or _default_status(r.code), _diag(r),
                                             at.mx or None) for i, r in bounced])
-        self._settle(msg, env, retry_idx, retry)
+        self._settle(msg, env, retry_idx, retry, result)
 
     def paused(self, source: str, site: str, reply: RemoteReply, until: float) -> None:
         """A (source, site) pauses after a "slow down" reply (shaping's backoff_on)."""
@@ -113,7 +114,7 @@ class Outcomes:
                           status=reply.status, text=reply.text[:500], until=until)
 
     def _settle(self, msg: QueuedMessage, env: Envelope | None, retry_idx: list[int],
-                retry: RetryPolicy | None) -> None:
+                retry: RetryPolicy | None, result: AttemptResult) -> None:
         """Finish the entry or schedule its retry."""
         done = [i for i in msg.rcpts if i not in retry_idx]
         if not retry_idx:
@@ -134,6 +135,12 @@ class Outcomes:
             msg.flags |= DELAY_DSN_SENT
             self._dsn(env, msg, "delayed", [(i, "4.4.7", None, None) for i in retry_idx], until=
                       msg.received + self.retry.max_age)
+        # its attempts, due time and last reply survive a restart (a SCHEDULE record)
+        self.spool.note_schedule(
+            msg.id, msg.queue.domain, msg.attempts, due, flags=msg.flags, pending=msg.rcpts,
+            reply=next((_diag(r) for i, r in reversed(result.replies) if i in retry_idx), ""),
+            finished={i: DELIVERED if r.code < 300 else BOUNCED
+                      for i, r in result.replies if i in done})
         self.schedule(msg, due, InsertReason.TRANSIENT_FAILURE)
 
     def _expire(self, msg: QueuedMessage, env: Envelope | None) -> None:

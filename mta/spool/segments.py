@@ -107,6 +107,9 @@ class Spool:
         self._sched: dict[bytes, tuple] = {}
         self._sched_segs: dict[int, int] = {}         # segment -> newest SCHEDULE records in it
         self._rewriting: set[int] = set()             # segments whose schedules go forward now
+        # live id -> {recipient index -> DELIVERED/BOUNCED} for messages finished in part and
+        # deferred: carried into every later SCHEDULE record (only such messages cost RAM)
+        self._finished: dict[bytes, dict[int, int]] = {}
         self._fds: dict[int, int] = {}                # read fds of segments
         self.recovered: Recovered | None = None
         # Records owed to the disk: written with the next batch, and kept (never
@@ -146,8 +149,10 @@ class Spool:
             self._live.setdefault(seg, 0)
         self._refs = {s: set(r) for s, r in found.tombstone_refs.items()}
         for msg_id, entries in found.schedules.items():
-            for domain, (_, loc) in entries.items():
+            for domain, (state, loc) in entries.items():
                 self._set_sched(msg_id, domain, _pack(loc.segment, loc.offset, loc.length))
+                if state.finished:
+                    self._finished.setdefault(msg_id, {}).update(state.finished)
         first = (found.segments[-1] + 1) if found.segments else 1
         self._nonce = os.urandom(rec.NONCE_SIZE)
         self._writer = SegmentWriter(self.directory, first, self.segment_size, self.max_batch,
@@ -246,13 +251,19 @@ class Spool:
                       reply: str = "", finished: dict[int, int] | None = None) -> None:
         """A deferred entry (`msg_id`'s recipients at `domain`): its attempt count, next
         due time (Unix seconds), flags, the recipients still pending, those finished in
-        this attempt (index -> records.DELIVERED or BOUNCED) and the last reply, as a
+        this attempt (index -> records.DELIVERED or BOUNCED; merged with those noted before
+        for the message, so each record holds them all) and the last reply, as a
         SCHEDULE record in the next batch. No fsync of its own: a crash before that
         batch costs an early retry. Ignored for a message that is not live."""
         if msg_id not in self._index:
             return
+        known = self._finished.get(msg_id)
+        if finished:
+            if known is None:
+                known = self._finished[msg_id] = {}
+            known.update(finished)
         state = rec.Schedule(msg_id, domain, attempts, due, flags, time.time(), tuple(pending),
-                             dict(finished or {}), reply)
+                             dict(known) if known else {}, reply)
         self._owed.scheds.append((msg_id, domain, rec.schedule_payload(state), None, -1))
         self._schedule_flush()
 
@@ -314,6 +325,7 @@ class Spool:
     def _unindex(self, msg_id: bytes) -> None:
         """`msg_id` is finished: no longer live; its tombstone will name its segment."""
         self._forget_hot(msg_id)
+        self._finished.pop(msg_id, None)
         found = self._sched.pop(msg_id, ())
         for k in range(1, len(found), 2):
             self._sched_dec(found[k] >> 64)
