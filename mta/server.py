@@ -405,6 +405,21 @@ class Server:
         return await self.local.submit(sender, recipients, content, client=client)
 
 
+# What reload() applies to the running daemon, by "section.key" ("section.*": every key of
+# it): [delivery] keys that are shaping keys (mta/egress/shaping.KEYS) go through the new
+# Shaping; the rest as reload() says. Every other key must be restart=True in the schema
+# (tests/test_reload_config.py checks that each key is one or the other).
+RELOADED = frozenset({
+    "log.max_buffer", "log.mode",
+    "delivery.ehlo_name", "delivery.shutdown_grace", "delivery.connection_limit",
+    "delivery.max_deliveries_per_connection", "delivery.max_recipients_per_transaction",
+    "delivery.tls", "delivery.idle_timeout", "delivery.retry_initial", "delivery.retry_max",
+    "egress.default_pool", "egress.default_class", "egress.shaping", "egress.pool_hook",
+    "source.*", "pool.*", "egress_rule.*", "queue_class.*",
+    "signing.on_error", "signing.policy", "dkim.*",
+})
+
+
 def keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with the running value of every restart-only key that differs, and the
     names of those keys ("spool.directory", "listener[0].port", "listener": a table

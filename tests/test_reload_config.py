@@ -8,7 +8,9 @@ import os
 import time
 
 from mta.config import parse_config
-from mta.server import Server, keep_restart_keys
+from mta.config.schema import SECTIONS, keys_of
+from mta.egress.shaping import KEYS as SHAPING_KEYS
+from mta.server import RELOADED, Server, keep_restart_keys
 
 
 def _config(tmp_path, extra: str = "", segment: str = "64MiB"):
@@ -18,6 +20,20 @@ def _config(tmp_path, extra: str = "", segment: str = "64MiB"):
         f'[dns]\nnameservers = ["127.0.0.1:9"]\n'
         f'[[listener]]\naddress = "127.0.0.1"\nport = 1\n{extra}\n', str(tmp_path / "mta.toml"),
         base_dir=tmp_path)
+
+
+def test_every_key_is_reloaded_or_needs_a_restart():
+    """A new key must say which: restart=True in the schema, or applied by Server.reload
+    (listed in mta.server.RELOADED); else a reload would claim to apply it and not."""
+    wrong = []
+    for sec in SECTIONS:
+        for name, k in keys_of(sec.cls).items():
+            reloaded = f"{sec.name}.{name}" in RELOADED or f"{sec.name}.*" in RELOADED
+            if reloaded == k.restart:
+                wrong.append(f"{sec.name}.{name}")
+    assert not wrong, f"keys neither reloaded nor restart=True (or both): {wrong}"
+    shaped = {k[len("delivery."):] for k in RELOADED if k.startswith("delivery.")}
+    assert shaped - {"ehlo_name", "shutdown_grace"} <= set(SHAPING_KEYS)
 
 
 def test_keep_restart_keys(tmp_path):
