@@ -469,3 +469,31 @@ def test_scan_after_damage_is_linear_in_crafted_magics(tmp_path, version):
     took = time.monotonic() - t0
     assert took < 5.0, f"got {took:.1f}s for a 1 MiB segment, want linear time"
     assert len(found.messages) == (2 if version == 2 else 1)
+
+
+def test_envelope_reads_only_the_record_head(tmp_path):
+    """Spool.envelope: the stored envelope of a live message, from the hot cache or from
+    the record's head (a large envelope takes a second read), KeyError once finished."""
+    import asyncio
+
+    from mta.model.envelope import Envelope, Recipient
+    from mta.spool import Spool
+
+    async def main():
+        spool = Spool(str(tmp_path), hot_cache=0)
+        spool.open(asyncio.get_running_loop())
+        small = Envelope("a", "s@x.test", [Recipient("r@y.test")], "helo", "127.0.0.1", 1)
+        many = Envelope("b", "s@x.test", [Recipient(f"r{i}@y.test") for i in range(500)],
+                        "helo", "127.0.0.1", 1)
+        ids = [b"A" * 16, b"B" * 16]
+        for msg_id, env in zip(ids, (small, many)):
+            await spool.store(msg_id, env, b"", b"Subject: x\r\n\r\n" + b"x" * 100000)
+        got = [spool.envelope(i) for i in ids]
+        assert [len(e.recipients) for e in got] == [1, 500]
+        assert got[1].recipients[499].address == "r499@y.test"
+        spool.finish(ids[0])
+        with pytest.raises(KeyError):
+            spool.envelope(ids[0])
+        await spool.close()
+
+    asyncio.run(main())

@@ -58,6 +58,7 @@ log = logging.getLogger("mta.spool")
 PROBE_INTERVAL = 0.5      # seconds between attempts to write again after a failed batch
 RESERVE_NAME = "reserve"  # the reserve file in the spool directory (see _make_reserve)
 FREE_SPACE_SAMPLE = 1.0   # admission() reads statvfs at most this often
+_ENVELOPE_PEEK = 4096     # envelope(): bytes read first from a message record's head
 
 
 def _pack(segment: int, offset: int, length: int) -> int:
@@ -281,11 +282,7 @@ class Spool:
     def _read_sched(self, packed: int) -> bytes | None:
         loc = _unpack(packed)
         try:
-            fd = self._fds.get(loc.segment)
-            if fd is None:
-                fd = self._fds[loc.segment] = os.open(segment_path(self.directory, loc.segment),
-                                                      os.O_RDONLY)
-            buf = os.pread(fd, loc.length, loc.offset)
+            buf = os.pread(self._fd_of(loc.segment), loc.length, loc.offset)
             rec.parse_header(buf, 0, len(buf))
             rec.check_crc(buf, 0, loc.length)
             return rec.schedule_body(buf, 0, loc.length)
@@ -652,14 +649,38 @@ class Spool:
         if hot is not None:
             return hot[0], hot[1] + hot[2]
         loc = _unpack(self._index[msg_id])
-        fd = self._fds.get(loc.segment)
-        if fd is None:
-            fd = self._fds[loc.segment] = os.open(segment_path(self.directory, loc.segment), os.O_RDONLY)
-        buf = os.pread(fd, loc.length, loc.offset)
+        buf = os.pread(self._fd_of(loc.segment), loc.length, loc.offset)
         rec.parse_header(buf, 0, len(buf))   # either version: v1 segments from before an upgrade
         rec.check_crc(buf, 0, loc.length)
         _, env, content_at = rec.parse_message(buf, 0, loc.length)
         return Envelope.from_json(env), buf[content_at:]
+
+    def _fd_of(self, segment: int) -> int:
+        fd = self._fds.get(segment)
+        if fd is None:
+            fd = self._fds[segment] = os.open(segment_path(self.directory, segment), os.O_RDONLY)
+        return fd
+
+    def envelope(self, msg_id: bytes) -> Envelope:
+        """The envelope of a live message without its content (for records about a
+        message that is not being sent, e.g. when its site takes no connection): the
+        record's head is read, not the message. KeyError when it is not live."""
+        hot = self._hot.get(msg_id)
+        if hot is not None:
+            return hot[0]
+        loc = _unpack(self._index[msg_id])
+        head = min(loc.length, _ENVELOPE_PEEK)
+        env, buf = None, b""
+        for size in (head, loc.length):   # most envelopes fit the first read
+            buf = os.pread(self._fd_of(loc.segment), size, loc.offset)
+            rec.parse_header(buf, 0, loc.length)
+            try:
+                _, env, _ = rec.parse_message(buf, 0, len(buf))
+                break
+            except rec.RecordError:
+                if size == loc.length:
+                    raise
+        return Envelope.from_json(env)
 
     @property
     def writable(self) -> bool:
