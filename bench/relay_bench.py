@@ -45,7 +45,9 @@ def mta_target(python: str, config: Path | None = None, root: Path = ROOT) -> li
     start = (f"mkdir -p {work} && cd {work} && rm -rf spool var && PYTHONPATH={root} exec {python} "
              f"-m mta serve {conf}--listen 127.0.0.1:{PORT} --spool-dir {work}/spool "
              f"--smarthost 127.0.0.1:{SINK} --dns 127.0.0.1:9 --admin 127.0.0.1:8026 2>>{work}/daemon.err")
-    queue = f"cd {work} && PYTHONPATH={root} {python} -m mta queue count --admin 127.0.0.1:8026"
+    # the same config and spool as the daemon: the admin token is <spool>/admin.token
+    queue = (f"cd {work} && PYTHONPATH={root} {python} -m mta queue count {conf}"
+             f"--spool-dir {work}/spool --admin 127.0.0.1:8026")
     return ["--foreground", "--start", start, "--queue-cmd", queue]
 
 
