@@ -12,10 +12,10 @@ Deliberately tiny (no framework) until the full injection/admin API with
 OpenAPI arrives. Trust: it listens on loopback by default, and every request
 must carry `Authorization: Bearer <token>`, the token in [admin] token_file
 (default <spool directory>/admin.token, created by the daemon at start when
-missing: 0600, 32 random bytes in hex); anything else gets 401 before its body
-is read. The token also makes a command talk to its own daemon: a command run
-with another daemon's config is refused rather than answered by the wrong
-daemon. Requests are bounded (8 KiB of head, 64 KiB of JSON body), errors are
+missing: 0600, 32 random bytes in hex); anything else gets 401 and reaches no
+handler (AdminServer._authorized is the one check). The token also makes a
+command talk to its own daemon: a command run with another daemon's config is
+refused rather than answered by the wrong daemon. Requests are bounded (8 KiB of head, 64 KiB of JSON body), errors are
 JSON with a status code.
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ def token_path(config: Config) -> Path:
 def read_token(path: Path) -> str:
     """The token in `path`; FileNotFoundError when missing, TokenError when unusable."""
     try:
-        text = path.read_bytes()[:4096].decode("ascii").strip()
+        with open(path, "rb") as f:
+            text = f.read(4096).decode("ascii").strip()
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -120,20 +121,20 @@ class AdminServer:
                 raise ValueError
             method, path, _ = head.split(b"\r\n", 1)[0].decode("ascii").split(" ", 2)
             request = b""
-            if not self._authorized(head):
-                await self._reply(writer, 401, orjson.dumps(
-                    {"error": "unauthorized: send the daemon's token ([admin] token_file) as "
-                              "Authorization: Bearer"}), b"WWW-Authenticate: Bearer\r\n")
-                return
-            if method == "POST":
-                m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-                length = int(m[1]) if m else 0
+            if method == "POST":   # read (bounded) even when refused: closing on an unread
+                m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)   # body resets
+                length = int(m[1]) if m else 0                                # the reply
                 if length > _MAX_BODY:
                     raise ValueError
                 request = await asyncio.wait_for(reader.readexactly(length), 10)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                 ValueError, UnicodeDecodeError):
             writer.close()
+            return
+        if not self._authorized(head):
+            await self._reply(writer, 401, orjson.dumps(
+                {"error": "unauthorized: send the daemon's token ([admin] token_file) as "
+                          "Authorization: Bearer"}), b"WWW-Authenticate: Bearer\r\n")
             return
         if method == "POST":
             status, body = self._act(path, request)
