@@ -45,6 +45,7 @@ from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.local import LocalSubmission
 from mta.ingest.reception import Reception
+from mta.logs.privacy import Privacy
 from mta.logs.writer import LogWriter
 from mta.model.envelope import Envelope
 from mta.model.log_records import RecordType
@@ -145,7 +146,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.logs = LogWriter(str(self.config.log.directory), max_buffer=self.config.log.max_buffer,
-                              mode=int(self.config.log.mode, 8))
+                              mode=int(self.config.log.mode, 8), host=self.config.server.hostname)
         found = self.spool.open(loop)
         for bad in found.corrupt + found.torn:
             self.logs.log(RecordType.CORRUPT, segment=bad.segment, offset=bad.offset,
@@ -156,6 +157,9 @@ class Server:
         self.dkim = self._dkim_stage(loop)
         self.feedback = build_feedback(self.config)
         self.feedback.start(loop)
+        # hashed addresses in the records use the suppression key, so they join its entries
+        self.logs.privacy = Privacy.make(self.config.log.recipient_privacy,
+                                         self.config.log.sender_privacy, self.feedback.hash_address)
         self.reception = Reception(self.config, self.spool, self.logs)
         if self.feedback.suppressions is not None or self.feedback.bounce_domain:
             self.reception.policy = RecipientPolicy(self.feedback)

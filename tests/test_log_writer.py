@@ -115,3 +115,26 @@ def test_log_file_mode_is_the_configured_one_whatever_the_umask(tmp_path, mode):
         os.umask(old)
     w.close()
     assert stat.S_IMODE(os.stat(w.path).st_mode) == mode
+
+
+def test_records_carry_host_and_iso_time_and_follow_the_privacy_settings(tmp_path):
+    """Without a loop the writer writes at once: every record gets `ts` (ISO 8601 UTC,
+    the same instant as `time`) and `host`; recipients hashed with the given function,
+    senders cut to their domain; the null sender and absent fields stay as they are."""
+    from mta.logs.privacy import Privacy
+
+    privacy = Privacy.make("hashed", "domain", lambda a: "h:" + a.lower())
+    w = LogWriter(str(tmp_path), host="mx1.example", privacy=privacy)
+    w.log(RecordType.DELIVERY, recipient="Bob@x.test", sender="alice@sender.test",
+          time=1764637401.25)
+    w.log(RecordType.RECEPTION, recipients=["a@x.test", "b@y.test"], sender="")
+    w.log(RecordType.BACKOFF, site="x.test")
+    w.flush()
+    d, r, b = _lines(tmp_path / "mta.jsonl")
+    assert (d["ts"], d["host"]) == ("2025-12-02T01:03:21.250Z", "mx1.example")
+    assert (d["recipient"], d["sender"]) == ("h:bob@x.test", "sender.test")
+    assert (r["recipients"], r["sender"]) == (["h:a@x.test", "h:b@y.test"], "")
+    assert "recipient" not in b and b["host"] == "mx1.example"
+    assert Privacy.make("clear", "clear", None) is None, "clear costs nothing per record"
+    with pytest.raises(ValueError, match="suppression key"):
+        Privacy.make("hashed", "clear", None)

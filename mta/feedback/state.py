@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from mta.config import ConfigError
 from mta.feedback import verp
 from mta.feedback.bounce import Classifier, RulesError
-from mta.feedback.suppression import SuppressionList, load_or_create_key
+from mta.feedback.suppression import SuppressionList, address_hash, hash_text, load_or_create_key
 from mta.feedback.unsubscribe import list_unsubscribe_headers
 from mta.model.networks import contains
 
@@ -62,7 +62,9 @@ class Feedback:
         self.complaint_scope = s.complaint_scope
         self.add_headers = bool(u.add_headers and u.base_url)
         self.base_url = u.base_url
-        need_key = s.enabled or self.bounce_domain or u.listen is not None or self.add_headers
+        hashed_logs = "hashed" in (config.log.recipient_privacy, config.log.sender_privacy)
+        need_key = (s.enabled or self.bounce_domain or u.listen is not None or self.add_headers
+                    or hashed_logs)
         self.key = load_or_create_key(s.key_file) if need_key else b""
         if self.verp:   # a bad prefix fails here, at start, not at the first send
             verp.encode(bytes(16), MAX_RCPT_INDEX, "postmaster@" + self.bounce_domain,
@@ -146,6 +148,10 @@ class Feedback:
         except sqlite3.Error as exc:
             log.error("cannot write %d suppression entries: %s", len(pending), exc)
             return 0
+
+    def hash_address(self, address: str) -> str:
+        """An address as the suppression list exports it ("hmac-sha256:<hex>"), for logs."""
+        return hash_text(address_hash(self.key, address))
 
     def hard_bounce(self, address: str, source: str, site: str, note: str = "") -> bool:
         self.counts[(source, site)]["hard_bounces"] += 1

@@ -27,6 +27,7 @@ import time
 
 import orjson
 
+from mta.logs.privacy import Privacy
 from mta.model.log_records import RecordType
 
 log = logging.getLogger("mta.logs")
@@ -85,8 +86,13 @@ def _close_quietly(fd: int) -> None:
 
 class LogWriter:
     def __init__(self, directory: str, name: str = "mta", flush_interval: float = 0.2, *,
-                 max_buffer: int = 64 << 20, mode: int = 0o640, retry_interval: float = 1.0):
+                 max_buffer: int = 64 << 20, mode: int = 0o640, retry_interval: float = 1.0,
+                 host: str = "", privacy: Privacy | None = None):
         os.makedirs(directory, exist_ok=True)
+        self.host = host             # every record's "host": which daemon wrote it
+        self.privacy = privacy       # address fields hashed or cut to the domain; None: clear
+        self._ts_second = -1
+        self._ts_prefix = ""
         self.path = os.path.join(directory, f"{name}.jsonl")
         self.mode = mode
         self._fd = _open_log(self.path, mode)
@@ -114,7 +120,12 @@ class LogWriter:
 
     def log(self, rtype: RecordType, **fields: object) -> None:
         fields["type"] = rtype.value
-        fields.setdefault("time", time.time())
+        t = fields.setdefault("time", time.time())
+        fields["ts"] = self._iso(t)   # type: ignore[arg-type]
+        if self.host:
+            fields["host"] = self.host
+        if self.privacy is not None:
+            self.privacy.apply(fields)
         self._buf += orjson.dumps(fields)
         self._buf += b"\n"
         if len(self._buf) >= _FLUSH_AT:
@@ -127,6 +138,14 @@ class LogWriter:
                 self.flush()
             else:
                 self._arm(self._interval)
+
+    def _iso(self, t: float) -> str:
+        """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
+        second = int(t)
+        if second != self._ts_second:
+            self._ts_second = second
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._ts_prefix}.{int((t - second) * 1000):03d}Z"
 
     def flush(self) -> None:
         """Start writing the buffer (in the writer thread when a loop runs)."""

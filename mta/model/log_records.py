@@ -2,7 +2,10 @@
 
 Imports nothing from the rest of mta (KumoMTA's kumo-log-types idea), so log
 consumers can use it alone. Every record is one JSON object per line with at
-least `type` and `time` (Unix seconds, float).
+least `type`, `time` (Unix seconds, float), `ts` (the same instant in ISO 8601
+UTC with milliseconds, "2026-12-02T01:13:21.123Z") and `host` (the daemon's
+[server] hostname). Address fields (recipient, recipients, sender) are in clear,
+hashed or cut to the domain as [log] recipient_privacy / sender_privacy say.
 """
 from __future__ import annotations
 
@@ -34,6 +37,20 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
                            "protocol"),
     RecordType.REJECTION: ("sender", "recipients", "client_ip", "listener", "code", "status",
                            "reason", "time"),
+    # one per recipient and attempt; the message's tenant and campaign (None: none);
+    # category/hard on Bounce and TransientFailure (the classifier's verdict)
+    RecordType.DELIVERY: ("id", "queue", "tenant", "campaign", "recipient", "sender",
+                          "source", "site", "mx", "ip", "code", "status", "text", "attempt",
+                          "queued_s", "attempt_s", "time"),
+    RecordType.TRANSIENT_FAILURE: ("id", "queue", "tenant", "campaign", "recipient", "sender",
+                                   "source", "site", "mx", "ip", "code", "status", "text",
+                                   "category", "hard", "attempt", "queued_s", "attempt_s",
+                                   "time"),
+    RecordType.BOUNCE: ("id", "queue", "tenant", "campaign", "recipient", "sender", "source",
+                        "site", "mx", "ip", "code", "status", "text", "category", "hard",
+                        "attempt", "queued_s", "attempt_s", "time"),
+    RecordType.EXPIRATION: ("id", "queue", "tenant", "campaign", "recipient", "sender",
+                            "code", "status", "text", "attempt", "queued_s", "time"),
     RecordType.SUPPRESSED: ("sender", "recipient", "scope", "reason", "client_ip", "listener",
                             "time"),
     # proof: what let the report act (mta/feedback/trust.py); ignored: why it did not;
