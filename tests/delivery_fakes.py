@@ -41,6 +41,9 @@ class FakeSpool:
     def read(self, msg_id: bytes):
         return self.messages[msg_id]
 
+    def envelope(self, msg_id: bytes):
+        return self.messages[msg_id][0]
+
     def finish(self, msg_id: bytes) -> None:
         self.finished.append(msg_id)
 

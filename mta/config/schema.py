@@ -47,6 +47,7 @@ from mta.config.values import (
     SELECTOR,
     SIZE,
     TEXT,
+    TEXT_LIST,
     WEIGHTED,
     IPNetwork,
     Key,
@@ -125,6 +126,14 @@ class LogConfig:
     mode: str = key(CHOICE, "0640", "permissions of the log files: records name senders and "
                     "recipients, so never world-readable; 0640 lets a log shipper in the "
                     "daemon's group read them", choices=("0600", "0640"))
+    recipient_privacy: str = key(CHOICE, "clear", "recipient addresses in the records "
+                                 "(recipient, recipients): clear, hashed (HMAC with the "
+                                 "suppression key, as `mta suppress` exports them, so records "
+                                 "can be joined) or domain (the part after @ only)",
+                                 choices=("clear", "hashed", "domain"), restart=True)
+    sender_privacy: str = key(CHOICE, "clear", "sender addresses in the records, as for "
+                              "recipient_privacy", choices=("clear", "hashed", "domain"),
+                              restart=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +222,14 @@ class DeliveryConfig:
                          "temporarily expires and bounces", lo="1s", hi="30d", restart=True)
     delay_dsn_after: float = key(DURATION, "0s", "send one delay DSN once a message has "
                                  "waited this long (0s: never)", lo="0s", hi="30d", restart=True)
+    strip_private_headers: bool = key(BOOL, True, "remove the reception's classification "
+                                      "headers (tenant_header, campaign_header, class_header) "
+                                      "before a message goes out: they name the sender's "
+                                      "customers and campaigns", restart=True)
+    no_dsn_tenants: tuple[str, ...] = key(TEXT_LIST, [], "tenants whose senders get no DSNs "
+                                          "(they read bounces from the logs or webhooks); "
+                                          "their bounces are still logged and suppress",
+                                          restart=True)
     shutdown_grace: float = key(DURATION, "30s", "on SIGTERM, how long deliveries in flight "
                                 "and SMTP transactions in progress may take to finish before "
                                 "the daemon exits (a second SIGTERM stops at once)",

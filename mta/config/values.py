@@ -289,6 +289,10 @@ def _parse_names(value: object, base: Path) -> tuple[str, ...]:
     return _parse_each(value, base, _parse_nonempty_header, "header names")
 
 
+def _parse_texts(value: object, base: Path) -> tuple[str, ...]:
+    return _parse_each(value, base, _parse_text, "strings")
+
+
 def _parse_selector(value: object, base: Path) -> str:
     text = _parse_str(value, base)
     if not text or not all(_LABEL_RE.fullmatch(label) for label in text.split(".")):
@@ -420,6 +424,7 @@ ROUTES = ValueType("routes", _parse_routes, "a table of domain = \"host:port\"; 
                    "\"*.example.com\" covers the subdomains")
 HEADER_LIST = ValueType("header list", _parse_names, "an array of header field names; "
                         "case does not matter")
+TEXT_LIST = ValueType("text list", _parse_texts, "an array of strings (each as for text)")
 SELECTOR = ValueType("selector", _parse_selector, "DNS labels, e.g. \"s2026\"")
 NAME = ValueType("name", _parse_name, f"an identifier: {_NAME_HELP}")
 OPTIONAL_NAME = ValueType("name or \"\"", _parse_optional_name,
@@ -431,7 +436,7 @@ PATH_LIST = ValueType("path list", _parse_path_list, "an array of file paths (re
 RATE = ValueType("rate", parse_rate, RATE_HELP + ", or \"\" for no limit")
 # The config's types, in the order of docs/config.md's value-type table.
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, OPTIONAL_HOSTNAME, HEADER_NAME, INT, BOOL, SIZE,
-               DURATION, PATH, OPTIONAL_PATH, IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, SELECTOR,
+               DURATION, PATH, OPTIONAL_PATH, IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, TEXT_LIST, SELECTOR,
                NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE)
 
 

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
+from mta.delivery.private_headers import PrivateHeaders
 from mta.dkim.signer import DkimError
 from mta.egress.limits import retune
 from mta.egress.throttle import Throttle
@@ -54,8 +55,10 @@ class Dispatcher:
                  budget: ConnectionBudget, cfg: DeliveryConfig, spool: Spool, outcomes: Outcomes,
                  loop: asyncio.AbstractEventLoop, hold_back: Callable[[QueuedMessage], None],
                  dkim: DkimStage | None = None, feedback: Feedback | None = None,
+                 private_headers: PrivateHeaders | None = None,
                  clock: Callable[[], float] = time.time):
         self.ready = ready
+        self.private_headers = private_headers   # X-Tenant & co. removed before sending
         self.clock = clock            # wall time; throttles and timers use loop time
         self.hold_back = hold_back    # a message of a suspended queue goes back to wait there
         self.verp = feedback if feedback is not None and feedback.verp else None
@@ -353,7 +356,11 @@ class Dispatcher:
             self._check_backoff([exc.reply])   # e.g. a 421 greeting: "too many connections"
         reply = _error_reply(exc)
         for msg in [first, *self.ready.drain()]:
-            self.outcomes.apply(AttemptResult.all(msg, None, self._attempt(None), reply),
+            try:   # the envelope alone: the records name each recipient, tenant and campaign
+                env = self.spool.envelope(msg.id)
+            except KeyError:
+                continue   # finished meanwhile (e.g. deleted by the operator)
+            self.outcomes.apply(AttemptResult.all(msg, env, self._attempt(None), reply),
                                 self.retry)
 
     async def _deliver(self, client: SmtpClient, msg: QueuedMessage) -> bool:
@@ -364,7 +371,10 @@ class Dispatcher:
             return True  # finished meanwhile (e.g. removed by the operator)
         at = self._attempt(client)
         idxs = list(msg.rcpts)
-        if self.unsubscribe is not None and len(idxs) == 1:
+        if self.private_headers is not None:
+            content = self.private_headers.strip(content)
+        # one-click unsubscribe for mail to one recipient; never on null-sender mail (DSNs)
+        if self.unsubscribe is not None and len(idxs) == 1 and env.sender:
             try:
                 content = self.unsubscribe.with_unsubscribe(content, env.recipients[idxs[0]].address,
                                                             env.tenant)

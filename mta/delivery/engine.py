@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
+from mta.delivery.private_headers import PrivateHeaders
 from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
 from mta.egress.shaping import Limits, Shaping
@@ -89,7 +90,11 @@ class DeliveryEngine:
                                  finished=self.scheduler.finished, logs=logs, retry=self.retry,
                                  inject=inject, hostname=config.server.hostname,
                                  delay_dsn_after=d.delay_dsn_after, feedback=feedback,
-                                 clock=clock)
+                                 no_dsn_tenants=frozenset(d.no_dsn_tenants), clock=clock)
+        r = config.reception
+        self.private_headers = (PrivateHeaders([r.tenant_header, r.campaign_header,
+                                                r.class_header])
+                                if d.strip_private_headers else None)
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.TimerHandle | None = None
@@ -216,7 +221,8 @@ class DeliveryEngine:
                        budget=self.budget,
                        cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
                        loop=self.loop, hold_back=self.scheduler.hold_back, dkim=self.dkim,
-                       feedback=self.feedback, clock=self.clock)
+                       feedback=self.feedback, private_headers=self.private_headers,
+                       clock=self.clock)
         state.dispatchers.append(d)
         return d
 

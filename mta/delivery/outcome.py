@@ -50,6 +50,7 @@ class Outcomes:
     def __init__(self, *, spool: Spool, schedule: ScheduleFn, finished: FinishedFn,
                  logs: LogWriter | None, retry: RetryPolicy, inject: InjectFn, hostname: str,
                  delay_dsn_after: float, feedback: Feedback | None = None,
+                 no_dsn_tenants: frozenset[str] = frozenset(),
                  clock: Callable[[], float] = time.time):
         self.spool = spool
         self.clock = clock            # wall time: retry due times, queued_s, DSN dates
@@ -61,6 +62,7 @@ class Outcomes:
         self.hostname = hostname
         self.delay_dsn_after = delay_dsn_after
         self.feedback = feedback
+        self.no_dsn_tenants = no_dsn_tenants   # their senders read bounces from the logs
         self.open_entries: dict[bytes, int] = {}   # id -> entries still queued, when > 1
         self.counters = {"delivered": 0, "bounced": 0, "deferred": 0, "expired": 0}
 
@@ -162,14 +164,18 @@ class Outcomes:
                                or rtype is RecordType.TRANSIENT_FAILURE):
             verdict = fb.classifier.classify(reply.code, reply.status or None, reply.text)
             extra = {"category": verdict.category, "hard": verdict.hard}
-            if verdict.hard and rtype is RecordType.BOUNCE and rcpt:
+            # Null-sender mail (our DSNs, relayed bounces) goes to senders: a hard bounce
+            # of it must not put a sender, often our own customer, on the suppression list.
+            if verdict.hard and rtype is RecordType.BOUNCE and rcpt and env.sender:
                 fb.hard_bounce(rcpt, at.source if at else "", at.site if at else "",
                                f"{reply.code} {reply.status} {verdict.category}")
         if self.logs is None:
             return
         now = self.clock()
-        self.logs.log(rtype, **extra, id=msg.id_text, queue=msg.queue.name, recipient=rcpt,
-                      sender=env.sender if env is not None else None,
+        self.logs.log(rtype, **extra, id=msg.id_text, queue=msg.queue.name,
+                      tenant=env.tenant or None if env is not None else None,
+                      campaign=env.campaign or None if env is not None else None,
+                      recipient=rcpt, sender=env.sender if env is not None else None,
                       source=at.source if at else None, site=at.site if at else None,
                       mx=at.mx if at else None, ip=at.ip if at else None,
                       code=reply.code, status=reply.status, text=reply.text[:500],
@@ -181,6 +187,8 @@ class Outcomes:
         sender = env.sender
         if not sender:
             return  # never a DSN to the null sender (RFC 3461 6.2)
+        if env.tenant in self.no_dsn_tenants:
+            return  # this tenant processes bounces from the logs ([delivery] no_dsn_tenants)
         rcpts = []
         for idx, status, diag, mx in items:
             r = env.recipients[idx]
