@@ -5,7 +5,8 @@ Conventions every subcommand follows:
 - the common options (-c/--config and the overrides --listen, --spool-dir, --smarthost,
   --dns, --admin, --hold) go anywhere on the line, before or after the subcommand;
 - a user error (bad arguments, a bad config, a file that cannot be read, a daemon that
-  does not answer) is one line on stderr and an exit status, never a traceback;
+  does not answer) is one line on stderr and an exit status, never a traceback; a
+  subcommand's own argument check raises SystemExit("text"), which exits 2 (usage);
 - output into a closed pipe (`mta spool ls | head`) ends quietly with status 141;
 - the exit statuses are in EPILOG (`mta --help`).
 
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     except AdminUnreachable as exc:
         print(exc.code, file=sys.stderr)
         return EXIT_UNREACHABLE
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):   # argparse (2, 0 for --help) and explicit codes
+            raise
+        print(exc.code, file=sys.stderr)    # a subcommand's own usage check: one line
+        return EXIT_USAGE
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_PIPE

@@ -168,7 +168,10 @@ def test_version_and_exit_statuses_in_help(tmp_path):
     (["spool", "ls", "--spool-dir", "/nonexistent/spool"], 1, "/nonexistent/spool"),
     (["queue", "summary", "--admin", ""], 3, "admin API is disabled"),
     (["bounce", "parse", "/nonexistent/msg.eml"], 1, "cannot read /nonexistent/msg.eml"),
-], ids=["usage", "unknown-flag", "config", "spool", "admin-off", "bounce-file"])
+    (["queue", "inspect"], 2, "needs a message id"),
+    (["suspend", "queue", "q", "--for", "soon"], 2, "mta suspend --for"),
+], ids=["usage", "unknown-flag", "config", "spool", "admin-off", "bounce-file", "queue-usage",
+        "suspend-usage"])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, status, text):
     r = _mta(*args, cwd=tmp_path)
     err = r.stderr.decode()
