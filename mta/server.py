@@ -252,7 +252,7 @@ class Server:
             return
         ctx = unsubscribe_tls(self.config)
         self.unsubscribe = UnsubscribeServer(self.feedback.suppressions, self.feedback.key,
-                                             *u.listen, ssl_context=ctx)
+                                             *u.listen, ssl_context=ctx, logs=self.logs)
         await self.unsubscribe.start()
 
     def _dkim_stage(self, loop: asyncio.AbstractEventLoop) -> DkimStage | None:

@@ -40,6 +40,8 @@ from email.policy import HTTP
 
 from mta.feedback.suppression.store import (SuppressionList, address_hash, check_scope, hash_text,
                                    parse_hash)
+from mta.logs.writer import LogWriter
+from mta.model.log_records import RecordType
 
 log = logging.getLogger("mta.feedback.unsubscribe")
 
@@ -131,8 +133,9 @@ class UnsubscribeServer:
     def __init__(self, suppressions: SuppressionList, key: bytes, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None, *, max_head: int = 8192,
                  max_headers: int = 50, max_body: int = 4096, timeout: float = 10.0,
-                 max_connections: int = 256):
+                 max_connections: int = 256, logs: LogWriter | None = None):
         self.suppressions = suppressions
+        self.logs = logs                      # an Unsubscribe record for each one stored
         self._key = key
         self.host, self.port = host, port
         self.ssl_context = ssl_context
@@ -176,7 +179,7 @@ class UnsubscribeServer:
             else:
                 try:
                     status, ctype, body, send_body = await asyncio.wait_for(
-                        self._request(reader), self.timeout)
+                        self._request(reader, writer.get_extra_info("peername")), self.timeout)
                 except _Reject as r:
                     status, ctype, body = r.status, "text/plain", r.text
                 except asyncio.TimeoutError:
@@ -210,7 +213,8 @@ class UnsubscribeServer:
         except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
 
-    async def _request(self, reader: asyncio.StreamReader) -> tuple[int, str, str, bool]:
+    async def _request(self, reader: asyncio.StreamReader,
+                       peer: tuple | None = None) -> tuple[int, str, str, bool]:
         """(status, content type, text, send the body: False for HEAD)."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -251,6 +255,9 @@ class UnsubscribeServer:
                 log.exception("unsubscribe: storing %s... in %s failed", h[:24], scope)
                 return 500, "text/plain", "Could not record the unsubscribe; try again later.\n", True
             log.info("unsubscribe: %s... suppressed in %s", h[:24], scope)
+            if self.logs is not None:
+                self.logs.log(RecordType.UNSUBSCRIBE, recipient_hash=h, scope=scope,
+                              client_ip=peer[0] if peer else None)
             return 200, "text/plain", "You have been unsubscribed.\n", True
         # GET/HEAD never unsubscribe: link scanners and mail security gateways prefetch
         # every URL in a message (the reason RFC 8058 requires POST); a person gets a form.

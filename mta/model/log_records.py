@@ -27,6 +27,7 @@ class RecordType(str, Enum):
     BACKOFF = "Backoff"                    # a throttling reply paused a (source, site)
     CORRUPT = "Corrupt"                    # a spool record failed its checks at start
     LOG_LOSS = "LogLoss"                   # records dropped while the log could not be written
+    UNSUBSCRIBE = "Unsubscribe"            # a one-click unsubscribe (RFC 8058) was stored
     RELOAD = "Reload"                      # the config was re-read (SIGHUP): applied or refused
 
 
@@ -61,6 +62,8 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "source_ip",
                           "source", "tenant", "verp", "verp_index", "proof", "ignored",
                           "suppressed", "time"),
+    # the suppression hash the token named (the address itself is never known), its scope
+    RecordType.UNSUBSCRIBE: ("recipient_hash", "scope", "client_ip", "time"),
     RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
     RecordType.CORRUPT: ("segment", "offset", "length", "reason", "saved_as", "time"),
     RecordType.LOG_LOSS: ("lost", "time"),

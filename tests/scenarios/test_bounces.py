@@ -24,7 +24,7 @@ from peers import NET, ZONE, _records, _send, Receiver
 
 from mta.feedback import verp
 from mta.model.ids import id_text
-from mta.feedback.suppression import load_key
+from mta.feedback.suppression import address_hash, hash_text, load_key
 
 BOUNCE_DOMAIN = "bounces.test"
 
@@ -328,6 +328,9 @@ def test_one_click_unsubscribe_then_rcpt_refused(daemon_factory, dns_server, rec
     resp.read()
     conn.close()
     assert resp.status == 200
+    unsub, = _records(d, "Unsubscribe", 1)
+    assert unsub["scope"] == "global" and unsub["client_ip"] == "127.0.0.1", unsub
+    assert unsub["recipient_hash"] == hash_text(address_hash(_key(d), "dave@example.test"))
     deadline = time.monotonic() + 5
     while (refusal := _refused(d.port, "dave@example.test")) == "" and time.monotonic() < deadline:
         time.sleep(0.2)
