@@ -78,20 +78,22 @@ def test_restart_keeps_attempts_and_retry_time_then_flush(daemon_factory, dns_se
                                                           receivers):
     slow = receivers(f"{NET}.1")      # defers every defer* recipient
     d = _daemon(daemon_factory, dns_server, retry="120s")
-    _send(d.port, "alice@sender.test", ["defer-1@slow.test"])
+    _send(d.port, "alice@sender.test", ["defer-1@slow.test", "ok@slow.test"])
     first, = _records(d, "TransientFailure", 1)
     assert first["attempt"] == 1
     msg_id = _queued_id(d)
     _wait(lambda: _inspect(d, msg_id)["recipients"][0]["last_reply"], 10,
           "the SCHEDULE record to be written")
-    row, = _inspect(d, msg_id)["recipients"]
+    row, ok = _inspect(d, msg_id)["recipients"]
+    assert ok["state"] == "delivered", ok
     assert (row["state"], row["attempts"]) == ("pending", 1)
     assert row["next_retry"] > time.time() + 60, f"want a retry ~120 s out, got {row}"
     assert row["last_reply"].startswith("451"), row
     due = row["next_retry"]
     _restart(d)
     # after the restart: same attempt count and due time, and no retry before it
-    row, = _inspect(d, msg_id)["recipients"]
+    row, ok = _inspect(d, msg_id)["recipients"]
+    assert ok["state"] == "delivered", "per-recipient state survives the restart"
     assert (row["state"], row["where"], row["attempts"]) == ("pending", "scheduled", 1), row
     assert abs(row["next_retry"] - due) < 0.01, f"got due {row['next_retry']}, want {due}"
     time.sleep(4)
