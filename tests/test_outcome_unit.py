@@ -172,3 +172,12 @@ def test_route_failure_bouncing_every_recipient_finishes_the_entry(rig):
     assert rig.logs.types() == ["Bounce", "Bounce"] and rig.spool.finished == [msg.id]
     assert len(rig.dsns) == 1 and rig.outcomes.counters["bounced"] == 2
     assert id_text(msg.id) in rig.dsns[0][2].decode("ascii", "replace")
+
+
+def test_observers_see_each_result_after_it_is_applied(rig):
+    seen = []
+    rig.outcomes.observers.append(lambda r: seen.append((r.msg.id, [x.code for _, x in r.replies],
+                                                         list(rig.spool.finished))))
+    msg, env = rig.message("ok@example.test", "gone@example.test")
+    rig.attempt(msg, env, [OK, GONE])
+    assert seen == [(msg.id, [250, 550], [msg.id])], "called once, after the spool update"

@@ -63,6 +63,9 @@ class Outcomes:
         self.delay_dsn_after = delay_dsn_after
         self.feedback = feedback
         self.no_dsn_tenants = no_dsn_tenants   # their senders read bounces from the logs
+        # called with every AttemptResult after it is applied: what adapts to replies
+        # (automation rules, rate rules, warm-up counters) watches here
+        self.observers: list[Callable[[AttemptResult], None]] = []
         self.open_entries: dict[bytes, int] = {}   # id -> entries still queued, when > 1
         self.counters = {"delivered": 0, "bounced": 0, "deferred": 0, "expired": 0}
 
@@ -108,6 +111,8 @@ class Outcomes:
             self._dsn(env, msg, "failed", [(i, r.status or _default_status(r.code), _diag(r),
                                             at.mx or None) for i, r in bounced])
         self._settle(msg, env, retry_idx, retry, result)
+        for observe in self.observers:
+            observe(result)
 
     def paused(self, source: str, site: str, reply: RemoteReply, until: float) -> None:
         """A (source, site) pauses after a "slow down" reply (shaping's backoff_on)."""
