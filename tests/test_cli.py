@@ -119,6 +119,16 @@ def test_config_show_round_trips(tmp_path, changed):
     assert dataclasses.replace(again, origin=cfg.origin) == cfg, text
 
 
+@pytest.mark.parametrize("example", [ROOT / "docs" / "examples" / "sender.toml",
+                                     ROOT / "mta" / "config" / "default.toml"],
+                         ids=lambda p: p.name)
+def test_config_show_round_trips_the_examples(example):
+    cfg = load_config(example)
+    for changed in (False, True):
+        again = parse_config(render(cfg, changed=changed), base_dir=example.parent)
+        assert dataclasses.replace(again, origin=cfg.origin) == cfg, (example, changed)
+
+
 def test_config_show_changed_lists_only_changes(tmp_path):
     cfg = tmp_path / "small.toml"
     cfg.write_text('[server]\nhostname = "a.test"\n[delivery]\nmax_age = "2d"\n')
