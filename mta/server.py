@@ -14,8 +14,11 @@ sync get their reply first. `reload()` (SIGHUP, POST /control/reload) applies a 
 config checked as at start, keeping restart-only keys (schema `restart=True`) and the
 old config whole when the new one has problems; `drain()` (SIGTERM) refuses new
 connections with 421 and lets messages in progress, in and out, finish before stop().
-Diagnostics: start() raises OSError (cannot bind,
-cannot open the spool); everything after start is logged, not raised.
+Diagnostics: start() raises OSError (cannot bind, cannot open the spool) and
+ConfigError (a piece built from the config refuses it: a DKIM key, a rule or shaping
+file, a pool hook, the unsubscribe TLS files, the admin token file); those pieces are
+built by the module functions below, which `mta check-config` (mta/preflight.py) calls
+too; everything after start is logged, not raised.
 """
 from __future__ import annotations
 
