@@ -49,6 +49,7 @@ from mta.config.values import (
     TEXT,
     TEXT_LIST,
     WEIGHTED,
+    Invalid,
     IPNetwork,
     Key,
     ValueType,
@@ -362,6 +363,33 @@ class DkimConfig:
                               lo="0s", hi="3650d")
 
 
+# Bounce categories that are the receiving side's policy about the sender (reputation,
+# content, security, a suspended account), not a fact about the address; the rest are
+# graded by the classifier alone (unknown user/domain hard; full, expired, rate, size,
+# system soft). Name (category or its common alias) -> classifier category.
+BOUNCE_POLICY_CATEGORIES = {
+    "spam_block": "spam_block", "blocked": "spam_block",
+    "spam_content": "spam_content", "filtered": "spam_content", "spam": "spam_content",
+    "virus": "virus",
+    "policy": "policy", "security": "policy",
+    "inactive_mailbox": "inactive_mailbox", "suspended": "inactive_mailbox",
+}
+
+
+def _parse_policy_categories(value: object, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"expected an array of category names, got {value!r}")
+    bad = [v for v in value if v not in BOUNCE_POLICY_CATEGORIES]
+    if bad:
+        raise Invalid(f"{bad[0]!r} is not a policy category (allowed: "
+                      + ", ".join(BOUNCE_POLICY_CATEGORIES) + ")")
+    return tuple(sorted({BOUNCE_POLICY_CATEGORIES[v] for v in value}))
+
+
+POLICY_CATEGORY_LIST = ValueType("policy categories", _parse_policy_categories,
+                                 "an array of: " + ", ".join(BOUNCE_POLICY_CATEGORIES))
+
+
 @dataclass(frozen=True, slots=True)
 class BouncesConfig:
     """Returned mail: the bounce domain (VERP, out-of-band intake) and the reply classifier."""
@@ -381,6 +409,13 @@ class BouncesConfig:
         "(its users could send forged reports)", restart=True)
     rules: tuple[Path, ...] = key(PATH_LIST, [], "operator classifier rule files, tried before "
                                   "the shipped mta/feedback/bounce/rules.toml; re-read when they change", restart=True)
+    policy_hard: tuple[str, ...] = key(
+        POLICY_CATEGORY_LIST, [], "policy categories whose permanent (5xx) failures count as hard "
+        "bounces and suppress the recipient: blocked (IP/domain reputation), filtered/spam "
+        "(content), virus, policy/security (SPF, DKIM, DMARC, local policy), suspended "
+        "(disabled account); [] (default): all soft, since a policy block is about the sender, "
+        "not the address. Unknown user/domain is always hard; mailbox full, expired, rate, "
+        "size and system errors always soft", restart=True)
     parse_workers: int = key(INT, 1, "child processes parsing returned mail (off the event "
                              "loop; each holds one message at a time)", lo=1, hi=64, restart=True)
     parse_timeout: float = key(DURATION, "10s", "time one returned message may take to parse; "

@@ -70,7 +70,7 @@ class BounceIntake:
         self.processed = 0
         b = config.bounces
         self.parser = ParserPool(b.rules, workers=b.parse_workers, timeout=b.parse_timeout,
-                                 max_size=b.parse_max_size, memory=b.parse_memory)
+                                 max_size=b.parse_max_size, memory=b.parse_memory, policy_hard=b.policy_hard)
         self.workers = b.parse_workers
         self.max_attempts = b.parse_attempts
         self.max_backlog = b.parse_backlog

@@ -45,7 +45,7 @@ _LIST_UNSUB = re.compile(rb"(?im)^list-unsubscribe:")
 class Feedback:
     def __init__(self, config: Config):
         b, s, u = config.bounces, config.suppression, config.unsubscribe
-        self.classifier = Classifier(b.rules)    # raises RulesError on a bad file
+        self.classifier = Classifier(b.rules, b.policy_hard)    # raises RulesError on a bad file
         self.bounce_domain = b.domain.strip().lower()
         self.verp_prefix = b.verp_prefix.lower()
         self.verp = bool(self.bounce_domain and b.verp)

@@ -7,9 +7,13 @@ Each rule may constrain the reply code (exact, "5xx"/"55x"-style prefix, or
 "5.1.*" or "*.7.1") and the text (case-insensitive regexes, any may match).
 All given constraints must hold; the first matching rule wins.
 
-"hard" follows sisimai's hard-bounce semantics: a permanent, address-level
-failure (unknown user, unknown/null-MX domain, moved) and only when the reply
-is permanent; a 4xx never counts as hard, nor do IP blocks or content rejections.
+"hard" means a permanent, address-level failure: unknown user, unknown/null-MX
+domain, moved -- only when the reply is permanent; a 4xx never counts as hard.
+Mailbox full, expired, rate, size, network and system errors are always soft.
+The policy categories (POLICY_CATEGORIES: IP/domain blocks, content filters,
+viruses, SPF/DKIM/DMARC and local policy, suspended accounts) are a verdict about
+the sender, not the address: soft unless the operator lists them in
+`policy_hard` ([bounces] policy_hard) or an operator rule says `hard = true`.
 
 Rule files are checked by the config's TOML value checker (mta/config/values.py):
 a problem names the file, the rule (number and name) and the key, and says what the
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mta.config.schema import BOUNCE_POLICY_CATEGORIES
 from mta.config.values import (
     BOOL,
     CHOICE,
@@ -43,7 +48,7 @@ from mta.config.values import (
 )
 from mta.model.verdict import Verdict
 
-__all__ = ["CATEGORIES", "Classifier", "RulesError", "Verdict", "SHIPPED_RULES"]
+__all__ = ["CATEGORIES", "POLICY_CATEGORIES", "Classifier", "RulesError", "Verdict", "SHIPPED_RULES"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,13 @@ CATEGORIES = frozenset({
     "protocol_error", "tls_error", "network_error", "system_error",
     "auto_reply", "bad_sender", "unknown",
 })
+
+# The categories whose hard/soft is the operator's choice (see BOUNCE_POLICY_CATEGORIES
+# in mta/config/schema.py for the names [bounces] policy_hard accepts).
+POLICY_CATEGORIES = frozenset(BOUNCE_POLICY_CATEGORIES.values())
+# The only categories the shipped rules may grade hard.
+ADDRESS_CATEGORIES = frozenset({"invalid_recipient", "invalid_domain"})
+
 
 class RulesError(ValueError):
     """A rules file is unreadable or a rule in it is malformed."""
@@ -190,7 +202,12 @@ def _mtime(path: Path) -> int | None:
 class Classifier:
     """Ordered rules: operator files first (in the order given), shipped rules.toml last."""
 
-    def __init__(self, extra_rule_files: Sequence[Path] = ()):
+    def __init__(self, extra_rule_files: Sequence[Path] = (), policy_hard: Sequence[str] = ()):
+        unknown = [c for c in policy_hard if c not in BOUNCE_POLICY_CATEGORIES]
+        if unknown:
+            raise RulesError(f"policy_hard: {unknown[0]!r} is not a policy category "
+                             f"(allowed: {', '.join(BOUNCE_POLICY_CATEGORIES)})")
+        self.policy_hard = frozenset(BOUNCE_POLICY_CATEGORIES[c] for c in policy_hard)
         self._files = [Path(p) for p in extra_rule_files] + [SHIPPED_RULES]
         self._mtimes: list[int | None] = []
         self._rules: list[_Rule] = []
@@ -271,7 +288,8 @@ class Classifier:
                 continue
             if r.not_text is not None and r.not_text.search(text) is not None:
                 continue
-            return Verdict(r.category, r.hard and not _temporary(code, status), r.name)
+            hard = r.hard or r.category in self.policy_hard
+            return Verdict(r.category, hard and not _temporary(code, status), r.name)
         return Verdict("unknown", False, "")
 
 

@@ -27,13 +27,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     pp.add_argument("files", nargs="*", metavar="FILE", help="message files ('-' or none: stdin)")
     pp.add_argument("--rules", action="append", type=Path, default=[], metavar="TOML",
                     help="operator classification rules, tried before the shipped ones (repeatable)")
+    pp.add_argument("--policy-hard", action="append", default=[], metavar="CATEGORY",
+                    help="a policy category graded hard, as [bounces] policy_hard (repeatable)")
     pp.set_defaults(func=run_parse)
     return p
 
 
 def run_parse(args: argparse.Namespace) -> int:
     try:
-        classifier = Classifier(args.rules)
+        classifier = Classifier(args.rules, getattr(args, "policy_hard", ()))
     except RulesError as e:
         print(f"mta bounce parse: {e}", file=sys.stderr)
         return 1

@@ -158,10 +158,10 @@ class ParserPool:
     messages are held in memory for parsing at once)."""
 
     def __init__(self, rule_files: Sequence[Path] = (), *, workers: int = 1, timeout: float = 10.0,
-                 max_size: int = 1 << 20, memory: int = 512 << 20):
+                 max_size: int = 1 << 20, memory: int = 512 << 20, policy_hard: Sequence[str] = ()):
         self.timeout = timeout
         self.max_size = max_size
-        self.settings = {"rules": [str(p) for p in rule_files], "memory": memory,
+        self.settings = {"rules": [str(p) for p in rule_files], "policy_hard": list(policy_hard), "memory": memory,
                          "timeout": timeout, "parent": os.getpid()}
         self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         for _ in range(workers):
@@ -231,7 +231,7 @@ def child_main() -> None:
     _die_with_parent()
     if os.getppid() != settings["parent"]:
         return                                       # (it died before we asked)
-    classifier = Classifier([Path(p) for p in settings["rules"]])
+    classifier = Classifier([Path(p) for p in settings["rules"]], settings.get("policy_hard", ()))
     if settings.get("memory"):
         resource.setrlimit(resource.RLIMIT_AS, (settings["memory"], settings["memory"]))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
