@@ -16,7 +16,9 @@ __all__ = ["smtp_stage", "ADDR", "clean_address", "find_code_status", "unfold", 
 ADDR = re.compile(
     r"(?<![\w.+=/&%!#$'*?^`{|}~-])"
     r"((?:\"[^\"\n]{1,64}\"|[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*)"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+|\[[0-9A-Fa-f:.]+\]))"
+    # (SMTPUTF8: the labels before the last may be Unicode; the last must be ASCII, so
+    # an address written straight before CJK text does not swallow it)
+    r"@(?:(?:[^\W_](?:[\w-]{0,62}[^\W_])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]))"
 )
 
 _CODE_STATUS = re.compile(r"(?<![\d.])([245][0-5]\d)(?:[ -]+|-|\s*\(?#?)([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)")

@@ -27,6 +27,10 @@ _DSN_HINT = re.compile(r"^(final-recipient|original-recipient)\s*:", re.I | re.M
 # (each join copies the text: unbounded, a group repeating it was quadratic).
 _MAX_DIAGNOSTIC = 8192
 _ACTION_HINT = re.compile(r"^(action|status)\s*:", re.I | re.M)
+# Leaves that are never the status block (the returned original's headers are
+# read by original.py; their "To:"/"From:" never hold Final-Recipient).
+_NOT_STATUS = frozenset({"text/rfc822-headers", "text/html", "message/rfc822"})
+_MAX_LEAVES = 64
 
 
 @dataclass(slots=True)
@@ -100,11 +104,34 @@ def _dsn_text(part: email.message.Message) -> str:
     return part_text(part)
 
 
+def _utf8(value: str) -> str:
+    """A header value parsed from 8-bit bytes (surrogate escapes) as UTF-8 text: the
+    fields of message/global-delivery-status (RFC 6533) and SMTPUTF8 addresses."""
+    if not isinstance(value, str):
+        value = str(value)
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _fields_text(part: email.message.Message) -> str:
     body = payload_of(part)
-    head = "\n".join(f"{k}: {v}" for k, v in part.items())
+    if isinstance(body, str) and not body.isascii():
+        # (get_payload() turned 8-bit bytes into U+FFFD; the raw bytes are UTF-8 here)
+        try:
+            raw = part.get_payload(decode=True)
+        except Exception:
+            raw = None
+        if isinstance(raw, bytes):
+            body = _utf8(raw.decode("utf-8", "surrogateescape"))
+    head = "\n".join(f"{k}: {_utf8(v)}" for k, v in part.items())
     if isinstance(body, str) and body.strip():
-        return head + "\n\n" + body
+        return head + "\n\n" + _utf8(body)
     return head
 
 
@@ -116,14 +143,12 @@ def find_dsn_parts(msg: email.message.Message) -> list[str]:
         ctype = part.get_content_type()
         if ctype in _DSN_TYPES:
             found.append(_dsn_text(part))
-        elif ctype in ("text/plain", "message/rfc822") and not found:
-            pass
-        if ctype == "text/plain" and not part.is_multipart():
+        elif not part.is_multipart() and ctype not in _NOT_STATUS and len(plain) < _MAX_LEAVES:
             plain.append(part_text(part))
     if found:
         return found
-    # Some MTAs send the status block as text/plain (or inline): accept it only
-    # when it clearly has the per-recipient fields.
+    # Some MTAs send the status block as text/plain, application/octet-stream, a
+    # made-up type, or inline: accept it only when it clearly has the per-recipient fields.
     for text in plain:
         if _DSN_HINT.search(text) and _ACTION_HINT.search(text):
             found.append(text)

@@ -1,0 +1,305 @@
+"""Generic bounce layouts, written here (not copied from a corpus): the parser must find every
+failed recipient -- and no other address -- in shapes no corpus sample showed it, and the
+classifier must grade hard/soft only where it is a fact about the address.
+
+Each sample is a whole returned message: the bounce's To: is our envelope sender
+(bounces@sender.example), the notice quotes the original's headers (From: the author, To/Cc:
+other people) which must never be taken as failed recipients.
+"""
+from __future__ import annotations
+
+import pytest
+
+from mta.config.schema import BOUNCE_POLICY_CATEGORIES
+from mta.feedback.bounce import Classifier, parse_message
+from mta.feedback.bounce.classify import ADDRESS_CATEGORIES, POLICY_CATEGORIES, SHIPPED_RULES, load_rules
+
+# addresses that appear in every sample and are never failed recipients
+SENDER = "bounces@sender.example"
+AUTHOR = "alice@sender.example"
+OTHERS = ("carol@other.example", "dave@other.example")
+
+ORIGINAL = (f"Return-Path: <{SENDER}>\nReceived: from out.sender.example (out.sender.example [192.0.2.10])\n"
+            f"\tby mx.rcpt.example with ESMTP id 4AbCd; Tue, 1 Dec 2026 10:00:00 +0000\n"
+            f"Message-ID: <m1@sender.example>\nFrom: Alice <{AUTHOR}>\nTo: {OTHERS[0]}\nCc: {OTHERS[1]}\n"
+            f"Reply-To: {AUTHOR}\nSubject: hello\nDate: Tue, 1 Dec 2026 10:00:00 +0000\n")
+
+
+def text_bounce(body: str, *, frm: str = "Mail Delivery System <MAILER-DAEMON@mx.rcpt.example>",
+                subject: str = "Undelivered Mail Returned to Sender", original: str = ORIGINAL,
+                sep: str = "------ This is a copy of the message, including all the headers. ------\n") -> bytes:
+    return (f"From: {frm}\nTo: {SENDER}\nSubject: {subject}\nDate: Tue, 1 Dec 2026 10:05:00 +0000\n"
+            f"MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+            + body + "\n" + sep + original + "\nhi\n").encode("utf-8")
+
+
+def report(status_part: str, *, ctype: str = "message/delivery-status", human: str = "Delivery failed.\n",
+           outer_extra: str = "") -> bytes:
+    return (f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: Delivery Status Notification (Failure)\n"
+            f"MIME-Version: 1.0\n{outer_extra}Content-Type: multipart/report; report-type=delivery-status; boundary=\"RB\"\n\n"
+            f"--RB\nContent-Type: text/plain\n\n{human}\n--RB\nContent-Type: {ctype}\n\n{status_part}\n"
+            f"--RB\nContent-Type: text/rfc822-headers\n\n{ORIGINAL}\n--RB--\n").encode("utf-8")
+
+
+def rcpts(data: bytes, classifier: Classifier | None = None) -> dict[str, tuple]:
+    rep = parse_message(data, classifier)
+    assert rep.kind in ("bounce", "delay"), rep
+    return {r.recipient.lower(): (r.category, r.hard) for r in rep.recipients}
+
+
+def assert_exactly(data: bytes, want: dict[str, tuple[str, bool] | None]) -> None:
+    got = rcpts(data)
+    assert set(got) == {a.lower() for a in want}, got
+    for a, v in want.items():
+        if v is not None:
+            assert got[a.lower()] == v, (a, got[a.lower()])
+    for never in (SENDER, AUTHOR, *OTHERS, "postmaster@mx.rcpt.example", "mailer-daemon@mx.rcpt.example"):
+        assert never not in got
+
+
+UNKNOWN = ("invalid_recipient", True)
+FULL = ("mailbox_full", False)
+
+
+# -- RFC 3464 with odd formatting ---------------------------------------------------------
+
+def test_dsn_no_blank_lines_lowercase_fields_folded_diagnostic():
+    part = ("reporting-mta: dns; mx.rcpt.example\n"
+            "final-recipient: rfc822; one@rcpt.example\naction: failed\nstatus: 5.1.1\n"
+            "diagnostic-code: smtp; 550 5.1.1 <one@rcpt.example>:\n  Recipient address rejected:\n\tUser unknown\n"
+            "final-recipient: rfc822; two@rcpt.example\naction: failed\nstatus: 5.2.2\n"
+            "diagnostic-code: smtp; 552 5.2.2 Mailbox full\n")
+    assert_exactly(report(part), {"one@rcpt.example": UNKNOWN, "two@rcpt.example": FULL})
+
+
+def test_dsn_as_text_plain_and_octet_stream():
+    part = ("Reporting-MTA: dns; mx.rcpt.example\n\nFinal-Recipient: rfc822;<three@rcpt.example>\n"
+            "Action: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 no such user\n")
+    for ctype in ("text/plain", "application/octet-stream", "text/delivery-status"):
+        assert_exactly(report(part, ctype=ctype, human="Your message could not be delivered.\n"),
+                       {"three@rcpt.example": UNKNOWN})
+
+
+def test_dsn_report_nested_in_message_rfc822():
+    inner = report("Reporting-MTA: dns; mx.rcpt.example\n\nFinal-Recipient: rfc822; four@rcpt.example\n"
+                   "Action: failed\nStatus: 5.1.1\n").decode()
+    outer = (f"From: postmaster@relay.sender.example\nTo: {SENDER}\nSubject: Fwd: Delivery Status Notification\n"
+             f"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"OB\"\n\n--OB\nContent-Type: text/plain\n\n"
+             f"Forwarded bounce attached.\n--OB\nContent-Type: message/rfc822\n\n{inner}\n--OB--\n").encode()
+    assert_exactly(outer, {"four@rcpt.example": UNKNOWN})
+
+
+def test_dsn_final_recipient_without_type_and_utf8_address():
+    part = ("Reporting-MTA: dns; mx.rcpt.example\n\nOriginal-Recipient: utf-8; j\u00fcrgen@m\u00fcller.example\n"
+            "Final-Recipient: utf-8; j\u00fcrgen@m\u00fcller.example\nAction: failed\nStatus: 5.1.1\n\n"
+            "Final-Recipient: <five@rcpt.example>\nAction: failed\nStatus: 5.1.1\n")
+    assert_exactly(report(part, ctype="message/global-delivery-status"),
+                   {"j\u00fcrgen@m\u00fcller.example": UNKNOWN, "five@rcpt.example": UNKNOWN})
+
+
+# -- text bounces of the common MTAs --------------------------------------------------------
+
+def test_postfix_multi_recipient():
+    body = ("This is the mail system at host mx.sender.example.\n\nI'm sorry to have to inform you that your message could not\n"
+            "be delivered to one or more recipients. It's attached below.\n\nFor further assistance, please send mail to postmaster.\n\n"
+            "                   The mail system\n\n"
+            "<a1@rcpt.example>: host mx.rcpt.example[192.0.2.1] said: 550 5.1.1 <a1@rcpt.example>:\n"
+            "    Recipient address rejected: User unknown in local recipient table (in reply to RCPT TO command)\n\n"
+            "<a2@rcpt.example>: host mx.rcpt.example[192.0.2.1] said: 552 5.2.2 <a2@rcpt.example>:\n"
+            "    Mailbox full (in reply to RCPT TO command)\n\n"
+            "<\"john smith\"@rcpt.example>: host mx.rcpt.example[192.0.2.1] said: 550 5.1.1 no such user\n")
+    assert_exactly(text_bounce(body, sep="--- Original message follows ---\n"),
+                   {"a1@rcpt.example": UNKNOWN, "a2@rcpt.example": FULL, '"john smith"@rcpt.example': UNKNOWN})
+
+
+def test_exim_multi_recipient_indented_reason():
+    body = ("This message was created automatically by mail delivery software.\n\n"
+            "A message that you sent could not be delivered to one or more of its\nrecipients. This is a permanent error. "
+            "The following address(es) failed:\n\n"
+            "  b1@rcpt.example\n    host mx.rcpt.example [192.0.2.1]\n"
+            "    SMTP error from remote mail server after RCPT TO:<b1@rcpt.example>:\n    550 5.1.1 User unknown\n"
+            "  b2@rcpt.example\n    host mx.rcpt.example [192.0.2.1]\n"
+            "    SMTP error from remote mail server after RCPT TO:<b2@rcpt.example>:\n    452 4.2.2 Over quota\n")
+    assert_exactly(text_bounce(body, frm="Mail Delivery System <Mailer-Daemon@mx.sender.example>",
+                               subject="Mail delivery failed: returning message to sender"),
+                   {"b1@rcpt.example": UNKNOWN, "b2@rcpt.example": FULL})
+
+
+def test_sendmail_dots_and_transcript():
+    body = ("The original message was received at Tue, 1 Dec 2026 10:00:00 +0000\nfrom out.sender.example [192.0.2.10]\n\n"
+            "   ----- The following addresses had permanent fatal errors -----\n<c1@rcpt.example>\n"
+            "    (reason: 550 5.1.1 <c1@rcpt.example>... User unknown)\n<c2@rcpt.example>\n"
+            "    (reason: 550 5.1.1 <c2@rcpt.example>... User unknown)\n\n"
+            "   ----- Transcript of session follows -----\n... while talking to mx.rcpt.example.:\n"
+            f">>> MAIL From:<{SENDER}> SIZE=1000\n<<< 250 2.1.0 <{SENDER}>... Sender ok\n"
+            ">>> RCPT To:<c1@rcpt.example>\n<<< 550 5.1.1 <c1@rcpt.example>... User unknown\n"
+            ">>> RCPT To:<c2@rcpt.example>\n<<< 550 5.1.1 <c2@rcpt.example>... User unknown\n"
+            "550 5.1.1 <c1@rcpt.example>... User unknown\n")
+    assert_exactly(text_bounce(body, subject="Returned mail: see transcript for details",
+                               sep="   ----- Original message follows -----\n"),
+                   {"c1@rcpt.example": UNKNOWN, "c2@rcpt.example": UNKNOWN})
+
+
+def test_qmail_colon_blocks():
+    body = ("Hi. This is the qmail-send program at mx.sender.example.\nI'm afraid I wasn't able to deliver your message "
+            "to the following addresses.\nThis is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+            "<d1@rcpt.example>:\n192.0.2.1 does not like recipient.\nRemote host said: 550 5.1.1 <d1@rcpt.example>... User unknown\n"
+            "Giving up on 192.0.2.1.\n\n<d2@rcpt.example>:\n192.0.2.1 does not like recipient.\n"
+            "Remote host said: 552 5.2.2 mailbox is full\nGiving up on 192.0.2.1.\n\n")
+    assert_exactly(text_bounce(body, frm=f"MAILER-DAEMON@mx.sender.example", subject="failure notice",
+                               sep="--- Below this line is a copy of the message.\n\n"),
+                   {"d1@rcpt.example": UNKNOWN, "d2@rcpt.example": FULL})
+
+
+def test_exchange_listing():
+    body = ("Delivery has failed to these recipients or groups:\n\n"
+            "e1@rcpt.example (e1@rcpt.example)<mailto:e1@rcpt.example>\n"
+            "The email address you entered couldn't be found. Please check the recipient's email address and try to "
+            "resend the message.\n\ne2@rcpt.example<mailto:e2@rcpt.example>\n"
+            "The recipient's mailbox is full and can't accept messages now.\n\n\n\n\n\nDiagnostic information for administrators:\n\n"
+            "Generating server: mx.rcpt.example\n\ne1@rcpt.example\nRemote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\n\n"
+            "e2@rcpt.example\nRemote Server returned '554 5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException'\n\n"
+            "Original message headers:\n\n")
+    assert_exactly(text_bounce(body, frm="postmaster@rcpt.example", subject="Undeliverable: hello", sep=""),
+                   {"e1@rcpt.example": UNKNOWN, "e2@rcpt.example": FULL})
+
+
+def test_domino_lotus_layout():
+    body = ("Your message\n\n  Subject: hello\n\nwas not delivered to:\n\n  f1@rcpt.example\n\nbecause:\n\n"
+            "  User f1@rcpt.example (f1@rcpt.example) not listed in Domino Directory\n\n")
+    assert_exactly(text_bounce(body, frm="Postmaster@rcpt.example", subject="DELIVERY FAILURE: User f1 not listed",
+                               sep="", original=""),
+                   {"f1@rcpt.example": UNKNOWN})
+
+
+def test_courier_layout():
+    body = ("This is a delivery status notification from mx.sender.example,\nrunning the Courier mail server, version 1.1.\n\n"
+            "The original message was received on Tue, 1 Dec 2026 10:00:00 +0000\nfrom out.sender.example [192.0.2.10]\n\n"
+            "----------------------------------------------------------------------\n\n"
+            "                           UNDELIVERABLE MAIL\n\n"
+            "Your message to the following recipients cannot be delivered:\n\n"
+            "<g1@rcpt.example>:\n    mx.rcpt.example [192.0.2.1]:\n>>> RCPT TO:<g1@rcpt.example>\n"
+            "<<< 550 5.1.1 <g1@rcpt.example>: Recipient address rejected: User unknown\n\n"
+            "<g2@rcpt.example>:\n    mx.rcpt.example [192.0.2.1]:\n>>> RCPT TO:<g2@rcpt.example>\n"
+            "<<< 550 5.1.1 <g2@rcpt.example>: Recipient address rejected: User unknown\n")
+    assert_exactly(text_bounce(body, frm="Courier mail server at mx.sender.example <@>",
+                               subject="NOTICE: mail delivery status."),
+                   {"g1@rcpt.example": UNKNOWN, "g2@rcpt.example": UNKNOWN})
+
+
+def test_mdaemon_layout():
+    body = ("The attached message had PERMANENT fatal delivery errors!\n\nAfter one or more unsuccessful delivery attempts "
+            "the attached message has been removed from the mail queue on this server.\n\n"
+            "--- Session Transcript ---\n Tue 2026-12-01 10:00:00: Parsing message <q.msg>\n"
+            " Tue 2026-12-01 10:00:00: *  From: " + SENDER + "\n"
+            " Tue 2026-12-01 10:00:00: *  To: h1@rcpt.example\n"
+            " Tue 2026-12-01 10:00:01: --> RCPT To:<h1@rcpt.example>\n"
+            " Tue 2026-12-01 10:00:01: <-- 550 5.1.1 <h1@rcpt.example>: Recipient address rejected: User unknown\n"
+            "--- End Transcript ---\n")
+    assert_exactly(text_bounce(body, frm="MDaemon@mx.sender.example",
+                               subject="Permanent Delivery Failure", sep="--- Original message ---\n", original=""),
+                   {"h1@rcpt.example": UNKNOWN})
+
+
+# -- address forms ----------------------------------------------------------------------------
+
+def test_address_then_indented_reason_blocks():
+    body = ("Delivery to the following recipients failed permanently:\n\n"
+            "    i1@rcpt.example\n        550 5.1.1 The email account that you tried to reach does not exist.\n\n"
+            "    i2@rcpt.example\n        552 5.2.2 The email account that you tried to reach is over quota.\n\n")
+    assert_exactly(text_bounce(body, frm="Mail Delivery Subsystem <mailer-daemon@mx.sender.example>",
+                               subject="Delivery Status Notification (Failure)", sep="----- Original message -----\n"),
+                   {"i1@rcpt.example": UNKNOWN, "i2@rcpt.example": FULL})
+
+
+def test_quoted_local_part_and_angle_forms():
+    body = ("Your message could not be delivered to the following recipients:\n\n"
+            "\"j doe\"@rcpt.example: 550 5.1.1 user unknown\n"
+            "\"k.o'neil\"@rcpt.example: 550 5.1.1 user unknown\n")
+    assert_exactly(text_bounce(body), {'"j doe"@rcpt.example': UNKNOWN, "\"k.o'neil\"@rcpt.example": UNKNOWN})
+
+
+def test_rcpt_to_only():
+    body = ("An error occurred while delivering your message.\n\n"
+            f"MAIL FROM:<{SENDER}>\n250 ok\nRCPT TO:<l1@rcpt.example>\n550 5.1.1 mailbox unavailable\n")
+    assert_exactly(text_bounce(body, sep="--- original message ---\n"), {"l1@rcpt.example": UNKNOWN})
+
+
+def test_smtputf8_address_in_text():
+    body = ("Delivery to the following recipient failed permanently:\n\n"
+            "     \u7528\u6237@\u4f8b\u5b50.example\n\nTechnical details of permanent failure:\n"
+            "550 5.1.1 user unknown\n\n")
+    assert_exactly(text_bounce(body, sep="----- Original message -----\n"),
+                   {"\u7528\u6237@\u4f8b\u5b50.example": UNKNOWN})
+
+
+def test_inline_header_block_without_separator_is_not_read():
+    # no "copy of the message" line: the quoted headers start right after the reason
+    body = ("Could not deliver to m1@rcpt.example\n550 5.1.1 User unknown\n\n")
+    assert_exactly(text_bounce(body, sep=""), {"m1@rcpt.example": UNKNOWN})
+
+
+def test_many_recipients_none_invented():
+    addrs = [f"n{i}@rcpt.example" for i in range(40)]
+    body = ("The following addresses had permanent fatal errors:\n\n"
+            + "".join(f"<{a}>: 550 5.1.1 User unknown\n" for a in addrs)
+            + "\nFor help contact postmaster@mx.rcpt.example or write to " + AUTHOR + ".\n")
+    assert_exactly(text_bounce(body), {a: UNKNOWN for a in addrs})
+
+
+# -- hard / soft ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code,status,text,category", [
+    (550, "5.7.1", "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "spam_block"),
+    (554, "5.7.1", "Message rejected as spam by the content filter", "spam_content"),
+    (554, "5.7.1", "Virus detected in attachment", "virus"),
+    (550, "5.7.26", "Unauthenticated email is not accepted due to the sender domain's DMARC policy", "policy"),
+    (550, "5.7.1", "Message refused by local policy", "policy"),
+    (550, "5.2.1", "The mailbox has been suspended", "inactive_mailbox"),
+])
+def test_policy_categories_follow_config(code, status, text, category):
+    assert category in POLICY_CATEGORIES
+    default = Classifier().classify(code, status, text)
+    assert (default.category, default.hard) == (category, False)
+    aliases = [n for n, c in BOUNCE_POLICY_CATEGORIES.items() if c == category]
+    for name in aliases:
+        v = Classifier(policy_hard=[name]).classify(code, status, text)
+        assert (v.category, v.hard) == (category, True), name
+        # never for a temporary failure
+        t = Classifier(policy_hard=[name]).classify(450, "4" + status[1:], text)
+        assert t.hard is False
+
+
+@pytest.mark.parametrize("code,status,text,category,hard", [
+    (550, "5.1.1", "No such user here", "invalid_recipient", True),
+    (550, None, "Host or domain name not found", "invalid_domain", True),
+    (552, "5.2.2", "Mailbox full", "mailbox_full", False),
+    (None, "5.4.7", "delivery time expired", "expired", False),
+    (421, "4.7.0", "Too many connections, slow down", "rate_limited", False),
+    (552, "5.3.4", "Message size exceeds fixed maximum message size", "message_too_large", False),
+    (451, "4.3.0", "Internal server error", "system_error", False),
+])
+def test_unambiguous_grades_ignore_policy_config(code, status, text, category, hard):
+    everything = Classifier(policy_hard=list(BOUNCE_POLICY_CATEGORIES))
+    for c in (Classifier(), everything):
+        v = c.classify(code, status, text)
+        assert (v.category, v.hard) == (category, hard), v
+
+
+def test_shipped_rules_grade_only_address_failures_hard():
+    for r in load_rules(SHIPPED_RULES):
+        if r.hard:
+            assert r.category in ADDRESS_CATEGORIES, r.name
+        if r.category in POLICY_CATEGORIES:
+            assert not r.hard, r.name
+
+
+def test_policy_hard_in_a_text_bounce():
+    body = ("The following address failed:\n\n<p1@rcpt.example>: 550 5.7.1 Client host blocked using zen.spamhaus.org\n")
+    assert rcpts(text_bounce(body))["p1@rcpt.example"] == ("spam_block", False)
+    assert rcpts(text_bounce(body), Classifier(policy_hard=["blocked"]))["p1@rcpt.example"] == ("spam_block", True)
+
+
+def test_unknown_policy_name_is_refused():
+    with pytest.raises(ValueError):
+        Classifier(policy_hard=["invalid_recipient"])
