@@ -304,8 +304,9 @@ def _classify(r: FailedRecipient, classifier: Classifier, once: _Once, extra: st
     elif stage == "DATA" and r.hard and not (r.status and r.status[1:] in _MAILBOX_STATUS):
         # (A stated "bad mailbox" status outweighs the transcript: Sendmail
         # pipelines RCPT and reports the failure at DATA.)
-        # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof that the address is dead.
-        r.hard = False
+        # A mailbox "unknown" only after the content was seen is a filter's verdict, not proof
+        # that the address is dead: hard only if the operator grades filtering hard.
+        r.hard = "spam_content" in classifier.policy_hard
     if r.status is None and r.action in ("failed", "delayed"):
         derived = _DERIVED.get(v.category)
         if derived:
