@@ -36,11 +36,21 @@ def unfold(text: str) -> str:
 
 def find_code_status(text: str) -> tuple[int | None, str | None]:
     """The SMTP reply code and RFC 3463 status quoted in a diagnostic text."""
-    m = _CODE_STATUS.search(text)
-    if m:
+    first = None
+    for i, m in enumerate(_CODE_STATUS.finditer(text)):
         code, status = int(m.group(1)), m.group(2)
-        if code // 100 == int(status[0]) or status[0] == "2":
+        if not (code // 100 == int(status[0]) or status[0] == "2"):
+            continue
+        if code >= 400:
             return code, status
+        # A transcript's "250 2.1.5 Ok" before the failure is not the failure:
+        # a 4xx/5xx pair later in the text wins (looked for over a few pairs only).
+        if first is None:
+            first = (code, status)
+        if i >= 16:
+            break
+    if first is not None:
+        return first
     status = None
     m = _STATUS.search(text)
     if m:
