@@ -303,3 +303,33 @@ def test_policy_hard_in_a_text_bounce():
 def test_unknown_policy_name_is_refused():
     with pytest.raises(ValueError):
         Classifier(policy_hard=["invalid_recipient"])
+
+
+# -- more layouts: vendor-style notices (wording of their kind, written here) ------------------
+
+MORE: dict[str, tuple[bytes, set[str]]] = {}
+MORE['biglobe'] = (text_bounce("This is a MIME-encapsulated message.\n\n  ----- The following addresses had delivery problems -----\nq1@rcpt.example\n\n  ----- Non-delivered information -----\nThe number of messages in recipient's mailbox exceeded the local limit.\n", frm="postmaster@rcpt.example", subject="Returned mail: Delivery failed", sep="  ----- Original message -----\n"), {"q1@rcpt.example"})
+MORE['imail'] = (text_bounce("Body of message generated response:\n\nUnknown user: q2@rcpt.example\n\n", frm="postmaster@rcpt.example", subject="Undeliverable Mail", sep="Original message follows.\n"), {"q2@rcpt.example"})
+MORE['mailmarshal'] = (text_bounce(f"Your message:\n\n   From:    Alice <{AUTHOR}>\n   Subject: hello\n\nCould not be delivered because of\n\n550 5.1.1 User unknown\n\nThe following recipients were affected: \n    q3@rcpt.example\n    q4@rcpt.example\n\nAdditional Information\n======================\n\nOriginal Sender:    <{SENDER}>\nSender-MTA:         <192.0.2.10>\nRemote-MTA:         <192.0.2.1>\nReporting-MTA:      <mx.rcpt.example>\nRecipient:          <q3@rcpt.example>\n", frm="postmaster@rcpt.example", subject="Undeliverable Mail: \"hello\"", sep=""), {"q3@rcpt.example","q4@rcpt.example"})
+MORE['google'] = (text_bounce("This is an automatically generated Delivery Status Notification\n\nDelivery to the following recipient failed permanently:\n\n     q5@rcpt.example\n\nTechnical details of permanent failure:\nGoogle tried to deliver your message, but it was rejected by the server for the recipient domain rcpt.example by mx.rcpt.example. [192.0.2.1].\n\nThe error that the other server returned was:\n550 5.1.1 <q5@rcpt.example>... User Unknown\n", frm="Mail Delivery Subsystem <mailer-daemon@googlemail.com>", subject="Delivery Status Notification (Failure)", sep="----- Original message -----\n"), {"q5@rcpt.example"})
+MORE['yahoo'] = (text_bounce("Sorry, we were unable to deliver your message to the following address.\n\n<q6@rcpt.example>:\nRemote host said: 550 5.1.1 <q6@rcpt.example>... User Unknown [RCPT_TO]\n", frm="MAILER-DAEMON@yahoo.example", subject="Failure Notice", sep="--- Below this line is a copy of the message.\n"), {"q6@rcpt.example"})
+MORE['sentence'] = (text_bounce("Your message to <q7@rcpt.example> could not be delivered.\nThe server said: 550 5.1.1 mailbox unavailable\n", sep="--- original message ---\n"), {"q7@rcpt.example"})
+MORE['sentence2'] = (text_bounce("We could not deliver your message to q8@rcpt.example because the address does not exist.\n", subject="Delivery failure", sep="--- original message ---\n"), {"q8@rcpt.example"})
+MORE['oneline-list'] = (text_bounce("The following recipients failed: q9@rcpt.example, q10@rcpt.example, q11@rcpt.example\nReason: 550 5.1.1 user unknown\n", sep="--- original message ---\n"), {"q9@rcpt.example","q10@rcpt.example","q11@rcpt.example"})
+MORE['labelled'] = (text_bounce("Delivery failed.\n\nFailed recipient: q12@rcpt.example\nReason: Remote host said: 550 5.1.1 unknown user\n\nFailed recipient: q13@rcpt.example\nReason: Remote host said: 552 5.2.2 mailbox full\n", sep="--- original message ---\n"), {"q12@rcpt.example","q13@rcpt.example"})
+MORE['exch2003'] = (text_bounce("Your message\n\n  To:      q14@rcpt.example\n  Subject: hello\n  Sent:    Tue, 1 Dec 2026 10:00:00 +0000\n\ndid not reach the following recipient(s):\n\nq14@rcpt.example on Tue, 1 Dec 2026 10:00:05 +0000\n    The e-mail account does not exist at the organization this message was sent to.\n    <mx.rcpt.example #5.1.1>\n", frm="System Administrator <postmaster@rcpt.example>", subject="Undeliverable: hello", sep="", original=""), {"q14@rcpt.example"})
+MORE['html-only'] = ((f"From: postmaster@rcpt.example\nTo: {SENDER}\nSubject: Undeliverable: hello\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body><p><b>Your message to <a href=\"mailto:q15@rcpt.example\">q15@rcpt.example</a> couldn't be delivered.</b></p><p>q15 wasn't found at rcpt.example.</p><p>Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'</p></body></html>\n").encode(), {"q15@rcpt.example"})
+MORE['ja'] = (text_bounce("以下のアドレスへの送信に失敗しました。\n\nq16@rcpt.example\n\n550 5.1.1 ユーザが存在しません (user unknown)\n", frm="MAILER-DAEMON@mx.rcpt.example", subject="配信エラー", sep="-------original message\n"), {"q16@rcpt.example"})
+MORE['de'] = (text_bounce("Ihre Nachricht konnte nicht zugestellt werden an:\n\n  q17@rcpt.example\n  Grund: 550 5.1.1 Benutzer unbekannt\n", frm="MAILER-DAEMON@mx.rcpt.example", subject="Unzustellbar: hello", sep="--- Originalnachricht ---\n"), {"q17@rcpt.example"})
+MORE['xfailed-only'] = ((f"From: Mail Delivery System <MAILER-DAEMON@mx.rcpt.example>\nTo: {SENDER}\nSubject: Mail delivery failed\nX-Failed-Recipients: q18@rcpt.example, q19@rcpt.example\n\nA message that you sent could not be delivered to one or more of its recipients.\n").encode(), {"q18@rcpt.example","q19@rcpt.example"})
+MORE['angle-sentence-multi'] = (text_bounce("Delivery to the following recipients failed.\n\n       <q20@rcpt.example>\n       <q21@rcpt.example>\n\nReason: 550 5.1.1 unknown user\n", sep="--- original message ---\n"), {"q20@rcpt.example","q21@rcpt.example"})
+MORE['rcpt-transcript-multi'] = (text_bounce(f"Transcript:\n>>> MAIL FROM:<{SENDER}>\n<<< 250 ok\n>>> RCPT TO:<q22@rcpt.example>\n<<< 550 5.1.1 no such user\n>>> RCPT TO:<q23@rcpt.example>\n<<< 550 5.1.1 no such user\n", subject="Delivery failure", sep="--- original message ---\n"), {"q22@rcpt.example","q23@rcpt.example"})
+MORE['reason-first'] = (text_bounce("This message could not be delivered.\n\nReason: 550 5.1.1 User unknown\nRecipient: <q24@rcpt.example>\nSender: <" + SENDER + ">\n", sep="--- original message ---\n"), {"q24@rcpt.example"})
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_more_layouts_find_exactly_the_recipients(name):
+    data, want = MORE[name]
+    rep = parse_message(data)
+    assert rep.kind == "bounce"
+    assert {r.recipient.lower() for r in rep.recipients} == want

@@ -153,6 +153,28 @@ _DELAY = re.compile(
     re.I | re.M)
 
 
+# "The following recipients failed: a@x, b@x; c@x": the addresses listed after the first
+# one a phrase names, on the same line.
+_P_NEXT = re.compile(r"[ \t]*+[,;][ \t]*+(?:and[ \t]+)?[\"']?<?(" + _A + r")>?[\"']?")
+
+
+def _with_listed(pat: re.Pattern[str], text: str):
+    """pat's matches; after a phrase's match, the further addresses of its list. (Linear:
+    a list is never walked twice, even when an address in it matches the phrase again.)"""
+    walked = 0
+    for m in pat.finditer(text):
+        yield m
+        if pat is _P_PHRASE and m.end() >= walked:
+            end = m.end()
+            while len(text) > end and text[end] in ",; \t":
+                n = _P_NEXT.match(text, end)
+                if n is None:
+                    break
+                yield n
+                end = n.end()
+            walked = end
+
+
 def is_delay_text(text: str) -> bool:
     return bool(_DELAY.search(text))
 
@@ -161,7 +183,7 @@ def scan(text: str, exclude: set[str]) -> list[Found]:
     """Failed recipients in a report text (already cut before the original)."""
     hits: dict[str, tuple[int, int]] = {}   # lower address -> (score, first position)
     for pat, base in _PATTERNS:
-        for m in pat.finditer(text):
+        for m in _with_listed(pat, text):
             score = base
             addr = m.group(1).strip(".")
             low = addr.lower()
