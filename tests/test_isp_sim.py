@@ -345,3 +345,38 @@ def test_cli_serves_reports_and_stops_on_sigterm(tmp_path):
     ev = [json.loads(x) for x in events.read_text().splitlines()]
     assert ev[0]["source"] == "127.0.62.1" and ev[0]["outcome"] == "accepted" and ev[0]["provider"] == "testisp"
     assert json.loads(stats.read_text())["day"] >= 1
+
+
+def test_mta_daemon_delivers_through_the_simulator(isp, dns_server, daemon_factory):
+    """A real `mta serve` with two egress sources, MX found through DNS from zone_records():
+    the simulator accepts up to each source's allowance, refuses an unknown user with its
+    multi-line reply, and the MTA logs a Delivery per accepted message and a Bounce."""
+    mx = "127.0.57.1"
+    unknown = ("550 5.1.1 The email account that you tried to reach does not exist. Please try\n"
+               "double-checking the recipient's email address for typos. - gsmtp")
+    sim = isp(mx, connections=[2, 2], per_connection=3, replies={"unknown": unknown})
+    server = dns_server(zone_records(sim.cfg))
+    d = daemon_factory(extra=f'[dns]\nnameservers = ["127.0.0.1:{server.port}"]\n'
+                             '[delivery]\nretry_initial = "1s"\nretry_max = "1s"\n'
+                             '[egress]\ndefault_pool = "main"\n'
+                             '[[source]]\nname = "a"\naddress = "127.0.63.1"\n'
+                             '[[source]]\nname = "b"\naddress = "127.0.63.2"\n'
+                             '[[pool]]\nname = "main"\nsources = ["a", "b"]\n')
+    rcpts = [f"user{i}@{DOMAIN}" for i in range(8)] + [f"unknown-x@{DOMAIN}"]
+    for r in rcpts:
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as s:
+            s.sendmail("news@sender.test", [r], MSG)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(d.log_records("Delivery")) >= 8 and any(b["recipient"] == f"unknown-x@{DOMAIN}"
+                                                       for b in d.log_records("Bounce")):
+            break
+        time.sleep(0.2)
+    assert len(d.log_records("Delivery")) == 8, d.log_records()[-5:]
+    bounce = next(b for b in d.log_records("Bounce") if b["recipient"] == f"unknown-x@{DOMAIN}")
+    assert (bounce["code"], bounce["status"], bounce["hard"]) == (550, "5.1.1", True)
+    assert bounce["text"].endswith("double-checking the recipient's email address for typos. - gsmtp")
+    st = sim.stats()["providers"]["testisp"]
+    assert sum(p["accepted"] for p in st.values()) == 8
+    assert set(st) <= {"127.0.63.1", "127.0.63.2"} and all(p["open"] <= 2 for p in st.values())
+    assert sum(p["counts"].get("rejected.unknown", 0) for p in st.values()) == 1

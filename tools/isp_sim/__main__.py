@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(signal.SIGTERM, sim.request_stop)
         loop.add_signal_handler(signal.SIGINT, sim.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, write_stats)
-        print(f"isp_sim: ready http=127.0.0.1:{sim.http_port} addresses={len(cfg.addresses())} "
+        print(f"isp_sim: ready http={(args.http or 'none:').rpartition(':')[0]}:{sim.http_port} addresses={len(cfg.addresses())} "
               f"port={cfg.port} day_seconds={cfg.day_seconds:g}", flush=True)
 
     try:

@@ -47,6 +47,7 @@ from .config import DAY, HOUR, Config, Provider
 
 MAX_CATCH_UP_HOURS = 24 * 400     # hours a pair's ledger is brought forward at once
 SERIES_HOURS = 24 * 60            # hourly series kept per pair (for plots)
+MAX_GREYLIST = 1_000_000          # greylist triples remembered
 
 ACCEPT = "accepted"
 DEFER = "deferred"
@@ -71,8 +72,8 @@ class Clock:
 
 
 def hashed_fraction(*parts: str) -> float:
-    """A number in [0, 1) fixed by `parts`: 'a fraction of recipients' that stays the same
-    recipients across retries and runs."""
+    """A number in [0, 1) fixed by `parts` (the seed first): 'a fraction of recipients' that
+    stays the same recipients across retries and runs with one seed."""
     digest = hashlib.sha256("\0".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -150,6 +151,7 @@ class Model:
         self.pairs: dict[tuple[str, str], Pair] = {}
         self.first_seen: dict[str, int] = {}          # unconfigured source -> first day
         self.greylist: dict[tuple[str, str, str], float] = {}   # triple -> first try (sim s)
+        self.seed = str(cfg.seed)      # picks which recipients the *_fraction settings hit
         for src in cfg.sources.values():
             for p in cfg.providers.values():
                 self._new_pair(src.address, p, 0, src.age_days, src.reputation, first_hour=0)
@@ -257,11 +259,14 @@ class Model:
             self._excess(pair)
             return DEFER, "rate"
         if (p.unknown_prefix and local.startswith(p.unknown_prefix)) or \
-                (p.unknown_fraction and hashed_fraction("unknown", rcpt) < p.unknown_fraction):
+                (p.unknown_fraction and hashed_fraction(self.seed, "unknown", rcpt) < p.unknown_fraction):
             return REJECT, "unknown"
         if p.greylist_minutes > 0:
             key = (pair.source, sender.lower(), rcpt)
             first = self.greylist.setdefault(key, now)
+            if len(self.greylist) > MAX_GREYLIST:       # forget the oldest tenth
+                for old in list(self.greylist)[: MAX_GREYLIST // 10]:
+                    del self.greylist[old]
             if now < first + p.greylist_minutes * 60:
                 return DEFER, "greylist"
         return ACCEPT, ""
@@ -286,7 +291,7 @@ class Model:
         for r in rcpts:
             local = r.rpartition("@")[0].lower()
             if (p.complaint_prefix and local.startswith(p.complaint_prefix)) or \
-                    (p.complaint_fraction and hashed_fraction("complaint", r.lower(), message_id)
+                    (p.complaint_fraction and hashed_fraction(self.seed, "complaint", r.lower(), message_id)
                      < p.complaint_fraction):
                 complainers.append(r)
         rec.complaints += len(complainers)
