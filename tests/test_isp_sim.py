@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import signal
 import smtplib
 import subprocess
@@ -380,3 +381,58 @@ def test_mta_daemon_delivers_through_the_simulator(isp, dns_server, daemon_facto
     assert sum(p["accepted"] for p in st.values()) == 8
     assert set(st) <= {"127.0.63.1", "127.0.63.2"} and all(p["open"] <= 2 for p in st.values())
     assert sum(p["counts"].get("rejected.unknown", 0) for p in st.values()) == 1
+
+
+def test_complaints_drop_reputation_and_are_logged_without_a_feedback_loop(isp):
+    mx = "127.0.56.8"
+    sim = isp(mx, min_volume=10, complaint_weight=150.0, arf=False)
+    src = "127.0.60.12"
+    s = client(mx, src)
+    for i in range(10):
+        assert send(s, f"complain-{i}@{DOMAIN}" if i == 0 else f"u{i}@{DOMAIN}")[0] == 250
+    s.quit()
+    sim.advance(HOUR)
+    st = pair(sim, src)
+    assert st["counts"]["complaints"] == 1 and st["reputation"] == 0.0   # 1 - 150 * 10 %
+    s = client(mx, src)
+    assert send(s, f"later@{DOMAIN}")[0] == 421
+    assert [e["outcome"] for e in sim.events() if e["stage"] == "complaint"] == ["no_report"]
+
+
+def test_a_reset_transaction_gives_its_units_back(isp):
+    mx = "127.0.56.9"
+    sim = isp(mx, per_day=[8, 8], per_hour_fraction=0.125)      # one recipient an hour
+    s = client(mx, "127.0.60.13")
+    assert s.mail("b@sender.test")[0] == 250 and s.rcpt(f"a@{DOMAIN}")[0] == 250
+    assert s.rset()[0] == 250
+    assert send(s, f"a@{DOMAIN}")[0] == 250
+    assert send(s, f"b@{DOMAIN}")[0] == 421
+    assert pair(sim, "127.0.60.13")["accepted"] == 1
+
+
+def test_fractions_hit_the_same_recipients_for_a_seed():
+    from isp_sim import Clock, Model
+
+    def unknown_set(seed: int) -> set[str]:
+        cfg = load(text=provider_toml("127.0.56.10", unknown_fraction=0.3, unknown_prefix="", per_day=[10**6, 10**6],
+                                      simulator={"seed": seed}))
+        model = Model(cfg, Clock(cfg.day_seconds, manual=True))
+        p = cfg.providers["testisp"]
+        return {r for i in range(1000) if model.rcpt("127.0.60.14", p, "b@s.test", r := f"u{i}@{DOMAIN}")[1] == "unknown"}
+
+    first = unknown_set(1)
+    assert 250 <= len(first) <= 350 and unknown_set(1) == first and unknown_set(2) != first
+
+
+@pytest.mark.parametrize("text, want", [
+    ('[providers.x]\ndomains = ["a.test"]\nmx = [{name = "m", address = "10.0.0.1"}]\n', "providers.x.mx[0].address"),
+    ('[providers.x]\ndomains = ["a.test"]\nmx = [{name = "m", address = "127.0.56.1"}]\nper_day = [10, 5]\n',
+     "providers.x.per_day"),
+    ('[providers.x]\ndomains = ["a.test"]\nmx = [{name = "m", address = "127.0.56.1"}]\nspeed = 1\n',
+     "providers.x: unknown keys ['speed']"),
+    ('[providers.x]\ndomains = ["a.test"]\nmx = [{name = "m", address = "127.0.56.1"}]\n'
+     '[providers.x.replies]\nrate = "slow down"\n', "providers.x.replies.rate"),
+])
+def test_config_errors_name_the_key(text, want):
+    with pytest.raises(ValueError, match=re.escape(want)):
+        load(text=text)

@@ -19,7 +19,7 @@ from .model import ACCEPT, DEFER
 if TYPE_CHECKING:
     from .server import Simulator
 
-MAX_LINE = 2048
+MAX_LINE = 8192           # bytes per command or text line (RFC 5321 asks for 1,000)
 MAX_MESSAGE = 50 * 1024 * 1024
 COMMAND_TIMEOUT = 300.0
 ADDRESS = re.compile(r"^(?:MAIL FROM|RCPT TO):\s*<([^<>\s]*)>", re.IGNORECASE)
@@ -50,16 +50,19 @@ class Session:
 
     # --- helpers -------------------------------------------------------------------------
 
-    async def reply(self, reply: Reply, **values: str) -> None:
-        self.writer.write(reply.render(ip=self.source, mx=self.mx, **values))
+    def values(self, rcpt: str = "", id: str = "") -> dict[str, str]:
+        """What a reply text's placeholders are filled with."""
+        return {"ip": self.source, "mx": self.mx, "rcpt": rcpt, "domain": rcpt.rpartition("@")[2], "id": id}
+
+    async def reply(self, reply: Reply, rcpt: str = "", id: str = "") -> None:
+        self.writer.write(reply.render(**self.values(rcpt, id)))
         await self.writer.drain()
 
-    def event(self, stage: str, outcome: str, reason: str, reply: Reply | None, **extra: object) -> None:
-        values = {"ip": self.source, "mx": self.mx, **{k: str(v) for k, v in extra.items() if k in ("rcpt", "id")}}
+    def event(self, stage: str, outcome: str, reason: str, reply: Reply | None, **extra: str) -> None:
+        text = reply.render(**self.values(extra.get("rcpt", ""), extra.get("id", ""))) if reply else b""
         self.sim.event(source=self.source, provider=self.provider.name, mx=self.mx, stage=stage,
                        outcome=outcome, reason=reason,
-                       reply=reply.render(**values).decode().rstrip("\r\n").replace("\r\n", "\n") if reply else "",
-                       **extra)
+                       reply=text.decode().rstrip("\r\n").replace("\r\n", "\n"), **extra)
 
     def release(self) -> None:
         for hour in set(self.reserved):
@@ -168,7 +171,7 @@ class Session:
             return True
         r = self.provider.replies[reason]
         self.event("rcpt", outcome, reason, r, sender=self.mail_from, rcpt=rcpt)
-        await self.reply(r, rcpt=rcpt, domain=rcpt.rpartition("@")[2])
+        await self.reply(r, rcpt=rcpt)
         return r.code != 421
 
     async def data(self) -> bool:
