@@ -30,9 +30,10 @@ Held-out estimate (--folds): leave one source family out at a time (a sisimai
 <lhost|rhost>-<engine>, rfc3464, rfc3834, arf; a flufl file group such as "qmail",
 "yahoo"). For each family F, every alternative of a classifier rule's `text` that
 decides a verdict only on F's files (in the whole corpus) is dropped -- as if it had
-never been written, because only F motivated it -- and F is scored with what is left.
-The summed held-out table estimates accuracy on bounces of an unseen source. (The
-parser's own patterns are not ablated: they are generic layouts, audited by hand.)
+never been written, because only F motivated it -- and so is every text-scan layout
+pattern (mta/feedback/bounce/textscan.py) without which only F finds fewer recipients;
+F is scored with what is left. The summed held-out table estimates accuracy on bounces
+of an unseen source. (The parser's other code paths are not ablated.)
 `--holdout FAMILY` does the same for one family (repeatable).
 
 Usage: tools/bounce_accuracy.py [--corpus DIR] [--failures] [--folds | --holdout FAMILY ...]
@@ -56,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import corpora  # noqa: E402  (tools/corpora.py)
 
-from mta.feedback.bounce import Classifier, Report, parse_message  # noqa: E402
+from mta.feedback.bounce import Classifier, Report, parse_message, textscan  # noqa: E402
 from mta.feedback.bounce.classify import SHIPPED_RULES, _lower_regex  # noqa: E402
 
 # sisimai reasons whose hard/soft label is a fact about the address, not a policy choice
@@ -290,8 +291,37 @@ def ablated_rules(usage: dict[tuple[str, str], set[str]], held_out: set[str], ou
     return dropped
 
 
+def _recipients_found(bases: dict[str, Path], runners: dict, classifier: Classifier) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for title, fn in runners.items():
+        if title in bases:
+            for fam, d in fn(bases[title], classifier).families.items():
+                if "recipient" in d:
+                    out[fam] = d["recipient"].ok
+    return out
+
+
+def parser_needs(bases: dict[str, Path], runners: dict) -> list[set[str]]:
+    """For each text-scan pattern (textscan._PATTERNS), the families that find fewer
+    recipients without it."""
+    c = Classifier()
+    full = _recipients_found(bases, runners, c)
+    patterns = textscan._PATTERNS
+    needs = []
+    try:
+        for i in range(len(patterns)):
+            textscan._PATTERNS = patterns[:i] + patterns[i + 1:]
+            less = _recipients_found(bases, runners, c)
+            needs.append({f for f, n in full.items() if less.get(f, 0) < n})
+    finally:
+        textscan._PATTERNS = patterns
+    return needs
+
+
 def run_folds(bases: dict[str, Path], only: list[str] | None) -> tuple[dict[str, Scores], int, list[str]]:
-    """Leave-one-family-out over sisimai and flufl: (title -> held-out scores, alternatives dropped, log)."""
+    """Leave-one-family-out over sisimai and flufl: (title -> held-out scores, alternatives dropped, log).
+
+    Also drops each text-scan layout pattern that only the held-out family needs."""
     rec = RecordingClassifier()
     runners = {"sisimai-set-of-emails": run_sisimai, "flufl-bounce": run_flufl}
     fams: dict[str, set[str]] = {}
@@ -299,6 +329,8 @@ def run_folds(bases: dict[str, Path], only: list[str] | None) -> tuple[dict[str,
         if title in bases:
             sc = fn(bases[title], rec)
             fams[title] = set(sc.families)
+    needs = parser_needs(bases, runners)
+    patterns = textscan._PATTERNS
     out = {t: Scores() for t in fams}
     total, notes = 0, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,11 +340,16 @@ def run_folds(bases: dict[str, Path], only: list[str] | None) -> tuple[dict[str,
                     continue
                 path = Path(tmp) / "rules.toml"
                 n = ablated_rules(rec.usage, {fam}, path)
-                total += n
-                if n:
-                    notes.append(f"{fam}: {n} alternative(s) only it needs")
+                only_it = [i for i, need in enumerate(needs) if need and need <= {fam}]
+                total += n + len(only_it)
+                if n or only_it:
+                    notes.append(f"{fam}: {n} rule alternative(s), {len(only_it)} text-scan pattern(s) only it needs")
                 held = RecordingClassifier(path)
-                sc = runners[title](bases[title], held, {fam})
+                textscan._PATTERNS = tuple(p for i, p in enumerate(patterns) if i not in only_it)
+                try:
+                    sc = runners[title](bases[title], held, {fam})
+                finally:
+                    textscan._PATTERNS = patterns
                 for name, t in sc.fields.items():
                     out[title].fields[name].ok += t.ok
                     out[title].fields[name].total += t.total
@@ -359,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         bases[title] = base
     if args.folds or args.holdout:
         held, dropped, notes = run_folds(bases, args.holdout)
-        print(f"# leave-one-family-out: {dropped} rule alternative(s) dropped in all, over {len(notes)} families")
+        print(f"# leave-one-family-out: {dropped} rule alternative(s) / text-scan pattern(s) dropped in all, "
+              f"over {len(notes)} families")
         for n in notes:
             print("#   " + n)
         for title, scores in held.items():
