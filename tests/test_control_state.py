@@ -119,3 +119,23 @@ def test_a_deferral_notes_its_schedule_in_the_spool(rigs):
     assert due == msg.due > r.loop.clock(), "the record holds the due time the wheel has"
     assert state["pending"] == (0,) and state["reply"] == "451 4.2.0 try later", state
     assert state["finished"] == {}
+
+
+def test_a_rebind_survives_into_a_new_engine(monkeypatch, tmp_path):
+    pools = '\n[[source]]\nname = "b"\naddress = "127.0.0.1"\n[[pool]]\nname = "p2"\nsources = ["b"]\n'
+    made = [Rig(monkeypatch, tmp_path, delivery=pools)]
+    try:
+        r = made[0]
+        r.net.replies["later@example.test"] = RemoteReply(451, "4.2.0", "try later")
+        r.send(1, "later@example.test")
+        r.loop.settle(10)
+        out = Controls(r.engine, tmp_path).rebind("example.test", "p2")
+        assert out["pool"] == "p2"
+        made.append(Rig(monkeypatch, tmp_path, delivery=pools))
+        c2 = Controls(made[1].engine, tmp_path)
+        assert c2.restore()["rebinds"] == 1
+        assert made[1].engine.scheduler.queues["example.test"].pool == "p2"
+        assert c2.state()["rebinds"] == {"example.test": "p2"}
+    finally:
+        for r in made:
+            r.close()
