@@ -13,6 +13,7 @@ packages of one rank never import each other:
 
   0  mta._native    compiled extensions (their .pyx import nothing of mta)
   1  mta.model      the values stages pass: ids, queue names, records, replies
+     mta.files      small files written whole (state files, keys, tokens)
   2  mta.config     typed key tables and the TOML loader
      mta.logs       the log writer
   3  mta.spool      durable storage
@@ -39,7 +40,7 @@ PACKAGE = ROOT / "mta"
 
 RANKS: dict[str, int] = {
     "mta._native": 0,
-    "mta.model": 1,
+    "mta.model": 1, "mta.files": 1,
     "mta.config": 2, "mta.logs": 2,
     "mta.spool": 3, "mta.egress": 3, "mta.dkim": 3,
     "mta.feedback": 4, "mta.queues": 4,

@@ -54,6 +54,7 @@ import orjson
 
 from mta.egress.limits import LimitsError, Scope
 from mta.feedback.dsn_builder import RecipientStatus, build_dsn, should_notify
+from mta.files import write_atomic
 from mta.model.ids import id_text
 from mta.model.log_records import RecordType
 from mta.model.queue_name import parse_name
@@ -438,21 +439,8 @@ class Controls:
         if self.state_path is None:
             return
         path = self.state_path
-        tmp = f"{path}.tmp"
-        data = orjson.dumps(self.state(), option=orjson.OPT_INDENT_2)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(path, orjson.dumps(self.state(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
             # the change is in force; only its survival across a restart is at risk
             log.error("operator state %s not saved: %s (the change holds until a restart)",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import re
 import secrets
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import orjson
 
 from mta.config import Config
+from mta.files import create_once
 
 log = logging.getLogger("mta.control.admin")
 _MAX_HEAD = 8192
@@ -75,21 +75,9 @@ def load_or_create_token(path: Path) -> str:
         return read_token(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, token.encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return read_token(path)
-    finally:
-        os.unlink(tmp)
+    if not create_once(path, token.encode() + b"\n"):
+        return read_token(path)   # another process made it first: theirs stands
     return token
 
 

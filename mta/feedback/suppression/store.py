@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from mta.files import create_once
+
 log = logging.getLogger("mta.feedback.suppression")
 
 KEY_SIZE = 32
@@ -107,32 +109,12 @@ def load_or_create_key(path: str | os.PathLike) -> bytes:
     p = Path(path)
     if p.exists():
         return load_key(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     key = secrets.token_bytes(KEY_SIZE)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            return load_key(p)
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if not create_once(p, key):
+            return load_key(p)   # another process made it first: theirs stands
     except OSError as exc:
         raise KeyFileError(f"suppression key file {p}: cannot create: {exc.strerror or exc}") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
     log.info("created suppression key file %s", p)
     return key
 
