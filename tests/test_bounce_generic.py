@@ -8,6 +8,8 @@ other people) which must never be taken as failed recipients.
 """
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from mta.config.schema import BOUNCE_POLICY_CATEGORIES
@@ -330,6 +332,32 @@ MORE['reason-first'] = (text_bounce("This message could not be delivered.\n\nRea
 @pytest.mark.parametrize("name", sorted(MORE))
 def test_more_layouts_find_exactly_the_recipients(name):
     data, want = MORE[name]
+    rep = parse_message(data)
+    assert rep.kind == "bounce"
+    assert {r.recipient.lower() for r in rep.recipients} == want
+
+
+# -- RFC 3464 edge forms ---------------------------------------------------------------------
+
+DSN_EDGE: dict[str, tuple[bytes, set[str]]] = {}
+DSN_EDGE['fr-display'] = (report("Reporting-MTA: dns; mx\n\nFinal-Recipient: RFC822; Kiji Tora <r1@rcpt.example>\nAction: failed\nStatus: 5.1.1\n"), {"r1@rcpt.example"})
+DSN_EDGE['fr-comment'] = (report("Reporting-MTA: dns; mx\n\nFinal-Recipient: rfc822;r2@rcpt.example (Kiji)\nAction: failed\nStatus: 5.1.1\n"), {"r2@rcpt.example"})
+DSN_EDGE['fr-space-colon'] = (report("Reporting-MTA : dns; mx\n\nFinal-Recipient : rfc822; r3@rcpt.example\nAction : failed\nStatus : 5.1.1\n"), {"r3@rcpt.example"})
+b64 = base64.encodebytes(b"Reporting-MTA: dns; mx\n\nFinal-Recipient: rfc822; r4@rcpt.example\nAction: failed\nStatus: 5.1.1\n").decode()
+DSN_EDGE['b64-dsn'] = ((f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: Delivery Status Notification (Failure)\nMIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"RB\"\n\n--RB\nContent-Type: text/plain\n\nfailed\n--RB\nContent-Type: message/delivery-status\nContent-Transfer-Encoding: base64\n\n{b64}\n--RB--\n").encode(), {"r4@rcpt.example"})
+DSN_EDGE['dsn-no-rcpt-fields'] = (report("Reporting-MTA: dns; mx\n\nAction: failed\nStatus: 5.1.1\n", human="<r5@rcpt.example>: 550 5.1.1 user unknown\n"), {"r5@rcpt.example"})
+DSN_EDGE['fr-no-at-local'] = (report("Reporting-MTA: dns; mx\n\nFinal-Recipient: LOCAL; r6\nAction: failed\nStatus: 5.1.1\n", human="Delivery to r6@rcpt.example failed: user unknown\n"), {"r6@rcpt.example"})
+DSN_EDGE['dsn-upper-orig-differs'] = (report("Reporting-MTA: dns; mx\n\nOriginal-Recipient: rfc822; R7@Rcpt.Example\nFinal-Recipient: rfc822; r7@rcpt.example\nAction: failed\nStatus: 5.1.1\n"), {"r7@rcpt.example"})
+DSN_EDGE['dsn-multi-delayed+failed'] = (report("Reporting-MTA: dns; mx\n\nFinal-Recipient: rfc822; r8@rcpt.example\nAction: failed\nStatus: 5.1.1\n\nFinal-Recipient: rfc822; r9@rcpt.example\nAction: delayed\nStatus: 4.4.1\n"), {"r8@rcpt.example"})
+qp = "Content-Transfer-Encoding: quoted-printable\n"
+DSN_EDGE['qp-text'] = ((f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\nContent-Type: text/plain; charset=iso-8859-1\n{qp}\n<r10@rcpt.exa=\nmple>: host mx[192.0.2.1] said: 550 5.1.1 unknown us=\ner\n").encode(), {"r10@rcpt.example"})
+DSN_EDGE['notice-as-attachment'] = ((f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: failure notice\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"MB\"\n\n--MB\nContent-Type: text/plain\nContent-Disposition: attachment; filename=details.txt\n\n<r11@rcpt.example>: 550 5.1.1 no such user\n--MB\nContent-Type: message/rfc822\n\n{ORIGINAL}\nhi\n--MB--\n").encode(), {"r11@rcpt.example"})
+DSN_EDGE['dsn-in-message-rfc822'] = (report("Reporting-MTA: dns; mx\n\nFinal-Recipient: rfc822; r13@rcpt.example\nAction: failed\nStatus: 5.1.1\n", ctype="message/rfc822"), {"r13@rcpt.example"})
+
+
+@pytest.mark.parametrize("name", sorted(DSN_EDGE))
+def test_dsn_edge_forms(name):
+    data, want = DSN_EDGE[name]
     rep = parse_message(data)
     assert rep.kind == "bounce"
     assert {r.recipient.lower() for r in rep.recipients} == want

@@ -9,12 +9,14 @@ Final-Recipient (or an Original-Recipient not followed by one).
 """
 from __future__ import annotations
 
+import base64
 import email.message
+import quopri
 import re
 from dataclasses import dataclass, field
 
 from .diagnostic import clean_address, unfold
-from .mime import part_text, payload_of
+from .mime import part_text, payload_of, raw_text
 from .report import MAX_RECIPIENTS
 
 __all__ = ["DsnGroup", "DsnReport", "find_dsn_parts", "parse_fields"]
@@ -97,6 +99,17 @@ def parse_fields(text: str) -> list[tuple[str, str]]:
 
 def _dsn_text(part: email.message.Message) -> str:
     payload = payload_of(part)
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if isinstance(payload, list) and cte in ("base64", "quoted-printable"):
+        # An encoded status block (RFC 6533 allows it; RFC 3464 does not) was read as
+        # header-less parts: decode their joined text.
+        raw = "\n".join(raw_text(p) for p in payload if isinstance(p, email.message.Message))
+        try:
+            data = (base64.b64decode(re.sub(r"[^A-Za-z0-9+/=]", "", raw)) if cte == "base64"
+                    else quopri.decodestring(raw.encode("utf-8", "surrogateescape")))
+            return _utf8(data.decode("utf-8", "surrogateescape")).replace("\r\n", "\n")
+        except ValueError:
+            return raw
     if isinstance(payload, list):
         # The field groups come parsed as header-only messages: join their
         # fields directly (as_string() through the generator is several times slower).
