@@ -167,3 +167,27 @@ def test_a_time_that_is_not_finite_is_refused(due):
     s = rec.Schedule(new_id(), "d.test", 1, due, 0, 1.0, (0,), {}, "")
     with pytest.raises(rec.RecordError):
         rec.parse_schedule_payload(rec.schedule_payload(s))
+
+
+def test_segments_of_nothing_but_superseded_schedules_are_reclaimed(tmp_path):
+    """A quiet spool whose only writes are deferrals of the same messages: the segments
+    they fill go once newer states supersede theirs (not only at the next start)."""
+    async def main():
+        spool = Spool(str(tmp_path), segment_size=8 << 10)
+        spool.open(asyncio.get_running_loop())
+        ids = await _store(spool, 3, size=100)
+        for n in range(400):   # ~100 KiB of SCHEDULE records: a dozen segments
+            for msg_id in ids:
+                spool.note_schedule(msg_id, "d.test", n, 1000.0 + n, pending=(0,),
+                                    reply="451 4.2.0 greylisted " + "x" * 40)
+            await asyncio.sleep(0)
+        await _settle(spool)
+        segs = list_segments(str(tmp_path))
+        states = [s.attempts for i in ids for s in spool.schedules(i)]
+        await spool.close()
+        return ids, segs, states
+    ids, segs, states = run(main())
+    assert states == [399] * 3
+    assert len(segs) <= 4, f"got {len(segs)} segments, want the superseded ones reclaimed"
+    found = scan(str(tmp_path))
+    assert [found.schedules[i]["d.test"][0].attempts for i in ids] == [399] * 3

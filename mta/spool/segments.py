@@ -19,7 +19,10 @@ them rewritten forward first (read back, appended to the current segment with
 the same `written` time) and is unlinked once that batch is durable. So a
 restart always finds the newest durable state, never an older one (falling
 back would mean early retries and attempt counters going backwards for every
-deferred message whose state happened to sit in a busy segment).
+deferred message whose state happened to sit in a busy segment). A segment whose
+last newest state is superseded (or whose message finished) is tried for reclamation
+once the batch that superseded it is durable, so segments holding nothing but old
+schedules (a quiet spool retrying greylisted mail) do not pile up until a restart.
 Faults: a failed batch (ENOSPC, EIO, a failed fdatasync) resolves its
 futures with SpoolError (the session answers 451 4.3.0, never 250), and the
 spool stops being `writable`: admission() refuses new mail and delivery takes
@@ -111,6 +114,11 @@ class Spool:
         # live id -> {recipient index -> DELIVERED/BOUNCED} for messages finished in part and
         # deferred: carried into every later SCHEDULE record (only such messages cost RAM)
         self._finished: dict[bytes, dict[int, int]] = {}
+        # (ticket, segment): the segment's last newest state was superseded (or its message
+        # finished) by what was appended up to that ticket; once that is durable the segment
+        # may go (a segment of nothing but schedules is never emptied by a tombstone)
+        self._sched_emptied: list[tuple[int, int]] = []
+        self._last_ticket = 0                         # the newest ticket handed out
         self._fds: dict[int, int] = {}                # read fds of segments
         self.recovered: Recovered | None = None
         # Records owed to the disk: written with the next batch, and kept (never
@@ -205,6 +213,7 @@ class Spool:
         head = rec.message_head(msg_id, env, trace, len(content), self._nonce)
         try:
             ticket, segment, offset = self._writer.append(head, content, rec.CRC_OFFSET)
+            self._last_ticket = ticket
         except OSError as exc:
             self._failed(exc.errno)
             fut.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
@@ -311,6 +320,8 @@ class Spool:
             self._sched_segs[seg] = n
         else:
             self._sched_segs.pop(seg, None)
+            if self._live.get(seg) == 0:   # maybe nothing else keeps it: see _complete
+                self._sched_emptied.append((self._last_ticket, seg))
 
     def _sched_at(self, msg_id: bytes, domain: str) -> int | None:
         found = self._sched.get(msg_id, ())
@@ -370,6 +381,7 @@ class Spool:
                 head = rec.schedule(payload, self._nonce)
                 try:
                     ticket, segment, offset = self._writer.append(head, None, rec.CRC_OFFSET)
+                    self._last_ticket = ticket
                 except OSError:
                     meta.scheds.extend(scheds[k:])
                     raise
@@ -386,6 +398,7 @@ class Spool:
                 heads.append(rec.tombstone(meta.ids, self._nonce))
             for head in heads:
                 ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
+                self._last_ticket = ticket
                 self._live.setdefault(segment, 0)
                 self._refs.setdefault(segment, set()).update(meta.named)
                 self._waiting[ticket] = (None, None)
@@ -414,6 +427,13 @@ class Spool:
         self._complete(self._writer.completed())
 
     def _complete(self, done: list[tuple[int, int]]) -> None:
+        if self._sched_emptied and done:
+            durable = max((t for t, err in done if not err), default=0)
+            ready = [seg for t, seg in self._sched_emptied if t <= durable]
+            if ready:
+                self._sched_emptied = [(t, seg) for t, seg in self._sched_emptied if t > durable]
+                for seg in ready:
+                    self._maybe_reclaim(seg)
         for ticket, err in done:
             fut, extra = self._waiting.pop(ticket)
             if err:
