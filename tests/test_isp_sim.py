@@ -381,6 +381,8 @@ def test_mta_daemon_delivers_through_the_simulator(isp, dns_server, daemon_facto
     assert sum(p["accepted"] for p in st.values()) == 8
     assert set(st) <= {"127.0.63.1", "127.0.63.2"} and all(p["open"] <= 2 for p in st.values())
     assert sum(p["counts"].get("rejected.unknown", 0) for p in st.values()) == 1
+    accepted = [e for e in sim.events() if e["outcome"] == "accepted"]
+    assert len(accepted) == 8 and all(e["tls"] for e in accepted)     # the MTA took the STARTTLS offer
 
 
 def test_complaints_drop_reputation_and_are_logged_without_a_feedback_loop(isp):
@@ -436,3 +438,19 @@ def test_fractions_hit_the_same_recipients_for_a_seed():
 def test_config_errors_name_the_key(text, want):
     with pytest.raises(ValueError, match=re.escape(want)):
         load(text=text)
+
+
+def test_starttls_then_a_fresh_ehlo(isp):
+    import ssl
+    mx = "127.0.56.11"
+    sim = isp(mx)
+    s = client(mx, "127.0.60.15")
+    assert s.has_extn("starttls")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    assert s.starttls(context=ctx)[0] == 220
+    s.ehlo("client.test")
+    assert not s.has_extn("starttls") and s.sock.version().startswith("TLS")
+    assert send(s, f"u@{DOMAIN}")[0] == 250
+    s.quit()
+    assert pair(sim, "127.0.60.15")["accepted"] == 1

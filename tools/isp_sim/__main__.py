@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume-scale", type=float, help="multiply every per-hour/per-day allowance")
     ap.add_argument("--fbl-to", help="address ARF reports are sent to (the MTA's bounce domain)")
     ap.add_argument("--fbl-host", help="host:port of the MTA listener that takes the reports")
+    ap.add_argument("--no-tls", action="store_true", help="do not offer STARTTLS")
     ap.add_argument("--events", help="append one JSON line per transaction to this file")
     ap.add_argument("--stats-file", help="write the /stats JSON here at exit and on SIGUSR1")
     ap.add_argument("--http", default="127.0.0.1:0", help="host:port of the HTTP endpoint ('' = none)")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config, day_seconds=args.day_seconds, port=args.port, volume_scale=args.volume_scale,
-                   fbl_to=args.fbl_to, fbl_host=args.fbl_host)
+                   fbl_to=args.fbl_to, fbl_host=args.fbl_host, tls=False if args.no_tls else None)
     except (OSError, ValueError) as e:
         print(f"isp_sim: {args.config}: {e}", file=sys.stderr)
         return 2

@@ -134,6 +134,7 @@ class Config:
     seed: int
     fbl_to: str               # where ARF reports go ("" = nowhere)
     fbl_host: str             # host:port of the MTA's listener for the bounce domain
+    tls: bool                 # offer STARTTLS (self-signed certificate, tls.py)
 
     def provider_at(self, address: str) -> Provider | None:
         return self._by_address.get(address)     # type: ignore[attr-defined]
@@ -219,11 +220,11 @@ def _provider(name: str, t: dict[str, Any]) -> Provider:
 
 def load(path: str | Path | None = None, text: str | None = None, **overrides: Any) -> Config:
     """Read a providers file (or TOML text); `overrides` (day_seconds, port, volume_scale,
-    fbl_to, fbl_host) win over the [simulator] table, as the CLI's options do."""
+    fbl_to, fbl_host, tls) win over the [simulator] table, as the CLI's options do."""
     data = tomllib.loads(text) if text is not None else tomllib.loads(Path(path).read_text())  # type: ignore[arg-type]
     sim = dict(data.get("simulator") or {})
     sim.update({k: v for k, v in overrides.items() if v is not None})
-    allowed = {"day_seconds", "port", "volume_scale", "seed", "fbl_to", "fbl_host"}
+    allowed = {"day_seconds", "port", "volume_scale", "seed", "fbl_to", "fbl_host", "tls"}
     if unknown := set(sim) - allowed:
         raise ValueError(f"simulator: unknown keys {sorted(unknown)}, allowed: {sorted(allowed)}")
     providers = {name: _provider(name, t) for name, t in (data.get("providers") or {}).items()}
@@ -247,7 +248,8 @@ def load(path: str | Path | None = None, text: str | None = None, **overrides: A
         raise ValueError("simulator.day_seconds: want > 0")
     cfg = Config(providers=providers, sources=sources, day_seconds=day_seconds,
                  port=int(sim.get("port", 25)), volume_scale=float(sim.get("volume_scale", 1.0)),
-                 seed=int(sim.get("seed", 1)), fbl_to=str(sim.get("fbl_to", "")), fbl_host=fbl_host)
+                 seed=int(sim.get("seed", 1)), fbl_to=str(sim.get("fbl_to", "")), fbl_host=fbl_host,
+                 tls=bool(sim.get("tls", True)))
     object.__setattr__(cfg, "_by_address", by_address)
     return cfg
 

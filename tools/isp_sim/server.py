@@ -24,6 +24,7 @@ from . import arf
 from .config import Config, Provider, zone_records
 from .model import Clock, Model
 from .smtp import MAX_LINE, Session
+from .tls import self_signed_context
 
 MAX_EVENTS_KEPT = 100_000     # events held in memory for /events and tests
 
@@ -34,6 +35,8 @@ class Simulator:
         self.cfg = cfg
         self.clock = Clock(cfg.day_seconds, manual=manual_clock)
         self.model = Model(cfg, self.clock)
+        names = list(dict.fromkeys(m.name for p in cfg.providers.values() for m in p.mx))
+        self.tls_context = self_signed_context(names) if cfg.tls else None
         self.events_path = Path(events) if events else None
         self.http_spec = http
         self.http_port = 0

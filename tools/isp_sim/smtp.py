@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import ssl
 from typing import TYPE_CHECKING
 
 from .config import HOUR, Provider, Reply
@@ -31,6 +32,7 @@ _fixed = {code: Reply.parse(text, "fixed") for code, text in {
     "unknown_cmd": "502 5.5.1 Command not recognized", "too_many": "452 4.5.3 Too many recipients",
     "size": "552 5.3.4 Message too big", "long": "500 5.5.2 Line too long",
     "timeout": "421 4.4.2 Timeout, closing connection", "no_rcpt": "554 5.5.1 No valid recipients",
+    "tls": "220 2.0.0 Ready to start TLS",
 }.items()}
 
 
@@ -47,6 +49,7 @@ class Session:
         self.rcpts: list[str] = []
         self.reserved: list[int] = []        # hour of each reserved (accepted) recipient
         self.messages = 0
+        self.tls = False
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -58,8 +61,8 @@ class Session:
         self.writer.write(reply.render(**self.values(rcpt, id)))
         await self.writer.drain()
 
-    def event(self, stage: str, outcome: str, reason: str, reply: Reply | None, **extra: str) -> None:
-        text = reply.render(**self.values(extra.get("rcpt", ""), extra.get("id", ""))) if reply else b""
+    def event(self, stage: str, outcome: str, reason: str, reply: Reply | None, **extra: str | bool) -> None:
+        text = reply.render(**self.values(str(extra.get("rcpt", "")), str(extra.get("id", "")))) if reply else b""
         self.sim.event(source=self.source, provider=self.provider.name, mx=self.mx, stage=stage,
                        outcome=outcome, reason=reason,
                        reply=text.decode().rstrip("\r\n").replace("\r\n", "\n"), **extra)
@@ -112,8 +115,9 @@ class Session:
             if verb == "HELO":
                 await self.reply(Reply(250, "", (self.mx,)))
             else:
+                tls = ("STARTTLS",) if self.sim.tls_context and not self.tls else ()
                 await self.reply(Reply(250, "", (self.mx, "PIPELINING", f"SIZE {MAX_MESSAGE}", "8BITMIME",
-                                                 "ENHANCEDSTATUSCODES")))
+                                                 *tls, "ENHANCEDSTATUSCODES")))
             return True
         if verb == "MAIL":
             return await self.mail(text)
@@ -121,6 +125,8 @@ class Session:
             return await self.rcpt(text)
         if verb == "DATA":
             return await self.data()
+        if text.upper() == "STARTTLS":
+            return await self.starttls()
         if verb == "RSET":
             self.release()
             await self.reply(_fixed["ok"])
@@ -132,6 +138,27 @@ class Session:
             await self.reply(_fixed["bye"])
             return False
         await self.reply(_fixed["unknown_cmd"])
+        return True
+
+    async def starttls(self) -> bool:
+        """RFC 3207: 220, then the handshake; the client starts over with EHLO."""
+        if self.sim.tls_context is None or self.tls:
+            await self.reply(_fixed["unknown_cmd"] if self.sim.tls_context is None else _fixed["order"])
+            return True
+        if self.mail_from is not None:
+            await self.reply(_fixed["order"])
+            return True
+        # bytes pipelined after STARTTLS were sent in plaintext: not to be read as commands
+        # after the handshake (the STARTTLS command injection of CVE-2011-0411)
+        self.reader._buffer.clear()      # noqa: SLF001  (asyncio offers no public way)
+        await self.reply(_fixed["tls"])
+        try:
+            await asyncio.wait_for(self.writer.start_tls(self.sim.tls_context), 30)
+        except (ssl.SSLError, TimeoutError, ConnectionError, OSError):
+            return False
+        self.tls = True
+        self.helo = ""
+        self.release()
         return True
 
     async def mail(self, text: str) -> bool:
@@ -208,7 +235,7 @@ class Session:
         complainers = self.sim.model.accepted(self.source, self.provider, rcpts, queue_id)
         r = self.provider.replies["accepted"]
         for rcpt in rcpts:
-            self.event("data", "accepted", "", r, sender=sender, rcpt=rcpt, id=queue_id)
+            self.event("data", "accepted", "", r, sender=sender, rcpt=rcpt, id=queue_id, tls=self.tls)
         for rcpt in complainers:
             self.sim.complain(self.provider, self.source, sender, rcpt, content)
         await self.reply(r, id=queue_id)
