@@ -361,3 +361,84 @@ def test_dsn_edge_forms(name):
     rep = parse_message(data)
     assert rep.kind == "bounce"
     assert {r.recipient.lower() for r in rep.recipients} == want
+
+
+# -- the unambiguous grades over many wordings (typical replies, written from memory of real MTAs) --
+
+HARD_REPLIES = [  # (code, status, text) expected hard True (user/domain unknown)
+ (550, "5.1.1", "5.1.1 <a@x>: Recipient address rejected: User unknown in local recipient table"),
+ (550, None, "Requested action not taken: mailbox unavailable"),
+ (550, "5.1.1", "Mailbox does not exist"),
+ (550, None, "No Such User Here"),
+ (550, None, "sorry, no mailbox here by that name (#5.1.1)"),
+ (550, None, "Invalid recipient"),
+ (550, "5.1.1", "The email account that you tried to reach does not exist."),
+ (554, "5.1.1", "Unknown recipient"),
+ (550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found"),
+ (550, None, "Address rejected"),
+ (511, None, "sorry, no mailbox here by that name"),
+ (550, None, "User not found"),
+ (550, None, "<a@x>: Recipient address rejected: undeliverable address: host x said: 550 unknown user"),
+ (550, "5.1.1", "user does not exist"),
+ (550, None, "recipient not found"),
+ (550, None, "Unrouteable address"),
+ (550, None, "Host or domain name not found. Name service error for name=x type=MX: Host not found"),
+ (550, "5.1.2", "Bad destination mailbox address"),
+ (550, None, "5.1.1 <a@x>... User unknown"),
+ (550, None, "Destination mailbox address invalid"),
+ (550, None, "No such recipient"),
+ (550, None, "The recipient does not exist"),
+ (550, None, "Mailbox not found"),
+ (550, None, "Recipient unknown"),
+ (550, None, "unknown address or alias"),
+ (550, None, "#5.1.1 bad address a@x"),
+ (550, None, "invalid mailbox"),
+ (550, None, "user unknown; rejecting"),
+ (550, None, "no valid recipients"),
+ (550, None, "Account does not exist"),
+ (550, None, "Recipient address does not exist"),
+ (550, None, "mailbox name not allowed"),
+ (550, "5.1.1", "Recipient rejected: Not a valid user"),
+ (550, None, "The mail server could not deliver mail to a@x. The account or domain may not exist"),
+ (550, None, "Domain does not exist"),
+ (550, None, "DNS lookup failed for domain x: NXDOMAIN"),
+ (550, None, "MX lookup failed: no such domain"),
+]
+SOFT_REPLIES = [
+ (552, None, "Mailbox quota exceeded"),
+ (452, "4.2.2", "Mailbox full"),
+ (552, None, "Requested mail action aborted: exceeded storage allocation"),
+ (550, None, "Benutzer hat zuviele Mails auf dem Server"),
+ (552, "5.2.2", "user is over quota"),
+ (550, "5.2.2", "The user's mailbox is full"),
+ (554, None, "delivery error: dd This user doesn't have enough space in their mailbox"),
+ (None, "5.4.7", "Delivery expired (message too old)"),
+ (None, None, "Message expired"),
+ (None, None, "retry timeout exceeded"),
+ (451, None, "Too many messages, slow down"),
+ (421, None, "Too many concurrent SMTP connections from this IP address; please try again later."),
+ (450, None, "rate limit exceeded, try again later"),
+ (552, "5.3.4", "Message size exceeds fixed maximum message size"),
+ (552, None, "Message too big"),
+ (554, None, "Message exceeds maximum size"),
+ (451, None, "Requested action aborted: local error in processing"),
+ (452, None, "Insufficient system storage"),
+ (550, None, "Internal error"),
+ (550, "5.2.2", "mailbox full; 550 user unknown not"),
+ (552, "5.2.2", "Quota exceeded. The recipient mailbox is full."),
+ (550, None, "Message rejected: message is too large"),
+ (550, "5.0.0", "Maximum message size exceeded"),
+ (451, "4.3.0", "Temporary failure, please try again later"),
+]
+
+
+@pytest.mark.parametrize("code,status,text", HARD_REPLIES)
+def test_unknown_user_or_domain_wordings_are_hard(code, status, text):
+    v = Classifier().classify(code, status, text)
+    assert v.hard and v.category in ADDRESS_CATEGORIES, v
+
+
+@pytest.mark.parametrize("code,status,text", SOFT_REPLIES)
+def test_full_expired_rate_size_system_wordings_are_soft(code, status, text):
+    v = Classifier(policy_hard=list(BOUNCE_POLICY_CATEGORIES)).classify(code, status, text)
+    assert not v.hard, v
