@@ -346,6 +346,11 @@ def test_cli_serves_reports_and_stops_on_sigterm(tmp_path):
     ev = [json.loads(x) for x in events.read_text().splitlines()]
     assert ev[0]["source"] == "127.0.62.1" and ev[0]["outcome"] == "accepted" and ev[0]["provider"] == "testisp"
     assert json.loads(stats.read_text())["day"] >= 1
+    page = tmp_path / "plot.html"                     # the plot helper reads the stats file
+    subprocess.run([sys.executable, "-m", "tools.isp_sim.plot", str(stats), str(page)], cwd=ROOT, check=True,
+                   timeout=30)
+    text = page.read_text()
+    assert text.count("<svg") == 1 and "<td>testisp</td><td>127.0.62.1</td>" in text
 
 
 def test_mta_daemon_delivers_through_the_simulator(isp, dns_server, daemon_factory):
