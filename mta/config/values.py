@@ -19,6 +19,7 @@ or a negative size would otherwise reach the wire or the spool.
 
 from __future__ import annotations
 
+import datetime
 import decimal
 import ipaddress
 import json
@@ -394,6 +395,50 @@ def parse_rate(value: object, base: Path = Path()) -> Rate | None:
     return Rate(count, per)
 
 
+def _parse_percent(value: object, base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 <= value <= 100:
+        raise Invalid(f"expected a percentage 0..100 (a number, e.g. 0.2 or 3), "
+                      f"got {describe(value)}")
+    return float(value)
+
+
+def _parse_start_time(value: object, base: Path) -> str:
+    """A warm-up start: empty (none), "now" (when first seen), or a date or date-time
+    (UTC unless it has an offset), as a TOML value or a string; returned as "", "now"
+    or ISO 8601 with its offset."""
+    if value in ("", "now"):
+        return value   # type: ignore[return-value]
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise Invalid(f"{render(value)} is not a date (\"2026-12-01\"), a date-time "
+                          f"(\"2026-12-01T08:00:00Z\") or \"now\"") from None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        value = datetime.datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime.datetime):
+        raise Invalid(f"expected a date, a date-time or \"now\", got {describe(value)}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.isoformat()
+
+
+def _parse_schedule(value: object, base: Path) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"expected a non-empty array of daily message counts, got "
+                      f"{describe(value)}")
+    out: list[int] = []
+    for i, n in enumerate(value):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000_000:
+            raise Invalid(f"expected an integer 1..1000000000, got {describe(n)}", at=f"[{i}]")
+        if out and not out[-1] <= n <= 2 * out[-1]:
+            raise Invalid(f"{n} after {out[-1]}: a day's cap may neither shrink nor more "
+                          "than double the day before's", at=f"[{i}]")
+        out.append(n)
+    return tuple(out)
+
+
 CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key")
 TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
 HOSTNAME = ValueType("hostname", _parse_hostname,
@@ -434,10 +479,17 @@ WEIGHTED = ValueType("weighted sources", _parse_weighted, "an array of source na
 PATH_LIST = ValueType("path list", _parse_path_list, "an array of file paths (relative to "
                       "the config file's directory)")
 RATE = ValueType("rate", parse_rate, RATE_HELP + ", or \"\" for no limit")
+PERCENT = ValueType("percent", _parse_percent, "a number 0..100: a percentage (0.2 is 0.2 %)")
+START_TIME = ValueType("start time", _parse_start_time, "\"\" (none), \"now\" (the first "
+                       "start that sees it; kept in the state file), or a TOML date or "
+                       "date-time, or such a string (UTC unless it has an offset)")
+SCHEDULE = ValueType("schedule", _parse_schedule, "an array of daily message counts, "
+                     "each at least the one before and at most twice it")
 # The config's types, in the order of docs/config.md's value-type table.
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, OPTIONAL_HOSTNAME, HEADER_NAME, INT, BOOL, SIZE,
                DURATION, PATH, OPTIONAL_PATH, IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, TEXT_LIST, SELECTOR,
-               NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE)
+               NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE, PERCENT, START_TIME,
+               SCHEDULE)
 
 
 def _parse_limit(value: object, base: Path) -> int | None:

@@ -74,6 +74,9 @@ class Feedback:
         # (source, site) -> counters, shown by the operator views (mta/control/views.py)
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
             lambda: {"hard_bounces": 0, "complaints": 0})
+        # called with (source, site) after each complaint is counted: what adapts to
+        # complaint rates (rate rules, warm-up) watches here
+        self.complaint_observers: list[Callable[[str, str], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[str, str, str, int | None, str]] = []   # not yet written
         self._flush: asyncio.Handle | None = None
@@ -162,6 +165,8 @@ class Feedback:
     def complaint(self, address: str, tenant: str | None, source: str, site: str) -> str | None:
         """Suppress after a complaint; returns the scope used (None: not suppressed)."""
         self.counts[(source, site)]["complaints"] += 1
+        for observe in self.complaint_observers:
+            observe(source, site)
         scope = f"tenant:{tenant}" if tenant and self.complaint_scope == "tenant" else "global"
         return scope if self.suppress(address, scope, "complaint") else None
 
