@@ -27,8 +27,10 @@ unknown users do not reduce it; a block does not either (a perfect sender is nev
 blocked).
 
 Reputation of a pair over the last `window_hours` simulated hours, once at least
-`min_volume` recipients were offered:
-    rep = min(initial, 1 - unknown_weight * unknown/offered - complaint_weight * complaints/accepted)
+`min_volume` recipients were judged (got as far as the mailbox check: accepted at RCPT or
+unknown; recipients deferred for rate, reputation or a block, and retries of those, do
+not dilute the rates):
+    rep = min(initial, 1 - unknown_weight * unknown/judged - complaint_weight * complaints/accepted)
 clamped to [0, 1]. Below `defer_below` every recipient is deferred with the provider's
 reputation reply until the window forgets enough.
 
@@ -82,6 +84,7 @@ def hashed_fraction(*parts: str) -> float:
 class Hour:
     """What one simulated hour saw for a pair."""
     offered: int = 0
+    judged: int = 0         # recipients that got as far as the mailbox check: accepted or unknown
     unknown: int = 0
     accepted: int = 0
     complaints: int = 0
@@ -122,18 +125,20 @@ class Pair:
         rec = self.hours.get(h)
         if rec is None:
             rec = self.hours[h] = Hour()
-            for old in [k for k in self.hours if k <= h - SERIES_HOURS]:
-                del self.hours[old]
+            self.hours.pop(h - SERIES_HOURS, None)       # hours are made in order, one by one
+            if len(self.hours) > SERIES_HOURS + 48:      # ... unless a catch-up skipped some
+                for old in [k for k in self.hours if k <= h - SERIES_HOURS]:
+                    del self.hours[old]
         return rec
 
     def rep_at(self, h: int) -> float:
         p = self.provider
         window = [self.hours[k] for k in range(h - p.window_hours + 1, h + 1) if k in self.hours]
-        offered = sum(x.offered for x in window)
-        if offered < p.min_volume:
+        judged = sum(x.judged for x in window)
+        if judged < p.min_volume:
             return self.initial_rep
         accepted = sum(x.accepted for x in window)
-        rep = 1.0 - p.unknown_weight * sum(x.unknown for x in window) / offered
+        rep = 1.0 - p.unknown_weight * sum(x.unknown for x in window) / judged
         if accepted:
             rep -= p.complaint_weight * sum(x.complaints for x in window) / accepted
         return max(0.0, min(self.initial_rep, rep))
@@ -233,6 +238,8 @@ class Model:
         local, _, domain = rcpt.rpartition("@")
         local = local.lower()
         outcome, reason = self._rcpt_decision(pair, now, sender, rcpt.lower(), local, domain.lower())
+        if outcome == ACCEPT or reason == "unknown":
+            rec.judged += 1
         if outcome == ACCEPT:
             pair.hour_used += 1
             pair.day_used += 1
