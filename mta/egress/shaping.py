@@ -143,123 +143,15 @@ KEYS: dict[str, Key] = {
                        lo="1s", hi="1d"),
 }
 _SITE_WIDE = ("site_connection_limit", "site_max_message_rate", "scope")
+# A provider table's warm-up class: which [warmup] schedule caps a warming source there.
+WARMUP_CLASS = Key(CHOICE, "default", "warm-up schedule of this provider ([warmup] in the "
+                   "configuration): major, small or default", choices=("major", "small", "default"))
 _SOURCE_KEYS = [k for k in KEYS if k not in _SITE_WIDE]
 # Keys that [delivery] must supply; the others default to "no limit" / "source".
 _REQUIRED = ("connection_limit", "max_deliveries_per_connection",
              "max_recipients_per_transaction", "idle_timeout", "tls", "retry_initial",
              "retry_max")
 _OPTIONAL_DEFAULTS = {"max_connection_rate": None, "max_message_rate": None,
-
-# --- automation rules ----------------------------------------------------------------------
-# [[provider.NAME.automation]] (and in [default], [site."..."] and domain tables): what to do
-# when a reply matches. mta/egress/adaptive.py keeps their counters and acts on them.
-
-ACTIONS = ("suspend", "suspend_source", "suspend_tenant", "suspend_campaign", "bounce")
-# A rule reads at most this much of a reply's text (linear: Python re on a bounded string).
-RULE_TEXT_LIMIT = 512
-_STATUS_RE = re.compile(r"[245]\.(?:\d{1,3}\.(?:\d{1,3})?)?", re.ASCII)
-RULE_KEYS: dict[str, Key] = {
-    "name": Key(NAME, None, "the rule's name: a later file's rule of the same name in the same "
-                "table replaces it; log records and `mta shaping show` name it", required=True),
-    "status": Key(TEXT_LIST, [], "enhanced status codes the reply must have: \"4.7.0\" exactly, "
-                  "or a prefix ending in \".\" (\"4.7.\"); empty: any"),
-    "text": Key(REGEX, None, "regular expression searched (case-insensitive) in the first "
-                f"{RULE_TEXT_LIMIT} characters of the reply text; absent: any text"),
-    "after": Key(INT, 1, "matches (one per attempt) before the rule acts; 1: at once",
-                 lo=1, hi=1_000_000),
-    "within": Key(DURATION, "1h", "the window the `after` matches must fall in",
-                  lo="1s", hi="7d"),
-    "action": Key(TEXT_LIST, [], "what to do: " + ", ".join(ACTIONS) + " (suspend: the "
-                  "(source, provider) pair; suspend_tenant / suspend_campaign: the message's "
-                  "tenant or campaign at that provider; bounce: what that tenant and campaign "
-                  "have queued for that provider)"),
-    "duration": Key(DURATION, "15m", "how long the actions hold at full strength",
-                    lo="1s", hi="30d"),
-    "steps": Key(INT, 3, "`set` values come back in this many steps, each halving what is "
-                 "left of the cut (0: all at once after the duration)", lo=0, hi=10),
-    "step_for": Key(DURATION, None, "time per step back (default: the duration)",
-                    lo="1s", hi="30d"),
-    "recover_after": Key(INT, 0, "a step back also comes after this many good deliveries "
-                         "(0: by time only)", lo=0, hi=1_000_000),
-    "enabled": Key(BOOL, True, "false switches off a rule of that name from an earlier file"),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One automation rule, checked and compiled once (shared by every Limits holding it)."""
-
-    name: str
-    table: str                           # where it was defined: "provider:yahoo", ...
-    status: tuple[str, ...]              # exact codes or prefixes ending in "."
-    text: re.Pattern[str] | None
-    after: int
-    within: float
-    actions: tuple[str, ...]
-    set: tuple[tuple[str, Any], ...]     # shaping keys to override, checked values
-    duration: float
-    steps: int
-    step_for: float
-    recover_after: int
-    line: bool = False                   # backoff_on: match "code status text" of 4xx only
-
-    def matches(self, code: int, status: str, text: str) -> bool:
-        """Whether a (non-2xx) reply is one this rule is about."""
-        if self.line:
-            return 400 <= code < 500 and self.text is not None and self.text.search(
-                f"{code} {status} {text[:RULE_TEXT_LIMIT]}") is not None
-        if self.status and not any(status == s or (s.endswith(".") and status.startswith(s))
-                                   for s in self.status):
-            return False
-        return self.text is None or self.text.search(text[:RULE_TEXT_LIMIT]) is not None
-
-
-def backoff_rule(patterns: tuple[str, ...], duration: float) -> Rule:
-    """The backoff_on / backoff_for shorthand as the rule it stands for."""
-    return Rule("backoff_on", "backoff_on", (), re.compile(
-        "|".join(f"(?:{p})" for p in patterns), re.I), 1, 3600.0, ("suspend",), (),
-        duration, 0, duration, 0, line=True)
-
-
-def parse_rule(raw: object, table: str) -> tuple[Rule, bool]:
-    """One [[...automation]] entry: the Rule and whether it is enabled; raises Invalid."""
-    if not isinstance(raw, dict):
-        raise Invalid(f"expected a table, got {describe_value(raw)}")
-    raw = dict(raw)
-    set_raw = raw.pop("set", {})
-    v = check_table(raw, RULE_KEYS, Path())
-    for i, st in enumerate(v["status"]):
-        if not _STATUS_RE.fullmatch(st):
-            raise Invalid(f"status[{i}]: {st!r} is not an enhanced status code (\"4.7.0\") "
-                          "or a prefix of one ending in \".\" (\"4.7.\")")
-    for i, act in enumerate(v["action"]):
-        if act not in ACTIONS:
-            raise Invalid(f"action[{i}]: {act!r} is not one of {', '.join(ACTIONS)}")
-    if not isinstance(set_raw, dict):
-        raise Invalid(f"set: expected a table of shaping keys, got {describe_value(set_raw)}")
-    values = []
-    for k, val in set_raw.items():
-        if k not in _RULE_SET_KEYS:
-            raise Invalid(f"set: {k}: not a key a rule may set (allowed: "
-                          f"{', '.join(_RULE_SET_KEYS)})")
-        try:
-            values.append((k, check_value(KEYS[k], val, Path())))
-        except Invalid as e:
-            raise Invalid(f"set.{k}{e.at}: {e}") from None
-    if not v["action"] and not values:
-        raise Invalid("a rule needs an action or a set table (or both)")
-    if not v["status"] and v["text"] is None:
-        raise Invalid("a rule needs a status or a text pattern (or both)")
-    rule = Rule(v["name"], table, tuple(v["status"]),
-                re.compile(v["text"], re.I) if v["text"] is not None else None, v["after"],
-                v["within"], tuple(dict.fromkeys(v["action"])), tuple(values), v["duration"],
-                v["steps"], v["step_for"] if v["step_for"] is not None else v["duration"],
-                v["recover_after"])
-    return rule, v["enabled"]
-
-# A provider table's warm-up class: which [warmup] schedule caps a warming source there.
-WARMUP_CLASS = Key(CHOICE, "default", "warm-up schedule of this provider ([warmup] in the "
-                   "configuration): major, small or default", choices=("major", "small", "default"))
                       "site_connection_limit": None, "site_max_message_rate": None,
                       "scope": "source", "backoff_on": [], "backoff_for": "10m"}
 
@@ -310,6 +202,7 @@ class _Provider:
     file: str                            # the file that first defined it, for errors
     match: tuple[str, ...] = ()          # patterns as written, lower case
     match_file: str = ""                 # the file that last set `match`, for errors
+    warmup_class: str = "default"        # its warm-up schedule (mta/egress/warmup.py)
 
 
 def _hostname(value: str) -> str:
@@ -322,16 +215,6 @@ class _Loader:
     def __init__(self) -> None:
         self.default = _Table()
         self.providers: dict[str, _Provider] = {}
-    warmup_class: str = "default"        # its warm-up schedule (mta/egress/warmup.py)
-
-
-def _label(path: tuple[str, ...]) -> str:
-    """A table path as Limits.matched names it: "provider:google", "domain:gmail.com"."""
-    if path[0] == "default":
-        return "default"
-    if path[0] in ("provider", "site"):
-        return f"{path[0]}:{path[1]}"
-    return f"domain:{path[0]}"
         self.sites: dict[str, _Table] = {}
         self.domains: dict[str, _Table] = {}
 
@@ -552,6 +435,12 @@ class Shaping:
                     best = (score, pname)
         return best[1] if best else None
 
+    def warmup_class(self, provider: str | None) -> str:
+        """The warm-up class of a provider (None: no provider matched): "default" unless
+        its table says `warmup_class`."""
+        entry = self._providers.get(provider) if provider else None
+        return entry.warmup_class if entry is not None else "default"
+
     def _resolve(self, source: str, domain: str, hosts: tuple[str, ...],
                  site_name: str) -> Limits:
         layers: list[tuple[str, _Table]] = [("default", self._default)]
@@ -589,12 +478,6 @@ class Shaping:
                            "sources (same order)"],
             "delivery": {k: _show(v) for k, v in self._base.items()},
             "default": table(self._default),
-    def warmup_class(self, provider: str | None) -> str:
-        """The warm-up class of a provider (None: no provider matched): "default" unless
-        its table says `warmup_class`."""
-        entry = self._providers.get(provider) if provider else None
-        return entry.warmup_class if entry is not None else "default"
-
             "providers": {n: table(p.table, match=list(p.match), warmup_class=p.warmup_class)
                           for n, p in self._providers.items()},
             "sites": {n: table(t) for n, t in self._sites.items()},
