@@ -94,7 +94,7 @@ class Simulator:
             if provider is not None:
                 mx = next(m.name for m in provider.mx if m.address == local)
                 await Session(self, reader, writer, provider, mx).run()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (OSError, asyncio.IncompleteReadError):      # resets, TLS errors: the client's loss
             pass
         finally:
             writer.close()

@@ -98,7 +98,7 @@ class Session:
             await self.reply(_fixed["long"])
         except TimeoutError:
             await self.reply(_fixed["timeout"])
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, OSError):      # reset, TLS errors
             pass
         return None
 
