@@ -266,7 +266,7 @@ def test_cache_returns_the_same_object(tmp_path):
 
 def test_limits_fields_cover_every_key():
     fields = [f.name for f in dataclasses.fields(Limits)]
-    assert fields == [*KEYS, "matched"]
+    assert fields == [*KEYS, "automation", "matched"]
 
 
 # --- shipped rules -------------------------------------------------------------------------

@@ -78,14 +78,20 @@ from typing import Any
 
 from mta.config.schema import DeliveryConfig, keys_of
 from mta.config.values import (
+    BOOL,
     CHOICE,
     DURATION,
     HOSTNAME,
+    INT,
     LIMIT,
+    NAME,
     RATE,
+    REGEX,
     REGEX_LIST,
+    TEXT_LIST,
     Invalid,
     Key,
+    check_table,
     check_value,
     read_toml,
 )
@@ -94,7 +100,7 @@ from mta.config.values import (
 )
 from mta.model.rate import Rate
 
-__all__ = ["Limits", "SHIPPED", "Shaping", "ShapingError", "KEYS"]
+__all__ = ["Limits", "Rule", "SHIPPED", "Shaping", "ShapingError", "KEYS", "RULE_KEYS"]
 
 # The shipped defaults: big mailbox providers, each number with its source.
 SHIPPED = Path(__file__).with_name("shaping.toml")
@@ -136,18 +142,128 @@ KEYS: dict[str, Key] = {
     "scope": Key(CHOICE, None, "what connection_limit, max_connection_rate and "
                  "max_message_rate are counted over: each (source, site), or the site",
                  choices=("source", "site")),
-    "backoff_on": Key(REGEX_LIST, None, "4xx replies (matched against \"code status text\") "
-                      "that mean the provider is throttling this source: the (source, site) "
-                      "pauses for backoff_for"),
+    "backoff_on": Key(REGEX_LIST, None, "shorthand for one automation rule: 4xx replies "
+                      "(matched against \"code status text\") that mean the provider is "
+                      "throttling this source suspend the (source, provider) for backoff_for"),
     "backoff_for": Key(DURATION, None, "how long a backoff_on match pauses the (source, site)",
                        lo="1s", hi="1d"),
 }
 _SITE_WIDE = ("site_connection_limit", "site_max_message_rate", "scope")
+
+# --- automation rules ----------------------------------------------------------------------
+# [[provider.NAME.automation]] (and in [default], [site."..."] and domain tables): what to do
+# when a reply matches. mta/egress/adaptive.py keeps their counters and acts on them.
+
+ACTIONS = ("suspend", "suspend_source", "suspend_tenant", "suspend_campaign", "bounce")
+# A rule reads at most this much of a reply's text (linear: Python re on a bounded string).
+RULE_TEXT_LIMIT = 512
+_STATUS_RE = re.compile(r"[245]\.(?:\d{1,3}\.(?:\d{1,3})?)?", re.ASCII)
+RULE_KEYS: dict[str, Key] = {
+    "name": Key(NAME, None, "the rule's name: a later file's rule of the same name in the same "
+                "table replaces it; log records and `mta shaping show` name it", required=True),
+    "status": Key(TEXT_LIST, [], "enhanced status codes the reply must have: \"4.7.0\" exactly, "
+                  "or a prefix ending in \".\" (\"4.7.\"); empty: any"),
+    "text": Key(REGEX, None, "regular expression searched (case-insensitive) in the first "
+                f"{RULE_TEXT_LIMIT} characters of the reply text; absent: any text"),
+    "after": Key(INT, 1, "matches (one per attempt) before the rule acts; 1: at once",
+                 lo=1, hi=1_000_000),
+    "within": Key(DURATION, "1h", "the window the `after` matches must fall in",
+                  lo="1s", hi="7d"),
+    "action": Key(TEXT_LIST, [], "what to do: " + ", ".join(ACTIONS) + " (suspend: the "
+                  "(source, provider) pair; suspend_tenant / suspend_campaign: the message's "
+                  "tenant or campaign at that provider; bounce: what that tenant and campaign "
+                  "have queued for that provider)"),
+    "duration": Key(DURATION, "15m", "how long the actions hold at full strength",
+                    lo="1s", hi="30d"),
+    "steps": Key(INT, 3, "`set` values come back in this many steps, each halving what is "
+                 "left of the cut (0: all at once after the duration)", lo=0, hi=10),
+    "step_for": Key(DURATION, None, "time per step back (default: the duration)",
+                    lo="1s", hi="30d"),
+    "recover_after": Key(INT, 0, "a step back also comes after this many good deliveries "
+                         "(0: by time only)", lo=0, hi=1_000_000),
+    "enabled": Key(BOOL, True, "false switches off a rule of that name from an earlier file"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One automation rule, checked and compiled once (shared by every Limits holding it)."""
+
+    name: str
+    table: str                           # where it was defined: "provider:yahoo", ...
+    status: tuple[str, ...]              # exact codes or prefixes ending in "."
+    text: re.Pattern[str] | None
+    after: int
+    within: float
+    actions: tuple[str, ...]
+    set: tuple[tuple[str, Any], ...]     # shaping keys to override, checked values
+    duration: float
+    steps: int
+    step_for: float
+    recover_after: int
+    line: bool = False                   # backoff_on: match "code status text" of 4xx only
+
+    def matches(self, code: int, status: str, text: str) -> bool:
+        """Whether a (non-2xx) reply is one this rule is about."""
+        if self.line:
+            return 400 <= code < 500 and self.text is not None and self.text.search(
+                f"{code} {status} {text[:RULE_TEXT_LIMIT]}") is not None
+        if self.status and not any(status == s or (s.endswith(".") and status.startswith(s))
+                                   for s in self.status):
+            return False
+        return self.text is None or self.text.search(text[:RULE_TEXT_LIMIT]) is not None
+
+
+def backoff_rule(patterns: tuple[str, ...], duration: float) -> Rule:
+    """The backoff_on / backoff_for shorthand as the rule it stands for."""
+    return Rule("backoff_on", "backoff_on", (), re.compile(
+        "|".join(f"(?:{p})" for p in patterns), re.I), 1, 3600.0, ("suspend",), (),
+        duration, 0, duration, 0, line=True)
+
+
+def parse_rule(raw: object, table: str) -> tuple[Rule, bool]:
+    """One [[...automation]] entry: the Rule and whether it is enabled; raises Invalid."""
+    if not isinstance(raw, dict):
+        raise Invalid(f"expected a table, got {describe_value(raw)}")
+    raw = dict(raw)
+    set_raw = raw.pop("set", {})
+    v = check_table(raw, RULE_KEYS, Path())
+    for i, st in enumerate(v["status"]):
+        if not _STATUS_RE.fullmatch(st):
+            raise Invalid(f"status[{i}]: {st!r} is not an enhanced status code (\"4.7.0\") "
+                          "or a prefix of one ending in \".\" (\"4.7.\")")
+    for i, act in enumerate(v["action"]):
+        if act not in ACTIONS:
+            raise Invalid(f"action[{i}]: {act!r} is not one of {', '.join(ACTIONS)}")
+    if not isinstance(set_raw, dict):
+        raise Invalid(f"set: expected a table of shaping keys, got {describe_value(set_raw)}")
+    values = []
+    for k, val in set_raw.items():
+        if k not in _RULE_SET_KEYS:
+            raise Invalid(f"set: {k}: not a key a rule may set (allowed: "
+                          f"{', '.join(_RULE_SET_KEYS)})")
+        try:
+            values.append((k, check_value(KEYS[k], val, Path())))
+        except Invalid as e:
+            raise Invalid(f"set.{k}{e.at}: {e}") from None
+    if not v["action"] and not values:
+        raise Invalid("a rule needs an action or a set table (or both)")
+    if not v["status"] and v["text"] is None:
+        raise Invalid("a rule needs a status or a text pattern (or both)")
+    rule = Rule(v["name"], table, tuple(v["status"]),
+                re.compile(v["text"], re.I) if v["text"] is not None else None, v["after"],
+                v["within"], tuple(dict.fromkeys(v["action"])), tuple(values), v["duration"],
+                v["steps"], v["step_for"] if v["step_for"] is not None else v["duration"],
+                v["recover_after"])
+    return rule, v["enabled"]
+
 # A provider table's warm-up class: which [warmup] schedule caps a warming source there.
 WARMUP_CLASS = Key(CHOICE, "default", "warm-up schedule of this provider ([warmup] in the "
                    "configuration): major, small or default", choices=("major", "small", "default"))
 _SOURCE_KEYS = [k for k in KEYS if k not in _SITE_WIDE]
 # Keys that [delivery] must supply; the others default to "no limit" / "source".
+# Keys a rule's `set` may change: per-path keys (a (source, provider) override).
+_RULE_SET_KEYS = [k for k in _SOURCE_KEYS if k not in ("backoff_on", "backoff_for")]
 _REQUIRED = ("connection_limit", "max_deliveries_per_connection",
              "max_recipients_per_transaction", "idle_timeout", "tls", "retry_initial",
              "retry_max")
@@ -174,6 +290,9 @@ class Limits:
     scope: str
     backoff_on: tuple[str, ...]
     backoff_for: float
+    # Automation rules (mta/egress/adaptive.py acts on them): every table's, merged by name,
+    # plus the backoff_on shorthand as the rule "backoff_on".
+    automation: tuple[Rule, ...]
     # Tables that applied, least specific first, for operators and the admin API.
     matched: tuple[str, ...]
 
@@ -194,6 +313,7 @@ class _Table:
 
     values: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: dict[str, tuple[Rule, bool]] = field(default_factory=dict)   # name -> (rule, enabled)
 
 
 @dataclass(slots=True)
@@ -203,6 +323,15 @@ class _Provider:
     match: tuple[str, ...] = ()          # patterns as written, lower case
     match_file: str = ""                 # the file that last set `match`, for errors
     warmup_class: str = "default"        # its warm-up schedule (mta/egress/warmup.py)
+
+
+def _label(path: tuple[str, ...]) -> str:
+    """A table path as Limits.matched names it: "provider:google", "domain:gmail.com"."""
+    if path[0] == "default":
+        return "default"
+    if path[0] in ("provider", "site"):
+        return f"{path[0]}:{path[1]}"
+    return f"domain:{path[0]}"
 
 
 def _hostname(value: str) -> str:
@@ -293,6 +422,9 @@ class _Loader:
             raise ShapingError(file, _path(*path), f"expected a table, got "
                                f"{describe_value(raw)}")
         for name, value in raw.items():
+            if name == "automation":
+                self.rules(file, path, value, into)
+                continue
             if name == "sources":
                 for src, sraw in self.subtables(file, path + ("sources",), value).items():
                     spath = path + ("sources", src)
@@ -305,6 +437,18 @@ class _Loader:
                 continue
             into.values[name] = self.value(file, path, name, value,
                                            [*KEYS, *extra, "sources"])
+
+    def rules(self, file: str, path: tuple[str, ...], raw: object, into: _Table) -> None:
+        if not isinstance(raw, list):
+            raise ShapingError(file, _path(*path), "automation: expected an array of tables "
+                               f"([[{_path(*path)}.automation]]), got {describe_value(raw)}")
+        label = _label(path)
+        for i, item in enumerate(raw):
+            try:
+                rule, enabled = parse_rule(item, label)
+            except Invalid as e:
+                raise ShapingError(file, _path(*path), f"automation[{i}]: {e}") from None
+            into.rules[rule.name] = (rule, enabled)
 
     def value(self, file: str, path: tuple[str, ...], name: str, raw: object,
               allowed: list[str], k: Key | None = None) -> Any:
@@ -344,6 +488,15 @@ class _Loader:
 # --- resolution ------------------------------------------------------------------------
 
 
+def _show_rule(rule: Rule, enabled: bool) -> dict[str, Any]:
+    return {"name": rule.name, "status": list(rule.status),
+            "text": rule.text.pattern if rule.text is not None else None,
+            "after": rule.after, "within": rule.within, "action": list(rule.actions),
+            "set": {k: _show(v) for k, v in rule.set}, "duration": rule.duration,
+            "steps": rule.steps, "step_for": rule.step_for,
+            "recover_after": rule.recover_after, "enabled": enabled}
+
+
 def _show(value: Any) -> Any:
     """A checked value in a JSON-able form, for describe()."""
     return str(value) if isinstance(value, Rate) else value
@@ -366,6 +519,7 @@ class Shaping:
         self._cache: OrderedDict[tuple[Any, ...], Limits] = OrderedDict()
         # Identical Limits share one object: many domains and sources resolve alike.
         self._interned: dict[Limits, Limits] = {}
+        self._backoffs: dict[tuple[Any, ...], Rule] = {}   # one compiled rule per shorthand
 
     @classmethod
     def load(cls, files: Sequence[Path], defaults: Mapping[str, Any], *,
@@ -453,20 +607,34 @@ class Shaping:
             layers.append((f"domain:{domain}", self._domains[domain]))
         values = dict(self._base)
         matched = []
+        rules: dict[str, tuple[Rule, bool]] = {}
         for label, table in layers:
             values.update(table.values)
+            rules.update(table.rules)
             matched.append(label)
         for label, table in layers:
             if source in table.sources:
                 values.update(table.sources[source])
                 matched.append(f"{label}/source:{source}")
-        return Limits(**values, matched=tuple(matched))
+        automation = [r for r, enabled in rules.values() if enabled]
+        if values["backoff_on"]:
+            automation.append(self._backoff(tuple(values["backoff_on"]), values["backoff_for"]))
+        return Limits(**values, automation=tuple(automation), matched=tuple(matched))
+
+    def _backoff(self, patterns: tuple[str, ...], duration: float) -> Rule:
+        key = (patterns, duration)
+        rule = self._backoffs.get(key)
+        if rule is None:
+            rule = self._backoffs[key] = backoff_rule(patterns, duration)
+        return rule
 
     def describe(self) -> dict[str, Any]:
         """The merged rules, JSON-able, for the admin API and docs."""
         def table(t: _Table, **extra: Any) -> dict[str, Any]:
             out = dict(extra)
             out.update({k: _show(v) for k, v in t.values.items()})
+            if t.rules:
+                out["automation"] = [_show_rule(r, enabled) for r, enabled in t.rules.values()]
             if t.sources:
                 out["sources"] = {s: {k: _show(v) for k, v in vals.items()}
                                   for s, vals in t.sources.items()}
