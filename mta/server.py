@@ -424,6 +424,9 @@ RELOADED = frozenset({
     "egress.default_pool", "egress.default_class", "egress.shaping", "egress.pool_hook",
     "source.*", "pool.*", "egress_rule.*", "queue_class.*",
     "signing.on_error", "signing.policy", "dkim.*",
+    "warmup.major", "warmup.small", "warmup.default", "warmup.hour_divisor",
+    "warmup.max_bounce_rate", "warmup.max_complaint_rate", "warmup.max_deferral_rate",
+    "warmup.min_volume", "warmup.on_breach",
 })
 
 

@@ -38,6 +38,7 @@ from mta.config.values import (
     IP_ADDRESS,
     NAME,
     OPTIONAL_HOSTNAME,
+    PERCENT,
     OPTIONAL_NAME,
     OPTIONAL_PATH,
     PATH,
@@ -45,7 +46,9 @@ from mta.config.values import (
     RATE,
     ROUTES,
     SELECTOR,
+    SCHEDULE,
     SIZE,
+    START_TIME,
     TEXT,
     TEXT_LIST,
     WEIGHTED,
@@ -266,6 +269,9 @@ class SourceConfig:
                          "(should match the address's PTR)", inherit="delivery.ehlo_name")
     port: int = key(INT, 0, "remote port override for every site (test rigs); 0: the site's "
                     "port", lo=0, hi=65535)
+    warmup_start: str = key(START_TIME, "", "when this IP's warm-up began: its messages per "
+                            "day and hour to each provider follow the [warmup] schedules from "
+                            "then on; \"\": a warm IP, no warm-up caps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +478,44 @@ class UnsubscribeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WarmupConfig:
+    """IP warm-up (mta/egress/warmup.py): a [[source]] with warmup_start sends each provider
+    at most its class's cap per day (and the day's cap / hour_divisor per hour); a day's cap
+    grows to the schedule's next only if the day before stayed under the thresholds below.
+    A provider's class is its shaping table's warmup_class (major, small; default for any
+    other destination, each site counted on its own). Shipped figures: issue 12 (about
+    10,000 a day to each major provider and 1,000 to a small one from a fresh IP, never more
+    than doubling a day), doubling up to the last day listed; after it, no cap."""
+
+    day_length: float = key(DURATION, "1d", "length of a warm-up day (tests and the ISP "
+                            "simulator run a day in a minute or so); an hour is 1/24 of it",
+                            lo="1s", hi="7d", restart=True)
+    major: tuple[int, ...] = key(SCHEDULE, [10000, 20000, 40000, 80000, 160000, 320000,
+                                            640000, 1280000],
+                                 "messages a day to each major provider on warm-up day 1, 2, "
+                                 "...; no cap after the last")
+    small: tuple[int, ...] = key(SCHEDULE, [1000, 2000, 4000, 8000, 16000, 32000],
+                                 "messages a day to each small provider, as for major")
+    default: tuple[int, ...] = key(SCHEDULE, [1000, 2000, 4000, 8000, 16000, 32000],
+                                   "messages a day to each other site, as for major")
+    hour_divisor: int = key(INT, 8, "the hour's cap is the day's cap divided by this (8: a "
+                            "day's volume takes at least 8 hours)", lo=1, hi=24)
+    max_bounce_rate: float = key(PERCENT, 3, "a day with more 5xx replies than this (percent "
+                                 "of recipients tried at a class) does not grow the cap "
+                                 "(Momentum's adaptive delivery throttles at 3 %)")
+    max_complaint_rate: float = key(PERCENT, 0.2, "as max_bounce_rate for complaints (FBL "
+                                    "reports) per recipient tried (Momentum: 0.2 %)")
+    max_deferral_rate: float = key(PERCENT, 10, "as max_bounce_rate for deferrals about the "
+                                   "sender (4.7.x enhanced status: rate, reputation, "
+                                   "complaints; greylisting is not counted); our choice")
+    min_volume: int = key(INT, 100, "recipients tried at a class in a day below which the "
+                          "day's rates are not judged (the cap grows)", lo=1, hi=1000000)
+    on_breach: str = key(CHOICE, "hold", "after a day over a threshold the cap stays (hold) "
+                         "or goes back one day of the schedule (step_back)",
+                         choices=("hold", "step_back"))
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
 
@@ -504,6 +548,7 @@ SECTIONS = (
     Section("bounces", BouncesConfig),
     Section("suppression", SuppressionConfig),
     Section("unsubscribe", UnsubscribeConfig),
+    Section("warmup", WarmupConfig),
 )
 
 
@@ -547,5 +592,7 @@ class Config:
     suppression: SuppressionConfig
     # [unsubscribe]
     unsubscribe: UnsubscribeConfig
+    # [warmup]
+    warmup: WarmupConfig
     # Where the configuration came from: a file path or "<string>".
     origin: str
