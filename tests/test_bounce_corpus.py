@@ -55,10 +55,22 @@ def test_sisimai_status_on_dsn_rows(sisimai):
 
 
 def test_sisimai_hard_soft(sisimai):
-    # goal 95 %, reached 93 % (issue 5 note): most remaining rows carry the same
-    # reply ("550 5.2.1 <a>... User Unknown", "550 : User unknown") labelled
-    # userunknown in one sample and filtered/suspend in another.
-    assert _pct(sisimai, "hard") >= 93.0, bounce_accuracy.table("sisimai", sisimai)
+    # "hard" is graded only where sisimai's label is a fact about the address (user/domain
+    # unknown, moved = hard; full, expired, rate, size, system = soft): blocked, filtered,
+    # policy... are the operator's choice ([bounces] policy_hard). 97.4 % at issue 12.
+    assert _pct(sisimai, "hard") >= 96.5, bounce_accuracy.table("sisimai", sisimai)
+    # every row, sisimai's policy labels included (for information: 93 %)
+    assert _pct(sisimai, "hard-all") >= 92.0, bounce_accuracy.table("sisimai", sisimai)
+
+
+def test_held_out_families():
+    """Leave-one-family-out (tools/bounce_accuracy.py --folds): the rule alternatives and
+    text-scan patterns only the held-out family needs are dropped before it is scored."""
+    bases = {t: corpus(t) for t in ("sisimai-set-of-emails", "flufl-bounce")}
+    held, _, _ = bounce_accuracy.run_folds(bases, None)
+    sis, flufl = held["sisimai-set-of-emails"], held["flufl-bounce"]
+    assert _pct(sis, "recipient") >= 97.5 and _pct(sis, "hard") >= 93.5, bounce_accuracy.table("held out", sis)
+    assert _pct(flufl, "recipient") >= 93.0, bounce_accuracy.table("held out", flufl)
 
 
 def test_sisimai_reply_code_and_feedback_type(sisimai):

@@ -148,7 +148,7 @@ def test_qmail_colon_blocks():
             "<d1@rcpt.example>:\n192.0.2.1 does not like recipient.\nRemote host said: 550 5.1.1 <d1@rcpt.example>... User unknown\n"
             "Giving up on 192.0.2.1.\n\n<d2@rcpt.example>:\n192.0.2.1 does not like recipient.\n"
             "Remote host said: 552 5.2.2 mailbox is full\nGiving up on 192.0.2.1.\n\n")
-    assert_exactly(text_bounce(body, frm=f"MAILER-DAEMON@mx.sender.example", subject="failure notice",
+    assert_exactly(text_bounce(body, frm="MAILER-DAEMON@mx.sender.example", subject="failure notice",
                                sep="--- Below this line is a copy of the message.\n\n"),
                    {"d1@rcpt.example": UNKNOWN, "d2@rcpt.example": FULL})
 
@@ -442,3 +442,36 @@ def test_unknown_user_or_domain_wordings_are_hard(code, status, text):
 def test_full_expired_rate_size_system_wordings_are_soft(code, status, text):
     v = Classifier(policy_hard=list(BOUNCE_POLICY_CATEGORIES)).classify(code, status, text)
     assert not v.hard, v
+
+
+# -- end to end: a real daemon, returned mail over SMTP at the bounce domain ------------------
+
+def _policy_dsn(rcpt: str) -> bytes:
+    """A DSN for a reputation block (a policy verdict about the sender, 5.7.1)."""
+    return report(f"Reporting-MTA: dns; mx.rcpt.example\n\nFinal-Recipient: rfc822; {rcpt}\nAction: failed\n"
+                  f"Status: 5.7.1\nDiagnostic-Code: smtp; 550 5.7.1 Service unavailable; client host "
+                  f"[192.0.2.10] blocked using zen.spamhaus.org\n").replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("policy_hard,suppressed", [("[]", False), ('["blocked"]', True)])
+def test_daemon_policy_block_suppresses_only_when_configured(daemon_factory, policy_hard, suppressed):
+    import os
+    import smtplib
+    import time
+
+    from peers import _records
+
+    from mta.feedback import verp
+    from mta.feedback.suppression import load_key
+
+    domain = "bounces.test"
+    d = daemon_factory(extra=f'[bounces]\ndomain = "{domain}"\npolicy_hard = {policy_hard}\n')
+    key = load_key(d.workdir / "var" / "suppression" / "suppression.key")
+    rcpt = "blocked-here@rcpt.example"
+    ret_path = verp.encode(os.urandom(16), 0, rcpt, time.time() + 86400, key, "b", domain)
+    with smtplib.SMTP("127.0.0.1", d.port) as s:
+        s.sendmail("", [ret_path], _policy_dsn(rcpt))
+    oob, = _records(d, "OOB", 1)
+    assert (oob["recipient"], oob["category"], oob["hard"]) == (rcpt, "spam_block", suppressed), oob
+    assert bool(oob.get("suppressed")) is suppressed, oob
+    d.stop()
