@@ -475,3 +475,27 @@ def test_daemon_policy_block_suppresses_only_when_configured(daemon_factory, pol
     assert (oob["recipient"], oob["category"], oob["hard"]) == (rcpt, "spam_block", suppressed), oob
     assert bool(oob.get("suppressed")) is suppressed, oob
     d.stop()
+
+
+# -- none invented: contact addresses, the sender in a sentence, the original's header block
+#    without a trace header, HTML tables, an Exchange summary block naming the recipients -----
+
+_WEAK = f"From: Alice <{AUTHOR}>\nTo: {OTHERS[0]}\nCc: {OTHERS[1]}\nSubject: hello\nDate: Tue, 1 Dec 2026 10:00:00 +0000\n"
+NOT_INVENTED: dict[str, tuple[bytes, set[str]]] = {}
+NOT_INVENTED['weak-headers-nosep'] = (text_bounce("Your message could not be delivered to s1@rcpt.example.\nReason: 550 5.1.1 user unknown\n\n", sep="", original=_WEAK), {"s1@rcpt.example"})
+NOT_INVENTED['weak-headers-blank'] = (text_bounce("Your message could not be delivered to s2@rcpt.example.\nReason: 550 5.1.1 user unknown\n\n", sep="\n\n", original=_WEAK), {"s2@rcpt.example"})
+NOT_INVENTED['msg-headers-label'] = (text_bounce("Delivery to the following recipient failed:\n\n  s3@rcpt.example\n\n550 5.1.1 user unknown\n\n", sep="Message headers:\n", original=_WEAK), {"s3@rcpt.example"})
+NOT_INVENTED['from-sentence'] = (text_bounce(f"Your message from {SENDER} to s4@rcpt.example was rejected: 550 5.1.1 user unknown\n", sep="--- original ---\n"), {"s4@rcpt.example"})
+NOT_INVENTED['contact-postmaster'] = (text_bounce("<s5@rcpt.example>: 550 5.1.1 user unknown\n\nIf you need help, contact postmaster@mx.rcpt.example or abuse@rcpt.example.\n", sep="--- original ---\n"), {"s5@rcpt.example"})
+NOT_INVENTED['contact-helpdesk'] = (text_bounce("Delivery failed for s6@rcpt.example: 550 5.1.1 user unknown\n\nQuestions? Write to helpdesk@rcpt.example\n", sep="--- original ---\n"), {"s6@rcpt.example"})
+NOT_INVENTED['reply-to-line'] = (text_bounce("Could not deliver to <s7@rcpt.example>:\n550 5.1.1 unknown user\n\nOriginal sender: " + AUTHOR + "\nOriginal recipient: s7@rcpt.example\n", sep="--- original ---\n"), {"s7@rcpt.example"})
+NOT_INVENTED['html-table'] = ((f"From: postmaster@rcpt.example\nTo: {SENDER}\nSubject: Undeliverable: hello\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body><table><tr><td>Recipient</td><td>s8@rcpt.example</td></tr><tr><td>Reason</td><td>550 5.1.1 User unknown</td></tr><tr><td>Sender</td><td>{SENDER}</td></tr></table></body></html>\n").encode(), {"s8@rcpt.example"})
+NOT_INVENTED['exch-unindented'] = (text_bounce("Your message\n\nFrom: Alice <" + AUTHOR + ">\nTo: t1@rcpt.example; t2@rcpt.example\nSubject: hello\nSent: Tue, 1 Dec 2026 10:00:00 +0000\n\ndid not reach the following recipient(s):\n\nt1@rcpt.example on Tue, 1 Dec 2026 10:00:05 +0000\n    The e-mail account does not exist at the organization this message was sent to.\n\nt2@rcpt.example on Tue, 1 Dec 2026 10:00:05 +0000\n    The recipient's mailbox is full.\n", frm="System Administrator <postmaster@rcpt.example>", subject="Undeliverable: hello", sep="", original=""), {"t1@rcpt.example", "t2@rcpt.example"})
+
+
+@pytest.mark.parametrize("name", sorted(NOT_INVENTED))
+def test_no_address_invented(name):
+    data, want = NOT_INVENTED[name]
+    rep = parse_message(data)
+    assert rep.kind == "bounce"
+    assert {r.recipient.lower() for r in rep.recipients} == want

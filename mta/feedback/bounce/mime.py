@@ -153,6 +153,7 @@ def text_parts(msg: email.message.Message) -> list[email.message.Message]:
 # each unclosed "<" rescanned the rest of the part: quadratic).
 _TAG = re.compile(r"<[^<>]*>")
 _BR = re.compile(r"<\s*+(?:br|/p|/div|/tr|/li|/h\d|p|div|tr|li)\b[^<>]*>", re.I)
+_CELL = re.compile(r"<\s*+/?t[dh]\b[^<>]*>", re.I)
 _SCRIPT_OPEN = re.compile(r"<(script|style)\b", re.I)
 _SCRIPT_CLOSE = {"script": re.compile(r"</script\s*>", re.I), "style": re.compile(r"</style\s*>", re.I)}
 
@@ -174,5 +175,6 @@ def _without_scripts(html: str) -> str:
 def html_to_text(html: str) -> str:
     import html as htmlmod
     text = _BR.sub("\n", _without_scripts(html))
+    text = _CELL.sub("\t", text)   # table cells: "Recipient</td><td>a@b" is two words
     text = _TAG.sub("", text)
     return htmlmod.unescape(text)

@@ -56,6 +56,7 @@ _CUT = re.compile(
 _HDR = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|Date|From|To|Subject|Cc|Reply-To|Sender|"
                   r"MIME-Version|Content-Type|Content-Transfer-Encoding|DKIM-Signature|X-[\w-]+|"
                   r"Delivered-To|Authentication-Results|ARC-[\w-]+|References|In-Reply-To):[ \t]", re.I)
+_WEAK_BITS = {"from": 1, "subject": 2}
 _HDR_STRONG = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|DKIM-Signature):", re.I)
 
 
@@ -68,9 +69,14 @@ def cut_original(text: str) -> tuple[str, str]:
             break
     # An inline header block: at least three header lines in a row, one of
     # them a header only a real message carries (Received, Return-Path...).
+    # Or a block of the original's own fields without any trace header: From and
+    # Subject and a third (To, Cc, Date...) -- "From: a\nTo: b\nSubject: c" -- once the
+    # report has named an address (a summary "From/To/Subject/Sent" block at the top
+    # of an Exchange notice is the report, not the original).
     lines = text.split("\n")
     pos = 0
-    run_start, run, strong = -1, 0, False
+    first_at = text.find("@")
+    run_start, run, strong, names = -1, 0, False, 0
     for line in lines:
         if pos >= best:
             break
@@ -79,13 +85,14 @@ def cut_original(text: str) -> tuple[str, str]:
                 run_start = pos
             run += 1
             strong = strong or bool(_HDR_STRONG.match(line))
-            if run >= 3 and strong and run_start > 0:
+            names |= _WEAK_BITS.get(line[:line.find(":")].lower(), 0)
+            if run >= 3 and run_start > 0 and (strong or (names & 3 == 3 and 0 <= first_at < run_start)):
                 best = min(best, run_start)
                 break
         elif line[:1] in (" ", "\t") and run:
             pass   # a folded header line
         else:
-            run, strong = 0, False
+            run, strong, names = 0, False, 0
         pos += len(line) + 1
     return text[:best], text[best:]
 
@@ -128,9 +135,13 @@ _PATTERNS = ((_P_COLON, 6), (_P_DOTS, 6), (_P_X400, 6), (_P_ON, 5), (_P_ALONE, 5
              (_P_GENERATED, 4), (_P_PHRASE, 3))
 
 # Where an address is NOT a failed recipient: "MAIL FROM:<a>", "From: a", "sender a", Message-IDs.
+# (A word, not part of a host name: "from a@x to b@mail.sender.example" names b.)
+# The notice's own contact addresses ("write to help@x", "contact postmaster@x") too.
 _NOT_RCPT = re.compile(
-    r"(?:mail[ \t]+from[ \t]*:?|\bfrom[ \t]*:|\bsender\b[^\n@]{0,20}|\breturn-path[ \t]*:|\bmessage-id[ \t]*:?|"
-    r"\breply-to[ \t]*:|\berrors-to[ \t]*:|\benvelope-from|\bsent by\b|\bsent from\b|\bfrom\b)[ \t]*<?$", re.I)
+    r"(?<![.@\w-])(?:mail[ \t]+from[ \t]*:?|from[ \t]*:|sender\b[^\n@.]{0,20}|return-path[ \t]*:|message-id[ \t]*:?|"
+    r"reply-to[ \t]*:|errors-to[ \t]*:|envelope-from|sent by\b|sent from\b|from\b|"
+    r"(?:write|contact|reach|e-?mail us|send (?:an? )?(?:e-?mail|mail|message)|questions?|help ?desk|support)\b[^\n@]{0,12})[ \t]*<?$",
+    re.I)
 
 FAILURE_TEXT = re.compile(
     r"could ?n[o']t be delivered|could not deliver|undeliverable|undelivered|delivery (?:has )?failed|"
