@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +34,8 @@ from mta.egress.pools import Egress
 from mta.egress.shaping import Limits, Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
+from mta.egress.warmup import STATE_NAME as WARMUP_STATE
+from mta.egress.warmup import Warmup
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.envelope import Envelope
 from mta.model.queued import InsertReason, QueuedMessage
@@ -91,6 +94,13 @@ class DeliveryEngine:
                                  inject=inject, hostname=config.server.hostname,
                                  delay_dsn_after=d.delay_dsn_after, feedback=feedback,
                                  no_dsn_tenants=frozenset(d.no_dsn_tenants), clock=clock)
+        # IP warm-up caps per (warming source, provider) (mta/egress/warmup.py)
+        self.warmup = Warmup(config, self.shaping, logs=logs, clock=clock,
+                             state_path=config.spool.directory / WARMUP_STATE)
+        self.outcomes.observers.append(self.warmup.observe)
+        if feedback is not None:
+            feedback.complaint_observers.append(self.warmup.complaint)
+        self._warmup_wait = _WarmupWait(self)
         r = config.reception
         self.private_headers = (PrivateHeaders([r.tenant_header, r.campaign_header,
                                                 r.class_header])
@@ -104,11 +114,13 @@ class DeliveryEngine:
         self.loop = loop
         self.scheduler.start(loop)
         self.limits.start(loop)
+        self.warmup.start(loop)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 
     async def stop(self) -> None:
         self.scheduler.stop()
         self.limits.stop()
+        self.warmup.stop()
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))
@@ -141,6 +153,7 @@ class DeliveryEngine:
                 old = lanes.get(c.name)           # a throttle keeps its tokens
                 lanes[c.name] = (c.weight, retune(old[1] if old else None, c.max_message_rate, now))
         self.shaping = shaping
+        self.warmup.reconfigure(config, shaping)
         self.limits.set_shaping(shaping)   # -> _limits_changed(None): every dispatcher
 
     def drain(self) -> None:
@@ -195,6 +208,11 @@ class DeliveryEngine:
         pool = self.egress.pools.get(queue.pool) or self.egress.default_pool
         assert pool is not None
         source = pool.next()
+        if self.warmup.sources:   # a warming source takes what its caps allow, others the rest
+            picked = self.warmup.pick(pool, source, site)
+            if picked is None:
+                return self._warmup_wait
+            source = picked
         key = (source.name, site.name)
         d = self.dispatchers.get(key)
         if d is None:
@@ -276,6 +294,28 @@ class DeliveryEngine:
             status, text, permanent = "4.3.0", f"{text} (bounce postponed: spool not writable)", False
         reply = RemoteReply(550 if permanent else 451, status, text)
         self.outcomes.apply(AttemptResult.all(msg, env, at, reply))
+
+
+class _WarmupWait:
+    """The outlet of a message that every source of its pool is at its warm-up cap for:
+    it waits on the timer wheel until the earliest cap frees (spread over a tenth of a
+    warm-up hour, so the freed hour does not start with one burst of routing)."""
+
+    def __init__(self, engine: DeliveryEngine) -> None:
+        self.engine = engine
+
+    @property
+    def ready(self) -> _WarmupWait:
+        return self
+
+    def offer(self, msg: QueuedMessage) -> bool:
+        w = self.engine.warmup
+        due = w.resume_at + random.uniform(0.0, w.hour_length / 10)
+        self.engine.scheduler.schedule(msg, due, InsertReason.WARMUP)
+        return True
+
+    def wake(self) -> None:
+        pass
 
 
 def _path_limits(limits: Limits) -> Limits:

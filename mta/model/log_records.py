@@ -29,6 +29,7 @@ class RecordType(str, Enum):
     LOG_LOSS = "LogLoss"                   # records dropped while the log could not be written
     UNSUBSCRIBE = "Unsubscribe"            # a one-click unsubscribe (RFC 8058) was stored
     RELOAD = "Reload"                      # the config was re-read (SIGHUP): applied or refused
+    WARMUP_DAY = "WarmupDay"               # a warming source's new day: its cap at a class
 
 
 # Fields per record type, for documentation and for tests that check records.
@@ -70,6 +71,11 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     # applied: false when refused (problems say why; the running config stays); restart:
     # changed keys that keep their running value until a restart
     RecordType.RELOAD: ("origin", "applied", "problems", "restart", "time"),
+    # one per warming source and provider class at each new warm-up day: action grown,
+    # held or stepped_back (reason says why, from the day before's counts); cap None: no cap
+    RecordType.WARMUP_DAY: ("source", "class", "day", "cap", "hour_cap", "previous_cap",
+                            "action", "reason", "tried", "bounced", "deferred", "complaints",
+                            "time"),
     # one per recipient; dsn: whether a DSN went to the sender (NOTIFY, null sender)
     RecordType.ADMIN_BOUNCE: ("id", "queue", "recipient", "sender", "tenant", "campaign",
                               "status", "reason", "selector", "dsn", "time"),

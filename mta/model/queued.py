@@ -28,6 +28,7 @@ class InsertReason(str, enum.Enum):
     TRANSIENT_FAILURE = "transient"     # a 4xx or a connection problem; backing off
     READY_FULL = "ready_full"           # its ready queue was full: waits in the queue's backlog
     SUSPENDED = "suspended"             # its queue is suspended by the operator
+    WARMUP = "warmup"                   # every source of its pool is at its warm-up cap
 
 
 __all__ = ["DELAY_DSN_SENT", "InsertReason", "QueuedMessage"]
