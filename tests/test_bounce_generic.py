@@ -499,3 +499,36 @@ def test_no_address_invented(name):
     rep = parse_message(data)
     assert rep.kind == "bounce"
     assert {r.recipient.lower() for r in rep.recipients} == want
+
+
+# -- address forms in text bounces: bullets, numbering, doubled angles, percent hack, an
+#    address quoted in the SMTP reply, the subject naming it, ISO-2022-JP ----------------------
+
+ADDRESS_FORMS: dict[str, tuple[bytes, set[str]]] = {}
+def _tb(b, **k): return text_bounce(b, sep="--- original message ---\n", **k)
+ADDRESS_FORMS['paren-name'] = (_tb("The following address failed:\n\n    u1@rcpt.example (Kiji Tora)\n\n550 5.1.1 user unknown\n"), {"u1@rcpt.example"})
+ADDRESS_FORMS['double-angle'] = (_tb("Delivery failed:\n<<u2@rcpt.example>> 550 5.1.1 user unknown\n"), {"u2@rcpt.example"})
+ADDRESS_FORMS['percent-hack'] = (_tb("<u3%host.rcpt.example@relay.rcpt.example>: 550 5.1.1 user unknown\n"), {"u3%host.rcpt.example@relay.rcpt.example"})
+ADDRESS_FORMS['bullets'] = (_tb("Delivery to these recipients failed:\n\t* u4@rcpt.example - 550 5.1.1 user unknown\n\t* u5@rcpt.example - 552 5.2.2 mailbox full\n"), {"u4@rcpt.example","u5@rcpt.example"})
+ADDRESS_FORMS['numbered'] = (_tb("Failed recipients:\n1) u6@rcpt.example: user unknown\n2) u7@rcpt.example: user unknown\n"), {"u6@rcpt.example","u7@rcpt.example"})
+ADDRESS_FORMS['subject-only'] = ((f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: Undeliverable: u8@rcpt.example\n\nThe message could not be delivered: 550 5.1.1 user unknown\n").encode(), {"u8@rcpt.example"})
+ADDRESS_FORMS['iso2022'] = ((f"From: MAILER-DAEMON@mx.rcpt.example\nTo: {SENDER}\nSubject: =?ISO-2022-JP?B?GyRCRVtDIzxSR1QbKEI=?=\nMIME-Version: 1.0\nContent-Type: text/plain; charset=ISO-2022-JP\nContent-Transfer-Encoding: 7bit\n\n").encode() + "以下のアドレスに配信できませんでした。\n\nu9@rcpt.example\n\n550 5.1.1 user unknown\n".encode("iso-2022-jp"), {"u9@rcpt.example"})
+ADDRESS_FORMS['mailto-angle'] = (_tb("Your message wasn't delivered to u10@rcpt.example<mailto:u10@rcpt.example> because the address couldn't be found.\n"), {"u10@rcpt.example"})
+ADDRESS_FORMS['rcpt-reject-quote'] = (_tb("Remote server replied: 550 5.1.1 <u11@rcpt.example>: Recipient address rejected: User unknown\n"), {"u11@rcpt.example"})
+ADDRESS_FORMS['smtp-in-reply'] = (_tb("Error for u12@rcpt.example:\n  in reply to RCPT TO command: 550 5.1.1 no such user\n"), {"u12@rcpt.example"})
+ADDRESS_FORMS['x-failed+text'] = ((f"From: Mail Delivery System <MAILER-DAEMON@mx.rcpt.example>\nTo: {SENDER}\nSubject: Mail delivery failed\nX-Failed-Recipients: u13@rcpt.example\n\nA message that you sent could not be delivered.\n\n  u13@rcpt.example\n    SMTP error from remote mail server after RCPT TO:<u13@rcpt.example>:\n    550 5.1.1 user unknown\n").encode(), {"u13@rcpt.example"})
+
+
+@pytest.mark.parametrize("name", sorted(ADDRESS_FORMS))
+def test_address_forms(name):
+    data, want = ADDRESS_FORMS[name]
+    rep = parse_message(data)
+    assert rep.kind == "bounce"
+    assert {r.recipient.lower() for r in rep.recipients} == want
+
+
+def test_transcript_mail_from_is_never_a_recipient():
+    body = ("The following address failed:\n\n  kiji\n    SMTP error from remote mail server after MAIL FROM:"
+            "<boss@sender.example> SIZE=100:\n    550 5.7.0 <boss@sender.example>... Use your ISP's server\n")
+    rep = parse_message(text_bounce(body, sep="--- original message ---\n"))
+    assert "boss@sender.example" not in {r.recipient for r in rep.recipients}

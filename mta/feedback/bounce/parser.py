@@ -227,6 +227,12 @@ def _parse(data: bytes, classifier: Classifier, depth: int = 0) -> Report:
         if not found and msg.get("X-Failed-Recipients"):
             found_addrs = _addresses(header(msg, "X-Failed-Recipients"))
             found = [Found(a, whole, 0) for a in found_addrs[:MAX_RECIPIENTS]]
+        if not found:
+            # "Undeliverable: a@b", "DELIVERY FAILURE: User x (a@b) not listed": the
+            # notice's subject names the one failed address its text does not.
+            in_subject = [a for a in _addresses(subject) if a not in exclude and not is_role_address(a)]
+            if len(set(in_subject)) == 1:
+                found = [Found(in_subject[0], whole, 0)]
         if not found and sender_addrs:
             found = bare_local_parts(cut, sender_addrs[0].rpartition("@")[2])
         if not found and original is not None:
