@@ -187,6 +187,7 @@ class Server:
         # entry's schedule apply to the recovered messages as they are queued again
         self.controls = Controls(self.delivery, self.config.spool.directory)
         self.controls.restore()
+        self.delivery.adaptive.persist(self.config.spool.directory)   # adaptive actions in force
         self.delivery.scheduler.saved = found.schedules
         self.reception.on_stored = self._stored
         for msg_id in found.messages:
@@ -423,7 +424,7 @@ RELOADED = frozenset({
     "delivery.tls", "delivery.idle_timeout", "delivery.retry_initial", "delivery.retry_max",
     "egress.default_pool", "egress.default_class", "egress.shaping", "egress.pool_hook",
     "source.*", "pool.*", "egress_rule.*", "queue_class.*",
-    "signing.on_error", "signing.policy", "dkim.*",
+    "signing.on_error", "signing.policy", "dkim.*", "adaptive.*",
     "warmup.major", "warmup.small", "warmup.default", "warmup.hour_divisor",
     "warmup.max_bounce_rate", "warmup.max_complaint_rate", "warmup.max_deferral_rate",
     "warmup.min_volume", "warmup.on_breach",

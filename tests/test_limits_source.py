@@ -86,7 +86,7 @@ def test_bad_overrides_are_refused_with_the_reason(source, scope, values, want):
 
 
 def test_scope_needs_its_names():
-    with pytest.raises(LimitsError, match="one of: provider, site, source, pair"):
+    with pytest.raises(LimitsError, match="one of: provider, site, source, source_provider, pair"):
         Scope("domain", "example.com")
     with pytest.raises(LimitsError, match="a source and a site"):
         Scope("pair", "ip-1")

@@ -516,6 +516,43 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdaptiveConfig:
+    """Adaptive delivery (mta/egress/adaptive.py): the shaping files' automation rules, and
+    rate rules per (source, provider) over a sliding window. Rates are per recipient tried
+    (hard bounces: 5xx the classifier grades hard; deferrals: 4xx with a 4.7.x status or
+    421, greylisting excluded) and per recipient delivered (complaints). Throttle and
+    suspend figures for bounces and complaints are Momentum's Adaptive Delivery defaults;
+    the deferral figures are our choice (a third of attempts deferred for policy or rate
+    means the provider is slowing this source; three in five, that it is refusing it)."""
+
+    enabled: bool = key(BOOL, True, "act on automation rules and rates (false: count nothing, "
+                        "take no new action; actions in force run out)")
+    window: float = key(DURATION, "1h", "the sliding window the rates are counted over "
+                        "(one bucket per minute)", lo="1m", hi="1d")
+    min_volume: int = key(INT, 100, "recipients tried in the window before a (source, "
+                          "provider)'s bounce and deferral rates count", lo=1, hi=100000000)
+    min_complaint_volume: int = key(INT, 1000, "recipients delivered in the window before its "
+                                    "complaint rate counts", lo=1, hi=100000000)
+    bounce_throttle: float = key(PERCENT, 3, "hard-bounce rate that cuts the message rate")
+    bounce_suspend: float = key(PERCENT, 10, "hard-bounce rate that suspends the (source, "
+                                "provider)")
+    complaint_throttle: float = key(PERCENT, 0.2, "complaint rate that cuts the message rate")
+    complaint_suspend: float = key(PERCENT, 0.5, "complaint rate that suspends")
+    deferral_throttle: float = key(PERCENT, 30, "deferral rate that cuts the message rate")
+    deferral_suspend: float = key(PERCENT, 60, "deferral rate that suspends")
+    throttle_to: float = key(PERCENT, 50, "a cut message rate: this share of what the pair "
+                             "sent in the window (or of its limit, if lower); at least 1/m")
+    throttle_for: float = key(DURATION, "1h", "how long a cut holds before each step back",
+                              lo="1m", hi="7d")
+    suspend_for: float = key(DURATION, "4h", "how long a rate suspension holds",
+                             lo="1m", hi="7d")
+    steps: int = key(INT, 3, "steps back from a cut rate, each halving what is left of the "
+                     "cut", lo=0, hi=10)
+    max_pairs: int = key(INT, 100000, "(source, provider) windows and rule counters kept; the "
+                         "least recently used are dropped", lo=100, hi=10000000)
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
 
@@ -549,6 +586,7 @@ SECTIONS = (
     Section("suppression", SuppressionConfig),
     Section("unsubscribe", UnsubscribeConfig),
     Section("warmup", WarmupConfig),
+    Section("adaptive", AdaptiveConfig),
 )
 
 
@@ -594,5 +632,7 @@ class Config:
     unsubscribe: UnsubscribeConfig
     # [warmup]
     warmup: WarmupConfig
+    # [adaptive]
+    adaptive: AdaptiveConfig
     # Where the configuration came from: a file path or "<string>".
     origin: str

@@ -10,6 +10,11 @@ above a lowered limit close after the message in hand, or at once when idle.
 When no host of the site can be reached,
 every message waiting in the ready queue is deferred (site scope), not only
 the one in hand.
+Replies are not looked at here: Outcomes' observers see every attempt result, and adaptive
+delivery (mta/egress/adaptive.py, wired in mta/delivery/adapt.py) pauses this (source, site)
+through `suspended_until` or changes its limits through `set_limits` (the shaping
+`backoff_on` shorthand is one of its rules); `adaptive_hold` asks whether a popped message's
+queue is held at this provider.
 Reads message content from the spool (page cache) per attempt.
 With a bounce domain and `[bounces] verp`, MAIL FROM is the recipient's signed VERP
 address (one recipient per transaction); the envelope in the spool keeps the
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from mta.egress.sites import Site
     from mta.model.queued import QueuedMessage
     from mta.queues.ready import ReadyQueue
+    from mta.queues.scheduled import ScheduledQueue
     from mta.spool import Spool
 
 log = logging.getLogger("mta.dispatcher")
@@ -56,11 +61,14 @@ class Dispatcher:
                  loop: asyncio.AbstractEventLoop, hold_back: Callable[[QueuedMessage], None],
                  dkim: DkimStage | None = None, feedback: Feedback | None = None,
                  private_headers: PrivateHeaders | None = None,
+                 adaptive_hold: Callable[[ScheduledQueue, Dispatcher], bool] | None = None,
                  clock: Callable[[], float] = time.time):
         self.ready = ready
         self.private_headers = private_headers   # X-Tenant & co. removed before sending
         self.clock = clock            # wall time; throttles and timers use loop time
         self.hold_back = hold_back    # a message of a suspended queue goes back to wait there
+        # adaptive delivery: True when a queue is held at this provider (it suspended it)
+        self.adaptive_hold = adaptive_hold
         self.verp = feedback if feedback is not None and feedback.verp else None
         # a message signed at reception cannot take new header fields without breaking
         # its signature (List-Unsubscribe is in the signed set), so none are added then
@@ -77,9 +85,7 @@ class Dispatcher:
         self.loop = loop
         self.retry = RetryPolicy(limits.retry_initial, limits.retry_max, cfg.max_age)
         self.msg_throttle = Throttle(limits.max_message_rate) if limits.max_message_rate else None
-        # shaping backoff_on: the provider's "slow down" replies pause this (source, site)
-        self.backoff = _backoff_pattern(limits.backoff_on)
-        self.backoffs = 0
+        self.backoffs = 0             # times adaptive delivery paused this (source, site)
         self.conn_throttle = (Throttle(limits.max_connection_rate)
                               if limits.max_connection_rate else None)
         self.timeouts = Timeouts(connect=cfg.connect_timeout, greeting=cfg.command_timeout,
@@ -163,8 +169,6 @@ class Dispatcher:
         now = self.loop.time()
         self.msg_throttle = retune(self.msg_throttle, limits.max_message_rate, now)
         self.conn_throttle = retune(self.conn_throttle, limits.max_connection_rate, now)
-        if limits.backoff_on != old.backoff_on:
-            self.backoff = _backoff_pattern(limits.backoff_on)
         if self.active > limits.connection_limit:
             self.close_idle(self.active - limits.connection_limit)
         for _ in range(min(len(self.ready), limits.connection_limit - self.active)):
@@ -266,6 +270,9 @@ class Dispatcher:
             if until and until > self.clock():
                 self.hold_back(msg)
                 continue
+            if self.adaptive_hold is not None and self.adaptive_hold(msg.queue, self):
+                self.hold_back(msg)
+                continue
             return msg
         if len(self.ready) and self.ready.wait_hint:      # a class lane's rate limit
             self.wake_at(self.ready.wait_hint)
@@ -331,29 +338,8 @@ class Dispatcher:
             at.ip = client.peer[0]
         return at
 
-    def _check_backoff(self, replies: list) -> None:
-        """A 4xx reply matching shaping's backoff_on pauses this (source, site)."""
-        assert self.backoff is not None
-        for r in replies:
-            if r is None or not 400 <= r.code < 500:
-                continue
-            if self.backoff.search(f"{r.code} {r.status or ''} {r.text}"):
-                until = self.clock() + self.limits.backoff_for
-                if until <= self.suspended_until:
-                    return
-                self.suspended_until = until
-                self.backoffs += 1
-                log.warning("%s: backing off for %.0fs after %d %s %s", self.ready.name,
-                            self.limits.backoff_for, r.code, r.status or "", r.text[:200])
-                self.outcomes.paused(self.source.name, self.site.name, r, until)
-                self.release_idle()          # idle connections close; busy ones after
-                self.wake_at(self.limits.backoff_for)   # the message in hand
-                return
-
     def _site_failure(self, first: QueuedMessage, exc: SessionError) -> None:
         """No MX host took a connection: defer everything waiting for this site."""
-        if self.backoff is not None:
-            self._check_backoff([exc.reply])   # e.g. a 421 greeting: "too many connections"
         reply = _error_reply(exc)
         for msg in [first, *self.ready.drain()]:
             try:   # the envelope alone: the records name each recipient, tenant and campaign
@@ -421,12 +407,8 @@ class Dispatcher:
                 replies += refused
                 replies += [(i, error) for i in idxs[start:] if i not in gone]
                 self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
-                if self.backoff is not None:
-                    self._check_backoff([exc.reply, *exc.recipients])
                 return False
             replies += zip(chunk, result.finals())
-            if self.backoff is not None:
-                self._check_backoff([*result.recipients, result.data])
         self.sent += 1
         self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
         return True
@@ -439,11 +421,6 @@ def _release_one_idle(dispatchers: list[Dispatcher]) -> None:
             if not fut.done():
                 fut.set_result(None)
                 return
-
-
-def _backoff_pattern(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-    """shaping backoff_on: one regex for the provider's "slow down" replies."""
-    return re.compile("|".join(f"(?:{p})" for p in patterns), re.I) if patterns else None
 
 
 def _release(fut: asyncio.Future) -> None:

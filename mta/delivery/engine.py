@@ -25,6 +25,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from mta.delivery.adapt import EngineActuator
 from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
@@ -109,10 +110,13 @@ class DeliveryEngine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.TimerHandle | None = None
         self.draining = False     # drain(): no delivery starts any more
+        # adaptive delivery (mta/egress/adaptive.py): automation rules and rate rules
+        self.adaptive = EngineActuator(self)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.scheduler.start(loop)
+        self.adaptive.adaptive.start(loop)
         self.limits.start(loop)
         self.warmup.start(loop)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
@@ -120,6 +124,7 @@ class DeliveryEngine:
     async def stop(self) -> None:
         self.scheduler.stop()
         self.limits.stop()
+        self.adaptive.adaptive.stop()
         self.warmup.stop()
         if self._reaper is not None:
             self._reaper.cancel()
@@ -147,6 +152,7 @@ class DeliveryEngine:
         self.config = config
         self.egress = egress
         self.scheduler.select = egress.select
+        self.adaptive.adaptive.configure(config.adaptive)
         now = self.loop.time() if self.loop is not None else 0.0
         for lanes in self.lane_specs.values():    # a class lane made from now on (lanes come
             for c in egress.classes.values():     # and go with traffic) takes the new values;
@@ -240,7 +246,8 @@ class DeliveryEngine:
                        cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
                        loop=self.loop, hold_back=self.scheduler.hold_back, dkim=self.dkim,
                        feedback=self.feedback, private_headers=self.private_headers,
-                       clock=self.clock)
+                       adaptive_hold=self.adaptive.held, clock=self.clock)
+        self.adaptive.new_dispatcher(d)
         state.dispatchers.append(d)
         return d
 

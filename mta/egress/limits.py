@@ -40,7 +40,9 @@ from mta.egress.shaping import KEYS, Limits, Shaping
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
-KINDS = ("provider", "site", "source", "pair")   # least specific first
+# least specific first; "source_provider" is one source at one provider (every site of it:
+# what adaptive delivery throttles), "pair" one source at one site
+KINDS = ("provider", "site", "source", "source_provider", "pair")
 # Keys an override may not change: `scope` decides whether counters live per path or per
 # site; moving live counters between the two is a reload's job, not a run-time tweak.
 _FIXED = ("scope",)
@@ -53,22 +55,28 @@ class LimitsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """What an override covers: a provider, a site, a source, or one (source, site)."""
+    """What an override covers: a provider, a site, a source, one (source, provider) or
+    one (source, site)."""
 
     kind: str                 # one of KINDS
     name: str                 # provider, site or source name
-    site: str = ""            # the site of a pair
+    site: str = ""            # the site of a pair, the provider of a source_provider
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LimitsError(f"no scope kind {self.kind!r} (one of: {', '.join(KINDS)})")
-        if not self.name or (self.kind == "pair") != bool(self.site):
-            raise LimitsError(f"{self.kind} scope needs "
-                              + ("a source and a site" if self.kind == "pair" else "a name"))
+        two = self.kind in ("pair", "source_provider")
+        if not self.name or two != bool(self.site):
+            raise LimitsError(f"{self.kind} scope needs " + (
+                "a source and a site" if self.kind == "pair" else "a source and a provider"
+                if two else "a name"))
 
     def __str__(self) -> str:
-        return f"pair:{self.name}->{self.site}" if self.kind == "pair" \
-            else f"{self.kind}:{self.name}"
+        if self.kind == "pair":
+            return f"pair:{self.name}->{self.site}"
+        if self.kind == "source_provider":
+            return f"source_provider:{self.name}->{self.site}"
+        return f"{self.kind}:{self.name}"
 
     def covers(self, path: LimitsPath) -> bool:
         kind = self.kind
@@ -78,6 +86,8 @@ class Scope:
             return path.source == self.name
         if kind == "pair":
             return path.source == self.name and path.site == self.site
+        if kind == "source_provider":
+            return path.source == self.name and path.provider == self.site
         return path.provider == self.name
 
 

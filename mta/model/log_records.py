@@ -29,6 +29,8 @@ class RecordType(str, Enum):
     LOG_LOSS = "LogLoss"                   # records dropped while the log could not be written
     UNSUBSCRIBE = "Unsubscribe"            # a one-click unsubscribe (RFC 8058) was stored
     RELOAD = "Reload"                      # the config was re-read (SIGHUP): applied or refused
+    ADAPTIVE_ACTION = "AdaptiveAction"     # adaptive delivery acted on a (source, provider)
+    ADAPTIVE_RESTORE = "AdaptiveRestore"   # ... and stepped back / undid it
     WARMUP_DAY = "WarmupDay"               # a warming source's new day: its cap at a class
 
 
@@ -71,6 +73,16 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     # applied: false when refused (problems say why; the running config stays); restart:
     # changed keys that keep their running value until a restart
     RecordType.RELOAD: ("origin", "applied", "problems", "restart", "time"),
+    # rule: the automation rule's name, or "rate:bounce" / "rate:complaint" / "rate:deferral";
+    # action: suspend, suspend_source, suspend_tenant, suspend_campaign, bounce or set;
+    # value: the shaping values set (set), the tenant or campaign, or the messages bounced;
+    # until: when it ends (or its next step); reason: the reply or the rate that triggered
+    RecordType.ADAPTIVE_ACTION: ("source", "provider", "rule", "action", "value", "until",
+                                 "reason", "time"),
+    # one per step back (value: the values now, until: the next step) and at the end
+    # (value: the values restored, until None); reason: "step N of M: ..." or "done: ..."
+    RecordType.ADAPTIVE_RESTORE: ("source", "provider", "rule", "action", "value", "until",
+                                  "reason", "time"),
     # one per warming source and provider class at each new warm-up day: action grown,
     # held or stepped_back (reason says why, from the day before's counts); cap None: no cap
     RecordType.WARMUP_DAY: ("source", "class", "day", "cap", "hour_cap", "previous_cap",
