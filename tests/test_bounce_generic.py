@@ -532,3 +532,16 @@ def test_transcript_mail_from_is_never_a_recipient():
             "<boss@sender.example> SIZE=100:\n    550 5.7.0 <boss@sender.example>... Use your ISP's server\n")
     rep = parse_message(text_bounce(body, sep="--- original message ---\n"))
     assert "boss@sender.example" not in {r.recipient for r in rep.recipients}
+
+
+@pytest.mark.parametrize("text,category", [
+    ("Empf\u00e4nger existiert nicht", "invalid_recipient"), ("Benutzer unbekannt", "invalid_recipient"),
+    ("Usu\u00e1rio desconhecido", "invalid_recipient"), ("L'adresse n'existe pas", "invalid_recipient"),
+    ("Utente non esiste", "invalid_recipient"), ("Usuario desconocido", "invalid_recipient"),
+    ("La casella di posta \u00e8 piena", "mailbox_full"), ("Postfach ist voll", "mailbox_full"),
+    ("Buz\u00f3n lleno", "mailbox_full"), ("La bo\u00eete aux lettres est pleine", "mailbox_full"),
+    ("Caixa postal cheia", "mailbox_full"),
+])
+def test_other_languages(text, category):
+    v = Classifier().classify(550, None, text)
+    assert (v.category, v.hard) == (category, category == "invalid_recipient"), v
