@@ -222,7 +222,8 @@ def backoff_rule(patterns: tuple[str, ...], duration: float) -> Rule:
 
 
 def parse_rule(raw: object, table: str) -> tuple[Rule, bool]:
-    """One [[...automation]] entry: the Rule and whether it is enabled; raises Invalid."""
+    """One [[...automation]] entry: the Rule and whether it is enabled; raises Invalid.
+    `name = "..."` with `enabled = false` alone switches off an earlier file's rule."""
     if not isinstance(raw, dict):
         raise Invalid(f"expected a table, got {describe_value(raw)}")
     raw = dict(raw)
@@ -246,9 +247,9 @@ def parse_rule(raw: object, table: str) -> tuple[Rule, bool]:
             values.append((k, check_value(KEYS[k], val, Path())))
         except Invalid as e:
             raise Invalid(f"set.{k}{e.at}: {e}") from None
-    if not v["action"] and not values:
+    if v["enabled"] and not v["action"] and not values:
         raise Invalid("a rule needs an action or a set table (or both)")
-    if not v["status"] and v["text"] is None:
+    if v["enabled"] and not v["status"] and v["text"] is None:
         raise Invalid("a rule needs a status or a text pattern (or both)")
     rule = Rule(v["name"], table, tuple(v["status"]),
                 re.compile(v["text"], re.I) if v["text"] is not None else None, v["after"],
