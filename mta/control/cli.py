@@ -100,6 +100,22 @@ def _cmd_shaping(args: argparse.Namespace) -> int:
         print(f"{r.source:<16} {r.site[:40]:<40} {r.connections:>5} {r.connection_limit:>5} "
               f"{r.peak_connections:>5} {r.max_message_rate or '-':>8} {r.ready:>7} "
               f"{r.sent:>8}  {state}")
+    status, actions = _request(args, "/adaptive")
+    if status == 200 and actions:
+        from mta.control.views import AdaptiveRow
+        print("\nadaptive delivery, actions in force (automation rules and rates):")
+        print(f"{'source':<16} {'provider':<24} {'rule':<24} {'action':<16} {'value':<30} "
+              f"{'left':>9}  reason")
+        for a in map(AdaptiveRow.from_json, actions):
+            if a.action == "set":
+                value = " ".join(f"{k}={v}" for k, v in (a.value or {}).items())
+                value += f" (step {a.step}/{a.steps + 1})" if a.step else ""
+            else:
+                value = a.target or "-"
+            left = int(a.left)
+            print(f"{a.source:<16} {a.provider[:24]:<24} {a.rule[:24]:<24} {a.action:<16} "
+                  f"{value[:30]:<30} {left // 3600:>3}h{left // 60 % 60:02d}m{left % 60:02d}s"
+                  f"  {a.reason[:120]}")
     return 0
 
 

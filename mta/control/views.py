@@ -298,6 +298,39 @@ class ShapingRow:
                    d["backoffs"], d["hard_bounces"], d["complaints"], d["paused_until"])
 
 
+@dataclass(slots=True)
+class AdaptiveRow:
+    """GET /adaptive: one adaptive delivery action in force (mta/egress/adaptive.py)."""
+
+    rule: str                        # automation rule name, or "rate:bounce" & co.
+    action: str                      # suspend, suspend_source, suspend_tenant, ..., set
+    source: str
+    provider: str                    # shaping provider, or the site (no provider matched)
+    target: str | None               # the tenant or campaign held
+    value: Any                       # set: the shaping values in force; else the target
+    until: float                     # wall time it ends (set: its next step back)
+    left: float                      # seconds until then
+    step: int                        # set: steps back taken so far
+    steps: int                       # set: steps back before the configured values
+    reason: str                      # the reply or the rate that triggered it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "action": self.action, "source": self.source,
+                "provider": self.provider, "target": self.target, "value": self.value,
+                "until": self.until, "left": self.left, "step": self.step,
+                "steps": self.steps, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AdaptiveRow:
+        return cls(d["rule"], d["action"], d["source"], d["provider"], d["target"],
+                   d["value"], d["until"], d["left"], d["step"], d["steps"], d["reason"])
+
+
+def adaptive_rows(engine: DeliveryEngine) -> list[AdaptiveRow]:
+    """Adaptive actions in force, soonest end first."""
+    return [AdaptiveRow.from_json(v) for v in engine.adaptive.adaptive.view()]
+
+
 def queue_summary(engine: DeliveryEngine) -> QueueSummary:
     """The summary of the engine's queues as they are now."""
     now = engine.scheduler.clock()
@@ -449,4 +482,5 @@ def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
             "/queue/ages": lambda by: age_table(engine, by or "queue").to_json(),
             "/queue/list": listing,
             "/queue/holds": lambda _: [h.to_json() for h in engine.scheduler.holds],
+            "/adaptive": lambda _: [row.to_json() for row in adaptive_rows(engine)],
             "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)]}
