@@ -360,3 +360,19 @@ def test_engine_holds_what_no_source_may_send_until_the_next_day(engine_rig):
     assert r.spool.finished and len(set(r.spool.finished)) == 10
     state = json.loads((r.engine.config.spool.directory / STATE_NAME).read_text())
     assert state["sources"]["new"]["day"] == 3
+
+
+def test_the_operator_view_round_trips(tmp_path):
+    from mta.control.views import WarmupRow
+    r = Rig(tmp_path)
+    r.picks(2, site=GMAIL)
+    r.reply(550, "5.1.1", n=20)
+    rows = [WarmupRow.from_json(v) for v in r.warmup.view()]
+    assert [WarmupRow.from_json(x.to_json()) for x in rows] == rows
+    (row,) = rows
+    assert (row.source, row.day, [c.klass for c in row.classes]) == ("new", 1, list(
+        ("major", "small", "default")))
+    default = row.classes[2]
+    assert (default.day_cap, default.hour_cap, default.tried, default.bounced) == (3, 3, 20, 20)
+    assert not default.may_grow and default.why_not.startswith("bounce rate 100.00 %")
+    assert [(u.target, u.klass, u.day, u.hour) for u in row.use] == [("google", "major", 2, 2)]

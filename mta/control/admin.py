@@ -3,6 +3,7 @@
     GET  /queue/summary          scheduled and ready queues with counts
     GET  /queue/messages/<id>    one message: envelope, size, headers
     GET  /shaping                live state and limits per (source, site)
+    GET  /warmup                 warming sources: day, caps per provider class, use
     POST /control/suspend        {"kind": "queue|site|source|pair", "name": ..., "site": ...,
                                   "duration": seconds}
     POST /control/resume         {"kind": ..., "name": ..., "site": ...}

@@ -119,6 +119,36 @@ def _cmd_shaping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    status, data = _request(args, "/warmup")
+    if status != 200 or args.json:
+        return _print_result(status, data)
+    from mta.control.views import WarmupRow
+    assert isinstance(data, list)
+    if not data:
+        print("no source is warming up ([[source]] warmup_start)")
+    for r in sorted(map(WarmupRow.from_json, data), key=lambda r: r.source):
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.start))
+        print(f"{r.source}: warm-up day {r.day} (day 1 began {started})")
+        print(f"  {'class':<8} {'step':>4} {'day cap':>9} {'hour cap':>9} {'tried':>7} "
+              f"{'5xx':>6} {'4.7.x':>6} {'compl':>6}  tomorrow")
+        for c in r.classes:
+            if c.day_cap is None:
+                tomorrow = "no cap (warm)"
+            elif c.may_grow:
+                tomorrow = "grows"
+            else:
+                tomorrow = f"held: {c.why_not}"
+            print(f"  {c.klass:<8} {c.step:>4} {c.day_cap if c.day_cap is not None else '-':>9} "
+                  f"{c.hour_cap if c.hour_cap is not None else '-':>9} {c.tried:>7} "
+                  f"{c.bounced:>6} {c.deferred:>6} {c.complaints:>6}  {tomorrow}")
+            if c.last:
+                print(f"  {'':<8} last day: {c.last}")
+        for u in r.use:
+            print(f"  used today at {u.target} ({u.klass}): {u.day}, this hour {u.hour}")
+    return 0
+
+
 def _value(text: str) -> object:
     """A shaping value from the command line: numbers and booleans as such, else text
     (durations, sizes and rates are parsed by the daemon's checker)."""
@@ -288,3 +318,9 @@ def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_shaping, load_config=load)
+    sp = sub.add_parser("warmup", help="IP warm-up: each warming source's day, caps per "
+                                       "provider class, use today and whether it grows")
+    sp.add_argument("action", choices=["show"])
+    sp.add_argument("--json", action="store_true", help="raw JSON")
+    with_config(sp)
+    sp.set_defaults(func=_cmd_warmup, load_config=load)

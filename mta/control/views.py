@@ -350,6 +350,76 @@ def queue_summary(engine: DeliveryEngine) -> QueueSummary:
         {f"{src}|{site}": FeedbackCounts(**c) for (src, site), c in counts.items()})
 
 
+@dataclass(slots=True)
+class WarmupClassRow:
+    """A warming source at one provider class: its caps now and today's judgement."""
+    klass: str                   # major, small or default ("class" in JSON)
+    step: int                    # the schedule's day the cap is at (1: the first)
+    day_cap: int | None          # messages a day to each provider of the class; None: no cap
+    hour_cap: int | None         # ... in any one warm-up hour
+    tried: int                   # today: recipients with a reply from the class's providers
+    bounced: int                 # ... of those 5xx
+    deferred: int                # ... of those 4xx with a 4.7.x status (about the sender)
+    complaints: int              # ... complaints received today
+    may_grow: bool               # the cap grows tomorrow if today ended now
+    why_not: str | None          # why it would not (None: it grows, or no cap left)
+    last: str | None             # the last day's judgement ("grown: ...", "held: ...")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.klass, "step": self.step, "day_cap": self.day_cap,
+                "hour_cap": self.hour_cap, "tried": self.tried, "bounced": self.bounced,
+                "deferred": self.deferred, "complaints": self.complaints,
+                "may_grow": self.may_grow, "why_not": self.why_not, "last": self.last}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WarmupClassRow:
+        return cls(d["class"], d["step"], d["day_cap"], d["hour_cap"], d["tried"],
+                   d["bounced"], d["deferred"], d["complaints"], d["may_grow"], d["why_not"],
+                   d["last"])
+
+
+@dataclass(slots=True)
+class WarmupUse:
+    """What a warming source was given today for one provider (or a site of its own)."""
+    target: str                  # provider name, or "site:" + site name
+    klass: str                   # its class ("class" in JSON)
+    day: int                     # messages today
+    hour: int                    # messages this warm-up hour
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "class": self.klass, "day": self.day, "hour": self.hour}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WarmupUse:
+        return cls(d["target"], d["class"], d["day"], d["hour"])
+
+
+@dataclass(slots=True)
+class WarmupRow:
+    """GET /warmup: one warming source (mta/egress/warmup.py)."""
+    source: str                  # egress source name
+    start: float                 # wall time its warm-up day 1 began
+    day: int                     # its warm-up day now
+    classes: list[WarmupClassRow]
+    use: list[WarmupUse]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "start": self.start, "day": self.day,
+                "classes": [c.to_json() for c in self.classes],
+                "use": [u.to_json() for u in self.use]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WarmupRow:
+        return cls(d["source"], d["start"], d["day"],
+                   [WarmupClassRow.from_json(c) for c in d["classes"]],
+                   [WarmupUse.from_json(u) for u in d["use"]])
+
+
+def warmup_rows(engine: DeliveryEngine) -> list[WarmupRow]:
+    """Each warming source: day, caps per class, today's use and judgement."""
+    return [WarmupRow.from_json(v) for v in engine.warmup.view()]
+
+
 def shaping_rows(engine: DeliveryEngine) -> list[ShapingRow]:
     """Live state per (source, site): limits in force, connections, throughput, pauses."""
     now = engine.clock()
@@ -483,4 +553,5 @@ def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
             "/queue/list": listing,
             "/queue/holds": lambda _: [h.to_json() for h in engine.scheduler.holds],
             "/adaptive": lambda _: [row.to_json() for row in adaptive_rows(engine)],
-            "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)]}
+            "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)],
+            "/warmup": lambda _: [row.to_json() for row in warmup_rows(engine)]}
