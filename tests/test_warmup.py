@@ -376,3 +376,17 @@ def test_the_operator_view_round_trips(tmp_path):
     assert (default.day_cap, default.hour_cap, default.tried, default.bounced) == (3, 3, 20, 20)
     assert not default.may_grow and default.why_not.startswith("bounce rate 100.00 %")
     assert [(u.target, u.klass, u.day, u.hour) for u in row.use] == [("google", "major", 2, 2)]
+
+
+def test_a_reload_takes_new_schedules_and_sources(tmp_path):
+    r = Rig(tmp_path)
+    r.picks(2)
+    r.warmup.reconfigure(config(sources='warmup_start = "now"', hour_divisor=1),
+                         shaping(tmp_path, '[provider.o]\nmatch = ["*.other.test"]\n'
+                                           'warmup_class = "small"\n'))
+    # the site is now provider "o", class small: counted under its new name, cap 4
+    assert r.picks(5) == ["new"] * 4 + [None]
+    assert {u["target"]: u["day"] for u in r.warmup.view()[0]["use"]} == {
+        "site:mx.other.test": 2, "o": 4}
+    r.warmup.reconfigure(config(sources=""), shaping())
+    assert r.warmup.sources == {} and r.pick() == "new"

@@ -545,6 +545,8 @@ class Controls:
         """Scheduler.outlet_for while restored site/pair suspensions wait for their site."""
         assert self._outlet_for is not None
         d = self._outlet_for(queue, site)
+        if not hasattr(d, "site_state"):   # not a dispatcher: the message waits (warm-up caps)
+            return d
         now = self.engine.clock()
         for key in [k for k in self._pending
                     if (k[0] == "site" and k[1] == site.name)

@@ -33,6 +33,8 @@ File format (TOML, the shape of KumoMTA's shaping.toml):
   matching pattern wins (an exact name beats any wildcard), so a
   "*.olc.protection.outlook.com" provider beats a "*.protection.outlook.com" one. Two
   providers may not list the same pattern.
+- A provider table may say `warmup_class = "major"` (or "small"; default "default"): the
+  [warmup] schedule that caps a warming source's messages to it (mta/egress/warmup.py).
 - A site is named as `mta.egress.sites.Site.name`: its MX host names, lower case,
   sorted, joined by ","; a single-MX site is just its host name; a static route or the
   smarthost is "[host]:port" (pass `site=` to `limits` for those).
