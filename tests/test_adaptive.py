@@ -275,7 +275,7 @@ def test_set_values_come_back_in_steps_halving_the_cut(rig):
     assert (lim.max_message_rate, lim.connection_limit) == (Rate(55, 60), 5)
     rig.loop.settle(1800)         # second step
     lim = rig.limits.limits(p)
-    assert (lim.max_message_rate, lim.connection_limit) == (Rate(77.5, 60), 7)
+    assert (lim.max_message_rate, lim.connection_limit) == (Rate(77.5, 60), 6)
     rig.loop.settle(1800)         # steps = 2: then the configured values
     lim = rig.limits.limits(p)
     assert (lim.max_message_rate, lim.connection_limit) == (Rate(100, 60), 8)

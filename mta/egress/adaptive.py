@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -358,7 +359,14 @@ class Adaptive:
                                           steps=steps, step_for=step_for,
                                           recover_after=recover_after)
         else:
+            # a new match: the full cut again, for the whole duration (logged only when it
+            # had begun to step back: a run of deferrals at full strength is one action)
+            again = a.step > 0 or a.values != values
             a.values, a.until, a.step, a.good, a.reason = dict(values), until, 0, 0, reason
+            if not again:
+                self._push(a)
+                self._changed()
+                return
         self._push(a)
         self.counters["taken"] += 1
         self.actuator.log(RecordType.ADAPTIVE_ACTION, source=source, provider=provider,
@@ -655,6 +663,7 @@ def _halfway(key: str, base: Any, v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or base is None:
         return base
     if isinstance(v, int) and isinstance(base, int):
-        new = base - int((base - v) / 2)
+        left = (base - v) / 2             # what stays cut, rounded away from the base
+        new = base - int(math.copysign(math.ceil(abs(left)), left))
         return base if new == v else new
     return base - (base - v) / 2.0
