@@ -133,3 +133,17 @@ def test_a_dispatcher_made_during_a_pair_suspension_starts_paused(rig):
     r.loop.settle(60)
     (d,) = r.engine.dispatchers.values()
     assert d.paused_until(r.loop.clock()) and not set(ids) & set(r.spool.finished)
+
+
+def test_suspend_source_is_the_operators_source_suspension_and_ends(rig):
+    r = rig(shaping='[[default.automation]]\nname = "ip-banned"\nstatus = ["5.7.606"]\n'
+                    'action = ["suspend_source"]\nduration = "1d"\n')
+    r.net.replies["x@example.test"] = RemoteReply(550, "5.7.606", "Access denied, banned "
+                                                  "sending IP [127.0.0.1]")
+    _send(r, 1, "x@example.test")
+    r.loop.settle(3)
+    src = r.engine.egress.sources["default"]
+    now = r.loop.clock()
+    assert src.suspended_until == pytest.approx(now + 86400 - 2, abs=2)
+    r.loop.settle(86400)
+    assert src.suspended_until == 0.0

@@ -158,13 +158,8 @@ class Controls:
             self.engine.sites[name].suspended_until = until
             self._pause(dispatchers, duration)
         elif kind == "source":
-            src = self._source(name)
-            src.suspended_until = until
-            mine = [d for d in self.engine.dispatchers.values() if d.source is src]
-            self._pause(mine, duration)
-            for d in mine:               # what waits for it goes to the pool's other sources
-                for msg in d.ready.drain():
-                    self.engine.scheduler.make_ready(msg, InsertReason.SUSPENDED)
+            # its connections wind down; what waits for it goes to the pool's other sources
+            self.engine.suspend_source(self._source(name), until)
         elif kind == "pair":
             d = self._pair(name, site)
             d.suspended_until = until

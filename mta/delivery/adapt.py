@@ -29,7 +29,6 @@ import orjson
 from mta.egress.adaptive import Adaptive
 from mta.files import write_atomic
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
-from mta.model.queued import InsertReason
 from mta.queues.select import Selector
 
 if TYPE_CHECKING:
@@ -133,13 +132,7 @@ class EngineActuator:
         src = eng.egress.sources.get(source)
         if src is None or until <= src.suspended_until:
             return
-        src.suspended_until = until
-        now = eng.clock()
-        for d in [d for d in eng.dispatchers.values() if d.source is src]:
-            d.release_idle()
-            d.wake_at(until - now)
-            for msg in d.ready.drain():      # to the pool's other sources
-                eng.scheduler.make_ready(msg, InsertReason.SUSPENDED)
+        eng.suspend_source(src, until)       # as `mta suspend source`
 
     def lift_source(self, source: str, until: float) -> None:
         eng = self.engine

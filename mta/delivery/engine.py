@@ -162,6 +162,19 @@ class DeliveryEngine:
         self.warmup.reconfigure(config, shaping)
         self.limits.set_shaping(shaping)   # -> _limits_changed(None): every dispatcher
 
+    def suspend_source(self, source: Any, until: float) -> None:
+        """Suspend an egress source until `until` (wall time): pools skip it, idle
+        connections close now and busy ones after the message in hand, and what waits
+        for it is routed again to its pool's other sources. Operator controls
+        (mta/control/actions.py) and adaptive delivery (mta/delivery/adapt.py) use it."""
+        source.suspended_until = until
+        now = self.clock()
+        for d in [d for d in self.dispatchers.values() if d.source is source]:
+            d.release_idle()
+            d.wake_at(until - now)
+            for msg in d.ready.drain():
+                self.scheduler.make_ready(msg, InsertReason.SUSPENDED)
+
     def drain(self) -> None:
         """Shutting down: start no delivery (scheduler stopped, routed mail waits in its
         queue, every dispatcher's connection limit 0: idle connections close, busy ones
