@@ -47,6 +47,29 @@ File format (TOML, the shape of KumoMTA's shaping.toml):
   across all sources, on top of the per-path limits; they are not allowed inside
   `sources` tables (a site-wide limit per source would be a contradiction).
 
+Automation rules (acted on by mta/egress/adaptive.py), an array in any table but
+`sources`:
+
+    [[provider.yahoo.automation]]
+    name = "yahoo-tss04"             # a later file's rule of this name replaces it
+    status = ["4.7.0"]               # enhanced status, exact or a prefix "4.7." (optional)
+    text = '\[TSS0[0-9]\]'          # regex, case-insensitive, on the reply text's first
+                                     # 512 characters (optional; one of the two is needed)
+    after = 1                        # matches within `within` before acting (1: at once)
+    within = "1h"
+    action = ["suspend"]             # suspend (the (source, provider)), suspend_source,
+                                     # suspend_tenant, suspend_campaign, bounce
+    set = { max_message_rate = "60/m", connection_limit = 2 }   # per-path shaping keys
+    duration = "15m"                 # actions hold this long at full strength
+    steps = 3                        # then `set` comes back halving the cut per step,
+    step_for = "15m"                 # every step_for (default: duration) or
+    recover_after = 100              # every N good deliveries (0: by time only)
+    enabled = true                   # false (with the name alone) switches one off
+
+The rules of every table that applies (default, provider, site, domain) are merged by
+name into `Limits.automation`; `backoff_on` / `backoff_for` are the rule "backoff_on"
+(a matching 4xx suspends the (source, provider) for backoff_for).
+
 Layering: the [delivery] values passed to `load`, then the shipped
 mta/egress/shaping.toml, then the operator's files in order. A later file overrides
 keys of the same table; tables merge key by key (a provider's `match` is one key: a
