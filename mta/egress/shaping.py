@@ -53,7 +53,7 @@ Automation rules (acted on by mta/egress/adaptive.py), an array in any table but
     [[provider.yahoo.automation]]
     name = "yahoo-tss04"             # a later file's rule of this name replaces it
     status = ["4.7.0"]               # enhanced status, exact or a prefix "4.7." (optional)
-    text = '\[TSS0[0-9]\]'          # regex, case-insensitive, on the reply text's first
+    text = '\\[TSS0[0-9]\\]'        # regex, case-insensitive, on the reply text's first
                                      # 512 characters (optional; one of the two is needed)
     after = 1                        # matches within `within` before acting (1: at once)
     within = "1h"
