@@ -115,7 +115,14 @@ duration = "2h"
     def path(source="ip-1", mx=("mx1.slow.test",), domain="slow.test"):
         return limits.path(source, ",".join(mx), domain, mx)
 
-    def send(replies, source="ip-1", mx=("mx1.slow.test",), tenant="t1", campaign="c1"):
+    def send(replies, source="ip-1", mx=("mx1.slow.test",), tenant="t1", campaign="c1",
+             fresh=True):
+        """One attempt's replies; each attempt gets its own reply objects, as from the
+        wire (one object for several recipients stays one: a session error)."""
+        if fresh:
+            copies: dict[int, RemoteReply] = {}
+            replies = [copies.setdefault(id(x), RemoteReply(x.code, x.status, x.text))
+                       for x in replies]
         p = path(source, mx)
         provider = p.provider or p.site
         ad.observe(source, provider, p.provider is None, limits.limits(p),
@@ -152,6 +159,10 @@ def test_shipped_rules_cover_gmail_yahoo_microsoft_and_ts01():
                                                "has been temporarily rate limited due to IP "
                                                "reputation.")
     assert m["microsoft-banned-ip"].matches(550, "5.7.606", "Access denied, banned sending IP")
+    assert m["microsoft-blocklist"].matches(550, "5.7.1", "Unfortunately, messages from "
+                                            "[192.0.2.1] weren't sent. Please contact your "
+                                            "Internet service provider since part of their "
+                                            "network is on our block list (S3150).")
     # the seed's wording ("421 4.16.55 [TS01] ...") holds for any destination
     other = rules("example.test", ("mx.example.test",))
     assert other["ts-complaints"].matches(421, "4.16.55", "[TS01] Messages from 192.0.2.1 "
@@ -413,3 +424,12 @@ def test_restore_drops_ended_suspensions_and_bad_entries(rig):
     assert ad.restore(state) == 0
     with pytest.raises(ValueError):
         ad.restore({"version": 99})
+
+
+def test_a_site_failure_is_one_event_however_many_messages_it_defers(rig):
+    slow = RemoteReply(421, "4.7.1", "slow down: too many connections")
+    for _ in range(5):            # five queued messages deferred with one greeting reply
+        rig.send([slow], fresh=False)
+    assert not rig.ad.active, "one failure counted as three matches"
+    w = rig.ad._windows[("ip-1", "slowpoke")]
+    assert w.read(rig.loop.clock())[0] == 1

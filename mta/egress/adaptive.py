@@ -15,7 +15,9 @@ site itself; actions on a (source, provider) use the LimitsSource scope
 Automation rules (shaping files, `[[TABLE.automation]]`, parsed by mta/egress/shaping.py
 into `Limits.automation`): each distinct non-2xx reply of an attempt is tried against the
 rules of its path (a rule reads at most 512 characters of the reply: Python `re` on the
-operator's own patterns, compiled once per shaping load). A rule with `after = N` acts on
+operator's own patterns, compiled once per shaping load). A site failure (no MX host took
+a connection) defers everything waiting for the site with one reply: that is one event,
+for the rules and for the rates. A rule with `after = N` acts on
 the Nth match within `within` (per rule and (source, provider): a deque of at most N
 times). Actions, each for `duration`:
 - suspend: the (source, provider) pair (its dispatchers stop opening connections and
@@ -188,6 +190,7 @@ class Adaptive:
         self._matches: OrderedDict[tuple[str, str, str, str], deque[float]] = OrderedDict()
         self._windows: OrderedDict[tuple[str, str], Window] = OrderedDict()
         self._pushed: dict[Scope, set[str]] = {}   # keys we override per scope
+        self._last: RemoteReply | None = None      # the first reply of the last result
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.counters = {"taken": 0, "restored": 0}
@@ -220,8 +223,14 @@ class Adaptive:
                 replies: list[tuple[int, RemoteReply]], tenant: str, campaign: str,
                 hard: Callable[[RemoteReply], bool]) -> None:
         """One attempt's deciding replies at (source, provider); `limits` those in force."""
-        if not self.config.enabled or not source:
+        if not self.config.enabled or not source or not replies:
             return
+        first = replies[0][1]
+        if first is self._last:
+            # the same reply object again: a site failure (no MX host took a connection)
+            # defers every message waiting for the site with one reply; it is one event
+            return
+        self._last = first
         now = self.clock()
         tried = delivered = hard_n = deferred = 0
         seen: list[RemoteReply] = []
