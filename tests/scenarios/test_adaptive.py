@@ -152,3 +152,53 @@ def test_ts01_suspends_the_source_provider_then_restores_across_a_restart(
     assert sorted(r for m in got for r in m) == ["first@ts.test", "second@ts.test"]
     assert "ts-complaints" not in _mta(d, "shaping", "show")
     assert d.stop() == 0
+
+
+class Unknowns:
+    """RCPT: "nobody*" local parts are unknown users (550 5.1.1), the rest accepted."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower().startswith("nobody"):
+            return ("550 5.1.1 <%s>: Recipient address rejected: User unknown in virtual "
+                    "mailbox table" % address)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append(list(envelope.rcpt_tos))
+        return "250 2.0.0 accepted"
+
+
+def test_a_hard_bounce_rate_over_the_threshold_suspends_the_pair(daemon_factory, dns_server):
+    mx = f"{NET}.2"
+    handler = Unknowns()
+    ctl = Controller(handler, hostname=mx, port=25)
+    ctl.start()
+    try:
+        dns = dns_server(["list.test. 60 IN MX 10 mx.list.test.", f"mx.list.test. 60 IN A {mx}"])
+        d = daemon_factory(extra=f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+                                 '[adaptive]\nmin_volume = 20\nsuspend_for = "1h"\n')
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            for i in range(5):             # 5 delivered, then 15 unknown users: 75 % hard
+                s.sendmail("sender@x.test", [f"user{i}@list.test"], b"Subject: t\r\n\r\nhi\r\n")
+            for i in range(15):
+                s.sendmail("sender@x.test", [f"nobody{i}@list.test"],
+                           b"Subject: t\r\n\r\nhi\r\n")
+        act = _wait("an AdaptiveAction record", lambda: d.log_records("AdaptiveAction"))[0]
+        assert (act["rule"], act["action"], act["provider"]) == ("rate:bounce", "suspend",
+                                                                "mx.list.test"), act
+        assert "bounce rate 75.00 % of 20 recipients" in act["reason"], act
+        delivered = len(handler.messages)
+        _send(d.port, "user99@list.test")
+        time.sleep(2)
+        assert len(handler.messages) == delivered, "a suspended (source, provider) delivered"
+        assert "rate:bounce" in _mta(d, "shaping", "show")
+        assert d.stop() == 0
+    finally:
+        ctl.stop()
