@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mta.config import Config, ConfigError
@@ -48,6 +49,7 @@ from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.local import LocalSubmission
 from mta.ingest.reception import Reception
+from mta.logs.hooks import HookError, Webhooks, build_webhooks
 from mta.logs.privacy import Privacy
 from mta.logs.writer import LogWriter
 from mta.model.envelope import Envelope
@@ -118,6 +120,19 @@ def unsubscribe_tls(config: Config) -> "ssl.SSLContext | None":
     return ctx
 
 
+def webhooks(config: Config) -> Webhooks | None:
+    """The [[webhook]] tables (mta/logs/hooks.py) with their authorization and CA files
+    read; None when there are none. Cursors live in <spool directory>/webhooks."""
+    if not config.webhook:
+        return None
+    try:
+        return build_webhooks(config.webhook, os.path.join(str(config.log.directory), "mta.jsonl"),
+                              os.path.join(str(config.spool.directory), "webhooks"),
+                              config.server.hostname)
+    except HookError as exc:
+        raise ConfigError([f"[[webhook]] {exc}"], config.origin) from None
+
+
 class Server:
     def __init__(self, config: Config):
         self.config = config
@@ -145,11 +160,16 @@ class Server:
         # header fields reception copies for egress rules: fixed at start (Reception)
         self._rule_headers = {r.header for r in config.egress_rule if r.header}
         self.draining = False
+        self.webhooks: Webhooks | None = None   # log records to HTTP hooks (stats())
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        hooks = webhooks(self.config)
         self.logs = LogWriter(str(self.config.log.directory), max_buffer=self.config.log.max_buffer,
                               mode=int(self.config.log.mode, 8), host=self.config.server.hostname)
+        if hooks is not None:   # they tail the log file: never in the way of mail
+            self.webhooks = hooks
+            hooks.start(loop)
         found = self.spool.open(loop)
         for bad in found.corrupt + found.torn:
             self.logs.log(RecordType.CORRUPT, segment=bad.segment, offset=bad.offset,
@@ -269,6 +289,9 @@ class Server:
                          self.config.signing.on_error)
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.local is not None:
             self.local.closing()
         for listener in self.listeners:

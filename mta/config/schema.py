@@ -57,6 +57,7 @@ from mta.config.values import (
     Key,
     ValueType,
 )
+from mta.model.log_records import RecordType
 from mta.model.rate import Rate
 
 # --- keys and sections -------------------------------------------------------------------
@@ -552,6 +553,83 @@ class AdaptiveConfig:
                          "least recently used are dropped", lo=100, hi=10000000)
 
 
+def _parse_webhook_url(value: object, base: Path) -> str:
+    from urllib.parse import urlsplit
+    if not isinstance(value, str):
+        raise Invalid(f"expected an http or https URL, got {value!r}")
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError as exc:
+        raise Invalid(f"{value!r} is not a URL: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise Invalid(f"{value!r} is not an http:// or https:// URL with a host")
+    if u.username is not None or u.password is not None:
+        raise Invalid("credentials do not belong in the URL: put the Authorization header "
+                      "value in authorization_file (mode 0600)")
+    if u.fragment or any(c in value for c in " \t\r\n") or port == 0:
+        raise Invalid(f"{value!r}: no fragment, whitespace or port 0 allowed")
+    return value
+
+
+def _parse_record_types(value: object, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"expected an array of record type names, got {value!r}")
+    known = {t.value for t in RecordType}
+    bad = [v for v in value if v not in known]
+    if bad:
+        raise Invalid(f"{bad[0]!r} is not a log record type (known: {', '.join(sorted(known))})")
+    return tuple(dict.fromkeys(value))
+
+
+WEBHOOK_URL = ValueType("url", _parse_webhook_url, "an http:// or https:// URL without "
+                        "credentials")
+RECORD_TYPE_LIST = ValueType("record types", _parse_record_types, "an array of log record "
+                             "type names (mta/model/log_records.py), e.g. [\"Delivery\", "
+                             "\"Bounce\"]")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """One event webhook (mta/logs/hooks.py): the log records that match its filters,
+    POSTed as a JSON array in batches, one batch at a time in log order, retried with
+    backoff until the hook answers 2xx; its cursor (<spool directory>/webhooks/NAME.cursor)
+    says how far it got, so a restart resumes there. A slow or dead hook never slows mail:
+    its cursor only lags behind the log."""
+
+    name: str = key(NAME, None, "name in logs, stats and the cursor file; unique", required=True,
+                    restart=True)
+    url: str = key(WEBHOOK_URL, None, "where batches are POSTed; https is verified against the "
+                   "system trust store (or ca_file)", required=True, restart=True)
+    record_types: tuple[str, ...] = key(RECORD_TYPE_LIST, [], "record types sent; []: all",
+                                        restart=True)
+    tenants: tuple[str, ...] = key(TEXT_LIST, [], "tenants whose records are sent (records "
+                                   "without a tenant are then not sent); []: all", restart=True)
+    batch_size: int = key(INT, 100, "most records in one POST", lo=1, hi=100000, restart=True)
+    max_batch_bytes: int = key(SIZE, "1MiB", "most bytes of records in one POST (a record "
+                               "larger than this goes alone)", lo="1KiB", hi="64MiB",
+                               restart=True)
+    batch_interval: float = key(DURATION, "1s", "how long a batch that is not full waits for "
+                                "more records before it is sent", lo="10ms", hi="1h",
+                                restart=True)
+    timeout: float = key(DURATION, "30s", "time for one POST (connect, send, the reply)",
+                         lo="100ms", hi="10m", restart=True)
+    max_retry_interval: float = key(DURATION, "5m", "longest wait between two tries of a "
+                                    "batch (the wait doubles from 1s, with jitter)",
+                                    lo="100ms", hi="1d", restart=True)
+    max_lag: int = key(SIZE, "1GiB", "how far (bytes of log) the hook may fall behind; past "
+                       "it the hook skips to the end of the log, logging an error with what "
+                       "it skipped; 0: no bound (the log files are the backlog)", lo=0,
+                       hi="1024GiB", restart=True)
+    authorization_file: Path | None = key(OPTIONAL_PATH, "", "file (mode 0600, no group or "
+                                          "other access) holding the Authorization header "
+                                          "value, e.g. \"Bearer ...\"; \"\": none",
+                                          restart=True)
+    ca_file: Path | None = key(OPTIONAL_PATH, "", "PEM certificates to trust for an https url "
+                               "instead of the system trust store; \"\": the system store",
+                               restart=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
@@ -587,6 +665,7 @@ SECTIONS = (
     Section("unsubscribe", UnsubscribeConfig),
     Section("warmup", WarmupConfig),
     Section("adaptive", AdaptiveConfig),
+    Section("webhook", WebhookConfig, many=True, required=False),
 )
 
 
@@ -634,5 +713,7 @@ class Config:
     warmup: WarmupConfig
     # [adaptive]
     adaptive: AdaptiveConfig
+    # [[webhook]], possibly none
+    webhook: tuple[WebhookConfig, ...]
     # Where the configuration came from: a file path or "<string>".
     origin: str
