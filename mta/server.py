@@ -32,7 +32,8 @@ from mta.config import Config, ConfigError
 from mta.config.load import DEFAULT_CONFIG_PATH, load_config
 from mta.config.schema import SECTIONS, keys_of
 from mta.control.actions import DEFAULT_DURATION, Controls
-from mta.control.admin import AdminServer, TokenError, load_or_create_token, token_path
+from mta.control.admin import (AdminServer, TokenError, load_or_create_token, load_tokens_file,
+                               token_path)
 from mta.control.views import view_routes
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
@@ -233,7 +234,9 @@ class Server:
                      "/control/rebind": lambda a: controls.rebind(str(a.get("queue")),
                                                                   str(a.get("pool"))),
                      "/control/reload": lambda a: self.reload()},
-                    token=token)
+                    token=token, tokens=self._admin_tokens(), ready=self.unready,
+                    max_body=self.config.admin.max_body, timeout=self.config.admin.timeout,
+                    max_connections=self.config.admin.max_connections)
                 self.admin.actions.update(controls.actions())   # queue surgery, limits
                 await self.admin.start(*self.config.admin.listen)
             await self._start_unsubscribe()
@@ -244,6 +247,28 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+
+    def _admin_tokens(self) -> dict[str, str]:
+        """[admin] tokens_file's tokens (token -> role); ConfigError when unusable."""
+        path = self.config.admin.tokens_file
+        if path is None:
+            return {}
+        try:
+            return load_tokens_file(path)
+        except TokenError as exc:
+            raise ConfigError([f"[admin] tokens_file: {exc}"], self.config.origin) from None
+
+    def unready(self) -> str | None:
+        """Why the daemon does not accept mail now (GET /ready answers 503 with it), or None:
+        draining, a listener not open, or the spool refusing (its admission reply)."""
+        if self.draining:
+            return "draining"
+        if not self.listeners or any(lst.address is None for lst in self.listeners):
+            return "listeners not open"
+        why = self.spool.admission()
+        if why is not None:
+            return f"spool refuses mail: {why}"
+        return None
 
     def _stored(self, msg_id: bytes, envelope: Envelope, done: set[int] | None = None,
                 reason: InsertReason = InsertReason.RECEIVED) -> None:

@@ -45,7 +45,7 @@ install_python() {
         log "creating .venv"
         "$py" -m venv .venv
     fi
-    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, atheris, dns, dkim, nacl, cryptography, ruff" 2>/dev/null; then
+    if ! .venv/bin/python -c "import Cython, uvloop, orjson, pytest, aiosmtpd, hypothesis, atheris, dns, dkim, nacl, cryptography, ruff, aiohttp, jsonschema" 2>/dev/null; then
         log "pip install build and test requirements"
         .venv/bin/python -m pip install -q -r requirements-dev.txt
     fi

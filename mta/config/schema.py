@@ -331,6 +331,18 @@ class AdminConfig:
                                   "(mode 0600, 32 random bytes in hex) when missing, and `mta` "
                                   "commands read it from the same config; \"\": admin.token "
                                   "in the spool directory", restart=True)
+    tokens_file: Path | None = key(OPTIONAL_PATH, "", "more admin API tokens, one `ROLE TOKEN` "
+                                   "a line: read-only (may GET) or operator (may also POST); "
+                                   "the file must not be readable by group or others (0600); "
+                                   "the token_file token is always an operator's; \"\": none",
+                                   restart=True)
+    max_body: int = key(SIZE, "64KiB", "largest request body the admin API reads (413 beyond)",
+                        lo="1KiB", hi="64MiB", restart=True)
+    timeout: float = key(DURATION, "10s", "time an admin API request may take once its head "
+                         "is in (408 beyond); also how long a connection may stay idle or "
+                         "take to send its head", lo="100ms", hi="1h", restart=True)
+    max_connections: int = key(INT, 64, "admin API connections at once (503 beyond)", lo=1,
+                               hi=10000, restart=True)
 
 
 @dataclass(frozen=True, slots=True)

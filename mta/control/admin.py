@@ -1,43 +1,80 @@
-"""The HTTP admin API (JSON over HTTP/1.1 on loopback), used by `mta queue`.
+"""The HTTP admin API (JSON over HTTP/1.1, loopback by default), used by `mta` commands.
 
+    GET  /health                 live: 200 while the daemon's loop runs (no token needed)
+    GET  /ready                  200 while the daemon accepts mail, else 503 with the reason
+                                 (listeners open, spool writable, not draining; no token)
+    GET  /openapi.json           the OpenAPI 3.1 description (mta/control/openapi.py)
     GET  /queue/summary          scheduled and ready queues with counts
     GET  /queue/messages/<id>    one message: envelope, size, headers
+    GET  /queue/ages[/<by>], /queue/list/<queue>?limit=&after=, /queue/holds
     GET  /shaping                live state and limits per (source, site)
     GET  /warmup                 warming sources: day, caps per provider class, use
     POST /control/suspend        {"kind": "queue|site|source|pair", "name": ..., "site": ...,
                                   "duration": seconds}
     POST /control/resume         {"kind": ..., "name": ..., "site": ...}
     POST /control/rebind         {"queue": ..., "pool": ...}
+    POST /control/{flush,hold,release,delete,bounce,limits,reload}   (see /openapi.json)
 
-Deliberately tiny (no framework) until the full injection/admin API with
-OpenAPI arrives. Trust: it listens on loopback by default, and every request
-must carry `Authorization: Bearer <token>`, the token in [admin] token_file
-(default <spool directory>/admin.token, created by the daemon at start when
-missing: 0600, 32 random bytes in hex); anything else gets 401 and reaches no
-handler (AdminServer._authorized is the one check). The token also makes a
-command talk to its own daemon: a command run with another daemon's config is
-refused rather than answered by the wrong daemon. Requests are bounded (8 KiB of head, 64 KiB of JSON body), errors are
-JSON with a status code.
+The library: aiohttp's web server. It is asyncio-native, so it runs on the daemon's own
+(uvloop) loop beside the SMTP listeners without a thread or a second loop; it is mature
+and maintained (the aio-libs HTTP stack, years of CVE handling in its HTTP parser);
+request body limits (client_max_size), header line/field limits and the idle
+connection timeout are built in, and the same library serves the one-click unsubscribe
+endpoint (mta/feedback/unsubscribe.py, TLS through ssl_context). ASGI frameworks would
+need a separate server (uvicorn) and their own loop management; http.server is
+thread-based.
+
+Registration (other modules add to these dicts, even after start): `routes` maps a GET
+path prefix to handler(rest of the raw path, query string included) returning a JSON-able
+value, or None for 404, ValueError for 400; `actions` maps a POST path to handler(JSON
+object) returning a JSON-able value (ValueError/TypeError -> 400). A POST body is first
+checked against the action's request dataclass (openapi.ACTION_REQUESTS) when it has one.
+GET never changes state: routes are views (mta/control/views.py); everything that acts is
+a POST action.
+
+Trust: every request but /health and /ready must carry `Authorization: Bearer <token>`.
+Tokens: the one in [admin] token_file (default <spool directory>/admin.token, created by
+the daemon at start when missing: 0600, 32 random bytes in hex) is an operator token, so
+`mta` commands of the same config work; [admin] tokens_file adds tokens, one `ROLE TOKEN`
+a line (roles read-only and operator; the file must not be readable by group or others).
+A read-only token may GET, an operator token may also POST: 401 without a known token,
+403 for a read-only token on POST. The compare is constant-time against every token. The
+token also makes a command talk to its own daemon: a command run with another daemon's
+config is refused rather than answered by the wrong daemon.
+
+Limits on every request: [admin] max_body bytes of body (413), header lines of 8 KiB
+(aiohttp answers 400 beyond), [admin] timeout seconds for the whole request once its head
+is in (408; a connection that sends no complete head in that time is closed),
+[admin] max_connections at once (503 beyond). Errors are JSON {"error": ...}.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
+import os
 import re
 import secrets
+import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
+from aiohttp import web
 
 from mta.config import Config
+from mta.control import openapi
 from mta.files import create_once
 
 log = logging.getLogger("mta.control.admin")
-_MAX_HEAD = 8192
+_MAX_HEAD = 8192          # one request or header line; aiohttp's parser enforces it
 _MAX_BODY = 65536
-_AUTH = re.compile(rb"(?im)^authorization:[ \t]*bearer[ \t]+(\S+)[ \t]*\r?$")
+_TIMEOUT = 10.0
+_MAX_CONNECTIONS = 64
+READ_ONLY, OPERATOR = "read-only", "operator"
+ROLES = (READ_ONLY, OPERATOR)
+_OPEN = frozenset({"/health", "/ready"})    # no token: load balancers and probes
 _TOKEN = re.compile(r"[\x21-\x7e]{16,256}", re.ASCII)   # visible ASCII, no spaces
 TOKEN_NAME = "admin.token"
 
@@ -82,101 +119,203 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
+
+
+def load_tokens_file(path: Path) -> dict[str, str]:
+    """token -> role from a tokens file: `ROLE TOKEN` a line (read-only or operator), blank
+    lines and `#` comments ignored. TokenError when unreadable, readable by group or
+    others, or a line is not such a pair."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise TokenError(f"admin tokens file {path}: {exc.strerror or exc}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TokenError(f"admin tokens file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+                         "group or others read it (chmod 600)")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise TokenError(f"admin tokens file {path}: not ASCII") from None
+    tokens: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[0] not in ROLES or not _TOKEN.fullmatch(parts[1]):
+            raise TokenError(f"admin tokens file {path} line {n}: want `ROLE TOKEN` with ROLE "
+                             "read-only or operator and TOKEN 16 to 256 visible ASCII "
+                             "characters")
+        if parts[1] in tokens and tokens[parts[1]] != parts[0]:
+            raise TokenError(f"admin tokens file {path} line {n}: the token has two roles")
+        tokens[parts[1]] = parts[0]
+    return tokens
+
+
+def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"error": text}),
+                        content_type="application/json", headers=headers)
+
+
+def _ok(value: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS),
+                        content_type="application/json")
+
+
 class AdminServer:
     def __init__(self, routes: dict[str, Callable[[str], Any]],
-                 actions: dict[str, Callable[[dict], Any]] | None = None, *, token: str):
-        # every request must send "Authorization: Bearer <token>"
-        self._token = token.encode()
+                 actions: dict[str, Callable[[dict], Any]] | None = None, *, token: str,
+                 tokens: dict[str, str] | None = None,
+                 ready: Callable[[], str | None] | None = None,
+                 max_body: int = _MAX_BODY, timeout: float = _TIMEOUT,
+                 max_connections: int = _MAX_CONNECTIONS):
+        # token (bytes) -> role; `token` is an operator's (the [admin] token_file one)
+        self._tokens: list[tuple[bytes, str]] = [
+            (t.encode(), r) for t, r in {**(tokens or {}), token: OPERATOR}.items()]
         # path prefix -> handler(rest of path) returning a JSON-able value or None (404)
         self.routes = routes
         # POST path -> handler(JSON object) returning a JSON-able value; ValueError -> 400
         self.actions = actions or {}
-        self._server: asyncio.base_events.Server | None = None
+        # None while the daemon accepts mail, else why not (GET /ready answers 503 with it)
+        self.ready = ready
+        self.max_body, self.timeout, self.max_connections = max_body, timeout, max_connections
+        self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body,
+                              middlewares=[self._guard, self._authenticate])
+        app.router.add_route("GET", "/health", self._health)
+        app.router.add_route("GET", "/ready", self._ready)
+        app.router.add_route("GET", "/openapi.json", self._openapi)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
-        self.address = self._server.sockets[0].getsockname()[:2]
+        self._runner = web.AppRunner(
+            self.app(), handle_signals=False, access_log=None, shutdown_timeout=1.0,
+            keepalive_timeout=self.timeout,   # also closes a connection that sends no head
+            lingering_time=min(self.timeout, 2.0),   # unread body after an error reply
+            max_line_size=_MAX_HEAD, max_field_size=_MAX_HEAD)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.address = server.sockets[0].getsockname()[:2]
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # -- middlewares: limits, then authentication ----------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        server = self._runner.server if self._runner is not None else None
+        if server is not None and len(server.connections) > self.max_connections:
+            return _error(503, "too many connections; try again later")
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            if len(head) > _MAX_HEAD:
-                raise ValueError
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("ascii").split(" ", 2)
-            request = b""
-            if method == "POST":   # read (bounded) even when refused: closing on an unread
-                m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)   # body resets
-                length = int(m[1]) if m else 0                                # the reply
-                if length > _MAX_BODY:
-                    raise ValueError
-                request = await asyncio.wait_for(reader.readexactly(length), 10)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
-                ValueError, UnicodeDecodeError):
-            writer.close()
-            return
-        if not self._authorized(head):
-            await self._reply(writer, 401, orjson.dumps(
-                {"error": "unauthorized: send the daemon's token ([admin] token_file) as "
-                          "Authorization: Bearer"}), b"WWW-Authenticate: Bearer\r\n")
-            return
-        if method == "POST":
-            status, body = self._act(path, request)
-        else:
-            status, body = self._dispatch(method, path)
-        await self._reply(writer, status, body)
+            async with asyncio.timeout(self.timeout):
+                return await handler(request)
+        except TimeoutError:
+            return _error(408, f"the request took longer than {self.timeout:g}s",
+                          {"Connection": "close"})
+        except web.HTTPException as exc:   # aiohttp's own: 413 from client_max_size, ...
+            return _error(exc.status, exc.reason, {"Connection": "close"}
+                          if exc.status == 413 else None)
 
-    def _authorized(self, head: bytes) -> bool:
-        """The one place the token is checked (constant-time compare)."""
-        m = _AUTH.search(head)
-        return m is not None and hmac.compare_digest(m[1], self._token)
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.path in _OPEN and request.method in ("GET", "HEAD"):
+            return await handler(request)
+        role = self.role(request.headers.get("Authorization", ""))
+        if role is None:
+            if request.body_exists:   # read (bounded) first: closing on an unread body
+                await request.read()  # can reset the connection before the reply arrives
+            return _error(401, "unauthorized: send a token ([admin] token_file or "
+                               "tokens_file) as Authorization: Bearer",
+                          {"WWW-Authenticate": "Bearer"})
+        if request.method not in ("GET", "HEAD") and role != OPERATOR:
+            if request.body_exists:
+                await request.read()
+            return _error(403, "forbidden: a read-only token may only GET")
+        return await handler(request)
 
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes,
-                     extra: bytes = b"") -> None:
-        reason = {200: b"OK", 401: b"Unauthorized"}.get(status, b"Error")
-        writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"%sConnection: close\r\n\r\n" % (status, reason, len(body), extra) + body)
+    def role(self, authorization: str) -> str | None:
+        """The role of the bearer token in an Authorization header value, or None. The one
+        place tokens are checked: constant-time, and every token is compared."""
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        given = value.strip().encode("latin-1", "replace")
+        found = None
+        for token, role in self._tokens:
+            if hmac.compare_digest(given, token):
+                found = role
+        return found
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _ok({"status": "live"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
         try:
-            await writer.drain()
-        except OSError:   # the client went away
-            pass
-        finally:
-            writer.close()
-
-    def _act(self, path: str, request: bytes) -> tuple[int, bytes]:
-        handler = self.actions.get(path)
-        if handler is None:
-            return 404, orjson.dumps({"error": f"no such action: {path}"})
-        try:
-            args = orjson.loads(request or b"{}")
-            if not isinstance(args, dict):
-                raise ValueError("the request body must be a JSON object")
-            return 200, orjson.dumps(handler(args))
-        except (ValueError, TypeError) as exc:   # orjson.JSONDecodeError is a ValueError
-            return 400, orjson.dumps({"error": str(exc)})
+            why = self.ready() if self.ready is not None else None
         except Exception:
-            log.exception("admin action %s failed", path)
-            return 500, orjson.dumps({"error": "internal error"})
+            log.exception("admin /ready check failed")
+            why = "readiness check failed"
+        if why:
+            return _ok({"status": "not ready", "reason": why}, 503)
+        return _ok({"status": "ready"})
 
-    def _dispatch(self, method: str, path: str) -> tuple[int, bytes]:
-        if method != "GET":
-            return 405, orjson.dumps({"error": "GET for views, POST for /control actions"})
-        for prefix, handler in self.routes.items():
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return _ok(openapi.describe(self.routes, self.actions))
+
+    async def _dispatch(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            return await self._act(request)
+        if request.method != "GET":
+            return _error(405, "GET for views, POST for /control actions",
+                          {"Allow": "GET, POST"})
+        path = request.raw_path
+        for prefix, handler in list(self.routes.items()):
             if path == prefix or path.startswith(prefix + "/"):
                 try:
                     value = handler(path[len(prefix) + 1:])
                 except ValueError as exc:
-                    return 400, orjson.dumps({"error": str(exc)})
+                    return _error(400, str(exc))
                 except Exception:
                     log.exception("admin request %s failed", path)
-                    return 500, orjson.dumps({"error": "internal error"})
+                    return _error(500, "internal error")
                 if value is None:
-                    return 404, orjson.dumps({"error": f"not found: {path}"})
-                return 200, orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-        return 404, orjson.dumps({"error": f"no such endpoint: {path}"})
+                    return _error(404, f"not found: {path}")
+                return _ok(value)
+        return _error(404, f"no such endpoint: {request.path}")
+
+    async def _act(self, request: web.Request) -> web.Response:
+        raw = await request.read()     # at most client_max_size, else 413 (the guard)
+        path = request.path
+        handler = self.actions.get(path)
+        if handler is None:
+            return _error(404, f"no such action: {path}")
+        try:
+            args = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return _error(400, f"the request body is not JSON: {exc}")
+        if not isinstance(args, dict):
+            return _error(400, "the request body must be a JSON object")
+        declared = openapi.ACTION_REQUESTS.get(path)
+        try:
+            if declared is not None:
+                openapi.validate(declared, args)
+            return _ok(handler(args))
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        except Exception:
+            log.exception("admin action %s failed", path)
+            return _error(500, "internal error")
