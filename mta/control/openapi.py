@@ -129,6 +129,9 @@ ROUTE_VIEWS: dict[str, RouteView] = {
 if hasattr(v, "WarmupRow"):
     ROUTE_VIEWS["/warmup"] = RouteView(list[v.WarmupRow],
                                        summary="warming sources: day, caps per class, use")
+if hasattr(v, "AdaptiveRow"):
+    ROUTE_VIEWS["/adaptive"] = RouteView(list[v.AdaptiveRow],
+                                         summary="adaptive delivery actions in force")
 
 
 # --- schemas from types ----------------------------------------------------------------
