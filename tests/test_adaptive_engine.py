@@ -57,10 +57,13 @@ def test_a_cut_connection_limit_closes_idle_connections_and_steps_back(rig):
     assert r.net.open == 1, "idle connections above the cut limit stayed open"
     assert d.msg_throttle is bucket, "the throttle was replaced (its tokens lost)"
     connects = len(r.net.connects)
+    # (the dispatcher may be reaped once idle: ask the limits source for the path)
+    path = r.engine.limits.path("default", SITE, "example.test", [SITE])
     r.loop.settle(600)                      # duration: one step (a cut of 3 -> 2)
-    assert d.limits.connection_limit == 2
+    assert r.engine.limits.limits(path).connection_limit == 2
     r.loop.settle(600)                      # steps = 1: the configured 4
-    assert d.limits.connection_limit == 4
+    assert r.engine.limits.limits(path).connection_limit == 4
+    assert r.engine.limits.overrides() == []
     assert len(r.net.connects) == connects, "stepping back opened connections for nothing"
     view = r.engine.adaptive.adaptive.view()
     assert view == []
@@ -147,3 +150,29 @@ def test_suspend_source_is_the_operators_source_suspension_and_ends(rig):
     assert src.suspended_until == pytest.approx(now + 86400 - 2, abs=2)
     r.loop.settle(86400)
     assert src.suspended_until == 0.0
+
+
+def test_mail_of_a_suspended_pair_goes_to_the_pools_other_sources(rig):
+    r = rig(shaping='[[default.automation]]\nname = "ts"\ntext = \'\\[TS01\\]\'\n'
+                    'action = ["suspend"]\nduration = "1h"\n')
+    # two sources in the default pool
+    from mta.config.load import parse_config
+    from mta.egress.pools import Egress
+    cfg = parse_config('[server]\nhostname = "mx.test"\n'
+                       '[delivery]\nroutes = {"example.test" = "127.0.0.1:2525"}\n'
+                       '[[source]]\nname = "s1"\naddress = "127.0.0.1"\n'
+                       '[[source]]\nname = "s2"\naddress = "127.0.0.1"\n'
+                       '[[pool]]\nname = "p"\nsources = ["s1", "s2"]\n'
+                       '[egress]\ndefault_pool = "p"\n')
+    r.engine.reconfigure(cfg, r.engine.shaping, Egress(cfg))
+    r.net.replies["ts@example.test"] = RemoteReply(421, "4.7.0", "[TS01] deferred")
+    _send(r, 1, "ts@example.test")
+    r.loop.settle(3)
+    (paused,) = r.engine.adaptive.adaptive.paused     # one (source, site) of the two
+    del r.net.replies["ts@example.test"]
+    sent = r.engine.dispatchers[paused].sent
+    ids = _send(r, 6)
+    r.loop.settle(30)
+    # round robin would have given half of them to the paused source for an hour
+    assert set(ids) <= set(r.spool.finished), "mail waited for a suspended pair"
+    assert r.engine.dispatchers[paused].sent == sent

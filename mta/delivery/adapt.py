@@ -7,7 +7,10 @@ reach dispatchers or queues). This module gives it hands on the delivery engine:
   complaint observer;
 - pause / lift a (source, provider): the `suspended_until` of every dispatcher of that
   source at that provider's sites (an operator's `mta resume pair` lifts it early), one
-  Backoff record per dispatcher, and new dispatchers made while it holds start paused;
+  Backoff record per dispatcher; what waits in their ready queues is routed again, and
+  while it holds the engine gives that provider's mail to the pool's other sources
+  (`unpaused`; when every source of the pool is paused there, it waits); a dispatcher
+  made while it holds starts paused;
 - pause / lift a source: as `mta suspend source` (pools skip it; what waits for it is routed
   again to the pool's other sources);
 - hold a tenant or campaign at a provider: its scheduled queues for that provider's sites
@@ -29,6 +32,7 @@ import orjson
 from mta.egress.adaptive import Adaptive
 from mta.files import write_atomic
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
+from mta.model.queued import InsertReason
 from mta.queues.select import Selector
 
 if TYPE_CHECKING:
@@ -120,6 +124,20 @@ class EngineActuator:
                 self.engine.outcomes.paused(source, d.site.name, reply, until)
             d.release_idle()              # idle connections close; busy ones after the
             d.wake_at(until - now)        # message in hand
+            for msg in d.ready.drain():   # what waits goes to the pool's other sources
+                self.engine.scheduler.make_ready(msg, InsertReason.SUSPENDED)
+
+    def unpaused(self, pool: Any, source: Any, site: Any) -> Any:
+        """`source`, or the pool's next source whose (source, provider) at `site` is not
+        suspended by adaptive delivery (all are: `source`, where the message waits)."""
+        now = self.engine.clock()
+        provider, _ = self.provider_of(source.name, site.name)
+        first = source
+        for _ in range(len(pool.members)):
+            if self.adaptive.pair_until(source.name, provider) <= now:
+                return source
+            source = pool.next()
+        return first
 
     def lift_pair(self, source: str, provider: str, site: bool, until: float) -> None:
         for d in self._dispatchers(source, provider, site):

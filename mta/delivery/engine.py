@@ -227,6 +227,8 @@ class DeliveryEngine:
         pool = self.egress.pools.get(queue.pool) or self.egress.default_pool
         assert pool is not None
         source = pool.next()
+        if self.adaptive.adaptive.paused:   # not a source adaptive delivery paused there
+            source = self.adaptive.unpaused(pool, source, site)
         if self.warmup.sources:   # a warming source takes what its caps allow, others the rest
             picked = self.warmup.pick(pool, source, site)
             if picked is None:
