@@ -21,9 +21,9 @@ after a wait that doubles from 1 s up to `max_retry_interval`, with jitter (half
 it), forever: nothing is dropped for a failing hook. The first failure, then at most one
 report a minute, and the recovery are logged. https URLs are verified (system trust store,
 or `ca_file`); the Authorization header comes from a 0600 file, never the config. The HTTP
-client is this module's own, about a hundred lines over asyncio streams (HTTP/1.1,
-keep-alive, Content-Length or chunked replies): the reply's status line and headers are
-bounded to 64 KiB, its body to 64 KiB (read and dropped), the whole exchange to `timeout`.
+client is aiohttp's (the admin API's library too): one kept-alive connection per hook, no
+redirects followed, no proxy taken from the environment, the reply's body read up to
+64 KiB and dropped, the whole exchange within `timeout`.
 
 Cursor: <spool directory>/webhooks/NAME.cursor, JSON {dev, ino, offset, batch}: the file's
 identity, the offset up to which every record was acknowledged (or filtered out), and the
@@ -47,7 +47,7 @@ end of the log; the skipped range and its size are logged as an error and counte
 stats(). Lines that are not JSON (a torn record after a failed write) are skipped and
 counted.
 
-Imports mta.files and mta.model only (rank 2, tests/test_layering.py); takes its settings
+Imports mta.files only (rank 2, tests/test_layering.py); takes its settings
 as any object with the [[webhook]] keys (mta.config.schema.WebhookConfig).
 """
 from __future__ import annotations
@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
 
 from mta.files import write_atomic
@@ -71,7 +72,7 @@ from mta.files import write_atomic
 log = logging.getLogger("mta.hooks")
 
 READ_CHUNK = 1 << 20          # bytes read per step
-REPLY_LIMIT = 64 << 10        # status line + headers, and the body, of a reply
+REPLY_LIMIT = 64 << 10        # bytes of a reply's body read (for the error message)
 RETRY_INITIAL = 1.0           # seconds before the first retry of a batch
 REPORT_EVERY = 60.0           # seconds between reports while a hook keeps failing
 POLL = 0.2                    # seconds between looks at a quiet log file
@@ -139,128 +140,53 @@ class HttpError(Exception):
 
 
 class Poster:
-    """POSTs to one URL over a kept-alive HTTP/1.1 connection (one request at a time)."""
+    """POSTs to one URL through aiohttp's client: one kept-alive connection, no redirects,
+    no proxy from the environment, the reply's head bounded by aiohttp (8 KiB lines) and
+    its body read up to 64 KiB (a longer one closes the connection), all within
+    `timeout`."""
 
     def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None,
                  headers: dict[str, str]):
-        u = urlsplit(url)
-        self.host = u.hostname or ""
-        self.port = u.port or (443 if u.scheme == "https" else 80)
-        self.target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        default = self.port == (443 if u.scheme == "https" else 80)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.headers = {"Host": host if default else f"{host}:{self.port}",
-                        "User-Agent": "mta-webhook/1", "Content-Type": "application/json",
-                        **headers}
+        self.url = url
         self.timeout = timeout
         self.ssl = ssl_context
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.headers = {"User-Agent": "mta-webhook/1", "Content-Type": "application/json",
+                        **headers}
+        self._session: aiohttp.ClientSession | None = None
 
     async def post(self, body: bytes, headers: dict[str, str]) -> int:
         """The status of a 2xx reply; raises HttpError for anything else."""
-        reused = self._conn is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=1, ssl=self.ssl if self.ssl else True),
+                auto_decompress=False, trust_env=False)
         try:
-            async with asyncio.timeout(self.timeout):
-                try:
-                    return await self._exchange(body, headers)
-                except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                    if not reused:
-                        raise
-                    # the server closed a kept-alive connection: once more on a new one
-                    log.debug("webhook connection to %s:%d closed (%s); reconnecting",
-                              self.host, self.port, exc)
-                    self.close()
-                    return await self._exchange(body, headers)
+            try:
+                return await self._post(body, headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # a kept-alive connection the server had closed: once more on a new one
+                # (a batch is idempotent by its id)
+                return await self._post(body, headers)
         except TimeoutError:
-            self.close()
             raise HttpError(f"no reply within {self.timeout:g}s") from None
-        except ssl.SSLError as exc:
-            self.close()
-            raise HttpError(f"TLS: {exc.reason or exc}") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError) as exc:
-            self.close()
-            what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise HttpError(f"{type(exc).__name__}: {what}") from None
+        except aiohttp.ClientSSLError as exc:
+            raise HttpError(f"TLS: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise HttpError(f"{type(exc).__name__}: {exc}") from None
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn[1].close()
-            self._conn = None
+    async def _post(self, body: bytes, headers: dict[str, str]) -> int:
+        async with self._session.post(self.url, data=body, allow_redirects=False,
+                                      headers={**self.headers, **headers}) as reply:
+            text = await reply.content.read(REPLY_LIMIT)
+            if not 200 <= reply.status < 300:
+                raise HttpError(f"HTTP {reply.status}" + (f": {_printable(text)}" if text else ""))
+            return reply.status
 
-    async def _exchange(self, body: bytes, headers: dict[str, str]) -> int:
-        if self._conn is None or self._conn[0].at_eof():
-            self.close()
-            self._conn = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl, limit=REPLY_LIMIT,
-                server_hostname=self.host if self.ssl else None)
-        reader, writer = self._conn
-        head = [f"POST {self.target} HTTP/1.1"]
-        head += [f"{k}: {v}" for k, v in {**self.headers, **headers}.items()]
-        head.append(f"Content-Length: {len(body)}")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
-        await writer.drain()
-        while True:
-            status, version, fields = await self._head(reader)
-            if status >= 200 or status == 101:
-                break                            # 100 Continue and other 1xx: skip
-        text, framed = await self._body(reader, status, fields)
-        if not framed or version == "HTTP/1.0" or "close" in fields.get("connection", ""):
-            self.close()
-        if not 200 <= status < 300:
-            raise HttpError(f"HTTP {status}" + (f": {text}" if text else ""))
-        return status
-
-    async def _head(self, reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
-        line = (await reader.readuntil(b"\n")).decode("latin-1").rstrip("\r\n")
-        version, _, rest = line.partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise ValueError(f"not an HTTP reply: {line[:80]!r}")
-        fields: dict[str, str] = {}
-        size = len(line)
-        while True:
-            raw = await reader.readuntil(b"\n")
-            size += len(raw)
-            if size > REPLY_LIMIT:
-                raise ValueError("reply header over 64 KiB")
-            text = raw.decode("latin-1").rstrip("\r\n")
-            if not text:
-                return int(code), version, fields
-            name, _, value = text.partition(":")
-            fields[name.strip().lower()] = value.strip().lower() if name.strip().lower() in (
-                "connection", "transfer-encoding") else value.strip()
-
-    async def _body(self, reader: asyncio.StreamReader, status: int,
-                    fields: dict[str, str]) -> tuple[str, bool]:
-        """The reply body's first 200 printable characters, and whether the connection can
-        carry another request (the body's end was found within the bound)."""
-        if status in (101, 204, 304):
-            return "", status != 101
-        data = b""
-        if "chunked" in fields.get("transfer-encoding", ""):
-            while True:
-                size_line = await reader.readuntil(b"\n")
-                n = int(size_line.split(b";")[0].strip() or b"x", 16)
-                if n == 0:
-                    while (await reader.readuntil(b"\n")).strip():   # trailers
-                        pass
-                    break
-                if len(data) + n > REPLY_LIMIT:
-                    return _printable(data), False
-                data += await reader.readexactly(n)
-                await reader.readuntil(b"\n")
-            framed = True
-        elif "content-length" in fields:
-            n = int(fields["content-length"])
-            if n > REPLY_LIMIT or n < 0:
-                return "", False
-            data = await reader.readexactly(n)
-            framed = True
-        else:
-            data = await reader.read(REPLY_LIMIT)   # ends at EOF: the connection is done
-            framed = False
-        return _printable(data), framed
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def _printable(data: bytes) -> str:
@@ -318,11 +244,15 @@ def _read_lines(fd: int, pos: int, end: int | None, types: frozenset[str],
     out: list[bytes] = []
     bad = used = 0
     at = 0
+    # the writer's orjson output has `"type":"X"` verbatim: most lines of other types are
+    # passed over without parsing (the parse below still decides)
+    needles = tuple(b'"type":"%s"' % t.encode() for t in types)
     while at <= last:
         nl = data.index(b"\n", at)
         line = data[at:nl]
         at = nl + 1
-        if not line.strip():
+        if not line.strip() or (needles and not any(n in line for n in needles)
+                                and line[:1] == b"{" and line[-1:] == b"}"):
             continue
         try:
             rec = orjson.loads(line)
@@ -389,7 +319,7 @@ class Hook:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self.poster.close()
+        await self.poster.close()
         if self.cursor is not None:
             if self.batch is None or self.batch.id == "":
                 self._save(force=True)   # progress over filtered lines; no batch in flight
