@@ -141,7 +141,7 @@ hour_divisor = 1
     assert sum(days.values()) == by_ip[NEW] + 8
     assert all(n <= CAPS[day - 1] for day, n in days.items() if day <= len(CAPS)), days
     # the next day's cap grew: a WarmupDay record for day 2 with cap 10
-    grown = [r for r in d.log_records("WarmupDay")
+    grown = [r for r in _records(d, "WarmupDay", 3)     # day 2's: one per class
              if r["source"] == "new" and r["class"] == "default" and r["day"] == 2]
     assert grown and grown[0]["action"] == "grown" and grown[0]["cap"] == 10, grown
     # state survives a restart: same start, the day's use counted on
