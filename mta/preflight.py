@@ -35,7 +35,7 @@ from pathlib import Path
 from mta.config import Config, ConfigError
 from mta.control.admin import TokenError, read_token, token_path
 from mta.egress.shaping import Shaping, ShapingError
-from mta.server import build_delivery, build_feedback, signing_domains, unsubscribe_tls
+from mta.server import build_delivery, build_feedback, signing_domains, unsubscribe_tls, webhooks
 from mta.spool import Spool
 
 
@@ -72,6 +72,10 @@ def check(config: Config, nofile: int | None = None) -> Report:
         refused(exc)
     try:
         unsubscribe_tls(config)
+    except ConfigError as exc:
+        refused(exc)
+    try:
+        webhooks(config)      # [[webhook]] authorization and CA files
     except ConfigError as exc:
         refused(exc)
     if config.admin.listen is not None:

@@ -464,3 +464,15 @@ def test_config_keys(tmp_path):
                               '[[webhook]]\nname = "a"\nurl = "http://h.example/"\n')
     with pytest.raises(ConfigError, match="two"):
         webhooks(two)
+
+
+def test_check_config_reads_the_authorization_file(tmp_path):
+    from mta.preflight import check
+    auth = tmp_path / "auth"
+    auth.write_text("Bearer x\n")
+    auth.chmod(0o644)
+    cfg = parse_config(f'[[listener]]\nport = 1\n[spool]\ndirectory = "{tmp_path}"\n'
+                       f'[[webhook]]\nname = "ops"\nurl = "http://127.0.0.1:1/"\n'
+                       f'authorization_file = "{auth}"\n')
+    assert any("webhook 'ops'" in e and "chmod 600" in e for e in check(cfg).errors)
+    assert not (tmp_path / "webhooks").exists()       # check-config writes nothing
