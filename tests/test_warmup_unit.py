@@ -10,13 +10,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from delivery_fakes import FakeSpool, Net, make_id
-from virtual_time import START, VirtualClock, VirtualLoop
+from test_dispatcher_unit import Rig as EngineRig
+from virtual_time import START, VirtualClock
 
-import mta.delivery.dispatcher as dispatcher_module
 from mta.config import ConfigError
 from mta.config.load import parse_config
-from mta.delivery.engine import DeliveryEngine
 from mta.egress.pools import Egress
 from mta.egress.shaping import Shaping, ShapingError
 from mta.egress.warmup import STATE_NAME, Warmup
@@ -41,8 +39,11 @@ class Logs:
         self.records.append({"type": rtype.value, **fields})
 
 
-def config(sources: str = 'warmup_start = "now"', warmup: str = "", hour_divisor: int = 1):
-    return parse_config(f"""
+def warmup_toml(sources: str = 'warmup_start = "now"', warmup: str = "",
+                hour_divisor: int = 1) -> str:
+    """Sources "new" (warming unless `sources` says otherwise) and "old", pools "warming"
+    (new) and "mixed" (both), and [warmup] with 4-minute days and small caps."""
+    return f"""
 [[source]]
 name = "new"
 address = "127.0.45.1"
@@ -64,7 +65,11 @@ default = [3, 6]
 hour_divisor = {hour_divisor}
 min_volume = 10
 {warmup}
-""")
+"""
+
+
+def config(sources: str = 'warmup_start = "now"', warmup: str = "", hour_divisor: int = 1):
+    return parse_config(warmup_toml(sources, warmup, hour_divisor))
 
 
 def shaping(tmp_path=None, text: str = "") -> Shaping:
@@ -262,76 +267,17 @@ def test_bad_schedules_and_thresholds_are_refused(bad, why):
 
 # -- the engine: routing what a warming source may not take ---------------------------------
 
-SITE = "[127.0.0.1]:2525"
-
-
-class EngineRig:
-    def __init__(self, monkeypatch, tmp_path, pool: str):
-        self.loop = VirtualLoop()
-        cfg = parse_config(f"""
-[server]
-hostname = "mx.test"
-[spool]
-directory = "{tmp_path}"
-[delivery]
-routes = {{"example.test" = "127.0.0.1:2525"}}
-[egress]
-default_pool = "{pool}"
-[[source]]
-name = "new"
-address = "127.0.0.1"
-warmup_start = "now"
-[[source]]
-name = "old"
-address = "127.0.0.1"
-[[pool]]
-name = "warming"
-sources = ["new"]
-[[pool]]
-name = "mixed"
-sources = ["new", "old"]
-[warmup]
-day_length = "{DAY:g}s"
-default = [3, 6]
-hour_divisor = 1
-""")
-        self.spool = FakeSpool()
-        self.net = Net(self.loop, send_time=0.1)
-        monkeypatch.setattr(dispatcher_module, "SmtpClient", self.net.client())
-        self.engine = DeliveryEngine(cfg, self.spool, None, lambda s, r, c: None,
-                                     clock=self.loop.clock)
-        self.engine.start(self.loop)
-
-    def send(self, n: int) -> None:
-        for i in range(n):
-            msg_id = make_id(self.loop.clock())
-            self.engine.submit(msg_id, self.spool.add(msg_id, "a@x.test",
-                                                      [f"u{i}@example.test"]))
-
-    def run(self, seconds: float) -> None:
-        self.loop.run(asyncio.sleep(seconds))
-
-    def by_source(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for key, d in self.engine.dispatchers.items():
-            out[key[0]] = d.sent
-        return out
-
-    def close(self) -> None:
-        self.loop.run(self.engine.stop())
-        while pending := asyncio.all_tasks(self.loop):
-            for t in pending:
-                t.cancel()
-            self.loop.run(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.close()
-
 
 @pytest.fixture
 def engine_rig(monkeypatch, tmp_path):
+    """tests/test_dispatcher_unit.py's rig (the real engine on a VirtualLoop, a scripted
+    network) with this file's sources, pools and [warmup], the state in tmp_path."""
     rigs = []
 
-    def make(pool: str) -> EngineRig:
-        rigs.append(EngineRig(monkeypatch, tmp_path, pool))
+    def make(pool: str) -> Rig:
+        rest = (f'[spool]\ndirectory = "{tmp_path}"\n[egress]\ndefault_pool = "{pool}"\n'
+                + warmup_toml())
+        rigs.append(EngineRig(monkeypatch, tmp_path, delivery=rest))
         return rigs[-1]
 
     yield make
@@ -339,23 +285,31 @@ def engine_rig(monkeypatch, tmp_path):
         r.close()
 
 
+def sent_by_source(r: EngineRig) -> dict[str, int]:
+    return {key[0]: d.sent for key, d in r.engine.dispatchers.items()}
+
+
+def run(r: EngineRig, seconds: float) -> None:
+    r.loop.run(asyncio.sleep(seconds))
+
+
 def test_engine_sends_the_rest_through_the_warm_source(engine_rig):
     r = engine_rig("mixed")
     r.send(20)
-    r.run(30)
-    assert r.by_source() == {"new": 3, "old": 17}
+    run(r, 30)
+    assert sent_by_source(r) == {"new": 3, "old": 17}
     assert len(r.net.sends) == 20
 
 
 def test_engine_holds_what_no_source_may_send_until_the_next_day(engine_rig):
     r = engine_rig("warming")
     r.send(10)
-    r.run(30)
+    run(r, 30)
     assert len(r.net.sends) == 3
     assert r.engine.scheduler.inserts[InsertReason.WARMUP] >= 7
-    r.run(DAY)                                    # day 2: 6 more, the last one waits again
+    run(r, DAY)                                    # day 2: 6 more, the last one waits again
     assert len(r.net.sends) == 9
-    r.run(DAY)
+    run(r, DAY)
     assert len(r.net.sends) == 10                 # day 3: no cap left
     assert r.spool.finished and len(set(r.spool.finished)) == 10
     state = json.loads((r.engine.config.spool.directory / STATE_NAME).read_text())
