@@ -231,7 +231,8 @@ def test_oversized_and_malformed_heads(server, store):
     cases = [
         ("head too large", big_head, b"HTTP/1.1 431 "),
         ("too many headers", many, b"HTTP/1.1 431 "),
-        ("chunked", f"POST /u/{token} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ("no host", f"GET /u/{token} HTTP/1.1\r\n\r\n".encode(), b"HTTP/1.1 400 "),  # RFC 9112 3.2
+        ("chunked", f"POST /u/{token} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                     "1a\r\nList-Unsubscribe=One-Click\r\n0\r\n\r\n".encode(), b"HTTP/1.1 411 "),
         ("no length", f"POST /u/{token} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), b"HTTP/1.1 411 "),
         ("bad length", f"POST /u/{token} HTTP/1.1\r\nContent-Length: -1\r\n\r\n".encode(),
@@ -245,7 +246,10 @@ def test_oversized_and_malformed_heads(server, store):
     ]
     for name, data, want in cases:
         got = raw(server.port, data)
-        assert got.startswith(want), f"{name}: got {got[:60]!r}, want {want!r}"
+        # aiohttp answers what its parser refuses as HTTP/1.0 (it has no request version)
+        assert got.startswith((want, want.replace(b"/1.1", b"/1.0"))), \
+            f"{name}: got {got[:60]!r}, want {want!r}"
+        assert b"aaaa" not in got and b"X-H" not in got, f"{name}: the reply quotes the request"
     assert suppressed(store) is None
 
 

@@ -16,15 +16,19 @@ serves both and a token MAC can never be confused with an address hash. Tokens d
 expire (RFC 8058 does not ask for it; a list link should keep working); rotating the
 key invalidates every outstanding link.
 
-The server: HTTP/1.1 on asyncio streams, no framework (like mta/control/admin.py), one request
-per connection (Connection: close). Bounded: request head size, header count, body
-size, an idle/request timeout, a connection cap; optional TLS via an ssl.SSLContext.
+The server: aiohttp's low-level HTTP/1.1 server (the library the admin API uses,
+mta/control/admin.py: asyncio-native, so it runs on the daemon's uvloop; a maintained
+parser), on its own listening socket, one request per connection (Connection: close).
+Bounded: request line and each header field (max_head), header count, body size, an
+idle/request timeout (408, also for a head that never ends), a connection cap (503);
+optional TLS via an ssl.SSLContext (handshake bounded by the same timeout).
 Trust: every byte is from the Internet; errors answer with a fixed text, never with
-exception text or request content.
+exception text or request content (aiohttp's parse errors are answered here, not by its
+default page, which quotes the offending bytes).
 Diagnostics: 400 bad request or bad/forged token; 404 unknown path; 405 method;
-411 no Content-Length; 413 body too large; 415 wrong content type; 431 head too large
-or too many headers; 500 when the store fails (logged). Logs carry hashes, never
-addresses or full tokens.
+408 too slow; 411 no Content-Length; 413 body too large; 431 a request or header line
+too long or too many header fields; 500 when the store fails (logged); 503 over the
+connection cap. Logs carry hashes, never addresses or full tokens.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ import ssl
 import urllib.parse
 from email.parser import BytesParser
 from email.policy import HTTP
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from mta.feedback.suppression.store import (SuppressionList, address_hash, check_scope, hash_text,
                                    parse_hash)
@@ -110,11 +117,16 @@ class _Reject(Exception):
         self.status, self.text = status, text
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
-            415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
 _BAD_TOKEN = "This unsubscribe link is not valid (it may be damaged or forged).\n"
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            # the token is in the URL: keep it out of Referer headers
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": "default-src 'none'; form-action 'self'",
+            "Connection": "close", "Server": "mta"}
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 23\r\nConnection: close\r\n\r\nBusy, try again later.\n")
+_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+              b"Content-Length: 19\r\nConnection: close\r\n\r\nRequest timed out.\n")
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta name="robots" content="noindex">
@@ -126,9 +138,67 @@ _PAGE = """<!doctype html>
 """
 
 
+def _text(status: int, text: str, ctype: str = "text/plain") -> web.Response:
+    resp = web.Response(status=status, text=text, content_type=ctype, charset="utf-8",
+                        headers=_HEADERS)
+    if status == 405:
+        resp.headers["Allow"] = "GET, HEAD, POST"
+    resp.force_close()
+    return resp
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's protocol for one connection, with this endpoint's limits: over the
+    connection cap a fixed 503 at once; a connection whose request has not reached the
+    handler within the timeout (a slow or idle head) gets a fixed 408 and is closed;
+    aiohttp's own parse errors answer with a fixed text (never the request's bytes, which
+    aiohttp would quote) and are not logged as errors."""
+
+    def __init__(self, owner: UnsubscribeServer, manager: web.Server, **kw):
+        super().__init__(manager, **kw)
+        self.owner = owner
+        self.started = False          # a request reached the handler
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.owner.connections > self.owner.max_connections:
+            transport.write(_BUSY)    # type: ignore[attr-defined]
+            transport.close()
+            return
+        self._deadline = asyncio.get_running_loop().call_later(self.owner.timeout, self._expire)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _expire(self) -> None:
+        transport = self.transport
+        if not self.started and transport is not None and not transport.is_closing():
+            transport.write(_TIMED_OUT)   # type: ignore[attr-defined]
+            transport.close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        self.started = True
+        log.debug("unsubscribe: bad request from %s: %s", request.remote, type(exc).__name__)
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage)
+                                            and "Too many headers" in str(exc)):
+            return _text(431, "Request head too large.\n")
+        if status == 500:
+            return _text(500, "Internal error.\n")
+        return _text(400 if status < 500 else status, "Bad request.\n")
+
+
 class UnsubscribeServer:
     """POST /u/<token> (body List-Unsubscribe=One-Click) suppresses; GET /u/<token> shows
-    a confirmation form. Runs on the caller's loop; `suppressions` is used from it."""
+    a confirmation form. Runs on the caller's loop; `suppressions` is used from it.
+
+    On aiohttp's low-level server (the same library as the admin API,
+    mta/control/admin.py): its HTTP/1.1 parser, with the limits below; one request per
+    connection (Connection: close)."""
 
     def __init__(self, suppressions: SuppressionList, key: bytes, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None, *, max_head: int = 8192,
@@ -139,110 +209,78 @@ class UnsubscribeServer:
         self._key = key
         self.host, self.port = host, port
         self.ssl_context = ssl_context
-        self.max_head = max_head              # request line + header fields, bytes
+        self.max_head = max_head              # the request line, and each header field, bytes
         self.max_headers = max_headers        # header field count
         self.max_body = max_body              # a one-click body is 26 bytes; a form a few hundred
         self.timeout = timeout                # whole request (idle included), and the TLS handshake
         self.max_connections = max_connections
-        self._active = 0
-        self._tasks: set[asyncio.Task] = set()   # connections being served, for stop()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: web.Server | None = None    # made in start(): it wants the running loop
+        self._listener: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None
 
+    def _connection(self) -> _Connection:
+        assert self._server is not None
+        return _Connection(self, self._server, loop=asyncio.get_running_loop(),
+                           keepalive_timeout=self.timeout + 1,   # _expire() answers first
+                           lingering_time=0,
+                           max_line_size=self.max_head, max_field_size=self.max_head,
+                           max_headers=self.max_headers, access_log=None,
+                           auto_decompress=False)
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, ssl=self.ssl_context, reuse_address=True,
-            limit=self.max_head, ssl_handshake_timeout=self.timeout if self.ssl_context else None)
-        self.address = self._server.sockets[0].getsockname()[:2]
+        loop = asyncio.get_running_loop()
+        self._server = web.Server(self._handle, handler_cancellation=True)
+        self._listener = await loop.create_server(
+            self._connection, self.host, self.port, ssl=self.ssl_context, reuse_address=True,
+            ssl_handshake_timeout=self.timeout if self.ssl_context else None)
+        self.address = self._listener.sockets[0].getsockname()[:2]
         log.info("unsubscribe server listening on %s:%d%s", *self.address,
                  " (https)" if self.ssl_context else "")
 
     async def stop(self) -> None:
-        """Stop listening and end the connections in progress (Python 3.11's
-        Server.wait_closed does not wait for them)."""
+        """Stop listening and end the connections in progress."""
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.shutdown(1.0)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._active += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            send_body = True
-            if self._active > self.max_connections:
-                status, ctype, body = 503, "text/plain", "Busy, try again later.\n"
-            else:
-                try:
-                    status, ctype, body, send_body = await asyncio.wait_for(
-                        self._request(reader, writer.get_extra_info("peername")), self.timeout)
-                except _Reject as r:
-                    status, ctype, body = r.status, "text/plain", r.text
-                except asyncio.TimeoutError:
-                    status, ctype, body = 408, "text/plain", "Request timed out.\n"
-                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-                    return      # the client went away; nobody to answer
-            await self._respond(writer, status, ctype, body, send_body)
-        finally:
-            self._active -= 1
-            self._tasks.discard(task)
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 1)
-            except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
-                pass
+    @property
+    def connections(self) -> int:
+        """Connections open now (this one included, from its connection_made on)."""
+        return len(self._server.connections) if self._server is not None else 0
 
-    async def _respond(self, writer: asyncio.StreamWriter, status: int, ctype: str, text: str,
-                       send_body: bool = True) -> None:
-        payload = text.encode("utf-8")
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: {ctype}; charset=utf-8\r\nContent-Length: {len(payload)}\r\n"
-                "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-                # the token is in the URL: keep it out of Referer headers
-                "Referrer-Policy: no-referrer\r\n"
-                "Content-Security-Policy: default-src 'none'; form-action 'self'\r\n"
-                + ("Allow: GET, HEAD, POST\r\n" if status == 405 else "")
-                + "Connection: close\r\n\r\n")
-        writer.write(head.encode("ascii") + (payload if send_body else b""))
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        proto = request.protocol
+        if isinstance(proto, _Connection):
+            proto.started = True
         try:
-            await asyncio.wait_for(writer.drain(), self.timeout)
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
-            pass
+            async with asyncio.timeout(self.timeout):
+                return await self._request(request)
+        except _Reject as r:
+            return _text(r.status, r.text)
+        except TimeoutError:
+            return _text(408, "Request timed out.\n")
 
-    async def _request(self, reader: asyncio.StreamReader,
-                       peer: tuple | None = None) -> tuple[int, str, str, bool]:
-        """(status, content type, text, send the body: False for HEAD)."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise _Reject(431, "Request head too large.\n") from None
-        if len(head) > self.max_head:
-            raise _Reject(431, "Request head too large.\n")
-        lines = head[:-4].split(b"\r\n")
-        try:
-            method, target, version = lines[0].decode("ascii").split(" ")
-        except (UnicodeDecodeError, ValueError):
-            raise _Reject(400, "Bad request line.\n") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise _Reject(400, "Unsupported HTTP version.\n")
-        headers = self._parse_headers(lines[1:])
-        path = target.split("?", 1)[0]
+    async def _request(self, request: web.BaseRequest) -> web.StreamResponse:
+        for name in ("Content-Length", "Content-Type", "Transfer-Encoding", "Host"):
+            if len(request.headers.getall(name, ())) > 1:
+                raise _Reject(400, f"Duplicate {name.lower()} header field.\n")
+        path = request.raw_path.split("?", 1)[0]
         if not path.startswith("/u/") or "/" in path[3:]:
             raise _Reject(404, "Not found.\n")
         token = path[3:]
+        method = request.method
         if method not in ("GET", "HEAD", "POST"):
             raise _Reject(405, "Only GET and POST are served.\n")
         found = read_token(token, self._key)
         if method == "POST":
-            body = await self._read_body(reader, headers)
+            body = await self._read_body(request)
             if found is None:
                 log.info("unsubscribe: rejected a bad or forged token")
                 raise _Reject(400, _BAD_TOKEN)
-            if not _is_one_click(headers.get("content-type", ""), body):
+            if not _is_one_click(request.headers.get("Content-Type", ""), body):
                 raise _Reject(400, "Expected the form field List-Unsubscribe=One-Click "
                                    "(RFC 8058).\n")
             h, scope = found
@@ -253,48 +291,34 @@ class UnsubscribeServer:
                                            note="rfc8058 one-click")
             except Exception:
                 log.exception("unsubscribe: storing %s... in %s failed", h[:24], scope)
-                return 500, "text/plain", "Could not record the unsubscribe; try again later.\n", True
+                return _text(500, "Could not record the unsubscribe; try again later.\n")
             log.info("unsubscribe: %s... suppressed in %s", h[:24], scope)
             if self.logs is not None:
                 self.logs.log(RecordType.UNSUBSCRIBE, recipient_hash=h, scope=scope,
-                              client_ip=peer[0] if peer else None)
-            return 200, "text/plain", "You have been unsubscribed.\n", True
+                              client_ip=request.remote)
+            return _text(200, "You have been unsubscribed.\n")
         # GET/HEAD never unsubscribe: link scanners and mail security gateways prefetch
         # every URL in a message (the reason RFC 8058 requires POST); a person gets a form.
+        # (aiohttp sends no body for HEAD.)
         if found is None:
             raise _Reject(400, _BAD_TOKEN)
-        return 200, "text/html", _PAGE.format(token=html.escape(token, quote=True)), method != "HEAD"
+        return _text(200, _PAGE.format(token=html.escape(token, quote=True)), "text/html")
 
-    def _parse_headers(self, lines: list[bytes]) -> dict[str, str]:
-        if len(lines) > self.max_headers:
-            raise _Reject(431, "Too many header fields.\n")
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-                # obsolete line folding and whitespace before the colon: RFC 9112 5.1/5.2
-                raise _Reject(400, "Bad header field.\n")
-            try:
-                key, val = name.decode("ascii").lower(), value.strip().decode("latin-1")
-            except UnicodeDecodeError:
-                raise _Reject(400, "Bad header field.\n") from None
-            if key in headers and key in ("content-length", "content-type", "transfer-encoding", "host"):
-                raise _Reject(400, f"Duplicate {key} header field.\n")
-            headers[key] = val
-        return headers
-
-    async def _read_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-        if "transfer-encoding" in headers:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        if "Transfer-Encoding" in request.headers:
             # Chunked bodies are not needed for a 26-byte form; RFC 9110 15.5.12.
             raise _Reject(411, "Send the body with a Content-Length.\n")
-        cl = headers.get("content-length")
+        cl = request.headers.get("Content-Length")
         if cl is None:
             raise _Reject(411, "Content-Length required.\n")
         if not cl.isdigit() or len(cl) > 12:
             raise _Reject(400, "Bad Content-Length.\n")
         if int(cl) > self.max_body:
             raise _Reject(413, "Request body too large.\n")
-        return await reader.readexactly(int(cl))
+        try:
+            return await request.content.readexactly(int(cl))
+        except asyncio.IncompleteReadError:
+            raise _Reject(400, "Incomplete body.\n") from None
 
 
 def _is_one_click(content_type: str, body: bytes) -> bool:
