@@ -476,3 +476,34 @@ def test_check_config_reads_the_authorization_file(tmp_path):
                        f'authorization_file = "{auth}"\n')
     assert any("webhook 'ops'" in e and "chmod 600" in e for e in check(cfg).errors)
     assert not (tmp_path / "webhooks").exists()       # check-config writes nothing
+
+
+def test_copytruncate_and_a_garbled_cursor(tmp_path, receiver, caplog):
+    """logrotate's copytruncate empties the file under the cursor: read from 0 again; a
+    cursor file that is not one is logged and the hook starts at the beginning."""
+    r = receiver()
+
+    async def main() -> None:
+        w = LogWriter(str(tmp_path / "log"), flush_interval=0.005)
+        hook = _hook(tmp_path, r.url)
+        hook.start(asyncio.get_running_loop())
+        _log(w, 0, 60)
+        w.flush()
+        await _until(lambda: hook.sent_records >= 60)
+        os.truncate(tmp_path / "log" / "mta.jsonl", 0)   # O_APPEND: the writer goes on at 0
+        await asyncio.sleep(0.3)
+        _log(w, 60, 30)
+        w.flush()
+        await _until(lambda: hook.sent_records >= 90)
+        await hook.stop()
+        (tmp_path / "state" / "h.cursor").write_bytes(b'{"dev": "x"')
+        hook = _hook(tmp_path, r.url)
+        hook.start(asyncio.get_running_loop())
+        await _until(lambda: hook.sent_records >= 30)
+        await hook.stop()
+        w.close()
+
+    asyncio.run(main())
+    assert [rec["n"] for rec in r.records(dedupe=False)] == list(range(90)) + list(range(60, 90))
+    assert [rec["n"] for rec in r.records()] == list(range(90))   # the last 30 sent again
+    assert "truncated" in caplog.text and "cannot read its cursor" in caplog.text

@@ -14,8 +14,8 @@ in the file in the order they were logged); a batch never spans two files.
 
 Wire format: one POST per batch, the body a JSON array of the records exactly as they are
 in the log (Content-Type: application/json), with headers X-MTA-Hook (the hook's name),
-X-MTA-Batch-Id (stable: the same batch sent again, after a failure or a restart, has the
-same id, so a receiver dedupes by it) and X-MTA-Batch-Records. Any 2xx acknowledges the
+X-MTA-Batch-Id (a hash of where the batch is in the log and what it holds: sent again,
+after a failure or a restart, it has the same id, so a receiver dedupes by it) and X-MTA-Batch-Records. Any 2xx acknowledges the
 batch; anything else (a status, a refused connection, a timeout, a TLS error) is retried
 after a wait that doubles from 1 s up to `max_retry_interval`, with jitter (half to all of
 it), forever: nothing is dropped for a failing hook. The first failure, then at most one
@@ -348,35 +348,48 @@ class Hook:
 
     async def _run(self) -> None:
         try:
-            await asyncio.to_thread(self._open_from_cursor)
-            while self.cursor is None:              # the writer makes the file at start
-                if not await asyncio.to_thread(self._open_current, 0):
-                    await asyncio.sleep(POLL)
+            while self.cursor is None:
+                try:
+                    await asyncio.to_thread(self._open_from_cursor)
+                    while self.cursor is None:      # the writer makes the file at start
+                        if not await asyncio.to_thread(self._open_current, 0):
+                            await asyncio.sleep(POLL)
+                except OSError as exc:   # the log directory unreadable: say so, try again
+                    log.error("webhook %s: cannot open the log: %s", self.name, exc)
+                    await asyncio.sleep(REPORT_EVERY)
+            reported = 0.0
             while True:
-                await self._step()
+                try:
+                    await self._step()
+                except OSError as exc:   # a file gone between two looks, EIO: a moment later
+                    if time.monotonic() - reported >= REPORT_EVERY:
+                        reported = time.monotonic()
+                        log.error("webhook %s: %s; trying again", self.name, exc)
+                    await asyncio.sleep(1.0)
         except asyncio.CancelledError:
             raise
-        except Exception:   # a bug: say so loudly, the mail goes on
+        except Exception:   # a bug: say so loudly; the mail goes on
             log.exception("webhook %s stopped", self.name)
 
     # -- the cursor file ----------------------------------------------------------------
 
     def _open_from_cursor(self) -> None:
-        saved = None
         try:
             with open(self.cursor_path, "rb") as f:
                 saved = orjson.loads(f.read())
+            ident = (int(saved["dev"]), int(saved["ino"]))
+            offset = int(saved["offset"])
+            pending = saved.get("batch")
+            if pending is not None:
+                pending = (str(pending["id"]), int(pending["end"]))
         except FileNotFoundError:
-            pass
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log.error("webhook %s: cannot read its cursor %s (%s): starting at the beginning "
-                      "of %s", self.name, self.cursor_path, exc, self.log_path)
-        if saved is None:
             log.info("webhook %s: no cursor yet, starting at the beginning of %s",
                      self.name, self.log_path)
             return
-        ident = (int(saved["dev"]), int(saved["ino"]))
-        offset = int(saved["offset"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:   # JSONDecodeError too
+            log.error("webhook %s: cannot read its cursor %s (%s): starting at the beginning "
+                      "of %s", self.name, self.cursor_path, exc, self.log_path)
+            return
         found = self._find(ident)
         if found is None:
             log.error("webhook %s: the log file of its cursor (device %d, inode %d, offset %d) "
@@ -391,10 +404,9 @@ class Hook:
             log.warning("webhook %s: %s is shorter than its cursor's offset %d (truncated): "
                         "reading it from the beginning", self.name, path, offset)
             self.cursor.offset = 0
-        elif saved.get("batch"):
-            b = saved["batch"]
-            self.batch = Batch(offset, offset, id=str(b["id"]))
-            self._rebuild_to = int(b["end"])
+        elif pending is not None:
+            self.batch = Batch(offset, offset, id=pending[0])
+            self._rebuild_to = pending[1]
         self._saved_offset = self.cursor.offset
 
     def _find(self, ident: tuple[int, int]) -> tuple[int, str] | None:
@@ -550,9 +562,15 @@ class Hook:
         await asyncio.to_thread(self._save, True)
 
     def _batch_id(self, b: Batch) -> str:
+        """Where the batch is and what it holds: the same batch built again after a restart
+        gets the same id; a file truncated and written again (copytruncate) does not."""
         c = self.cursor
-        key = f"{self.host}|{self.name}|{c.ident[0]}|{c.ident[1]}|{b.start}|{b.end}"
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+        h = hashlib.sha256(f"{self.host}|{self.name}|{c.ident[0]}|{c.ident[1]}|{b.start}|"
+                           f"{b.end}|".encode())
+        for rec in b.records:
+            h.update(rec)
+            h.update(b"\n")
+        return h.hexdigest()[:32]
 
     def _failed(self, why: str) -> None:
         self.last_error = why
