@@ -198,3 +198,29 @@ def test_tokens_file_readable_by_others_is_refused(daemon_factory, tmp_path):
                              f'tokens_file = "{tokens}"\n', start=False)
     with pytest.raises(RuntimeError, match="chmod 600"):
         d.start()
+
+
+def test_ready_is_503_while_the_spool_refuses_mail(daemon_factory):
+    port = free_port()
+    d = daemon_factory(extra=f'[delivery]\nhold = true\n[admin]\nlisten = "127.0.0.1:{port}"\n',
+                       start=False)
+    d.config.write_text(d.config.read_text().replace(
+        "[spool]\n", "[spool]\nmax_queued_messages = 1\n", 1))
+    d.start()
+    assert call(port, "GET", "/ready") == (200, {"status": "ready"})
+    _send(d.port, "a@sender.test", ["x@example.test"])
+    _records(d, "Reception", 1)
+    status, body = call(port, "GET", "/ready")
+    assert (status, body) == (503, {"status": "not ready",
+                                    "reason": "spool refuses mail: QUEUE_FULL"})
+    assert call(port, "GET", "/health") == (200, {"status": "live"})
+    # the operator deletes the message: ready again
+    token = (d.spool_dir / "admin.token").read_text().strip()
+    status, body = call(port, "POST", "/control/delete", {"selector": {"all": True}},
+                        token=token)
+    assert status == 200, body
+    deadline = time.monotonic() + 15
+    while call(port, "GET", "/ready")[0] != 200:
+        assert time.monotonic() < deadline, "/ready stayed 503 after the queue emptied"
+        time.sleep(0.1)
+    assert d.stop() == 0
