@@ -30,11 +30,17 @@ ZONE = ["warm.test. 60 IN MX 10 mx.warm.test.", f"mx.warm.test. 60 IN A {MX}",
 
 
 class PeerReceiver:
-    """Accepts everything; records which client address sent each recipient."""
+    """Records which client address sent each recipient; refuses reject* (550 5.1.1)."""
 
     def __init__(self) -> None:
         self.got: list[tuple[str, str, float]] = []    # (client ip, recipient, time)
         self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower().startswith("reject"):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
@@ -94,16 +100,16 @@ def _per_day(d, start: float) -> dict[int, int]:
     return days
 
 
-def test_a_warming_source_keeps_to_its_caps(daemon_factory, dns_server, receiver):
+def _daemon(daemon_factory, dns_server, pool: str = "mixed", warmup: str = ""):
     dns = dns_server(ZONE)
-    d = daemon_factory(extra=f"""
+    return daemon_factory(extra=f"""
 [dns]
 nameservers = ["127.0.0.1:{dns.port}"]
 [delivery]
 retry_initial = "1s"
 retry_max = "1s"
 [egress]
-default_pool = "mixed"
+default_pool = "{pool}"
 [[source]]
 name = "new"
 address = "{NEW}"
@@ -124,7 +130,12 @@ pool = "solo"
 day_length = "{DAY:g}s"
 default = {CAPS}
 hour_divisor = 1
+{warmup}
 """)
+
+
+def test_a_warming_source_keeps_to_its_caps(daemon_factory, dns_server, receiver):
+    d = _daemon(daemon_factory, dns_server)
     start = _show(d)["start"]
     # day 1: a mixed pool: the warming source takes its 5, the warm one the rest
     _inject(d.port, "a@sender.test", [f"m{i}@warm.test" for i in range(30)])
@@ -157,3 +168,20 @@ hour_divisor = 1
     text = _mta(d, "warmup", "show")
     assert f"new: warm-up day {after['day']}" in text and "default" in text
     assert "last day: grown" in text
+
+
+def test_a_day_with_too_many_bounces_holds_the_cap(daemon_factory, dns_server, receiver):
+    d = _daemon(daemon_factory, dns_server, pool="solo", warmup="min_volume = 1")
+    start = _show(d)["start"]
+    _inject(d.port, "a@sender.test", ["ok1@warm.test", "ok2@warm.test", "ok3@warm.test",
+                                      "reject1@warm.test", "reject2@warm.test"])
+    _records(d, "Bounce", 2, timeout=DAY)
+    assert time.time() < start + DAY, "the machine is too slow for a 12 s warm-up day"
+    row = {c["class"]: c for c in _show(d)["classes"]}["default"]
+    assert (row["tried"], row["bounced"], row["may_grow"]) == (5, 2, False)
+    assert row["why_not"].startswith("bounce rate 40.00 % > 3 %")
+    held = [r for r in _records(d, "WarmupDay", 3, timeout=2 * DAY)
+            if r["class"] == "default" and r["day"] == 2]
+    assert held and (held[0]["action"], held[0]["cap"]) == ("held", CAPS[0]), held
+    text = _mta(d, "warmup", "show")
+    assert "last day: held: day 1: bounce rate 40.00 % > 3 %" in text
