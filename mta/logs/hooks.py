@@ -15,8 +15,8 @@ in the file in the order they were logged); a batch never spans two files.
 Wire format: one POST per batch, the body a JSON array of the records exactly as they are
 in the log (Content-Type: application/json), with headers X-MTA-Hook (the hook's name),
 X-MTA-Batch-Id (a hash of where the batch is in the log and what it holds: sent again,
-after a failure or a restart, it has the same id, so a receiver dedupes by it) and X-MTA-Batch-Records. Any 2xx acknowledges the
-batch; anything else (a status, a refused connection, a timeout, a TLS error) is retried
+after a failure or a restart, it has the same id, so a receiver dedupes by it) and
+X-MTA-Batch-Records. Any 2xx acknowledges the batch; anything else (a status, a refused connection, a timeout, a TLS error) is retried
 after a wait that doubles from 1 s up to `max_retry_interval`, with jitter (half to all of
 it), forever: nothing is dropped for a failing hook. The first failure, then at most one
 report a minute, and the recovery are logged. https URLs are verified (system trust store,
@@ -40,15 +40,20 @@ the log path is looked for among the rotated siblings (mta.jsonl.*, not compress
 and the newer siblings are read oldest first; a cursor whose file is gone is logged as an
 error (the records between are not sent) and the hook starts at the beginning of the
 current file; a file truncated under the cursor (copytruncate) is read again from 0.
-A hook with no cursor starts at the beginning of the current file.
+Rotate by renaming (logrotate's default, with SIGUSR1 in postrotate): copytruncate loses
+what is written between its copy and its truncate whoever reads the file, and a truncated
+file that has grown past the cursor again before the hook looks is not noticed. Rotated
+files are looked for in the log directory only (not logrotate's olddir). A hook with no
+cursor starts at the beginning of the current file.
 
 Backlog bound: a hook more than `max_lag` bytes of log behind (0: no bound) skips to the
 end of the log; the skipped range and its size are logged as an error and counted in
 stats(). Lines that are not JSON (a torn record after a failed write) are skipped and
 counted.
 
-Imports mta.files only (rank 2, tests/test_layering.py); takes its settings
-as any object with the [[webhook]] keys (mta.config.schema.WebhookConfig).
+Imports mta.files only (rank 2, tests/test_layering.py); takes its settings as any object
+with the [[webhook]] keys (mta.config.schema.WebhookConfig). Stats for metrics:
+Hook.stats() and Webhooks.stats() (Server.webhooks, None without [[webhook]] tables).
 """
 from __future__ import annotations
 
