@@ -27,10 +27,11 @@ redirects followed, no proxy taken from the environment, the reply's body read u
 
 Cursor: <spool directory>/webhooks/NAME.cursor, JSON {dev, ino, offset, batch}: the file's
 identity, the offset up to which every record was acknowledged (or filtered out), and the
-batch in flight ({id, end}) written with mta.files.write_atomic BEFORE the batch is sent.
-After a restart that batch is built again from exactly the same bytes and sent with the
-same id, so the only duplicates a restart makes are of that one batch, and they carry the
-id the receiver already saw.
+batch in flight ({id, end}), written with mta.files.write_atomic BEFORE the batch is sent
+(one write per batch: an acknowledgement is written with the next batch, or within 5 s
+when the log is quiet, and at stop). After a restart the batch the cursor names is built
+again from exactly the same bytes and sent with the same id, so the only duplicates a
+restart makes are of that one batch, and they carry the id the receiver already saw.
 
 Rotation: logrotate renames the file and SIGUSR1 makes the writer open a new one. The
 hook keeps its open descriptor on the old file and finishes it; it moves to the new file
@@ -491,6 +492,8 @@ class Hook:
         if not b.records and b.end > c.offset:     # only filtered-out lines passed
             c.offset = b.end
             self.batch = None
+        if (c.offset != self._saved_offset         # quiet: the progress made, now and then
+                and time.monotonic() - self._saved_at >= SAVE_PROGRESS):
             await asyncio.to_thread(self._save)
         if await asyncio.to_thread(self._next_file_ready):
             if b.records:                           # a batch never spans two files
@@ -562,9 +565,11 @@ class Hook:
         self.sent_batches += 1
         self.sent_records += len(b.records)
         self.last_success = time.time()
+        # the new offset is written with the next batch (before it leaves) or, when the log
+        # is quiet, within SAVE_PROGRESS: one cursor write per batch. A crash before then
+        # sends this batch again, with its id.
         c.offset = b.end
         self.batch = None
-        await asyncio.to_thread(self._save, True)
 
     def _batch_id(self, b: Batch) -> str:
         """Where the batch is and what it holds: the same batch built again after a restart
