@@ -507,3 +507,33 @@ def test_copytruncate_and_a_garbled_cursor(tmp_path, receiver, caplog):
     assert [rec["n"] for rec in r.records(dedupe=False)] == list(range(90)) + list(range(60, 90))
     assert [rec["n"] for rec in r.records()] == list(range(90))   # the last 30 sent again
     assert "truncated" in caplog.text and "cannot read its cursor" in caplog.text
+
+
+def test_a_crash_after_an_acknowledgement_repeats_that_batch_under_its_id(tmp_path, receiver):
+    """Acknowledgements are written lazily (with the next batch): a crash before that
+    repeats the acknowledged batch, with the id the receiver already has."""
+    r = receiver()
+
+    async def main() -> None:
+        w = LogWriter(str(tmp_path / "log"), flush_interval=0.005)
+        _log(w, 0, 40)
+        w.flush()
+        hook = _hook(tmp_path, r.url, batch_size=40)
+        hook.start(asyncio.get_running_loop())
+        await _until(lambda: hook.sent_records >= 40)
+        hook._task.cancel()                           # a crash: no stop(), no cursor write
+        await asyncio.gather(hook._task, return_exceptions=True)
+        await hook.poster.close()
+        hook.cursor.close()
+        _log(w, 40, 10)
+        w.flush()
+        hook = _hook(tmp_path, r.url, batch_size=40)
+        hook.start(asyncio.get_running_loop())
+        await _until(lambda: hook.sent_records >= 50)
+        await hook.stop()
+        w.close()
+
+    asyncio.run(main())
+    ids = [bid for bid, _, _ in r.batches]
+    assert ids[0] == ids[1] and len(set(ids)) == 2    # the first batch twice, same id
+    assert [rec["n"] for rec in r.records()] == list(range(50))
