@@ -164,6 +164,24 @@ def _ok(value: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+class _Connection(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering what its parser refuses with a
+    short JSON error rather than its default page (which quotes the offending bytes), and
+    logging that at debug level: malformed requests are the client's problem."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("admin request %s failed", request.path, exc_info=exc)
+            resp = _error(500, "internal error")
+        else:
+            log.debug("admin: refused a malformed request: %s", type(exc).__name__)
+            resp = _error(status, "bad request")
+        resp.force_close()
+        return resp
+
+
 class AdminServer:
     def __init__(self, routes: dict[str, Callable[[str], Any]],
                  actions: dict[str, Callable[[dict], Any]] | None = None, *, token: str,
@@ -182,6 +200,7 @@ class AdminServer:
         self.ready = ready
         self.max_body, self.timeout, self.max_connections = max_body, timeout, max_connections
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None
 
     def app(self) -> web.Application:
@@ -194,19 +213,25 @@ class AdminServer:
         return app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(
-            self.app(), handle_signals=False, access_log=None, shutdown_timeout=1.0,
-            keepalive_timeout=self.timeout,   # also closes a connection that sends no head
-            lingering_time=min(self.timeout, 2.0),   # unread body after an error reply
-            max_line_size=_MAX_HEAD, max_field_size=_MAX_HEAD)
+        self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        self.address = server.sockets[0].getsockname()[:2]
+        server, loop = self._runner.server, asyncio.get_running_loop()
+        assert server is not None
+        settings = {
+            "loop": loop, "access_log": None,
+            "keepalive_timeout": self.timeout,   # also closes a connection that sends no head
+            "lingering_time": min(self.timeout, 2.0),   # unread body after an error reply
+            "max_line_size": _MAX_HEAD, "max_field_size": _MAX_HEAD}
+        self._listener = await loop.create_server(
+            lambda: _Connection(server, **settings), host, port, reuse_address=True)
+        self.address = self._listener.sockets[0].getsockname()[:2]
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
