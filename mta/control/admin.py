@@ -199,6 +199,11 @@ class AdminServer:
         # None while the daemon accepts mail, else why not (GET /ready answers 503 with it)
         self.ready = ready
         self.max_body, self.timeout, self.max_connections = max_body, timeout, max_connections
+        # (method, path) -> async handler(request): endpoints that answer other than JSON
+        # views and actions (GET /metrics as text, POST /inject reading its own body)
+        self.handlers: dict[tuple[str, str], Callable[[web.Request], Any]] = {}
+        # GET paths answered without a token besides /health and /ready ([admin] metrics_public)
+        self.public: set[str] = set()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None
@@ -255,7 +260,8 @@ class AdminServer:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if request.path in _OPEN and request.method in ("GET", "HEAD"):
+        if (request.path in _OPEN or request.path in self.public) \
+                and request.method in ("GET", "HEAD"):
             return await handler(request)
         role = self.role(request.headers.get("Authorization", ""))
         if role is None:
@@ -301,7 +307,16 @@ class AdminServer:
     async def _openapi(self, request: web.Request) -> web.Response:
         return _ok(openapi.describe(self.routes, self.actions))
 
-    async def _dispatch(self, request: web.Request) -> web.Response:
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        own = self.handlers.get((request.method, request.path))
+        if own is not None:
+            try:
+                return await own(request)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("admin request %s failed", request.path)
+                return _error(500, "internal error")
         if request.method == "POST":
             return await self._act(request)
         if request.method != "GET":
