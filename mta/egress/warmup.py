@@ -292,6 +292,7 @@ class Warmup:
                 return w.start + (hour + 1) * self.hour_length
         u.day_count += 1
         u.hour_count += 1
+        self._dirty = True
         return 0.0
 
     def _cap(self, w: Warming, klass: str) -> tuple[int, int] | None:

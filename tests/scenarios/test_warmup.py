@@ -147,7 +147,7 @@ def test_a_warming_source_keeps_to_its_caps(daemon_factory, dns_server, receiver
     receiver.wait(38, timeout=3 * DAY + 30)
     solo = [g for g in receiver.got if g[1].startswith("s")]
     assert {g[0] for g in solo} == {NEW}
-    _records(d, "Delivery", 38)
+    _records(d, "Delivery", 38, timeout=30)
     days = _per_day(d, start)
     assert sum(days.values()) == by_ip[NEW] + 8
     assert all(n <= CAPS[day - 1] for day, n in days.items() if day <= len(CAPS)), days
@@ -155,16 +155,18 @@ def test_a_warming_source_keeps_to_its_caps(daemon_factory, dns_server, receiver
     grown = [r for r in _records(d, "WarmupDay", 3)     # day 2's: one per class
              if r["source"] == "new" and r["class"] == "default" and r["day"] == 2]
     assert grown and grown[0]["action"] == "grown" and grown[0]["cap"] == 10, grown
-    # state survives a restart: same start, the day's use counted on
-    before = _show(d)
+    # state survives a restart: same start, schedule position, the day's use counted on
     assert d.stop() == 0
-    state = orjson.loads((d.spool_dir / "warmup.json").read_bytes())
-    assert state["sources"]["new"]["start"] == start
+    state = orjson.loads((d.spool_dir / "warmup.json").read_bytes())["sources"]["new"]
+    assert state["start"] == start and state["steps"]["default"] >= 1
     d.start()
     after = _show(d)
-    assert after["start"] == start and after["day"] >= before["day"]
-    if after["day"] == before["day"]:   # today's use is counted on, not from 0
-        assert after["use"][0]["day"] >= before["use"][0]["day"] > 0
+    assert after["start"] == start and after["day"] >= state["day"]
+    default = {c["class"]: c for c in after["classes"]}["default"]
+    assert default["step"] >= 2 and default["last"].startswith("grown")
+    if after["day"] == state["day"]:    # today's use is counted on, not from 0
+        (day, _, used, _) = state["usage"]["site:mx.warm.test"]
+        assert after["use"][0]["day"] == (used if day == state["day"] else 0)
     text = _mta(d, "warmup", "show")
     assert f"new: warm-up day {after['day']}" in text and "default" in text
     assert "last day: grown" in text
