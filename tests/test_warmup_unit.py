@@ -252,7 +252,7 @@ def test_a_dated_start_counts_days_from_midnight_utc():
                        'warmup_start = 2027-01-13\n')
     w = Warmup(cfg, shaping(), state_path=None, clock=VirtualClock())
     assert w.view()[0]["day"] == 3
-    assert [c["day_cap"] for c in w.view()[0]["classes"]] == [10000, 1000, 1000]
+    assert [c["day_cap"] for c in w.view()[0]["classes"]] == [40000, 4000, 4000]
 
 
 @pytest.mark.parametrize("bad, why", [

@@ -171,7 +171,8 @@ class Warmup:
 
     def _sync_sources(self, config: Config) -> None:
         """Warming sources as configured: one kept by name with the same warmup_start keeps
-        its state; a new or changed one starts at day 1; one without warmup_start is warm."""
+        its state; a new or changed one starts at its day of the schedules (a start date in
+        the past: as if every day since had been good); one without warmup_start is warm."""
         now = self.clock()
         wanted = {s.name: s.warmup_start for s in config.source if s.warmup_start}
         for name in list(self.sources):
@@ -181,6 +182,7 @@ class Warmup:
             if name not in self.sources:
                 w = self.sources[name] = Warming(name, configured, start_time(configured, now))
                 w.day = self._day(w, now)
+                w.steps = dict.fromkeys(CLASSES, w.day - 1)
                 self._dirty = True
 
     def reconfigure(self, config: Config, shaping: Shaping) -> None:
