@@ -34,6 +34,10 @@ from mta.config.schema import SECTIONS, keys_of
 from mta.control.actions import DEFAULT_DURATION, Controls
 from mta.control.admin import (AdminServer, TokenError, load_or_create_token, load_tokens_file,
                                token_path)
+from mta.control.dashboard import install as install_dashboard
+from mta.control.inject import Injector
+from mta.control.metrics import Metrics
+from mta.control.metrics import handler as metrics_handler
 from mta.control.views import view_routes
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
@@ -162,6 +166,7 @@ class Server:
         self._rule_headers = {r.header for r in config.egress_rule if r.header}
         self.draining = False
         self.webhooks: Webhooks | None = None   # log records to HTTP hooks (stats())
+        self.metrics: Metrics | None = None     # GET /metrics (with the admin API)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,6 +243,8 @@ class Server:
                     max_body=self.config.admin.max_body, timeout=self.config.admin.timeout,
                     max_connections=self.config.admin.max_connections)
                 self.admin.actions.update(controls.actions())   # queue surgery, limits
+                self._admin_metrics_and_inject(self.admin)
+                install_dashboard(self.admin)                   # GET /dashboard (static)
                 await self.admin.start(*self.config.admin.listen)
             await self._start_unsubscribe()
             for cfg in self.config.listener:
@@ -247,6 +254,18 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+
+    def _admin_metrics_and_inject(self, admin: AdminServer) -> None:
+        """GET /metrics (mta/control/metrics.py) and POST /inject (mta/control/inject.py)."""
+        a = self.config.admin
+        self.metrics = Metrics(self, a.metrics_top_sites)
+        admin.handlers[("GET", "/metrics")] = metrics_handler(self.metrics)
+        if a.metrics_public:
+            admin.public.add("/metrics")
+        injector = Injector(self.reception, max_size=a.inject_max_size,
+                            max_recipients=a.inject_max_recipients,
+                            max_template=a.inject_max_template)
+        admin.handlers[("POST", "/inject")] = injector.handle
 
     def _admin_tokens(self) -> dict[str, str]:
         """[admin] tokens_file's tokens (token -> role); ConfigError when unusable."""

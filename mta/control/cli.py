@@ -318,6 +318,8 @@ def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
     sp.add_argument("--json", action="store_true", help="raw JSON")
     with_config(sp)
     sp.set_defaults(func=_cmd_shaping, load_config=load)
+    from mta.control.top import add_parser as add_top
+    add_top(sub, with_config, load)
     sp = sub.add_parser("warmup", help="IP warm-up: each warming source's day, caps per "
                                        "provider class, use today and whether it grows")
     sp.add_argument("action", choices=["show"])

@@ -132,6 +132,9 @@ if hasattr(v, "WarmupRow"):
 if hasattr(v, "AdaptiveRow"):
     ROUTE_VIEWS["/adaptive"] = RouteView(list[v.AdaptiveRow],
                                          summary="adaptive delivery actions in force")
+if hasattr(v, "LiveView"):
+    ROUTE_VIEWS["/live"] = RouteView(v.LiveView, summary="one snapshot for mta top and the "
+                                     "dashboard: counters, depths, holds, recent errors")
 
 
 # --- schemas from types ----------------------------------------------------------------

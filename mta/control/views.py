@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import time
 import urllib.parse
 
 import orjson
@@ -531,7 +532,9 @@ def queue_listing(engine: DeliveryEngine, name: str, limit: int = 100,
 
 
 def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
-    """The admin API's GET routes (AdminServer's path prefix -> handler of the rest)."""
+    """The admin API's GET routes (AdminServer's path prefix -> handler of the rest).
+    Starts watching the engine's outcomes for GET /live (LiveStats)."""
+    stats = LiveStats(engine)
     def message(text_id: str) -> dict[str, Any] | None:
         view = message_view(engine, text_id)
         return view.to_json() if view is not None else None
@@ -554,4 +557,179 @@ def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
             "/queue/holds": lambda _: [h.to_json() for h in engine.scheduler.holds],
             "/adaptive": lambda _: [row.to_json() for row in adaptive_rows(engine)],
             "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)],
-            "/warmup": lambda _: [row.to_json() for row in warmup_rows(engine)]}
+            "/warmup": lambda _: [row.to_json() for row in warmup_rows(engine)],
+            "/live": lambda _: live_view(engine, stats).to_json()}
+
+
+# --- the live view: `mta top` and the dashboard (GET /live) ----------------------------
+
+LIVE_ERRORS = 50      # recent TransientFailure/Bounce replies kept for GET /live
+
+
+@dataclass(slots=True)
+class LiveRow:
+    """One (source, site) pair: outcome counters since start and its state now."""
+    source: str
+    site: str
+    provider: str          # the shaping provider that matched, else the site's name
+    delivered: int         # recipients delivered since start (counters: rates come from
+    deferred: int          # the difference of two snapshots)
+    bounced: int
+    connections: int       # open now
+    ready: int             # messages in its ready queue
+    scheduled: int         # messages in scheduled queues routed to the site (the site's, so
+                           # the same number on every source's row of one site)
+    paused_until: float | None   # the pair, its source or its site is suspended till then
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "site": self.site, "provider": self.provider,
+                "delivered": self.delivered, "deferred": self.deferred,
+                "bounced": self.bounced, "connections": self.connections,
+                "ready": self.ready, "scheduled": self.scheduled,
+                "paused_until": self.paused_until}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LiveRow:
+        return cls(d["source"], d["site"], d["provider"], d["delivered"], d["deferred"],
+                   d["bounced"], d["connections"], d["ready"], d["scheduled"],
+                   d["paused_until"])
+
+
+@dataclass(slots=True)
+class LiveHold:
+    """A suspension or throttle in force: an operator's (queue, site, source, pair) or an
+    adaptive delivery action ("adaptive:<action>")."""
+    kind: str
+    name: str              # queue, site or source name (adaptive: the source)
+    site: str | None       # pair: the site; adaptive: the provider
+    until: float           # wall time it ends
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "site": self.site, "until": self.until,
+                "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LiveHold:
+        return cls(d["kind"], d["name"], d["site"], d["until"], d["reason"])
+
+
+@dataclass(slots=True)
+class LiveError:
+    """One recent deferral or bounce (the last reply of an attempt that got one)."""
+    at: float              # wall time
+    kind: str              # "deferred" or "bounced"
+    source: str
+    site: str
+    code: int
+    text: str              # status and text, at most 200 characters
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "kind": self.kind, "source": self.source, "site": self.site,
+                "code": self.code, "text": self.text}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LiveError:
+        return cls(d["at"], d["kind"], d["source"], d["site"], d["code"], d["text"])
+
+
+@dataclass(slots=True)
+class LiveView:
+    """GET /live: one compact snapshot for `mta top` and the dashboard, which poll it and
+    turn successive counters into rates."""
+    at: float                    # wall time of the snapshot
+    outcomes: OutcomeCounts      # totals since start
+    received: int                # queue entries from reception since start
+    scheduled: int               # messages in scheduled queues (incl. the timer wheel)
+    ready: int                   # messages in ready queues
+    in_flight: int               # the global budget in use
+    connections: int             # open now
+    rows: list[LiveRow]
+    holds: list[LiveHold]
+    errors: list[LiveError]      # newest last, at most LIVE_ERRORS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "outcomes": self.outcomes.to_json(), "received": self.received,
+                "scheduled": self.scheduled, "ready": self.ready,
+                "in_flight": self.in_flight, "connections": self.connections,
+                "rows": [r.to_json() for r in self.rows],
+                "holds": [h.to_json() for h in self.holds],
+                "errors": [e.to_json() for e in self.errors]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LiveView:
+        return cls(d["at"], OutcomeCounts.from_json(d["outcomes"]), d["received"],
+                   d["scheduled"], d["ready"], d["in_flight"], d["connections"],
+                   [LiveRow.from_json(r) for r in d["rows"]],
+                   [LiveHold.from_json(h) for h in d["holds"]],
+                   [LiveError.from_json(e) for e in d["errors"]])
+
+
+class LiveStats:
+    """Outcome counters per (source, site) and a ring of recent errors, kept by watching
+    the engine's outcomes (an observer: a dict lookup and an add per attempt)."""
+
+    def __init__(self, engine: DeliveryEngine, errors: int = LIVE_ERRORS):
+        import collections
+        self.counts: dict[tuple[str, str], list[int]] = {}   # delivered, deferred, bounced
+        self.errors: collections.deque[LiveError] = collections.deque(maxlen=errors)
+        engine.outcomes.observers.append(self.observe)
+
+    def observe(self, result: Any) -> None:
+        at = result.at
+        key = (at.source, at.site)
+        c = self.counts.get(key)
+        if c is None:
+            c = self.counts[key] = [0, 0, 0]
+        last = None
+        for _, reply in result.replies:
+            if reply.code < 300:
+                c[0] += 1
+            elif reply.code >= 500:
+                c[2] += 1
+                last = reply
+            else:
+                c[1] += 1
+                last = reply
+        if last is not None:
+            text = f"{last.status} {last.text}" if last.status else last.text
+            self.errors.append(LiveError(round(time.time(), 3),
+                                         "bounced" if last.code >= 500 else "deferred",
+                                         at.source, at.site, last.code, text[:200]))
+
+
+def live_view(engine: DeliveryEngine, stats: LiveStats) -> LiveView:
+    now = engine.clock()
+    per_site: dict[str, int] = {}
+    holds = []
+    for q in engine.scheduler.queues.values():
+        if q.site is not None:
+            per_site[q.site.name] = per_site.get(q.site.name, 0) + q.count
+        if q.suspended_until > now:
+            holds.append(LiveHold("queue", q.name, None, q.suspended_until, "suspended"))
+    for name, st in engine.sites.items():
+        if st.suspended_until > now:
+            holds.append(LiveHold("site", name, None, st.suspended_until, "suspended"))
+    rows, sources, ready, conns = [], {}, 0, 0
+    for (source, site), d in engine.dispatchers.items():
+        sources[source] = d.source
+        if d.suspended_until > now:
+            holds.append(LiveHold("pair", source, site, d.suspended_until, "suspended"))
+        provider = next((m[9:] for m in d.limits.matched if m.startswith("provider:")
+                         and "/" not in m), site)
+        c = stats.counts.get((source, site)) or (0, 0, 0)
+        n = len(d.ready)
+        ready += n
+        conns += d.active
+        rows.append(LiveRow(source, site, provider, c[0], c[1], c[2], d.active, n,
+                            per_site.get(site, 0), d.paused_until(now) or None))
+    for name, src in sources.items():
+        if src.suspended_until > now:
+            holds.append(LiveHold("source", name, None, src.suspended_until, "suspended"))
+    for a in adaptive_rows(engine):
+        holds.append(LiveHold("adaptive:" + a.action, a.source, a.provider, a.until,
+                              f"{a.rule}: {a.reason}"[:200]))
+    return LiveView(round(time.time(), 3), OutcomeCounts(**engine.outcomes.counters),
+                    engine.scheduler.inserts[InsertReason.RECEIVED],
+                    sum(q.count for q in engine.scheduler.queues.values()), ready,
+                    engine.budget.used, conns, rows, holds, list(stats.errors))
