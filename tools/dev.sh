@@ -14,7 +14,10 @@ cd "$ROOT"
 log() { printf '[dev] %s\n' "$*" >&2; }
 
 # clang: the fuzz build of the wire extension (make fuzz-build, docs/fuzzing.md)
+# tmux: tests/test_top.py drives `mta top` in a terminal; chromium, chromium-driver: the
+# dashboard's headless-browser test (tests/scenarios/test_dashboard.py, selenium)
 APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps clang
+              tmux chromium chromium-driver
               $(grep -hv '^#' tools/dns-packages.txt tools/dkim-packages.txt))
 
 install_system() {
