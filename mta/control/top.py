@@ -193,8 +193,8 @@ def run_screen(config: Config, interval: float) -> int:
                 scr.erase()
                 for y, text in enumerate(lines[:height - 1]):
                     try:
-                        scr.addnstr(y, 0, text, width - 1,
-                                    curses.A_BOLD if y == 0 or text.split(" ", 1)[0].isupper() else 0)
+                        bold = y == 0 or text.split(" ", 1)[0].isupper()
+                        scr.addnstr(y, 0, text, width - 1, curses.A_BOLD if bold else 0)
                     except curses.error:
                         pass
                 scr.refresh()
