@@ -343,6 +343,19 @@ class AdminConfig:
                          "take to send its head", lo="100ms", hi="1h", restart=True)
     max_connections: int = key(INT, 64, "admin API connections at once (503 beyond)", lo=1,
                                hi=10000, restart=True)
+    metrics_public: bool = key(BOOL, False, "GET /metrics without a token (a Prometheus "
+                               "scraper on loopback); false: a read-only token is needed",
+                               restart=True)
+    metrics_top_sites: int = key(INT, 20, "sites with their own series in /metrics (the busiest "
+                                 "by messages, besides configured shaping providers); the rest "
+                                 "count under \"other\"", lo=0, hi=1000, restart=True)
+    inject_max_size: int = key(SIZE, "32MiB", "largest POST /inject request body (413 beyond)",
+                               lo="1KiB", hi="1GiB", restart=True)
+    inject_max_recipients: int = key(INT, 1000, "recipients in one POST /inject request",
+                                     lo=1, hi=100000, restart=True)
+    inject_max_template: int = key(SIZE, "1MiB", "largest subject, text or html template of a "
+                                   "structured POST /inject (and each substituted result)",
+                                   lo="1KiB", hi="64MiB", restart=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,10 @@ class Outcomes:
         self.observers: list[Callable[[AttemptResult], None]] = []
         self.open_entries: dict[bytes, int] = {}   # id -> entries still queued, when > 1
         self.counters = {"delivered": 0, "bounced": 0, "deferred": 0, "expired": 0}
+        # source -> site -> queue class -> pool -> [delivered, bounced, deferred] recipients,
+        # for /metrics (mta/control/metrics.py folds sites into providers when scraped);
+        # nested dicts of the strings at hand: no key tuple is built per attempt
+        self.by_pair: dict[str, dict[str, dict[str, dict[str, list[int]]]]] = {}
 
     # -- entry bookkeeping ---------------------------------------------------------------
 
@@ -95,17 +99,21 @@ class Outcomes:
         msg, env, at = result.msg, result.env, result.at
         retry_idx, bounced = [], []
         counters = self.counters
+        row = self._row(at.source, at.site, msg.queue.klass, msg.queue.pool)
         for idx, reply in result.replies:
             if 200 <= reply.code < 300:
                 self._log(RecordType.DELIVERY, msg, env, idx, reply, at)
                 counters["delivered"] += 1
+                row[0] += 1
             elif reply.code >= 500:
                 self._log(RecordType.BOUNCE, msg, env, idx, reply, at)
                 counters["bounced"] += 1
+                row[1] += 1
                 bounced.append((idx, reply))
             else:
                 self._log(RecordType.TRANSIENT_FAILURE, msg, env, idx, reply, at)
                 counters["deferred"] += 1
+                row[2] += 1
                 retry_idx.append(idx)
         if bounced and env is not None:
             self._dsn(env, msg, "failed", [(i, r.status or _default_status(r.code), _diag(r),
@@ -113,6 +121,22 @@ class Outcomes:
         self._settle(msg, env, retry_idx, retry, result)
         for observe in self.observers:
             observe(result)
+
+    def _row(self, source: str, site: str, klass: str, pool: str) -> list[int]:
+        """The outcome counters of (source, site, class, pool), made on first use."""
+        sites = self.by_pair.get(source)
+        if sites is None:
+            sites = self.by_pair[source] = {}
+        classes = sites.get(site)
+        if classes is None:
+            classes = sites[site] = {}
+        pools = classes.get(klass)
+        if pools is None:
+            pools = classes[klass] = {}
+        row = pools.get(pool)
+        if row is None:
+            row = pools[pool] = [0, 0, 0]
+        return row
 
     def paused(self, source: str, site: str, reply: RemoteReply, until: float) -> None:
         """A (source, site) pauses after a "slow down" reply (shaping's backoff_on)."""

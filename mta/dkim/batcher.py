@@ -37,6 +37,7 @@ class SigningBatcher:
         self._futures: list[asyncio.Future] = []
         self.batches = 0
         self.signed = 0
+        self.errors = 0             # messages that could not be signed (/metrics)
 
     def sign(self, content: bytes, specs: Sequence[SignSpec]) -> asyncio.Future:
         fut = self.loop.create_future()
@@ -80,6 +81,7 @@ class SigningBatcher:
             if fut.done():
                 continue
             if isinstance(result, DkimError):
+                self.errors += 1
                 fut.set_exception(result)
             else:
                 self.signed += 1

@@ -38,6 +38,7 @@ class RecipientPolicy:
         self.reject = feedback.on_match == "reject"
         # the bounce intake's backlog is full (set by Server once the intake exists)
         self.bounce_full: Callable[[], bool] = lambda: False
+        self.suppressed = 0   # recipients refused at RCPT or dropped after DATA (/metrics)
 
     def is_bounce_address(self, address: str) -> bool:
         return bool(self.bounce_domain) and _domain(address) == self.bounce_domain
@@ -51,6 +52,7 @@ class RecipientPolicy:
         entry = self.suppressions.check(address, sender_domain=_domain(sender) or None)
         if entry is None:
             return None
+        self.suppressed += 1
         shown = "".join(c if " " < c < "\x7f" else "?" for c in address[:256])   # ASCII reply
         return "SUPPRESSED", REPLIES["SUPPRESSED"].line(shown, entry.reason)
 
@@ -72,4 +74,5 @@ class RecipientPolicy:
                 dropped.append((r[0], entry.scope, entry.reason))
         if dropped:
             rcpts[:] = kept
+            self.suppressed += len(dropped)
         return dropped

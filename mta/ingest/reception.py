@@ -68,6 +68,7 @@ class Reception:
         self._date_sec = -1
         self._date = ""
         self.accepted = 0            # messages acknowledged with 250 since start
+        self.received: dict[str, int] = {}   # listener name -> messages accepted (/metrics)
         # Called with (raw id, envelope) once a message is durable: the delivery engine.
         self.on_stored: Callable[[bytes, Envelope], None] | None = None
         # DKIM at reception (signing.stage = "reception"): sign before the spool write.
@@ -108,6 +109,14 @@ class Reception:
                 else:
                     out[name] = value
         return out
+
+    # HTTP injection (mta/control/inject.py) reads the X-headers and logs Suppressed
+    # records as SMTP reception does
+    x_values = _x_values
+
+    @property
+    def rejection_logs(self) -> LogWriter | None:
+        return self._rejection_logs
 
     def trace_header(self, env: Envelope) -> bytes:
         lines = (f"Received: from {env.helo or 'unknown'} ([{env.client_ip}])\r\n\tby {self.hostname}"
@@ -225,6 +234,8 @@ class Reception:
         """A stored message is on disk: count it, queue it, write its Reception record."""
         self.accepted += 1
         env = stored.envelope
+        received = self.received
+        received[env.listener] = received.get(env.listener, 0) + 1
         if self.on_stored is not None:
             self.on_stored(stored.raw_id, env)
         if self.logs is not None:

@@ -42,6 +42,7 @@ deliveries go on freeing segments; new mail is refused until it is back.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -58,6 +59,9 @@ from mta.spool.recovery import Location, Recovered, scan, segment_path
 
 log = logging.getLogger("mta.spool")
 
+# histogram bucket upper bounds (/metrics): records per completed batch, seconds
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LATENCY_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 PROBE_INTERVAL = 0.5      # seconds between attempts to write again after a failed batch
 RESERVE_NAME = "reserve"  # the reserve file in the spool directory (see _make_reserve)
 FREE_SPACE_SAMPLE = 1.0   # admission() reads statvfs at most this often
@@ -138,6 +142,13 @@ class Spool:
         self._probe: asyncio.TimerHandle | None = None  # next attempt to write again
         self._probe_ticket = 0                        # the batch that tells whether it works again
         self._space_checked = -FREE_SPACE_SAMPLE      # monotonic time of the last statvfs
+        # /metrics: per completion (one eventfd wake: a batch, or a few): records completed
+        # and seconds since the oldest record still waiting was appended (commit latency)
+        self._first_wait = 0.0                        # perf_counter of that append; 0: none
+        self.batch_hist = [0] * (len(BATCH_BOUNDS) + 1)
+        self.latency_hist = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
+        self.batch_sum = 0
         self._space_low = False
 
     # -- life cycle ------------------------------------------------------------
@@ -219,6 +230,8 @@ class Spool:
             fut.set_exception(SpoolError(exc.errno, f"spool write failed: {exc.strerror}"))
             return fut
         self._waiting[ticket] = (fut, msg_id)
+        if not self._first_wait:
+            self._first_wait = time.perf_counter()
         if self._hot_limit:
             cost = _hot_size(env, trace, content)
             self._hot[msg_id] = (envelope, trace, content, cost)
@@ -427,6 +440,8 @@ class Spool:
         self._complete(self._writer.completed())
 
     def _complete(self, done: list[tuple[int, int]]) -> None:
+        if done:
+            self._timed(len(done))
         if self._sched_emptied and done:
             durable = max((t for t, err in done if not err), default=0)
             ready = [seg for t, seg in self._sched_emptied if t <= durable]
@@ -463,6 +478,18 @@ class Spool:
                         f.set_result(None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    def _timed(self, n: int) -> None:
+        """Histograms for /metrics: `n` records completed now."""
+        self.batch_hist[bisect.bisect_left(BATCH_BOUNDS, n)] += 1
+        self.batch_sum += n
+        if self._first_wait:
+            now = time.perf_counter()
+            took = now - self._first_wait
+            self.latency_hist[bisect.bisect_left(LATENCY_BOUNDS, took)] += 1
+            self.latency_sum += took
+            # records appended while this batch was on its way wait from now on (about)
+            self._first_wait = now if len(self._waiting) > n else 0.0
 
     def _void(self, msg_id: bytes) -> None:
         """A MESSAGE whose batch failed: never acknowledged, so not live; but part of
