@@ -162,9 +162,12 @@
       g.beginPath(); g.moveTo(left, y); g.lineTo(w, y); g.stroke();
       g.fillText(fmtAxis(max * (4 - i) / 4), 2, y + 4);
     }
-    g.fillText("-" + Math.round(RING * POLL_MS / 60000) + " min", left, h - 2);
+    // the x axis spans the points held (at least a minute's worth, at most the ring)
+    const span = Math.min(RING, Math.max(30, history.length));
+    const secs = Math.round(span * POLL_MS / 1000);
+    g.fillText(secs >= 120 ? "-" + Math.round(secs / 60) + " min" : "-" + secs + " s", left, h - 2);
     g.fillText("now", w - 24, h - 2);
-    const step = (w - left) / (RING - 1);
+    const step = (w - left) / (span - 1);
     for (const s of lines) {
       const n = s.values.length;
       if (n === 0) continue;
