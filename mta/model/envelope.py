@@ -12,7 +12,8 @@ Reads and writes: `to_json()`/`from_json()` are the spool's envelope format,
 unchanged from the dict the stages used to pass: a compact JSON object with
 the keys id, sender, rcpts ([address, NOTIFY, ORCPT] per recipient), helo,
 client_ip, client_port, listener, protocol, received, size, body, smtputf8, ret,
-envid, and tenant, campaign, class, headers only when reception found them.
+envid, and tenant, campaign, class, headers only when reception found them,
+requiretls and tls_optional (RFC 8689, both true or absent: absent reads false).
 A message received over SMTP is written byte for byte as before; one injected
 by an older version (no MAIL parameters) reads with their defaults.
 
@@ -27,7 +28,9 @@ quarantine accepted mail.
 
 Trust: values come from our own CRC-checked records; the addresses and
 parameters in them were checked by the SMTP core when they arrived.
-RFCs: 3461 (NOTIFY, ORCPT, RET, ENVID), 6152 (BODY), 6531 (SMTPUTF8).
+RFCs: 3461 (NOTIFY, ORCPT, RET, ENVID), 6152 (BODY), 6531 (SMTPUTF8), 8689 (REQUIRETLS:
+`requiretls` means deliver only over verified TLS or bounce; `tls_optional` means the
+sender's "TLS-Required: No" asks outbound to ignore TLS policy failures).
 """
 from __future__ import annotations
 
@@ -73,6 +76,8 @@ class Envelope:
     campaign: str | None = None      # campaign header value; None: no such header
     queue_class: str | None = None   # queue class header value (JSON key "class")
     headers: dict[str, str] | None = None   # header name -> value that egress rules match on
+    requiretls: bool = False         # MAIL REQUIRETLS (RFC 8689), accepted over TLS only
+    tls_optional: bool = False       # "TLS-Required: No" header (RFC 8689 5), without REQUIRETLS
 
     def to_json(self) -> bytes:
         """The spool's envelope bytes (compact JSON, the historic key order)."""
@@ -91,6 +96,10 @@ class Envelope:
             d["class"] = self.queue_class
         if self.headers is not None:
             d["headers"] = self.headers
+        if self.requiretls:
+            d["requiretls"] = True
+        if self.tls_optional:
+            d["tls_optional"] = True
         return orjson.dumps(d)
 
     @classmethod
@@ -103,7 +112,8 @@ class Envelope:
                        get("helo", ""), get("client_ip", ""), get("client_port", 0),
                        get("listener", ""), get("protocol", ""), get("received", 0.0),
                        get("size", 0), get("body") or "", bool(get("smtputf8")), get("ret"),
-                       get("envid"), get("tenant"), get("campaign"), get("class"), get("headers"))
+                       get("envid"), get("tenant"), get("campaign"), get("class"), get("headers"),
+                       bool(get("requiretls")), bool(get("tls_optional")))
         except orjson.JSONDecodeError as exc:
             raise EnvelopeError(f"envelope is not JSON: {exc}") from None
         except KeyError as exc:
