@@ -384,18 +384,19 @@ class Injector:
         self._admission(sender)
         ip = request.remote or ""
         given = {k: v for k, v in x_args.items() if v is not None}
-        tenant_hint = given.get("tenant")
-        if tenant_hint is None and messages:
-            tenant_hint = reception.x_values(messages[0][1]).get("tenant")
-        suppressed = self._suppress(messages, sender, tenant_hint, ip)
+        # each message's X-header values (one header scan), the request's over them
+        scanned = [{**reception.x_values(content), **given} for _, content in messages]
+        suppressed = self._suppress(messages, sender, scanned[0].get("tenant") if scanned
+                                    else None, ip)
         if not messages:
             return web.Response(status=422, body=orjson.dumps(
                 {"error": "every recipient is suppressed", "suppressed": suppressed}),
                 content_type="application/json")
+        if len(scanned) != len(messages):   # a message lost all its recipients
+            scanned = [{**reception.x_values(content), **given} for _, content in messages]
         stored, pending = [], []
         dkim = reception.dkim
-        for rcpts, content in messages:
-            x_values = {**reception.x_values(content), **given}
+        for (rcpts, content), x_values in zip(messages, scanned):
             raw_id, env = reception.new_envelope(
                 sender, [Recipient(a) for a in rcpts], content, helo=LISTENER, client_ip=ip,
                 client_port=0, listener=LISTENER, protocol=PROTOCOL, x_values=x_values,

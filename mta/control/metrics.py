@@ -120,7 +120,7 @@ class Metrics:
                     sum(row) for pools in classes.values() for row in pools.values())
         for (_, site), d in engine.dispatchers.items():
             volume.setdefault(site, 0)
-            volume[site] += len(d.ready) + d.active
+            volume[site] += len(d.ready)
             for m in d.limits.matched:
                 if m.startswith("provider:"):
                     out[site] = m[len("provider:"):]
