@@ -76,6 +76,17 @@ def test_sites_fold_into_provider_top_n_and_other():
     assert Metrics(server, top_sites=0)._providers() == {"site0": "google"}
 
 
+def test_outcome_rows_are_bounded(monkeypatch):
+    from mta.delivery import outcome
+    monkeypatch.setattr(outcome, "MAX_SITES", 3)
+    o = outcome.Outcomes.__new__(outcome.Outcomes)
+    o.by_pair = {}
+    rows = [o._row("ip-1", f"s{i}", "bulk", "p") for i in range(6)]
+    assert rows[0] is o._row("ip-1", "s0", "bulk", "p")     # made once, then found
+    assert list(o.by_pair["ip-1"]) == ["s0", "s1", "s2", "other"]
+    assert rows[3] is rows[5]
+
+
 # -- scenario --------------------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ from mta.spool.segments import BATCH_BOUNDS, LATENCY_BOUNDS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "other"
-_OLDEST_SCAN = 200_000   # entries looked at for queue ages per scrape (then it is a bound)
+_OLDEST_SCAN = 50_000   # entries looked at for queue ages per scrape (beyond: a lower bound)
 
 
 def _esc(value: str) -> str:

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.outcome")
 
+# Outcomes.by_pair keeps at most this many sites per source; later ones count under
+# OTHER_SITES (/metrics shows sites beyond its top N as "other" anyway)
+MAX_SITES = 5000
+OTHER_SITES = "other"
 # inject(sender, rcpts, content) -> None: queue a locally generated message (a DSN)
 InjectFn = Callable[[str, list[str], bytes], Any]
 # schedule(entry, due wall time, reason): the queues' Scheduler.schedule
@@ -129,7 +133,11 @@ class Outcomes:
             sites = self.by_pair[source] = {}
         classes = sites.get(site)
         if classes is None:
-            classes = sites[site] = {}
+            if len(sites) >= MAX_SITES:   # a bound on RAM: later sites count together
+                site = OTHER_SITES
+                classes = sites.get(site)
+            if classes is None:
+                classes = sites[site] = {}
         pools = classes.get(klass)
         if pools is None:
             pools = classes[klass] = {}
