@@ -54,12 +54,14 @@ from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.local import LocalSubmission
 from mta.ingest.reception import Reception
+from mta.ingest.scan import Scanning
 from mta.logs.hooks import HookError, Webhooks, build_webhooks
 from mta.logs.privacy import Privacy
 from mta.logs.writer import LogWriter
 from mta.model.envelope import Envelope
 from mta.model.log_records import RecordType
 from mta.model.queued import InsertReason
+from mta.queues.select import Selector
 from mta.spool import Spool
 
 if TYPE_CHECKING:
@@ -194,6 +196,8 @@ class Server:
             self.reception.policy = RecipientPolicy(self.feedback)
         if self.dkim is not None and self.dkim.stage == "reception":
             self.reception.dkim = self.dkim
+        if self.config.scan:
+            self.reception.scan = Scanning(self.config.scan, self.logs)
         self.local = LocalSubmission(self.reception)
         try:
             self.delivery = build_delivery(self.config, self.spool, self.logs,
@@ -213,6 +217,9 @@ class Server:
         # entry's schedule apply to the recovered messages as they are queued again
         self.controls = Controls(self.delivery, self.config.spool.directory)
         self.controls.restore()
+        if self.reception.scan is not None:   # "hold" verdicts: an operator hold on the id
+            controls = self.controls
+            self.reception.scan.hold = lambda raw_id: controls.hold(Selector(id=raw_id))
         self.delivery.adaptive.persist(self.config.spool.directory)   # adaptive actions in force
         self.delivery.scheduler.saved = found.schedules
         self.reception.on_stored = self._stored

@@ -30,6 +30,7 @@ from mta.model.replies import REPLIES, reply
 if TYPE_CHECKING:
     from mta.config import Config
     from mta.feedback.rcpt_policy import RecipientPolicy
+    from mta.ingest.scan import Scanning
     from mta.logs.writer import LogWriter
     from mta.spool import Spool
 
@@ -75,6 +76,8 @@ class Reception:
         self.dkim: Any = None
         # Suppression and the bounce domain (mta/feedback/rcpt_policy.py); None: neither.
         self.policy: RecipientPolicy | None = None
+        # Content scanning ([[scan]] tables, mta/ingest/scan.py); None: off.
+        self.scan: Scanning | None = None
         self.memory = DataMemory(config.server.data_memory_budget, config.server.data_memory_wait)
 
     def mail_check(self, sender: str) -> tuple[str, bytes] | None:
@@ -160,11 +163,21 @@ class Reception:
             helo=txn.helo, client_ip=peer.ip, client_port=peer.port,
             listener=peer.listener, protocol=protocol, x_values=x_values,
             body=txn.body_type, smtputf8=txn.smtputf8, ret=txn.ret, envid=txn.envid)
+        if self.scan is not None:   # content scanning (mta/ingest/scan.py), before signing
+            policy = self.scan.policy_for(envelope.tenant)
+            if policy is not None:
+                return self.scan.check(policy, txn.data, raw_id, envelope,
+                                       lambda content: self._sign_and_store(
+                                           txn, peer, content, raw_id, envelope))
+        return self._sign_and_store(txn, peer, txn.data, raw_id, envelope)
+
+    def _sign_and_store(self, txn, peer: Peer, content, raw_id: bytes,
+                        envelope: Envelope) -> asyncio.Future:
         if self.dkim is not None:
-            specs = self.dkim.domains.for_message(txn.data, envelope)
+            specs = self.dkim.domains.for_message(content, envelope)
             if specs:   # signing adds no X-header: the envelope stays as it is
-                return self._sign_then_accept(txn, peer, specs, raw_id, envelope)
-        return self._accept(txn, peer, txn.data, raw_id, envelope)
+                return self._sign_then_accept(txn, peer, content, specs, raw_id, envelope)
+        return self._accept(txn, peer, content, raw_id, envelope)
 
     def _drop_suppressed(self, txn, peer: Peer, tenant: str | None) -> bytes | None:
         """Remove recipients suppressed for this tenant (known only now) or, with
@@ -188,7 +201,7 @@ class Reception:
         # "drop": the client sees an ordinary acceptance; nothing is stored
         return reply("QUEUED", id_text(new_id()))
 
-    def _sign_then_accept(self, txn, peer: Peer, specs: list, raw_id: bytes,
+    def _sign_then_accept(self, txn, peer: Peer, content, specs: list, raw_id: bytes,
                           envelope: Envelope) -> asyncio.Future:
         result = asyncio.get_running_loop().create_future()
 
@@ -200,11 +213,11 @@ class Reception:
                 return
             if exc is not None:
                 log.warning("accepting unsigned: %s", exc)
-            content = txn.data if exc is not None else fut.result()
-            inner = self._accept(txn, peer, content, raw_id, envelope)
+            inner = self._accept(txn, peer, content if exc is not None else fut.result(),
+                                 raw_id, envelope)
             inner.add_done_callback(lambda f: result.set_result(f.result()))
 
-        self.dkim.batcher.sign(bytes(txn.data), specs).add_done_callback(signed)
+        self.dkim.batcher.sign(bytes(content), specs).add_done_callback(signed)
         return result
 
     def _accept(self, txn, peer: Peer, content, raw_id: bytes,

@@ -32,6 +32,7 @@ class RecordType(str, Enum):
     ADAPTIVE_ACTION = "AdaptiveAction"     # adaptive delivery acted on a (source, provider)
     ADAPTIVE_RESTORE = "AdaptiveRestore"   # ... and stepped back / undid it
     WARMUP_DAY = "WarmupDay"               # a warming source's new day: its cap at a class
+    SCANNED = "Scanned"                    # a message was content-scanned at reception
 
 
 # Fields per record type, for documentation and for tests that check records.
@@ -88,6 +89,11 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     RecordType.WARMUP_DAY: ("source", "class", "day", "cap", "hour_cap", "previous_cap",
                             "action", "reason", "tried", "bounced", "deferred", "complaints",
                             "time"),
+    # action: accept, tag, hold, drop, reject or tempfail; spam/score null when not scanned
+    # (reason: oversize or the scanner's failure); symbols: the rules that hit
+    RecordType.SCANNED: ("id", "sender", "recipients", "tenant", "scanner", "action", "spam",
+                         "score", "threshold", "symbols", "reason", "client_ip", "listener",
+                         "time"),
     # one per recipient; dsn: whether a DSN went to the sender (NOTIFY, null sender)
     RecordType.ADMIN_BOUNCE: ("id", "queue", "recipient", "sender", "tenant", "campaign",
                               "status", "reason", "selector", "dsn", "time"),
