@@ -127,9 +127,18 @@ def test_static_pages_open_data_needs_a_token(relay):
     status, headers, _ = _get(relay, "/dashboard/style.css")
     assert status == 200 and headers["Content-Type"].startswith("text/css")
     assert _get(relay, "/live")[0] == 401
+    with Flow(relay.port) as flow:
+        _wait(lambda: flow.sent >= 5)
     status, _, body = _get(relay, "/live", relay.token)
-    assert status == 200 and set(orjson.loads(body)) >= {"at", "outcomes", "rows", "holds",
-                                                        "errors"}
+    assert status == 200
+    # the answer is what /openapi.json says it is (the schema from the LiveView dataclass)
+    jsonschema = pytest.importorskip("jsonschema")
+    from mta.control import openapi, views
+    jsonschema.validate(orjson.loads(body), openapi.schema_of(views.LiveView))
+    live = views.LiveView.from_json(orjson.loads(body))
+    assert live.received >= 5 and live.rows[0].site == relay.site
+    status, _, body = _get(relay, "/openapi.json", relay.token)
+    assert "/live" in orjson.loads(body)["paths"]
     # nothing external: no scheme://host in the page or its script
     for path in ("/dashboard", "/dashboard/app.js", "/dashboard/style.css"):
         assert b"://" not in _get(relay, path)[2], path
