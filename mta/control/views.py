@@ -667,10 +667,12 @@ class LiveView:
 
 class LiveStats:
     """Outcome counters per (source, site) and a ring of recent errors, kept by watching
-    the engine's outcomes (an observer: a dict lookup and an add per attempt)."""
+    the engine's outcomes (an observer: a dict lookup and an add per attempt). Counters of
+    pairs the engine no longer has are dropped when they pile up."""
 
     def __init__(self, engine: DeliveryEngine, errors: int = LIVE_ERRORS):
         import collections
+        self.engine = engine
         self.counts: dict[tuple[str, str], list[int]] = {}   # delivered, deferred, bounced
         self.errors: collections.deque[LiveError] = collections.deque(maxlen=errors)
         engine.outcomes.observers.append(self.observe)
@@ -681,6 +683,11 @@ class LiveStats:
         c = self.counts.get(key)
         if c is None:
             c = self.counts[key] = [0, 0, 0]
+            if len(self.counts) > 2 * len(self.engine.dispatchers) + 1024:
+                # the engine drops idle pairs; so do these counters (bounded memory; a pair
+                # that comes back starts from 0, which readers of rates take as new)
+                live = self.engine.dispatchers
+                self.counts = {k: v for k, v in self.counts.items() if k in live or k == key}
         last = None
         for _, reply in result.replies:
             if reply.code < 300:
