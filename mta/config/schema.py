@@ -211,7 +211,19 @@ class DeliveryConfig:
     ready_queue_size: int = key(INT, 4096, "messages waiting per ready queue before more "
                                 "are pushed back to their scheduled queue", lo=1, hi=10000000, restart=True)
     tls: str = key(CHOICE, "opportunistic", "STARTTLS towards servers that offer it "
-                   "(unauthenticated, RFC 7435), or never", choices=("opportunistic", "off"))
+                   "(unauthenticated, RFC 7435), opportunistic-fallback (after a failed "
+                   "handshake the same host again in plaintext), verified (certificate "
+                   "checked against the trust store and the MX name), or never",
+                   choices=("opportunistic", "opportunistic-fallback", "verified", "off"))
+    mta_sts: bool = key(BOOL, True, "honour MTA-STS policies (RFC 8461) of recipient domains "
+                        "that publish one (TXT _mta-sts and an HTTPS policy; cached in the spool "
+                        "directory for the policy's max_age)", restart=True)
+    dane: bool = key(BOOL, True, "honour DANE TLSA records (RFC 7672) of MX hosts; applies only "
+                     "when the [dns] nameservers validate DNSSEC (answers with the AD bit)",
+                     restart=True)
+    tls_ca_file: Path | None = key(OPTIONAL_PATH, "", "CA certificates (PEM) that verified TLS, "
+                                   "MTA-STS and its HTTPS policy fetch trust; \"\": the system "
+                                   "trust store (SSL_CERT_FILE / SSL_CERT_DIR)", restart=True)
     connect_timeout: float = key(DURATION, "30s", "TCP connect to a remote host",
                                  lo="100ms", hi="10m", restart=True)
     command_timeout: float = key(DURATION, "5m", "wait for a reply to a command (RFC 5321 "

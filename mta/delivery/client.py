@@ -27,6 +27,7 @@ from typing import Callable
 
 from mta._native.wire import EV_CLOSED, EV_DONE, EV_FAILED, EV_STARTTLS, ClientCore, InternalError
 from mta.delivery.connect import ConnectError, endpoint, open_socket
+from mta.delivery.tls_policy import peer_chain
 from mta.model.attempt import RemoteReply, TransactionResult
 
 log = logging.getLogger("mta.delivery")
@@ -94,7 +95,8 @@ class SmtpClient(asyncio.Protocol):
     # Slots: tens of thousands of these can be open at once (bench/egress_conns.py).
     __slots__ = ("loop", "core", "timeouts", "destination", "peer", "local", "mx_name",
                  "_tls_context", "_server_hostname", "_transport", "_timer", "_timer_key",
-                 "_waiter", "_error", "_result", "_starttls", "_closed", "_busy")
+                 "_waiter", "_error", "_result", "_starttls", "_closed", "_busy", "_chain",
+                 "_verdicts", "tlsa")
 
     def __init__(self, core: ClientCore, timeouts: Timeouts, destination: str,
                  tls_context: ssl.SSLContext | None, server_hostname: str | None):
@@ -116,6 +118,9 @@ class SmtpClient(asyncio.Protocol):
         self._starttls = False              # the core asked for the TLS handshake
         self._closed = False                # connection_lost() was called
         self._busy = False                  # a send() is running
+        self._chain: list[bytes] | None = None  # the peer's certificates (DER), when asked
+        self._verdicts: dict | None = None  # TLS policy checks of this session (tls_policy.py)
+        self.tlsa: list = []                # the MX host's secure TLSA records (DANE), if any
 
     # -- API -------------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class SmtpClient(asyncio.Protocol):
     async def send(self, mail_from: str, rcpts: list[tuple[str, str | None, str | None]],
                    content: bytes | bytearray | memoryview, *, body_8bit: bool = False,
                    smtputf8: bool = False, ret: str | None = None,
-                   envid: str | None = None) -> TransactionResult:
+                   envid: str | None = None, requiretls: bool = False) -> TransactionResult:
         """Send one message. `content` (CRLF, unstuffed) must not change until
         this returns. Raises SessionError if the session dies on the way."""
         if self._busy:
@@ -168,7 +173,8 @@ class SmtpClient(asyncio.Protocol):
             await self._wait_for(lambda: self.core.reusable)   # an RSET may be pending
             try:
                 out, ev = self.core.start(mail_from, rcpts, content, body_8bit=body_8bit,
-                                          smtputf8=smtputf8, ret=ret, envid=envid)
+                                          smtputf8=smtputf8, ret=ret, envid=envid,
+                                          requiretls=requiretls)
             except InternalError as e:
                 self._bug()
                 raise self._failed() from e
@@ -234,6 +240,21 @@ class SmtpClient(asyncio.Protocol):
     @property
     def tls(self) -> bool:
         return self.core.tls_active
+
+    def chain(self) -> list[bytes]:
+        """The peer's certificate chain (DER, leaf first) as it sent it, unverified;
+        [] without TLS. Read once per session (tls_policy.py verifies it)."""
+        if self._chain is None:
+            self._chain = peer_chain(self._transport) if self.core.tls_active else []
+        return self._chain
+
+    def verdict(self, key: tuple, check: Callable[[], object]) -> object:
+        """`check()`'s result, computed once per session and `key` (policy checks)."""
+        if self._verdicts is None:
+            self._verdicts = {}
+        if key not in self._verdicts:
+            self._verdicts[key] = check()
+        return self._verdicts[key]
 
     # -- asyncio callbacks -------------------------------------------------------------
 

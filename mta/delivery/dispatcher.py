@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mta.delivery.client import SessionError, SmtpClient, Timeouts
 from mta.delivery.private_headers import PrivateHeaders
+from mta.delivery.tls_policy import NO_POLICY, DomainPolicy, Refusal, TlsPolicy
 from mta.dkim.signer import DkimError
 from mta.egress.limits import retune
 from mta.egress.throttle import Throttle
@@ -62,8 +63,11 @@ class Dispatcher:
                  dkim: DkimStage | None = None, feedback: Feedback | None = None,
                  private_headers: PrivateHeaders | None = None,
                  adaptive_hold: Callable[[ScheduledQueue, Dispatcher], bool] | None = None,
+                 tls_policy: TlsPolicy | None = None,
                  clock: Callable[[], float] = time.time):
         self.ready = ready
+        # MTA-STS / DANE per recipient domain; None or inactive: no lookups at all
+        self.tls_policy = tls_policy if tls_policy is not None and tls_policy.active else None
         self.private_headers = private_headers   # X-Tenant & co. removed before sending
         self.clock = clock            # wall time; throttles and timers use loop time
         self.hold_back = hold_back    # a message of a suspended queue goes back to wait there
@@ -225,7 +229,7 @@ class Dispatcher:
             if self.conn_throttle is not None:
                 await self._pace(self.conn_throttle)
             try:
-                client = await self._connect()
+                client = await self._connect(msg)
             except SessionError as exc:
                 self._site_failure(msg, exc)
                 return
@@ -307,29 +311,100 @@ class Dispatcher:
             # woken, but another connection took the message first: wait on
         return None
 
-    async def _connect(self) -> SmtpClient:
+    async def _policy(self, domain: str) -> DomainPolicy:
+        """The recipient domain's TLS policy (a dict lookup once cached); none for routes."""
+        tp = self.tls_policy
+        if tp is None or self.site.name.startswith("["):
+            return NO_POLICY
+        return tp.cached(domain) or await tp.for_domain(domain)
+
+    async def _connect(self, msg: QueuedMessage) -> SmtpClient:
+        """A session to the first MX host that takes one and meets the TLS policy of the
+        message's domain (MTA-STS, DANE, the shaping `tls`)."""
         last: SessionError | None = None
         port = self.source.port or self.site.port
+        mode = self.limits.tls
+        # a configured route ("[host]:port") is the operator's choice: no MTA-STS/DANE
+        tp = None if self.site.name.startswith("[") else self.tls_policy
+        policy = await self._policy(msg.queue.domain) if tp is not None else NO_POLICY
+        plain_ok = mode == "opportunistic-fallback"
+        if plain_ok:    # REQUIRETLS mail in hand: no plaintext fallback
+            try:
+                env = self.spool.envelope(msg.id)
+                plain_ok = not env.requiretls or env.tls_optional
+            except KeyError:
+                pass
         for host in self.site.hosts:
+            if tp is not None and policy.sts is not None:
+                ref = tp.host_allowed(policy, host.name)
+                if ref is not None:
+                    last = _policy_error(host.name, ref)
+                    log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
+                    continue
+            tlsa = await tp.tlsa(host.name) if tp is not None and host.name else []
+            need_tls = mode in ("required", "verified") or (
+                tp is not None and tp.requires_tls(policy, tlsa))
             for address in host.addresses:
                 try:
-                    client = await SmtpClient.connect(
-                        address, port, source=self.source.address,
-                        ehlo_name=self.source.ehlo_name, timeouts=self.timeouts,
-                        tls="off" if self.limits.tls == "off" else "opportunistic")
-                    client.mx_name = host.name
-                    if self.limits.tls == "required" and not client.tls:
-                        client.abort()
-                        last = SessionError(f"{host.name} [{address}]: TLS is required for this "
-                                            "destination (shaping) and was not offered",
-                                            phase="starting TLS")
-                        continue
-                    return client
+                    client = await self._open(address, port, "off" if mode == "off"
+                                              else "opportunistic")
                 except SessionError as exc:
-                    last = exc
+                    if not plain_ok or need_tls or exc.phase not in TLS_PHASES:
+                        last = exc
+                        log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
+                                 port, exc)
+                        continue
+                    # RFC 7435 fallback: the handshake broke, no policy needs TLS
+                    log.info("%s: %s [%s]:%d: %s; again without TLS", self.ready.name,
+                             host.name, address, port, exc)
+                    try:
+                        client = await self._open(address, port, "off")
+                    except SessionError as exc2:
+                        last = exc2
+                        continue
+                client.mx_name = host.name
+                client.tlsa = tlsa
+                ref = None
+                if need_tls and not client.tls:
+                    ref = Refusal("dane" if tlsa else "mta-sts" if policy.enforce else mode,
+                                  "starttls-not-supported",
+                                  f"TLS is required for this destination and {host.name} "
+                                  f"[{address}] did not offer STARTTLS")
+                elif tp is not None or mode == "verified":
+                    ref = (tp or _NO_TP).check(policy, client, tlsa, verified=mode == "verified")
+                if ref is not None:
+                    client.abort()
+                    last = _policy_error(host.name, ref)
                     log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
-                             port, exc)
+                             port, ref.text())
+                    continue
+                return client
         raise last or SessionError(f"no address for any MX of {self.site.name}", phase="connecting")
+
+    async def _open(self, address: str, port: int, tls: str) -> SmtpClient:
+        return await SmtpClient.connect(
+            address, port, source=self.source.address, ehlo_name=self.source.ehlo_name,
+            timeouts=self.timeouts, tls=tls)
+
+    async def _tls_refusal(self, client: SmtpClient, msg: QueuedMessage, requiretls: bool,
+                           tls_optional: bool) -> Refusal | None:
+        """Does this session meet the TLS policy of this message (its domain's MTA-STS,
+        the MX's DANE, shaping `tls` = verified, REQUIRETLS)? None: send it."""
+        if tls_optional:            # RFC 8689 5: TLS-Required: No overrides policies
+            return None
+        mode = self.limits.tls
+        tp = None if self.site.name.startswith("[") else self.tls_policy
+        if tp is None and mode != "verified" and not requiretls:
+            return None
+        policy = await self._policy(msg.queue.domain)
+        ref = (tp or _NO_TP).check(policy, client, client.tlsa,
+                                   verified=mode == "verified" or requiretls)
+        if ref is None and requiretls and "REQUIRETLS" not in client.capabilities:
+            ref = Refusal("requiretls", "requiretls-not-supported",
+                          f"{client.mx_name} does not offer REQUIRETLS")
+        if ref is not None and requiretls and ref.policy != "requiretls":
+            ref = Refusal("requiretls", ref.result, ref.text())
+        return ref
 
     def _attempt(self, client: SmtpClient | None) -> Attempt:
         at = Attempt(self.source.name, self.site.name)
@@ -377,6 +452,19 @@ class Dispatcher:
                             msg, env, at, RemoteReply(451, "4.7.0", str(exc))), self.retry)
                         return True
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
+        requiretls = env.requiretls
+        tls_optional = env.tls_optional
+        if self.tls_policy is not None or requiretls or self.limits.tls == "verified":
+            ref = await self._tls_refusal(client, msg, requiretls, tls_optional)
+            if ref is not None:
+                # RFC 8689 4.2.1: REQUIRETLS that cannot be met bounces (5.7.10);
+                # a policy failure of other mail is retried (4.7.5)
+                reply = (RemoteReply(550, "5.7.10", f"REQUIRETLS: {ref.text()}") if requiretls
+                         else RemoteReply(451, "4.7.4" if ref.result == "starttls-not-supported"
+                                          else "4.7.5", ref.text()))
+                log.info("%s: not sent over %s: %s", msg.id_text, client.destination, ref.text())
+                self.outcomes.apply(AttemptResult.all(msg, env, at, reply), self.retry)
+                return True
         body_8bit = env.body == "8BITMIME"   # the client core also scans the bytes
         step = self.limits.max_recipients_per_transaction
         verp = self.verp if self.verp is not None and env.sender else None
@@ -396,7 +484,8 @@ class Dispatcher:
                 sender = (verp.verp_sender(msg.id, chunk[0], chosen[0].address, msg.received)
                           if verp else env.sender)
                 result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
-                                           smtputf8=env.smtputf8, ret=env.ret, envid=env.envid)
+                                           smtputf8=env.smtputf8, ret=env.ret, envid=env.envid,
+                                           requiretls=requiretls and not tls_optional)
             except SessionError as exc:
                 # A 5xx already given to a recipient stands (bounce it); everything
                 # else of the message is retried, delivered or not (at-least-once).
@@ -412,6 +501,17 @@ class Dispatcher:
         self.sent += 1
         self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
         return True
+
+
+TLS_PHASES = ("performing the TLS handshake", "sending STARTTLS")
+_NO_TP = TlsPolicy(None, mta_sts=False, dane=False)     # verified-only checks (system trust)
+
+
+def _policy_error(host: str, ref: Refusal) -> SessionError:
+    """A host refused by TLS policy: deferred with 4.7.5 (not enough security)."""
+    status = "4.7.4" if ref.result == "starttls-not-supported" else "4.7.5"
+    return SessionError(f"{host}: {ref.text()}", phase="checking TLS policy",
+                        reply=RemoteReply(451, status, ref.text()))
 
 
 def _release_one_idle(dispatchers: list[Dispatcher]) -> None:

@@ -30,6 +30,8 @@ from mta.delivery.budget import ConnectionBudget, SiteState
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
 from mta.delivery.private_headers import PrivateHeaders
+from mta.delivery.tls_policy import TlsPolicy
+from mta.egress.dnsclient import DnsClient
 from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
 from mta.egress.shaping import Limits, Shaping
@@ -73,6 +75,12 @@ class DeliveryEngine:
             nameservers=list(config.dns.nameservers) or None, timeout=config.dns.timeout,
             ipv6=config.dns.ipv6, static_routes={k: [v] for k, v in d.routes.items()},
             smarthost=d.smarthost, port=d.port)
+        # MTA-STS / DANE per recipient domain (tls_policy.py); its own resolver (TXT, TLSA)
+        self.tls_policy = TlsPolicy(
+            DnsClient(list(config.dns.nameservers) or None, config.dns.timeout, 2)
+            if d.mta_sts or d.dane else None,
+            mta_sts=d.mta_sts, dane=d.dane, ca_file=d.tls_ca_file,
+            state_dir=config.spool.directory)
         self.egress = Egress(config)
         self.shaping = Shaping.load(config.egress.shaping, dataclasses.asdict(d))
         self.limits = LimitsSource(self.shaping, clock=clock)
@@ -261,7 +269,8 @@ class DeliveryEngine:
                        cfg=self.config.delivery, spool=self.spool, outcomes=self.outcomes,
                        loop=self.loop, hold_back=self.scheduler.hold_back, dkim=self.dkim,
                        feedback=self.feedback, private_headers=self.private_headers,
-                       adaptive_hold=self.adaptive.held, clock=self.clock)
+                       adaptive_hold=self.adaptive.held, tls_policy=self.tls_policy,
+                       clock=self.clock)
         self.adaptive.new_dispatcher(d)
         state.dispatchers.append(d)
         return d

@@ -22,6 +22,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -65,7 +66,7 @@ def to_ascii(domain: str) -> str:
 class DnsClient:
     """MX and address queries through dnspython's asyncio resolver."""
 
-    __slots__ = ("_resolver",)
+    __slots__ = ("_resolver", "_secure")
 
     def __init__(self, nameservers: list[tuple[str, int]] | None,
                  timeout: float, attempts: int) -> None:
@@ -86,6 +87,7 @@ class DnsClient:
         resolver.timeout = timeout                 # one try at one server
         resolver.lifetime = timeout * attempts     # the whole query, all retries
         self._resolver = resolver
+        self._secure: dns.asyncresolver.Resolver | None = None   # AD/DO queries (TLSA)
 
     async def mx(self, name: str) -> tuple[list[tuple[int, str]], int]:
         """(preference, exchange) pairs of `name` and their TTL; [] for NODATA.
@@ -104,6 +106,44 @@ class DnsClient:
         """Addresses of `name` from its A or AAAA records and their TTL; [] for NODATA."""
         records, ttl = await self._query(name, dns.rdatatype.from_text(rdtype))
         return [rd.address for rd in records], ttl
+
+    async def txt(self, name: str) -> tuple[list[str], int]:
+        """The TXT strings of `name` (each record's strings joined) and their TTL; [] for
+        NODATA. Bytes that are not ASCII are replaced (the callers parse ASCII grammars)."""
+        records, ttl = await self._query(name, dns.rdatatype.TXT)
+        return [b"".join(rd.strings).decode("ascii", "replace") for rd in records], ttl
+
+    async def tlsa(self, name: str) -> tuple[list[tuple[int, int, int, bytes]], int, bool]:
+        """(usage, selector, matching type, data) of the TLSA records of `name`, their TTL,
+        and whether the answer was authenticated (AD bit from the configured resolver,
+        which must be a validating one we trust, RFC 7672 2.1). [] for NODATA/NXDOMAIN."""
+        if self._secure is None:
+            secure = dns.asyncresolver.Resolver(configure=False)
+            secure.nameservers = self._resolver.nameservers
+            secure.timeout, secure.lifetime = self._resolver.timeout, self._resolver.lifetime
+            secure.flags = dns.flags.RD | dns.flags.AD
+            secure.use_edns(0, dns.flags.DO, 1232)
+            self._secure = secure
+        qname = dns.name.from_text(name + ".")
+        label = f"TLSA {name}"
+        try:
+            answer = await self._secure.resolve(qname, dns.rdatatype.TLSA,
+                                                raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            resp = exc.response(qname) if hasattr(exc, "response") else None
+            ad = bool(resp is not None and resp.flags & dns.flags.AD)
+            return [], 0, ad
+        except dns.resolver.NoNameservers as exc:
+            raise QueryError(QueryFailure.SERVFAIL, f"{label}: {_rcodes(exc)}") from None
+        except dns.exception.Timeout:
+            raise QueryError(QueryFailure.TIMEOUT, f"{label}: timeout") from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise QueryError(QueryFailure.ERROR, f"{label}: {type(exc).__name__}") from None
+        ad = bool(answer.response.flags & dns.flags.AD)
+        if answer.rrset is None or answer.rrset.rdtype != dns.rdatatype.TLSA:
+            return [], 0, ad
+        return ([(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
+                 for rd in answer.rrset], answer.rrset.ttl, ad)
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[list[Any], int]:
         qname = dns.name.from_text(name + ".")     # absolute: no search list

@@ -155,9 +155,13 @@ KEYS: dict[str, Key] = {
     "max_message_rate": Key(RATE, None, "messages (transactions) sent per unit of time"),
     "max_recipients_per_transaction": _DELIVERY["max_recipients_per_transaction"],
     "idle_timeout": _DELIVERY["idle_timeout"],
-    "tls": Key(CHOICE, None, "STARTTLS: when offered (unauthenticated, RFC 7435), "
-               "required (defer if not offered or it fails), or never",
-               choices=("opportunistic", "required", "off")),
+    "tls": Key(CHOICE, None, "STARTTLS: when offered (unauthenticated, RFC 7435); "
+               "opportunistic-fallback (the same, and after a failed handshake that host "
+               "again in plaintext at once, unless a policy needs TLS); required (defer if "
+               "not offered or it fails); verified (required, and the certificate chain must "
+               "verify against the trust store and name the MX host); or never (off). "
+               "MTA-STS and DANE policies of a domain apply on top ([delivery] mta_sts, dane)",
+               choices=("opportunistic", "opportunistic-fallback", "required", "verified", "off")),
     "retry_initial": _DELIVERY["retry_initial"],
     "retry_max": _DELIVERY["retry_max"],
     "site_connection_limit": Key(LIMIT, None, "connections to the site from all sources "

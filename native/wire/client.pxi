@@ -185,7 +185,8 @@ cdef class ClientCore:
         return self._flush()
 
     def start(self, str mail_from, list rcpts, content, *, bint body_8bit=False,
-              bint smtputf8=False, object ret=None, object envid=None):
+              bint smtputf8=False, object ret=None, object envid=None,
+              bint requiretls=False):
         """Begin a transaction -> (output, event flags).
 
         rcpts: [(address, NOTIFY or None, ORCPT or None)], values as stored
@@ -194,7 +195,9 @@ cdef class ClientCore:
         without 8BITMIME, SMTPUTF8 without SMTPUTF8, over its SIZE) is not
         sent: the result is ready at once (EV_DONE) with a local permanent
         refusal for every recipient. A message is 8-bit if `body_8bit` says
-        so or any octet is >= 0x80; only the octets decide a refusal."""
+        so or any octet is >= 0x80; only the octets decide a refusal.
+        `requiretls` adds REQUIRETLS to MAIL FROM (RFC 8689 4.1); the caller
+        has checked that the session is TLS and the server offers it."""
         if self.state != CS_READY or self.quit_wanted:
             raise InternalError(f"start() in state {CLIENT_STATES[self.state]}")
         if not rcpts:
@@ -218,6 +221,8 @@ cdef class ClientCore:
             params.append(b" RET=" + _wire_arg(ret, False, True, "RET"))
         if dsn and envid is not None:
             params.append(b" ENVID=" + _wire_arg(envid, False, True, "ENVID"))
+        if requiretls:
+            params.append(b" REQUIRETLS")
         mail = (b"MAIL FROM:<" + _wire_arg(mail_from, utf8, False, "sender") + b">"
                 + b"".join(params) + b"\r\n")
         cmds = []

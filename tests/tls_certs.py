@@ -1,0 +1,139 @@
+"""Test certificates made with `cryptography`: a CA, leaves for names (valid, expired,
+wrong name), written as PEM files for ssl contexts. Shared by the outbound TLS tests."""
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass
+class Issued:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    chain: list[x509.Certificate]      # leaf first, then intermediates (not the root)
+
+    @property
+    def der(self) -> list[bytes]:
+        return [c.public_bytes(serialization.Encoding.DER) for c in self.chain]
+
+    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
+        cert = directory / f"{name}.crt"
+        key = directory / f"{name}.key"
+        cert.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain))
+        key.write_bytes(self.key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert, key
+
+    def server_context(self, directory: Path, name: str) -> ssl.SSLContext:
+        cert, key = self.write(directory, name)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        return ctx
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+class Ca:
+    """A self-signed root CA (and optionally an intermediate) issuing server certificates."""
+
+    def __init__(self, cn: str = "mta test root") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=3650))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                                  False, False), critical=True)
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                         self.key.public_key()), critical=False)
+                     .sign(self.key, hashes.SHA256()))
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.pem)
+        return path
+
+    def issue(self, *names: str, expired: bool = False) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            start, end = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
+        else:
+            start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=90)
+        cert = (x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(self.cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                               critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.key.public_key()), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        return Issued(cert, key, [cert])
+
+
+def txt_dns_server(records: list[str]):
+    """tools/dnsserver.DnsServer that also takes records with quotes (TXT): unbound's
+    local-data line is single-quoted for those. Started; call .stop()."""
+    from dnsserver import DnsServer
+
+    class _TxtDnsServer(DnsServer):
+        def config(self) -> str:
+            saved = self.records
+            quoted = [r for r in saved if '"' in r]
+            self.records = [r for r in saved if '"' not in r]
+            try:
+                text = super().config()
+            finally:
+                self.records = saved
+            extra = "".join(f"    local-data: '{r}'\n" for r in quoted)
+            return text.replace("remote-control:", extra + "remote-control:", 1)
+
+    return _TxtDnsServer(records).start()
+
+
+async def https_policy_server(host: str, issued: Issued, directory: Path, body: str,
+                              content_type: str = "text/plain", status: int = 200):
+    """aiohttp serving `body` at /.well-known/mta-sts.txt on host:443 with `issued`'s
+    certificate. Returns the runner (await runner.cleanup()); `hits` counts requests."""
+    from aiohttp import web
+    hits = []
+
+    async def policy(request):
+        hits.append(request.path)
+        return web.Response(body=body.encode(), status=status,
+                            headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/mta-sts.txt", policy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 443, ssl_context=issued.server_context(directory, "https"))
+    await site.start()
+    return PolicyServer(runner, hits)
+
+
+@dataclass
+class PolicyServer:
+    runner: object
+    hits: list
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()     # type: ignore[attr-defined]
