@@ -220,6 +220,7 @@ class Server:
         if self.reception.scan is not None:   # "hold" verdicts: an operator hold on the id
             controls = self.controls
             self.reception.scan.hold = lambda raw_id: controls.hold(Selector(id=raw_id))
+            self.reception.scan.unhold = lambda raw_id: controls.release(Selector(id=raw_id))
         self.delivery.adaptive.persist(self.config.spool.directory)   # adaptive actions in force
         self.delivery.scheduler.saved = found.schedules
         self.reception.on_stored = self._stored
@@ -425,6 +426,9 @@ class Server:
             restart.append("dkim (signing was off at start)")
             log.warning("reload: [[dkim]] tables added to a daemon started without any: "
                         "signing starts after a restart")
+        for listener in self.listeners:   # TLS certificates and AUTH users: the files again
+            for problem in listener.reload():
+                log.warning("reload: %s; keeping what was loaded before", problem)
         self.logs.reopen(mode=int(merged.log.mode, 8), max_buffer=merged.log.max_buffer)
         self.config = merged
         log.info("reload: applied %s%s", merged.origin,

@@ -97,8 +97,8 @@ def parse_spamd_reply(data: bytes) -> SpamdResult:
     score, required = float(m.group(2)), float(m.group(3))
     if not (math.isfinite(score) and math.isfinite(required)):
         raise ScanError("spamd score is not a number")
-    names = body.decode("ascii", "replace").replace("\r", "").replace("\n", "").split(",")
-    symbols = tuple(s.strip() for s in names if _SYMBOL.match(s.strip()))[:_MAX_SYMBOLS]
+    names = re.split(r"[,\s]+", body.decode("ascii", "replace"))
+    symbols = tuple(s for s in names if _SYMBOL.match(s))[:_MAX_SYMBOLS]
     return SpamdResult(m.group(1).lower() in (b"true", b"yes"), score, required, symbols)
 
 
@@ -204,8 +204,10 @@ class Scanning:
     def __init__(self, tables: tuple[ScanConfig, ...], logs: LogWriter | None):
         self.policies = {t.tenant: ScanPolicy(t) for t in tables}
         self.logs = logs
-        # set by the composition root: puts an operator hold on one message id (raw bytes)
+        # set by the composition root: put an operator hold on one message id (raw bytes),
+        # and take it off again when the held message could not be stored after all
         self.hold: Callable[[bytes], Any] | None = None
+        self.unhold: Callable[[bytes], Any] | None = None
 
     def policy_for(self, tenant: str | None) -> ScanPolicy | None:
         p = self.policies.get(tenant or "")
@@ -239,7 +241,11 @@ class Scanning:
             if self.hold is None:
                 return TEMPFAIL   # no queues to hold in (not wired): never send unreviewed
             self.hold(raw_id)
-        elif d.action == "tag" and d.spam is not None:
+            answer = await store(content)
+            if not answer.startswith(b"250") and self.unhold is not None:
+                self.unhold(raw_id)   # not stored (spool error, DKIM defer): no stale hold
+            return answer
+        if d.action == "tag" and d.spam is not None:
             content = policy.tag_headers(d) + content
         return await store(content)
 
