@@ -198,6 +198,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _, store, key = _feedback_defaults(argv)
     add_suppress(sub, *store, *key)   # -c: --store and --key defaults from that config
     add_bounce(sub)                   # -c: that config's [bounces] rules go first
+    from mta.ingest.auth import add_parser as add_user
+    add_user(sub)                     # mta user add|remove|list|passwd --file F
     _add_common_everywhere(p)
     return p
 

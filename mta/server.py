@@ -426,6 +426,9 @@ class Server:
             restart.append("dkim (signing was off at start)")
             log.warning("reload: [[dkim]] tables added to a daemon started without any: "
                         "signing starts after a restart")
+        for listener in self.listeners:   # TLS certificates and AUTH users: the files again
+            for problem in listener.reload():
+                log.warning("reload: %s; keeping what was loaded before", problem)
         self.logs.reopen(mode=int(merged.log.mode, 8), max_buffer=merged.log.max_buffer)
         self.config = merged
         log.info("reload: applied %s%s", merged.origin,

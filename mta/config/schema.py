@@ -187,6 +187,27 @@ class ListenerConfig:
                                lo=1, hi=1000000, restart=True)
     max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP",
                                       lo=1, hi=1000000, restart=True)
+    tls: str = key(CHOICE, "starttls", "with tls_cert: offer STARTTLS (RFC 3207), or "
+                   "\"implicit\": TLS from the first byte (port 465 style, RFC 8314)",
+                   choices=("starttls", "implicit"), restart=True)
+    tls_cert: Path | None = key(OPTIONAL_PATH, "", "certificate chain (PEM) for STARTTLS or "
+                                "implicit TLS; the file is read again on SIGHUP; empty: no TLS",
+                                restart=True)
+    tls_key: Path | None = key(OPTIONAL_PATH, "", "private key (PEM) for tls_cert; read again "
+                               "on SIGHUP", restart=True)
+    require_tls: bool = key(BOOL, False, "refuse MAIL before STARTTLS (530 5.7.0); needs "
+                            "tls_cert", restart=True)
+    auth_users: Path | None = key(OPTIONAL_PATH, "", "credentials file (mode 0600, written by "
+                                  "`mta user`): offer AUTH PLAIN LOGIN over TLS; an "
+                                  "authenticated client may relay; read again on SIGHUP; "
+                                  "needs tls_cert", restart=True)
+    auth_concurrency: int = key(INT, 4, "AUTH password checks (scrypt) running at once for "
+                                "this listener; more wait", lo=1, hi=64, restart=True)
+    auth_max_failures: int = key(INT, 5, "failed AUTH attempts from one client IP before it "
+                                 "is locked out for auth_lockout", lo=1, hi=1000, restart=True)
+    auth_lockout: float = key(DURATION, "1m", "how long a client IP with too many failed "
+                              "AUTH attempts gets 454 to every AUTH", lo="1s", hi="1d",
+                              restart=True)
 
 
 @dataclass(frozen=True, slots=True)

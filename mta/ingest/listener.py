@@ -8,17 +8,26 @@ Draining (SIGTERM, see daemon.py): `drain()` keeps the socket open but answers
 every new connection `421 4.3.2 <host> Service shutting down` and closes it, ends
 idle sessions with the same 421 at once, and lets a session inside DATA (or whose
 message is being stored) finish that message, get its reply, then the 421.
-Diagnostics: start() raises OSError naming the address when it cannot bind.
+TLS and AUTH: with `tls_cert` the listener holds a ServerTls (tls.py) and offers
+STARTTLS, or with tls = "implicit" speaks TLS from the first byte; with `auth_users`
+an Authenticator (auth.py) for AUTH over TLS. reload() (SIGHUP) reads the
+certificate, key and credentials file again.
+Diagnostics: start() raises OSError naming the address when it cannot bind; the
+constructor raises ConfigError for a TLS or AUTH setting that cannot work.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
+from mta.config import ConfigError
+from mta.ingest.auth import AuthError, Authenticator
 from mta.ingest.session import SmtpSession
 from mta.ingest.settings import server_settings
+from mta.ingest.tls import ServerTls
 from mta.model.networks import contains
 
 if TYPE_CHECKING:
@@ -35,12 +44,36 @@ class Listener:
         self.loop = loop
         self.hostname = cfg.hostname
         self.name = f"{cfg.address}:{cfg.port}"  # the listener's name in logs
+        where = f"listener {self.name}"
+        self.tls = None
+        self.implicit_tls = cfg.tls == "implicit"
+        self.handshake_timeout = min(cfg.idle_timeout, 60.0)
+        self.authenticator: Authenticator | None = None
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ConfigError([f"{where}: tls_cert and tls_key go together"])
+            try:
+                self.tls = ServerTls(cfg.tls_cert, cfg.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError([f"{where}: tls_cert {cfg.tls_cert}, tls_key {cfg.tls_key}: "
+                                   f"{exc}"]) from None
+        elif self.implicit_tls or cfg.require_tls or cfg.auth_users:
+            raise ConfigError([f"{where}: tls = \"implicit\", require_tls and auth_users "
+                               "need tls_cert and tls_key"])
+        if cfg.auth_users:
+            try:
+                self.authenticator = Authenticator(cfg.auth_users, cfg.auth_concurrency,
+                                                   cfg.auth_max_failures, cfg.auth_lockout)
+            except AuthError as exc:
+                raise ConfigError([f"{where}: auth_users: {exc}"]) from None
         self.settings = server_settings(
             cfg.hostname, cfg.banner, bare_newline=cfg.bare_newline,
             max_message_size=cfg.max_message_size, max_line_length=cfg.max_line_length,
             max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
             max_junk_commands=cfg.max_junk_commands,
-            max_messages_per_session=cfg.max_messages_per_session)
+            max_messages_per_session=cfg.max_messages_per_session,
+            starttls=self.tls is not None and not self.implicit_tls,
+            auth=self.authenticator is not None, require_tls=cfg.require_tls)
         if reception.policy is not None:   # bounce domain / suppression at RCPT
             self.settings.rcpt_check = reception.policy.rcpt_check
         self.settings.mail_check = reception.mail_check   # spool and memory backpressure
@@ -53,12 +86,28 @@ class Listener:
         self.address: tuple[str, int] | None = None   # bound address (port 0 resolved)
         self.draining = False     # shutting down: new connections and idle sessions get 421
 
+    def reload(self) -> list[str]:
+        """SIGHUP: read the certificate, key and credentials file again; the problems
+        (each keeps what was loaded before)."""
+        problems = []
+        if self.tls is not None:
+            problem = self.tls.reload()
+            if problem:
+                problems.append(f"listener {self.name}: {problem}")
+        if self.authenticator is not None:
+            problem = self.authenticator.reload()
+            if problem:
+                problems.append(f"listener {self.name}: auth_users: {problem}")
+        return problems
+
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.cfg.address else socket.AF_INET
         try:
+            tls = {} if not self.implicit_tls else {   # TLS from the first byte
+                "ssl": self.tls.front(), "ssl_handshake_timeout": self.handshake_timeout}
             self._server = await self.loop.create_server(
                 lambda: SmtpSession(self), self.cfg.address, self.cfg.port, family=family,
-                reuse_address=True, reuse_port=True, backlog=4096)
+                reuse_address=True, reuse_port=True, backlog=4096, **tls)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {self.name}: {exc.strerror}") from None
         sock = self._server.sockets[0]

@@ -22,6 +22,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mta.ingest.governor import DataMemory
+from mta.ingest.tls import tls_fields
 from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import id_text, new_id
 from mta.model.log_records import RecordType
@@ -150,6 +151,7 @@ class Reception:
     def accept(self, txn, peer: Peer) -> asyncio.Future:
         """Store `txn`; the returned future resolves to the reply line to send."""
         x_values = self._x_values(txn.data)   # one header scan for the filter and the envelope
+        tls_fields(txn, x_values)   # REQUIRETLS, TLS-Required: No, the AUTH user's tenant
         if self.policy is not None and self.policy.suppressions is not None \
                 and not self.policy.suppressions.empty():
             refusal = self._drop_suppressed(txn, peer, x_values.get("tenant"))

@@ -9,6 +9,15 @@ commands wait in the core's buffer, never in an unbounded queue. After every
 read it tells the memory governor (governor.py) how much content it holds;
 the governor may pause its reading or close it at the global budget.
 
+STARTTLS (RFC 3207): the core answers 220 and reports EV_STARTTLS, having dropped
+whatever the client pipelined after the command (CVE-2011-0411); the session stops
+reading, upgrades the transport with loop.start_tls and tells the core, which starts
+over (EHLO again). On an implicit TLS listener the server socket did the handshake
+before connection_made. AUTH: the
+core collects the SASL lines and reports EV_AUTH; the listener's Authenticator
+(auth.py) checks them off the loop and the verdict goes back with auth_done(). While
+either is under way reading is paused and the session counts as busy (`storing`).
+
 Trust: network bytes go only to the core. Diagnostics: a bug in the core
 (InternalError or any exception) closes this connection with 421 and is
 logged; it never takes the daemon down.
@@ -19,7 +28,7 @@ import asyncio
 import logging
 from typing import Protocol
 
-from mta._native.wire import EV_CLOSE, EV_MESSAGE, ServerCore, ServerSettings
+from mta._native.wire import EV_AUTH, EV_CLOSE, EV_MESSAGE, EV_STARTTLS, ServerCore, ServerSettings
 from mta.ingest.reception import Peer, Reception
 from mta.model.replies import reply
 
@@ -40,10 +49,15 @@ class Host(Protocol):
     def forget(self, session: SmtpSession) -> None: ...
     def relay_allowed(self, ip: str) -> bool: ...
 
+    tls: object            # ServerTls or None (tls.py)
+    implicit_tls: bool     # TLS from the first byte
+    authenticator: object  # Authenticator or None (auth.py)
+    handshake_timeout: float
+
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "peer", "last_active",
-                 "_storing", "_write_paused", "_memory_paused", "_held")
+                 "_storing", "_write_paused", "_memory_paused", "_held", "_busy")
 
     def __init__(self, listener: Host):
         self.listener = listener
@@ -57,6 +71,7 @@ class SmtpSession(asyncio.Protocol):
         self._write_paused = False    # the transport's write buffer is over its high-water mark
         self._memory_paused = False   # the memory governor stopped reading (budget reached)
         self._held = 0                # bytes last reported to the memory governor
+        self._busy = False            # a TLS handshake or an AUTH check is under way
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -72,6 +87,8 @@ class SmtpSession(asyncio.Protocol):
             return
         self.core = ServerCore(self.listener.settings, self.listener.relay_allowed(self.peer_ip))
         self.last_active = self.listener.loop.time()
+        if self.listener.implicit_tls:   # the handshake is done already (listener.py)
+            self.core.tls = True
         transport.write(self.core.greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -98,7 +115,7 @@ class SmtpSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         if (self.transport is not None and not self._storing and not self._memory_paused
-                and not self.transport.is_closing()):
+                and not self._busy and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -125,6 +142,76 @@ class SmtpSession(asyncio.Protocol):
             fut.add_done_callback(self._on_stored)
         elif ev == EV_CLOSE:
             transport.close()
+        elif ev == EV_STARTTLS:
+            self._start_tls()
+        elif ev == EV_AUTH:
+            self._check_auth()
+
+    # -- STARTTLS and AUTH -----------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        transport = self.transport
+        tls = self.listener.tls
+        if transport is None or tls is None:
+            return
+        transport.pause_reading()
+        self._busy = True
+        task = self.listener.loop.create_task(self._upgrade(transport, tls.context))
+        task.add_done_callback(_consume)
+
+    async def _upgrade(self, transport, ctx) -> None:
+        loop = self.listener.loop
+        try:
+            new = await loop.start_tls(transport, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=self.listener.handshake_timeout)
+        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError, RuntimeError) as exc:
+            # a failed handshake: the connection is unusable (we cannot speak plaintext now)
+            log.info("TLS handshake with %s failed: %s", self.peer_ip, exc)
+            self._busy = False
+            transport.abort()
+            return
+        self._busy = False
+        core = self.core
+        if core is None or new is None:
+            if new is not None:
+                new.abort()
+            return
+        self.transport = new
+        self.last_active = loop.time()
+        core.tls_started()
+        if not self._write_paused and not self._memory_paused:
+            new.resume_reading()
+
+    def _check_auth(self) -> None:
+        core, transport = self.core, self.transport
+        auth = self.listener.authenticator
+        if core is None or transport is None or auth is None:
+            return
+        transport.pause_reading()
+        self._busy = True
+        mech, responses = core.auth_request
+        task = self.listener.loop.create_task(auth.check(mech, list(responses), self.peer_ip))
+        task.add_done_callback(self._on_auth)
+
+    def _on_auth(self, task: asyncio.Task) -> None:
+        self._busy = False
+        core = self.core
+        if core is None or task.cancelled():
+            return
+        try:
+            user, name = task.result()
+            if user is not None:
+                out, ev = core.auth_done(True, "", user.tenant, user.sender_allowed)
+                log.info("AUTH %s from %s", user.name, self.peer_ip)
+            else:
+                out, ev = core.auth_done(False, name)
+        except Exception:
+            self._bug()
+            return
+        if (self.transport is not None and not self.transport.is_closing()
+                and not self._write_paused and not self._memory_paused):
+            self.transport.resume_reading()
+        self._handle(out, ev)
 
     def _on_stored(self, fut: asyncio.Future) -> None:
         self._storing = False
@@ -176,7 +263,7 @@ class SmtpSession(asyncio.Protocol):
         self._memory_paused = False
         self.last_active = self.listener.loop.time()   # the wait was ours, not the client's
         if (self.transport is not None and not self._storing and not self._write_paused
-                and not self.transport.is_closing()):
+                and not self._busy and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     @property
@@ -210,4 +297,9 @@ class SmtpSession(asyncio.Protocol):
 
     @property
     def storing(self) -> bool:
-        return self._storing
+        return self._storing or self._busy
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("TLS upgrade failed: %r", task.exception())

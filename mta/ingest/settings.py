@@ -14,17 +14,27 @@ def server_settings(hostname: str, banner: str, *, bare_newline: str = "reject",
                     max_message_size: int = 50 << 20, max_line_length: int = 2048,
                     max_recipients: int = 1000, max_errors: int = 10,
                     max_junk_commands: int = 100,
-                    max_messages_per_session: int = 1000) -> ServerSettings:
+                    max_messages_per_session: int = 1000, starttls: bool = False,
+                    auth: bool = False, require_tls: bool = False) -> ServerSettings:
+    """`starttls`: offer STARTTLS (plaintext sessions); `auth`: offer AUTH PLAIN LOGIN once
+    encrypted; `require_tls`: refuse MAIL before TLS. REQUIRETLS is offered over TLS."""
     lines = {name: r.line() for name, r in REPLIES.items() if "{}" not in r.text}
     for name, r in REPLIES.items():
         if "{}" in r.text:
             lines[name] = r.line(*([hostname] * r.text.count("{}")))
     lines["GREETING"] = reply("GREETING", hostname, banner)
     lines["HELO_OK"] = reply("HELO_OK", hostname, "{}")
-    lines["EHLO"] = ehlo_lines(hostname, "{}", max_message_size)
+    lines["EHLO"] = ehlo_lines(hostname, "{}", max_message_size,
+                               ("STARTTLS",) if starttls else ())
+    lines["EHLO_TLS"] = ehlo_lines(hostname, "{}", max_message_size,
+                                   (("AUTH PLAIN LOGIN",) if auth else ()) + ("REQUIRETLS",))
     lines["CHUNK_OK"] = REPLIES["CHUNK_OK"].line("{}")
-    return ServerSettings(
+    settings = ServerSettings(
         hostname, lines, bare_newline=bare_newline, max_message_size=max_message_size,
         max_line_length=max_line_length, max_recipients=max_recipients,
         max_errors=max_errors, max_junk_commands=max_junk_commands,
         max_messages_per_session=max_messages_per_session)
+    settings.starttls = starttls
+    settings.auth = auth
+    settings.require_tls = require_tls
+    return settings

@@ -83,6 +83,22 @@ REPLIES: dict[str, Reply] = {
     "MEMORY_SHED": Reply(421, "4.3.2", "{} Error: insufficient system resources, closing connection"),
     "INTERNAL": Reply(451, "4.3.0", "Error: internal error, try again later"),
     "DKIM_DEFER": Reply(451, "4.7.0", "Error: message cannot be DKIM-signed now, try again later"),
+    # STARTTLS (RFC 3207), AUTH (RFC 4954), REQUIRETLS (RFC 8689)
+    "TLS_READY": Reply(220, "2.0.0", "Ready to start TLS"),
+    "TLS_ACTIVE": Reply(503, "5.5.1", "Error: TLS already active"),
+    "TLS_UNAVAILABLE": Reply(454, "4.7.0", "TLS not available due to temporary reason"),
+    "NEED_TLS": Reply(530, "5.7.0", "Must issue a STARTTLS command first"),
+    "AUTH_NEED_TLS": Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"),
+    "AUTH_AGAIN": Reply(503, "5.5.1", "Error: already authenticated"),
+    "AUTH_IN_MAIL": Reply(503, "5.5.1", "Error: AUTH not allowed in a mail transaction"),
+    "SYNTAX_AUTH": Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"),
+    "AUTH_MECHANISM": Reply(504, "5.5.4", "Error: unrecognized authentication type"),
+    "AUTH_CANCELLED": Reply(501, "5.0.0", "Authentication cancelled"),
+    "AUTH_BAD_RESPONSE": Reply(501, "5.5.2", "Error: cannot decode the response"),
+    "AUTH_OK": Reply(235, "2.7.0", "Authentication successful"),
+    "AUTH_FAILED": Reply(535, "5.7.8", "Error: authentication credentials invalid"),
+    "AUTH_TEMP": Reply(454, "4.7.0", "Temporary authentication failure, try again later"),
+    "SENDER_DENIED": Reply(550, "5.7.1", "Error: sender address not allowed for this user"),
 }
 
 # EHLO keywords we advertise, in order (RFC 5321 4.1.1.1). SIZE gets the limit.
@@ -95,9 +111,11 @@ def reply(name: str, *args: object) -> bytes:
     return REPLIES[name].line(*args)
 
 
-def ehlo_lines(hostname: str, client_name: str, max_size: int) -> bytes:
-    """The multi-line EHLO response."""
+def ehlo_lines(hostname: str, client_name: str, max_size: int,
+               extra: tuple[str, ...] = ()) -> bytes:
+    """The multi-line EHLO response; `extra`: STARTTLS, AUTH ..., REQUIRETLS as offered."""
     lines = [f"{hostname} Hello {client_name}"]
     lines += [kw.format(max_size) if "{}" in kw else kw for kw in EHLO_EXTENSIONS]
+    lines += extra
     out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
     return ("\r\n".join(out) + "\r\n").encode("ascii", "replace")

@@ -31,6 +31,8 @@ cdef enum CommandCode:
     C_VRFY = 10
     C_HELP = 11
     C_NOTIMPL = 12      # recognised, refused with 502
+    C_STARTTLS = 13     # RFC 3207, when the listener has a certificate
+    C_AUTH = 14         # RFC 4954, PLAIN and LOGIN, over TLS only
 cdef dict _COMMANDS = {
     b"HELO": (C_HELO, False), b"EHLO": (C_EHLO, False),
     b"MAIL": (C_MAIL, False), b"RCPT": (C_RCPT, False),
@@ -38,10 +40,14 @@ cdef dict _COMMANDS = {
     b"RSET": (C_RSET, True), b"NOOP": (C_NOOP, True),
     b"QUIT": (C_QUIT, False), b"VRFY": (C_VRFY, True),
     b"HELP": (C_HELP, True),
-    # recognised but not offered: STARTTLS/AUTH come with the security work
+    b"STARTTLS": (C_STARTTLS, False), b"AUTH": (C_AUTH, False),
+    # recognised but not offered
     b"EXPN": (C_NOTIMPL, True), b"ETRN": (C_NOTIMPL, True), b"TURN": (C_NOTIMPL, True),
-    b"STARTTLS": (C_NOTIMPL, False), b"AUTH": (C_NOTIMPL, False),
 }
+
+# Server events beyond EV_NONE/EV_MESSAGE/EV_CLOSE (wire.pyx). EV_STARTTLS (client.pxi, 8):
+# 220 written, input after the STARTTLS line discarded: do the handshake, then tls_started().
+EV_AUTH = 128       # an AUTH exchange is complete: verify auth_request, then auth_done()
 
 
 cdef str _printable(bytes raw, Py_ssize_t limit=255):
@@ -68,6 +74,9 @@ cdef class ServerSettings:
     # MAIL admission hook (spool backpressure, the DATA memory budget), None when unset:
     # (sender) -> None (go on) or (reply name, reply line) to refuse the transaction.
     cdef public object mail_check
+    cdef public bint starttls           # offer STARTTLS (a certificate, a plaintext listener)
+    cdef public bint require_tls        # MAIL before TLS -> 530 5.7.0
+    cdef public bint auth               # offer AUTH PLAIN LOGIN once the session is TLS
 
 
     def __init__(self, str hostname, dict replies, *, str bare_newline="reject",
@@ -103,6 +112,9 @@ cdef class Transaction:
     cdef readonly list rcpts            # [(address, notify or None, orcpt or None)]
     cdef readonly bytearray data        # content, unstuffed, CRLF line ends
     cdef readonly bint chunked          # received with BDAT (RFC 3030)
+    cdef readonly bint tls              # received over TLS (STARTTLS or an implicit listener)
+    cdef readonly bint requiretls       # MAIL REQUIRETLS (RFC 8689)
+    cdef readonly object auth_tenant    # tenant of the AUTH user, None when not authenticated
 
 
     def __repr__(self):
@@ -114,7 +126,14 @@ cdef class ServerCore:
     """The SMTP server side of one connection. See the module docstring."""
 
     cdef ServerSettings s
-    cdef bint relay_allowed             # client address is inside relay_cidrs
+    cdef public bint relay_allowed      # client address is inside relay_cidrs, or AUTH done
+    cdef public bint tls                # the session is encrypted
+    cdef readonly bint authed           # AUTH succeeded
+    cdef public object auth_tenant      # the AUTH user's tenant (copied to transactions)
+    cdef public object sender_check     # None, or (MAIL FROM address) -> bool (AUTH user's domains)
+    cdef readonly object auth_request   # (mechanism, [raw SASL responses]) while EV_AUTH is out
+    cdef int auth_step                  # 0, or the SASL response line awaited (1 PLAIN, 2-3 LOGIN)
+    cdef int hold                       # the event ST_PENDING stands for (EV_MESSAGE by default)
     cdef readonly int state             # SessionState
     cdef bytes pending                  # unprocessed input
     cdef bytearray out                  # replies not yet handed to the transport
@@ -152,6 +171,7 @@ cdef class ServerCore:
         self.helo = ""
         self.txn = None
         self.rejections = []
+        self.hold = EV_MESSAGE
 
     # -- API used by the session -------------------------------------------
 
@@ -181,6 +201,8 @@ cdef class ServerCore:
         if self.state == ST_CLOSED:
             return b"", EV_CLOSE
         if self.state == ST_PENDING:  # the session paused reading; keep it for later
+            if self.hold == EV_STARTTLS:
+                return b"", EV_NONE   # plaintext after STARTTLS is never executed (RFC 3207 4.2)
             self.pending = self.pending + bytes(data)
             return b"", EV_NONE
         if self.pending:
@@ -193,9 +215,40 @@ cdef class ServerCore:
         """The completed transaction (valid after EV_MESSAGE, until resume())."""
         return self.txn
 
+    def tls_started(self):
+        """The TLS handshake after EV_STARTTLS is done: start over (RFC 3207 4.2: forget
+        EHLO and anything sent before the handshake); the client sends EHLO again."""
+        if self.state != ST_PENDING or self.hold != EV_STARTTLS:
+            raise InternalError("tls_started() without STARTTLS")
+        self.pending = b""
+        self.helo = ""
+        self.esmtp = False
+        self._reset_txn()
+        self.tls = True
+        self.hold = EV_MESSAGE
+        self.state = ST_CONNECTED
+
+    def auth_done(self, bint ok, str failure="AUTH_FAILED", tenant=None, sender_check=None):
+        """The verdict on auth_request (after EV_AUTH): 235 and relaying, or the refusal
+        `failure` (counted towards max_errors); then go on with buffered input."""
+        if self.state != ST_PENDING or self.hold != EV_AUTH:
+            raise InternalError("auth_done() without AUTH")
+        self.auth_request = None
+        self.hold = EV_MESSAGE
+        self.state = ST_READY
+        if ok:
+            self.authed = True
+            self.relay_allowed = True
+            self.auth_tenant = tenant
+            self.sender_check = sender_check
+            self._reply("AUTH_OK")
+        else:
+            self._error(failure)
+        return self._run()
+
     def resume(self, bytes reply):
         """Send the spool's verdict for the pending message and go on."""
-        if self.state != ST_PENDING:
+        if self.state != ST_PENDING or self.hold != EV_MESSAGE:
             raise InternalError("resume() without a pending message")
         self.out += reply
         if reply[:1] == b"2":
@@ -231,7 +284,9 @@ cdef class ServerCore:
         if self.state == ST_CLOSED:
             return out, EV_CLOSE
         if self.state == ST_PENDING:
-            return out, EV_MESSAGE
+            if self.hold == EV_STARTTLS:
+                self.pending = b""
+            return out, self.hold
         return out, EV_NONE
 
     cdef Py_ssize_t _process__command(self, const char *buf, Py_ssize_t pos, Py_ssize_t n):
@@ -348,6 +403,9 @@ cdef class ServerCore:
 
     cdef _dispatch(self, bytes line):
         cdef int code   # a C int, so the branches below compare C values
+        if self.auth_step:
+            self._sasl_line(line)
+            return
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).upper()
         arg = b"" if sp < 0 else line[sp + 1:]
@@ -392,6 +450,10 @@ cdef class ServerCore:
                 self._reply("VRFY")
         elif code == C_HELP:
             self._reply("HELP")
+        elif code == C_STARTTLS:
+            self._cmd_starttls(arg)
+        elif code == C_AUTH:
+            self._cmd_auth(arg)
         else:
             self._error("NOT_IMPLEMENTED")
 
@@ -405,7 +467,7 @@ cdef class ServerCore:
         self._reset_txn()
         self._set_state(ST_READY)
         if esmtp:
-            self.out += self.s.replies["EHLO"].replace(b"{}", self.helo.encode())
+            self.out += self.s.replies["EHLO_TLS" if self.tls else "EHLO"].replace(b"{}", self.helo.encode())
         else:
             self.out += self.s.replies["HELO_OK"].replace(b"{}", self.helo.encode())
 
@@ -415,6 +477,9 @@ cdef class ServerCore:
             return
         if self.state != ST_READY:
             self._error("NESTED_MAIL")
+            return
+        if self.s.require_tls and not self.tls:
+            self._error("NEED_TLS")
             return
         if self.messages >= self.s.max_messages:
             self.out += self.s.replies["TOO_MANY_MESSAGES"]
@@ -473,7 +538,12 @@ cdef class ServerCore:
                     return
                 t.envid = value.decode("ascii")
             elif key == b"AUTH":
-                pass  # RFC 4954 5: accepted and ignored, we offer no AUTH yet
+                pass  # RFC 4954 5: accepted; we keep no AUTH= identity
+            elif key == b"REQUIRETLS" and self.tls:   # RFC 8689 4.1: offered over TLS only
+                if value:
+                    self._error("PARAM_BAD")
+                    return
+                t.requiretls = True
             else:
                 self._error("PARAM_UNKNOWN")
                 return
@@ -484,6 +554,12 @@ cdef class ServerCore:
                 self.rejections.append((verdict[0], addr, []))
                 self.out += verdict[1]
                 return
+        if self.sender_check is not None and not self.sender_check(addr):
+            self.rejections.append(("SENDER_DENIED", addr, []))
+            self._error("SENDER_DENIED")
+            return
+        t.tls = self.tls
+        t.auth_tenant = self.auth_tenant
         self.txn = t
         self.junk = 0
         self._set_state(ST_MAIL)
@@ -599,6 +675,79 @@ cdef class ServerCore:
         self._set_state(ST_CHUNK)
         if self.chunk_left == 0:
             self._finish_chunk()
+
+    def _cmd_starttls(self, bytes arg):
+        if not self.s.starttls:
+            self._error("NOT_IMPLEMENTED")
+        elif self.tls:
+            self._error("TLS_ACTIVE")
+        elif arg.strip():
+            self._error("SYNTAX_NOARGS")
+        else:
+            self._reply("TLS_READY")
+            self._reset_txn()
+            self.hold = EV_STARTTLS
+            self.state = ST_PENDING   # _run stops here and drops the rest of the input
+
+    def _cmd_auth(self, bytes arg):
+        if not self.s.auth:
+            self._error("NOT_IMPLEMENTED")
+            return
+        if not self.tls:
+            self._error("AUTH_NEED_TLS")
+            return
+        if self.state == ST_CONNECTED:
+            self._error("NEED_HELO")
+            return
+        if self.authed:
+            self._error("AUTH_AGAIN")
+            return
+        if self.state != ST_READY:
+            self._error("AUTH_IN_MAIL")
+            return
+        parts = arg.split(b" ")
+        mech = parts[0].upper()
+        if len(parts) > 2 or not mech:
+            self._error("SYNTAX_AUTH")
+        elif mech == b"PLAIN":
+            if len(parts) == 2:
+                self._auth_ready(b"PLAIN", [parts[1]])
+            else:
+                self.auth_step = 1
+                self.out += b"334 \r\n"
+        elif mech == b"LOGIN":
+            if len(parts) == 2:   # RFC 4954 4: an initial response (the user name)
+                self.auth_request = (b"LOGIN", [parts[1]])
+                self.auth_step = 3
+                self.out += b"334 UGFzc3dvcmQ6\r\n"
+            else:
+                self.auth_request = (b"LOGIN", [])
+                self.auth_step = 2
+                self.out += b"334 VXNlcm5hbWU6\r\n"
+        else:
+            self._error("AUTH_MECHANISM")
+
+    cdef _sasl_line(self, bytes line):
+        """A client response inside an AUTH exchange (RFC 4954 4)."""
+        step = self.auth_step
+        self.auth_step = 0
+        if line == b"*":
+            self.auth_request = None
+            self._error("AUTH_CANCELLED")
+        elif step == 1:
+            self._auth_ready(b"PLAIN", [line])
+        elif step == 2:
+            self.auth_request[1].append(line)
+            self.auth_step = 3
+            self.out += b"334 UGFzc3dvcmQ6\r\n"
+        else:
+            self.auth_request[1].append(line)
+            self._auth_ready(b"LOGIN", self.auth_request[1])
+
+    cdef _auth_ready(self, bytes mech, list responses):
+        self.auth_request = (mech, responses)
+        self.hold = EV_AUTH
+        self.state = ST_PENDING
 
     # -- helpers -------------------------------------------------------------
 

@@ -1,0 +1,308 @@
+"""Inbound STARTTLS, implicit TLS, AUTH and REQUIRETLS (issue 16 items 1 and 3).
+
+The native core's side (ServerCore fed bytes directly): what EHLO offers before and
+after TLS, the STARTTLS reset and the injection defence (CVE-2011-0411), the AUTH
+exchanges, require_tls, REQUIRETLS at MAIL. Then a real daemon (`mta serve`) with a
+certificate from a CA this test makes: smtplib with STARTTLS and AUTH, plaintext
+pipelined after STARTTLS over a real socket, implicit TLS, the TLS-Required header.
+`make_certs` is shared with tests/scenarios/test_inbound_tls.py.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import os
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+from mta._native.wire import EV_AUTH, EV_MESSAGE, EV_NONE, EV_STARTTLS, ServerCore
+from mta.ingest.settings import server_settings
+
+HOST = "mx.test.example"
+
+
+# -- certificates ------------------------------------------------------------------
+
+def make_certs(where: Path, name: str = HOST, tag: str = "") -> tuple[Path, Path, Path]:
+    """A CA and a leaf for `name` signed by it: (ca.pem, cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    where.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {tag}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {tag}".strip())]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(a))
+                                        for a in ("127.0.0.1", "127.0.80.1")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca_path, cert_path, key_path = where / "ca.pem", where / "cert.pem", where / "key.pem"
+    ca_path.write_bytes(ca.public_bytes(pem))
+    cert_path.write_bytes(leaf.public_bytes(pem))
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return ca_path, cert_path, key_path
+
+
+def client_context(ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    return ctx
+
+
+def add_user(users: Path, name: str, password: str, tenant: str, *domains: str) -> None:
+    args = [sys.executable, "-m", "mta", "user", "--file", str(users), "add", name,
+            "--tenant", tenant] + [a for d in domains for a in ("--domain", d)]
+    r = subprocess.run(args, input=password.encode() + b"\n", capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# -- the native core ---------------------------------------------------------------
+
+def _core(relay: bool = False, **kw) -> ServerCore:
+    return ServerCore(server_settings(HOST, "ESMTP", **kw), relay)
+
+
+def _feed(core: ServerCore, data: bytes) -> tuple[bytes, int]:
+    return core.feed(data)
+
+
+def test_ehlo_offers_starttls_in_plaintext_auth_and_requiretls_after():
+    core = _core(starttls=True, auth=True)
+    out, _ = _feed(core, b"EHLO c.example\r\n")
+    assert b"250-STARTTLS\r\n" in out or b"250 STARTTLS\r\n" in out
+    assert b"AUTH" not in out and b"REQUIRETLS" not in out
+    out, ev = _feed(core, b"STARTTLS\r\n")
+    assert out.startswith(b"220 2.0.0") and ev == EV_STARTTLS
+    core.tls_started()
+    out, _ = _feed(core, b"EHLO c.example\r\n")
+    assert b"AUTH PLAIN LOGIN" in out and b"REQUIRETLS" in out and b"STARTTLS" not in out
+    out, _ = _feed(core, b"STARTTLS\r\n")
+    assert out.startswith(b"503 5.5.1")
+
+
+def test_no_certificate_no_starttls():
+    core = _core()
+    out, _ = _feed(core, b"EHLO c.example\r\n")
+    assert b"STARTTLS" not in out
+    out, ev = _feed(core, b"STARTTLS\r\n")
+    assert out.startswith(b"502") and ev == EV_NONE
+
+
+def test_plaintext_pipelined_after_starttls_is_dropped():
+    """CVE-2011-0411: commands sent in the same packet as STARTTLS never run."""
+    core = _core(relay=True, starttls=True)
+    out, ev = _feed(core, b"EHLO c.example\r\nSTARTTLS\r\nMAIL FROM:<evil@x.example>\r\n"
+                          b"RCPT TO:<victim@y.example>\r\n")
+    assert ev == EV_STARTTLS and b"250 2.1.0" not in out
+    # more plaintext before the handshake is discarded too
+    assert _feed(core, b"DATA\r\n") == (b"", EV_NONE)
+    core.tls_started()
+    # the session starts over: MAIL needs a new EHLO (RFC 3207 4.2)
+    out, _ = _feed(core, b"MAIL FROM:<a@b.example>\r\n")
+    assert out.startswith(b"503 5.5.1")
+    out, _ = _feed(core, b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    assert b"250 2.1.0" in out
+
+
+def test_require_tls_refuses_mail_before_starttls():
+    core = _core(relay=True, starttls=True, require_tls=True)
+    out, _ = _feed(core, b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    assert b"530 5.7.0" in out
+    _feed(core, b"STARTTLS\r\n")
+    core.tls_started()
+    out, _ = _feed(core, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n")
+    assert out.endswith(b"250 2.1.0 Sender OK\r\n")
+
+
+def test_auth_refused_before_tls_and_when_not_offered():
+    core = _core(starttls=True, auth=True)
+    out, _ = _feed(core, b"EHLO c\r\nAUTH PLAIN AGZvbwBiYXI=\r\n")
+    assert b"538 5.7.11" in out
+    core = _core()
+    out, _ = _feed(core, b"EHLO c\r\nAUTH PLAIN AGZvbwBiYXI=\r\n")
+    assert b"502 5.5.1" in out
+
+
+def _tls_core(**kw) -> ServerCore:
+    core = _core(starttls=True, auth=True, **kw)
+    _feed(core, b"EHLO c\r\nSTARTTLS\r\n")
+    core.tls_started()
+    _feed(core, b"EHLO c\r\n")
+    return core
+
+
+def test_auth_plain_login_exchanges():
+    core = _tls_core()
+    out, ev = _feed(core, b"AUTH PLAIN AGZvbwBiYXI=\r\n")
+    assert ev == EV_AUTH and core.auth_request == (b"PLAIN", [b"AGZvbwBiYXI="])
+    out, ev = core.auth_done(False, "AUTH_FAILED")
+    assert out.startswith(b"535 5.7.8")
+    # PLAIN without an initial response, then LOGIN in two steps
+    out, ev = _feed(core, b"AUTH PLAIN\r\n")
+    assert out == b"334 \r\n" and ev == EV_NONE
+    out, ev = _feed(core, b"AGZvbwBiYXI=\r\n")
+    assert ev == EV_AUTH and core.auth_request == (b"PLAIN", [b"AGZvbwBiYXI="])
+    core.auth_done(False, "AUTH_FAILED")
+    out, ev = _feed(core, b"AUTH LOGIN\r\n")
+    assert out == b"334 VXNlcm5hbWU6\r\n"
+    out, ev = _feed(core, b"Zm9v\r\n")
+    assert out == b"334 UGFzc3dvcmQ6\r\n"
+    out, ev = _feed(core, b"YmFy\r\n")
+    assert ev == EV_AUTH and core.auth_request == (b"LOGIN", [b"Zm9v", b"YmFy"])
+    out, ev = core.auth_done(True, "", "tenant-a", lambda s: s.endswith("@ok.example"))
+    assert out.startswith(b"235 2.7.0") and core.authed and core.relay_allowed
+    out, _ = _feed(core, b"AUTH PLAIN AGZvbwBiYXI=\r\n")
+    assert out.startswith(b"503")
+    out, _ = _feed(core, b"MAIL FROM:<x@bad.example>\r\n")
+    assert out.startswith(b"550 5.7.1")
+    out, _ = _feed(core, b"MAIL FROM:<x@ok.example> REQUIRETLS\r\nRCPT TO:<r@far.example>\r\n"
+                         b"DATA\r\n")
+    assert b"250 2.1.0" in out and b"250 2.1.5" in out and b"354" in out
+    out, ev = _feed(core, b"Subject: t\r\n\r\nhi\r\n.\r\n")
+    assert ev == EV_MESSAGE
+    t = core.transaction()
+    assert t.tls and t.requiretls and t.auth_tenant == "tenant-a"
+
+
+def test_auth_cancel_and_failures_count_towards_max_errors():
+    core = _tls_core(max_errors=3)
+    out, _ = _feed(core, b"AUTH LOGIN\r\n*\r\n")
+    assert out.endswith(b"501 5.0.0 Authentication cancelled\r\n")
+    _feed(core, b"AUTH PLAIN AGZvbwBiYXI=\r\n")
+    core.auth_done(False, "AUTH_FAILED")
+    _feed(core, b"AUTH PLAIN AGZvbwBiYXI=\r\n")
+    out, _ = core.auth_done(False, "AUTH_FAILED")
+    assert out.startswith(b"421 4.7.0") and core.closed
+
+
+def test_requiretls_param_only_over_tls():
+    core = _core(relay=True, starttls=True)
+    out, _ = _feed(core, b"EHLO c\r\nMAIL FROM:<a@b.example> REQUIRETLS\r\n")
+    assert b"555 5.5.4" in out
+
+
+# -- a real daemon -----------------------------------------------------------------
+
+@pytest.fixture
+def tls_daemon(daemon_factory, tmp_path):
+    ca, cert, key = make_certs(tmp_path / "pki")
+    users = tmp_path / "users.json"
+    add_user(users, "alice", "correct horse", "tenant-a", "alice.example")
+    implicit_port = free_port()
+    listener = (f'tls_cert = "{cert}"\ntls_key = "{key}"\nauth_users = "{users}"\n'
+                f'relay_cidrs = ["10.255.0.0/16"]\n'
+                f'[[listener]]\naddress = "127.0.0.1"\nport = {implicit_port}\ntls = "implicit"\n'
+                f'tls_cert = "{cert}"\ntls_key = "{key}"\nauth_users = "{users}"\n'
+                f'relay_cidrs = ["10.255.0.0/16"]\n')
+    d = daemon_factory(listener=listener, extra='[delivery]\nhold = true\n')
+    d.ca, d.implicit_port, d.users = ca, implicit_port, users
+    return d
+
+
+def test_smtplib_starttls_auth_and_wrong_password(tls_daemon):
+    d = tls_daemon
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.ehlo("client.example")
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice\0correct horse").decode())
+        assert code == 538
+        # relaying needs AUTH here: 127.0.0.1 is not in relay_cidrs
+        s.mail("a@alice.example")
+        assert s.rcpt("r@far.example")[0] == 554
+        s.rset()
+        s.starttls(context=client_context(d.ca))
+        s.ehlo("client.example")
+        assert "PLAIN" in s.esmtp_features["auth"] and s.has_extn("requiretls")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+            s.login("alice", "wrong")
+        assert err.value.smtp_code == 535
+        s.login("alice", "correct horse")
+        s.sendmail("a@alice.example", ["r@far.example"],
+                   b"X-Tenant: other\r\nSubject: t\r\n\r\nhello\r\n")
+        with pytest.raises(smtplib.SMTPSenderRefused) as err:
+            s.sendmail("a@mallory.example", ["r@far.example"], b"Subject: t\r\n\r\nx\r\n")
+        assert err.value.smtp_code == 550
+    d.stop()
+    recs = [r for r in d.log_records("Reception")]
+    assert len(recs) == 1 and recs[0]["tenant"] == "tenant-a"
+
+
+def test_implicit_tls_listener_and_login(tls_daemon):
+    d = tls_daemon
+    with smtplib.SMTP_SSL("127.0.0.1", d.implicit_port, timeout=20,
+                          context=client_context(d.ca)) as s:
+        s.ehlo("client.example")
+        assert not s.has_extn("starttls") and s.has_extn("auth")
+        s.ehlo_resp  # noqa: B018
+        s.user, s.password = "alice", "correct horse"
+        code, _ = s.auth("LOGIN", s.auth_login)
+        assert code == 235
+        s.sendmail("", ["r@far.example"], b"Subject: t\r\n\r\nhello\r\n",
+                   mail_options=["REQUIRETLS"])
+    d.stop()
+    [env] = list(d.spooled().envelopes.values())
+    assert env.requiretls and env.tenant == "tenant-a"
+
+
+def test_plaintext_injection_after_starttls_over_a_socket(tls_daemon):
+    """The whole attack in one packet: the server must not answer MAIL over TLS."""
+    d = tls_daemon
+    raw = socket.create_connection(("127.0.0.1", d.port), timeout=20)
+    f = raw.makefile("rb")
+    assert f.readline().startswith(b"220")
+    raw.sendall(b"EHLO c.example\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+    assert f.readline().startswith(b"220 2.0.0")
+    tls = client_context(d.ca).wrap_socket(raw, server_hostname=HOST)
+    tf = tls.makefile("rb")
+    tls.sendall(b"NOOP\r\n")
+    # the first reply over TLS is the NOOP's, not a 250 for the injected MAIL
+    assert tf.readline().startswith(b"250 2.0.0 OK")
+    tls.sendall(b"MAIL FROM:<a@b.example>\r\n")
+    assert tf.readline().startswith(b"503 5.5.1")    # EHLO forgotten
+    tls.close()
+
+
+def test_tls_required_no_header_is_recorded(tls_daemon):
+    d = tls_daemon
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.starttls(context=client_context(d.ca))
+        s.login("alice", "correct horse")
+        s.sendmail("a@alice.example", ["r@far.example"],
+                   b"Subject: t\r\nTLS-Required: No\r\n\r\nhello\r\n")
+    d.stop()
+    [env] = list(d.spooled().envelopes.values())
+    assert env.tls_optional and not env.requiretls
