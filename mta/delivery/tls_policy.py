@@ -503,14 +503,14 @@ class TlsPolicy:
         mx = session.mx_name
         if tlsa:
             if not session.tls:
-                return Refusal("dane", STARTTLS_NOT_SUPPORTED, f"{mx} did not offer STARTTLS")
+                return Refusal("dane", STARTTLS_NOT_SUPPORTED, f"the session with {mx} is not TLS")
             err = session.verdict(("dane", mx), lambda: dane_match(session.chain(), tlsa, mx))
             return None if err is None else Refusal("dane", *err)
         if p.sts is not None and p.sts.mode != "none":
             ref = self.host_allowed(p, mx) if p.sts.mode == "enforce" else None
             if ref is None:
                 if not session.tls:
-                    ref = Refusal("mta-sts", STARTTLS_NOT_SUPPORTED, f"{mx} did not offer STARTTLS")
+                    ref = Refusal("mta-sts", STARTTLS_NOT_SUPPORTED, f"the session with {mx} is not TLS")
                 else:
                     err = session.verdict(("pkix", mx), lambda: self.trust.verify(session.chain(), mx))
                     ref = None if err is None else Refusal("mta-sts", *err)
@@ -522,7 +522,7 @@ class TlsPolicy:
             return None     # enforced and met: that is verified
         if verified:
             if not session.tls:
-                return Refusal("verified", STARTTLS_NOT_SUPPORTED, f"{mx} did not offer STARTTLS")
+                return Refusal("verified", STARTTLS_NOT_SUPPORTED, f"the session with {mx} is not TLS")
             err = session.verdict(("pkix", mx), lambda: self.trust.verify(session.chain(), mx))
             return None if err is None else Refusal("verified", *err)
         return None
