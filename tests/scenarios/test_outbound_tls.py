@@ -23,7 +23,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 from peers import Receiver, _records, _send
-from tls_certs import Ca, https_policy_server, txt_dns_server
+from tls_certs import Ca, txt_dns_server
 
 NET = "127.0.85"
 POLICY_HOST = f"{NET}.10"
