@@ -11,8 +11,8 @@ import pytest
 
 from mta.config import ConfigError
 from mta.config.load import load_config
-from mta.ingest.scan import (REJECT, TEMPFAIL, ScanError, ScanPolicy, Scanning, SpamdResult,
-                             parse_spamd_reply)
+from mta.ingest.scan import (REJECT, REJECT_VIRUS, TEMPFAIL, ScanError, ScanPolicy, Scanning,
+                             SpamdResult, parse_clamd_reply, parse_spamd_reply)
 from mta.model.envelope import Envelope, Recipient
 
 GOOD = (b"SPAMD/1.1 0 EX_OK\r\nContent-length: 15\r\nSpam: True ; 1000.5 / 5.0\r\n\r\n"
@@ -36,12 +36,12 @@ def test_config_defaults_and_checks(tmp_path):
                             'threshold = 7\naction = "hold"\nfail = "closed"\n')
     a, rest = cfg.scan
     assert (a.tenant, a.scanner, a.address, a.threshold, a.action, a.fail) == \
-        ("a", "spamd", ("127.0.0.1", 783), 5.0, "reject", "open")
+        ("a", "spamd", None, 5.0, "reject", "open")
     assert (rest.tenant, rest.address, rest.threshold, rest.action, rest.fail) == \
         ("", ("127.0.0.2", 1783), 7.0, "hold", "closed")
     assert _config(tmp_path, "").scan == ()
     for bad in ('threshold = "high"', 'threshold = true', 'action = "bounce"',
-                'fail = "maybe"', 'concurrency = 0', 'scanner = "clamd"'):
+                'fail = "maybe"', 'concurrency = 0', 'scanner = "rspamd"'):
         with pytest.raises(ConfigError) as e:
             _config(tmp_path, f"[[scan]]\n{bad}\n")
         assert f"scan[0].{bad.split()[0]}" in str(e.value)
@@ -51,13 +51,13 @@ def test_policy_per_tenant(tmp_path):
     cfg = _config(tmp_path, '[[scan]]\ntenant = "a"\naction = "tag"\n'
                             '[[scan]]\ntenant = "b"\naction = "drop"\n')
     s = Scanning(cfg.scan, None)
-    assert s.policy_for("a").cfg.action == "tag"
-    assert s.policy_for("b").cfg.action == "drop"
+    assert s.policy_for("a")[0].cfg.action == "tag"
+    assert s.policy_for("b")[0].cfg.action == "drop"
     assert s.policy_for("c") is None and s.policy_for(None) is None   # no default table
     cfg = _config(tmp_path, '[[scan]]\ntenant = "a"\n[[scan]]\naction = "hold"\n')
     s = Scanning(cfg.scan, None)
-    assert s.policy_for("zzz").cfg.action == "hold" and s.policy_for(None).cfg.action == "hold"
-    assert s.policy_for("a").cfg.action == "reject"
+    assert s.policy_for("zzz")[0].cfg.action == "hold" and s.policy_for(None)[0].cfg.action == "hold"
+    assert s.policy_for("a")[0].cfg.action == "reject"
 
 
 @pytest.mark.parametrize("action", ["reject", "hold", "tag", "drop", "accept"])
@@ -266,3 +266,72 @@ def test_hold_is_taken_off_when_the_store_fails(tmp_path):
         return await s.check(s.policy_for(None), b"x" * 2000, b"\x02" * 16, _env(), store)
     assert _run(main()).startswith(b"451")
     assert held == unheld == [b"\x02" * 16]
+
+
+def test_clamd_reply_and_decision(tmp_path):
+    assert parse_clamd_reply(b"stream: OK") == SpamdResult(False, None, None, ())
+    r = parse_clamd_reply(b"stream: Eicar-Test-Signature FOUND")
+    assert r.spam and r.symbols == ("Eicar-Test-Signature",)
+    for bad in (b"", b"INSTREAM size limit exceeded. ERROR", b"stream: <x y> FOUND",
+                b"stream: " + b"A" * 300 + b" FOUND"):
+        with pytest.raises(ScanError):
+            parse_clamd_reply(bad)
+    p = _policy(tmp_path, scanner="clamd", action="tag")
+    assert (p.host, p.port) == ("127.0.0.1", 3310)
+    d = p.decide(r)
+    assert (d.action, d.spam, d.reason) == ("tag", True, "malware")
+    assert p.tag_headers(d) == b"X-Virus-Status: Infected (Eicar-Test-Signature)\r\n"
+    assert p.tag_headers(p.decide(parse_clamd_reply(b"stream: OK"))) == b"X-Virus-Status: Clean\r\n"
+
+
+def test_clamd_instream_and_two_tables(tmp_path):
+    """clamd gets length-prefixed chunks and a zero chunk; with a spamd table for the same
+    tenant both scan, the strictest decision wins and the tag headers still apply."""
+    got = {}
+    big = b"Subject: v\r\n\r\n" + b"v" * 200000
+
+    async def main():
+        async def clamd(reader, writer):
+            assert await reader.readexactly(10) == b"zINSTREAM\0"
+            data, got["chunks"] = b"", []
+            while True:
+                n = int.from_bytes(await reader.readexactly(4), "big")
+                if n == 0:
+                    break
+                got["chunks"].append(n)
+                data += await reader.readexactly(n)
+            got["data"] = data
+            writer.write(b"stream: Test.Virus FOUND\0")
+            await writer.drain()
+            writer.close()
+
+        async def spamd(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.split(b"Content-length: ")[1].split(b"\r\n")[0]))
+            writer.write(b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 0.5 / 5.0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        c_server, c_port = await _serve(clamd)
+        s_server, s_port = await _serve(spamd)
+        async with c_server, s_server:
+            out = {}
+            for clam_action in ("reject", "hold"):
+                cfg = _config(tmp_path, f'[[scan]]\nscanner = "clamd"\naddress = "127.0.0.1:{c_port}"\n'
+                                        f'action = "{clam_action}"\n'
+                                        f'[[scan]]\naddress = "127.0.0.1:{s_port}"\naction = "tag"\n')
+                s = Scanning(cfg.scan, None)
+                held, stored = [], []
+                s.hold, s.unhold = held.append, held.remove
+
+                async def store(content):
+                    stored.append(content)
+                    return b"250 stored\r\n"
+                answer = await s.check(s.policy_for("x"), big, b"\x03" * 16, _env(), store)
+                out[clam_action] = (answer, held, stored)
+            return out
+    out = _run(main())
+    assert got["data"] == big and max(got["chunks"]) <= 65536 and len(got["chunks"]) == 4
+    assert out["reject"] == (REJECT_VIRUS, [], [])
+    answer, held, stored = out["hold"]
+    assert answer == b"250 stored\r\n" and held == [b"\x03" * 16]
+    assert stored == [b"X-Spam-Status: No, score=0.5 required=5.0 tests=none\r\n" + big]

@@ -36,8 +36,15 @@ score and symbols are checked values, and the whole exchange sits under one time
 Trust: spamd is an operator-configured peer but its reply is still parsed as hostile
 (bounded size, numbers checked, symbol names filtered to [A-Z0-9_], at most 64 of them).
 
+The second scanner: ClamAV's clamd, INSTREAM on asyncio streams (4-byte length-prefixed
+chunks, a zero chunk, one NUL-terminated reply of at most 4 KiB: "stream: OK" or
+"stream: <name> FOUND"); a FOUND is the table's verdict (threshold does not apply), "tag"
+adds X-Virus-Status: Infected (<name>) / Clean. A tenant may have several tables (one
+per scanner): they scan concurrently and the strictest decision wins (reject > tempfail
+> drop > hold > tag > accept); tag headers of every table that tags are added.
+
 Not covered: HTTP injection (/inject) and local submission (DSNs) are not scanned; no
-ClamAV or milter scanner yet.
+milter client; no queue-stage (after the 250) scanning.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import asyncio
 import logging
 import math
 import re
+import struct
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from mta.model.ids import id_text, new_id
@@ -66,6 +74,13 @@ _SPAM_HEADER = re.compile(rb"(?im)^Spam:[ \t]*(True|False|Yes|No)[ \t]*;[ \t]*"
                           rb"(-?[0-9]{1,7}(?:\.[0-9]{1,6})?)[ \t]*$")
 
 REJECT = b"550 5.7.1 Message content rejected as spam\r\n"
+REJECT_VIRUS = b"550 5.7.1 Message content rejected: malware found\r\n"
+REJECT_SIZE = b"550 5.7.1 Message too big to be scanned\r\n"
+_SEVERITY = {"accept": 0, "tag": 1, "hold": 2, "drop": 3, "tempfail": 4, "reject": 5}
+_CLAMD_MAX_REPLY = 4096
+_CLAMD_CHUNK = 64 << 10
+_VIRUS = re.compile(r"^stream: ([\w.:/+-]{1,200}) FOUND$")
+DEFAULT_PORTS = {"spamd": 783, "clamd": 3310}
 TEMPFAIL = b"451 4.7.1 Content scanner unavailable, try again later\r\n"
 
 
@@ -73,11 +88,15 @@ class ScanError(Exception):
     """The scanner could not give a verdict (down, timed out, an error reply, garbage)."""
 
 
-class SpamdResult(NamedTuple):
-    spam: bool                 # spamd's own verdict (its required score)
-    score: float
-    required: float
-    symbols: tuple[str, ...]   # names of the rules that hit
+class ScanResult(NamedTuple):
+    spam: bool                 # the scanner's own verdict (spamd: its required score;
+                               # clamd: malware found)
+    score: float | None        # spamd's score; None from clamd
+    required: float | None
+    symbols: tuple[str, ...]   # names of the rules that hit (clamd: the malware's name)
+
+
+SpamdResult = ScanResult
 
 
 def parse_spamd_reply(data: bytes) -> SpamdResult:
@@ -132,6 +151,48 @@ async def spamd_check(host: str, port: int, content: bytes, user: str = "") -> S
     return parse_spamd_reply(data)
 
 
+def parse_clamd_reply(data: bytes) -> ScanResult:
+    """"stream: OK" or "stream: <name> FOUND" (NUL or newline terminated)."""
+    text = data.rstrip(b"\0\r\n").decode("ascii", "replace")
+    if text == "stream: OK":
+        return ScanResult(False, None, None, ())
+    m = _VIRUS.match(text)
+    if m is None:
+        raise ScanError(f"clamd: {text[:120]!r}")
+    return ScanResult(True, None, None, (m.group(1),))
+
+
+async def clamd_check(host: str, port: int, content: bytes) -> ScanResult:
+    """One clamd INSTREAM exchange; the caller bounds it with a timeout."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port, limit=_CLAMD_MAX_REPLY)
+    except OSError as exc:
+        raise ScanError(f"cannot connect to clamd at {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        writer.write(b"zINSTREAM\0")
+        view = memoryview(content)
+        for i in range(0, len(view), _CLAMD_CHUNK):
+            chunk = view[i:i + _CLAMD_CHUNK]
+            writer.write(struct.pack(">I", len(chunk)))
+            writer.write(chunk)
+            await writer.drain()
+        writer.write(struct.pack(">I", 0))
+        await writer.drain()
+        data = b""
+        while b"\0" not in data:
+            chunk = await reader.read(_CLAMD_MAX_REPLY + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > _CLAMD_MAX_REPLY:
+                raise ScanError("clamd reply too long")
+    except OSError as exc:
+        raise ScanError(f"clamd at {host}:{port}: {exc}") from None
+    finally:
+        writer.close()
+    return parse_clamd_reply(data.split(b"\0", 1)[0])
+
+
 class Decision(NamedTuple):
     action: str                # accept, tag, hold, drop, reject, tempfail
     spam: bool | None          # None: not scanned (scanner failure, oversize)
@@ -146,12 +207,12 @@ class ScanPolicy:
     def __init__(self, cfg: ScanConfig):
         self.cfg = cfg
         self.tenant = cfg.tenant
-        self.host, self.port = cfg.address
+        self.host, self.port = cfg.address or ("127.0.0.1", DEFAULT_PORTS[cfg.scanner])
         self._slots: asyncio.Semaphore | None = None   # made on the loop, on first use
         self.scanned = 0
         self.failed = 0
 
-    def decide(self, result: SpamdResult | None, error: str = "", oversize: bool = False) -> Decision:
+    def decide(self, result: ScanResult | None, error: str = "", oversize: bool = False) -> Decision:
         """What to do with a message given the scan's outcome (pure: unit-tested)."""
         cfg = self.cfg
         if oversize:
@@ -159,9 +220,13 @@ class ScanPolicy:
         if result is None:
             return Decision("accept" if cfg.fail == "open" else "tempfail", None, None, (),
                             error or "scanner failed")
-        spam = result.score >= cfg.threshold
-        if spam:
-            return Decision(cfg.action, True, result.score, result.symbols, "spam")
+        if cfg.scanner == "spamd":
+            flagged = result.score is not None and result.score >= cfg.threshold
+        else:
+            flagged = result.spam
+        if flagged:
+            return Decision(cfg.action, True, result.score, result.symbols,
+                            "spam" if cfg.scanner == "spamd" else "malware")
         return Decision("tag" if cfg.action == "tag" else "accept", False, result.score,
                         result.symbols, "clean")
 
@@ -182,17 +247,22 @@ class ScanPolicy:
         self.scanned += 1
         return self.decide(result)
 
-    async def _scan(self, content: bytes) -> SpamdResult:
+    async def _scan(self, content: bytes) -> ScanResult:
         assert self._slots is not None
         async with self._slots:
+            if self.cfg.scanner == "clamd":
+                return await clamd_check(self.host, self.port, content)
             return await spamd_check(self.host, self.port, content, self.cfg.user)
 
     def tag_headers(self, d: Decision) -> bytes:
-        """The X-Spam-* header lines a "tag" prepends (SpamAssassin's names)."""
+        """The header lines a "tag" prepends (SpamAssassin's names; clamav-milter's)."""
+        if self.cfg.scanner == "clamd":
+            status = f"Infected ({d.symbols[0] if d.symbols else 'unknown'})" if d.spam else "Clean"
+            return f"X-Virus-Status: {status}\r\n".encode("ascii", "replace")
         tests = ",".join(d.symbols) or "none"
         status = "Yes" if d.spam else "No"
-        lines = f"X-Spam-Status: {status}, score={d.score:.1f} required={self.cfg.threshold:.1f}" \
-                f" tests={tests}\r\n"
+        lines = f"X-Spam-Status: {status}, score={d.score or 0.0:.1f} " \
+                f"required={self.cfg.threshold:.1f} tests={tests}\r\n"
         if d.spam:
             lines = "X-Spam-Flag: YES\r\n" + lines
         return lines.encode("ascii", "replace")
@@ -202,41 +272,63 @@ class Scanning:
     """The [[scan]] tables by tenant; `check()` is Reception's hook."""
 
     def __init__(self, tables: tuple[ScanConfig, ...], logs: LogWriter | None):
-        self.policies = {t.tenant: ScanPolicy(t) for t in tables}
+        self.policies: dict[str, tuple[ScanPolicy, ...]] = {}
+        for t in tables:
+            self.policies[t.tenant] = self.policies.get(t.tenant, ()) + (ScanPolicy(t),)
         self.logs = logs
         # set by the composition root: put an operator hold on one message id (raw bytes),
         # and take it off again when the held message could not be stored after all
         self.hold: Callable[[bytes], Any] | None = None
         self.unhold: Callable[[bytes], Any] | None = None
 
-    def policy_for(self, tenant: str | None) -> ScanPolicy | None:
+    def policy_for(self, tenant: str | None) -> tuple[ScanPolicy, ...] | None:
+        """The tables that scan `tenant`'s mail (its own, else the tenant = "" ones)."""
         p = self.policies.get(tenant or "")
         return p if p is not None else self.policies.get("")
 
-    def check(self, policy: ScanPolicy, content, raw_id: bytes, envelope: Envelope,
-              store: Callable[[Any], Awaitable[bytes]]) -> asyncio.Future:
+    def check(self, policies: tuple[ScanPolicy, ...], content, raw_id: bytes,
+              envelope: Envelope, store: Callable[[Any], Awaitable[bytes]]) -> asyncio.Future:
         """The reply to send for a message: scanned, then stored through `store(content)`
         (or not, if refused or dropped). The returned future never fails."""
-        return asyncio.ensure_future(self._check(policy, bytes(content), raw_id, envelope, store))
+        return asyncio.ensure_future(self._check(policies, bytes(content), raw_id, envelope,
+                                                 store))
 
-    async def _check(self, policy: ScanPolicy, content: bytes, raw_id: bytes,
-                     envelope: Envelope, store: Callable[[Any], Awaitable[bytes]]) -> bytes:
+    async def _scan_one(self, policy: ScanPolicy, content: bytes) -> Decision:
         try:
-            d = await policy.scan(content)
+            return await policy.scan(content)
         except Exception as exc:   # a bug must not leave the client without a reply
             log.exception("scan failed unexpectedly")
-            d = policy.decide(None, f"internal error: {type(exc).__name__}")
-        if d.spam is None:
-            log.warning("message %s not scanned (%s): %s", envelope.id, d.reason, d.action)
-        self._record(policy, d, envelope)
+            return policy.decide(None, f"internal error: {type(exc).__name__}")
+
+    async def _check(self, policies: tuple[ScanPolicy, ...], content: bytes, raw_id: bytes,
+                     envelope: Envelope, store: Callable[[Any], Awaitable[bytes]]) -> bytes:
+        if len(policies) == 1:
+            decisions = [await self._scan_one(policies[0], content)]
+        else:
+            decisions = list(await asyncio.gather(*(self._scan_one(p, content)
+                                                    for p in policies)))
+        worst = 0
+        for i, (policy, d) in enumerate(zip(policies, decisions)):
+            if d.spam is None:
+                log.warning("message %s not scanned by %s (%s): %s", envelope.id,
+                            policy.cfg.scanner, d.reason, d.action)
+            self._record(policy, d, envelope)
+            if _SEVERITY[d.action] > _SEVERITY[decisions[worst].action]:
+                worst = i
+        d, policy = decisions[worst], policies[worst]
         if d.action == "reject":
-            self._rejection(envelope, 550, "5.7.1", "spam" if d.spam else d.reason)
-            return REJECT
+            self._rejection(envelope, 550, "5.7.1", d.reason)
+            return REJECT_SIZE if d.reason == "oversize" else \
+                REJECT if policy.cfg.scanner == "spamd" else REJECT_VIRUS
         if d.action == "tempfail":
             self._rejection(envelope, 451, "4.7.1", "scanner_unavailable")
             return TEMPFAIL
         if d.action == "drop":   # the client sees an acceptance; nothing is stored
             return reply("QUEUED", id_text(new_id()))
+        tags = b"".join(p.tag_headers(x) for p, x in zip(policies, decisions)
+                        if p.cfg.action == "tag" and x.spam is not None)
+        if tags:
+            content = tags + content
         if d.action == "hold":
             if self.hold is None:
                 return TEMPFAIL   # no queues to hold in (not wired): never send unreviewed
@@ -245,10 +337,7 @@ class Scanning:
             if not answer.startswith(b"250") and self.unhold is not None:
                 self.unhold(raw_id)   # not stored (spool error, DKIM defer): no stale hold
             return answer
-        if d.action == "tag" and d.spam is not None:
-            content = policy.tag_headers(d) + content
         return await store(content)
-
     def _record(self, policy: ScanPolicy, d: Decision, env: Envelope) -> None:
         if self.logs is None:
             return
