@@ -700,48 +700,6 @@ SCORE = ValueType("score", _parse_score, "a number (integer or float), e.g. 5.0"
 
 @dataclass(frozen=True, slots=True)
 class ScanConfig:
-    """Egress content scanning at reception (mta/ingest/scan.py) for one tenant, by
-    SpamAssassin's spamd; the table with tenant = \"\" applies to every other tenant."""
-
-    tenant: str = key(TEXT, "", "tenant (the tenant header's value) this table is for; "
-                      "\"\": every tenant without its own table", restart=True)
-    scanner: str = key(CHOICE, "spamd", "the scanner", choices=("spamd",), restart=True)
-    address: Any = key(HOSTPORT, "127.0.0.1:783", "spamd's address", restart=True)
-    user: str = key(TEXT, "", "user name sent to spamd (its per-user preferences); "
-                    "\"\": none", restart=True)
-    threshold: float = key(SCORE, 5.0, "a score at or above this is spam", restart=True)
-    action: str = key(CHOICE, "reject", "what happens to spam: reject (550 5.7.1 at end of "
-                      "data), hold (queued under an operator hold: `mta queue holds`, "
-                      "`mta queue release --id`), tag (X-Spam-Flag/X-Spam-Status headers "
-                      "added, on clean mail X-Spam-Status: No), drop (250, nothing stored, "
-                      "a Scanned record), accept (logged only)",
-                      choices=("reject", "hold", "tag", "drop", "accept"), restart=True)
-    fail: str = key(CHOICE, "open", "when the scanner is down, times out or answers "
-                    "garbage: open accepts the message unscanned (logged), closed answers "
-                    "451 4.7.1", choices=("open", "closed"), restart=True)
-    timeout: float = key(DURATION, "30s", "per message: the wait for a scan slot and the "
-                         "scan; past it, `fail` applies", lo="100ms", hi="10m", restart=True)
-    max_size: int = key(SIZE, "2MiB", "messages bigger than this are not scanned; "
-                        "`oversize` says what happens", lo="1KiB", hi="1GiB", restart=True)
-    oversize: str = key(CHOICE, "accept", "a message bigger than max_size: accept, hold or "
-                        "reject it, unscanned", choices=("accept", "hold", "reject"),
-                        restart=True)
-    concurrency: int = key(INT, 16, "scans in flight at once for this table (more wait, "
-                           "within timeout)", lo=1, hi=1024, restart=True)
-
-
-def _parse_score(value: object, base: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not -1000 <= value <= 10000:
-        raise Invalid(f"expected a number from -1000 to 10000, got {value!r}")
-    return float(value)
-
-
-SCORE = ValueType("score", _parse_score, "a number (integer or float), e.g. 5.0")
-
-
-@dataclass(frozen=True, slots=True)
-class ScanConfig:
     """Egress content scanning at reception (mta/ingest/scan.py) for one tenant by one
     scanner (SpamAssassin's spamd or ClamAV's clamd); a tenant may have one table per
     scanner (the strictest decision wins); tables with tenant = \"\" apply to every
@@ -816,7 +774,6 @@ SECTIONS = (
     Section("adaptive", AdaptiveConfig),
     Section("webhook", WebhookConfig, many=True, required=False),
     Section("scan", ScanConfig, many=True, required=False),
-    Section("scan", ScanConfig, many=True, required=False),
 )
 
 
@@ -866,8 +823,6 @@ class Config:
     adaptive: AdaptiveConfig
     # [[webhook]], possibly none
     webhook: tuple[WebhookConfig, ...]
-    # [[scan]], possibly none: content scanning at reception
-    scan: tuple[ScanConfig, ...]
     # [[scan]], possibly none: content scanning at reception
     scan: tuple[ScanConfig, ...]
     # Where the configuration came from: a file path or "<string>".
