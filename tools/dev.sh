@@ -16,9 +16,10 @@ log() { printf '[dev] %s\n' "$*" >&2; }
 # clang: the fuzz build of the wire extension (make fuzz-build, docs/fuzzing.md)
 # tmux: tests/test_top.py drives `mta top` in a terminal; chromium, chromium-driver: the
 # dashboard's headless-browser test (tests/scenarios/test_dashboard.py, selenium);
-# spamassassin, spamd: the egress scanning test starts its own spamd (tests/scenarios/test_scanning.py)
+# spamassassin, spamd, clamav-daemon: the egress scanning test starts its own spamd and clamd
+# (tests/scenarios/test_scanning.py)
 APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps clang
-              tmux chromium chromium-driver spamassassin spamd
+              tmux chromium chromium-driver spamassassin spamd clamav-daemon
               $(grep -hv '^#' tools/dns-packages.txt tools/dkim-packages.txt))
 
 install_system() {

@@ -11,8 +11,13 @@ verifies; a clean message passes untouched; tenant d's GTUBE is dropped (250, a 
 record, never delivered). spamd down: fail = "open" accepts and delivers, fail = "closed"
 answers 451 4.7.1.
 
-Needs spamd (tools/dev.sh installs spamassassin); skipped with a message when it cannot
-start, failed instead under CI=true.
+ClamAV as the second scanner: a clamd started here with a private database holding only
+an EICAR signature (works offline; no freshclam), scanning tenant v's mail next to a
+spamd table that tags: the EICAR message is refused (550 5.7.1), a clean one arrives with
+X-Spam-Status: No.
+
+Needs spamd and clamd (tools/dev.sh installs spamassassin, spamd and clamav-daemon);
+skipped with a message when one cannot start, failed instead under CI=true.
 """
 from __future__ import annotations
 
@@ -72,6 +77,47 @@ def spamd(tmp_path_factory):
             except OSError:
                 if time.monotonic() > deadline:
                     _unavailable("spamd did not listen within 90 s")
+                time.sleep(0.3)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        err.close()
+
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+@pytest.fixture(scope="module")
+def clamd(tmp_path_factory):
+    exe = shutil.which("clamd") or ("/usr/sbin/clamd" if os.path.exists("/usr/sbin/clamd") else None)
+    if exe is None:
+        _unavailable("no clamd binary")
+    home = tmp_path_factory.mktemp("clamd")
+    (home / "db").mkdir()
+    (home / "db" / "test.ndb").write_text(f"Eicar-Test-Signature:0:*:{EICAR.hex()}\n")
+    port = free_port()
+    (home / "clamd.conf").write_text(
+        f"Foreground yes\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {home}/db\n"
+        f"LogFile {home}/clamd.log\nTemporaryDirectory {home}\nMaxThreads 2\n")
+    err = open(home / "clamd.err", "wb")
+    proc = subprocess.Popen([exe, "-c", str(home / "clamd.conf")], stdout=err, stderr=err, cwd=home)
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                _unavailable(f"clamd exited {proc.returncode}: "
+                             f"{(home / 'clamd.err').read_text()[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    _unavailable("clamd did not listen within 90 s")
                 time.sleep(0.3)
         yield port
     finally:
@@ -194,3 +240,28 @@ def test_spamd_down(daemon_factory, dns_server, receivers, fail):
         assert (code, text[:5]) == (451, b"4.7.1"), (code, text)
         assert rec["action"] == "tempfail"
         assert not d.log_records("Reception")
+
+
+def test_clamd_next_to_spamd(daemon_factory, dns_server, receivers, spamd, clamd):
+    sink = receivers(f"{NET}.3")
+    dns = dns_server(["dest.test. 60 IN MX 10 mx.dest.test.", f"mx.dest.test. 60 IN A {NET}.3"])
+    d = daemon_factory(extra=(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        f'[[scan]]\ntenant = "v"\nscanner = "clamd"\naddress = "127.0.0.1:{clamd}"\n'
+        f'action = "reject"\ntimeout = "60s"\n'
+        f'[[scan]]\ntenant = "v"\naddress = "127.0.0.1:{spamd}"\naction = "tag"\n'
+        f'timeout = "60s"\n'))
+    code, text = _send(d.port, "v", b"see attached\r\n" + EICAR + b"\r\n", "virus")
+    assert (code, text[:5]) == (550, b"5.7.1") and b"malware" in text, (code, text)
+    rej, = _records(d, "Rejection", 1)
+    assert rej["reason"] == "malware", rej
+    _wait(lambda: len(d.log_records("Scanned")) >= 2, 30, "two Scanned records")
+    by = {r["scanner"]: r for r in d.log_records("Scanned")}
+    assert by["clamd"]["action"] == "reject" and by["clamd"]["symbols"] == \
+        ["Eicar-Test-Signature.UNOFFICIAL"], by
+    assert by["spamd"]["action"] in ("tag", "reject"), by   # EICAR may score on its own
+
+    code, _ = _send(d.port, "v", b"nothing to see here\r\n", "clean")
+    assert code == 250
+    (_, _, content), = sink.wait(1, timeout=60)
+    assert b"X-Spam-Status: No" in content and b"Subject: clean" in content, content[:600]
