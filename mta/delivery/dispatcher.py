@@ -327,17 +327,22 @@ class Dispatcher:
         # a configured route ("[host]:port") is the operator's choice: no MTA-STS/DANE
         tp = None if self.site.name.startswith("[") else self.tls_policy
         policy = await self._policy(msg.queue.domain) if tp is not None else NO_POLICY
+        flags: list[bool] = []      # (requiretls, tls_optional) of the message in hand
+
+        def envelope_flags() -> list[bool]:
+            if not flags:       # read only when a policy decision needs it
+                try:
+                    env = self.spool.envelope(msg.id)
+                    flags.extend((env.requiretls, env.tls_optional))
+                except KeyError:
+                    flags.extend((False, False))
+            return flags
+
         plain_ok = mode == "opportunistic-fallback"
-        if plain_ok:    # REQUIRETLS mail in hand: no plaintext fallback
-            try:
-                env = self.spool.envelope(msg.id)
-                plain_ok = not env.requiretls or env.tls_optional
-            except KeyError:
-                pass
         for host in self.site.hosts:
             if tp is not None and policy.sts is not None:
                 ref = tp.host_allowed(policy, host.name)
-                if ref is not None:
+                if ref is not None and not envelope_flags()[1]:
                     last = _policy_error(host.name, ref)
                     log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
                     continue
@@ -349,7 +354,9 @@ class Dispatcher:
                     client = await self._open(address, port, "off" if mode == "off"
                                               else "opportunistic")
                 except SessionError as exc:
-                    if not plain_ok or need_tls or exc.phase not in TLS_PHASES:
+                    # no plaintext fallback for REQUIRETLS mail in hand (unless TLS-Required: No)
+                    if not plain_ok or need_tls or exc.phase not in TLS_PHASES or (
+                            envelope_flags()[0] and not envelope_flags()[1]):
                         last = exc
                         log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
                                  port, exc)
@@ -372,6 +379,8 @@ class Dispatcher:
                                   f"[{address}] did not offer STARTTLS")
                 elif tp is not None or mode == "verified":
                     ref = (tp or _NO_TP).check(policy, client, tlsa, verified=mode == "verified")
+                if ref is not None and envelope_flags()[1]:
+                    ref = None          # TLS-Required: No (RFC 8689 5): policies do not apply
                 if ref is not None:
                     client.abort()
                     last = _policy_error(host.name, ref)
