@@ -220,3 +220,61 @@ def test_opportunistic_without_fallback_defers_a_broken_handshake(world, daemon_
     r = _failure(d, "j@broken.test")
     assert "TLS handshake" in r["text"], r
     assert world.rx["4"].messages == []
+
+
+@pytest.fixture
+def dane_world(tmp_path):
+    """A signed zone dane.test behind a validating unbound (AD bit), three receivers:
+    .30 DANE-EE matches (its certificate is from a CA nobody trusts and names nothing
+    useful), .31 DANE-EE does not match, .32 DANE-TA: the chain holds the CA the record
+    names and the leaf names the MX."""
+    from tls_certs import SignedDnsServer, tlsa_rdata
+    stranger = Ca("nobody trusts me")
+    ee = stranger.issue("unrelated.invalid")
+    ta_ca = Ca("dane ta")
+    ta = ta_ca.issue("mx.danet.dane.test")
+    ta.chain = [ta.cert, ta_ca.cert]
+    ctls = []
+    rx = {}
+    for n, issued in ((30, ee), (31, stranger.issue("mx.bad.dane.test")), (32, ta)):
+        handler = Receiver()
+        ctl = Controller(handler, hostname=f"{NET}.{n}", port=25,
+                         tls_context=issued.server_context(tmp_path, f"dane{n}"))
+        ctl.start()
+        ctls.append(ctl)
+        rx[n] = handler
+    dns = SignedDnsServer("dane.test", [
+        "ee IN MX 10 mx.ee", f"mx.ee IN A {NET}.30", f"_25._tcp.mx.ee IN TLSA {tlsa_rdata(ee.cert)}",
+        "bad IN MX 10 mx.bad", f"mx.bad IN A {NET}.31", "_25._tcp.mx.bad IN TLSA 3 1 1 " + "00" * 32,
+        "danet IN MX 10 mx.danet", f"mx.danet IN A {NET}.32",
+        f"_25._tcp.mx.danet IN TLSA {tlsa_rdata(ta_ca.cert, usage=2)}",
+    ], tmp_path)
+    yield dns, rx
+    for ctl in ctls:
+        ctl.stop()
+    dns.stop()
+
+
+def test_dane_ee_ta_and_mismatch(dane_world, daemon_factory):
+    dns, rx = dane_world
+    d = daemon_factory(extra=(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = "2s"\n'
+        '[delivery]\nretry_initial = "1m"\nretry_max = "1m"\n'))
+    _send(d.port, "s@sender.test", ["a@ee.dane.test"])
+    _send(d.port, "s@sender.test", ["b@danet.dane.test"])
+    _send(d.port, "s@sender.test", ["c@bad.dane.test"])
+    rx[30].wait(1)
+    rx[32].wait(1)
+    r = _failure(d, "c@bad.dane.test")
+    assert (r["code"], r["status"]) == (451, "4.7.5"), r
+    assert "dane: validation-failure" in r["text"], r
+    assert rx[31].messages == []
+
+
+def test_dane_off_by_config(dane_world, daemon_factory):
+    dns, rx = dane_world
+    d = daemon_factory(extra=(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = "2s"\n'
+        '[delivery]\ndane = false\n'))
+    _send(d.port, "s@sender.test", ["c@bad.dane.test"])
+    rx[31].wait(1)      # opportunistic TLS as before
