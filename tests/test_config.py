@@ -157,7 +157,8 @@ def test_config_is_frozen() -> None:
      "listener[1].foo: unknown key (allowed: address, port, hostname, banner, relay_cidrs, "
      "bare_newline, max_message_size, max_recipients, max_line_length, max_errors, "
      "max_junk_commands, max_messages_per_session, idle_timeout, data_timeout, "
-     "max_connections, max_connections_per_ip)"),
+     "max_connections, max_connections_per_ip, tls, tls_cert, tls_key, require_tls, "
+     "auth_users, auth_concurrency, auth_max_failures, auth_lockout)"),
 ])
 def test_problem_message(toml: str, want: str) -> None:
     got = _problems(toml)
