@@ -245,6 +245,11 @@ class DeliveryConfig:
     tls_ca_file: Path | None = key(OPTIONAL_PATH, "", "CA certificates (PEM) that verified TLS, "
                                    "MTA-STS and its HTTPS policy fetch trust; \"\": the system "
                                    "trust store (SSL_CERT_FILE / SSL_CERT_DIR)", restart=True)
+    tls_reports: bool = key(BOOL, True, "count TLS sessions to domains with an MTA-STS or "
+                            "DANE policy and send them SMTP TLS reports (RFC 8460) at the rua "
+                            "addresses of their _smtp._tls TXT record", restart=True)
+    tls_report_interval: float = key(DURATION, "1d", "how often TLS reports are sent (the "
+                                     "counting window)", lo="1s", hi="31d", restart=True)
     connect_timeout: float = key(DURATION, "30s", "TCP connect to a remote host",
                                  lo="100ms", hi="10m", restart=True)
     command_timeout: float = key(DURATION, "5m", "wait for a reply to a command (RFC 5321 "

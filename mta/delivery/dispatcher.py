@@ -343,6 +343,7 @@ class Dispatcher:
             if tp is not None and policy.sts is not None:
                 ref = tp.host_allowed(policy, host.name)
                 if ref is not None and not envelope_flags()[1]:
+                    tp.record(policy, [], ref, mx=host.name, sending_ip=self.source.address or "")
                     last = _policy_error(host.name, ref)
                     log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
                     continue
@@ -379,6 +380,9 @@ class Dispatcher:
                                   f"[{address}] did not offer STARTTLS")
                 elif tp is not None or mode == "verified":
                     ref = (tp or _NO_TP).check(policy, client, tlsa, verified=mode == "verified")
+                if tp is not None and tp.reports is not None:
+                    tp.record(policy, tlsa, ref, mx=host.name, ip=address,
+                              sending_ip=client.local[0])
                 if ref is not None and envelope_flags()[1]:
                     ref = None          # TLS-Required: No (RFC 8689 5): policies do not apply
                 if ref is not None:

@@ -31,6 +31,7 @@ from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
 from mta.delivery.private_headers import PrivateHeaders
 from mta.delivery.tls_policy import TlsPolicy
+from mta.delivery.tlsrpt import TlsReports
 from mta.egress.dnsclient import DnsClient
 from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
@@ -81,6 +82,12 @@ class DeliveryEngine:
             if d.mta_sts or d.dane else None,
             mta_sts=d.mta_sts, dane=d.dane, ca_file=d.tls_ca_file,
             state_dir=config.spool.directory)
+        if d.tls_reports and self.tls_policy.dns is not None:     # TLS-RPT (RFC 8460)
+            self.tls_policy.reports = TlsReports(
+                self.tls_policy.dns, organization=config.server.hostname,
+                interval=d.tls_report_interval, state_dir=config.spool.directory,
+                ca_file=d.tls_ca_file)
+            self.tls_policy.reports.inject = inject
         self.egress = Egress(config)
         self.shaping = Shaping.load(config.egress.shaping, dataclasses.asdict(d))
         self.limits = LimitsSource(self.shaping, clock=clock)
@@ -127,6 +134,8 @@ class DeliveryEngine:
         self.adaptive.adaptive.start(loop)
         self.limits.start(loop)
         self.warmup.start(loop)
+        if self.tls_policy.reports is not None:
+            self.tls_policy.reports.start_timer(loop)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 
     async def stop(self) -> None:
@@ -134,6 +143,8 @@ class DeliveryEngine:
         self.limits.stop()
         self.adaptive.adaptive.stop()
         self.warmup.stop()
+        if self.tls_policy.reports is not None:
+            await self.tls_policy.reports.stop()
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))

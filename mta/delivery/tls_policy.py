@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mta.delivery.tlsrpt import DnsResolver, TlsReports
 from mta.egress.dnsclient import QueryError
 from mta.files import write_atomic
 
@@ -355,6 +356,7 @@ class TlsPolicy:
         self._tlsa: dict[str, tuple[list[tuple[int, int, int, bytes]], float]] = {}
         self._path = Path(state_dir) / "mta-sts.json" if state_dir else None
         self._http_ctx: ssl.SSLContext | None = None
+        self.reports: TlsReports | None = None      # TLS-RPT counting (tlsrpt.py), if on
         self._load()
 
     @property
@@ -444,7 +446,7 @@ class TlsPolicy:
             self._http_ctx = ctx
         url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
         timeout = aiohttp.ClientTimeout(total=STS_FETCH_TIMEOUT)
-        connector = aiohttp.TCPConnector(resolver=_Resolver(self.dns), use_dns_cache=False)
+        connector = aiohttp.TCPConnector(resolver=DnsResolver(self.dns), use_dns_cache=False)
         try:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 async with session.get(url, ssl=self._http_ctx, allow_redirects=False,
@@ -527,6 +529,28 @@ class TlsPolicy:
             return None if err is None else Refusal("verified", *err)
         return None
 
+    def record(self, p: DomainPolicy, tlsa: list[tuple[int, int, int, bytes]],
+               ref: Refusal | None, *, mx: str, ip: str = "", sending_ip: str = "") -> None:
+        """Count one session for TLS-RPT (RFC 8460) when the domain has a policy."""
+        reports = self.reports
+        if reports is None:
+            return
+        if tlsa:
+            policy: dict[str, Any] = {
+                "policy-type": "tlsa", "mx-host": [mx],
+                "policy-string": [f"{u} {s} {m} {d.hex()}" for u, s, m, d in tlsa]}
+        elif p.sts is not None and p.sts.mode != "none":
+            policy = {"policy-type": "sts", "mx-host": list(p.sts.mx), "policy-string": [
+                "version: STSv1", f"mode: {p.sts.mode}", *(f"mx: {m}" for m in p.sts.mx),
+                f"max_age: {p.sts.max_age}"]}
+        elif p.sts_error:
+            policy = {"policy-type": "no-policy-found"}
+            ref = ref or Refusal("mta-sts", p.sts_error.split(":")[0], p.sts_error)
+        else:
+            return
+        reports.session(p.domain, policy, None if ref is None else ref.result,
+                        sending_ip=sending_ip, mx=mx, receiving_ip=ip)
+
     def requires_tls(self, p: DomainPolicy, tlsa: list[Any]) -> bool:
         """True when a session without TLS could not be used (no plaintext fallback)."""
         return bool(tlsa) or p.enforce
@@ -567,30 +591,6 @@ class TlsPolicy:
             write_atomic(self._path, json.dumps(out, sort_keys=True).encode())
         except OSError as exc:
             log.warning("cannot save MTA-STS policies to %s: %s", self._path, exc)
-
-
-class _Resolver:
-    """aiohttp resolver (AbstractResolver protocol) asking our DnsClient: the policy host
-    is looked up through the configured nameservers, like the MX hosts."""
-
-    def __init__(self, dns: DnsClient | None) -> None:
-        self.dns = dns
-
-    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
-        import socket
-        if self.dns is None:
-            raise OSError(f"no resolver for {host}")
-        try:
-            addrs, _ = await self.dns.addresses(host, "A")
-        except QueryError as exc:
-            raise OSError(exc.text) from None
-        if not addrs:
-            raise OSError(f"{host}: no address")
-        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST} for a in addrs[:4]]
-
-    async def close(self) -> None:
-        pass
 
 
 def _sts_dict(s: StsPolicy) -> dict[str, Any]:
