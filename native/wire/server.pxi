@@ -48,6 +48,11 @@ cdef dict _COMMANDS = {
 # Server events beyond EV_NONE/EV_MESSAGE/EV_CLOSE (wire.pyx). EV_STARTTLS (client.pxi, 8):
 # 220 written, input after the STARTTLS line discarded: do the handshake, then tls_started().
 EV_AUTH = 128       # an AUTH exchange is complete: verify auth_request, then auth_done()
+# the same values as C constants, for ServerCore.hold (compared without Python objects)
+cdef enum:
+    H_MESSAGE = 1       # EV_MESSAGE
+    H_STARTTLS = 8      # EV_STARTTLS
+    H_AUTH = 128        # EV_AUTH
 
 
 cdef str _printable(bytes raw, Py_ssize_t limit=255):
@@ -171,7 +176,7 @@ cdef class ServerCore:
         self.helo = ""
         self.txn = None
         self.rejections = []
-        self.hold = EV_MESSAGE
+        self.hold = H_MESSAGE
 
     # -- API used by the session -------------------------------------------
 
@@ -201,7 +206,7 @@ cdef class ServerCore:
         if self.state == ST_CLOSED:
             return b"", EV_CLOSE
         if self.state == ST_PENDING:  # the session paused reading; keep it for later
-            if self.hold == EV_STARTTLS:
+            if self.hold == H_STARTTLS:
                 return b"", EV_NONE   # plaintext after STARTTLS is never executed (RFC 3207 4.2)
             self.pending = self.pending + bytes(data)
             return b"", EV_NONE
@@ -218,23 +223,23 @@ cdef class ServerCore:
     def tls_started(self):
         """The TLS handshake after EV_STARTTLS is done: start over (RFC 3207 4.2: forget
         EHLO and anything sent before the handshake); the client sends EHLO again."""
-        if self.state != ST_PENDING or self.hold != EV_STARTTLS:
+        if self.state != ST_PENDING or self.hold != H_STARTTLS:
             raise InternalError("tls_started() without STARTTLS")
         self.pending = b""
         self.helo = ""
         self.esmtp = False
         self._reset_txn()
         self.tls = True
-        self.hold = EV_MESSAGE
+        self.hold = H_MESSAGE
         self.state = ST_CONNECTED
 
     def auth_done(self, bint ok, str failure="AUTH_FAILED", tenant=None, sender_check=None):
         """The verdict on auth_request (after EV_AUTH): 235 and relaying, or the refusal
         `failure` (counted towards max_errors); then go on with buffered input."""
-        if self.state != ST_PENDING or self.hold != EV_AUTH:
+        if self.state != ST_PENDING or self.hold != H_AUTH:
             raise InternalError("auth_done() without AUTH")
         self.auth_request = None
-        self.hold = EV_MESSAGE
+        self.hold = H_MESSAGE
         self.state = ST_READY
         if ok:
             self.authed = True
@@ -248,7 +253,7 @@ cdef class ServerCore:
 
     def resume(self, bytes reply):
         """Send the spool's verdict for the pending message and go on."""
-        if self.state != ST_PENDING or self.hold != EV_MESSAGE:
+        if self.state != ST_PENDING or self.hold != H_MESSAGE:
             raise InternalError("resume() without a pending message")
         self.out += reply
         if reply[:1] == b"2":
@@ -284,7 +289,7 @@ cdef class ServerCore:
         if self.state == ST_CLOSED:
             return out, EV_CLOSE
         if self.state == ST_PENDING:
-            if self.hold == EV_STARTTLS:
+            if self.hold == H_STARTTLS:
                 self.pending = b""
             return out, self.hold
         return out, EV_NONE
@@ -686,7 +691,7 @@ cdef class ServerCore:
         else:
             self._reply("TLS_READY")
             self._reset_txn()
-            self.hold = EV_STARTTLS
+            self.hold = H_STARTTLS
             self.state = ST_PENDING   # _run stops here and drops the rest of the input
 
     def _cmd_auth(self, bytes arg):
@@ -746,7 +751,7 @@ cdef class ServerCore:
 
     cdef _auth_ready(self, bytes mech, list responses):
         self.auth_request = (mech, responses)
-        self.hold = EV_AUTH
+        self.hold = H_AUTH
         self.state = ST_PENDING
 
     # -- helpers -------------------------------------------------------------
