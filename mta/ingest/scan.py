@@ -1,5 +1,6 @@
 """Egress content scanning at reception: each message goes to a scanner (SpamAssassin's
-spamd) before the 250, and the tenant's `[[scan]]` policy acts on the verdict.
+spamd, ClamAV's clamd) before the 250, and the tenant's `[[scan]]` policy acts on the
+verdict.
 
 Where the verdict acts, and why here. Reception is the only place that can *refuse* a
 message (550 5.7.1 to the injecting client, which then knows; after the 250 the only
@@ -17,8 +18,8 @@ waits for the spool sync), with a bounded number of scans in flight per `[[scan]
 A queue-side stage (scan after the 250, between spool and queues) is not built: it would
 only trade refusals for DSNs.
 
-Policy, per tenant (the tenant header's value): the `[[scan]]` table with that `tenant`,
-else the table with tenant = "" (everyone else), else no scanning. Verdicts:
+Policy, per tenant (the tenant header's value): the `[[scan]]` tables with that `tenant`,
+else the tables with tenant = "" (everyone else), else no scanning. Verdicts:
 - spam (score >= `threshold`): `action` = reject (550 5.7.1 + Rejection and Scanned
   records) | hold | tag | drop | accept (scan and log only);
 - clean: accepted unchanged (with action = "tag": X-Spam-Status: No ... is added too);
@@ -29,12 +30,12 @@ Scanning off (no `[[scan]]` table, or no table for the tenant): Reception.accept
 attribute check (plus one dict lookup with tables configured).
 
 The spamd client: SPAMC/1.5 on asyncio streams, written here (~60 lines: one SYMBOLS
-request with Content-length, one bounded reply). `aiospamc` (the async spamd client on
-PyPI) works, but pulls loguru, typer and certifi into the daemon for a protocol this
-small, and its parser reads whatever spamd sends; here the reply is cut at 64 KiB, the
-score and symbols are checked values, and the whole exchange sits under one timeout.
+request with Content-length, one bounded reply). `aiospamc` 1.2.0, the async spamd client
+on PyPI, was not taken: it requires loguru, typer and certifi (a CLI's dependencies) in
+the daemon for a protocol this small. Here the reply is cut at 64 KiB, the score and
+symbols are checked values, and the whole exchange sits under one timeout.
 Trust: spamd is an operator-configured peer but its reply is still parsed as hostile
-(bounded size, numbers checked, symbol names filtered to [A-Z0-9_], at most 64 of them).
+(bounded size, numbers checked, symbol names filtered to [A-Za-z0-9_], at most 64 of them).
 
 The second scanner: ClamAV's clamd, INSTREAM on asyncio streams (4-byte length-prefixed
 chunks, a zero chunk, one NUL-terminated reply of at most 4 KiB: "stream: OK" or
@@ -198,7 +199,7 @@ class Decision(NamedTuple):
     spam: bool | None          # None: not scanned (scanner failure, oversize)
     score: float | None
     symbols: tuple[str, ...]
-    reason: str                # "spam", "clean", "oversize", or the failure
+    reason: str                # "spam", "malware", "clean", "oversize", or the failure
 
 
 class ScanPolicy:
