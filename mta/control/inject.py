@@ -42,6 +42,7 @@ import binascii
 import html
 import re
 import time
+from email.errors import MessageError
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 LISTENER, PROTOCOL = "http-inject", "HTTP"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]{1,64})\s*\}\}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")          # RFC 5322 ftext
 _ADDRESS = re.compile(r"[^\s<>()\[\],;:\"\\@]{1,64}@[^\s<>()\[\],;:\"\\@]{1,253}")
 _MAX_VALUE = 64 << 10     # one substitution value
@@ -143,7 +145,7 @@ def _values(d: Any, what: str) -> dict[str, str]:
         raise ValueError(f"{what} must be an object of at most 256 names")
     out = {}
     for k, v in d.items():
-        if not isinstance(k, str) or not _PLACEHOLDER.fullmatch("{{" + k + "}}"):
+        if not _NAME.fullmatch(k):
             raise ValueError(f"{what}: {str(k)[:80]!r} is not a placeholder name "
                              "(1 to 64 of A-Z a-z 0-9 _ . -)")
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -339,7 +341,7 @@ class Injector:
             else:
                 msg.set_content(htm, subtype="html", cte="quoted-printable")
             return msg.as_bytes()
-        except (ValueError, TypeError, IndexError) as exc:   # the email package's refusals
+        except (ValueError, TypeError, IndexError, MessageError) as exc:   # email's refusals
             raise ValueError(f"cannot build the message: {exc}") from None
 
     # -- storing --------------------------------------------------------------------------

@@ -217,3 +217,16 @@ def test_spool_full_is_503_with_the_reason(daemon_factory, tmp_path, sink):
     assert call(d.admin_port, base)[0] == 200
     st, got = call(d.admin_port, base)
     assert st == 503 and "4.3.2" in got["error"], got
+
+
+def test_substitute_is_one_pass_bounded_and_escapes():
+    from mta.control.inject import substitute
+    values = {"a": "{{b}}", "b": "never", "h": "<b>&\"'"}
+    # a value is never scanned again
+    assert substitute("x{{a}}y{{ b }}", values, 100) == "x{{b}}ynever"
+    assert substitute("{{h}}", values, 100, escape=True) == "&lt;b&gt;&amp;&quot;&#x27;"
+    with pytest.raises(ValueError, match="after substitution"):
+        substitute("{{b}}" * 30, values, 100)
+    with pytest.raises(ValueError, match=r"no value for \{\{zz\}\}"):
+        substitute("{{zz}}", values, 100)
+    assert substitute("no placeholders {x} {{}}", {}, 100) == "no placeholders {x} {{}}"
