@@ -22,7 +22,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mta.ingest.governor import DataMemory
-from mta.ingest.tls import tls_fields
+from mta.ingest.tls import tls_fields, tls_optional
 from mta.model.envelope import Envelope, Recipient
 from mta.model.ids import id_text, new_id
 from mta.model.log_records import RecordType
@@ -98,12 +98,16 @@ class Reception:
         return self._date
 
     def _x_values(self, content) -> dict[str, Any]:
-        """Envelope field -> value of the X-headers reception is configured to read."""
+        """Envelope field -> value of the X-headers reception is configured to read, and
+        tls_optional for a "TLS-Required: No" header field."""
         out: dict[str, Any] = {}
+        end = content.find(b"\r\n\r\n", 0, _HEADER_SCAN)   # copy the header block only
+        stop = end + 2 if end >= 0 else _HEADER_SCAN
+        if tls_optional(content, stop):   # RFC 8689 5: "TLS-Required: No" (tls.py)
+            out["tls_optional"] = True
         if not self._x_headers:
             return out
-        end = content.find(b"\r\n\r\n", 0, _HEADER_SCAN)   # copy the header block only
-        head = bytes(content[:end + 2 if end >= 0 else _HEADER_SCAN])
+        head = bytes(content[:stop])
         for name, rx in self._x_headers:
             m = rx.search(head)
             if m:
