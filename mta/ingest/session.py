@@ -205,6 +205,8 @@ class SmtpSession(asyncio.Protocol):
                 log.info("AUTH %s from %s", user.name, self.peer_ip)
             else:
                 out, ev = core.auth_done(False, name)
+                # a Rejection record (reason auth_failed, auth_temp ...) for the operator
+                self.listener.reception.log_rejections(self.peer, [(name, "", [])])
         except Exception:
             self._bug()
             return

@@ -103,6 +103,9 @@ def test_wrong_passwords_lock_the_address_out(rig):
     rc, out = swaks(d.starttls, "--tls", "--auth", "PLAIN", "--auth-user", "alice",
                     "--auth-password", "correct horse", ca=d.ca, client="127.0.80.6")
     assert rc == 0 and "Ok: queued as" in out, out
+    d.stop()
+    reasons = [r["reason"] for r in d.log_records("Rejection") if r["client_ip"] == CLIENT]
+    assert reasons.count("auth_failed") == 3 and reasons.count("auth_temp") == 1
 
 
 def test_failed_auth_counts_towards_max_errors(daemon_factory, tmp_path):
