@@ -66,8 +66,10 @@ class Dispatcher:
                  tls_policy: TlsPolicy | None = None,
                  clock: Callable[[], float] = time.time):
         self.ready = ready
-        # MTA-STS / DANE per recipient domain; None or inactive: no lookups at all
-        self.tls_policy = tls_policy if tls_policy is not None and tls_policy.active else None
+        # MTA-STS / DANE per recipient domain; None when inactive or for a configured
+        # route / smarthost ("[host]:port": the operator's choice): no lookups at all
+        self.tls_policy = (tls_policy if tls_policy is not None and tls_policy.active
+                           and not ready.site.name.startswith("[") else None)
         self.private_headers = private_headers   # X-Tenant & co. removed before sending
         self.clock = clock            # wall time; throttles and timers use loop time
         self.hold_back = hold_back    # a message of a suspended queue goes back to wait there
@@ -314,7 +316,7 @@ class Dispatcher:
     async def _policy(self, domain: str) -> DomainPolicy:
         """The recipient domain's TLS policy (a dict lookup once cached); none for routes."""
         tp = self.tls_policy
-        if tp is None or self.site.name.startswith("["):
+        if tp is None:
             return NO_POLICY
         return tp.cached(domain) or await tp.for_domain(domain)
 
@@ -324,8 +326,7 @@ class Dispatcher:
         last: SessionError | None = None
         port = self.source.port or self.site.port
         mode = self.limits.tls
-        # a configured route ("[host]:port") is the operator's choice: no MTA-STS/DANE
-        tp = None if self.site.name.startswith("[") else self.tls_policy
+        tp = self.tls_policy
         policy = await self._policy(msg.queue.domain) if tp is not None else NO_POLICY
         flags: list[bool] = []      # (requiretls, tls_optional) of the message in hand
 
@@ -406,7 +407,7 @@ class Dispatcher:
         if tls_optional:            # RFC 8689 5: TLS-Required: No overrides policies
             return None
         mode = self.limits.tls
-        tp = None if self.site.name.startswith("[") else self.tls_policy
+        tp = self.tls_policy
         if tp is None and mode != "verified" and not requiretls:
             return None
         policy = await self._policy(msg.queue.domain)
@@ -467,7 +468,9 @@ class Dispatcher:
                     log.warning("%s: sending unsigned: %s", msg.id_text, exc)
         requiretls = env.requiretls
         tls_optional = env.tls_optional
-        if self.tls_policy is not None or requiretls or self.limits.tls == "verified":
+        tp = self.tls_policy
+        if requiretls or self.limits.tls == "verified" or (tp is not None and _policy_applies(
+                tp._cache.get(msg.queue.domain), client)):    # one dict lookup without a policy
             ref = await self._tls_refusal(client, msg, requiretls, tls_optional)
             if ref is not None:
                 # RFC 8689 4.2.1: REQUIRETLS that cannot be met bounces (5.7.10);
@@ -518,6 +521,13 @@ class Dispatcher:
 
 TLS_PHASES = ("performing the TLS handshake", "sending STARTTLS")
 _NO_TP = TlsPolicy(None, mta_sts=False, dane=False)     # verified-only checks (system trust)
+
+
+def _policy_applies(policy: DomainPolicy | None, client: SmtpClient) -> bool:
+    """The message's domain may have a policy this session must meet: not looked up yet,
+    an MTA-STS policy, or DANE records of the MX (the lookup at connect refreshes a
+    policy whose cache time is over)."""
+    return policy is None or policy.sts is not None or bool(client.tlsa)
 
 
 def _policy_error(host: str, ref: Refusal) -> SessionError:
