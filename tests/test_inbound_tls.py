@@ -206,6 +206,7 @@ def test_implicit_tls_listener_and_login(tls_daemon):
     d.stop()
     [env] = list(d.spooled().envelopes.values())
     assert env.requiretls and env.tenant == "tenant-a"
+    assert env.protocol == "ESMTPSA"
 
 
 def test_plaintext_injection_after_starttls_over_a_socket(tls_daemon):
@@ -239,3 +240,4 @@ def test_tls_required_no_header_is_recorded(tls_daemon):
     d.stop()
     [env] = list(d.spooled().envelopes.values())
     assert env.tls_optional and not env.requiretls
+    assert env.protocol == "ESMTPSA"

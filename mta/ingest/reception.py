@@ -164,6 +164,8 @@ class Reception:
                 fut.set_result(refusal)
                 return fut
         protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if txn.esmtp else "SMTP"
+        if txn.tls and txn.esmtp:   # RFC 3848: ESMTPS, ESMTPSA (UTF8SMTPS, UTF8SMTPSA)
+            protocol += "SA" if txn.authed else "S"
         raw_id, envelope = self.new_envelope(
             txn.mail_from, [Recipient(a, n, o) for a, n, o in txn.rcpts], txn.data,
             helo=txn.helo, client_ip=peer.ip, client_port=peer.port,

@@ -65,7 +65,8 @@ class Envelope:
     client_ip: str = ""              # peer address of the session
     client_port: int = 0             # peer port; 0 for inject
     listener: str = ""               # listener name; "inject" for Server.inject()
-    protocol: str = ""               # "SMTP", "ESMTP", "UTF8SMTP" or "local" (Received: with)
+    protocol: str = ""               # "SMTP", "ESMTP", "UTF8SMTP", with S (TLS) or SA (TLS and
+                                     # AUTH) after them (RFC 3848), or "local" (Received: with)
     received: float = 0.0            # wall time of acceptance (epoch seconds)
     size: int = 0                    # bytes stored: our Received header plus the content
     body: str = ""                   # MAIL BODY= ("7BIT", "8BITMIME"); "": not given

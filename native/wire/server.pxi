@@ -119,6 +119,7 @@ cdef class Transaction:
     cdef readonly bint chunked          # received with BDAT (RFC 3030)
     cdef readonly bint tls              # received over TLS (STARTTLS or an implicit listener)
     cdef readonly bint requiretls       # MAIL REQUIRETLS (RFC 8689)
+    cdef readonly bint authed           # sent by a client that passed AUTH
     cdef readonly object auth_tenant    # tenant of the AUTH user, None when not authenticated
 
 
@@ -565,6 +566,7 @@ cdef class ServerCore:
             return
         t.tls = self.tls
         t.auth_tenant = self.auth_tenant
+        t.authed = self.authed
         self.txn = t
         self.junk = 0
         self._set_state(ST_MAIL)
