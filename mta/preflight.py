@@ -35,6 +35,7 @@ from pathlib import Path
 from mta.config import Config, ConfigError
 from mta.control.admin import TokenError, read_token, token_path
 from mta.egress.shaping import Shaping, ShapingError
+from mta.ingest.listener import listener_security
 from mta.server import build_delivery, build_feedback, signing_domains, unsubscribe_tls, webhooks
 from mta.spool import Spool
 
@@ -78,6 +79,11 @@ def check(config: Config, nofile: int | None = None) -> Report:
         webhooks(config)      # [[webhook]] authorization and CA files
     except ConfigError as exc:
         refused(exc)
+    for listener in config.listener:   # certificates, AUTH users files
+        try:
+            listener_security(listener, config.origin)
+        except ConfigError as exc:
+            refused(exc)
     if config.admin.listen is not None:
         try:
             read_token(token_path(config))

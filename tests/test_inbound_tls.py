@@ -10,12 +10,15 @@ The certificates come from tests/tlspki.py (shared with tests/scenarios/test_tls
 from __future__ import annotations
 
 import base64
+import os
 import smtplib
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from conftest import free_port
+from conftest import ROOT, free_port
 from mta._native.wire import EV_AUTH, EV_MESSAGE, EV_NONE, EV_STARTTLS, ServerCore
 from mta.ingest.settings import server_settings
 from tlspki import HOST, add_user, client_context, make_certs
@@ -241,3 +244,20 @@ def test_tls_required_no_header_is_recorded(tls_daemon):
     [env] = list(d.spooled().envelopes.values())
     assert env.tls_optional and not env.requiretls
     assert env.protocol == "ESMTPSA"
+
+
+def test_check_config_refuses_what_cannot_work(daemon_factory, tmp_path):
+    ca, cert, key = make_certs(tmp_path / "pki")
+    users = tmp_path / "users.json"
+    add_user(users, "alice", "pw", "t", "*")
+    os.chmod(users, 0o644)
+    cases = [("require_tls = true\n", "need tls_cert and tls_key"),
+             (f'tls_cert = "{cert}"\n', "tls_cert and tls_key go together"),
+             (f'tls_cert = "{cert}"\ntls_key = "{ca}"\n', "tls_key"),
+             (f'tls_cert = "{cert}"\ntls_key = "{key}"\nauth_users = "{users}"\n', "chmod 600")]
+    for listener, want in cases:
+        d = daemon_factory(listener=listener, start=False)
+        r = subprocess.run([sys.executable, "-m", "mta", "check-config", "-c", str(d.config)],
+                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                           timeout=60)
+        assert r.returncode == 1 and want in r.stderr.decode() + r.stdout.decode(), (listener, r)

@@ -24,7 +24,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from mta.config import ConfigError
-from mta.ingest.auth import AuthError, Authenticator
+from mta.ingest.auth import Authenticator, AuthError
 from mta.ingest.session import SmtpSession
 from mta.ingest.settings import server_settings
 from mta.ingest.tls import ServerTls
@@ -44,28 +44,9 @@ class Listener:
         self.loop = loop
         self.hostname = cfg.hostname
         self.name = f"{cfg.address}:{cfg.port}"  # the listener's name in logs
-        where = f"listener {self.name}"
-        self.tls = None
         self.implicit_tls = cfg.tls == "implicit"
         self.handshake_timeout = min(cfg.idle_timeout, 60.0)
-        self.authenticator: Authenticator | None = None
-        if cfg.tls_cert or cfg.tls_key:
-            if not (cfg.tls_cert and cfg.tls_key):
-                raise ConfigError([f"{where}: tls_cert and tls_key go together"])
-            try:
-                self.tls = ServerTls(cfg.tls_cert, cfg.tls_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError([f"{where}: tls_cert {cfg.tls_cert}, tls_key {cfg.tls_key}: "
-                                   f"{exc}"]) from None
-        elif self.implicit_tls or cfg.require_tls or cfg.auth_users:
-            raise ConfigError([f"{where}: tls = \"implicit\", require_tls and auth_users "
-                               "need tls_cert and tls_key"])
-        if cfg.auth_users:
-            try:
-                self.authenticator = Authenticator(cfg.auth_users, cfg.auth_concurrency,
-                                                   cfg.auth_max_failures, cfg.auth_lockout)
-            except AuthError as exc:
-                raise ConfigError([f"{where}: auth_users: {exc}"]) from None
+        self.tls, self.authenticator = listener_security(cfg)
         self.settings = server_settings(
             cfg.hostname, cfg.banner, bare_newline=cfg.bare_newline,
             max_message_size=cfg.max_message_size, max_line_length=cfg.max_line_length,
@@ -188,3 +169,29 @@ class Listener:
         if self.draining:
             self._close_idle()
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+
+def listener_security(cfg: ListenerConfig, origin: str = "the config"
+                      ) -> tuple[ServerTls | None, Authenticator | None]:
+    """The listener's certificate and AUTH users, loaded; ConfigError naming the problem
+    (also `mta check-config`, mta/preflight.py)."""
+    where = f"listener {cfg.address}:{cfg.port}"
+    tls = authenticator = None
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise ConfigError([f"{where}: tls_cert and tls_key go together"], origin)
+        try:
+            tls = ServerTls(cfg.tls_cert, cfg.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError([f"{where}: tls_cert {cfg.tls_cert}, tls_key {cfg.tls_key}: "
+                               f"{exc}"], origin) from None
+    elif cfg.tls == "implicit" or cfg.require_tls or cfg.auth_users:
+        raise ConfigError([f"{where}: tls = \"implicit\", require_tls and auth_users "
+                           "need tls_cert and tls_key"], origin)
+    if cfg.auth_users:
+        try:
+            authenticator = Authenticator(cfg.auth_users, cfg.auth_concurrency,
+                                          cfg.auth_max_failures, cfg.auth_lockout)
+        except AuthError as exc:
+            raise ConfigError([f"{where}: auth_users: {exc}"], origin) from None
+    return tls, authenticator
