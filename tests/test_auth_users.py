@@ -114,13 +114,13 @@ def test_authenticator_lockout_and_off_loop(tmp_path):
         loop_thread = threading.get_ident()
         seen = []
         import mta.ingest.auth as mod
-        real = mod.verify_password
+        real = mod._verify
 
         def spy(pw, stored):
             seen.append(threading.get_ident())
             return real(pw, stored)
 
-        mod.verify_password = spy
+        mod._verify = spy
         try:
             user, name = await auth.check(b"PLAIN", good, "192.0.2.1")
             assert user is not None and user.tenant == "t" and name == "AUTH_OK"
@@ -135,7 +135,7 @@ def test_authenticator_lockout_and_off_loop(tmp_path):
             # another address is not affected
             assert (await auth.check(b"PLAIN", good, "192.0.2.4"))[0] is not None
         finally:
-            mod.verify_password = real
+            mod._verify = real
         assert seen and loop_thread not in seen
     asyncio.run(run())
     assert auth.locked("192.0.2.3", 0.0)

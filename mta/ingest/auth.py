@@ -199,6 +199,17 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+def _verify(password: bytes, stored: str | None) -> bool:
+    """In a pool thread: an unknown user (None) costs the same scrypt as a known one."""
+    global _DUMMY_HASH
+    if stored is None:
+        if _DUMMY_HASH is None:
+            _DUMMY_HASH = hash_password(b"\0")
+        verify_password(password, _DUMMY_HASH)
+        return False
+    return verify_password(password, stored)
+
+
 def decode_sasl(mech: bytes, responses: list[bytes]) -> tuple[str, bytes] | None:
     """(user name, password) from the client's base64 responses; None when malformed."""
     try:
@@ -280,15 +291,11 @@ class Authenticator:
             return None, "AUTH_BAD_RESPONSE"
         name, password = creds
         user = self.users.get(name)
-        global _DUMMY_HASH
-        if _DUMMY_HASH is None:
-            _DUMMY_HASH = hash_password(b"")
-        stored = user.hash if user is not None else _DUMMY_HASH   # same cost either way
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         async with self._sem:
             ok = await asyncio.get_running_loop().run_in_executor(
-                _executor(), verify_password, password, stored)
+                _executor(), _verify, password, user.hash if user is not None else None)
         if not ok or user is None:
             self._fail(ip, time.monotonic())
             return None, "AUTH_FAILED"
