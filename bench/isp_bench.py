@@ -1,8 +1,8 @@
 """mta against the ISP simulator (issue 12 item 6): 3 major providers and a small ISP,
 16 sources of which 4 are new (warming), a mixed tenant load over several simulated days.
 
-    .venv/bin/python bench/isp_bench.py [--days 5] [--day-seconds 60] [--rate 30]
-                                        [--volume-scale 0.002] [--out bench/out/isp]
+    .venv/bin/python bench/isp_bench.py [--days 5] [--day-seconds 60] [--rate 40]
+                                        [--volume-scale 0.001] [--out bench/out/isp]
 
 Prints a table: per provider demand (injected), allowed (the simulator's `allowed` summed
 over the 16 sources), accepted, ratio = accepted / min(demand, allowed), rejected, blocks,
@@ -18,6 +18,8 @@ Exit status 1 if a goal is missed (ratio < 0.9, a block, a lost message, a cap e
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,12 +30,24 @@ sys.path.insert(0, str(ROOT))
 import isp_rig  # noqa: E402
 
 
+def screenshot(page: Path) -> Path | None:
+    """A PNG of the plot page with headless chromium, if installed (no matplotlib needed)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        return None
+    png = page.with_suffix(".png")
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1600,4000", f"--screenshot={png}", page.resolve().as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    return png if png.exists() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=float, default=5, help="simulated days of load")
     ap.add_argument("--day-seconds", type=float, default=60, help="wall seconds per simulated day")
-    ap.add_argument("--rate", type=float, default=30, help="messages injected per wall second")
-    ap.add_argument("--volume-scale", type=float, default=0.002, help="the simulator's volume_scale "
+    ap.add_argument("--rate", type=float, default=40, help="messages injected per wall second")
+    ap.add_argument("--volume-scale", type=float, default=0.001, help="the simulator's volume_scale "
                     "(the MTA's warm-up schedules are scaled the same)")
     ap.add_argument("--drain-days", type=float, default=1.0, help="simulated days to wait for the queue to drain")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "isp"))
@@ -46,6 +60,9 @@ def main() -> int:
     print("==== result ====")
     print(res.table())
     print(f"plot: {Path(a.out) / 'plot.html'}")
+    png = screenshot(Path(a.out) / "plot.html")
+    if png:
+        print(f"plot (PNG screenshot of the page): {png}")
     rows = res.providers()
     ok = (all(r["ratio"] >= 0.9 for r in rows.values()) and not any(r["blocks"] for r in rows.values())
           and not res.lost and not res.warmup_breaches)

@@ -255,6 +255,7 @@ day_length = "{day_seconds:g}s"
 major = {_scaled(WARMUP_MAJOR, s)}
 small = {_scaled(WARMUP_SMALL, s)}
 default = {_scaled(WARMUP_SMALL, s)}
+min_volume = 20
 [adaptive]
 window = "{_dur(3600 / f, 60)}"
 throttle_for = "{_dur(3600 / f, 60)}"
