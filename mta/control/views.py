@@ -534,7 +534,7 @@ def queue_listing(engine: DeliveryEngine, name: str, limit: int = 100,
 def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
     """The admin API's GET routes (AdminServer's path prefix -> handler of the rest).
     Starts watching the engine's outcomes for GET /live (LiveStats)."""
-    stats = LiveStats(engine)
+    stats = LiveStats(engine) if engine is not None else None   # None: listing the prefixes
     def message(text_id: str) -> dict[str, Any] | None:
         view = message_view(engine, text_id)
         return view.to_json() if view is not None else None
@@ -558,7 +558,7 @@ def view_routes(engine: DeliveryEngine) -> dict[str, Callable[[str], Any]]:
             "/adaptive": lambda _: [row.to_json() for row in adaptive_rows(engine)],
             "/shaping": lambda _: [row.to_json() for row in shaping_rows(engine)],
             "/warmup": lambda _: [row.to_json() for row in warmup_rows(engine)],
-            "/live": lambda _: live_view(engine, stats).to_json()}
+            "/live": lambda _: live_view(engine, stats).to_json()}  # type: ignore[arg-type]
 
 
 # --- the live view: `mta top` and the dashboard (GET /live) ----------------------------

@@ -127,6 +127,7 @@ def test_roles_openapi_and_real_responses(admin_daemon):
         "/shaping": "/shaping",
         "/warmup": "/warmup",
         "/adaptive": "/adaptive",
+        "/live": "/live",
         "/health": "/health", "/ready": "/ready", "/openapi.json": "/openapi.json",
     }
     assert gets <= set(concrete), f"no real request for {gets - set(concrete)}"
