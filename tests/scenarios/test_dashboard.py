@@ -177,7 +177,8 @@ def test_dashboard_live_numbers_and_suspend_round_trip(relay, browser, tmp_path)
         row = _wait(lambda: drv.find_elements(By.CSS_SELECTOR, f'tr[data-site="{relay.site}"]'))
         assert "running" in row[0].text
         # the provider plot's legend names the site (no provider table matched) with its rate
-        _wait(lambda: relay.site in text("l-providers") and "default" in text("l-sources"))
+        _wait(lambda: relay.site in text("l-providers") and "default" in text("l-sources")
+              and relay.site in text("l-failing"))
         time.sleep(4)          # a few more points on the plots for the screenshot
         drv.save_screenshot(str(tmp_path / "dashboard.png"))
     assert "live, updated" in text("status")

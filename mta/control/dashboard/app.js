@@ -99,9 +99,13 @@
       const dt = v.at - prev.at;
       const tot = rates({ t: snap.totals }, { t: prev.totals }, dt).t;
       const point = { at: v.at, delivered: tot.delivered, deferred: tot.deferred, bounced: tot.bounced,
-                      scheduled: v.scheduled, ready: v.ready, providers: {}, sources: {} };
+                      scheduled: v.scheduled, ready: v.ready, providers: {}, sources: {},
+                      failing: {} };
       const pr = rates(snap.byProvider, prev.byProvider, dt);
-      for (const k of Object.keys(pr)) point.providers[k] = pr[k].delivered;
+      for (const k of Object.keys(pr)) {
+        point.providers[k] = pr[k].delivered;
+        point.failing[k] = pr[k].deferred + pr[k].bounced;
+      }
       const sr = rates(snap.bySource, prev.bySource, dt);
       for (const k of Object.keys(sr)) point.sources[k] = sr[k].delivered;
       siteRates = rates(snap.bySite, prev.bySite, dt);
@@ -147,6 +151,7 @@
       { name: "ready", color: "#00897b", values: history.map((p) => p.ready) }]);
     draw("c-providers", "l-providers", series(keysOf("providers"), (p, n) => p.providers[n]));
     draw("c-sources", "l-sources", series(keysOf("sources"), (p, n) => p.sources[n]));
+    draw("c-failing", "l-failing", series(keysOf("failing"), (p, n) => p.failing[n]));
   }
 
   function draw(canvasId, legendId, lines) {
