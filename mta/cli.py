@@ -200,6 +200,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_bounce(sub)                   # -c: that config's [bounces] rules go first
     from mta.ingest.auth import add_parser as add_user
     add_user(sub)                     # mta user add|remove|list|passwd --file F
+    from mta.config.keyring import add_parser as add_privacy
+    add_privacy(sub)                  # mta privacy keygen|encrypt|decrypt --keyring F
     _add_common_everywhere(p)
     return p
 

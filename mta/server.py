@@ -192,7 +192,8 @@ class Server:
         self.logs.privacy = Privacy.make(self.config.log.recipient_privacy,
                                          self.config.log.sender_privacy, self.feedback.hash_address)
         self.reception = Reception(self.config, self.spool, self.logs)
-        if self.feedback.suppressions is not None or self.feedback.bounce_domain:
+        if self.feedback.suppressions is not None or self.feedback.bounce_domain \
+                or self.feedback.sealed is not None:    # sealed: refused at RCPT if they do not open
             self.reception.policy = RecipientPolicy(self.feedback)
         if self.dkim is not None and self.dkim.stage == "reception":
             self.reception.dkim = self.dkim

@@ -542,6 +542,17 @@ class UnsubscribeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """Sealed recipients (mta/model/sealed.py): local parts the injecting application
+    encrypted; the MTA opens them in memory only, right before RCPT TO."""
+
+    keyring: Path | None = key(OPTIONAL_PATH, "", "recipient keyring file (mode 0600, lines "
+                               "`KEYID BASE64KEY`, written by `mta privacy keygen`); \"\" "
+                               "turns sealed recipients off: \"e1...\" local parts are then "
+                               "ordinary addresses", restart=True)
+
+
+@dataclass(frozen=True, slots=True)
 class WarmupConfig:
     """IP warm-up (mta/egress/warmup.py): a [[source]] with warmup_start sends each provider
     at most its class's cap per day (and the day's cap / hour_divisor per hour); a day's cap
@@ -775,6 +786,7 @@ SECTIONS = (
     Section("bounces", BouncesConfig),
     Section("suppression", SuppressionConfig),
     Section("unsubscribe", UnsubscribeConfig),
+    Section("privacy", PrivacyConfig),
     Section("warmup", WarmupConfig),
     Section("adaptive", AdaptiveConfig),
     Section("webhook", WebhookConfig, many=True, required=False),
@@ -822,6 +834,8 @@ class Config:
     suppression: SuppressionConfig
     # [unsubscribe]
     unsubscribe: UnsubscribeConfig
+    # [privacy]
+    privacy: PrivacyConfig
     # [warmup]
     warmup: WarmupConfig
     # [adaptive]

@@ -20,6 +20,11 @@ With a bounce domain and `[bounces] verp`, MAIL FROM is the recipient's signed V
 address (one recipient per transaction); the envelope in the spool keeps the
 original sender. With `[unsubscribe] add_headers`, a message sent to one
 recipient gets RFC 8058 List-Unsubscribe fields (before DKIM signs it).
+Sealed recipients (`[privacy] keyring`): the envelope keeps the sealed local part; _deliver
+opens it in memory for RCPT TO, the VERP MAC and the unsubscribe token, and replaces the
+clear address in remote replies by the sealed one before Outcomes log or bounce them.
+A recipient whose key id is no longer in the keyring is deferred (451 4.3.0), not
+bounced: putting the key back delivers it; it bounces only when it expires.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from mta.dkim.signer import DkimError
 from mta.egress.limits import retune
 from mta.egress.throttle import Throttle
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
+from mta.model.sealed import Unsealable, redact
 from mta.queues.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -76,6 +82,8 @@ class Dispatcher:
         # adaptive delivery: True when a queue is held at this provider (it suspended it)
         self.adaptive_hold = adaptive_hold
         self.verp = feedback if feedback is not None and feedback.verp else None
+        # sealed recipients (mta/model/sealed.py): opened here, in memory, per attempt
+        self.sealed = getattr(feedback, "sealed", None)
         # a message signed at reception cannot take new header fields without breaking
         # its signature (List-Unsubscribe is in the signed set), so none are added then
         self.unsubscribe = (feedback if feedback is not None and feedback.add_headers
@@ -446,13 +454,34 @@ class Dispatcher:
             return True  # finished meanwhile (e.g. removed by the operator)
         at = self._attempt(client)
         idxs = list(msg.rcpts)
+        # sealed recipients: index -> clear address, in memory for this attempt only
+        clear: dict[int, str] = {}
+        unopened: list[tuple[int, RemoteReply]] = []
+        if self.sealed is not None:
+            for i in idxs:
+                a = env.recipients[i].address
+                if a.startswith("e1"):
+                    try:
+                        c = self.sealed.open(a)
+                    except Unsealable as exc:
+                        unopened.append((i, RemoteReply(451, "4.3.0", "sealed recipient does not "
+                                                        f"open with this keyring: {exc}")))
+                        continue
+                    if c is not None:
+                        clear[i] = c
+            if unopened:
+                gone = {i for i, _ in unopened}
+                idxs = [i for i in idxs if i not in gone]
+                if not idxs:
+                    self.outcomes.apply(AttemptResult(msg, env, at, unopened), self.retry)
+                    return True
         if self.private_headers is not None:
             content = self.private_headers.strip(content)
         # one-click unsubscribe for mail to one recipient; never on null-sender mail (DSNs)
         if self.unsubscribe is not None and len(idxs) == 1 and env.sender:
             try:
-                content = self.unsubscribe.with_unsubscribe(content, env.recipients[idxs[0]].address,
-                                                            env.tenant)
+                content = self.unsubscribe.with_unsubscribe(
+                    content, clear.get(idxs[0]) or env.recipients[idxs[0]].address, env.tenant)
             except ValueError as exc:   # e.g. a base_url that is not https
                 log.warning("%s: no List-Unsubscribe: %s", msg.id_text, exc)
         if self.dkim is not None:
@@ -490,14 +519,14 @@ class Dispatcher:
             await self._pace(self.msg_throttle)
         if self.site_state.throttle is not None:
             await self._pace(self.site_state.throttle)
-        replies: list[tuple[int, RemoteReply]] = []
+        replies: list[tuple[int, RemoteReply]] = unopened
         for start in range(0, len(idxs), step):
             chunk = idxs[start:start + step]
             # the native client core takes (address, NOTIFY, ORCPT) as the SMTP core gave them
             chosen = [env.recipients[i] for i in chunk]
-            rcpts = [(r.address, r.notify, r.orcpt) for r in chosen]
+            rcpts = [(clear.get(i) or r.address, r.notify, r.orcpt) for i, r in zip(chunk, chosen)]
             try:
-                sender = (verp.verp_sender(msg.id, chunk[0], chosen[0].address, msg.received)
+                sender = (verp.verp_sender(msg.id, chunk[0], rcpts[0][0], msg.received)
                           if verp else env.sender)
                 result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
                                            smtputf8=env.smtputf8, ret=env.ret, envid=env.envid,
@@ -511,10 +540,14 @@ class Dispatcher:
                 error = _error_reply(exc)
                 replies += refused
                 replies += [(i, error) for i in idxs[start:] if i not in gone]
+                if clear:
+                    replies = _redacted(replies, clear, env)
                 self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
                 return False
             replies += zip(chunk, result.finals())
         self.sent += 1
+        if clear:
+            replies = _redacted(replies, clear, env)
         self.outcomes.apply(AttemptResult(msg, env, at, replies), self.retry)
         return True
 
@@ -549,6 +582,21 @@ def _release_one_idle(dispatchers: list[Dispatcher]) -> None:
 def _release(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _redacted(replies: list[tuple[int, RemoteReply]], clear: dict[int, str],
+              env) -> list[tuple[int, RemoteReply]]:
+    """Replies with every clear address of this attempt replaced by its sealed form
+    (servers echo recipients; a data reply is shared by all, so each is checked against
+    all): what Outcomes log, count and quote in DSNs never holds a clear address."""
+    pairs = [(c, env.recipients[i].address) for i, c in clear.items()]
+    out = []
+    for i, r in replies:
+        text = r.text
+        for c, sealed in pairs:
+            text = redact(text, c, sealed)
+        out.append((i, r if text == r.text else RemoteReply(r.code, r.status, text)))
+    return out
 
 
 def _error_reply(exc: SessionError) -> RemoteReply:

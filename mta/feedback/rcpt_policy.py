@@ -15,12 +15,17 @@ this policy exists, so a daemon without suppression or bounce domain pays nothin
 At end of data (`filter()`), when the tenant is known: tenant-scoped entries (and,
 for "drop", every scope) remove the recipient, each with a Suppressed log record.
 Logs name the address (our own logs), never its hash key.
+Sealed recipients (`[privacy] keyring`, mta/model/sealed.py): a local part that claims
+the sealed format is opened in memory for the suppression check (the list hashes the
+clear address) and dropped; one that does not open is refused with 550 5.1.3 and no
+detail. Logs and replies name the sealed form, as the client sent it.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
 from mta.model.replies import REPLIES
+from mta.model.sealed import Unsealable
 
 if TYPE_CHECKING:
     from mta.feedback.state import Feedback
@@ -36,6 +41,7 @@ class RecipientPolicy:
         self.bounce_domain = feedback.bounce_domain
         self.suppressions = feedback.suppressions
         self.reject = feedback.on_match == "reject"
+        self.sealed = getattr(feedback, "sealed", None)   # Keyring or None
         # the bounce intake's backlog is full (set by Server once the intake exists)
         self.bounce_full: Callable[[], bool] = lambda: False
         self.suppressed = 0   # recipients refused at RCPT or dropped after DATA (/metrics)
@@ -47,14 +53,31 @@ class RecipientPolicy:
         """The native core's hook: None, True (accept from anyone) or (name, reply line)."""
         if self.bounce_domain and _domain(address) == self.bounce_domain:
             return ("QUEUE_FULL", REPLIES["QUEUE_FULL"].line()) if self.bounce_full() else True
-        if self.suppressions is None or not self.reject or not relay_allowed:
+        if not relay_allowed:
             return None   # not relaying: the relay check refuses, suppressed or not
-        entry = self.suppressions.check(address, sender_domain=_domain(sender) or None)
+        clear = address
+        if self.sealed is not None and address.startswith("e1"):
+            try:
+                clear = self.sealed.open(address) or address
+            except Unsealable:
+                return "BAD_SEALED", REPLIES["BAD_SEALED"].line()
+        if self.suppressions is None or not self.reject:
+            return None
+        entry = self.suppressions.check(clear, sender_domain=_domain(sender) or None)
         if entry is None:
             return None
         self.suppressed += 1
         shown = "".join(c if " " < c < "\x7f" else "?" for c in address[:256])   # ASCII reply
         return "SUPPRESSED", REPLIES["SUPPRESSED"].line(shown, entry.reason)
+
+    def _clear(self, address: str) -> str:
+        """The clear address of a sealed one, in memory only (it opened at RCPT)."""
+        if self.sealed is None or not address.startswith("e1"):
+            return address
+        try:
+            return self.sealed.open(address) or address
+        except Unsealable:
+            return address
 
     def filter(self, rcpts: list, sender: str, tenant: str | None) -> list[tuple[str, str, str]]:
         """Remove suppressed recipients from `rcpts` in place; returns (address, scope,
@@ -67,7 +90,7 @@ class RecipientPolicy:
         sender_domain = _domain(sender) or None
         for r in rcpts:
             entry = None if self.is_bounce_address(r[0]) else self.suppressions.check(
-                r[0], tenant=tenant, sender_domain=sender_domain)
+                self._clear(r[0]), tenant=tenant, sender_domain=sender_domain)
             if entry is None:
                 kept.append(r)
             else:

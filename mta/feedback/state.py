@@ -25,6 +25,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Callable
 
 from mta.config import ConfigError
+from mta.config.keyring import KeyringError, load_keyring
 from mta.feedback import verp
 from mta.feedback.bounce import Classifier, RulesError
 from mta.feedback.suppression import SuppressionList, address_hash, hash_text, load_or_create_key
@@ -57,6 +58,14 @@ class Feedback:
                        f"delivery.max_age ({config.delivery.max_age:g}s) (allowed: max_age "
                        "plus time for late bounces and complaints)")
             raise ConfigError([problem], config.origin)
+        # sealed recipients (mta/model/sealed.py): opened in memory at RCPT (suppression
+        # check) and right before RCPT TO; None: "e1..." local parts are ordinary ones
+        self.sealed = None
+        if config.privacy.keyring is not None:
+            try:
+                self.sealed = load_keyring(config.privacy.keyring)
+            except KeyringError as exc:
+                raise ConfigError([f"privacy.keyring: {exc}"], config.origin) from None
         self.on_match = s.on_match
         self.hard_bounce_expiry = s.hard_bounce_expiry
         self.complaint_scope = s.complaint_scope

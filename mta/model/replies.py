@@ -66,6 +66,8 @@ REPLIES: dict[str, Reply] = {
     "NEED_SMTPUTF8": Reply(553, "5.6.7", "Error: non-ASCII address needs the SMTPUTF8 parameter"),
     "RELAY_DENIED": Reply(554, "5.7.1", "Error: relay access denied"),
     "SUPPRESSED": Reply(550, "5.7.1", "<{}>: recipient is suppressed ({})"),   # address, reason
+    # a sealed local part (mta/model/sealed.py) that does not open: nothing more is said
+    "BAD_SEALED": Reply(550, "5.1.3", "Error: bad recipient address"),
     "TOO_MANY_RCPTS": Reply(452, "4.5.3", "Error: too many recipients"),
     "SIZE_TOO_BIG": Reply(552, "5.3.4", "Error: message size exceeds fixed limit"),
     # content
