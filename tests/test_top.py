@@ -206,12 +206,12 @@ def test_frame_rates_and_hostile_text():
     assert "slow down" in text
 
 
-def test_live_stats_counts_rings_and_prunes():
+def test_live_stats_ring_and_pair_counts_from_the_engine():
     from types import SimpleNamespace
 
-    from mta.control.views import LiveStats
+    from mta.control.views import LiveStats, pair_counts
     from mta.model.attempt import Attempt, AttemptResult, RemoteReply
-    engine = SimpleNamespace(outcomes=SimpleNamespace(observers=[]), dispatchers={})
+    engine = SimpleNamespace(outcomes=SimpleNamespace(observers=[], by_pair={}), dispatchers={})
     stats = LiveStats(engine, errors=3)
     assert engine.outcomes.observers == [stats.observe]
     ok, soft, hard = RemoteReply(250, "2.0.0", "ok"), RemoteReply(451, "4.7.0", "slow"), \
@@ -219,12 +219,11 @@ def test_live_stats_counts_rings_and_prunes():
     for n in range(5):
         stats.observe(AttemptResult(None, None, Attempt("s1", "site"),
                                     [(0, ok), (1, soft), (2, hard if n % 2 else ok)]))
-    assert stats.counts[("s1", "site")] == [8, 5, 2]
     assert len(stats.errors) == 3 and stats.errors[-1].kind == "deferred"
     assert [e.kind for e in stats.errors] == ["deferred", "bounced", "deferred"]
     assert all(len(e.text) <= 200 for e in stats.errors)
-    # pairs the engine dropped go when they pile up; the engine's own stay
-    engine.dispatchers[("s1", "site")] = object()
-    for n in range(1100):
-        stats.observe(AttemptResult(None, None, Attempt("s2", f"gone{n}"), [(0, ok)]))
-    assert ("s1", "site") in stats.counts and len(stats.counts) < 1030
+    # the counts are the engine's rows (delivered, bounced, deferred) summed per pair
+    engine.outcomes.by_pair = {"s1": {"site": {"bulk": {"p1": [3, 1, 2], "p2": [5, 1, 3]},
+                                               "transactional": {"p1": [0, 0, 0]}}}}
+    assert pair_counts(engine, "s1", "site") == (8, 5, 2)
+    assert pair_counts(engine, "s1", "other") == (0, 0, 0)

@@ -666,43 +666,39 @@ class LiveView:
 
 
 class LiveStats:
-    """Outcome counters per (source, site) and a ring of recent errors, kept by watching
-    the engine's outcomes (an observer: a dict lookup and an add per attempt). Counters of
-    pairs the engine no longer has are dropped when they pile up."""
+    """The ring of recent deferral and bounce replies for GET /live, kept by watching the
+    engine's outcomes (an observer: one pass over the result's replies). The counters per
+    (source, site) are the engine's own (`Outcomes.by_pair`, also behind /metrics)."""
 
     def __init__(self, engine: DeliveryEngine, errors: int = LIVE_ERRORS):
         import collections
         self.engine = engine
-        self.counts: dict[tuple[str, str], list[int]] = {}   # delivered, deferred, bounced
         self.errors: collections.deque[LiveError] = collections.deque(maxlen=errors)
         engine.outcomes.observers.append(self.observe)
 
     def observe(self, result: Any) -> None:
-        at = result.at
-        key = (at.source, at.site)
-        c = self.counts.get(key)
-        if c is None:
-            c = self.counts[key] = [0, 0, 0]
-            if len(self.counts) > 2 * len(self.engine.dispatchers) + 1024:
-                # the engine drops idle pairs; so do these counters (bounded memory; a pair
-                # that comes back starts from 0, which readers of rates take as new)
-                live = self.engine.dispatchers
-                self.counts = {k: v for k, v in self.counts.items() if k in live or k == key}
         last = None
         for _, reply in result.replies:
-            if reply.code < 300:
-                c[0] += 1
-            elif reply.code >= 500:
-                c[2] += 1
-                last = reply
-            else:
-                c[1] += 1
+            if reply.code >= 300:
                 last = reply
         if last is not None:
+            at = result.at
             text = f"{last.status} {last.text}" if last.status else last.text
             self.errors.append(LiveError(round(time.time(), 3),
                                          "bounced" if last.code >= 500 else "deferred",
                                          at.source, at.site, last.code, text[:200]))
+
+
+def pair_counts(engine: DeliveryEngine, source: str, site: str) -> tuple[int, int, int]:
+    """(delivered, deferred, bounced) of one (source, site) since start, summed over its
+    queue classes and pools (`Outcomes.by_pair` rows are [delivered, bounced, deferred])."""
+    delivered = bounced = deferred = 0
+    for pools in engine.outcomes.by_pair.get(source, {}).get(site, {}).values():
+        for row in pools.values():
+            delivered += row[0]
+            bounced += row[1]
+            deferred += row[2]
+    return delivered, deferred, bounced
 
 
 def live_view(engine: DeliveryEngine, stats: LiveStats) -> LiveView:
@@ -724,7 +720,7 @@ def live_view(engine: DeliveryEngine, stats: LiveStats) -> LiveView:
             holds.append(LiveHold("pair", source, site, d.suspended_until, "suspended"))
         provider = next((m[9:] for m in d.limits.matched if m.startswith("provider:")
                          and "/" not in m), site)
-        c = stats.counts.get((source, site)) or (0, 0, 0)
+        c = pair_counts(engine, source, site)
         n = len(d.ready)
         ready += n
         conns += d.active
