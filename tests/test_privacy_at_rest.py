@@ -165,6 +165,11 @@ def test_rcpt_hook_opens_for_suppression_and_refuses_unopenable(tmp_path):
         rcpts = [(blocked, None, None), (ring.seal("fine@example.com"), None, None)]
         dropped = policy.filter(rcpts, "app@sender.test", None)
         assert [d[0] for d in dropped] == [blocked] and len(rcpts) == 1
+        # hard bounces and log hashes of a sealed recipient use its clear address
+        gone = ring.seal("gone@example.com")
+        assert fb.hard_bounce(gone, "src", "site")
+        assert fb.suppressions.check("gone@example.com") is not None
+        assert fb.hash_address(gone) == fb.hash_address("gone@example.com")
     finally:
         fb.close()
 

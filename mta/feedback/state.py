@@ -132,7 +132,9 @@ class Feedback:
         yet visible to `check`."""
         if self.suppressions is None or not address:
             return False
-        self._pending.append((address, scope, reason, expires, note[:200]))
+        # a sealed recipient is suppressed under its clear address (what RCPT checks);
+        # the clear text lives in memory until the batch write hashes it
+        self._pending.append((self.clear_address(address), scope, reason, expires, note[:200]))
         if self._flush is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -162,8 +164,19 @@ class Feedback:
             return 0
 
     def hash_address(self, address: str) -> str:
-        """An address as the suppression list exports it ("hmac-sha256:<hex>"), for logs."""
-        return hash_text(address_hash(self.key, address))
+        """An address as the suppression list exports it ("hmac-sha256:<hex>"), for logs
+        (a sealed recipient's hash is its clear address's, so it joins the list)."""
+        return hash_text(address_hash(self.key, self.clear_address(address)))
+
+    def clear_address(self, address: str) -> str:
+        """The clear form of a sealed recipient (mta/model/sealed.py), in memory only;
+        any other address, or one that does not open, as it is."""
+        if self.sealed is None or not address.startswith("e1"):
+            return address
+        try:
+            return self.sealed.open(address) or address
+        except ValueError:   # Unsealable
+            return address
 
     def hard_bounce(self, address: str, source: str, site: str, note: str = "") -> bool:
         self.counts[(source, site)]["hard_bounces"] += 1

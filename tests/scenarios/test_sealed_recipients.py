@@ -1,10 +1,11 @@
-"""Sealed recipients end to end (issue 16 item 7, mta/model/sealed.py): a real daemon, aiosmtpd
+"""Sealed recipients end to end (unit tests: tests/test_privacy_at_rest.py; issue 16 item 7, mta/model/sealed.py): a real daemon, aiosmtpd
 receivers on 127.0.90.x:25, unbound-style DNS from tests/dnsserver.py.
 
 The injecting client sends sealed local parts; the receiver must get the CLEAR address at
 RCPT TO, while the spool segment files, the JSONL log, the daemon's stderr, `mta queue
 inspect` and the DSN for a bounced sealed recipient never hold a clear local part.
-Suppression by the clear address works for sealed recipients; one that does not open
+Suppression by the clear address works for sealed recipients (an operator entry, and the
+hard bounce of a sealed recipient suppresses its clear address); one that does not open
 (tampered, unknown key id) is refused with 550 5.1.3. Rotation: a queued message sealed
 under k1 is deferred (451 4.3.0, a clear TransientFailure) while k1 is missing from the
 keyring, and delivered once k1 is back next to k2.
@@ -140,6 +141,17 @@ def test_sealed_recipients_delivered_clear_and_kept_sealed(daemon_factory, dns_s
     _assert_no_clear(dsn, "the DSN")
     bounce, = _records(d, "Bounce", 1)
     assert bounce["recipient"] == reject and bounce["code"] == 550
+    # the hard bounce suppressed the CLEAR address: the same sealed recipient is now refused
+    deadline = time.monotonic() + 10
+    while True:
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+            s.ehlo("app.sender.test")
+            s.mail("app@sender.test")
+            code, text = s.rcpt(reject)
+        if code == 550 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert code == 550 and b"5.7.1" in text, (code, text)
     _records(d, "TransientFailure", 1, timeout=30)     # later.test: connection refused
     rec, = [r for r in _records(d, "Reception", 1) if r.get("sender") == "app@sender.test"]
     out = _mta(d, "queue", "inspect", rec["id"])
