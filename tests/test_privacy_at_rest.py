@@ -82,8 +82,10 @@ def test_bound_to_the_domain_and_tamper_refused():
         ring.open("e1k9" + local[4:] + "@example.com")
     with pytest.raises(Unsealable):
         ring.open("e1k2" + local[4:] + "@example.com")   # right blob, wrong key
+    assert ring.open("e1k1.AAAA@example.com") is None, "too short to claim the format"
+    assert ring.open("e1k1." + "A" * 22 + "@example.com") is None
     with pytest.raises(Unsealable):
-        ring.open("e1k1.AAAA@example.com")               # too short
+        ring.open("e1k1." + "A" * 23 + "@example.com")    # claims it, does not open
     with pytest.raises(Unsealable):
         ring.open("e1k1." + local[5:-3] + "@example.com")  # truncated
 

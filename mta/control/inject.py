@@ -366,7 +366,7 @@ class Injector:
             kept = []
             for addr in rcpts:
                 entry = None if policy.is_bounce_address(addr) else policy.suppressions.check(
-                    addr, tenant=tenant, sender_domain=domain)
+                    policy.clear(addr), tenant=tenant, sender_domain=domain)   # sealed: clear
                 if entry is None:
                     kept.append(addr)
                     continue

@@ -70,7 +70,7 @@ class RecipientPolicy:
         shown = "".join(c if " " < c < "\x7f" else "?" for c in address[:256])   # ASCII reply
         return "SUPPRESSED", REPLIES["SUPPRESSED"].line(shown, entry.reason)
 
-    def _clear(self, address: str) -> str:
+    def clear(self, address: str) -> str:
         """The clear address of a sealed one, in memory only (it opened at RCPT)."""
         if self.sealed is None or not address.startswith("e1"):
             return address
@@ -90,7 +90,7 @@ class RecipientPolicy:
         sender_domain = _domain(sender) or None
         for r in rcpts:
             entry = None if self.is_bounce_address(r[0]) else self.suppressions.check(
-                self._clear(r[0]), tenant=tenant, sender_domain=sender_domain)
+                self.clear(r[0]), tenant=tenant, sender_domain=sender_domain)
             if entry is None:
                 kept.append(r)
             else:

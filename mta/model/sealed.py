@@ -10,8 +10,9 @@ Format, version 1 (the only one):
 
     local part = "e1" KEYID "." BASE64URL(siv(16) || ciphertext)
 
-- "e1": the prefix "e" and the format version "1". A local part starting with "e1"
-  and holding a "." after a key id of 1 to 8 characters [a-z0-9] *claims* the format;
+- "e1": the prefix "e" and the format version "1". A local part "e1", a key id of 1
+  to 8 characters [a-z0-9], ".", then 23 or more base64url characters *claims* the
+  format (with a keyring configured, such local parts are reserved for it);
   a claiming local part that does not open (unknown key id, bad base64, tag mismatch)
   is refused (550 5.1.3 at RCPT): the client learns nothing more than "refused".
   Any other local part is an ordinary clear address (cost: one prefix check).
@@ -68,7 +69,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 PREFIX = "e1"                 # "e" + format version 1
 KEY_ID = re.compile(r"[a-z0-9]{1,8}\Z")
-_CLAIM = re.compile(r"e1([a-z0-9]{1,8})\.([A-Za-z0-9_-]+)\Z")
+# the blob holds at least the SIV and one octet: 17 octets, 23 base64url characters
+_CLAIM = re.compile(r"e1([a-z0-9]{1,8})\.([A-Za-z0-9_-]{23,})\Z")
 SIV = 16                      # synthetic IV = tag, first in the ciphertext
 MAX_LOCAL = 64                # RFC 5321 4.5.3.1.1
 KEY_BYTES = 64                # AES-256-SIV: two 256-bit keys
