@@ -44,7 +44,7 @@ unchanged.
 
 Here only the pure cipher: no file is read (keyrings are loaded by
 mta/files/keyring.py). The function an application needs (`seal_local_part`) only
-needs `cryptography`; docs/privacy.md-style copy:
+needs `cryptography`; an application may copy this:
 
     import base64
     from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -64,8 +64,6 @@ import base64
 import binascii
 import re
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 PREFIX = "e1"                 # "e" + format version 1
 KEY_ID = re.compile(r"[a-z0-9]{1,8}\Z")
@@ -111,6 +109,7 @@ def seal_local_part(local: str, domain: str, key_id: str, key: bytes) -> str:
                          f"with key id {key_id!r} (64-octet limit of RFC 5321)")
     if not raw:
         raise ValueError("empty local part")
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
     ct = AESSIV(key).encrypt(raw, [_ad(domain)])
     blob = base64.urlsafe_b64encode(ct).rstrip(b"=").decode("ascii")
     return f"{PREFIX}{key_id}.{blob}"
@@ -139,6 +138,9 @@ class Keyring:
             raise ValueError(f"current key {current!r} is not in the keyring")
         self.keys = dict(keys)
         self.current = current if current is not None else (next(reversed(keys)) if keys else None)
+        # imported here, not at module level: every process importing mta (e.g. the bounce
+        # parser children under a small RLIMIT_AS) would map OpenSSL's bindings otherwise
+        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
         self._aead = {kid: AESSIV(key) for kid, key in keys.items()}
 
     def seal(self, address: str, key_id: str | None = None) -> str:
@@ -166,6 +168,7 @@ class Keyring:
             raise Unsealable("bad base64") from None
         if len(raw) < SIV + 1:
             raise Unsealable("too short")
+        from cryptography.exceptions import InvalidTag
         try:
             clear = aead.decrypt(raw, [_ad(domain)])
             return clear.decode("utf-8") + "@" + domain
