@@ -43,7 +43,7 @@ addresses are case-sensitive (base64url), so the sealed form is passed through
 unchanged.
 
 Here only the pure cipher: no file is read (keyrings are loaded by
-mta/files/keyring.py). The function an application needs (`seal_local_part`) only
+mta/config/keyring.py). The function an application needs (`seal_local_part`) only
 needs `cryptography`; an application may copy this:
 
     import base64
