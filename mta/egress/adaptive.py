@@ -257,7 +257,12 @@ class Adaptive:
             self._good(source, provider, delivered, now)
         w = self._window(source, provider, now)
         w.add(now, (tried, delivered, hard_n, deferred, 0))
-        self._check_rates(source, provider, site, w, limits, now)
+        # A rate can only cross a threshold when failures were added or a minimum volume
+        # was just reached: most results are plain deliveries, checked for nothing.
+        t, c = w.totals, self.config
+        if (hard_n or deferred or t[0] - tried < c.min_volume <= t[0]
+                or (t[4] and t[1] - delivered < c.min_complaint_volume <= t[1])):
+            self._check_rates(source, provider, site, w, limits, now)
 
     def complaint(self, source: str, provider: str, site: bool) -> None:
         """A complaint (ARF) about mail from `source` to `provider`."""
