@@ -6,6 +6,7 @@ operators' injectors would. Everything binds to 127.0.0.1.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,8 +42,31 @@ def corpus(name: str) -> Path:
     pytest.skip(corpora.missing(name), allow_module_level=True)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range: a port the kernel
+    handed out (bind to 0) can be taken by any outgoing connection of the daemons and
+    peers before the test's daemon binds it (seen in CI: EADDRINUSE at start)."""
+    if _EPHEMERAL_LOW > 12000:
+        for _ in range(100):
+            port = random.randrange(10000, _EPHEMERAL_LOW)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:   # an odd port range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
