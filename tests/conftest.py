@@ -42,6 +42,14 @@ def corpus(name: str) -> Path:
     pytest.skip(corpora.missing(name), allow_module_level=True)
 
 
+def missing_tool(what: str) -> None:
+    """A system tool a test needs is not here: fail under CI (tools/dev.sh installs it
+    there, so its absence is a broken install), skip elsewhere, naming it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (required under CI=true)", pytrace=False)
+    pytest.skip(what)
+
+
 def _ephemeral_low() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:

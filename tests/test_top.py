@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, missing_tool
 
 from mta.control.top import frame
 from mta.control.views import LiveError, LiveRow, LiveView, OutcomeCounts
@@ -148,7 +148,7 @@ class Tmux:
 @pytest.fixture
 def tmux(tmp_path):
     if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (tools/dev.sh installs it)")
+        missing_tool("tmux is not installed (tools/dev.sh installs it)")
     t = Tmux(f"mta-top-test-{os.getpid()}-{tmp_path.name}")
     yield t
     subprocess.run(["tmux", "-L", t.name, "kill-server"], capture_output=True, timeout=20,

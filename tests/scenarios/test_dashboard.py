@@ -23,7 +23,7 @@ import time
 
 import orjson
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, missing_tool
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -88,7 +88,7 @@ def browser(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     if not os.access(CHROMEDRIVER, os.X_OK) or shutil.which("chromium") is None:
-        pytest.skip("chromium and chromium-driver are not installed (tools/dev.sh installs them)")
+        missing_tool("chromium and chromium-driver are not installed (tools/dev.sh installs them)")
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1400,1300", "--no-first-run", "--disable-extensions",
