@@ -19,7 +19,7 @@ log() { printf '[dev] %s\n' "$*" >&2; }
 # spamassassin, spamd, clamav-daemon: the egress scanning test starts its own spamd and clamd
 # (tests/scenarios/test_scanning.py)
 APT_PACKAGES=(build-essential python3-dev python3-venv liburing-dev zlib1g-dev swaks postfix procps clang
-              tmux chromium chromium-driver spamassassin spamd clamav-daemon
+              tmux chromium chromium-driver spamassassin spamd clamav-daemon redis-server
               $(grep -hv '^#' tools/dns-packages.txt tools/dkim-packages.txt))
 
 install_system() {
