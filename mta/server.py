@@ -60,6 +60,7 @@ from mta.logs.privacy import Privacy
 from mta.logs.writer import LogWriter
 from mta.model.envelope import Envelope
 from mta.model.log_records import RecordType
+from mta.model.node import WorkerSlot
 from mta.model.queued import InsertReason
 from mta.queues.select import Selector
 from mta.spool import Spool
@@ -127,13 +128,20 @@ def unsubscribe_tls(config: Config) -> "ssl.SSLContext | None":
     return ctx
 
 
-def webhooks(config: Config) -> Webhooks | None:
+def log_name(worker: WorkerSlot | None) -> str:
+    """The log file's name without .jsonl: mta, or mta.wN for worker N of several."""
+    return "mta" if worker is None or worker.count == 1 else f"mta.w{worker.index}"
+
+
+def webhooks(config: Config, worker: WorkerSlot | None = None) -> Webhooks | None:
     """The [[webhook]] tables (mta/logs/hooks.py) with their authorization and CA files
-    read; None when there are none. Cursors live in <spool directory>/webhooks."""
+    read; None when there are none. Cursors live in <spool directory>/webhooks; each
+    worker process tails its own log file."""
     if not config.webhook:
         return None
     try:
-        return build_webhooks(config.webhook, os.path.join(str(config.log.directory), "mta.jsonl"),
+        return build_webhooks(config.webhook,
+                              os.path.join(str(config.log.directory), f"{log_name(worker)}.jsonl"),
                               os.path.join(str(config.spool.directory), "webhooks"),
                               config.server.hostname)
     except HookError as exc:
@@ -141,8 +149,11 @@ def webhooks(config: Config) -> Webhooks | None:
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, worker: WorkerSlot | None = None):
         self.config = config
+        # which node and worker process this is (mta/supervisor.py starts several)
+        self.worker = worker or (WorkerSlot(node=config.server.node) if config.server.node
+                                 else WorkerSlot())
         sp = config.spool
         self.spool = Spool(str(sp.directory), segment_size=sp.segment_size,
                            max_batch=sp.max_batch, hot_cache=sp.hot_cache,
@@ -172,8 +183,9 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        hooks = webhooks(self.config)
-        self.logs = LogWriter(str(self.config.log.directory), max_buffer=self.config.log.max_buffer,
+        hooks = webhooks(self.config, self.worker)
+        self.logs = LogWriter(str(self.config.log.directory), log_name(self.worker),
+                              max_buffer=self.config.log.max_buffer,
                               mode=int(self.config.log.mode, 8), host=self.config.server.hostname)
         if hooks is not None:   # they tail the log file: never in the way of mail
             self.webhooks = hooks

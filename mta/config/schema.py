@@ -52,6 +52,7 @@ from mta.config.values import (
     TEXT,
     TEXT_LIST,
     WEIGHTED,
+    WORKERS,
     Invalid,
     IPNetwork,
     Key,
@@ -90,6 +91,14 @@ class ServerConfig:
     data_memory_wait: float = key(DURATION, "30s", "how long sessions in DATA may be held "
                                   "at the memory budget before the largest are closed with "
                                   "421 4.3.2 to free it", lo="1s", hi="1h", restart=True)
+    workers: int = key(WORKERS, 1, "worker processes on this host (mta/supervisor.py): each "
+                       "has its own listener sockets on the same addresses (SO_REUSEPORT), its "
+                       "own spool directory <spool directory>/wN, log file mta.wN.jsonl and "
+                       "admin API port (admin.listen port + N); 1 runs one process without a "
+                       "supervisor; limits are held per worker until shared limits exist",
+                       restart=True)
+    node: str = key(OPTIONAL_HOSTNAME, "", "this node's name in a cluster (logs, the admin "
+                    "API, shared limit keys); \"\": the host name", restart=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -439,6 +439,14 @@ def _parse_schedule(value: object, base: Path) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _parse_workers(value: object, base: Path) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise Invalid(f'expected an integer 1..1024 or "auto", got {describe(value)}')
+    return value
+
+
 CHOICE = ValueType("choice", _parse_str, "one of the strings listed for the key")
 TEXT = ValueType("text", _parse_text, "printable ASCII and tab, at most 250 characters")
 HOSTNAME = ValueType("hostname", _parse_hostname,
@@ -478,6 +486,8 @@ WEIGHTED = ValueType("weighted sources", _parse_weighted, "an array of source na
                      "or {source = \"name\", weight = N} tables, N in 1..1000")
 PATH_LIST = ValueType("path list", _parse_path_list, "an array of file paths (relative to "
                       "the config file's directory)")
+WORKERS = ValueType("workers", _parse_workers, 'an integer 1..1024, or "auto": one per CPU '
+                    "(os.cpu_count())")
 RATE = ValueType("rate", parse_rate, RATE_HELP + ", or \"\" for no limit")
 PERCENT = ValueType("percent", _parse_percent, "a number 0..100: a percentage (0.2 is 0.2 %)")
 START_TIME = ValueType("start time", _parse_start_time, "\"\" (none), \"now\" (the first "
