@@ -762,6 +762,45 @@ class ScanConfig:
                            "within timeout)", lo=1, hi=1024, restart=True)
 
 
+def _parse_fraction(value: object, base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise Invalid(f"expected a number above 0 and at most 1, got {value!r}")
+    return float(value)
+
+
+FRACTION = ValueType("fraction", _parse_fraction, "a number above 0 and at most 1, e.g. 0.5")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Limits that hold across worker processes and nodes (mta/egress/shared): connection
+    leases and GCRA message and connection rates per (source, site) and per site. local:
+    each process counts alone (one worker, one node); host: the workers of this host share
+    a table in shared memory under the spool directory; redis: every node and worker
+    shares them through a redis-server (KumoMTA's scheme)."""
+
+    backend: str = key(CHOICE, "local", "where shared limits are held: local (this process "
+                       "only), host (this host's workers, shared memory, no service), redis "
+                       "(the whole cluster, through redis_url)",
+                       choices=("local", "host", "redis"), restart=True)
+    redis_url: str = key(TEXT, "redis://127.0.0.1:6379/0", "the redis-server of backend = "
+                         "redis (redis://[:password@]host:port/db or unix:///path)", restart=True)
+    key_prefix: str = key(TEXT, "mta:", "prefix of every Redis key (clusters sharing one "
+                          "redis-server use different prefixes)", restart=True)
+    lease_ttl: float = key(DURATION, "10s", "a connection lease lives this long unless renewed "
+                           "(renewed every third of it while the connection lives): what a dead "
+                           "node held is free again within it", lo="1s", hi="10m", restart=True)
+    timeout: float = key(DURATION, "250ms", "longest wait for one Redis call; past it the call "
+                         "counts as a failure", lo="10ms", hi="10s", restart=True)
+    fallback_fraction: float = key(FRACTION, 0.5, "while Redis is unreachable each process "
+                                   "holds this share of every shared limit on its own (with N "
+                                   "processes in the cluster, 1/N keeps the total)",
+                                   restart=True)
+    rate_batch: float = key(DURATION, "50ms", "a process takes this much time's worth of a "
+                            "shared rate's tokens per round trip (at least one token)",
+                            lo="1ms", hi="1s", restart=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Section:
     """One top-level TOML table and the dataclass that holds it."""
@@ -800,6 +839,7 @@ SECTIONS = (
     Section("adaptive", AdaptiveConfig),
     Section("webhook", WebhookConfig, many=True, required=False),
     Section("scan", ScanConfig, many=True, required=False),
+    Section("cluster", ClusterConfig),
 )
 
 
@@ -853,5 +893,7 @@ class Config:
     webhook: tuple[WebhookConfig, ...]
     # [[scan]], possibly none: content scanning at reception
     scan: tuple[ScanConfig, ...]
+    # [cluster]
+    cluster: ClusterConfig
     # Where the configuration came from: a file path or "<string>".
     origin: str
