@@ -63,7 +63,26 @@ def _config(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mta.daemon import serve
-    return serve(_config(args), loader=lambda: _config(args))
+    config = _config(args)
+    if args.worker:        # one worker process of several, started by the supervisor
+        from mta.supervisor import slot_of, worker_config
+        try:
+            slot = slot_of(args.worker, config)
+        except ValueError as exc:
+            raise SystemExit(f"mta serve --worker {args.worker}: {exc}") from None
+        return serve(worker_config(config, slot), worker=slot,
+                     loader=lambda: worker_config(_config(args), slot))
+    if config.server.workers > 1:
+        from mta.supervisor import supervise
+        return supervise(config, args.argv)
+    return serve(config, loader=lambda: _config(args))
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from mta.supervisor import workers_report
+    rc, text = workers_report(_config(args), args.json)
+    print(text, file=sys.stdout if rc == 0 or args.json else sys.stderr)
+    return rc
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -173,8 +192,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         _add_common(sp)
 
-    sp = sub.add_parser("serve", help="run the daemon")
+    sp = sub.add_parser("serve", help="run the daemon (with [server] workers > 1: a "
+                        "supervisor and its worker processes)")
+    sp.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)   # the supervisor's
     sp.set_defaults(func=_cmd_serve)
+    sp = sub.add_parser("workers", help="the worker processes of a daemon run with [server] "
+                        "workers > 1: pid, state, uptime, restarts, last exit status, ready")
+    sp.add_argument("--json", action="store_true", help="the status as JSON")
+    sp.set_defaults(func=_cmd_workers)
     sp = sub.add_parser("check-config", help="check a config as serve would (keys, files, "
                         "addresses) and exit; exit 1 when serve would refuse it")
     sp.set_defaults(func=_cmd_check_config)
@@ -226,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from mta.control.client import AdminUnreachable
     try:
         args = build_parser(argv).parse_args(argv)   # usage errors: exit 2 (argparse)
+        args.argv = list(sys.argv[1:] if argv is None else argv)   # serve: for the workers
         _with_config_rules(args)
         rc = args.func(args)
         sys.stdout.flush()      # a closed pipe shows here, not at interpreter exit

@@ -12,6 +12,9 @@ stops. A second SIGTERM/SIGINT during the drain stops at once (what was in fligh
 is delivered again after the restart: at least once).
 Diagnostics: fatal errors at start (config, bind, spool) print one line and
 exit 1; nothing after start is fatal.
+A worker process of several (`[server] workers`, mta/supervisor.py) runs the same code with
+its WorkerSlot: its log lines carry `mta[wN]`, and it drains and stops as on SIGTERM when
+its stdin (a pipe from the supervisor) reaches end of file: the supervisor is gone.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Callable
 import uvloop
 
 from mta.config import Config
+from mta.model.node import WorkerSlot
 from mta.server import Server
 
 log = logging.getLogger("mta.daemon")
@@ -61,9 +65,40 @@ def connection_budget_problem(config: Config, nofile: int) -> str | None:
             f"ulimit -Hn) or lower the budgets")
 
 
+def install_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], object],
+                    on_reload: Callable[[], object], on_reopen: Callable[[], object]) -> None:
+    """SIGTERM/SIGINT -> on_stop, SIGHUP -> on_reload, SIGUSR1 -> on_reopen (the daemon's
+    and the supervisor's signals)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, on_reopen)
+
+
+def _watch_supervisor(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]) -> None:
+    """A worker: end of file on stdin (the supervisor's pipe) -> on_gone, once."""
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("the supervisor is gone (stdin closed): draining and stopping")
+            on_gone()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
 async def _serve(config: Config, ready_line: bool,
-                 loader: Callable[[], Config] | None = None) -> None:
-    server = Server(config)
+                 loader: Callable[[], Config] | None = None,
+                 worker: WorkerSlot | None = None) -> None:
+    server = Server(config, worker)
     if loader is not None:
         server.loader = loader
     await server.start()
@@ -78,10 +113,9 @@ async def _serve(config: Config, ready_line: bool,
         if server.logs is not None:
             server.logs.reopen()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
-    loop.add_signal_handler(signal.SIGUSR1, on_reopen)
+    install_signals(loop, on_stop, server.reload, on_reopen)
+    if worker is not None:
+        _watch_supervisor(loop, stop.set)
     addrs = ", ".join(f"{h}:{p}" for h, p in server.addresses)
     log.info("listening on %s; spool %s; %d messages queued", addrs,
              config.spool.directory, len(server.spool))
@@ -119,11 +153,14 @@ async def _drain(server: Server, now: asyncio.Event) -> None:
                     "second signal" if now.is_set() else f"grace of {grace:g}s over")
 
 
-def serve(config: Config, *, ready_line: bool = True,
-          loader: Callable[[], Config] | None = None) -> int:
-    """Run the daemon; `loader` reads the config again for a reload (SIGHUP)."""
+def setup_process(config: Config, tag: str = "", *, say: bool = True) -> None:
+    """Logging to stderr (lines tagged `mta[tag]` when given), the umask, RLIMIT_NOFILE
+    raised and checked against the connection budgets: the daemon's, the supervisor's and
+    each worker's start. `say`: a budget problem is printed on stderr too (once, not by
+    every worker)."""
+    prefix = f"mta[{tag}] " if tag else ""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s")
     # Spool, quarantine, suppression store and logs hold message content and addresses:
     # nothing the daemon creates is readable by other local users unless a file is given
     # its mode on purpose ([log] mode).
@@ -132,11 +169,20 @@ def serve(config: Config, *, ready_line: bool = True,
     problem = connection_budget_problem(config, nofile)
     if problem:
         log.warning("%s", problem)
-        print(f"mta: warning: {problem}", file=sys.stderr, flush=True)
+        if say:
+            print(f"mta: warning: {problem}", file=sys.stderr, flush=True)
     else:
         log.info("open files limit %d", nofile)
+
+
+def serve(config: Config, *, ready_line: bool = True,
+          loader: Callable[[], Config] | None = None, worker: WorkerSlot | None = None) -> int:
+    """Run the daemon (or, with `worker`, one worker process of several); `loader` reads
+    the config again for a reload (SIGHUP)."""
+    setup_process(config, f"w{worker.index}" if worker is not None else "",
+                  say=worker is None)
     try:
-        uvloop.run(_serve(config, ready_line, loader))
+        uvloop.run(_serve(config, ready_line, loader, worker))
     except OSError as exc:
         # e.g. "mta: /var/spool/mta: Read-only file system": the path and the errno text
         where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc

@@ -24,7 +24,8 @@ packages of one rank never import each other:
   5  mta.delivery   dispatchers, SMTP client, outcome rules
      mta.ingest     listeners, SMTP sessions, reception
   6  mta.control    admin API and operator actions
-  7  root           mta, mta.__main__, mta.cli, mta.daemon, mta.server, mta.preflight
+  7  root           mta, mta.__main__, mta.cli, mta.daemon, mta.server, mta.preflight,
+                 mta.supervisor
 
 A new package gets a rank here or the test fails: where it sits in the flow
 is a decision, not an accident.
@@ -47,6 +48,7 @@ RANKS: dict[str, int] = {
     "mta.delivery": 5, "mta.ingest": 5,
     "mta.control": 6,
     "mta": 7, "mta.__main__": 7, "mta.cli": 7, "mta.daemon": 7, "mta.server": 7,
+    "mta.supervisor": 7,
     "mta.preflight": 7,
 }
 

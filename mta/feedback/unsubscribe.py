@@ -232,6 +232,7 @@ class UnsubscribeServer:
         self._server = web.Server(self._handle, handler_cancellation=True)
         self._listener = await loop.create_server(
             self._connection, self.host, self.port, ssl=self.ssl_context, reuse_address=True,
+            reuse_port=True,   # every worker process of a supervisor binds it (SO_REUSEPORT)
             ssl_handshake_timeout=self.timeout if self.ssl_context else None)
         self.address = self._listener.sockets[0].getsockname()[:2]
         log.info("unsubscribe server listening on %s:%d%s", *self.address,
