@@ -526,7 +526,9 @@ class Dispatcher:
             chosen = [env.recipients[i] for i in chunk]
             rcpts = [(clear.get(i) or r.address, r.notify, r.orcpt) for i, r in zip(chunk, chosen)]
             try:
-                sender = (verp.verp_sender(msg.id, chunk[0], rcpts[0][0], msg.received)
+                # bound to the envelope's form: a sealed recipient's return path names
+                # its sealed form, so returned reports can be logged under it (trust.py)
+                sender = (verp.verp_sender(msg.id, chunk[0], chosen[0].address, msg.received)
                           if verp else env.sender)
                 result = await client.send(sender, rcpts, content, body_8bit=body_8bit,
                                            smtputf8=env.smtputf8, ret=env.ret, envid=env.envid,

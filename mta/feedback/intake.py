@@ -34,6 +34,14 @@ suppresses (and counts) only a recipient the report proves we sent to: a VERP
 return path minted for that recipient, or a complaint from a trusted FBL source
 (mta/feedback/trust.py); the others say in `ignored` why they did not act.
 Auto-replies and delay notices are logged, never suppress.
+
+Sealed recipients (`[privacy] keyring`, mta/model/sealed.py): the remote server got the
+clear address at RCPT TO, so its report names that. With a keyring, a record names a
+recipient in clear only when a VERP return path proves we sent to it in clear; when one
+proves it was a sealed recipient the record names the sealed form (trust.py finds it);
+otherwise (no proof, a trusted FBL source, a recipient the report only claims) the
+record carries `recipient_hash` (the suppression list's "hmac-sha256:" form) and no
+`recipient`. The suppression takes the clear address in memory and stores its hash.
 """
 from __future__ import annotations
 
@@ -208,7 +216,8 @@ class BounceIntake:
                 counted = source or ("" if self.sources else DEFAULT_SOURCE)
                 scope = fb.complaint(rcpt, tenant, counted, fb.site_for(rcpt))
             self._log(RecordType.FEEDBACK, **base, **verdict.fields(report.message_id),
-                      feedback_type=f.feedback_type, recipient=rcpt, source_ip=f.source_ip,
+                      feedback_type=f.feedback_type, **self._named(rcpt, verdict),
+                      source_ip=f.source_ip,
                       source=source or None, tenant=tenant, suppressed=scope)
             return
         if not report.recipients:
@@ -227,9 +236,24 @@ class BounceIntake:
             fields = verdict.fields(report.message_id)
             if not acts:
                 fields["ignored"] = None     # nothing to act on, nothing ignored
-            self._log(RecordType.OOB, **base, **fields, recipient=r.recipient, status=r.status,
+            self._log(RecordType.OOB, **base, **fields, **self._named(r.recipient, verdict),
+                      status=r.status,
                       code=r.reply_code, category=r.category, hard=r.hard, action=r.action,
                       remote_mta=r.remote_mta, suppressed=suppressed)
+
+    def _named(self, rcpt: str | None, verdict: Verdict) -> dict:
+        """How a record names the recipient a report is about (see the module text)."""
+        fb = self.feedback
+        if fb.sealed is None or not rcpt:
+            return {"recipient": rcpt}
+        if verdict.sealed is not None:
+            return {"recipient": verdict.sealed}
+        if verdict.token is not None or fb.sealed.key_id(rcpt) is not None:
+            return {"recipient": rcpt}      # proven sent in clear, or named in sealed form
+        try:
+            return {"recipient": None, "recipient_hash": fb.hash_address(rcpt)}
+        except ValueError:                  # not an address: nothing to join on
+            return {"recipient": None, "recipient_hash": "unparsable"}
 
     def _log(self, rtype: RecordType, **fields) -> None:
         if self.logs is not None:

@@ -178,6 +178,11 @@ class Feedback:
         except ValueError:   # Unsealable
             return address
 
+    def sealed_forms(self, address: str, limit: int) -> list[str]:
+        """What a clear address named by a returned report seals to under each key (for
+        mta/feedback/trust.py); [] without a keyring."""
+        return self.sealed.sealed_forms(address, limit) if self.sealed is not None else []
+
     def hard_bounce(self, address: str, source: str, site: str, note: str = "") -> bool:
         self.counts[(source, site)]["hard_bounces"] += 1
         expiry = self.hard_bounce_expiry

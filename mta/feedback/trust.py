@@ -13,7 +13,10 @@ OOB/Feedback record):
                            trusted_fbl_sources (the SMTP peer address of the session that
                            brought the report)
 A VERP return path is bound to one recipient and expires (mta/feedback/verp.py), so it acts on
-that recipient only, and only until then; a trusted source vouches for the recipient
+that recipient only, and only until then (a sealed recipient's return path is bound to its
+sealed form, mta/model/sealed.py: the remote server names the clear address, so `prove`
+also tries the forms that address seals to under each key of the keyring, and the verdict
+says which one matched, so the records name that sealed form, never the clear address); a trusted source vouches for the recipient
 its complaint names, and for complaints only. A record that would have acted but could
 not says why in `ignored`: no_verp, verp_mismatch, verp_expired, verp_legacy,
 no_recipient or check_budget.
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 MAX_TOKENS = 4       # distinct return paths taken from one report
 MAX_CHECKS = 256     # HMAC verifications per report
+MAX_SEALS = 64       # sealed forms computed per report (AES-SIV, a few microseconds each)
+SEALED_FORMS = 8     # sealed forms tried per named recipient (keys x letter cases)
 
 ENVELOPE = "verp_envelope"
 RETURN_PATH = "verp_return_path"
@@ -57,6 +62,7 @@ class Keys(Protocol):
     def verp_token(self, address: str) -> verp.Token | None: ...   # unverified, None: not ours
     def verify_verp(self, token: verp.Token, recipient: str, now: float) -> str: ...  # verp.VALID...
     def trusted_fbl(self, client_ip: str | None) -> bool: ...   # a trusted_fbl_sources client?
+    def sealed_forms(self, address: str, limit: int) -> list[str]: ...  # [] without a keyring
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,7 @@ class Verdict:
     proof: str | None              # one of the proofs above; None: it may not act
     token: verp.Token | None       # the return path that proved it
     ignored: str | None            # why not, when proof is None
+    sealed: str | None = None      # the sealed form the return path was minted for
 
     def fields(self, message_id: str | None) -> dict:
         """The record fields: our message id when proven, else what the report claims."""
@@ -83,6 +90,7 @@ class Evidence:
         self.feedback = feedback
         self.now = time.time() if now is None else now
         self.checks = 0
+        self.seals = 0
         self.tokens: dict[verp.Token, str] = {}     # token -> where it was found
         self._gather(ENVELOPE, (env.recipients[i].address for i in idxs))
         original = report.original_headers
@@ -105,6 +113,7 @@ class Evidence:
         if not recipient:
             return Verdict(None, None, NO_RECIPIENT)
         reason = NO_VERP
+        forms: list[str] | None = None     # the sealed forms, computed when first needed
         for token, where in self.tokens.items():
             if self.checks >= MAX_CHECKS:
                 reason = max(reason, CHECK_BUDGET, key=lambda r: _RANK.get(r, -1))
@@ -113,10 +122,32 @@ class Evidence:
             answer = self.feedback.verify_verp(token, recipient, self.now)
             if answer == verp.VALID:
                 return Verdict(where, token, None)
+            if answer == verp.MISMATCH:
+                if forms is None:
+                    forms = self._sealed_forms(recipient)
+                for form in forms:
+                    if self.checks >= MAX_CHECKS:
+                        break
+                    self.checks += 1
+                    sealed_answer = self.feedback.verify_verp(token, form, self.now)
+                    if sealed_answer == verp.VALID:
+                        return Verdict(where, token, None, form)
+                    if sealed_answer != verp.MISMATCH:
+                        answer = sealed_answer      # e.g. minted for it, but expired
+                        break
             reason = max(reason, answer, key=lambda r: _RANK.get(r, -1))
         if self.trusted:
             return Verdict(TRUSTED_SOURCE, None, None)
         return Verdict(None, None, reason)
+
+    def _sealed_forms(self, recipient: str) -> list[str]:
+        room = min(SEALED_FORMS, MAX_SEALS - self.seals)
+        if room <= 0:
+            return []
+        sealed_forms = getattr(self.feedback, "sealed_forms", None)
+        forms = sealed_forms(recipient, room) if sealed_forms is not None else []
+        self.seals += len(forms)
+        return forms
 
     def first_proven(self, named: Iterable[str | None]) -> tuple[str | None, Verdict]:
         """The first of a complaint's `named` recipients it proves (one complaint is

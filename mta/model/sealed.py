@@ -175,6 +175,35 @@ class Keyring:
         except (InvalidTag, UnicodeDecodeError, ValueError):
             raise Unsealable("does not open") from None
 
+    def sealed_forms(self, address: str, limit: int = 8) -> list[str]:
+        """The forms `address` (a clear one, as a remote server wrote it) seals to under
+        each key, newest key first, at most `limit`: what a returned report about a
+        sealed recipient is matched against (mta/feedback/trust.py). A local part in
+        other case than sealed is tried lower-cased too (servers may fold it)."""
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or address.startswith(PREFIX):
+            return []
+        variants = [local] if local == local.lower() else [local, local.lower()]
+        out: list[str] = []
+        for kid in reversed(list(self.keys)):
+            for v in variants:
+                if len(out) >= limit:
+                    return out
+                try:
+                    raw = v.encode("utf-8")
+                    if len(raw) > max_clear_length(kid):
+                        continue            # too long to have been sealed with this key id
+                    ct = self._aead[kid].encrypt(raw, [_ad(domain)])
+                except (ValueError, UnicodeError):   # not an address (surrogates, bad IDNA)
+                    continue
+                blob = base64.urlsafe_b64encode(ct).rstrip(b"=").decode("ascii")
+                out.append(f"{PREFIX}{kid}.{blob}@{domain}")
+        return out
+
+    def replace(self, other: "Keyring") -> None:
+        """Take `other`'s keys in place (a reload): every holder of this object sees them."""
+        self.keys, self.current, self._aead = other.keys, other.current, other._aead
+
     def key_id(self, address: str) -> str | None:
         m = _CLAIM.match(address.rpartition("@")[0])
         return m.group(1) if m else None
