@@ -114,6 +114,8 @@ class Dispatcher:
         self.suspended_until = 0.0                     # operator: this (source, site) pair
         self._timer: asyncio.TimerHandle | None = None
         self.last_busy = clock()                       # last time it had work (reaping)
+        # shared connection leases (mta/delivery/cluster.py PathLeases); None: local only
+        self.cluster = None
 
     @property
     def site(self) -> Site:
@@ -155,6 +157,8 @@ class Dispatcher:
                 return
         if len(self.ready) <= len(self._idle) or self.active >= self.limits.connection_limit:
             return
+        if self.cluster is not None and self.cluster.held():
+            return      # the cluster is at a limit: the retry timer looks again
         site = self.site_state
         if site.connection_limit is not None and site.active >= site.connection_limit:
             # woken when a connection to the site closes; ask an idle one to close now
@@ -232,7 +236,12 @@ class Dispatcher:
 
     async def _worker(self) -> None:
         client: SmtpClient | None = None
+        lease = None
         try:
+            if self.cluster is not None:    # a lease on the path and site, cluster-wide
+                lease = await self.cluster.acquire()
+                if lease is None:
+                    return
             msg = self._next()
             if msg is None:
                 return
@@ -257,6 +266,8 @@ class Dispatcher:
         finally:
             if client is not None:
                 client.abort()
+            if lease is not None:
+                lease.release()
             self.active -= 1
             self.site_state.active -= 1
             self.budget.give_back()
