@@ -143,9 +143,13 @@ class SignedDnsServer:
     """A validating unbound on loopback serving one DNSSEC-signed zone (signed here with
     dnspython, ECDSA P-256) as an auth-zone, with the zone's key as its trust anchor: its
     answers for the zone carry the AD bit, as a trusted validating resolver's would.
-    `records` are zone-file lines relative to or inside `origin`."""
+    `records` are zone-file lines relative to or inside `origin`. `unsigned` adds zones
+    served unsigned (outside the trust anchor: insecure answers, no AD bit), {origin:
+    records}; `bogus` names (relative to `origin`) get their signatures broken after
+    signing, so the validator answers SERVFAIL for them."""
 
-    def __init__(self, origin: str, records: list[str], directory: Path) -> None:
+    def __init__(self, origin: str, records: list[str], directory: Path, *,
+                 unsigned: dict[str, list[str]] | None = None, bogus: tuple[str, ...] = ()) -> None:
         import dns.dnssec
         import dns.zone
         from dnsserver import _free_port, _unbound
@@ -161,7 +165,28 @@ class SignedDnsServer:
             dns.dnssec.sign_zone(zone, txn, keys=[(key, dnskey)], lifetime=86400)
         self.dir = directory
         zonefile = directory / "signed.zone"
-        zonefile.write_text(f"$ORIGIN {self.origin}\n" + zone.to_text())
+        text = zone.to_text()
+        if bogus:
+            owners = {f"{b}.{self.origin}" for b in bogus} | set(bogus)
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if line.split(" ", 1)[0] in owners and " RRSIG " in line \
+                        and " RRSIG NSEC " not in line:
+                    sig = line.rsplit(" ", 1)[1]
+                    mid = len(sig) // 2
+                    lines[i] = line[:len(line) - len(sig)] + sig[:mid] + (
+                        "A" if sig[mid] != "A" else "B") + sig[mid + 1:]
+            text = "\n".join(lines) + "\n"
+        zonefile.write_text(f"$ORIGIN {self.origin}\n" + text)
+        extra_zones = []
+        for n, (zname, zrecords) in enumerate((unsigned or {}).items()):
+            zname = zname if zname.endswith(".") else zname + "."
+            zpath = directory / f"unsigned{n}.zone"
+            zpath.write_text(f"$ORIGIN {zname}\n$TTL 300\n"
+                             f"@ IN SOA ns.{zname} h.{zname} 1 3600 600 86400 300\n"
+                             f"@ IN NS ns.{zname}\nns IN A 127.0.0.1\n" + "\n".join(zrecords) + "\n")
+            extra_zones += ["auth-zone:", f'    name: "{zname}"', f'    zonefile: "{zpath}"',
+                            "    for-upstream: yes", "    for-downstream: no"]
         self.port = _free_port("127.0.0.1")
         conf = directory / "unbound-signed.conf"
         conf.write_text("\n".join([
@@ -174,7 +199,7 @@ class SignedDnsServer:
             "    outgoing-interface: 127.0.0.1", "    access-control: 127.0.0.1/32 allow",
             '    local-zone: "test." nodefault',        # RFC 6761 names are local by default
             "auth-zone:", f'    name: "{self.origin}"', f'    zonefile: "{zonefile}"',
-            "    for-upstream: yes", "    for-downstream: no",
+            "    for-upstream: yes", "    for-downstream: no", *extra_zones,
             "remote-control:", "    control-enable: no", ""]))
         import subprocess
         self.log = open(directory / "unbound-signed.log", "wb")

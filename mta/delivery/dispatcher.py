@@ -367,7 +367,15 @@ class Dispatcher:
                     last = _policy_error(host.name, ref)
                     log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
                     continue
-            tlsa = await tp.tlsa(host.name) if tp is not None and host.name else []
+            tlsa: list = []
+            if tp is not None and host.name:
+                # DANE only for an MX of a DNSSEC-secure MX RRset (RFC 7672 2.2); a failed
+                # DNSSEC lookup defers (unless TLS-Required: No)
+                tlsa, ref = await tp.dane_for(policy, host.name)
+                if ref is not None and not envelope_flags()[1]:
+                    last = _policy_error(host.name, ref)
+                    log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
+                    continue
             need_tls = mode in ("required", "verified") or (
                 tp is not None and tp.requires_tls(policy, tlsa))
             for address in host.addresses:

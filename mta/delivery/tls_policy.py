@@ -22,17 +22,21 @@ context, no redirects, bounded size and time; cached for its max_age and persist
 (mta-sts.json in the spool directory, mta.files.write_atomic) so a restart keeps it;
 a new TXT id refetches. enforce: only matching MX names with a verified
 certificate; testing: failures are logged, mail goes; none: no policy.
-DANE: TLSA _25._tcp.<mx> only when the configured resolver set the AD bit (it must
-be a validating resolver we trust); an MX with usable secure TLSA records needs a
-TLS session whose chain matches one of them.
+DANE (RFC 7672 2.2): only for an MX host named in the domain's MX RRset when that
+RRset came with the AD bit from the configured resolver (it must be a validating
+resolver we trust), whose own address records are secure too (2.2.2), and whose
+TLSA RRset _25._tcp.<mx> is secure; such an MX with usable TLSA records needs a TLS
+session whose chain matches one of them. An insecure MX or address answer means no
+DANE for that MX (MTA-STS or opportunistic TLS instead); a failed lookup (a
+validator's SERVFAIL for bogus data, a timeout) defers with "dnssec-invalid".
 
 Reads: DNS (TXT, TLSA), HTTPS (policies), the spool's mta-sts.json at start.
 Writes: mta-sts.json. Diagnostics: log lines at info (policy fetched, testing-mode
 failures) and warning (policy fetch failures for a domain that publishes one).
 Trust: DNS answers, policy bodies and peer certificates are hostile network data:
 sizes, counts and times are bounded; parse failures mean "no valid policy".
-Does not: check that the MX answer itself was DNSSEC-secure (RFC 7672 2.2.1), send
-TLS-RPT reports (RFC 8460), or pin SNI beyond the MX name.
+Does not: follow a secure CNAME of the MX host to a TLSA base name other than the
+MX name (RFC 7672 2.2.3), or pin SNI beyond the MX name.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ STS_FETCH_TIMEOUT = 60.0        # RFC 8461 3.3 suggests at most a minute
 STS_MAX_AGE = 31557600          # RFC 8461 3.2
 STS_MAX_MX = 64                 # mx lines kept from one policy
 NEGATIVE_TTL = 3600.0           # "no policy" (no TXT, no TLSA) is remembered this long
+DNS_ERROR_TTL = 30.0            # a failed DNSSEC lookup (MX, address, TLSA) is asked again after
 MIN_TTL = 300.0                 # floor for cached DNS answers
 MAX_TLSA = 16                   # TLSA records looked at per MX
 MAX_DOMAINS = 100_000           # cached domain policies (the oldest go first)
@@ -75,6 +80,7 @@ VALIDATION_FAILURE = "validation-failure"
 TLSA_INVALID = "tlsa-invalid"
 STS_INVALID = "sts-policy-invalid"
 STS_FETCH_ERROR = "sts-policy-fetch-error"
+DNSSEC_INVALID = "dnssec-invalid"
 
 
 @dataclass(slots=True)
@@ -106,6 +112,10 @@ class DomainPolicy:
     sts: StsPolicy | None = None
     sts_error: str = ""             # why a published policy could not be used
     checked: float = 0.0
+    # DANE (RFC 7672 2.2.1): the MX names of a DNSSEC-secure MX RRset (the domain itself
+    # for a secure denial of MX records); None: insecure or not looked up, no DANE
+    dane_mx: frozenset[str] | None = None
+    dnssec_error: str = ""          # the MX lookup with DNSSEC failed (bogus, timeout): defer
 
     @property
     def enforce(self) -> bool:
@@ -353,7 +363,8 @@ class TlsPolicy:
         self._trust: TrustStore | None = None
         self._cache: dict[str, DomainPolicy] = {}
         self._pending: dict[str, asyncio.Future[DomainPolicy]] = {}
-        self._tlsa: dict[str, tuple[list[tuple[int, int, int, bytes]], float]] = {}
+        self._tlsa: dict[str, tuple[list[tuple[int, int, int, bytes]], float,
+                                    Refusal | None]] = {}
         self._path = Path(state_dir) / "mta-sts.json" if state_dir else None
         self._http_ctx: ssl.SSLContext | None = None
         self.reports: TlsReports | None = None      # TLS-RPT counting (tlsrpt.py), if on
@@ -374,7 +385,8 @@ class TlsPolicy:
     def cached(self, domain: str) -> DomainPolicy | None:
         p = self._cache.get(domain)
         if p is not None and self.clock() - p.checked < (
-                NEGATIVE_TTL if p.sts is None else min(NEGATIVE_TTL, p.sts.expires - p.checked)):
+                DNS_ERROR_TTL if p.dnssec_error else NEGATIVE_TTL if p.sts is None
+                else min(NEGATIVE_TTL, p.sts.expires - p.checked)):
             return p
         return None
 
@@ -408,6 +420,8 @@ class TlsPolicy:
         now = self.clock()
         old = self._cache.get(domain)
         p = DomainPolicy(domain, checked=now)
+        if self.dane:
+            await self._secure_mx(p)
         if not self.mta_sts:
             return p
         assert self.dns is not None
@@ -439,6 +453,22 @@ class TlsPolicy:
                 p.sts = old.sts
         return p
 
+    async def _secure_mx(self, p: DomainPolicy) -> None:
+        """RFC 7672 2.2.1: DANE applies only to the MX hosts of a secure MX RRset. The site
+        resolver's MX answer says nothing about DNSSEC, so the RRset is asked again with
+        DO set (one query per domain per cache period)."""
+        assert self.dns is not None
+        try:
+            hosts, secure = await self.dns.secure_mx(p.domain)
+        except QueryError as exc:
+            p.dnssec_error = f"{exc.text} (DNSSEC-validated MX lookup)"
+            log.info("%s: %s: DANE cannot be decided, deferring", p.domain, p.dnssec_error)
+            return
+        if secure:
+            # no MX records (securely denied): the domain is its own MX (RFC 7672 2.2.1)
+            p.dane_mx = frozenset(h.rstrip(".").lower() for h in hosts[:64]) or frozenset(
+                (p.domain,))
+
     async def _fetch(self, domain: str) -> str:
         import aiohttp
         if self._http_ctx is None:
@@ -462,30 +492,48 @@ class TlsPolicy:
             raise OSError(f"{url}: {type(exc).__name__}: {str(exc)[:200]}") from None
         return body.decode("utf-8", "replace")
 
-    async def tlsa(self, mx: str) -> list[tuple[int, int, int, bytes]]:
-        """The secure TLSA records of `mx` (_25._tcp.<mx>, cached per MX host); [] when
-        DANE does not apply (off, insecure answer, none published, DNS trouble)."""
+    async def dane_for(self, p: DomainPolicy, mx: str
+                   ) -> tuple[list[tuple[int, int, int, bytes]], Refusal | None]:
+        """(usable secure TLSA records of `mx`, None), or ([], refusal) when a DNSSEC lookup
+        failed (defer: RFC 7672 2.2). [] when DANE does not apply: off, an MX outside the
+        domain's secure MX RRset, insecure addresses of the MX host, no secure TLSA."""
         if not self.dane or not mx:
-            return []
+            return [], None
+        if p.dnssec_error:
+            return [], Refusal("dane", DNSSEC_INVALID, p.dnssec_error)
+        if p.dane_mx is None or mx not in p.dane_mx:
+            return [], None
         now = self.clock()
         hit = self._tlsa.get(mx)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if hit is None or hit[1] <= now:
+            hit = await self._host_tlsa(mx, now)
+            if len(self._tlsa) >= MAX_DOMAINS and mx not in self._tlsa:
+                self._tlsa.pop(next(iter(self._tlsa)))
+            self._tlsa[mx] = hit
+        return hit[0], hit[2]
+
+    async def _host_tlsa(self, mx: str, now: float) -> tuple[
+            list[tuple[int, int, int, bytes]], float, Refusal | None]:
+        """(usable records, cache expiry, refusal) for one MX host of a secure MX RRset."""
         assert self.dns is not None
         try:
+            # RFC 7672 2.2.2: the host's address records must be secure too
+            addresses, secure = await self.dns.secure_addresses(mx, "A")
+            if not addresses:
+                addresses, secure = await self.dns.secure_addresses(mx, "AAAA")
+            if not secure:
+                log.info("%s: address records not DNSSEC-secure: no DANE", mx)
+                return [], now + NEGATIVE_TTL, None
             records, ttl, secure = await self.dns.tlsa(f"_25._tcp.{mx}")
         except QueryError as exc:
-            log.info("TLSA _25._tcp.%s: %s (DANE not applied)", mx, exc.text)
-            records, ttl, secure = [], 0, False
+            log.info("%s: %s: DANE cannot be decided, deferring", mx, exc.text)
+            return [], now + DNS_ERROR_TTL, Refusal("dane", DNSSEC_INVALID, exc.text)
         # only DANE-TA(2)/DANE-EE(3) with known selector and matching type count; a set of
         # unusable records alone is treated as none (RFC 7672 2.2 would still ask for TLS)
         usable = [r for r in records[:MAX_TLSA]
                   if r[0] in (2, 3) and r[1] in (0, 1) and r[2] in (0, 1, 2)] if secure else []
-        if len(self._tlsa) >= MAX_DOMAINS and mx not in self._tlsa:
-            self._tlsa.pop(next(iter(self._tlsa)))
-        self._tlsa[mx] = (usable, now + (max(MIN_TTL, min(ttl, NEGATIVE_TTL)) if usable
-                                         else NEGATIVE_TTL))
-        return usable
+        return usable, now + (max(MIN_TTL, min(ttl, NEGATIVE_TTL)) if usable
+                              else NEGATIVE_TTL), None
 
     # -- decisions --
 

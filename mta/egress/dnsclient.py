@@ -117,6 +117,27 @@ class DnsClient:
         """(usage, selector, matching type, data) of the TLSA records of `name`, their TTL,
         and whether the answer was authenticated (AD bit from the configured resolver,
         which must be a validating one we trust, RFC 7672 2.1). [] for NODATA/NXDOMAIN."""
+        records, ttl, ad = await self.secure(name, dns.rdatatype.TLSA)
+        return ([(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
+                 for rd in records], ttl, ad)
+
+    async def secure_mx(self, name: str) -> tuple[list[str], bool]:
+        """The MX exchanges of `name` (a null MX's "." left out) and whether the answer
+        (or its denial: NODATA, NXDOMAIN) was authenticated: the AD bit, RFC 7672 2.2.1.
+        A validator's SERVFAIL (bogus data) is a QueryError, as any failure."""
+        records, _, ad = await self.secure(name, dns.rdatatype.MX)
+        return [_text(rd.exchange) for rd in records if rd.exchange != dns.name.root], ad
+
+    async def secure_addresses(self, name: str, rdtype: str) -> tuple[list[str], bool]:
+        """The A or AAAA addresses of `name` and whether the answer (the whole CNAME chain
+        with it) was authenticated (RFC 7672 2.2.2)."""
+        records, _, ad = await self.secure(name, dns.rdatatype.from_text(rdtype))
+        return [rd.address for rd in records], ad
+
+    async def secure(self, name: str, rdtype: dns.rdatatype.RdataType
+                     ) -> tuple[list[Any], int, bool]:
+        """Records of `rdtype` at `name` asked with DO (and AD) set, their TTL, and the
+        response's AD bit; ([], 0, ad) for NODATA and NXDOMAIN. Raises QueryError."""
         if self._secure is None:
             secure = dns.asyncresolver.Resolver(configure=False)
             secure.nameservers = self._resolver.nameservers
@@ -125,12 +146,15 @@ class DnsClient:
             secure.use_edns(0, dns.flags.DO, 1232)
             self._secure = secure
         qname = dns.name.from_text(name + ".")
-        label = f"TLSA {name}"
+        label = f"{dns.rdatatype.to_text(rdtype)} {name}"
         try:
-            answer = await self._secure.resolve(qname, dns.rdatatype.TLSA,
+            answer = await self._secure.resolve(qname, rdtype,
                                                 raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN as exc:
-            resp = exc.response(qname) if hasattr(exc, "response") else None
+            try:
+                resp = exc.response(qname)
+            except (KeyError, AttributeError):
+                resp = None
             ad = bool(resp is not None and resp.flags & dns.flags.AD)
             return [], 0, ad
         except dns.resolver.NoNameservers as exc:
@@ -140,10 +164,9 @@ class DnsClient:
         except (dns.exception.DNSException, OSError) as exc:
             raise QueryError(QueryFailure.ERROR, f"{label}: {type(exc).__name__}") from None
         ad = bool(answer.response.flags & dns.flags.AD)
-        if answer.rrset is None or answer.rrset.rdtype != dns.rdatatype.TLSA:
+        if answer.rrset is None or answer.rrset.rdtype != rdtype:
             return [], 0, ad
-        return ([(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
-                 for rd in answer.rrset], answer.rrset.ttl, ad)
+        return list(answer.rrset), answer.rrset.ttl, ad
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[list[Any], int]:
         qname = dns.name.from_text(name + ".")     # absolute: no search list
