@@ -1,0 +1,261 @@
+"""Worker processes (issue 15 item 1): `mta serve` with [server] workers = 2 as a real
+supervisor and two worker processes, relaying to tools/sink.py on 127.0.100.x.
+
+- both workers accept (each writes its own log mta.wN.jsonl; their pids differ) and every
+  message reaches the sink once;
+- kill -9 of one worker under load: the supervisor starts it again, every message the
+  client saw 250 for is delivered, none lost; sent twice only within the at-least-once
+  window (deliveries the killed worker finished but had not recorded yet);
+- SIGHUP reaches every worker (a Reload record in each log); SIGTERM drains and the
+  supervisor exits 0 with no worker left.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import ROOT, Daemon, free_port
+
+LISTEN = "127.0.100.1"
+SINK = "127.0.100.2"
+
+
+class Sink:
+    """tools/sink.py with --times: the first recipient of each message as it arrived."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.stats = workdir / "sink.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tools" / "sink.py"), f"{SINK}:{self.port}", "--times",
+             "--stats-file", str(self.stats)],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "sink.err", "ab"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with smtplib.SMTP(SINK, self.port, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("sink did not start")
+
+    def recipients(self) -> list[str]:
+        self.stats.unlink(missing_ok=True)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                return [r for _, _, r in orjson.loads(self.stats.read_bytes())["times"]]
+            except (OSError, orjson.JSONDecodeError, KeyError):
+                time.sleep(0.05)
+        raise AssertionError("the sink wrote no statistics")
+
+    def wait_for(self, want: set[str], timeout: float = 60) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.recipients()
+            if want <= set(got) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def sink(tmp_path):
+    s = Sink(tmp_path)
+    yield s
+    s.stop()
+
+
+def _workers_daemon(daemon_factory, sink: Sink, workers: int = 2, delivery: str = "") -> Daemon:
+    d = daemon_factory(extra=f'[delivery]\nsmarthost = "{SINK}:{sink.port}"\n'
+                             f'retry_initial = "1s"\nretry_max = "2s"\n{delivery}\n', start=False)
+    text = d.config.read_text()
+    text = text.replace("[server]\n", f"[server]\nworkers = {workers}\nnode = \"n1\"\n", 1)
+    text = text.replace('address = "127.0.0.1"\nport', f'address = "{LISTEN}"\nport', 1)
+    d.config.write_text(text)
+    return d.start(timeout=40)
+
+
+def _status(d: Daemon) -> dict:
+    return orjson.loads((d.spool_dir / "workers.json").read_bytes())
+
+
+def _records(d: Daemon, index: int, rtype: str) -> list[dict]:
+    path = d.log_dir / f"mta.w{index}.jsonl"
+    if not path.exists():
+        return []
+    out = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    return [r for r in out if r["type"] == rtype]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Loader:
+    """Threads sending one-recipient messages (recipient uN@relay.test, unique N) over
+    reused SMTP sessions; `accepted` holds the N the client saw 250 for."""
+
+    def __init__(self, port: int, total: int, threads: int = 6):
+        self.port, self.total = port, total
+        self.accepted: set[str] = set()
+        self.failed = 0
+        self._next = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> "Loader":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float = 120) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._next >= self.total:
+                return None
+            self._next += 1
+            return self._next
+
+    def _run(self) -> None:
+        s: smtplib.SMTP | None = None
+        sent = 0
+        while (n := self._take()) is not None:
+            rcpt = f"u{n}@relay.test"
+            body = (f"From: <load@sender.test>\r\nTo: <{rcpt}>\r\nSubject: {n}\r\n"
+                    f"Message-ID: <{n}.load@sender.test>\r\n\r\n" + "x" * 2000 + "\r\n").encode()
+            try:
+                if s is None or sent >= 20:   # new sessions now and then: both workers
+                    if s is not None:
+                        s.quit()
+                    s = smtplib.SMTP(LISTEN, self.port, timeout=20)
+                    sent = 0
+                s.sendmail("load@sender.test", [rcpt], body)
+                sent += 1
+                with self._lock:
+                    self.accepted.add(rcpt)
+            except (OSError, smtplib.SMTPException):
+                with self._lock:
+                    self.failed += 1
+                try:
+                    if s is not None:
+                        s.close()
+                except OSError:
+                    pass
+                s = None
+        if s is not None:
+            try:
+                s.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+
+
+def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
+    d = _workers_daemon(daemon_factory, sink)
+    status = _status(d)
+    pids = [w["pid"] for w in status["workers"]]
+    assert len(set(pids)) == 2 and all(_alive(p) for p in pids), status
+    assert [w["name"] for w in status["workers"]] == ["n1/w0", "n1/w1"]
+    loader = Loader(d.port, 300, threads=6).start()
+    loader.join()
+    assert len(loader.accepted) == 300 and loader.failed == 0
+    got = sink.wait_for(loader.accepted)
+    assert sorted(got) == sorted(loader.accepted)      # every message once
+    received = [len(_records(d, i, "Reception")) for i in (0, 1)]
+    assert sum(received) == 300 and min(received) > 0, received   # both workers accepted
+    delivered = [len(_records(d, i, "Delivery")) for i in (0, 1)]
+    assert delivered == received     # each worker delivers what it spooled
+    assert (d.spool_dir / "w0").is_dir() and (d.spool_dir / "w1").is_dir()
+    # `mta workers`: each worker's pid and its admin API's /ready
+    out = subprocess.run([sys.executable, "-m", "mta", "workers", "-c", str(d.config), "--json"],
+                         capture_output=True, cwd=d.workdir, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    report = orjson.loads(out.stdout)
+    assert [w["ready"] for w in report["workers"]] == ["ready", "ready"]
+    assert [w["pid"] for w in report["workers"]] == pids
+    assert d.stop() == 0
+
+
+def test_kill_9_of_a_worker_under_load_loses_nothing(daemon_factory, sink):
+    # few connections to the sink: few deliveries in flight when the worker dies, which are
+    # the only ones a restart may send again (at least once)
+    d = _workers_daemon(daemon_factory, sink, delivery="connection_limit = 4")
+    victim = _status(d)["workers"][1]["pid"]
+    loader = Loader(d.port, 1200, threads=6).start()
+    deadline = time.monotonic() + 60
+    while len(loader.accepted) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    loader.join()
+    assert not [t for t in loader._threads if t.is_alive()]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        w1 = _status(d)["workers"][1]
+        if w1["restarts"] == 1 and w1["state"] == "running":
+            break
+        time.sleep(0.2)
+    assert w1["restarts"] == 1 and w1["pid"] != victim and _alive(w1["pid"]), w1
+    assert w1["last_exit"] == "signal SIGKILL"
+    assert len(loader.accepted) >= 1000, (len(loader.accepted), loader.failed)
+    got = sink.wait_for(loader.accepted, timeout=90)
+    missing = loader.accepted - set(got)
+    assert not missing, f"{len(missing)} accepted messages never delivered"
+    dupes = len(got) - len(set(got))
+    print(f"accepted {len(loader.accepted)}, client errors {loader.failed}, delivered {len(got)}, "
+          f"twice {dupes}")
+    # a message the sink took whose tombstone the killed worker had not written yet goes
+    # out again after the restart (at least once, daemon.py): the deliveries of its last
+    # few milliseconds on its 4 connections (0 to 3 seen here). A shard recovered twice,
+    # or by two workers, would send hundreds again.
+    assert dupes <= 20, dupes
+    assert d.stop() == 0
+
+
+def test_sighup_reaches_every_worker_and_sigterm_drains(daemon_factory, sink):
+    d = _workers_daemon(daemon_factory, sink)
+    pids = [w["pid"] for w in _status(d)["workers"]]
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if all(_records(d, i, "Reload") for i in (0, 1)):
+            break
+        time.sleep(0.1)
+    for i in (0, 1):
+        [rec] = _records(d, i, "Reload")
+        assert rec["applied"] is True and rec["restart"] == [], rec
+    assert [w["pid"] for w in _status(d)["workers"]] == pids    # reloaded, not restarted
+    assert d.stop() == 0
+    assert not any(_alive(p) for p in pids)
+    assert all(w["state"] == "stopped" for w in _status(d)["workers"])
+
+
+def test_supervisor_killed_workers_stop(daemon_factory, sink):
+    """kill -9 of the supervisor: its workers see their stdin close, drain and exit."""
+    d = _workers_daemon(daemon_factory, sink)
+    pids = [w["pid"] for w in _status(d)["workers"]]
+    d.kill()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
