@@ -29,6 +29,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mta.config import Config, ConfigError
+from mta.config.keyring import KeyringError, load_keyring
 from mta.config.load import DEFAULT_CONFIG_PATH, load_config
 from mta.config.schema import SECTIONS, keys_of
 from mta.control.actions import DEFAULT_DURATION, Controls
@@ -418,6 +419,13 @@ class Server:
                 domains = SigningDomains(merged.dkim, merged.signing.policy)
             except DkimConfigError as exc:
                 problems.append(str(exc))
+        keyring = None     # the recipient keyring file again (a key rotation needs no restart)
+        if self.feedback is not None and self.feedback.sealed is not None \
+                and merged.privacy.keyring is not None:
+            try:
+                keyring = load_keyring(merged.privacy.keyring)
+            except KeyringError as exc:
+                problems.append(f"[privacy] keyring: {exc}")
         if problems:
             return self._refused(problems)
         if self.feedback is not None:   # the rule files, now rather than at the next look
@@ -426,6 +434,8 @@ class Server:
             except RulesError as exc:   # nothing was applied yet: refuse the whole reload
                 return self._refused([f"[bounces] rules: {exc}"])
         self.delivery.reconfigure(merged, shaping, egress)
+        if keyring is not None and self.feedback is not None and self.feedback.sealed is not None:
+            self.feedback.sealed.replace(keyring)   # in place: reception, delivery, intake hold it
         for header in sorted({r.header for r in merged.egress_rule if r.header}
                              - self._rule_headers):
             restart.append(f"egress_rule header {header}")

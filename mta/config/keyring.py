@@ -4,7 +4,8 @@ Text, one key per line: `KEYID BASE64KEY` (key id 1-8 characters a-z 0-9, a 64-b
 AES-256-SIV key in standard or url-safe base64); `#` comments and blank lines are skipped;
 `current KEYID` names the key tools seal new addresses with (default: the last key).
 The file must not be readable by group or others (mode 0600): it is refused otherwise.
-Rotation: add a line (`mta privacy keygen`), restart the MTA, then let the
+Rotation: add a line (`mta privacy keygen`), reload the MTA (SIGHUP: the file is read again;
+a broken file refuses the whole reload and the running keys stay), then let the
 application seal with the new key; remove the old line only once no queued message
 uses it (the queue views show sealed recipients; the key id is between "e1" and "."):
 a message whose key is gone is deferred (mta/delivery/dispatcher.py), not bounced.

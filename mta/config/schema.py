@@ -558,7 +558,9 @@ class PrivacyConfig:
     keyring: Path | None = key(OPTIONAL_PATH, "", "recipient keyring file (mode 0600, lines "
                                "`KEYID BASE64KEY`, written by `mta privacy keygen`); \"\" "
                                "turns sealed recipients off: \"e1...\" local parts are then "
-                               "ordinary addresses", restart=True)
+                               "ordinary addresses. The file is read again at each reload "
+                               "(SIGHUP), so a key rotation needs no restart (a broken file "
+                               "refuses the reload); the path needs a restart", restart=True)
 
 
 @dataclass(frozen=True, slots=True)

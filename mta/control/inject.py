@@ -27,9 +27,12 @@ The envelope is built by Reception.new_envelope as for SMTP: our Received header
 (tenant, campaign, class, egress-rule headers) from the content, then "tenant",
 "campaign" and "class" given in the request over them. Suppressed recipients are taken
 out as reception does after DATA (a Suppressed record each, listed in the answer); when
-none is left the answer is 422. DKIM at reception (signing.stage = "reception") signs
+none is left the answer is 422. Sealed recipients (`[privacy] keyring`, mta/model/sealed.py)
+that claim the sealed format but do not open with the keyring (unknown key id, tampered,
+bad base64) are refused one by one, as SMTP refuses them at RCPT (550 5.1.3): listed in
+the answer's "refused" with the reason, the others go on; none left: 422. DKIM at reception (signing.stage = "reception") signs
 here too. The answer comes once every message of the request is durable (SMTP's 250):
-200 {"messages": [{"id", "recipients"}], "suppressed": [...]}. Refusals: 400 naming the
+200 {"messages": [{"id", "recipients"}], "suppressed": [...], "refused": [...]}. Refusals: 400 naming the
 problem, 413 (body over inject_max_size), 503 (queue full, memory budget, a failed spool
 write, DKIM deferral: retry later; Retry-After) and 507 (spool disk space), with the
 reason as at SMTP (452 4.3.1 and friends).
@@ -54,6 +57,7 @@ from mta.dkim.signer import DkimError
 from mta.model.envelope import Recipient
 from mta.model.log_records import RecordType
 from mta.model.replies import REPLIES
+from mta.model.sealed import Unsealable
 from mta.spool import SpoolError
 
 if TYPE_CHECKING:
@@ -354,6 +358,29 @@ class Injector:
             raise Refused(status, f"not accepting mail now: {line.decode(errors='replace').strip()}",
                           {"Retry-After": "10"})
 
+    def _unsealable(self, messages) -> list[dict]:
+        """Take sealed recipients that do not open out of `messages` (in place), as RCPT
+        refuses them; what was taken, with why."""
+        policy = self.reception.policy
+        ring = getattr(policy, "sealed", None) if policy is not None else None
+        if ring is None:
+            return []
+        out: list[dict] = []
+        for rcpts, _ in messages:
+            kept = []
+            for addr in rcpts:
+                try:
+                    ring.open(addr)
+                except Unsealable as exc:
+                    r = REPLIES["BAD_SEALED"]
+                    out.append({"recipient": addr, "error": f"{r.code} {r.status} sealed "
+                                f"recipient does not open with the keyring: {exc}"})
+                    continue
+                kept.append(addr)
+            rcpts[:] = kept
+        messages[:] = [m for m in messages if m[0]]
+        return out
+
     def _suppress(self, messages, sender: str, tenant: str | None, ip: str) -> list[dict]:
         """Take suppressed recipients out of `messages` (in place); what was taken."""
         policy = self.reception.policy
@@ -387,12 +414,18 @@ class Injector:
         ip = request.remote or ""
         given = {k: v for k, v in x_args.items() if v is not None}
         # each message's X-header values (one header scan), the request's over them
+        refused = self._unsealable(messages)
+        if not messages:
+            return web.Response(status=422, body=orjson.dumps(
+                {"error": "no recipient left: every recipient was refused", "refused": refused,
+                 "suppressed": []}), content_type="application/json")
         scanned = [{**reception.x_values(content), **given} for _, content in messages]
         suppressed = self._suppress(messages, sender, scanned[0].get("tenant") if scanned
                                     else None, ip)
         if not messages:
             return web.Response(status=422, body=orjson.dumps(
-                {"error": "every recipient is suppressed", "suppressed": suppressed}),
+                {"error": "every recipient is suppressed", "suppressed": suppressed,
+                 "refused": refused}),
                 content_type="application/json")
         if len(scanned) != len(messages):   # a message lost all its recipients
             scanned = [{**reception.x_values(content), **given} for _, content in messages]
@@ -424,7 +457,7 @@ class Injector:
                 content_type="application/json")
         return web.Response(body=orjson.dumps(
             {"messages": [{"id": s.id, "recipients": [r.address for r in s.envelope.recipients]}
-                          for s in stored], "suppressed": suppressed}),
+                          for s in stored], "suppressed": suppressed, "refused": refused}),
             content_type="application/json")
 
     async def _sign(self, dkim: Any, content: bytes, env: Any) -> bytes:

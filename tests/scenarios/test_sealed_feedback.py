@@ -12,12 +12,10 @@ content: it rests in the spool until processed, as any received message does.)
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import smtplib
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -118,6 +116,20 @@ def _assert_no_clear(blob: bytes | str, where: str) -> None:
         assert local.encode() not in low, f"clear local part {local!r} found in {where}"
 
 
+def _admin(d, path: str, body: dict | None = None):
+    from mta.config import load_config
+    from mta.control.client import admin_request
+    return admin_request(load_config(d.config), path, body)   # the daemon's address and token
+
+
+def _wait_for(what, why: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (got := what()):
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        time.sleep(0.1)
+    return got
+
+
 def _hash(d, address: str) -> str:
     return hash_text(address_hash(load_key(d.workdir / "var" / "suppression" / "suppression.key"),
                                   address))
@@ -166,4 +178,107 @@ def test_oob_dsn_and_arf_about_sealed_recipients_name_the_sealed_form(daemon_fac
     assert code == 550 and b"5.7.1" in text, (code, text)
 
     time.sleep(0.5)     # the last records and suppression writes reach the disk
+    _assert_no_clear(_kept(d), "the log files, the suppression store or the daemon's stderr")
+
+
+def test_http_inject_refuses_sealed_recipients_that_do_not_open_and_views_stay_sealed(
+        daemon_factory, dns_server, sinks, tmp_path):
+    mx = sinks(f"{NET}.1")
+    d, _ = _daemon(daemon_factory, dns_server, tmp_path, {"k1": K1})
+    ring = Keyring({"k1": K1})
+    good = ring.seal(f"{ALICE}@sealed.test")
+    waiting = ring.seal(f"{EVE}@later.test")                    # nobody listens: stays queued
+    unknown = Keyring({"k9": K1}).seal(f"{BOB}@sealed.test")    # a key id not in the keyring
+    local, _, dom = ring.seal(f"{CAROL}@sealed.test").partition("@")
+    tampered = local[:-2] + ("AA" if local[-2:] != "AA" else "BB") + "@" + dom
+    moved = good.partition("@")[0] + "@later.test"              # bound to its domain
+    raw = "From: <app@sender.test>\r\nSubject: http\r\n\r\nhello\r\n"
+    st, got = _admin(d, "/inject", {"from": "app@sender.test",
+                                    "recipients": [good, unknown, tampered, waiting, moved],
+                                    "raw": raw})
+    assert st == 200, got
+    assert [m["recipients"] for m in got["messages"]] == [[good, waiting]], got
+    refused = {r["recipient"]: r["error"] for r in got["refused"]}
+    assert set(refused) == {unknown, tampered, moved}, got
+    assert all(e.startswith("550 5.1.3 sealed recipient does not open") for e in refused.values())
+    assert "unknown key id 'k9'" in refused[unknown], refused
+    (_, rcpts, _), = mx.wait(1, timeout=30)
+    assert rcpts == [f"{ALICE}@sealed.test"]                    # clear at RCPT TO
+    # nothing left: 422 with the reasons, nothing stored
+    st, got = _admin(d, "/inject", {"from": "app@sender.test", "recipients": [unknown, tampered],
+                                    "raw": raw})
+    assert st == 422 and {r["recipient"] for r in got["refused"]} == {unknown, tampered}, got
+    assert len(_records(d, "Reception", 1)) == 1
+
+    # the admin API's queue views show the queued sealed recipient, never its clear form
+    _records(d, "TransientFailure", 1, timeout=30)
+    msg_id = d.log_records("Reception")[0]["id"]
+    views = []
+    for path in ("/queue/summary", f"/queue/messages/{msg_id}", "/queue/ages", "/live",
+                 "/queue/holds"):
+        st, body = _admin(d, path)
+        assert st == 200, (path, body)
+        views.append(repr(body))
+    scheduled = _admin(d, "/queue/summary")[1]["scheduled"]
+    assert scheduled, "the message to later.test is queued"
+    for name in scheduled:
+        st, body = _admin(d, f"/queue/list/{name}")
+        assert st == 200, body
+        views.append(repr(body))
+    assert waiting in views[1], views[1]     # /queue/messages/<id> names it (sealed)
+    _assert_no_clear("".join(views), "the admin API's views")
+    time.sleep(0.5)
+    _assert_no_clear(_kept(d), "the log files, the suppression store or the daemon's stderr")
+
+
+def test_sighup_reloads_the_keyring_and_refuses_a_broken_one(daemon_factory, dns_server, sinks,
+                                                             tmp_path):
+    mx = sinks(f"{NET}.1")
+    d, ring_file = _daemon(daemon_factory, dns_server, tmp_path, {"k1": K1})
+    old = Keyring({"k1": K1}).seal(f"{EVE}@later.test")        # queued under k1: nobody there yet
+    new = Keyring({"k2": K2}).seal(f"{ALICE}@sealed.test")     # sealed with the next key
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+        s.sendmail("app@sender.test", [old], b"Subject: old key\r\n\r\nhi\r\n")
+    _records(d, "TransientFailure", 1, timeout=30)
+    assert _rcpt_reply(d.port, new) == (550, b"5.1.3 Error: bad recipient address")
+
+    # rotation: k2 added next to k1, SIGHUP, no restart
+    _keyring_file(ring_file, {"k1": K1, "k2": K2})
+    d.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: [r for r in d.log_records("Reload") if r["applied"]], "an applied Reload")
+    assert _rcpt_reply(d.port, new)[0] == 250
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+        s.sendmail("app@sender.test", [new], b"Subject: new key\r\n\r\nhi\r\n")
+    (_, rcpts, _), = mx.wait(1, timeout=30)
+    assert rcpts == [f"{ALICE}@sealed.test"]
+    later = sinks(f"{NET}.2")                  # the k1 message is still deliverable
+    (_, rcpts, _), = later.wait(1, timeout=30)
+    assert rcpts == [f"{EVE}@later.test"]
+
+    # a broken keyring file (readable by others, then not base64) refuses the whole reload
+    # with a clear message; the running keys stay
+    for keys, mode in (({"k1": K1, "k2": K2}, 0o644), (None, 0o600)):
+        if keys is None:
+            ring_file.write_text("k1 !!!not-base64!!!\n")
+            os.chmod(ring_file, mode)
+        else:
+            _keyring_file(ring_file, keys, mode)
+        before = len(d.log_records("Reload"))
+        d.proc.send_signal(signal.SIGHUP)
+        rec = _wait_for(lambda: d.log_records("Reload")[before:], "a Reload record")[0]
+        assert rec["applied"] is False and rec["problems"][0].startswith("[privacy] keyring: "), rec
+        assert _rcpt_reply(d.port, new)[0] == 250, "a refused reload changed the keyring"
+    err = (d.workdir / "daemon.err").read_text()
+    assert "reload refused, the running config stays: [privacy] keyring:" in err
+    assert "readable by group or others" in err and "is not base64" in err
+
+    # k1 retired: its addresses no longer open (refused at RCPT), k2 still does
+    _keyring_file(ring_file, {"k2": K2})
+    before = len(d.log_records("Reload"))
+    d.proc.send_signal(signal.SIGHUP)
+    rec = _wait_for(lambda: d.log_records("Reload")[before:], "a Reload record")[0]
+    assert rec["applied"] is True, rec
+    assert _rcpt_reply(d.port, old) == (550, b"5.1.3 Error: bad recipient address")
+    assert _rcpt_reply(d.port, new)[0] == 250
+    time.sleep(0.5)
     _assert_no_clear(_kept(d), "the log files, the suppression store or the daemon's stderr")
