@@ -216,6 +216,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_spool)
     from mta.control.cli import add_parser as add_control
     add_control(sub, with_config, _config)
+    from mta.control.drain import add_parser as add_drain
+    add_drain(sub, with_config, _config)   # mta drain --to URL [--spool-dir DEAD]
     from mta.dkim.cli import add_parser as add_dkim
     add_dkim(sub)
     from mta.feedback.bounce.cli import add_parser as add_bounce

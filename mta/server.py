@@ -36,10 +36,13 @@ from mta.control.actions import DEFAULT_DURATION, Controls
 from mta.control.admin import (AdminServer, TokenError, load_or_create_token, load_tokens_file,
                                token_path)
 from mta.control.dashboard import install as install_dashboard
+from mta.control.drain import Drainer
 from mta.control.inject import Injector
 from mta.control.metrics import Metrics
 from mta.control.metrics import handler as metrics_handler
 from mta.control.views import view_routes
+from mta.control.xfer import PATH as XFER_PATH
+from mta.control.xfer import Receiver
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.batcher import SigningBatcher
 from mta.dkim.domains import DkimStage, SigningDomains
@@ -288,6 +291,10 @@ class Server:
                             max_recipients=a.inject_max_recipients,
                             max_template=a.inject_max_template)
         admin.handlers[("POST", "/inject")] = injector.handle
+        # drain and move (issue 15): POST /xfer takes another node's queued message,
+        # POST /control/drain moves this node's queue away, GET /drain shows progress
+        admin.handlers[("POST", XFER_PATH)] = Receiver(self, a.inject_max_size).handle
+        Drainer(self).install(admin)
 
     def _admin_tokens(self) -> dict[str, str]:
         """[admin] tokens_file's tokens (token -> role); ConfigError when unusable."""

@@ -33,6 +33,7 @@ class RecordType(str, Enum):
     ADAPTIVE_RESTORE = "AdaptiveRestore"   # ... and stepped back / undid it
     WARMUP_DAY = "WarmupDay"               # a warming source's new day: its cap at a class
     SCANNED = "Scanned"                    # a message was content-scanned at reception
+    TRANSFER = "Transfer"                  # a queued message moved to or from another node
 
 
 # Fields per record type, for documentation and for tests that check records.
@@ -100,4 +101,9 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     # one per deleted scheduled entry (a message's recipients at one domain)
     RecordType.ADMIN_DELETE: ("id", "queue", "recipients", "sender", "tenant", "campaign",
                               "reason", "selector", "time"),
+    # one per moved message (mta/control/xfer.py, drain.py): direction "out" (the sender,
+    # after the receiver's 200; status stored or duplicate) or "in" (the receiver); peer:
+    # the other node (URL or name); entries: domain, attempts, due per scheduled entry
+    RecordType.TRANSFER: ("id", "direction", "peer", "key", "status", "recipients", "size",
+                          "entries", "time"),
 }

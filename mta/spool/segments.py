@@ -690,6 +690,10 @@ class Spool:
     def ids(self) -> list[bytes]:
         return list(self._index)
 
+    def location(self, msg_id: bytes) -> Location:
+        """Where a live message's MESSAGE record is (KeyError when it is not live)."""
+        return _unpack(self._index[msg_id])
+
     def read(self, msg_id: bytes) -> tuple[Envelope, bytes]:
         """Envelope and content (trace header + data) of a live message."""
         hot = self._hot.get(msg_id)

@@ -1,0 +1,331 @@
+"""`mta drain` (issue 15 item 3): a node's queue moves to another node, whole and once.
+
+Real daemons (`mta serve` subprocesses), real sinks (aiosmtpd on 127.0.120.x-127.0.124.x
+port 25, reached through [delivery] routes), the real CLI: node A queues mail it cannot
+deliver (its sink defers everything, or delivery.hold), `mta drain` moves it to node B
+whose sink takes it. Checked at the sink (every message once), in B's queue views
+(envelope fields, attempts, next retry), in both spools and logs.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from aiosmtpd.controller import Controller
+
+from mta.control.xfer import Entry, Item, parse_body
+from mta.model.envelope import Envelope, Recipient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Sink:
+    """aiosmtpd handler: defers every RCPT (`defer`), or takes every message."""
+
+    def __init__(self, defer: bool):
+        self.defer = defer
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.defer:
+            return "451 4.7.1 come back later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                                  envelope.original_content))
+        return "250 2.0.0 accepted"
+
+    def ids(self) -> list[bytes]:
+        with self.lock:
+            return [_message_id(m[2]) for m in self.messages]
+
+
+def _message_id(content: bytes) -> bytes:
+    for line in content.split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip()
+    return b""
+
+
+@pytest.fixture
+def sinks():
+    started = []
+
+    def make(host: str, defer: bool) -> Sink:
+        handler = Sink(defer)
+        ctl = Controller(handler, hostname=host, port=25)
+        ctl.start()
+        started.append(ctl)
+        return handler
+
+    yield make
+    for ctl in started:
+        ctl.stop()
+
+
+def _node(daemon_factory, sink_host: str, delivery: str = ""):
+    return daemon_factory(extra=f'[delivery]\nroutes = {{ "example.test" = "{sink_host}:25", '
+                                f'"other.test" = "{sink_host}:25" }}\nretry_initial = "1h"\n'
+                                f'retry_max = "1h"\nshutdown_grace = "5s"\n{delivery}\n')
+
+
+def _admin(d, path: str, body: dict | None = None) -> tuple[int, dict]:
+    token = (d.spool_dir / "admin.token").read_text().strip()
+    conn = http.client.HTTPConnection("127.0.0.1", d.admin_port, timeout=10)
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is None:
+            conn.request("GET", path, headers=headers)
+        else:
+            conn.request("POST", path, orjson.dumps(body),
+                         {**headers, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, orjson.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _send(d, n: int, start: int = 0, **kw) -> None:
+    with smtplib.SMTP("127.0.0.1", d.port) as s:
+        for k in range(start, start + n):
+            s.sendmail("sender@origin.test", kw.get("rcpts", [f"user{k}@example.test"]),
+                       b"From: <sender@origin.test>\r\nSubject: drain %d\r\n"
+                       b"X-Tenant: acme\r\nX-Campaign: spring\r\n"
+                       b"Message-ID: <m%d@origin.test>\r\n\r\nbody %d\r\n" % (k, k, k),
+                       mail_options=kw.get("mail_options", []),
+                       rcpt_options=kw.get("rcpt_options", []))
+
+
+def _wait(what, timeout: float = 30.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _queued(d) -> int:
+    status, data = _admin(d, "/queue/summary")
+    assert status == 200, data
+    return sum(q.get("count", 0) for q in data.get("queues", data.get("scheduled", [])))
+
+
+def _drain(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mta", "drain", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _token_file(d) -> str:
+    return str(d.spool_dir / "admin.token")
+
+
+def _url(d) -> str:
+    return f"http://127.0.0.1:{d.admin_port}"
+
+
+def test_live_drain_moves_envelope_and_schedule(daemon_factory, sinks):
+    """Deferred mail on A (attempt 1, next retry in an hour) moves to B with its envelope,
+    attempts and schedule; A refuses mail from then on; flushed on B, each message goes
+    out once."""
+    sinks("127.0.120.1", defer=True)
+    good = sinks("127.0.120.2", defer=False)
+    a = _node(daemon_factory, "127.0.120.1")
+    b = _node(daemon_factory, "127.0.120.2")
+    _send(a, 5, mail_options=["RET=HDRS", "ENVID=env-1"],
+          rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig@example.test"])
+    _send(a, 1, start=5, rcpts=["one@example.test", "two@other.test"])
+    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 7
+                     and a.log_records("TransientFailure"))
+    ids = sorted({r["id"] for r in deferred})
+    assert len(ids) == 6
+    before = {i: _admin(a, f"/queue/messages/{i}")[1] for i in ids}
+    assert all(r["attempts"] == 1 and r["next_retry"] for v in before.values()
+               for r in v["recipients"])
+
+    out = _drain("-c", str(a.config), "--to", _url(b), "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "summary: 6 of 6 messages moved" in out.stdout, out.stdout
+
+    # A: drained, refuses mail, its spool holds nothing live
+    with pytest.raises(smtplib.SMTPException):
+        _send(a, 1, start=50)
+    assert _admin(a, "/inject", {"from": "a@origin.test", "recipients": ["x@example.test"],
+                                 "raw": "Subject: x\r\n\r\nx\r\n"})[0] == 503
+    assert _wait(lambda: len(a.log_records("Transfer")) == 6)
+    assert {r["id"] for r in a.log_records("Transfer")} == set(ids)
+
+    # B: the same ids, envelopes and schedules
+    for i in ids:
+        status, view = _admin(b, f"/queue/messages/{i}")
+        assert status == 200, view
+        old = before[i]
+        assert view["envelope"]["sender"] == old["envelope"]["sender"]
+        assert view["envelope"]["rcpts"] == old["envelope"]["rcpts"]
+        for k in ("envid", "ret", "tenant", "campaign", "smtputf8", "received", "client_ip"):
+            assert view["envelope"].get(k) == old["envelope"].get(k), k
+        for new_r, old_r in zip(view["recipients"], old["recipients"]):
+            assert new_r["attempts"] == old_r["attempts"] == 1
+            assert new_r["where"] == "scheduled"
+            assert abs(new_r["next_retry"] - old_r["next_retry"]) < 1.0
+            assert new_r["queue"] == old_r["queue"]
+            assert "come back later" in (new_r["last_reply"] or "")
+    assert before[ids[0]]["envelope"]["envid"] == "env-1" or any(
+        v["envelope"]["envid"] == "env-1" for v in before.values())
+
+    # flushed on B: every message out once
+    assert _admin(b, "/control/flush", {"selector": {"all": True}})[0] == 200
+    _wait(lambda: len(good.messages) >= 7)   # the two-domain message: two transactions
+    time.sleep(1.0)
+    got = [(_message_id(c), r) for _, rcpts, c in good.messages for r in rcpts]
+    assert len(got) == len(set(got)) == 7
+    assert len(set(good.ids())) == 6
+    a.stop()
+    assert not a.spooled().messages
+
+
+def test_kill_mid_transfer_then_drain_again(daemon_factory, sinks):
+    """kill -9 of the draining node mid-transfer, restart, drain again: B delivers every
+    message exactly once. A copy of A's spool taken before the drain and replayed offline
+    afterwards is answered "duplicate" throughout: nothing is delivered twice."""
+    n = 150
+    good = sinks("127.0.121.2", defer=False)
+    a = _node(daemon_factory, "127.0.121.1", "hold = true")
+    b = _node(daemon_factory, "127.0.121.2")
+    _send(a, n)
+    _wait(lambda: len(a.log_records("Reception")) >= n)
+    a.stop()
+    copy = a.workdir / "spool-copy"
+    shutil.copytree(a.spool_dir, copy)
+    a.start()
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    drain = subprocess.Popen([sys.executable, "-m", "mta", "drain", "-c", str(a.config),
+                              "--to", _url(b), "--to-token-file", _token_file(b)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: len(a.log_records("Transfer")) >= 20, step=0.01)
+        a.kill()     # SIGKILL mid-transfer
+        drain.wait(30)
+    finally:
+        if drain.poll() is None:
+            drain.kill()
+            drain.wait()
+    moved_first = len(b.log_records("Transfer"))
+    assert 20 <= moved_first < n, moved_first
+
+    a.start()
+    out = _drain("-c", str(a.config), "--to", _url(b), "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    _wait(lambda: len(good.messages) >= n)
+    assert len(b.log_records("Transfer")) == n
+    # the offline replay of the old copy: every message is a duplicate for B
+    out = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),
+                 "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"summary: {n} of {n} messages moved" in out.stdout, out.stdout
+    assert f"0 stored, {n} already there" in out.stdout, out.stdout
+    time.sleep(1.0)
+    assert len(good.messages) == n
+    assert sorted(good.ids()) == sorted(b"<m%d@origin.test>" % k for k in range(n))
+    a.stop()
+    assert not a.spooled().messages
+
+
+def test_offline_replay_of_dead_spool(daemon_factory, sinks):
+    """A node dies (kill -9) with deferred mail; a copy of its spool is replayed offline
+    to B: attempts and next retry carry over, the copy is tombstoned (a second replay
+    finds nothing), Transfer records are written, and B delivers each message once."""
+    sinks("127.0.122.1", defer=True)
+    good = sinks("127.0.122.2", defer=False)
+    a = _node(daemon_factory, "127.0.122.1")
+    b = _node(daemon_factory, "127.0.122.2")
+    _send(a, 4, rcpt_options=["NOTIFY=FAILURE"], mail_options=["ENVID=dead-1"])
+    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 4
+                     and a.log_records("TransientFailure"))
+    ids = sorted({r["id"] for r in deferred})
+    time.sleep(0.5)   # the SCHEDULE records' batch
+    a.kill()
+    copy = a.workdir / "dead-copy"
+    shutil.copytree(a.spool_dir, copy)
+
+    out = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),
+                 "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "summary: 4 of 4 messages moved" in out.stdout, out.stdout
+    logged = [orjson.loads(line) for line in
+              (a.log_dir / "drain.jsonl").read_bytes().splitlines()]
+    assert sorted(r["id"] for r in logged if r["type"] == "Transfer") == ids
+    for i in ids:
+        status, view = _admin(b, f"/queue/messages/{i}")
+        assert status == 200, view
+        assert view["envelope"]["envid"] == "dead-1"
+        assert view["envelope"]["rcpts"][0][1] == "FAILURE"
+        row = view["recipients"][0]
+        assert row["attempts"] == 1 and row["where"] == "scheduled"
+        assert row["next_retry"] > time.time() + 1800   # 1h, jittered
+    again = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),
+                   "--to-token-file", _token_file(b))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "summary: 0 of 0 messages moved" in again.stdout, again.stdout
+    assert _admin(b, "/control/flush", {"selector": {"all": True}})[0] == 200
+    _wait(lambda: len(good.messages) >= 4)
+    time.sleep(0.5)
+    assert len(good.messages) == 4
+
+
+def test_xfer_refuses_bad_requests(daemon_factory):
+    """POST /xfer: a token is needed, the payload is checked, a repeated key is answered
+    "duplicate" without a second copy; the envelope (REQUIRETLS, sealed recipient) is kept
+    as sent."""
+    b = daemon_factory(extra='[delivery]\nhold = true\n')
+    env = Envelope("0" * 8 + "ab" * 12, "s@origin.test",
+                   [Recipient("e1k1.QUJDREVGR0hJSktMTU5PUFFSU1RVVldY@example.test", None, None)],
+                   requiretls=True, tenant="t1")
+    item = Item(bytes.fromhex(env.id), f"{env.id}.00112233aabbccdd.1.24", env,
+                b"Subject: x\r\n\r\nbody\r\n", [Entry("example.test", 2, time.time() + 600)])
+    body = item.body("node-a")
+    assert parse_body(body)[3] == env
+
+    def post(data: bytes, token: str | None = None) -> tuple[int, dict]:
+        token = token or (b.spool_dir / "admin.token").read_text().strip()
+        conn = http.client.HTTPConnection("127.0.0.1", b.admin_port, timeout=10)
+        try:
+            conn.request("POST", "/xfer", data, {"Authorization": f"Bearer {token}",
+                                                 "Content-Type": "application/x-mta-xfer"})
+            resp = conn.getresponse()
+            return resp.status, orjson.loads(resp.read())
+        finally:
+            conn.close()
+
+    assert post(body, "x" * 32)[0] == 401
+    assert post(b"not json\n")[0] == 400
+    assert post(b'{"v": 1, "key": "../x"}\n')[0] == 400
+    assert post(body.replace(b'"v":1', b'"v":2'))[0] == 400
+    assert post(body) == (200, {"status": "stored", "id": env.id})
+    assert post(body) == (200, {"status": "duplicate", "id": env.id})
+    status, view = _admin(b, f"/queue/messages/{env.id}")
+    assert status == 200
+    assert view["envelope"]["requiretls"] is True and view["envelope"]["tenant"] == "t1"
+    assert view["envelope"]["rcpts"][0][0] == env.recipients[0].address
+    assert view["recipients"][0]["attempts"] == 2
+    b.stop()
+    found = b.spooled()
+    assert list(found.envelopes.values())[0].requiretls
+    b.start()
+    assert post(body) == (200, {"status": "duplicate", "id": env.id})
