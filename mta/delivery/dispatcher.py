@@ -339,10 +339,18 @@ class Dispatcher:
             return NO_POLICY
         return tp.cached(domain) or await tp.for_domain(domain)
 
-    async def _connect(self, msg: QueuedMessage) -> SmtpClient:
+    async def _connect(self, msg: QueuedMessage, requiretls: bool = False,
+                       skip: tuple[str, str, Refusal] | None = None) -> SmtpClient:
         """A session to the first MX host that takes one and meets the TLS policy of the
-        message's domain (MTA-STS, DANE, the shaping `tls`)."""
+        message's domain (MTA-STS, DANE, the shaping `tls`). With `requiretls`, also
+        verified TLS and REQUIRETLS offered (RFC 8689 4.2.1), `skip` (mx, address, why)
+        being a session already found wanting; when every host refused on policy the
+        SessionError carries 550 5.7.30, when one could not be reached a retry."""
         last: SessionError | None = None
+        refused = skip is not None      # REQUIRETLS: some host was refused on policy...
+        unreachable = False             # ...and none failed in a way that may pass
+        if skip is not None:
+            last = _policy_error(skip[0], skip[2])
         port = self.source.port or self.site.port
         mode = self.limits.tls
         tp = self.tls_policy
@@ -373,12 +381,15 @@ class Dispatcher:
                 # DNSSEC lookup defers (unless TLS-Required: No)
                 tlsa, ref = await tp.dane_for(policy, host.name)
                 if ref is not None and not envelope_flags()[1]:
+                    unreachable = True          # DNS trouble: may pass later
                     last = _policy_error(host.name, ref)
                     log.info("%s: %s: %s", self.ready.name, host.name, ref.text())
                     continue
-            need_tls = mode in ("required", "verified") or (
+            need_tls = requiretls or mode in ("required", "verified") or (
                 tp is not None and tp.requires_tls(policy, tlsa))
             for address in host.addresses:
+                if skip is not None and (host.name, address) == skip[:2]:
+                    continue
                 try:
                     client = await self._open(address, port, "off" if mode == "off"
                                               else "opportunistic")
@@ -387,6 +398,7 @@ class Dispatcher:
                     if not plain_ok or need_tls or exc.phase not in TLS_PHASES or (
                             envelope_flags()[0] and not envelope_flags()[1]):
                         last = exc
+                        unreachable = True
                         log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
                                  port, exc)
                         continue
@@ -397,6 +409,7 @@ class Dispatcher:
                         client = await self._open(address, port, "off")
                     except SessionError as exc2:
                         last = exc2
+                        unreachable = True
                         continue
                 client.mx_name = host.name
                 client.tlsa = tlsa
@@ -406,20 +419,30 @@ class Dispatcher:
                                   "starttls-not-supported",
                                   f"TLS is required for this destination and {host.name} "
                                   f"[{address}] did not offer STARTTLS")
-                elif tp is not None or mode == "verified":
-                    ref = (tp or _NO_TP).check(policy, client, tlsa, verified=mode == "verified")
+                elif tp is not None or mode == "verified" or requiretls:
+                    ref = (tp or _NO_TP).check(policy, client, tlsa,
+                                               verified=mode == "verified" or requiretls)
                 if tp is not None and tp.reports is not None:
                     tp.record(policy, tlsa, ref, mx=host.name, ip=address,
                               sending_ip=client.local[0])
                 if ref is not None and envelope_flags()[1]:
                     ref = None          # TLS-Required: No (RFC 8689 5): policies do not apply
+                if ref is None and requiretls and "REQUIRETLS" not in client.capabilities:
+                    ref = Refusal("requiretls", "requiretls-not-supported",
+                                  f"{host.name} does not offer REQUIRETLS")
                 if ref is not None:
                     client.abort()
+                    refused = True
                     last = _policy_error(host.name, ref)
                     log.info("%s: %s [%s]:%d: %s", self.ready.name, host.name, address,
                              port, ref.text())
                     continue
                 return client
+        if requiretls and refused and not unreachable:
+            # RFC 8689 4.2.1 and 6 (X.7.30): no MX host of the domain can carry it
+            text = f"REQUIRETLS support required: no MX host of {msg.queue.domain} meets it"
+            raise SessionError(text, phase="checking TLS policy", reply=RemoteReply(
+                550, "5.7.30", f"{text} (last: {last.reply.text if last and last.reply else last})"))
         raise last or SessionError(f"no address for any MX of {self.site.name}", phase="connecting")
 
     async def _open(self, address: str, port: int, tls: str) -> SmtpClient:
@@ -446,6 +469,31 @@ class Dispatcher:
         if ref is not None and requiretls and ref.policy != "requiretls":
             ref = Refusal("requiretls", ref.result, ref.text())
         return ref
+
+    async def _requiretls_elsewhere(self, client: SmtpClient, msg: QueuedMessage, env,
+                                    at: Attempt, ref: Refusal) -> bool:
+        """REQUIRETLS mail the session in hand cannot carry goes over a connection of its
+        own to another MX host that meets it (RFC 8689 4.2.1); bounced 5.7.30 when every
+        host was refused on policy, deferred when one could not be reached. The session
+        in hand stays up for the other mail (True). The extra connection is short-lived
+        and not counted against the connection limits."""
+        try:
+            other = await self._connect(msg, requiretls=True,
+                                        skip=(client.mx_name, client.peer[0], ref))
+        except SessionError as exc:
+            reply = exc.reply if exc.reply is not None and exc.reply.code >= 500 \
+                else _error_reply(exc)
+            self.outcomes.apply(AttemptResult.all(msg, env, at, reply), self.retry)
+            return True
+        ok = False
+        try:
+            ok = await self._deliver(other, msg)
+            if ok:
+                await other.quit()
+        finally:
+            if not ok:
+                other.abort()
+        return True
 
     def _attempt(self, client: SmtpClient | None) -> Attempt:
         at = Attempt(self.source.name, self.site.name)
@@ -520,12 +568,15 @@ class Dispatcher:
         if requiretls or self.limits.tls == "verified" or (tp is not None and _policy_applies(
                 tp._cache.get(msg.queue.domain), client)):    # one dict lookup without a policy
             ref = await self._tls_refusal(client, msg, requiretls, tls_optional)
+            if ref is not None and requiretls:
+                # RFC 8689 4.2.1: try the other MX hosts before bouncing (5.7.30)
+                log.info("%s: REQUIRETLS not met by %s: %s; trying the other MX hosts",
+                         msg.id_text, client.destination, ref.text())
+                return await self._requiretls_elsewhere(client, msg, env, at, ref)
             if ref is not None:
-                # RFC 8689 4.2.1: REQUIRETLS that cannot be met bounces (5.7.10);
                 # a policy failure of other mail is retried (4.7.5)
-                reply = (RemoteReply(550, "5.7.10", f"REQUIRETLS: {ref.text()}") if requiretls
-                         else RemoteReply(451, "4.7.4" if ref.result == "starttls-not-supported"
-                                          else "4.7.5", ref.text()))
+                reply = RemoteReply(451, "4.7.4" if ref.result == "starttls-not-supported"
+                                    else "4.7.5", ref.text())
                 log.info("%s: not sent over %s: %s", msg.id_text, client.destination, ref.text())
                 self.outcomes.apply(AttemptResult.all(msg, env, at, reply), self.retry)
                 return True
