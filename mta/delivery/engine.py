@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mta.delivery.adapt import EngineActuator
 from mta.delivery.budget import ConnectionBudget, SiteState
+from mta.delivery.cluster import ClusterLimits
 from mta.delivery.dispatcher import Dispatcher
 from mta.delivery.outcome import Outcomes
 from mta.delivery.private_headers import PrivateHeaders
@@ -35,6 +36,7 @@ from mta.delivery.tlsrpt import TlsReports
 from mta.egress.dnsclient import DnsClient
 from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
+from mta.egress.shared import open_shared
 from mta.egress.shaping import Limits, Shaping
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
@@ -42,6 +44,7 @@ from mta.egress.warmup import STATE_NAME as WARMUP_STATE
 from mta.egress.warmup import Warmup
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.envelope import Envelope
+from mta.model.node import WorkerSlot
 from mta.model.queued import InsertReason, QueuedMessage
 from mta.queues.ready import ReadyQueue
 from mta.queues.retry import RetryPolicy
@@ -64,7 +67,8 @@ class DeliveryEngine:
     def __init__(self, config: Config, spool: Spool, logs: LogWriter | None,
                  inject: Callable[[str, list[str], bytes], Any], dkim: DkimStage | None = None,
                  feedback: Feedback | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 worker: WorkerSlot | None = None):
         d = config.delivery
         self.clock = clock                # wall time (unit tests pass a virtual clock, and
         #                                   run the engine on a loop with the same time)
@@ -97,6 +101,14 @@ class DeliveryEngine:
         self.lane_specs: dict[tuple[str, str], dict[str, tuple[int, Throttle | None]]] = {}
         self.budget = ConnectionBudget(config.egress.max_connections)
         self.sites: dict[str, SiteState] = {}
+        # [cluster]: connection leases and rates shared with other workers and nodes
+        # (mta/delivery/cluster.py); None for backend = "local": nothing shared, no cost
+        worker = worker or WorkerSlot()
+        spool_root = config.spool.directory   # a worker's spool is <spool root>/wN
+        if worker.count > 1 and spool_root.name == f"w{worker.index}":
+            spool_root = spool_root.parent
+        self.shared = open_shared(config.cluster, worker, spool_root)
+        self.cluster = ClusterLimits(self.shared) if self.shared is not None else None
         assert self.egress.default_pool is not None
         self.scheduler = Scheduler(route=self.route, outlet_for=self.dispatcher_for,
                                    on_route_failure=self._route_failure, hold=d.hold,
@@ -134,6 +146,8 @@ class DeliveryEngine:
         self.adaptive.adaptive.start(loop)
         self.limits.start(loop)
         self.warmup.start(loop)
+        if self.shared is not None:
+            self.shared.start(loop)
         if self.tls_policy.reports is not None:
             self.tls_policy.reports.start_timer(loop)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
@@ -148,6 +162,8 @@ class DeliveryEngine:
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(d.close() for d in self.dispatchers.values()))
+        if self.shared is not None:   # after the connections: they gave their leases back
+            await self.shared.close()
 
     # -- reload and drain -------------------------------------------------------------------
 
@@ -284,6 +300,8 @@ class DeliveryEngine:
                        clock=self.clock)
         self.adaptive.new_dispatcher(d)
         state.dispatchers.append(d)
+        if self.cluster is not None:
+            self.cluster.bind(d)
         return d
 
     # -- limits that change while traffic flows ---------------------------------------------
@@ -305,6 +323,8 @@ class DeliveryEngine:
             if d.site_state.dispatchers[0] is d:
                 self._shape_site(d.site_state, limits)
             d.set_limits(_path_limits(limits))
+            if self.cluster is not None:
+                self.cluster.shape(d)
 
     def _shape_site(self, state: SiteState, limits: Limits) -> None:
         """What all sources' dispatchers of a site share: the site-wide connection limit and

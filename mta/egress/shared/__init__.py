@@ -1,0 +1,48 @@
+"""Limits that must hold across worker processes and nodes: connection leases and rates.
+
+One interface, three places to hold the counts ([cluster] backend):
+- local: nothing is shared; the dispatchers' own counters and token buckets are the limits
+  (one worker, one node). The delivery engine then builds no shared objects at all, so the
+  single-process hot path costs exactly what it did.
+- host: the workers of one host share a table in a file mapped in memory under the spool
+  root (host_table.py), no service needed.
+- redis: the whole cluster shares a redis-server (redis_store.py): a GCRA rate per key in a
+  Lua script, connection leases as a sorted set of expiring members (KumoMTA's scheme).
+
+A key names what a limit counts: a (source, site) path, a site (every source), later a
+provider. `acquire` takes a lease on several keys at once, all or none (a connection counts
+against its path and its site), `Lease.release` gives it back; a holder that dies frees its
+leases (redis: within lease_ttl; host: when its worker index starts again). `rate(key, Rate)`
+returns a `SharedRate`, the drop-in for a `Throttle` (`delay(now)`, `rate`, `set_rate`):
+it takes a small batch of tokens per round trip ([cluster] rate_batch), so a busy path asks
+the store a few times a second, not once per message; the store's GCRA keeps the total.
+Reads and writes only what its backend says; raises nothing to the dispatcher (a store that
+fails falls back to local limits at [cluster] fallback_fraction, see the backends).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit
+
+if TYPE_CHECKING:
+    from mta.config.schema import ClusterConfig
+    from mta.model.node import WorkerSlot
+
+__all__ = ["Lease", "SharedLimits", "SharedRate", "fallback_limit", "open_shared"]
+
+
+def open_shared(cfg: ClusterConfig, worker: WorkerSlot, spool_root: Path) -> SharedLimits | None:
+    """The store [cluster] names; None for local (the engine then shares nothing)."""
+    member = worker.name
+    if cfg.backend == "redis":
+        from mta.egress.shared.redis_store import RedisLimits
+        return RedisLimits(cfg.redis_url, prefix=cfg.key_prefix, lease_ttl=cfg.lease_ttl,
+                           timeout=cfg.timeout, member=member,
+                           fallback_fraction=cfg.fallback_fraction, rate_batch=cfg.rate_batch)
+    if cfg.backend == "host":
+        from mta.egress.shared.host_table import HostLimits
+        return HostLimits(spool_root / "shared-limits", worker=worker, member=member,
+                          fallback_fraction=cfg.fallback_fraction, rate_batch=cfg.rate_batch)
+    return None

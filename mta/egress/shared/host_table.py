@@ -1,0 +1,233 @@
+"""Shared limits between the worker processes of one host, with no service to run.
+
+A file under the spool root (`shared-limits`), mapped in memory by every worker: a header
+and a fixed table of slots, one per key (found by a 16-byte BLAKE2b digest of the key,
+open addressing, never freed). A slot holds the key's GCRA theoretical arrival time
+(CLOCK_MONOTONIC seconds, the same clock in every process of the host) and one connection
+count per worker index. Each operation locks the slot's bytes with a POSIX record lock
+(fcntl), reads and writes the mapping, and unlocks; a lease on several keys locks their
+slots in slot order, so two workers never wait on each other in a circle.
+
+Why record locks and not a C table updated by compare-and-swap: a lease on a path and its
+site must be taken on both or neither, which is one lock or a retry loop of CAS over two
+words; the kernel drops the locks of a process that dies, so a killed worker never leaves
+a slot locked; and the cost (two fcntl calls, a few microseconds) is paid per connection
+and per batch of rate tokens ([cluster] rate_batch), not per message.
+
+A dead worker's connection counts stay until its index starts again: a worker clears its
+own column when it opens the table (the supervisor restarts a dead worker at once). A
+table made before the last boot (its boot id differs) is cleared. A full table (more keys
+than slots) leaves the keys that found no slot counted by each worker alone at
+[cluster] fallback_fraction, with one warning.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit
+from mta.model.node import WorkerSlot
+
+log = logging.getLogger("mta.cluster")
+
+MAGIC = b"MTASHL01"
+SLOTS = 8192
+COLUMNS = 64                 # worker indexes 0..63
+HEADER = 64                  # magic (8) + boot id (36) + padding
+SLOT_SIZE = 32 + 4 * COLUMNS  # digest (16), TAT (double), padding (8), counts (int32 each)
+PROBES = 64                  # slots looked at per key before the table counts as full
+_TAT = struct.Struct("<d")
+_COUNTS = struct.Struct(f"<{COLUMNS}i")
+_COUNT = struct.Struct("<i")
+_EMPTY = bytes(16)
+
+
+def _boot_id() -> bytes:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()[:36].ljust(36)
+    except OSError:
+        return b"unknown".ljust(36)
+
+
+class HostLimits(SharedLimits):
+    name = "host"
+
+    def __init__(self, path: Path, *, worker: WorkerSlot, member: str,
+                 fallback_fraction: float = 0.5, rate_batch: float = 0.05,
+                 clock=time.monotonic) -> None:
+        super().__init__(member=member, fallback_fraction=fallback_fraction,
+                         rate_batch=rate_batch)
+        if not 0 <= worker.index < COLUMNS:
+            raise ValueError(f"[cluster] backend = \"host\" holds up to {COLUMNS} workers, "
+                             f"not worker {worker.index}")
+        self.col = worker.index
+        self.clock = clock
+        self.path = path
+        self.slots: dict[str, int | None] = {}   # key -> slot index (None: table full)
+        self.held: dict[str, int] = {}            # keys counted alone (no slot)
+        self._full_logged = False
+        self.fd = -1
+
+    def start(self, loop=None) -> None:
+        """Open (or make) the table and clear this worker's column: at the engine's start,
+        not at construction, so `mta check-config` touches nothing."""
+        if self.fd >= 0:
+            return
+        path = self.path
+        size = HEADER + SLOTS * SLOT_SIZE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, HEADER, 0)
+        try:
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, 0)
+                os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size)
+            boot = _boot_id()
+            if self.mm[:8] != MAGIC or self.mm[8:44] != boot:
+                self.mm[:] = bytes(size)          # new, or made before this boot
+                self.mm[:8] = MAGIC
+                self.mm[8:44] = boot
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER, 0)
+        self._clear_column()
+
+    # -- slots ---------------------------------------------------------------------------
+
+    def _lock(self, i: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SLOT_SIZE, HEADER + i * SLOT_SIZE)
+
+    def _unlock(self, i: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT_SIZE, HEADER + i * SLOT_SIZE)
+
+    def _clear_column(self) -> None:
+        """This worker index starts (again): what a predecessor held is free."""
+        for i in range(SLOTS):
+            off = HEADER + i * SLOT_SIZE + 32 + 4 * self.col
+            if self.mm[off:off + 4] != b"\0\0\0\0":
+                self._lock(i)
+                _COUNT.pack_into(self.mm, off, 0)
+                self._unlock(i)
+
+    def _slot(self, key: str) -> int | None:
+        i = self.slots.get(key, -1)
+        if i != -1:
+            return i
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        start = int.from_bytes(digest[:4], "little") % SLOTS
+        found = None
+        for p in range(PROBES):
+            j = (start + p) % SLOTS
+            off = HEADER + j * SLOT_SIZE
+            self._lock(j)
+            try:
+                held = self.mm[off:off + 16]
+                if held == digest:
+                    found = j
+                elif held == _EMPTY:
+                    self.mm[off:off + 16] = digest
+                    found = j
+            finally:
+                self._unlock(j)
+            if found is not None:
+                break
+        if found is None and not self._full_logged:
+            self._full_logged = True
+            log.warning("cluster: the host table %s is full; new keys are counted by each "
+                        "worker alone at %g of their limit", self.path, self.fallback_fraction)
+        self.slots[key] = found
+        return found
+
+    def connections(self, key: str) -> int:
+        """Connections all workers hold on `key` (tests, the admin view)."""
+        i = self._slot(key)
+        if i is None:
+            return self.held.get(key, 0)
+        return sum(_COUNTS.unpack_from(self.mm, HEADER + i * SLOT_SIZE + 32))
+
+    # -- leases --------------------------------------------------------------------------
+
+    def take(self, keys: list[tuple[str, int]]) -> Lease | None:
+        """The synchronous acquire: a lease on every key or on none."""
+        if any(limit <= 0 for _, limit in keys):
+            return None
+        names = tuple(k for k, _ in keys)
+        placed = [(self._slot(k), k, lim) for k, lim in keys]
+        alone = [(k, lim) for i, k, lim in placed if i is None]
+        if any(self.held.get(k, 0) >= fallback_limit(lim, self.fallback_fraction)
+               for k, lim in alone):
+            return None
+        slots = sorted({i for i, _, _ in placed if i is not None})
+        for i in slots:
+            self._lock(i)
+        try:
+            for i, _, lim in placed:
+                if i is not None and sum(_COUNTS.unpack_from(
+                        self.mm, HEADER + i * SLOT_SIZE + 32)) >= lim:
+                    return None
+            for i in slots:
+                off = HEADER + i * SLOT_SIZE + 32 + 4 * self.col
+                _COUNT.pack_into(self.mm, off, _COUNT.unpack_from(self.mm, off)[0] + 1)
+        finally:
+            for i in reversed(slots):
+                self._unlock(i)
+        for k, _ in alone:
+            self.held[k] = self.held.get(k, 0) + 1
+        return Lease(self, names, self._member())
+
+    async def acquire(self, keys: list[tuple[str, int]]) -> Lease | None:
+        return self.take(keys)
+
+    def _release(self, lease: Lease) -> None:
+        for k in lease.keys:
+            i = self.slots.get(k)
+            if i is None:
+                left = self.held.get(k, 0) - 1
+                if left > 0:
+                    self.held[k] = left
+                else:
+                    self.held.pop(k, None)
+                continue
+            off = HEADER + i * SLOT_SIZE + 32 + 4 * self.col
+            self._lock(i)
+            try:
+                _COUNT.pack_into(self.mm, off, max(0, _COUNT.unpack_from(self.mm, off)[0] - 1))
+            finally:
+                self._unlock(i)
+
+    # -- rates ---------------------------------------------------------------------------
+
+    def _refill(self, r: SharedRate, now: float) -> float:
+        i = self._slot(r.key)
+        if i is None:
+            return r.local(now)
+        off = HEADER + i * SLOT_SIZE + 16
+        t = self.clock()
+        self._lock(i)
+        try:
+            tat = max(_TAT.unpack_from(self.mm, off)[0], t)
+            k = min(r.batch, int((t + r.tau - tat) / r.interval) + 1)
+            if k >= 1:
+                _TAT.pack_into(self.mm, off, tat + k * r.interval)
+        finally:
+            self._unlock(i)
+        if k < 1:
+            r.next_try = now + (tat - r.tau - t)
+            return max(0.001, tat - r.tau - t)
+        r.grant(k - 1, now)
+        return 0.0
+
+    async def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.mm.close()
+        finally:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,259 @@
+"""Shared limits through a redis-server: the cluster's throttles and connection leases.
+
+KumoMTA's scheme, in two Lua scripts run with EVALSHA (redis-py's Script object), each one
+atomic on the server and timed by the server's clock (TIME), so node clocks may differ:
+- GCRA per rate key: the key holds the theoretical arrival time (TAT); a call takes up to
+  n tokens at once (n = [cluster] rate_batch's worth), as many as the rate and its burst
+  (one second's worth) allow now, and says when to ask again when it grants none.
+- Leases per connection key: a sorted set whose members are connections ("node/wN/seq")
+  scored by their expiry; acquiring drops expired members (ZREMRANGEBYSCORE), counts
+  (ZCARD) and adds (ZADD) on every key of the lease or on none. A renewal task re-adds
+  every live lease with a fresh expiry each lease_ttl/3, so a live connection is always
+  counted (also one taken while Redis was away) and a dead node's leases expire within
+  lease_ttl.
+Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
+probe succeeds (one a second at most) each process holds every limit alone at
+[cluster] fallback_fraction: leases against its own count of the key, rates through a local
+token bucket. Every call has a timeout ([cluster] timeout); the loop never waits longer.
+When Redis answers again: one info line; the renewal re-registers the leases taken alone.
+Trust: the redis-server is the operator's; its replies are still checked for shape.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit
+
+log = logging.getLogger("mta.cluster")
+
+PROBE_EVERY = 1.0        # seconds between attempts while Redis is away
+RENEW_CHUNK = 500        # leases renewed per script call
+
+GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local k = math.floor((now + tau - tat) / interval) + 1
+if k > want then k = want end
+if k < 1 then
+  return {0, string.format('%.6f', tat - tau - now)}
+end
+tat = tat + k * interval
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX',
+           math.ceil((tat - now + tau) * 1000) + 1000)
+return {k, '0'}
+"""
+
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[i + 2]) then
+    return 0
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[2])
+  redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + 1000)
+end
+return 1
+"""
+
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + 1000)
+end
+return #KEYS
+"""
+
+
+class RedisLimits(SharedLimits):
+    name = "redis"
+
+    def __init__(self, url: str, *, prefix: str, lease_ttl: float, timeout: float,
+                 member: str, fallback_fraction: float = 0.5, rate_batch: float = 0.05,
+                 clock=time.monotonic) -> None:
+        super().__init__(member=member, fallback_fraction=fallback_fraction,
+                         rate_batch=rate_batch)
+        self.url = url
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.timeout = timeout
+        self.clock = clock
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False, health_check_interval=0, decode_responses=True)
+        self._gcra = self.client.register_script(GCRA)
+        self._acquire = self.client.register_script(ACQUIRE)
+        self._renew = self.client.register_script(RENEW)
+        self.leases: dict[str, Lease] = {}     # member -> live lease of this process
+        self.held: dict[str, int] = {}         # key -> live leases of this process on it
+        self.down = False                      # Redis unreachable: limits held locally
+        self.probe_at = 0.0                    # clock time of the next attempt while down
+        self.failures = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._renewer: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- health ------------------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        return not self.down or self.clock() >= self.probe_at
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.probe_at = self.clock() + PROBE_EVERY
+        if not self.down:
+            self.down = True
+            log.warning("cluster: redis %s unreachable (%s: %s); limits held by this "
+                        "process alone at %g of each until it answers again", self.url,
+                        type(exc).__name__, exc, self.fallback_fraction)
+
+    def _ok(self) -> None:
+        if self.down:
+            self.down = False
+            log.warning("cluster: redis %s answers again; shared limits back", self.url)
+
+    async def _call(self, script, keys: list[str], args: list[Any]) -> Any:
+        return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def acquire(self, keys: list[tuple[str, int]]) -> Lease | None:
+        names = tuple(self.prefix + k for k, _ in keys)
+        if any(limit <= 0 for _, limit in keys):
+            return None
+        granted = None
+        if self._usable():
+            try:
+                member = self._member()
+                reply = await self._call(self._acquire, list(names),
+                                         [self.lease_ttl, member, *(lim for _, lim in keys)])
+                self._ok()
+                granted = Lease(self, names, member) if int(reply) == 1 else False
+            except (TimeoutError, RedisError, OSError, ValueError) as exc:
+                self._failed(exc)
+        if granted is None:     # alone: this process's own count against the fraction
+            if any(self.held.get(n, 0) >= fallback_limit(lim, self.fallback_fraction)
+                   for n, (_, lim) in zip(names, keys)):
+                return None
+            granted = Lease(self, names, self._member())
+        if not granted:
+            return None
+        self.leases[granted.member] = granted
+        for n in names:
+            self.held[n] = self.held.get(n, 0) + 1
+        return granted
+
+    def _release(self, lease: Lease) -> None:
+        self.leases.pop(lease.member, None)
+        for n in lease.keys:
+            left = self.held.get(n, 0) - 1
+            if left > 0:
+                self.held[n] = left
+            else:
+                self.held.pop(n, None)
+        if self.down and not self._usable():
+            return      # it expires within lease_ttl
+        pipe = self.client.pipeline(transaction=False)
+        for n in lease.keys:
+            pipe.zrem(n, lease.member)
+        self._spawn(self._send(pipe))
+
+    async def _send(self, pipe) -> None:
+        try:
+            await asyncio.wait_for(pipe.execute(), self.timeout)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed(exc)
+
+    def _spawn(self, coro) -> None:
+        loop = self.loop or asyncio.get_running_loop()
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def renew(self) -> None:
+        """Every live lease again with a fresh expiry (one script call per chunk)."""
+        pairs = [(n, lease.member) for lease in list(self.leases.values()) for n in lease.keys]
+        for i in range(0, len(pairs), RENEW_CHUNK):
+            chunk = pairs[i:i + RENEW_CHUNK]
+            try:
+                await self._call(self._renew, [n for n, _ in chunk],
+                                 [self.lease_ttl, *(m for _, m in chunk)])
+                self._ok()
+            except (TimeoutError, RedisError, OSError) as exc:
+                self._failed(exc)
+                return
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            if self.leases and self._usable():
+                await self.renew()
+            elif not self.leases and self.down and self._usable():
+                try:       # nothing to renew: a probe, so the recovery is seen and logged
+                    await asyncio.wait_for(self.client.ping(), self.timeout)
+                    self._ok()
+                except (TimeoutError, RedisError, OSError) as exc:
+                    self._failed(exc)
+
+    # -- rates -------------------------------------------------------------------------
+
+    def _refill(self, r: SharedRate, now: float) -> float:
+        if not self._usable():
+            return r.local(now)
+        if not r.pending:
+            r.pending = True
+            self._spawn(self._take(r))
+        return min(0.005, r.interval)
+
+    async def _take(self, r: SharedRate) -> None:
+        try:
+            reply = await self._call(self._gcra, [self.prefix + r.key],
+                                     [repr(r.interval), repr(r.tau), r.batch])
+            got, wait = int(reply[0]), float(reply[1])
+            self._ok()
+            now = asyncio.get_running_loop().time()
+            if got > 0:
+                r.grant(got, now)
+                r.next_try = 0.0
+            else:
+                r.next_try = now + min(max(wait, 0.001), 60.0)
+        except (TimeoutError, RedisError, OSError, ValueError, TypeError, IndexError) as exc:
+            self._failed(exc)
+        finally:
+            r.pending = False
+
+    # -- life ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._renewer = loop.create_task(self._renew_loop())
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        for lease in list(self.leases.values()):
+            lease.release()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.client.aclose(), self.timeout)
+        except (TimeoutError, RedisError, OSError):
+            pass
