@@ -106,11 +106,12 @@ def build_feedback(config: Config) -> Feedback:
 
 def build_delivery(config: Config, spool: Spool, logs: LogWriter | None,
                    inject: Callable[..., Any], dkim: DkimStage | None = None,
-                   feedback: Feedback | None = None) -> DeliveryEngine:
+                   feedback: Feedback | None = None,
+                   worker: WorkerSlot | None = None) -> DeliveryEngine:
     """The delivery engine: sources, pools, pool hook, shaping files, resolver settings.
     Construction reads the spool object only once started, so an unopened Spool will do."""
     try:
-        return DeliveryEngine(config, spool, logs, inject, dkim, feedback)
+        return DeliveryEngine(config, spool, logs, inject, dkim, feedback, worker=worker)
     except (EgressError, ShapingError, ValueError) as exc:
         # a pool hook or shaping file; the resolver's (no nameserver in resolv.conf)
         raise ConfigError([str(exc)], config.origin) from None
@@ -218,7 +219,8 @@ class Server:
         self.local = LocalSubmission(self.reception)
         try:
             self.delivery = build_delivery(self.config, self.spool, self.logs,
-                                           self.local.submit_kept, self.dkim, self.feedback)
+                                           self.local.submit_kept, self.dkim, self.feedback,
+                                           worker=self.worker)
         except ConfigError:
             await self.spool.close()
             raise
