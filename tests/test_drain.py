@@ -329,3 +329,23 @@ def test_xfer_refuses_bad_requests(daemon_factory):
     assert list(found.envelopes.values())[0].requiretls
     b.start()
     assert post(body) == (200, {"status": "duplicate", "id": env.id})
+
+
+def test_journal_rebuilt_at_start(tmp_path):
+    """A key with only its intent line counts as done when its message is live in the
+    spool (the receiver died between its spool sync and the done line); else it is
+    forgotten (never stored). Expired keys go; the file is rewritten compact."""
+    from mta.control.xfer import JOURNAL_NAME, Journal
+    now = int(time.time())
+    live, gone, old, kept = ("%032x" % k for k in (1, 2, 3, 4))
+    lines = [f"{now} I {live}.aa.1.24", f"{now} I {gone}.aa.1.99",
+             f"{now - 10 ** 7} I {old}.aa.1.24", f"{now - 10 ** 7} D {old}.aa.1.24",
+             f"{now} I {kept}.bb.2.24", f"{now} D {kept}.bb.2.24"]
+    (tmp_path / JOURNAL_NAME).write_text("\n".join(lines) + "\n" + f"{now} D torn")
+    j = Journal(str(tmp_path), keep=86400.0)
+    j.load(lambda raw: raw == bytes.fromhex(live))
+    assert j.keys == {f"{live}.aa.1.24", f"{kept}.bb.2.24"}
+    again = Journal(str(tmp_path), keep=86400.0)
+    again.load(lambda raw: False)
+    assert again.keys == j.keys
+    assert len((tmp_path / JOURNAL_NAME).read_text().splitlines()) == 2

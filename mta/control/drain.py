@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.drain")
 
-SEND_AT_ONCE = 4            # transfers in flight
+SEND_AT_ONCE = 8            # transfers in flight
 RETRIES = 5                 # attempts per message on a transient failure
 BACKOFF = 1.0               # seconds before the second attempt, doubling
 _MAX_ERRORS = 20            # errors kept for the status view

@@ -20,12 +20,14 @@ states), and a SCHEDULE record of its own.
 Exactly once, as far as two disks allow:
 - the receiver answers 200 only once the MESSAGE record and the entries' SCHEDULE
   records are durable (the spool's batch fdatasync) and the transfer key is in its
-  journal (xfer.keys in the spool directory, appended and fsync'd);
+  journal (xfer.keys in the spool directory: an intent line fsync'd before the store, a
+  done line fsync'd after it, group-committed; see Journal), and only then lets
+  delivery have the message;
 - the sender tombstones its copy only after that 200;
 - a transfer sent again (the sender crashed between the 200 and its tombstone, or lost
   the answer) carries the same key and is answered 200 {"status": "duplicate"} without a
-  second copy: the key is in the journal, or (a crash of the receiver between its spool
-  sync and the journal write) the id is still live in its spool.
+  second copy: the key is in the journal (rebuilt at start: a key whose done line was
+  lost to a crash counts when its message is live in the spool), or the id is live.
 The key names the source's spool record, not only the message: "<id>.<segment nonce>.
 <segment>.<offset>" (nonce: 8 random bytes per spool run, mta/spool/records.py). A message
 moved A -> B -> A -> B is a new record on A the second time, so B does not take it for a
@@ -45,7 +47,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from aiohttp import web
@@ -70,7 +72,7 @@ MAX_HEAD = 4 << 20                # the JSON line
 MAX_ENTRIES = 10000
 MAX_REPLY = rec.MAX_REPLY
 _KEY = re.compile(r"[0-9a-f]{32}\.[0-9a-z]{1,16}\.\d{1,10}\.\d{1,10}\Z")
-_JOURNAL_LINE = re.compile(rb"(\d{1,12}) (\S{1,128})\n")
+_JOURNAL_LINE = re.compile(rb"(\d{1,12}) ([ID]) (\S{1,128})\n")
 
 
 class XferError(Exception):
@@ -162,45 +164,89 @@ async def send(session: aiohttp.ClientSession, url: str, token: str, item: Item,
 
 
 class Journal:
-    """The receiver's transfer keys (xfer.keys): one `TIME KEY` line each, fsync'd."""
+    """The receiver's transfer keys (xfer.keys in the spool directory), two lines per
+    transfer: `TIME I KEY` (intent) made durable before the message is stored, and
+    `TIME D KEY` (done) made durable before the 200 and before delivery may start. At
+    start (`load(live)`, after the spool's recovery) a key with only its intent line is
+    done if its message is live in the spool (the receiver died between the spool sync
+    and the done line), else it was never stored and is forgotten. Since delivery starts
+    only after the done line, "not live" cannot mean "stored and already delivered".
+    Writes are group-committed: one fsync for every line waiting."""
 
     def __init__(self, directory: str, keep: float):
         self.path = os.path.join(directory, JOURNAL_NAME)
         self.keep = keep
         self.keys: set[str] = set()
-        self._lock = asyncio.Lock()
+        self._waiting: list[tuple[bytes, asyncio.Future]] = []
+        self._writing = False
 
-    def load(self) -> None:
+    def load(self, live: Callable[[bytes], bool]) -> None:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return
         cutoff = time.time() - self.keep
-        kept, dropped = [], 0
+        done: dict[str, int] = {}
+        intents: dict[str, int] = {}
+        lines = 0
         for m in _JOURNAL_LINE.finditer(data):   # a torn last line does not match
-            if int(m.group(1)) >= cutoff:
-                kept.append(m.group(0))
-                self.keys.add(m.group(2).decode("ascii", "replace"))
-            else:
-                dropped += 1
-        if dropped:
-            write_atomic(self.path, b"".join(kept))
-            log.info("xfer journal %s: dropped %d keys older than %gs", self.path, dropped,
-                     self.keep)
+            lines += 1
+            t, key = int(m.group(1)), m.group(3).decode("ascii", "replace")
+            (done if m.group(2) == b"D" else intents)[key] = t
+        for key, t in intents.items():
+            if key not in done and _KEY.match(key) and live(bytes.fromhex(key[:32])):
+                done[key] = t     # stored before the crash: its done line was not written
+        kept = {k: t for k, t in done.items() if t >= cutoff}
+        self.keys = set(kept)
+        if lines != len(kept):
+            write_atomic(self.path, b"".join(f"{t} D {k}\n".encode("ascii")
+                                             for k, t in kept.items()))
+            log.info("xfer journal %s: %d keys kept, %d lines dropped (expired after %gs, "
+                     "or transfers that never stored)", self.path, len(kept),
+                     lines - len(kept), self.keep)
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, data: bytes) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, line)
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    async def add(self, key: str) -> None:
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self._append, f"{int(time.time())} {key}\n".encode("ascii"))
+    async def _write(self, kind: str, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiting.append((f"{int(time.time())} {kind} {key}\n".encode("ascii"), fut))
+        if not self._writing:
+            self._writing = True
+            loop.create_task(self._writer())
+        await fut
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    await loop.run_in_executor(None, self._append,
+                                               b"".join(line for line, _ in batch))
+                except OSError as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._writing = False
+
+    async def intent(self, key: str) -> None:
+        await self._write("I", key)
+
+    async def done(self, key: str) -> None:
+        await self._write("D", key)
         self.keys.add(key)
 
 
@@ -269,7 +315,7 @@ class Receiver:
         self.max_size = max_size + MAX_HEAD
         cfg = server.config
         self.journal = Journal(str(cfg.spool.directory), cfg.delivery.max_age + 86400.0)
-        self.journal.load()
+        self.journal.load(server.spool.__contains__)
         self._busy: set[str] = set()     # keys being stored now
         self.received = 0
         self.duplicates = 0
@@ -311,6 +357,9 @@ class Receiver:
                            error=f"not accepting mail now: {refused}")
         self._busy.add(key)
         try:
+            await self.journal.intent(key)
+            if spool.admission() is not None or raw_id in spool:
+                return _answer(503, error="not accepting mail now; ask again")
             stored = spool.store(raw_id, envelope, b"", content)
             now = time.time()
             for e in entries:
@@ -324,7 +373,7 @@ class Receiver:
             await stored
             if scheds is not None:
                 await scheds
-            await self.journal.add(key)
+            await self.journal.done(key)
         except (SpoolError, OSError) as exc:
             return _answer(503, error=f"cannot store it now: {exc}")
         finally:
