@@ -1,0 +1,195 @@
+"""Shared limits (mta/egress/shared): each backend against what it must hold.
+
+redis: a real redis-server of our own (tools/cluster_rig.py RedisServer) shared by several
+RedisLimits stores, as the processes of a cluster share it: GCRA accuracy, connection
+leases counted across stores, a dead holder's leases expiring within the TTL, renewal,
+and the fallback while the server is stopped (fast calls, limits at the fraction, one
+log line each way, leases taken alone registered when it is back). host: two workers'
+HostLimits on one table file: leases and rates across them, a restarted worker's column
+cleared, nothing touched before start. local: no store at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, missing_tool
+from mta.config.load import parse_config
+from mta.egress.shared import open_shared
+from mta.egress.shared.host_table import HostLimits
+from mta.model.node import WorkerSlot
+from mta.model.rate import Rate
+
+sys.path.insert(0, str(ROOT / "tools"))
+from cluster_rig import RedisServer  # noqa: E402
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if not RedisServer.available():
+        missing_tool("redis-server (apt install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def _stores(url: str, n: int, **kw):
+    from mta.egress.shared.redis_store import RedisLimits
+    args = dict(prefix="t:", lease_ttl=1.5, timeout=0.2, fallback_fraction=0.5)
+    args.update(kw)
+    return [RedisLimits(url, member=f"n{i}/w0", **args) for i in range(n)]
+
+
+async def _paced(rate, until: float, times: list[float]) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() < until:
+        wait = rate.delay(loop.time())
+        if wait > 0:
+            await asyncio.sleep(wait)
+            continue
+        times.append(loop.time())
+
+
+def test_redis_gcra_holds_the_rate_across_stores(redis_server):
+    async def main():
+        loop = asyncio.get_running_loop()
+        stores = _stores(redis_server.url, 3)
+        for s in stores:
+            s.start(loop)
+        times: list[float] = []
+        start = loop.time()
+        await asyncio.gather(*(_paced(s.rate("rate:x", Rate(200, 1)), start + 4.0, times)
+                               for s in stores))
+        for s in stores:
+            await s.close()
+        return start, times
+
+    start, times = asyncio.run(main())
+    # a full burst (one second's worth) at first, then the rate: 3 s x 200/s
+    steady = sum(1 for t in times if start + 1.0 <= t < start + 4.0)
+    assert 600 * 0.92 <= steady <= 600 * 1.08, steady
+    assert len(times) <= 200 + 800 + 20
+
+
+def test_redis_leases_count_across_stores_and_expire(redis_server):
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = _stores(redis_server.url, 2)
+        a.start(loop)
+        b.start(loop)
+        keys = [("conn:p", 10), ("conn:site", 3)]
+        held = [await a.acquire(keys), await a.acquire(keys), await b.acquire(keys)]
+        assert all(held)
+        assert await b.acquire(keys) is None           # the site is at 3, cluster-wide
+        assert await b.acquire([("conn:other", 1)]) is not None
+        held[2].release()
+        await asyncio.sleep(0.1)
+        again = await b.acquire(keys)
+        assert again is not None
+        # renewal keeps live leases past the TTL
+        await asyncio.sleep(2.5)
+        assert await b.acquire(keys) is None
+        # a dies without giving anything back (no release, no renewal): its two leases
+        # expire within the TTL (1.5 s) and b takes them
+        a._renewer.cancel()
+        a.leases.clear()
+        got, t0 = [], loop.time()
+        while len(got) < 2 and loop.time() - t0 < 5:
+            lease = await b.acquire(keys)
+            if lease is not None:
+                got.append(lease)
+            else:
+                await asyncio.sleep(0.05)
+        waited = loop.time() - t0
+        await b.close()
+        await a.client.aclose()
+        return len(got), waited
+
+    n, waited = asyncio.run(main())
+    assert n == 2
+    assert waited <= 1.5 + 0.5 + 1.0     # the TTL since the last renewal (every TTL/3) + slack
+
+
+def test_redis_unreachable_falls_back_and_recovers(redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="mta.cluster")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        (s,) = _stores(redis_server.url, 1)
+        s.start(loop)
+        keys = [("conn:site", 6)]
+        first = await s.acquire(keys)
+        assert first is not None
+        redis_server.stop()
+        t0 = loop.time()
+        alone = [await s.acquire(keys) for _ in range(4)]
+        took = loop.time() - t0
+        # 6 x 0.5 = 3 held alone, one of them the lease taken before
+        assert sum(1 for x in alone if x is not None) == 2
+        times: list[float] = []
+        rate = s.rate("rate:y", Rate(100, 1))
+        start = loop.time()
+        await _paced(rate, start + 2.0, times)
+        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        redis_server.start()
+        deadline = loop.time() + 10
+        while s.down and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        recovered = not s.down
+        await s.renew()
+        count = await s.client.zcard("t:conn:site")
+        await s.close()
+        return took, times, start, warnings, recovered, count
+
+    took, times, start, warnings, recovered, count = asyncio.run(main())
+    assert took < 4 * 0.2 + 0.5           # never longer than the timeout per call
+    # locally at half the rate: 50/s with its own burst of 50 over 2 s
+    assert 100 * 0.85 <= len(times) <= 50 + 100 + 2, len(times)
+    assert len(warnings) == 1
+    assert recovered
+    assert [r for r in caplog.records if "answers again" in r.getMessage()]
+    assert count == 3                      # leases taken alone are registered again
+
+
+def test_host_table_shares_leases_and_rate_between_workers(tmp_path):
+    path = tmp_path / "shared-limits"
+    w0 = HostLimits(path, worker=WorkerSlot(0, 2, "n"), member="n/w0")
+    w1 = HostLimits(path, worker=WorkerSlot(1, 2, "n"), member="n/w1")
+    assert not path.exists()               # nothing touched before start
+    w0.start()
+    w1.start()
+    keys = [("conn:p", 10), ("conn:site", 3)]
+    held = [w0.take(keys), w1.take(keys), w1.take(keys)]
+    assert all(held)
+    assert w0.take(keys) is None
+    assert w0.connections("conn:site") == 3
+    held[0].release()
+    assert w1.take(keys) is not None
+    # worker 1 dies holding 3 and starts again: its column is cleared
+    w1b = HostLimits(path, worker=WorkerSlot(1, 2, "n"), member="n/w1")
+    w1b.start()
+    assert w0.connections("conn:site") == 0
+    # a rate across both workers: over 2 s of alternating asks, burst + rate
+    clock = [1000.0]
+    for w in (w0, w1b):
+        w.clock = lambda: clock[0]
+    r0, r1 = w0.rate("rate:z", Rate(50, 1)), w1b.rate("rate:z", Rate(50, 1))
+    sent = 0
+    while clock[0] < 1002.0:
+        for r in (r0, r1):
+            if r.delay(clock[0]) == 0.0:
+                sent += 1
+        clock[0] += 0.001
+    assert 50 + 100 - 2 <= sent <= 50 + 100 + 2, sent
+    for w in (w0, w1, w1b):
+        asyncio.run(w.close())
+
+
+def test_local_backend_builds_nothing(tmp_path):
+    cfg = parse_config("")
+    assert cfg.cluster.backend == "local"
+    assert open_shared(cfg.cluster, WorkerSlot(), Path(tmp_path)) is None
