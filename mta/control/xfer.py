@@ -356,8 +356,19 @@ class Receiver:
             return _answer(507 if refused == "SPOOL_FULL" else 503,
                            error=f"not accepting mail now: {refused}")
         self._busy.add(key)
+        # shielded: the admin API's request timeout (408) must not cut a transfer between
+        # its spool sync and its hand-over to delivery; the sender's retry then finds it
+        return await asyncio.shield(self._store(key, source, raw_id, envelope, content,
+                                                entries))
+
+    async def _store(self, key: str, source: str, raw_id: bytes, envelope: Envelope,
+                     content: bytes, entries: list[Entry]) -> web.Response:
+        srv, spool = self.server, self.server.spool
         try:
-            await self.journal.intent(key)
+            try:
+                await self.journal.intent(key)
+            except OSError as exc:
+                return _answer(503, error=f"cannot write the transfer journal: {exc}")
             if spool.admission() is not None or raw_id in spool:
                 return _answer(503, error="not accepting mail now; ask again")
             stored = spool.store(raw_id, envelope, b"", content)
@@ -370,12 +381,24 @@ class Receiver:
             # now, before anything yields: the SCHEDULE records just noted go into a batch
             # whose future resolves once they are durable (nothing owed: no future)
             scheds = spool.remove([]) if entries else None
-            await stored
+            try:
+                await stored
+            except SpoolError as exc:
+                if scheds is not None:
+                    scheds.add_done_callback(lambda f: f.exception())   # owed, retried
+                return _answer(503, error=f"cannot store it now: {exc}")
+            # durable: from here on the message is ours whatever else fails (a schedule
+            # lost costs an early attempt; a done line lost is rebuilt at start)
             if scheds is not None:
-                await scheds
-            await self.journal.done(key)
-        except (SpoolError, OSError) as exc:
-            return _answer(503, error=f"cannot store it now: {exc}")
+                try:
+                    await scheds
+                except SpoolError as exc:
+                    log.warning("xfer %s: schedules not durable yet: %s", envelope.id, exc)
+            try:
+                await self.journal.done(key)
+            except OSError as exc:
+                log.error("xfer %s: transfer journal: %s (rebuilt from the spool at start)",
+                          envelope.id, exc)
         finally:
             self._busy.discard(key)
         self.received += 1
