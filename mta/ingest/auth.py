@@ -11,6 +11,19 @@ written whole to a temporary file and renamed. {"version": 1, "users": {name: {"
 older entries keep verifying after the default changes), "tenant": str or null,
 "domains": [sender domains, "*" for any]}}}.
 
+SCRAM-SHA-256 (RFC 5802, RFC 7677): entries written by `mta user add|passwd` since it
+exists also hold "scram": "scram-sha-256$ITERATIONS$salt$StoredKey$ServerKey" (base64),
+what the server side of SCRAM needs (it never sees the password). Entries without it
+(older files) still load and verify PLAIN and LOGIN; SCRAM fails for them until their
+password is set again, and a listener offers SCRAM-SHA-256 in EHLO only when every user
+of its file has the keys (it accepts the mechanism either way). The exchange
+(ScramServer): client-first (gs2 header "n,," or "y,,", no channel binding, an authzid
+only equal to the user), server-first (our nonce, the salt, the iterations), client-final
+(the proof), then the server signature in a 334 challenge answered by an empty line
+(RFC 4954 has no success data in 235), then 235. An unknown user gets a salt derived from
+a per-process secret and fails at the proof, like a wrong password. Passwords are used
+as UTF-8 bytes without SASLprep (the same for ASCII passwords).
+
 Each user is bound to a tenant (an authenticated message's envelope tenant, whatever
 its X-Tenant header says) and to the domains its MAIL FROM may use (others: 550 5.7.1;
 the null sender is allowed: bounces spoof nobody).
@@ -50,6 +63,10 @@ MAX_PASSWORD = 1024     # decoded password bytes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,255}\Z")
 _DOMAIN = re.compile(r"(\*|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)\Z")
 _POOL_THREADS = 2
+SCRAM_ITERATIONS = 32768         # PBKDF2-HMAC-SHA256 rounds in new entries (RFC 7677: >= 4096)
+_SCRAM_MIN_I, _SCRAM_MAX_I = 4096, 1 << 22
+MAX_SCRAM_MESSAGE = 2048         # decoded client-first / client-final bytes
+SCRAM = b"SCRAM-SHA-256"
 
 
 class AuthError(ValueError):
@@ -82,12 +99,37 @@ def verify_password(password: bytes, encoded: str) -> bool:
     return hmac.compare_digest(got, key)
 
 
+def scram_keys(password: bytes, salt: bytes | None = None,
+               iterations: int = SCRAM_ITERATIONS) -> str:
+    """The stored SCRAM-SHA-256 entry for `password` (RFC 5802 3)."""
+    salt = secrets.token_bytes(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    stored = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server = hmac.digest(salted, b"Server Key", "sha256")
+    return f"scram-sha-256${iterations}${_b64(salt)}${_b64(stored)}${_b64(server)}"
+
+
+def parse_scram(entry: str) -> tuple[int, bytes, bytes, bytes]:
+    """(iterations, salt, StoredKey, ServerKey) of a stored entry; AuthError when malformed."""
+    try:
+        scheme, i_s, salt_s, stored_s, server_s = entry.split("$")
+        i = int(i_s)
+        salt, stored, server = (base64.b64decode(x, validate=True) for x in (salt_s, stored_s, server_s))
+    except (ValueError, binascii.Error):
+        raise AuthError("malformed scram entry") from None
+    if scheme != "scram-sha-256" or not _SCRAM_MIN_I <= i <= _SCRAM_MAX_I or not salt \
+            or len(stored) != 32 or len(server) != 32:
+        raise AuthError("malformed scram entry")
+    return i, salt, stored, server
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     name: str
     hash: str
     tenant: str | None
     domains: tuple[str, ...]
+    scram: str | None = None      # "scram-sha-256$i$salt$StoredKey$ServerKey" (None: older entry)
 
     def sender_allowed(self, sender: str) -> bool:
         """MAIL FROM `sender` may be used by this user (the null sender always)."""
@@ -152,10 +194,17 @@ class UserFile:
             users = {}
             for name, e in doc["users"].items():
                 tenant = e.get("tenant")
-                if not isinstance(e.get("hash"), str) or not (tenant is None or isinstance(tenant, str)):
+                scram = e.get("scram")
+                if not isinstance(e.get("hash"), str) or not (tenant is None or isinstance(tenant, str)) \
+                        or not (scram is None or isinstance(scram, str)):
                     raise AuthError(f"user {name!r}: malformed entry")
+                if scram is not None:
+                    try:
+                        parse_scram(scram)
+                    except AuthError:
+                        raise AuthError(f"user {name!r}: malformed scram entry") from None
                 users[check_name(name)] = User(name, e["hash"], tenant,
-                                               check_domains(list(e.get("domains") or [])))
+                                               check_domains(list(e.get("domains") or [])), scram)
         except orjson.JSONDecodeError as exc:
             raise AuthError(f"{path}: not JSON: {exc}") from None
         except (AuthError, AttributeError, TypeError) as exc:
@@ -164,7 +213,8 @@ class UserFile:
 
     def save(self) -> None:
         doc = {"version": 1, "users": {u.name: {"hash": u.hash, "tenant": u.tenant,
-                                                "domains": list(u.domains)}
+                                                "domains": list(u.domains),
+                                                **({"scram": u.scram} if u.scram else {})}
                                        for u in sorted(self.users.values(), key=lambda u: u.name)}}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -181,7 +231,8 @@ class UserFile:
     def set(self, name: str, password: bytes, tenant: str | None, domains: list[str]) -> User:
         if not password or len(password) > MAX_PASSWORD:
             raise AuthError(f"a password must have 1 to {MAX_PASSWORD} bytes")
-        user = User(check_name(name), hash_password(password), tenant or None, check_domains(domains))
+        user = User(check_name(name), hash_password(password), tenant or None, check_domains(domains),
+                    scram_keys(password))
         self.users[name] = user
         return user
 
@@ -235,6 +286,124 @@ def decode_sasl(mech: bytes, responses: list[bytes]) -> tuple[str, bytes] | None
         return None
 
 
+def _saslname(raw: bytes) -> str | None:
+    """RFC 5802 5.1 saslname: "=2C" is ",", "=3D" is "=", any other "=" is an error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "=":
+            esc = text[i + 1:i + 3]
+            if esc not in ("2C", "3D"):
+                return None
+            out.append("," if esc == "2C" else "=")
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _b64_response(line: bytes, limit: int = MAX_SCRAM_MESSAGE) -> bytes | None:
+    if line == b"=":
+        return b""
+    if len(line) > (limit + 2) // 3 * 4:
+        return None
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class ScramServer:
+    """The server side of one SCRAM-SHA-256 exchange (RFC 5802 5, RFC 7677)."""
+
+    __slots__ = ("user", "keys", "gs2", "first_bare", "server_first", "nonce", "signature")
+
+    def __init__(self):
+        self.user: User | None = None
+        self.keys: tuple[int, bytes, bytes, bytes] | None = None
+        self.gs2 = b""
+        self.first_bare = b""
+        self.server_first = b""
+        self.nonce = b""
+        self.signature = b""
+
+    def first(self, client_first: bytes, users: dict[str, User], secret: bytes,
+              snonce: bytes | None = None) -> bytes | None:
+        """server-first-message for `client_first`; None when malformed. `snonce`: our
+        part of the nonce (default 24 random base64 characters; tests pass RFC vectors)."""
+        if len(client_first) > MAX_SCRAM_MESSAGE:
+            return None
+        parts = client_first.split(b",", 2)
+        if len(parts) != 3 or parts[0] not in (b"n", b"y"):
+            return None     # "p=...": channel binding is not offered
+        authzid = parts[1]
+        bare = parts[2]
+        fields = bare.split(b",")
+        if len(fields) < 2 or not fields[0].startswith(b"n=") or not fields[1].startswith(b"r="):
+            return None     # "m=" (a mandatory extension) lands here too
+        name = _saslname(fields[0][2:])
+        cnonce = fields[1][2:]
+        if not name or len(name.encode()) > MAX_USER or not cnonce \
+                or not all(0x21 <= b <= 0x7E and b != 0x2C for b in cnonce):
+            return None
+        if authzid:
+            if not authzid.startswith(b"a=") or _saslname(authzid[2:]) != name:
+                return None   # no proxy authorisation
+        user = users.get(name)
+        keys = None
+        if user is not None and user.scram is not None:
+            try:
+                keys = parse_scram(user.scram)
+            except AuthError:
+                keys = None
+        if keys is None:    # unknown (or no SCRAM keys): a stable fake salt, fails at the proof
+            user = None
+            fake = hmac.digest(secret, name.encode("utf-8"), "sha256")
+            keys = (SCRAM_ITERATIONS, fake[:16], bytes(32), bytes(32))
+        self.user, self.keys = user, keys
+        salt_i = keys
+        self.gs2 = parts[0] + b"," + authzid + b","
+        self.first_bare = bare
+        self.nonce = cnonce + (snonce or base64.b64encode(secrets.token_bytes(18)))
+        self.server_first = (b"r=" + self.nonce + b",s=" + base64.b64encode(salt_i[1])
+                             + b",i=" + str(salt_i[0]).encode())
+        return self.server_first
+
+    def final(self, client_final: bytes) -> tuple[User | None, bytes | None]:
+        """(user, server-final-message) when the proof holds; (None, None) when it does not
+        or the message is malformed."""
+        if len(client_final) > MAX_SCRAM_MESSAGE or not self.server_first:
+            return None, None
+        head, sep, proof_b64 = client_final.rpartition(b",p=")
+        fields = head.split(b",")
+        if not sep or len(fields) < 2 or not fields[0].startswith(b"c=") \
+                or not fields[1].startswith(b"r="):
+            return None, None
+        try:
+            binding = base64.b64decode(fields[0][2:], validate=True)
+            proof = base64.b64decode(proof_b64, validate=True)
+        except (binascii.Error, ValueError):
+            return None, None
+        if not hmac.compare_digest(binding, self.gs2) or not hmac.compare_digest(fields[1][2:], self.nonce) \
+                or len(proof) != 32:
+            return None, None
+        auth_message = self.first_bare + b"," + self.server_first + b"," + head
+        if self.keys is None:
+            return None, None
+        _, _, stored, server = self.keys
+        signature = hmac.digest(stored, auth_message, "sha256")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored) or self.user is None:
+            return None, None
+        self.signature = hmac.digest(server, auth_message, "sha256")
+        return self.user, b"v=" + base64.b64encode(self.signature)
+
+
 class Authenticator:
     """One listener's AUTH verifier: its users, failure counts per IP, a concurrency cap."""
 
@@ -249,6 +418,47 @@ class Authenticator:
         self._failures: dict[str, list[float]] = {}   # ip -> [count, window end]
         self.succeeded = 0
         self.failed = 0
+        self._secret = secrets.token_bytes(32)   # fake SCRAM salts of unknown users
+
+    @property
+    def scram_for_all(self) -> bool:
+        """Every user has SCRAM keys: the listener may offer SCRAM-SHA-256 in EHLO."""
+        return bool(self.users) and all(u.scram for u in self.users.values())
+
+    def scram(self, responses: list[bytes], ip: str,
+              exchange: ScramServer | None) -> tuple[str, object]:
+        """One SCRAM-SHA-256 step (the responses so far, from the native core): ("challenge",
+        base64 bytes, then call again with one more response), ("ok", User) or ("fail",
+        the refusal reply name). Cheap (HMACs): runs on the loop."""
+        now = time.monotonic()
+        step = len(responses)
+        if step == 1 and self.locked(ip, now):
+            self._fail(ip, now)
+            return "fail", "AUTH_TEMP"
+        if exchange is None or step > 3:
+            return "fail", "AUTH_BAD_RESPONSE"
+        raw = _b64_response(responses[-1])
+        if raw is None:
+            self._fail(ip, now)
+            return "fail", "AUTH_BAD_RESPONSE"
+        if step == 1:
+            server_first = exchange.first(raw, self.users, self._secret)
+            if server_first is None:
+                self._fail(ip, now)
+                return "fail", "AUTH_BAD_RESPONSE"
+            return "challenge", base64.b64encode(server_first)
+        if step == 2:
+            user, server_final = exchange.final(raw)
+            if user is None or server_final is None:
+                self._fail(ip, now)
+                return "fail", "AUTH_FAILED"
+            return "challenge", base64.b64encode(server_final)
+        if raw or exchange.user is None or not exchange.signature:
+            self._fail(ip, now)
+            return "fail", "AUTH_BAD_RESPONSE"
+        self._failures.pop(ip, None)
+        self.succeeded += 1
+        return "ok", exchange.user
 
     def reload(self) -> str | None:
         """Read the file again (SIGHUP); the problem when it cannot be used (kept as was)."""

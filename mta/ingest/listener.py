@@ -54,7 +54,8 @@ class Listener:
             max_junk_commands=cfg.max_junk_commands,
             max_messages_per_session=cfg.max_messages_per_session,
             starttls=self.tls is not None and not self.implicit_tls,
-            auth=self.authenticator is not None, require_tls=cfg.require_tls)
+            auth=self.authenticator is not None, require_tls=cfg.require_tls,
+            scram=self.authenticator is not None and self.authenticator.scram_for_all)
         if reception.policy is not None:   # bounce domain / suppression at RCPT
             self.settings.rcpt_check = reception.policy.rcpt_check
         self.settings.mail_check = reception.mail_check   # spool and memory backpressure

@@ -29,6 +29,7 @@ import logging
 from typing import Protocol
 
 from mta._native.wire import EV_AUTH, EV_CLOSE, EV_MESSAGE, EV_STARTTLS, ServerCore, ServerSettings
+from mta.ingest.auth import SCRAM, ScramServer
 from mta.ingest.reception import Peer, Reception
 from mta.model.replies import reply
 
@@ -57,7 +58,7 @@ class Host(Protocol):
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = ("listener", "transport", "core", "peer_ip", "peer_port", "peer", "last_active",
-                 "_storing", "_write_paused", "_memory_paused", "_held", "_busy")
+                 "_storing", "_write_paused", "_memory_paused", "_held", "_busy", "_scram")
 
     def __init__(self, listener: Host):
         self.listener = listener
@@ -72,6 +73,7 @@ class SmtpSession(asyncio.Protocol):
         self._memory_paused = False   # the memory governor stopped reading (budget reached)
         self._held = 0                # bytes last reported to the memory governor
         self._busy = False            # a TLS handshake or an AUTH check is under way
+        self._scram: ScramServer | None = None   # a SCRAM-SHA-256 exchange under way
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -187,11 +189,34 @@ class SmtpSession(asyncio.Protocol):
         auth = self.listener.authenticator
         if core is None or transport is None or auth is None:
             return
+        mech, responses = core.auth_request
+        if mech == SCRAM:   # SCRAM-SHA-256: steps answered at once (HMACs), see auth.py
+            self._scram_step(core, auth, list(responses))
+            return
         transport.pause_reading()
         self._busy = True
-        mech, responses = core.auth_request
         task = self.listener.loop.create_task(auth.check(mech, list(responses), self.peer_ip))
         task.add_done_callback(self._on_auth)
+
+    def _scram_step(self, core, auth, responses: list) -> None:
+        try:
+            if len(responses) == 1:
+                self._scram = ScramServer()
+            kind, value = auth.scram(responses, self.peer_ip, self._scram)
+            if kind == "challenge":
+                out, ev = core.auth_continue(value)
+            else:
+                self._scram = None
+                if kind == "ok":
+                    out, ev = core.auth_done(True, "", value.tenant, value.sender_allowed)
+                    log.info("AUTH %s (SCRAM-SHA-256) from %s", value.name, self.peer_ip)
+                else:
+                    out, ev = core.auth_done(False, value)
+                    self.listener.reception.log_rejections(self.peer, [(value, "", [])])
+        except Exception:
+            self._bug()
+            return
+        self._handle(out, ev)
 
     def _on_auth(self, task: asyncio.Task) -> None:
         self._busy = False

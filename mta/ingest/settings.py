@@ -15,9 +15,11 @@ def server_settings(hostname: str, banner: str, *, bare_newline: str = "reject",
                     max_recipients: int = 1000, max_errors: int = 10,
                     max_junk_commands: int = 100,
                     max_messages_per_session: int = 1000, starttls: bool = False,
-                    auth: bool = False, require_tls: bool = False) -> ServerSettings:
+                    auth: bool = False, require_tls: bool = False,
+                    scram: bool = False) -> ServerSettings:
     """`starttls`: offer STARTTLS (plaintext sessions); `auth`: offer AUTH PLAIN LOGIN once
-    encrypted; `require_tls`: refuse MAIL before TLS. REQUIRETLS is offered over TLS."""
+    encrypted (and SCRAM-SHA-256 first with `scram`: every user has SCRAM keys, auth.py);
+    `require_tls`: refuse MAIL before TLS. REQUIRETLS is offered over TLS."""
     lines = {name: r.line() for name, r in REPLIES.items() if "{}" not in r.text}
     for name, r in REPLIES.items():
         if "{}" in r.text:
@@ -27,7 +29,8 @@ def server_settings(hostname: str, banner: str, *, bare_newline: str = "reject",
     lines["EHLO"] = ehlo_lines(hostname, "{}", max_message_size,
                                ("STARTTLS",) if starttls else ())
     lines["EHLO_TLS"] = ehlo_lines(hostname, "{}", max_message_size,
-                                   (("AUTH PLAIN LOGIN",) if auth else ()) + ("REQUIRETLS",))
+                                   ((("AUTH SCRAM-SHA-256 PLAIN LOGIN" if scram else
+                                      "AUTH PLAIN LOGIN"),) if auth else ()) + ("REQUIRETLS",))
     lines["CHUNK_OK"] = REPLIES["CHUNK_OK"].line("{}")
     settings = ServerSettings(
         hostname, lines, bare_newline=bare_newline, max_message_size=max_message_size,

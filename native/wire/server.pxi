@@ -32,7 +32,7 @@ cdef enum CommandCode:
     C_HELP = 11
     C_NOTIMPL = 12      # recognised, refused with 502
     C_STARTTLS = 13     # RFC 3207, when the listener has a certificate
-    C_AUTH = 14         # RFC 4954, PLAIN and LOGIN, over TLS only
+    C_AUTH = 14         # RFC 4954, PLAIN, LOGIN and SCRAM-SHA-256, over TLS only
 cdef dict _COMMANDS = {
     b"HELO": (C_HELO, False), b"EHLO": (C_EHLO, False),
     b"MAIL": (C_MAIL, False), b"RCPT": (C_RCPT, False),
@@ -138,7 +138,8 @@ cdef class ServerCore:
     cdef public object auth_tenant      # the AUTH user's tenant (copied to transactions)
     cdef public object sender_check     # None, or (MAIL FROM address) -> bool (AUTH user's domains)
     cdef readonly object auth_request   # (mechanism, [raw SASL responses]) while EV_AUTH is out
-    cdef int auth_step                  # 0, or the SASL response line awaited (1 PLAIN, 2-3 LOGIN)
+    cdef int auth_step                  # 0, or the SASL response line awaited (1 PLAIN, 2-3 LOGIN,
+                                        # 4 the next one of a multi-step mechanism: SCRAM)
     cdef int hold                       # the event ST_PENDING stands for (EV_MESSAGE by default)
     cdef readonly int state             # SessionState
     cdef bytes pending                  # unprocessed input
@@ -250,6 +251,18 @@ cdef class ServerCore:
             self._reply("AUTH_OK")
         else:
             self._error(failure)
+        return self._run()
+
+    def auth_continue(self, bytes challenge):
+        """After EV_AUTH of a multi-step mechanism (SCRAM-SHA-256): send `challenge` (base64)
+        in a 334 reply and wait for the client's next response, which comes back as
+        another EV_AUTH with auth_request's responses one longer."""
+        if self.state != ST_PENDING or self.hold != H_AUTH:
+            raise InternalError("auth_continue() without AUTH")
+        self.hold = H_MESSAGE
+        self.state = ST_READY
+        self.auth_step = 4
+        self.out += b"334 " + challenge + b"\r\n"
         return self._run()
 
     def resume(self, bytes reply):
@@ -731,6 +744,13 @@ cdef class ServerCore:
                 self.auth_request = (b"LOGIN", [])
                 self.auth_step = 2
                 self.out += b"334 VXNlcm5hbWU6\r\n"
+        elif mech == b"SCRAM-SHA-256":   # RFC 7677: the exchange is Python's (auth_continue)
+            if len(parts) == 2:
+                self._auth_ready(mech, [parts[1]])
+            else:
+                self.auth_request = (mech, [])
+                self.auth_step = 4
+                self.out += b"334 \r\n"
         else:
             self._error("AUTH_MECHANISM")
 
@@ -747,6 +767,9 @@ cdef class ServerCore:
             self.auth_request[1].append(line)
             self.auth_step = 3
             self.out += b"334 UGFzc3dvcmQ6\r\n"
+        elif step == 4:
+            self.auth_request[1].append(line)
+            self._auth_ready(self.auth_request[0], self.auth_request[1])
         else:
             self.auth_request[1].append(line)
             self._auth_ready(b"LOGIN", self.auth_request[1])
