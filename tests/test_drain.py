@@ -349,3 +349,30 @@ def test_journal_rebuilt_at_start(tmp_path):
     again.load(lambda raw: False)
     assert again.keys == j.keys
     assert len((tmp_path / JOURNAL_NAME).read_text().splitlines()) == 2
+
+
+def test_smtp_fallback_relays_with_dsn_parameters(daemon_factory):
+    """--to smtp://host:port: each message is relayed to the target's listener with its
+    DSN parameters, tombstoned on the 250; the target gives it a new id (attempts and
+    schedule are not carried: the admin API transport does that)."""
+    a = _node(daemon_factory, "127.0.123.1", "hold = true")
+    b = _node(daemon_factory, "127.0.123.2", "hold = true")
+    _send(a, 3, mail_options=["RET=FULL", "ENVID=smtp-1"],
+          rcpt_options=["NOTIFY=DELAY", "ORCPT=rfc822;first@example.test"])
+    _wait(lambda: len(a.log_records("Reception")) >= 3)
+    out = _drain("-c", str(a.config), "--to", f"smtp://127.0.0.1:{b.port}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "summary: 3 of 3 messages moved" in out.stdout, out.stdout
+    got = _wait(lambda: len(b.log_records("Reception")) >= 3 and b.log_records("Reception"))
+    assert len(got) == 3
+    sent = {r["id"] for r in a.log_records("Transfer") if r["status"] == "relayed"}
+    assert len(sent) == 3 and not sent & {r["id"] for r in got}
+    for r in got:
+        status, view = _admin(b, f"/queue/messages/{r['id']}")
+        assert status == 200, view
+        env = view["envelope"]
+        assert (env["envid"], env["ret"]) == ("smtp-1", "FULL")
+        assert env["rcpts"][0][1:] == ["DELAY", "rfc822;first@example.test"]
+        assert env["tenant"] == "acme" and env["campaign"] == "spring"
+    a.stop()
+    assert not a.spooled().messages

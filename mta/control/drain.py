@@ -27,8 +27,12 @@ was tombstoned is gone, what was sent but not tombstoned is answered "duplicate"
 target (its transfer journal) and tombstoned then. Transfers go SEND_AT_ONCE at a time;
 a transient failure (connection, 5xx) is retried with backoff RETRIES times.
 Log: a Transfer record per moved message (direction "out"); stdout: progress lines and
-a summary. SMTP as a transport (plain relay to the target's listener) is not built: it
-would lose the attempts and the schedule.
+a summary.
+SMTP fallback: `--to smtp://host:port` relays each message to the target's listener as a
+new transaction (MAIL/RCPT parameters kept where the target offers them), tombstoned on
+its 250. The target gives it a new id: attempts, schedule and age start again there, and
+nothing makes a repeat harmless (a crash between the 250 and the tombstone sends it
+twice). REQUIRETLS messages stay (use the admin API).
 """
 from __future__ import annotations
 
@@ -44,7 +48,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from mta.control.xfer import Entry, Item, XferError, pending_item, record_key, send
+from mta.control.xfer import (
+    Entry,
+    Item,
+    XferError,
+    pending_item,
+    record_key,
+    relay,
+    send,
+)
 from mta.model.log_records import RecordType
 from mta.model.queued import InsertReason
 from mta.queues.select import Selector
@@ -93,25 +105,38 @@ class Progress:
         del self.errors[:-_MAX_ERRORS]
 
 
+def _smtp_target(url: str) -> tuple[str, int] | None:
+    """(host, port) of an smtp://host[:port] target; None for the admin API's URL."""
+    if not url.startswith("smtp://"):
+        return None
+    host, _, port = url[len("smtp://"):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return url[len("smtp://"):].rstrip("/"), 25
+    return host.strip("[]"), int(port)
+
+
 async def _send_all(items, url: str, token: str, source: str, progress: Progress,
                     moved: Callable[[Item, str], Any], kept: Callable[[Item], Any]) -> None:
-    """Send every item (an async iterator or iterable), SEND_AT_ONCE at a time; `moved`
-    after a 200 (awaited when it returns an awaitable), `kept` when the item stays."""
+    """Send every item (an iterable), SEND_AT_ONCE at a time, to the admin API at `url`
+    (or relay it to smtp://host:port); `moved` after the target took it (awaited when it
+    returns an awaitable), `kept` when the item stays."""
     import aiohttp
     gate = asyncio.Semaphore(SEND_AT_ONCE)
     fatal: list[str] = []
+    loop = asyncio.get_running_loop()
+    smtp = _smtp_target(url)
 
-    async def one(session: aiohttp.ClientSession, item: Item) -> None:
+    async def one(deliver: Callable[[Item], Any], item: Item) -> None:
         try:
             delay = BACKOFF
             for attempt in range(RETRIES):
                 if fatal:
                     break
                 try:
-                    status = await send(session, url, token, item, source)
+                    status = await deliver(item)
                 except XferError as exc:
                     if not exc.retry:
-                        if " 401" in str(exc) or " 403" in str(exc):
+                        if exc.fatal:
                             fatal.append(str(exc))
                         progress.error(f"{item.raw_id.hex()}: {exc}")
                         break
@@ -122,10 +147,10 @@ async def _send_all(items, url: str, token: str, source: str, progress: Progress
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
-                if status == "stored":
-                    progress.stored += 1
-                else:
+                if status == "duplicate":
                     progress.duplicate += 1
+                else:
+                    progress.stored += 1
                 done = moved(item, status)
                 if asyncio.iscoroutine(done):
                     await done
@@ -136,6 +161,12 @@ async def _send_all(items, url: str, token: str, source: str, progress: Progress
             gate.release()
 
     async with aiohttp.ClientSession() as session:
+        if smtp is not None:
+            def deliver(item: Item):
+                return loop.run_in_executor(None, relay, *smtp, item, source)
+        else:
+            def deliver(item: Item):
+                return send(session, url, token, item, source)
         tasks = []
         for item in items:
             await gate.acquire()
@@ -144,7 +175,7 @@ async def _send_all(items, url: str, token: str, source: str, progress: Progress
                 progress.left += 1
                 kept(item)
                 continue
-            tasks.append(asyncio.ensure_future(one(session, item)))
+            tasks.append(asyncio.ensure_future(one(deliver, item)))
         await asyncio.gather(*tasks)
     if fatal:
         progress.error(f"stopped: {fatal[0]}")
@@ -177,9 +208,10 @@ class Drainer:
 
     def start(self, args: dict) -> dict:
         to, token = args.get("to"), args.get("token")
-        if not isinstance(to, str) or not to.startswith(("http://", "https://")):
-            raise ValueError("to: the target's admin API URL (http://host:port)")
-        if not isinstance(token, str) or not token:
+        if not isinstance(to, str) or not to.startswith(("http://", "https://", "smtp://")):
+            raise ValueError("to: the target's admin API URL (http://host:port), or "
+                             "smtp://host:port (relay: the schedule is lost)")
+        if not isinstance(token, str) or (not token and not to.startswith("smtp://")):
             raise ValueError("token: the target's admin token")
         if self._task is not None and not self._task.done():
             raise ValueError(f"a drain to {self.progress.target} is running")
@@ -390,6 +422,8 @@ async def drain_spool(directory: str, to: str, token: str, *, read_only: bool = 
 def _token(args: argparse.Namespace) -> str:
     from mta.control.admin import TokenError, read_token
     path = args.to_token_file
+    if path is None and _smtp_target(args.to) is not None:
+        return ""
     if path is None:
         raise SystemExit("mta drain needs --to-token-file: the target node's admin token "
                          "file (an operator token)")
@@ -481,7 +515,9 @@ def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
         "drain", help="stop this node's acceptance and move its queue to another node "
                       "(the running daemon's, or with --spool-dir a dead node's spool, offline)")
     sp.add_argument("--to", required=True, metavar="URL",
-                    help="the target node's admin API, e.g. http://10.0.0.2:8025")
+                    help="the target node's admin API, e.g. http://10.0.0.2:8025; or "
+                         "smtp://HOST:PORT to relay to its listener instead (attempts, "
+                         "schedule and age start again there; at least once, not exactly)")
     sp.add_argument("--to-token-file", metavar="FILE",
                     help="the target node's admin token file (an operator token)")
     sp.add_argument("--read-only", action="store_true",

@@ -76,11 +76,13 @@ _JOURNAL_LINE = re.compile(rb"(\d{1,12}) ([ID]) (\S{1,128})\n")
 
 
 class XferError(Exception):
-    """A transfer that did not go through; `retry`: worth sending again later."""
+    """A transfer that did not go through; `retry`: worth sending again later; `fatal`:
+    no transfer to this target can go through (a refused token): stop the drain."""
 
-    def __init__(self, text: str, retry: bool):
+    def __init__(self, text: str, retry: bool, fatal: bool = False):
         super().__init__(text)
         self.retry = retry
+        self.fatal = fatal
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ async def send(session: aiohttp.ClientSession, url: str, token: str, item: Item,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             raw = await resp.content.read(65536)
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise XferError(f"{url}: {type(exc).__name__}: {exc}", True) from None
     try:
         data = orjson.loads(raw)
@@ -160,7 +162,58 @@ async def send(session: aiohttp.ClientSession, url: str, token: str, item: Item,
         return data["status"]
     text = f"{url} answered {status}: {data.get('error') or raw[:200]!r}"
     # 401/403 (wrong token), 400 (refused payload), 413 (too big): sending again won't help
-    raise XferError(text, status >= 500 or status in (408, 429))
+    raise XferError(text, status >= 500 or status in (408, 429), status in (401, 403))
+
+
+def relay(host: str, port: int, item: Item, helo: str, timeout: float = 60.0) -> str:
+    """The SMTP fallback (blocking: run it in a thread): the message as a new transaction
+    to the target's listener, "relayed" on its 250. The envelope's MAIL and RCPT
+    parameters go along where the target offers the extension (DSN, SMTPUTF8, 8BITMIME);
+    the target gives it a new id, so its age, attempts and schedule start again, and no
+    key makes a repeat harmless: a crash between the 250 and the tombstone sends it twice.
+    REQUIRETLS messages are not relayed (their TLS promise would rest on this hop)."""
+    import smtplib
+    env = item.envelope
+    if env.requiretls:
+        raise XferError("a REQUIRETLS message moves only over the admin API", False)
+    try:
+        with smtplib.SMTP(host, port, local_hostname=helo or None, timeout=timeout) as s:
+            code, text = s.ehlo()
+            if code != 250:
+                raise XferError(f"EHLO: {code} {text!r}", code < 500)
+            opts = []
+            if env.smtputf8:
+                if not s.has_extn("smtputf8"):
+                    raise XferError("an SMTPUTF8 message, and the target offers no SMTPUTF8",
+                                    False)
+                opts.append("SMTPUTF8")
+            if env.body == "8BITMIME" and s.has_extn("8bitmime"):
+                opts.append("BODY=8BITMIME")
+            dsn = s.has_extn("dsn")
+            if dsn and env.ret:
+                opts.append(f"RET={env.ret}")
+            if dsn and env.envid:
+                opts.append(f"ENVID={env.envid}")
+            code, text = s.mail(env.sender, opts)
+            if code != 250:
+                raise XferError(f"MAIL: {code} {text!r}", code < 500)
+            for r in env.recipients:
+                ropts = []
+                if dsn and r.notify:
+                    ropts.append(f"NOTIFY={r.notify}")
+                if dsn and r.orcpt:
+                    ropts.append(f"ORCPT={r.orcpt}")
+                code, text = s.rcpt(r.address, ropts)
+                if code not in (250, 251):   # the message moves whole or not at all
+                    s.rset()
+                    raise XferError(f"RCPT {r.address}: {code} {text!r}", code < 500)
+            s.data(item.content)
+    except smtplib.SMTPResponseException as exc:
+        raise XferError(f"{host}:{port}: {exc.smtp_code} {exc.smtp_error!r}",
+                        exc.smtp_code < 500) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise XferError(f"{host}:{port}: {type(exc).__name__}: {exc}", True) from None
+    return "relayed"
 
 
 class Journal:
