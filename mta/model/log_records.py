@@ -60,13 +60,15 @@ FIELDS: dict[RecordType, tuple[str, ...]] = {
     RecordType.SUPPRESSED: ("sender", "recipient", "scope", "reason", "client_ip", "listener",
                             "time"),
     # proof: what let the report act (mta/feedback/trust.py); ignored: why it did not;
-    # kind "unparsed" (over the parser's budget) adds reason, attempts and saved_as
-    RecordType.OOB: ("id", "bounce_id", "recipient", "status", "category", "hard", "family",
-                     "reporting_mta", "kind", "verp", "verp_index", "proof", "ignored",
-                     "suppressed", "reason", "attempts", "saved_as", "time"),
-    RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "source_ip",
-                          "source", "tenant", "verp", "verp_index", "proof", "ignored",
-                          "suppressed", "time"),
+    # kind "unparsed" (over the parser's budget) adds reason, attempts and saved_as;
+    # with a [privacy] keyring, recipient_hash instead of a recipient no VERP path proves
+    # (mta/feedback/intake.py: returned mail names sealed recipients in clear)
+    RecordType.OOB: ("id", "bounce_id", "recipient", "recipient_hash", "status", "category",
+                     "hard", "family", "reporting_mta", "kind", "verp", "verp_index", "proof",
+                     "ignored", "suppressed", "reason", "attempts", "saved_as", "time"),
+    RecordType.FEEDBACK: ("id", "bounce_id", "feedback_type", "recipient", "recipient_hash",
+                          "source_ip", "source", "tenant", "verp", "verp_index", "proof",
+                          "ignored", "suppressed", "time"),
     # the suppression hash the token named (the address itself is never known), its scope
     RecordType.UNSUBSCRIBE: ("recipient_hash", "scope", "client_ip", "time"),
     RecordType.BACKOFF: ("source", "site", "code", "status", "text", "until", "time"),
