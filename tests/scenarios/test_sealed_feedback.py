@@ -23,6 +23,7 @@ from aiosmtpd.controller import Controller
 
 from peers import Receiver, _records
 from test_bounces import _arf, _dsn
+from test_webhooks import HookReceiver
 
 from mta.feedback.suppression import address_hash, hash_text, load_key
 from mta.model.sealed import Keyring
@@ -135,10 +136,19 @@ def _hash(d, address: str) -> str:
                                   address))
 
 
+@pytest.fixture
+def hook():
+    r = HookReceiver()
+    yield r
+    r.close()
+
+
 def test_oob_dsn_and_arf_about_sealed_recipients_name_the_sealed_form(daemon_factory, dns_server,
-                                                                      sinks, tmp_path):
+                                                                      sinks, tmp_path, hook):
     mx = sinks(f"{NET}.1")
-    d, _ = _daemon(daemon_factory, dns_server, tmp_path, {"k1": K1, "k2": K2})
+    d, _ = _daemon(daemon_factory, dns_server, tmp_path, {"k1": K1, "k2": K2}, extra=(
+        f'[[webhook]]\nname = "ops"\nurl = "{hook.url}"\nrecord_types = ["OOB", "Feedback", '
+        '"Delivery"]\nbatch_size = 10\nbatch_interval = "100ms"\n'))
     ring = Keyring({"k1": K1, "k2": K2})
     alice = ring.seal(f"{ALICE}@sealed.test", "k1")     # sealed under the older key
     bob = ring.seal(f"{BOB}@sealed.test", "k2")
@@ -179,6 +189,11 @@ def test_oob_dsn_and_arf_about_sealed_recipients_name_the_sealed_form(daemon_fac
 
     time.sleep(0.5)     # the last records and suppression writes reach the disk
     _assert_no_clear(_kept(d), "the log files, the suppression store or the daemon's stderr")
+    # the webhook got the same records: sealed forms and hashes only
+    got = _wait_for(lambda: [r for r in hook.records() if r["type"] == "Feedback"], "the webhook")
+    assert got[0]["recipient"] == bob
+    assert {r["recipient"] for r in hook.records() if r["type"] == "OOB"} == {alice, None}
+    _assert_no_clear(repr(hook.records()), "the webhook's batches")
 
 
 def test_http_inject_refuses_sealed_recipients_that_do_not_open_and_views_stay_sealed(
