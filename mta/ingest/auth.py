@@ -590,5 +590,6 @@ def _cmd_remove(args) -> int:
 
 def _cmd_list(args) -> int:
     for u in sorted(_load(args).users.values(), key=lambda u: u.name):
-        print(f"{u.name}\ttenant={u.tenant or '-'}\tdomains={','.join(u.domains)}")
+        old = "" if u.scram else "\tno SCRAM keys (passwd sets them)"   # an entry from before SCRAM
+        print(f"{u.name}\ttenant={u.tenant or '-'}\tdomains={','.join(u.domains)}{old}")
     return 0

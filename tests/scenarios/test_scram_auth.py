@@ -19,9 +19,12 @@ import os
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import ROOT
 from peers import _records
 from tlspki import add_user, make_certs
 
@@ -122,6 +125,15 @@ def test_old_entries_without_scram_keys_still_load(tmp_path):
     assert users["old"].scram is None and users["new"].scram is not None
     UserFile.load(path).save()          # rewriting keeps the old entry as it was
     assert "scram" not in json.loads(path.read_text())["users"]["old"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    listed = subprocess.run([sys.executable, "-m", "mta", "user", "--file", str(path), "list"],
+                            capture_output=True, text=True, env=env, timeout=60).stdout
+    assert listed.splitlines() == ["new\ttenant=t\tdomains=*",
+                                   "old\ttenant=t\tdomains=*\tno SCRAM keys (passwd sets them)"]
+    r = subprocess.run([sys.executable, "-m", "mta", "user", "--file", str(path), "passwd", "old"],
+                       input=b"secret\n", capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert UserFile.load(path).users["old"].scram is not None
 
 
 # -- a real daemon ---------------------------------------------------------------------
