@@ -376,3 +376,12 @@ def test_smtp_fallback_relays_with_dsn_parameters(daemon_factory):
         assert env["tenant"] == "acme" and env["campaign"] == "spring"
     a.stop()
     assert not a.spooled().messages
+
+
+def test_offline_drain_refuses_a_live_spool(daemon_factory):
+    """`mta drain --spool-dir` on the spool of a daemon that runs refuses (two writers
+    on one spool would lose mail)."""
+    a = daemon_factory()
+    out = _drain("--spool-dir", str(a.spool_dir), "--to", "smtp://127.0.0.1:9")
+    assert out.returncode == 1
+    assert f"process {a.proc.pid} has" in out.stderr, out.stderr

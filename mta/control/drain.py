@@ -17,7 +17,8 @@ Two ways, one transport (POST /xfer on the target's admin API, mta/control/xfer.
   stays drained until it is restarted.
 - after a node died: `mta drain --spool-dir DEAD --to URL --to-token-file F` reads a spool
   directory offline (mounted or copied; no daemon may run on it) through the spool's own
-  recovery (Spool.open: the start-up scan, Corrupt records quarantined as at start) and
+  recovery (Spool.open: the start-up scan, Corrupt records quarantined as at start; a
+  process of this host holding a file of it open is refused, see spool_user) and
   sends every live message the same way, tombstoning each in that spool after its 200, so
   starting a daemon on it later does not deliver them again. With --read-only (or on a
   read-only mount) nothing is written there: the scan quarantines into a temporary
@@ -368,6 +369,32 @@ def _read_record(directory: str, loc: Location) -> bytes:
     return buf[content_at:]
 
 
+def spool_user(directory: str) -> int | None:
+    """The pid of another process on this host with `directory` or a file in it open (a
+    daemon running on the spool: its writer keeps the directory open), else None. Linux /proc; a spool mounted from a dead
+    machine has none here."""
+    top = os.path.realpath(directory)
+    root = top + os.sep
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:          # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target == top or target.startswith(root):   # the writer holds the directory
+                return pid
+    return None
+
+
 async def drain_spool(directory: str, to: str, token: str, *, read_only: bool = False,
                       source: str = "", report: Callable[[Progress], None] | None = None,
                       logs: Any = None) -> Progress:
@@ -466,6 +493,12 @@ def _summary(p: Progress) -> int:
 def _cmd_drain(args: argparse.Namespace) -> int:
     token = _token(args)
     if args.spool_dir:
+        pid = spool_user(str(args.spool_dir))
+        if pid is not None:
+            print(f"mta drain: process {pid} has {args.spool_dir} open (a daemon running on "
+                  "it?): stop it first, or drain it live with `mta drain -c ITS_CONFIG`",
+                  file=sys.stderr)
+            return 1
         last = [0.0]
 
         def report(p: Progress) -> None:

@@ -162,7 +162,9 @@ async def send(session: aiohttp.ClientSession, url: str, token: str, item: Item,
         return data["status"]
     text = f"{url} answered {status}: {data.get('error') or raw[:200]!r}"
     # 401/403 (wrong token), 400 (refused payload), 413 (too big): sending again won't help
-    raise XferError(text, status >= 500 or status in (408, 429), status in (401, 403))
+    # a target that drains itself takes nothing more: stop rather than retry each message
+    fatal = status in (401, 403) or data.get("draining") is True
+    raise XferError(text, not fatal and (status >= 500 or status in (408, 429)), fatal)
 
 
 def relay(host: str, port: int, item: Item, helo: str, timeout: float = 60.0) -> str:
@@ -388,7 +390,8 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         srv = self.server
         if srv.draining:
-            return _answer(503, error="this node is draining: it takes no transfers")
+            return _answer(503, error="this node is draining: it takes no transfers",
+                           draining=True)
         try:
             body = await self._read(request)
         except web.HTTPRequestEntityTooLarge:
