@@ -136,6 +136,48 @@ def test_old_entries_without_scram_keys_still_load(tmp_path):
     assert UserFile.load(path).users["old"].scram is not None
 
 
+# -- the native core's side: each SCRAM response goes up, each challenge comes down -----
+
+def test_native_core_scram_steps():
+    from mta._native.wire import EV_AUTH, EV_NONE, ServerCore
+    from mta.ingest.settings import server_settings
+    core = ServerCore(server_settings("mx.test.example", "ESMTP", starttls=True, auth=True,
+                                      scram=True), False)
+    core.greeting()
+    out, _ = core.feed(b"EHLO c.example\r\nAUTH SCRAM-SHA-256\r\n")
+    assert out.endswith(b"538 5.7.11 Encryption required for requested authentication "
+                        b"mechanism\r\n")
+    core.feed(b"STARTTLS\r\n")
+    core.tls_started()
+    out, _ = core.feed(b"EHLO c.example\r\n")
+    assert b"AUTH SCRAM-SHA-256 PLAIN LOGIN" in out
+    with pytest.raises(Exception):
+        core.auth_continue(b"x")             # no AUTH under way
+    out, ev = core.feed(b"AUTH SCRAM-SHA-256\r\n")
+    assert (out, ev) == (b"334 \r\n", EV_NONE)
+    out, ev = core.feed(b"Zmlyc3Q=\r\n")
+    assert ev == EV_AUTH and core.auth_request == (b"SCRAM-SHA-256", [b"Zmlyc3Q="])
+    out, ev = core.auth_continue(b"c2VydmVy")
+    assert (out, ev) == (b"334 c2VydmVy\r\n", EV_NONE)
+    out, ev = core.feed(b"ZmluYWw=\r\n")
+    assert ev == EV_AUTH and core.auth_request[1] == [b"Zmlyc3Q=", b"ZmluYWw="]
+    core.auth_continue(b"dj1zaWc=")
+    out, ev = core.feed(b"\r\n")
+    assert ev == EV_AUTH and core.auth_request[1] == [b"Zmlyc3Q=", b"ZmluYWw=", b""]
+    out, ev = core.auth_done(True, "", "t", None)
+    assert out.startswith(b"235 2.7.0")
+    # cancel with "*" inside an exchange: 501
+    core2 = ServerCore(server_settings("mx.test.example", "ESMTP", starttls=True, auth=True), False)
+    core2.greeting()
+    core2.feed(b"EHLO c.example\r\nSTARTTLS\r\n")
+    core2.tls_started()
+    core2.feed(b"EHLO c.example\r\n")
+    core2.feed(b"AUTH SCRAM-SHA-256 Zmlyc3Q=\r\n")
+    core2.auth_continue(b"c2VydmVy")
+    out, _ = core2.feed(b"*\r\n")
+    assert out.startswith(b"501 5.0.0")
+
+
 # -- a real daemon ---------------------------------------------------------------------
 
 def _free_port(addr: str) -> int:
