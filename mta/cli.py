@@ -1,9 +1,10 @@
-"""The `mta` command: serve, check-config, config show, spool, queue, suspend/resume,
-shaping, dkim, bounce parse, suppress.
+"""The `mta` command: serve, workers, check-config, config show, spool, queue,
+suspend/resume, shaping, dkim, bounce parse, suppress.
 
 Conventions every subcommand follows:
 - the common options (-c/--config and the overrides --listen, --spool-dir, --smarthost,
-  --dns, --admin, --hold) go anywhere on the line, before or after the subcommand;
+  --dns, --admin, --hold, and --worker I: with [server] workers > 1, worker I's admin API
+  and spool shard) go anywhere on the line, before or after the subcommand;
 - a user error (bad arguments, a bad config, a file that cannot be read, a daemon that
   does not answer) is one line on stderr and an exit status, never a traceback; a
   subcommand's own argument check raises SystemExit("text"), which exits 2 (usage);
@@ -28,7 +29,7 @@ _OVERRIDES = ("listen", "spool_dir", "smarthost", "dns", "admin", "hold")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PIPE = 0, 1, 2, 3, 141
 EPILOG = """\
 common options (-c/--config FILE and the overrides --listen, --spool-dir, --smarthost,
---dns, --admin, --hold) may be given before or after the subcommand.
+--dns, --admin, --hold, --worker) may be given before or after the subcommand.
 
 exit status:
   0    success
@@ -57,8 +58,18 @@ def version() -> str:
 
 
 def _config(args: argparse.Namespace):
-    return load_config(getattr(args, "config", None),
-                       {k: getattr(args, k, None) for k in _OVERRIDES})
+    config = load_config(getattr(args, "config", None),
+                         {k: getattr(args, k, None) for k in _OVERRIDES})
+    worker = getattr(args, "worker", None)
+    if worker is not None and args.command != "serve":   # --worker I: that worker's admin
+        from mta.supervisor import slot_of, worker_config   # API and spool shard
+        try:
+            slot = slot_of(f"{worker}/{config.server.workers}", config)
+        except ValueError as exc:
+            raise SystemExit(f"mta --worker {worker}: {exc} ([server] workers = "
+                             f"{config.server.workers})") from None
+        config = worker_config(config, slot)
+    return config
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -163,7 +174,9 @@ def _add_common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
             (("--dns",), dict(metavar="IP:PORT", help="the DNS server to ask (dns.nameservers)")),
             (("--admin",), dict(metavar="HOST:PORT", help="admin API address (\"\" disables)")),
             (("--hold",), dict(action="store_true", help="accept and queue but deliver nothing "
-                               "(delivery.hold)"))]
+                               "(delivery.hold)")),
+            (("--worker",), dict(metavar="I", type=int, help="with [server] workers > 1: "
+                                 "worker process I's admin API and spool shard (default 0)"))]
     group = p.add_argument_group("common options (anywhere on the line)")
     for flags, kw in opts:
         if any(f in taken for f in flags):

@@ -38,6 +38,7 @@ from mta.egress.shaping import Shaping, ShapingError
 from mta.ingest.listener import listener_security
 from mta.server import build_delivery, build_feedback, signing_domains, unsubscribe_tls, webhooks
 from mta.spool import Spool
+from mta.supervisor import config_problems
 
 
 @dataclass
@@ -93,6 +94,8 @@ def check(config: Config, nofile: int | None = None) -> Report:
             report.errors.append(f"{where}: [admin] token_file: {exc}")
     for problem in _listening_problems(config):
         report.errors.append(f"{where}: {problem}")
+    if config.server.workers > 1:     # what worker processes cannot run with
+        report.errors.extend(f"{where}: {problem}" for problem in config_problems(config))
     for problem in _directory_problems(config):
         warn(problem)
     for problem in _source_problems(config):

@@ -4,8 +4,8 @@ The supervisor runs no mail itself. It executes a fresh interpreter per worker (
 `mta` command line plus `--worker I/N`; never a fork of a running event loop), and each
 worker is a whole daemon (`Server(config, worker=WorkerSlot(I, N, node))` on uvloop, see
 daemon.py) with, from `worker_config`:
-- its own listener sockets on the configured addresses (SO_REUSEPORT: the kernel spreads
-  connections over the workers), so listeners need fixed ports (port 0 is refused);
+- its own listener sockets on the configured addresses and ports (SO_REUSEPORT: the kernel
+  spreads connections over the workers);
 - its own spool directory `<spool directory>/wI`: a worker that dies loses nothing, its
   restart recovers that shard (its operator state, adaptive and warm-up state too);
 - its own log file `<log directory>/mta.wI.jsonl` (grep `mta.w*.jsonl`), and its stderr
@@ -86,9 +86,7 @@ def worker_config(config: Config, slot: WorkerSlot) -> Config:
 def config_problems(config: Config) -> list[str]:
     """What workers = N cannot run with."""
     n = config.server.workers
-    problems = [f"listener[{i}] port 0: with [server] workers = {n} every worker must bind "
-                f"the same port; give a fixed port" for i, lst in enumerate(config.listener)
-                if lst.port == 0]
+    problems = []
     listen = config.admin.listen
     if listen is not None and listen[1] and listen[1] + n - 1 > 65535:
         problems.append(f"[admin] listen port {listen[1]} + {n - 1} workers is above 65535")

@@ -95,7 +95,8 @@ class ServerConfig:
                        "has its own listener sockets on the same addresses (SO_REUSEPORT), its "
                        "own spool directory <spool directory>/wN, log file mta.wN.jsonl and "
                        "admin API port (admin.listen port + N); 1 runs one process without a "
-                       "supervisor; limits are held per worker until shared limits exist",
+                       "supervisor; delivery limits are held by each worker alone unless "
+                       "[cluster] backend shares them",
                        restart=True)
     node: str = key(OPTIONAL_HOSTNAME, "", "this node's name in a cluster (logs, the admin "
                     "API, shared limit keys); \"\": the host name", restart=True)

@@ -499,7 +499,7 @@ SCHEDULE = ValueType("schedule", _parse_schedule, "an array of daily message cou
 VALUE_TYPES = (CHOICE, TEXT, HOSTNAME, OPTIONAL_HOSTNAME, HEADER_NAME, INT, BOOL, SIZE,
                DURATION, PATH, OPTIONAL_PATH, IP_ADDRESS, CIDR_LIST, HOSTPORT, HOSTPORT_LIST, ROUTES, HEADER_LIST, TEXT_LIST, SELECTOR,
                NAME, OPTIONAL_NAME, WEIGHTED, PATH_LIST, RATE, PERCENT, START_TIME,
-               SCHEDULE)
+               SCHEDULE, WORKERS)
 
 
 def _parse_limit(value: object, base: Path) -> int | None:

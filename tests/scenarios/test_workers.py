@@ -181,9 +181,14 @@ def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
     assert len(loader.accepted) == 300 and loader.failed == 0
     got = sink.wait_for(loader.accepted)
     assert sorted(got) == sorted(loader.accepted)      # every message once
-    received = [len(_records(d, i, "Reception")) for i in (0, 1)]
+    deadline = time.monotonic() + 20   # the log writers flush every 0.2 s
+    while time.monotonic() < deadline:
+        received = [len(_records(d, i, "Reception")) for i in (0, 1)]
+        delivered = [len(_records(d, i, "Delivery")) for i in (0, 1)]
+        if sum(received) == sum(delivered) == 300:
+            break
+        time.sleep(0.1)
     assert sum(received) == 300 and min(received) > 0, received   # both workers accepted
-    delivered = [len(_records(d, i, "Delivery")) for i in (0, 1)]
     assert delivered == received     # each worker delivers what it spooled
     assert (d.spool_dir / "w0").is_dir() and (d.spool_dir / "w1").is_dir()
     # `mta workers`: each worker's pid and its admin API's /ready
@@ -194,6 +199,16 @@ def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
     report = orjson.loads(out.stdout)
     assert [w["ready"] for w in report["workers"]] == ["ready", "ready"]
     assert [w["pid"] for w in report["workers"]] == pids
+    # --worker I: that worker's admin API (admin.listen port + I)
+    for i in (0, 1):
+        out = subprocess.run([sys.executable, "-m", "mta", "queue", "count", "--worker", str(i),
+                              "-c", str(d.config)], capture_output=True, cwd=d.workdir,
+                             timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert out.returncode == 0 and out.stdout.split()[-1] == b"0", out
+    out = subprocess.run([sys.executable, "-m", "mta", "queue", "count", "--worker", "2",
+                          "-c", str(d.config)], capture_output=True, cwd=d.workdir,
+                         timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2 and b"outside 0..1" in out.stderr, out
     assert d.stop() == 0
 
 
