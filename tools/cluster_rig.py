@@ -109,7 +109,8 @@ class Node:
     """One `mta serve` (a supervisor with `workers` worker processes when more than 1)."""
 
     def __init__(self, workdir: Path, index: int, *, workers: int, redis_url: str,
-                 sink: tuple[str, int], shaping: Path, lease_ttl: str, extra: str = "") -> None:
+                 sink: tuple[str, int], shaping: Path, lease_ttl: str, extra: str = "",
+                 backend: str = "redis") -> None:
         self.index = index
         self.name = f"n{index}"
         self.workdir = workdir
@@ -147,7 +148,7 @@ shaping = ["{shaping}"]
 name = "{self.name}"
 address = "{source_ip(index)}"
 [cluster]
-backend = "redis"
+backend = "{backend}"
 redis_url = "{redis_url}"
 lease_ttl = "{lease_ttl}"
 {extra}
@@ -208,7 +209,8 @@ lease_ttl = "{lease_ttl}"
 class ClusterRig:
     def __init__(self, workdir: Path, *, nodes: int = 3, workers: int = 1,
                  connections: int = 6, rate: str = "100/s", delay_ms: float = 0,
-                 lease_ttl: str = "3s", max_deliveries: int = 100, extra: str = "") -> None:
+                 lease_ttl: str = "3s", max_deliveries: int = 100, extra: str = "",
+                 backend: str = "redis") -> None:
         if not 1 <= nodes <= 254:
             raise ValueError("nodes: 1..254")
         self.workdir = workdir
@@ -226,7 +228,9 @@ max_deliveries_per_connection = {max_deliveries}
 """)
         self.nodes = [Node(workdir / f"n{i}", i, workers=workers, redis_url=self.redis.url,
                            sink=(SINK_IP, self.sink_port), shaping=self.shaping,
-                           lease_ttl=lease_ttl, extra=extra) for i in range(1, nodes + 1)]
+                           lease_ttl=lease_ttl, extra=extra, backend=backend)
+                      for i in range(1, nodes + 1)]
+        self.backend = backend
 
     @property
     def site(self) -> str:
@@ -235,7 +239,8 @@ max_deliveries_per_connection = {max_deliveries}
 
     def start(self) -> ClusterRig:
         try:
-            self.redis.start()
+            if self.backend == "redis":
+                self.redis.start()
             self.start_sink()
             for n in self.nodes:
                 n.start()
@@ -300,9 +305,11 @@ def main() -> int:
     ap.add_argument("--rate", default="100/s", help="site_max_message_rate")
     ap.add_argument("--delay-ms", type=float, default=0, help="the sink's delay per message")
     ap.add_argument("--lease-ttl", default="3s")
+    ap.add_argument("--backend", default="redis", choices=("redis", "host", "local"),
+                    help="[cluster] backend of every node (host: for --nodes 1 with workers)")
     a = ap.parse_args()
     rig = ClusterRig(Path(a.dir), nodes=a.nodes, workers=a.workers, connections=a.connections,
-                     rate=a.rate, delay_ms=a.delay_ms, lease_ttl=a.lease_ttl)
+                     rate=a.rate, delay_ms=a.delay_ms, lease_ttl=a.lease_ttl, backend=a.backend)
     rig.start()
     print(json.dumps({"redis": rig.redis.url, "sink": f"{SINK_IP}:{rig.sink_port}",
                       "site": rig.site, "sink_stats": str(rig.sink_stats_file),

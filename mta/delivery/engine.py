@@ -109,6 +109,10 @@ class DeliveryEngine:
             spool_root = spool_root.parent
         self.shared = open_shared(config.cluster, worker, spool_root)
         self.cluster = ClusterLimits(self.shared) if self.shared is not None else None
+        if self.shared is None and worker.count > 1 and worker.index == 0:
+            log.warning("%d workers with [cluster] backend = \"local\": each worker holds "
+                        "every connection limit and rate on its own (backend = \"host\" "
+                        "shares them)", worker.count)
         assert self.egress.default_pool is not None
         self.scheduler = Scheduler(route=self.route, outlet_for=self.dispatcher_for,
                                    on_route_failure=self._route_failure, hold=d.hold,
