@@ -9,8 +9,10 @@ engine makes none of this: dispatchers keep `cluster = None` and their own throt
 
 Keys: "conn:SOURCE|SITE" (connection_limit per path), "conn:site:SITE"
 (site_connection_limit, or connection_limit with scope = "site"), "rate:SOURCE|SITE",
-"crate:SOURCE|SITE", "rate:site:SITE". Sources are named alike on every node when they
-are the same IP; a site is named by its MX hosts, the same everywhere.
+"crate:SOURCE|SITE", "rate:site:SITE". SOURCE is the source's IP address (what a
+provider counts; source names may repeat across nodes for different IPs), or
+"NODE/default" for a source without one (the host's own address choice); a site is
+named by its MX hosts, the same on every node.
 
 A connection takes one lease on its path and site keys before it connects; when the
 store refuses (the cluster is at a limit), the dispatcher opens nothing for RETRY seconds
@@ -30,17 +32,20 @@ if TYPE_CHECKING:
 RETRY = (0.1, 0.3)     # seconds before a refused path asks the store again
 
 
+def path_of(store: SharedLimits, d: Dispatcher) -> str:
+    """The (source, site) part of a dispatcher's keys."""
+    return f"{d.source.address or store.node + '/' + d.source.name}|{d.site.name}"
+
+
 class PathLeases:
     """What one dispatcher asks the store for: a lease per connection."""
 
-    __slots__ = ("d", "path_key", "retry_at", "site_key", "store")
+    __slots__ = ("d", "retry_at", "store")
 
     def __init__(self, store: SharedLimits, d: Dispatcher) -> None:
         self.store = store
         self.d = d
         self.retry_at = 0.0
-        self.path_key = f"conn:{d.source.name}|{d.site.name}"
-        self.site_key = f"conn:site:{d.site.name}"
 
     def held(self) -> bool:
         """The store refused a moment ago: open nothing until the retry timer (set again
@@ -55,10 +60,11 @@ class PathLeases:
 
     async def acquire(self) -> Lease | None:
         d = self.d
-        keys = [(self.path_key, d.limits.connection_limit)]
+        # named now: a reload may have given the source another address
+        keys = [(f"conn:{path_of(self.store, d)}", d.limits.connection_limit)]
         site_limit = d.site_state.connection_limit
         if site_limit is not None:
-            keys.append((self.site_key, site_limit))
+            keys.append((f"conn:site:{d.site.name}", site_limit))
         lease = await self.store.acquire(keys)
         if lease is None:
             wait = random.uniform(*RETRY)
@@ -81,7 +87,7 @@ class ClusterLimits:
 
     def shape(self, d: Dispatcher) -> None:
         """Throttles made (or retuned) by the dispatcher and the engine become the store's."""
-        path = f"{d.source.name}|{d.site.name}"
+        path = path_of(self.store, d)
         d.msg_throttle = self._shared(d.msg_throttle, f"rate:{path}")
         d.conn_throttle = self._shared(d.conn_throttle, f"crate:{path}")
         st = d.site_state

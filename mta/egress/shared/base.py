@@ -108,6 +108,7 @@ class SharedLimits:
     def __init__(self, *, member: str, fallback_fraction: float = 0.5,
                  rate_batch: float = 0.05) -> None:
         self.member = member              # "node/wN": this process, in lease members
+        self.node = member.rsplit("/", 1)[0]
         self.fallback_fraction = fallback_fraction
         self.rate_batch = rate_batch
         self._seq = 0
