@@ -189,3 +189,54 @@ def test_local_backend_builds_nothing(tmp_path):
     cfg = parse_config("")
     assert cfg.cluster.backend == "local"
     assert open_shared(cfg.cluster, WorkerSlot(), Path(tmp_path)) is None
+
+
+def test_two_engines_share_a_site_through_the_host_table(monkeypatch, tmp_path):
+    """The delivery seam on virtual time: two DeliveryEngines as workers 0 and 1 of one
+    node, backend host: the site's 3 connections and 2/s hold for both together; a worker
+    refused a lease looks again and ramps up when the other's connections close."""
+    from delivery_fakes import FakeSpool, Net, make_id
+    from virtual_time import VirtualLoop
+
+    import mta.delivery.dispatcher as dispatcher_module
+    from mta.delivery.engine import DeliveryEngine
+
+    loop = VirtualLoop()
+    (tmp_path / "shaping.toml").write_text(
+        '["default"]\nsite_connection_limit = 3\nsite_max_message_rate = "2/s"\n'
+        'max_deliveries_per_connection = 4\n')
+    config = parse_config(
+        f'[server]\nhostname = "mx.test"\n[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+        f'[egress]\nshaping = ["{tmp_path / "shaping.toml"}"]\n'
+        f'[delivery]\nroutes = {{"example.test" = "127.0.0.1:2525"}}\n'
+        f'[cluster]\nbackend = "host"\n')
+    net = Net(loop, send_time=0.2)
+    monkeypatch.setattr(dispatcher_module, "SmtpClient", net.client())
+    engines = []
+    for i in range(2):
+        spool = FakeSpool()
+        e = DeliveryEngine(config, spool, None, lambda s, r, c: None, clock=loop.clock,
+                           worker=WorkerSlot(i, 2, "n1"))
+        e.shared.clock = loop.time          # the table's GCRA on virtual time too
+        e.start(loop)
+        engines.append((e, spool))
+    assert (tmp_path / "spool" / "shared-limits").exists()
+    for e, spool in engines:
+        for _ in range(20):
+            msg_id = make_id(loop.clock())
+            e.submit(msg_id, spool.add(msg_id, "a@x.test", ["user@example.test"]))
+    loop.run(asyncio.sleep(60))
+    times = sorted(t for _, _, t in net.sends)
+    assert len(times) == 40
+    assert net.peak <= 3
+    # GCRA: at most the burst (2) plus 2/s over any window
+    for i, t in enumerate(times):
+        assert sum(1 for u in times[i:] if u < t + 5) <= 2 + 2 * 5
+    assert times[-1] - times[0] >= (40 - 2) / 2 - 1
+    for e, _ in engines:
+        loop.run(e.stop())
+    while pending := asyncio.all_tasks(loop):
+        for t in pending:
+            t.cancel()
+        loop.run(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
