@@ -21,8 +21,9 @@ of its file has the keys (it accepts the mechanism either way). The exchange
 only equal to the user), server-first (our nonce, the salt, the iterations), client-final
 (the proof), then the server signature in a 334 challenge answered by an empty line
 (RFC 4954 has no success data in 235), then 235. An unknown user gets a salt derived from
-a per-process secret and fails at the proof, like a wrong password. Passwords are used
-as UTF-8 bytes without SASLprep (the same for ASCII passwords).
+a per-process secret and fails at the proof, like a wrong password. The stored keys are
+derived from the SASLprep form of the password (RFC 4013, `saslprep`), as clients derive
+theirs; a password SASLprep refuses (control characters, for one) gets no SCRAM keys.
 
 Each user is bound to a tenant (an authenticated message's envelope tenant, whatever
 its X-Tenant header says) and to the domains its MAIL FROM may use (others: 550 5.7.1;
@@ -97,6 +98,28 @@ def verify_password(password: bytes, encoded: str) -> bool:
     got = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=len(key),
                          maxmem=256 * n * r + (1 << 20))
     return hmac.compare_digest(got, key)
+
+
+def saslprep(text: str) -> str:
+    """RFC 4013 SASLprep of a stored string (unassigned code points refused); ValueError
+    when it is refused."""
+    import stringprep
+    import unicodedata
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text
+                     if not stringprep.in_table_b1(c))
+    out = unicodedata.normalize("NFKC", mapped)
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+                  stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+                  stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+                  stringprep.in_table_a1)
+    for c in out:
+        if any(t(c) for t in prohibited):
+            raise ValueError(f"SASLprep refuses the character U+{ord(c):04X}")
+    if any(stringprep.in_table_d1(c) for c in out):      # RFC 3454 6: bidirectional text
+        if any(stringprep.in_table_d2(c) for c in out) or not (
+                stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
+            raise ValueError("SASLprep refuses this mix of right-to-left and left-to-right text")
+    return out
 
 
 def scram_keys(password: bytes, salt: bytes | None = None,
@@ -231,8 +254,12 @@ class UserFile:
     def set(self, name: str, password: bytes, tenant: str | None, domains: list[str]) -> User:
         if not password or len(password) > MAX_PASSWORD:
             raise AuthError(f"a password must have 1 to {MAX_PASSWORD} bytes")
+        try:
+            scram = scram_keys(saslprep(password.decode("utf-8")).encode("utf-8"))
+        except (UnicodeDecodeError, ValueError):   # a SCRAM client could not use it either
+            scram = None
         user = User(check_name(name), hash_password(password), tenant or None, check_domains(domains),
-                    scram_keys(password))
+                    scram)
         self.users[name] = user
         return user
 

@@ -28,7 +28,7 @@ from conftest import ROOT
 from peers import _records
 from tlspki import add_user, make_certs
 
-from mta.ingest.auth import ScramServer, User, UserFile, parse_scram, scram_keys
+from mta.ingest.auth import ScramServer, User, UserFile, parse_scram, saslprep, scram_keys
 
 ADDR = "127.0.136.1"
 CLIENT = "127.0.136.5"      # outside relay_cidrs: relaying needs AUTH
@@ -109,6 +109,22 @@ def test_rfc7677_vectors_client_and_server():
     assert sa.split(b",")[1:] == sb.split(b",")[1:]
     assert a.final(b"c=biws,r=" + sa.split(b",")[0][2:] + b",p=" + base64.b64encode(bytes(32))) \
         == (None, None)
+
+
+def test_saslprep_rfc4013_examples_and_stored_keys(tmp_path):
+    assert [saslprep(x) for x in ("I\u00adX", "user", "USER", "\u00aa", "\u2168")] == [
+        "IX", "user", "USER", "a", "IX"]
+    for bad in ("\u0007", "\u0627\u0031"):
+        with pytest.raises(ValueError):
+            saslprep(bad)
+    f = UserFile(tmp_path / "u.json")
+    user = f.set("soft", "I\u00adX".encode(), None, ["*"])       # a soft hyphen maps to nothing
+    i, salt, _, _ = parse_scram(user.scram)
+    assert user.scram == scram_keys(b"IX", salt, i)
+    server, client = ScramServer(), ScramClient("soft", b"IX")
+    got_user, final = server.final(client.final(server.first(client.first(), f.users, b"k" * 32)))
+    assert got_user is user and client.check(final)
+    assert f.set("bell", b"ring\x07", None, ["*"]).scram is None   # PLAIN only
 
 
 def test_old_entries_without_scram_keys_still_load(tmp_path):
