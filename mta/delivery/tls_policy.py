@@ -417,13 +417,19 @@ class TlsPolicy:
         return p
 
     async def _lookup(self, domain: str) -> DomainPolicy:
-        now = self.clock()
-        old = self._cache.get(domain)
-        p = DomainPolicy(domain, checked=now)
-        if self.dane:
+        p = DomainPolicy(domain, checked=self.clock())
+        if self.dane and self.mta_sts:     # the MX (DNSSEC) and TXT queries side by side
+            await asyncio.gather(self._secure_mx(p), self._sts(p))
+        elif self.dane:
             await self._secure_mx(p)
-        if not self.mta_sts:
-            return p
+        elif self.mta_sts:
+            await self._sts(p)
+        return p
+
+    async def _sts(self, p: DomainPolicy) -> None:
+        """The domain's MTA-STS policy into `p` (a cached one kept on trouble, RFC 8461 5.1)."""
+        domain, now = p.domain, p.checked
+        old = self._cache.get(domain)
         assert self.dns is not None
         try:
             records, _ = await self.dns.txt(f"_mta-sts.{domain}")
@@ -432,15 +438,15 @@ class TlsPolicy:
             if old is not None and old.sts is not None and old.sts.expires > now:
                 p.sts = old.sts
             p.sts_error = f"TXT lookup: {exc.text}"
-            return p
+            return
         pid = parse_sts_txt(records)
         if pid is None:
             if old is not None and old.sts is not None and old.sts.expires > now:
                 p.sts = old.sts          # RFC 8461 5.1: a removed record does not end a policy
-            return p
+            return
         if old is not None and old.sts is not None and old.sts.id == pid and old.sts.expires > now:
             p.sts = old.sts
-            return p
+            return
         try:
             p.sts = parse_sts_policy(await self._fetch(domain), pid, now)
             log.info("MTA-STS policy for %s: mode %s, mx %s, max_age %d", domain,
@@ -451,7 +457,6 @@ class TlsPolicy:
             log.warning("MTA-STS policy of %s unusable: %s", domain, p.sts_error)
             if old is not None and old.sts is not None and old.sts.expires > now:
                 p.sts = old.sts
-        return p
 
     async def _secure_mx(self, p: DomainPolicy) -> None:
         """RFC 7672 2.2.1: DANE applies only to the MX hosts of a secure MX RRset. The site
