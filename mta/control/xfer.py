@@ -167,7 +167,7 @@ async def send(session: aiohttp.ClientSession, url: str, token: str, item: Item,
     raise XferError(text, not fatal and (status >= 500 or status in (408, 429)), fatal)
 
 
-def relay(host: str, port: int, item: Item, helo: str, timeout: float = 60.0) -> str:
+def relay(host: str, port: int, item: Item, helo: str | None, timeout: float = 60.0) -> str:
     """The SMTP fallback (blocking: run it in a thread): the message as a new transaction
     to the target's listener, "relayed" on its 250. The envelope's MAIL and RCPT
     parameters go along where the target offers the extension (DSN, SMTPUTF8, 8BITMIME);
@@ -179,7 +179,9 @@ def relay(host: str, port: int, item: Item, helo: str, timeout: float = 60.0) ->
     if env.requiretls:
         raise XferError("a REQUIRETLS message moves only over the admin API", False)
     try:
-        with smtplib.SMTP(host, port, local_hostname=helo or None, timeout=timeout) as s:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", helo or ""):
+            helo = None     # e.g. an offline drain's "spool:/path": smtplib's FQDN instead
+        with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout) as s:
             code, text = s.ehlo()
             if code != 250:
                 raise XferError(f"EHLO: {code} {text!r}", code < 500)
