@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Sink:
-    """aiosmtpd handler: defers every RCPT (`defer`), or takes every message."""
+    """aiosmtpd handler: defers every RCPT but those whose local part starts with "ok"
+    (`defer`), or takes every message."""
 
     def __init__(self, defer: bool):
         self.defer = defer
@@ -37,7 +38,7 @@ class Sink:
         self.lock = threading.Lock()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.defer:
+        if self.defer and not address.startswith("ok"):
             return "451 4.7.1 come back later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -150,24 +151,29 @@ def test_live_drain_moves_envelope_and_schedule(daemon_factory, sinks):
     _send(a, 5, mail_options=["RET=HDRS", "ENVID=env-1"],
           rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig@example.test"])
     _send(a, 1, start=5, rcpts=["one@example.test", "two@other.test"])
-    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 7
-                     and a.log_records("TransientFailure"))
+    # delivered to one recipient by A, deferred for the other: only the other moves
+    _send(a, 1, start=6, rcpts=["ok@example.test", "later@example.test"])
+    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 8
+                     and a.log_records("Delivery") and a.log_records("TransientFailure"))
     ids = sorted({r["id"] for r in deferred})
-    assert len(ids) == 6
+    assert len(ids) == 7
     before = {i: _admin(a, f"/queue/messages/{i}")[1] for i in ids}
-    assert all(r["attempts"] == 1 and r["next_retry"] for v in before.values()
-               for r in v["recipients"])
+    pending = {i: [r for r in v["recipients"] if r["state"] == "pending"]
+               for i, v in before.items()}
+    assert sum(len(rows) for rows in pending.values()) == 8
+    assert all(r["attempts"] == 1 and r["next_retry"] for rows in pending.values()
+               for r in rows)
 
     out = _drain("-c", str(a.config), "--to", _url(b), "--to-token-file", _token_file(b))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "summary: 6 of 6 messages moved" in out.stdout, out.stdout
+    assert "summary: 7 of 7 messages moved" in out.stdout, out.stdout
 
     # A: drained, refuses mail, its spool holds nothing live
     with pytest.raises(smtplib.SMTPException):
         _send(a, 1, start=50)
     assert _admin(a, "/inject", {"from": "a@origin.test", "recipients": ["x@example.test"],
                                  "raw": "Subject: x\r\n\r\nx\r\n"})[0] == 503
-    assert _wait(lambda: len(a.log_records("Transfer")) == 6)
+    assert _wait(lambda: len(a.log_records("Transfer")) == 7)
     assert {r["id"] for r in a.log_records("Transfer")} == set(ids)
 
     # B: the same ids, envelopes and schedules
@@ -176,10 +182,12 @@ def test_live_drain_moves_envelope_and_schedule(daemon_factory, sinks):
         assert status == 200, view
         old = before[i]
         assert view["envelope"]["sender"] == old["envelope"]["sender"]
-        assert view["envelope"]["rcpts"] == old["envelope"]["rcpts"]
+        assert view["envelope"]["rcpts"] == [old["envelope"]["rcpts"][r["index"]]
+                                             for r in pending[i]]
         for k in ("envid", "ret", "tenant", "campaign", "smtputf8", "received", "client_ip"):
             assert view["envelope"].get(k) == old["envelope"].get(k), k
-        for new_r, old_r in zip(view["recipients"], old["recipients"]):
+        assert len(view["recipients"]) == len(pending[i])
+        for new_r, old_r in zip(view["recipients"], pending[i]):
             assert new_r["attempts"] == old_r["attempts"] == 1
             assert new_r["where"] == "scheduled"
             assert abs(new_r["next_retry"] - old_r["next_retry"]) < 1.0
@@ -190,11 +198,12 @@ def test_live_drain_moves_envelope_and_schedule(daemon_factory, sinks):
 
     # flushed on B: every message out once
     assert _admin(b, "/control/flush", {"selector": {"all": True}})[0] == 200
-    _wait(lambda: len(good.messages) >= 7)   # the two-domain message: two transactions
+    _wait(lambda: len(good.messages) >= 8)   # the two-domain message: two transactions
     time.sleep(1.0)
     got = [(_message_id(c), r) for _, rcpts, c in good.messages for r in rcpts]
-    assert len(got) == len(set(got)) == 7
-    assert len(set(good.ids())) == 6
+    assert len(got) == len(set(got)) == 8
+    assert len(set(good.ids())) == 7
+    assert "ok@example.test" not in {r for _, r in got}
     a.stop()
     assert not a.spooled().messages
 
@@ -251,14 +260,19 @@ def test_offline_replay_of_dead_spool(daemon_factory, sinks):
     """A node dies (kill -9) with deferred mail; a copy of its spool is replayed offline
     to B: attempts and next retry carry over, the copy is tombstoned (a second replay
     finds nothing), Transfer records are written, and B delivers each message once."""
-    sinks("127.0.122.1", defer=True)
+    first = sinks("127.0.122.1", defer=True)
     good = sinks("127.0.122.2", defer=False)
     a = _node(daemon_factory, "127.0.122.1")
     b = _node(daemon_factory, "127.0.122.2")
     _send(a, 4, rcpt_options=["NOTIFY=FAILURE"], mail_options=["ENVID=dead-1"])
-    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 4
-                     and a.log_records("TransientFailure"))
+    # one recipient delivered by A, the other deferred: only the other moves
+    _send(a, 1, start=4, rcpts=["ok@example.test", "later@example.test"],
+          rcpt_options=["NOTIFY=FAILURE"], mail_options=["ENVID=dead-1"])
+    deferred = _wait(lambda: len(a.log_records("TransientFailure")) >= 5
+                     and a.log_records("Delivery") and a.log_records("TransientFailure"))
+    assert [r for _, r, _ in first.messages] == [["ok@example.test"]]
     ids = sorted({r["id"] for r in deferred})
+    assert len(ids) == 5
     time.sleep(0.5)   # the SCHEDULE records' batch
     a.kill()
     copy = a.workdir / "dead-copy"
@@ -267,7 +281,7 @@ def test_offline_replay_of_dead_spool(daemon_factory, sinks):
     out = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),
                  "--to-token-file", _token_file(b))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "summary: 4 of 4 messages moved" in out.stdout, out.stdout
+    assert "summary: 5 of 5 messages moved" in out.stdout, out.stdout
     logged = [orjson.loads(line) for line in
               (a.log_dir / "drain.jsonl").read_bytes().splitlines()]
     assert sorted(r["id"] for r in logged if r["type"] == "Transfer") == ids
@@ -276,6 +290,8 @@ def test_offline_replay_of_dead_spool(daemon_factory, sinks):
         assert status == 200, view
         assert view["envelope"]["envid"] == "dead-1"
         assert view["envelope"]["rcpts"][0][1] == "FAILURE"
+        assert [r["address"] for r in view["recipients"]] != ["ok@example.test"]
+        assert len(view["recipients"]) == 1
         row = view["recipients"][0]
         assert row["attempts"] == 1 and row["where"] == "scheduled"
         assert row["next_retry"] > time.time() + 1800   # 1h, jittered
@@ -284,9 +300,10 @@ def test_offline_replay_of_dead_spool(daemon_factory, sinks):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "summary: 0 of 0 messages moved" in again.stdout, again.stdout
     assert _admin(b, "/control/flush", {"selector": {"all": True}})[0] == 200
-    _wait(lambda: len(good.messages) >= 4)
+    _wait(lambda: len(good.messages) >= 5)
     time.sleep(0.5)
-    assert len(good.messages) == 4
+    assert len(good.messages) == 5
+    assert "ok@example.test" not in {r for _, rcpts, _ in good.messages for r in rcpts}
 
 
 def test_xfer_refuses_bad_requests(daemon_factory):
