@@ -402,3 +402,30 @@ def test_offline_drain_refuses_a_live_spool(daemon_factory):
     out = _drain("--spool-dir", str(a.spool_dir), "--to", "smtp://127.0.0.1:9")
     assert out.returncode == 1
     assert f"process {a.proc.pid} has" in out.stderr, out.stderr
+
+
+def test_drain_every_worker_of_a_node(daemon_factory, sinks):
+    """A node with [server] workers = 2: `mta drain` asks both workers (each moves its own
+    spool shard) and sums their progress; B delivers every message once."""
+    good = sinks("127.0.124.2", defer=False)
+    a = daemon_factory(extra='[delivery]\nhold = true\n', start=False)
+    a.config.write_text(a.config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    a.start()
+    b = _node(daemon_factory, "127.0.124.2")
+    n = 12
+    for k in range(n):    # a connection each: SO_REUSEPORT spreads them over the workers
+        _send(a, 1, start=k)
+    out = _drain("-c", str(a.config), "--to", _url(b), "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"summary: {n} of {n} messages moved" in out.stdout, out.stdout
+    _wait(lambda: len(good.messages) >= n)
+    time.sleep(0.5)
+    assert sorted(good.ids()) == sorted(b"<m%d@origin.test>" % k for k in range(n))
+    a.stop()
+    from mta.spool.recovery import scan
+    assert not any(scan(str(a.spool_dir / w)).messages for w in ("w0", "w1"))
+    moved = [[r for r in (orjson.loads(line) for line in
+                          (a.log_dir / f"mta.w{i}.jsonl").read_bytes().splitlines())
+              if r["type"] == "Transfer"] for i in (0, 1)]
+    assert len(moved[0]) + len(moved[1]) == n
+    assert moved[0] and moved[1], "both workers moved their shard"

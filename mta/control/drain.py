@@ -4,6 +4,8 @@ Two ways, one transport (POST /xfer on the target's admin API, mta/control/xfer.
 
 - maintenance: `mta drain --to URL --to-token-file F` asks the running daemon (POST
   /control/drain) to move its own queue; it prints progress from GET /drain until done.
+  With [server] workers = N it asks every worker (each moves its own spool shard; --worker
+  I: only that one) and prints their sum.
   The daemon (`Drainer`) first stops acceptance: listeners answer 421 and close idle
   sessions (as on SIGTERM), POST /inject answers 503, GET /ready 503 "draining". Then it
   stops delivery without dropping anything: the scheduler holds (no timer, nothing
@@ -20,7 +22,8 @@ Two ways, one transport (POST /xfer on the target's admin API, mta/control/xfer.
   recovery (Spool.open: the start-up scan, Corrupt records quarantined as at start; a
   process of this host holding a file of it open is refused, see spool_user) and
   sends every live message the same way, tombstoning each in that spool after its 200, so
-  starting a daemon on it later does not deliver them again. With --read-only (or on a
+  starting a daemon on it later does not deliver them again. The root spool of a node
+  that ran N workers is drained shard by shard (wI). With --read-only (or on a
   read-only mount) nothing is written there: the scan quarantines into a temporary
   directory and the spool must never be started again.
 Either way a run that stops half-way (kill -9, a lost target) is simply run again: what
@@ -490,49 +493,62 @@ def _summary(p: Progress) -> int:
     return 0 if p.state == "done" and not p.left and not p.in_flight else 1
 
 
+def _shards(directory: str) -> list[str]:
+    """The spool directories under `directory`: itself, or, for the root spool of a node
+    that ran [server] workers = N (no segment of its own), each worker's shard wI."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return [directory]
+    if any(n.endswith(".seg") for n in names):
+        return [directory]
+    shards = sorted((n for n in names if n[:1] == "w" and n[1:].isdigit()
+                     and os.path.isdir(os.path.join(directory, n))), key=lambda n: int(n[1:]))
+    return [os.path.join(directory, n) for n in shards] or [directory]
+
+
+def _combined(parts: list[Progress]) -> Progress:
+    """Several workers' (or shards') progress as one."""
+    if len(parts) == 1:
+        return parts[0]
+    states = {p.state for p in parts}
+    state = next((s for s in ("stopping", "moving", "idle", "failed") if s in states), "done")
+    return Progress(state, parts[0].target, *(sum(getattr(p, f) for p in parts)
+                                              for f in ("total", "stored", "duplicate", "left",
+                                                        "in_flight")),
+                    min(p.started for p in parts), max(p.finished for p in parts),
+                    [e for p in parts for e in p.errors])
+
+
 def _cmd_drain(args: argparse.Namespace) -> int:
     token = _token(args)
     if args.spool_dir:
-        pid = spool_user(str(args.spool_dir))
-        if pid is not None:
-            print(f"mta drain: process {pid} has {args.spool_dir} open (a daemon running on "
-                  "it?): stop it first, or drain it live with `mta drain -c ITS_CONFIG`",
-                  file=sys.stderr)
-            return 1
-        last = [0.0]
-
-        def report(p: Progress) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 1.0 or p.moved + p.left >= p.total:
-                last[0] = now
-                print(_line(p), flush=True)
-
-        async def run() -> Progress:
-            logs = _offline_logs(args)
-            try:
-                return await drain_spool(str(args.spool_dir), args.to, token,
-                                         read_only=args.read_only, report=report, logs=logs)
-            finally:
-                if logs is not None:
-                    logs.close()
-
-        import uvloop
-        p = uvloop.run(run())
-        print(_line(p), flush=True)
-        return _summary(p)
+        return _drain_offline(args, token)
     from mta.control.client import admin_request
     config = args.load_config(args)
-    status, data = admin_request(config, "/control/drain", {"to": args.to, "token": token})
-    if status != 200:
-        print(f"mta: {data.get('error') if isinstance(data, dict) else data}", file=sys.stderr)
-        return 1
+    configs = [config]
+    if getattr(args, "worker", None) is None and config.server.workers > 1:
+        configs = []     # every worker process: its admin API and its spool shard
+        for i in range(config.server.workers):
+            args.worker = i
+            configs.append(args.load_config(args))
+        args.worker = None
+    for cfg in configs:
+        status, data = admin_request(cfg, "/control/drain", {"to": args.to, "token": token})
+        if status != 200:
+            print(f"mta: {data.get('error') if isinstance(data, dict) else data}",
+                  file=sys.stderr)
+            return 1
     shown = ""
     while True:
-        status, data = admin_request(config, "/drain")
-        if status != 200 or not isinstance(data, dict):
-            print(f"mta: GET /drain answered {status}", file=sys.stderr)
-            return 1
-        p = Progress(**{k: v for k, v in data.items() if k != "moved"})
+        parts = []
+        for cfg in configs:
+            status, data = admin_request(cfg, "/drain")
+            if status != 200 or not isinstance(data, dict):
+                print(f"mta: GET /drain answered {status}", file=sys.stderr)
+                return 1
+            parts.append(Progress(**{k: v for k, v in data.items() if k != "moved"}))
+        p = _combined(parts)
         line = _line(p)
         if line != shown:
             print(line, flush=True)
@@ -540,6 +556,43 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         if p.state in ("done", "failed"):
             return _summary(p)
         time.sleep(0.5)
+
+
+def _drain_offline(args: argparse.Namespace, token: str) -> int:
+    shards = _shards(str(args.spool_dir))
+    for shard in shards:
+        pid = spool_user(shard)
+        if pid is not None:
+            print(f"mta drain: process {pid} has {shard} open (a daemon running on it?): "
+                  "stop it first, or drain it live with `mta drain -c ITS_CONFIG`",
+                  file=sys.stderr)
+            return 1
+    last = [0.0]
+
+    def report(p: Progress) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or p.moved + p.left >= p.total:
+            last[0] = now
+            print(_line(p), flush=True)
+
+    async def run() -> list[Progress]:
+        logs = _offline_logs(args)
+        done = []
+        try:
+            for shard in shards:
+                if len(shards) > 1:
+                    print(f"spool shard {shard}:", flush=True)
+                done.append(await drain_spool(shard, args.to, token, read_only=args.read_only,
+                                              report=report, logs=logs))
+        finally:
+            if logs is not None:
+                logs.close()
+        return done
+
+    import uvloop
+    p = _combined(uvloop.run(run()))
+    print(_line(p), flush=True)
+    return _summary(p)
 
 
 def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],
