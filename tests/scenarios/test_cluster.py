@@ -143,36 +143,3 @@ def test_three_nodes_share_connection_limit_and_rate(tmp_path):
     finally:
         rig.stop()
 
-
-def test_host_backend_shares_limits_between_workers(tmp_path):
-    """One node, 2 worker processes, [cluster] backend = "host" (the table in shared memory
-    under the spool root, no service): the site's 3 connections and 50/s hold for both
-    workers together, and every message arrives."""
-    rig = ClusterRig(tmp_path / "rig", nodes=1, workers=2, connections=3, rate="50/s",
-                     delay_ms=10, backend="host")
-    rig.start()
-    try:
-        (node,) = rig.nodes
-        assert (node.spool / "shared-limits").exists()
-        sent = [f"h-{k}@dest.test" for k in range(700)]
-        fill = [threading.Thread(target=rig.inject, args=(node, sent[i::4], 25))
-                for i in range(4)]       # 4 connections at once: both workers get mail
-        for t in fill:
-            t.start()
-        for t in fill:
-            t.join(120)
-        window = (time.time() + 1, time.time() + 9)
-        time.sleep(max(0.0, window[1] + 0.5 - time.time()))
-        st = rig.sink_stats()
-        assert 50 * 8 * 0.9 <= _count(st["times"], *window) <= 50 * 8 * 1.1
-        deadline = time.time() + 60
-        while {r for _, _, r in st["times"]} < set(sent) and time.time() < deadline:
-            time.sleep(1)
-            st = rig.sink_stats()
-        assert {r for _, _, r in st["times"]} >= set(sent)
-        assert st["peak_open"] <= 3, st["peak_open"]
-        # both workers delivered (each logs to its own mta.wN.jsonl)
-        for w in ("mta.w0.jsonl", "mta.w1.jsonl"):
-            assert b'"Delivery"' in (node.log_dir / w).read_bytes(), w
-    finally:
-        rig.stop()

@@ -121,6 +121,9 @@ class RedisLimits(SharedLimits):
         self.probe_at = self.clock() + PROBE_EVERY
         if not self.down:
             self.down = True
+            # drop every pooled connection: those made before a server restart would
+            # each fail once more after it answers again
+            self._spawn(self._disconnect())
             log.warning("cluster: redis %s unreachable (%s: %s); limits held by this "
                         "process alone at %g of each until it answers again", self.url,
                         type(exc).__name__, exc, self.fallback_fraction)
@@ -142,6 +145,10 @@ class RedisLimits(SharedLimits):
         granted = None
         if self._usable():
             try:
+                if self.down and self.leases:
+                    # back after an outage (a restarted server may hold nothing): count
+                    # what this process holds before it takes more
+                    await self._renew_all()
                 member = self._member()
                 reply = await self._call(self._acquire, list(names),
                                          [self.lease_ttl, member, *(lim for _, lim in keys)])
@@ -176,6 +183,12 @@ class RedisLimits(SharedLimits):
             pipe.zrem(n, lease.member)
         self._spawn(self._send(pipe))
 
+    async def _disconnect(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.connection_pool.disconnect(), self.timeout)
+        except (TimeoutError, RedisError, OSError):
+            pass
+
     async def _send(self, pipe) -> None:
         try:
             await asyncio.wait_for(pipe.execute(), self.timeout)
@@ -189,17 +202,19 @@ class RedisLimits(SharedLimits):
         task.add_done_callback(self._tasks.discard)
 
     async def renew(self) -> None:
-        """Every live lease again with a fresh expiry (one script call per chunk)."""
+        """Every live lease again with a fresh expiry; a failure counts as one."""
+        try:
+            await self._renew_all()
+            self._ok()
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def _renew_all(self) -> None:
         pairs = [(n, lease.member) for lease in list(self.leases.values()) for n in lease.keys]
-        for i in range(0, len(pairs), RENEW_CHUNK):
+        for i in range(0, len(pairs), RENEW_CHUNK):     # one script call per chunk
             chunk = pairs[i:i + RENEW_CHUNK]
-            try:
-                await self._call(self._renew, [n for n, _ in chunk],
-                                 [self.lease_ttl, *(m for _, m in chunk)])
-                self._ok()
-            except (TimeoutError, RedisError, OSError) as exc:
-                self._failed(exc)
-                return
+            await self._call(self._renew, [n for n, _ in chunk],
+                             [self.lease_ttl, *(m for _, m in chunk)])
 
     async def _renew_loop(self) -> None:
         while True:
