@@ -8,6 +8,7 @@ whose sink takes it. Checked at the sink (every message once), in B's queue view
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import shutil
@@ -306,13 +307,21 @@ def test_offline_replay_of_dead_spool(daemon_factory, sinks):
     assert "ok@example.test" not in {r for _, rcpts, _ in good.messages for r in rcpts}
 
 
-def test_xfer_refuses_bad_requests(daemon_factory):
-    """POST /xfer: a token is needed, the payload is checked, a repeated key is answered
-    "duplicate" without a second copy; the envelope (REQUIRETLS, sealed recipient) is kept
-    as sent."""
-    b = daemon_factory(extra='[delivery]\nhold = true\n')
+def test_xfer_refuses_bad_requests(daemon_factory, tmp_path):
+    """POST /xfer: a token is needed, the payload is checked, a sealed recipient this
+    node's keyring cannot open is refused, a repeated key is answered "duplicate" without
+    a second copy (also after a restart); the envelope (REQUIRETLS, sealed recipient) is
+    kept as sent."""
+    import base64
+
+    from mta.model.sealed import seal
+    key = bytes(range(64))
+    ring = tmp_path / "keyring"
+    ring.write_text(f"k1 {base64.b64encode(key).decode()}\n")
+    ring.chmod(0o600)
+    b = daemon_factory(extra=f'[delivery]\nhold = true\n[privacy]\nkeyring = "{ring}"\n')
     env = Envelope("0" * 8 + "ab" * 12, "s@origin.test",
-                   [Recipient("e1k1.QUJDREVGR0hJSktMTU5PUFFSU1RVVldY@example.test", None, None)],
+                   [Recipient(seal("alice@example.test", "k1", key), None, None)],
                    requiretls=True, tenant="t1")
     item = Item(bytes.fromhex(env.id), f"{env.id}.00112233aabbccdd.1.24", env,
                 b"Subject: x\r\n\r\nbody\r\n", [Entry("example.test", 2, time.time() + 600)])
@@ -334,6 +343,10 @@ def test_xfer_refuses_bad_requests(daemon_factory):
     assert post(b"not json\n")[0] == 400
     assert post(b'{"v": 1, "key": "../x"}\n')[0] == 400
     assert post(body.replace(b'"v":1', b'"v":2'))[0] == 400
+    forged = dataclasses.replace(env, recipients=[Recipient(
+        "e1k1.QUJDREVGR0hJSktMTU5PUFFSU1RVVldY@example.test")])
+    status, answer = post(dataclasses.replace(item, envelope=forged).body("node-a"))
+    assert status == 422 and "cannot open" in answer["error"], answer
     assert post(body) == (200, {"status": "stored", "id": env.id})
     assert post(body) == (200, {"status": "duplicate", "id": env.id})
     status, view = _admin(b, f"/queue/messages/{env.id}")

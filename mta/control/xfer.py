@@ -34,6 +34,10 @@ moved A -> B -> A -> B is a new record on A the second time, so B does not take 
 retry of the first move. The journal keeps keys for [delivery] max_age plus a day (a
 retry later than that would be of an expired message), then drops them at start.
 
+Sealed recipients: a node with a [privacy] keyring refuses (422) a message with a sealed
+recipient its keyring cannot open (the sender keeps it); a node without one cannot tell
+a sealed address from a clear one: give every node of a cluster the same keyring.
+
 Trust: the route needs an operator token; the body is bounded ([admin] inject_max_size
 for the content plus MAX_HEAD for the JSON line), every field is type- and size-checked,
 and the envelope goes through Envelope.from_json like a spool record.
@@ -56,6 +60,7 @@ from mta.files import write_atomic
 from mta.model.envelope import Envelope, EnvelopeError
 from mta.model.ids import id_from_text
 from mta.model.log_records import RecordType
+from mta.model.sealed import Unsealable
 from mta.spool import SpoolError
 from mta.spool import records as rec
 from mta.spool.recovery import Location, segment_path
@@ -403,6 +408,14 @@ class Receiver:
             key, source, raw_id, envelope, content, entries = parse_body(body)
         except ValueError as exc:
             return _answer(400, error=str(exc))
+        ring = getattr(srv.feedback, "sealed", None)
+        if ring is not None:   # sealed recipients stay sealed: this node must open them
+            for r in envelope.recipients:
+                try:
+                    ring.open(r.address)
+                except Unsealable as exc:
+                    return _answer(422, error=f"recipient {r.address}: sealed, and this "
+                                              f"node's keyring cannot open it ({exc})")
         spool = srv.spool
         if key in self.journal.keys or raw_id in spool:
             self.duplicates += 1
