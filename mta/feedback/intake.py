@@ -6,13 +6,17 @@ to delivery; the message was spooled like any other before its 250, so nothing
 accepted is lost. The intake queues it and `process()` parses it in a child
 process (mta/feedback/bounce/worker.py: time, size and memory budget), writes one OOB
 record per failed recipient or one Feedback record for an ARF report,
-suppresses the hard bounces and complaints the report proves, and then hands
+suppresses the hard bounces and complaints the report proves, waits until those
+suppression entries are committed (the store's writer thread, off the loop:
+mta/feedback/suppression/writer.py), logs the records, and then hands
 the message back (`on_done`): Server finishes those recipients in the spool and
 only then gives the message's other recipients, if any, to delivery, so the
 tombstone is never written while the intake still owes its verdict. A crash
 before that leaves the message live, recovery brings it back and it is
 processed again (at-least-once: a record may repeat, a suppression is
-idempotent); recovery only queues it, so the listeners open at once.
+idempotent); recovery only queues it, so the listeners open at once. So a
+suppression a returned message proves survives kill -9 at any point after its
+250: the message stays in the spool (and is replayed) until the entry is on disk.
 
 Over budget: a parse that overruns [bounces] parse_timeout or parse_memory, or
 whose child dies, is "unparsed": an OOB record with kind "unparsed" and the
@@ -26,7 +30,9 @@ without parsing again, so a crash-restart loop cannot re-parse it forever.
 Queue: waiting messages are kept as ids (their content stays on disk); content
 is read from the spool only when a parser process is free, so at most
 parse_workers messages are held in memory. Nothing accepted is ever dropped:
-at parse_backlog waiting messages, new mail to the bounce domain is refused at
+at parse_backlog messages waiting (for a parser, or for their
+suppression entries to be committed), or while the suppression writer's queue is
+half full, new mail to the bounce domain is refused at
 RCPT with 451 4.3.2 (mta/feedback/rcpt_policy.py) and waits at its sender.
 
 Trust: everything here comes from the Internet. A hard bounce or complaint
@@ -90,6 +96,7 @@ class BounceIntake:
         self._waiting: deque[tuple[bytes, list[int], Any]] = deque()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._committing: set[asyncio.Task] = set()   # parsed, waiting for their suppressions
         self.unparsed = 0
 
     # -- queue ---------------------------------------------------------------------------
@@ -107,11 +114,11 @@ class BounceIntake:
 
     @property
     def backlog(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._committing)
 
     def full(self) -> bool:
         """New returned mail waits at its sender (RCPT 451) while this holds."""
-        return len(self._waiting) >= self.max_backlog
+        return self.backlog >= self.max_backlog or self.feedback.write_busy()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -129,10 +136,11 @@ class BounceIntake:
 
     async def stop(self) -> None:
         """Stop taking messages; one being parsed stays live (and uncounted) for the next start."""
-        for t in self._tasks:
+        for t in (*self._tasks, *self._committing):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._committing, return_exceptions=True)
         self._tasks = []
+        self._committing.clear()
         await self.parser.close()
 
     def bounce_indexes(self, env: Envelope) -> list[int]:
@@ -142,7 +150,9 @@ class BounceIntake:
         return [i for i, r in enumerate(env.recipients) if r.domain == dom]
 
     async def process(self, msg_id: bytes, idxs: list[int], after: Any = None) -> None:
-        """Parse the message off the loop, act on the report, finish `idxs` (on_done)."""
+        """Parse the message off the loop, act on the report, finish `idxs` (on_done)
+        once its suppression entries are committed (that wait runs in its own task, so
+        the next message is parsed meanwhile)."""
         try:
             env, content = self.spool.read(msg_id)
         except KeyError:
@@ -163,15 +173,34 @@ class BounceIntake:
         if parsed.truncated:
             log.info("returned message %s longer than parse_max_size: parsed on its head only",
                      env.id)
+        records: list[tuple[RecordType, dict]] = []
         if parsed.report is None:
             if not await self._unparsed(msg_id, env, content, parsed.unparsed or "crash", tries):
                 return              # not kept elsewhere: it stays in the spool for the next start
         else:
             try:
-                self._apply(env, idxs, parsed.report)
+                self._apply(env, idxs, parsed.report, records)
             except Exception:   # a bug acting on the report must not keep the message stuck
                 log.exception("cannot act on returned message %s", env.id)
-                self._log(RecordType.OOB, id=None, bounce_id=env.id, kind="error")
+                records.append((RecordType.OOB, dict(id=None, bounce_id=env.id, kind="error")))
+        wait = self.feedback.committed()
+        if wait is None:
+            self._finish(msg_id, env, idxs, after, records)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._finish_after(wait, msg_id, env, idxs, after, records))
+        self._committing.add(task)
+        task.add_done_callback(self._committing.discard)
+
+    async def _finish_after(self, wait: asyncio.Future, msg_id: bytes, env: Envelope,
+                            idxs: list[int], after: Any, records: list) -> None:
+        await wait          # cancelled at shutdown: the message stays live, replayed next start
+        self._finish(msg_id, env, idxs, after, records)
+
+    def _finish(self, msg_id: bytes, env: Envelope, idxs: list[int], after: Any,
+                records: list[tuple[RecordType, dict]]) -> None:
+        for rtype, fields in records:
+            self._log(rtype, **fields)
         self.processed += 1
         if self.on_done is not None:
             self.on_done(msg_id, env, idxs, after)
@@ -193,10 +222,14 @@ class BounceIntake:
                   attempts=tries, saved_as=saved, recipient=None, suppressed=None)
         return True
 
-    def _apply(self, env: Envelope, idxs: list[int], report: Report) -> None:
-        """Act on a parsed report: log it, and suppress and count only what it proves
+    def _apply(self, env: Envelope, idxs: list[int], report: Report,
+               records: list[tuple[RecordType, dict]]) -> None:
+        """Act on a parsed report: suppress and count only what it proves
         (mta/feedback/trust.py: a VERP return path of ours for that recipient, or a
-        complaint from a trusted FBL source)."""
+        complaint from a trusted FBL source); its log records go to `records` (logged
+        once the suppressions are committed)."""
+        def _log(rtype: RecordType, **fields) -> None:
+            records.append((rtype, fields))
         fb = self.feedback
         evidence = Evidence(fb, env, idxs, report)
         tenant = None
@@ -215,7 +248,7 @@ class BounceIntake:
                 # without [[source]] tables everything leaves from the default source
                 counted = source or ("" if self.sources else DEFAULT_SOURCE)
                 scope = fb.complaint(rcpt, tenant, counted, fb.site_for(rcpt))
-            self._log(RecordType.FEEDBACK, **base, **verdict.fields(report.message_id),
+            _log(RecordType.FEEDBACK, **base, **verdict.fields(report.message_id),
                       feedback_type=f.feedback_type, **self._named(rcpt, verdict),
                       source_ip=f.source_ip,
                       source=source or None, tenant=tenant, suppressed=scope)
@@ -223,7 +256,7 @@ class BounceIntake:
         if not report.recipients:
             # auto-replies and unrecognised mail: logged as such, nobody suppressed
             nothing = Verdict(None, None, None).fields(report.message_id)
-            self._log(RecordType.OOB, **base, **nothing, recipient=None, suppressed=None)
+            _log(RecordType.OOB, **base, **nothing, recipient=None, suppressed=None)
             return
         for r in report.recipients:
             verdict = evidence.prove(r.recipient)
@@ -236,7 +269,7 @@ class BounceIntake:
             fields = verdict.fields(report.message_id)
             if not acts:
                 fields["ignored"] = None     # nothing to act on, nothing ignored
-            self._log(RecordType.OOB, **base, **fields, **self._named(r.recipient, verdict),
+            _log(RecordType.OOB, **base, **fields, **self._named(r.recipient, verdict),
                       status=r.status,
                       code=r.reply_code, category=r.category, hard=r.hard, action=r.action,
                       remote_mta=r.remote_mta, suppressed=suppressed)

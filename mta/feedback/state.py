@@ -9,6 +9,14 @@ shaping layer and the admin API. It decides nothing about SMTP itself: the
 recipient policy (mta/feedback/rcpt_policy.py), Outcomes, the Dispatcher and the
 intake (mta/feedback/intake.py) call it.
 
+Threads: the suppression list's read connection (`check`, at RCPT and per delivery)
+belongs to the loop thread; once `start` ran, every entry `suppress` adds is written
+by the store's writer thread (mta/feedback/suppression/writer.py: batched, one
+transaction and fsync per batch, bounded queue), so no SQLite commit or lock wait
+happens on the loop. `committed()` is how a caller waits until what it added is on
+disk (the bounce intake, before it finishes a returned message). Without `start`
+(tools, tests without a loop) entries are written at once on the caller's thread.
+
 Diagnostics: a bad rule file (RulesError) or VERP prefix (ValueError) at start
 becomes a ConfigError in Server; a bad
 rule file later is logged and the previous rules stay in force. A failing
@@ -21,7 +29,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Callable
 
 from mta.config import ConfigError
@@ -29,6 +37,7 @@ from mta.config.keyring import KeyringError, load_keyring
 from mta.feedback import verp
 from mta.feedback.bounce import Classifier, RulesError
 from mta.feedback.suppression import SuppressionList, address_hash, hash_text, load_or_create_key
+from mta.feedback.suppression.writer import SuppressionWriter
 from mta.feedback.unsubscribe import list_unsubscribe_headers
 from mta.model.networks import contains
 
@@ -90,6 +99,12 @@ class Feedback:
         self._pending: list[tuple[str, str, str, int | None, str]] = []   # not yet written
         self._flush: asyncio.Handle | None = None
         self._last_write = float("-inf")
+        self.store_path = s.store
+        self.writer: SuppressionWriter | None = None      # from start() on
+        self._ticket = 0          # entries handed to the writer
+        self._written = 0         # ... of which committed
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self.suppress_dropped = 0     # entries refused by a full writer queue (logged)
         # domain -> site name from the resolver's cache (set by Server once delivery runs)
         self.site_of: Callable[[str], str | None] = lambda domain: None
 
@@ -97,6 +112,13 @@ class Feedback:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = loop.call_later(RULES_RELOAD_INTERVAL, self._reload, loop)
+        if self.suppressions is not None and self.writer is None:
+            self.write_pending()      # anything added before the loop ran
+            self.writer = SuppressionWriter(
+                self.store_path, self.key,
+                on_commit=lambda ticket, seq, hashes: loop.call_soon_threadsafe(
+                    self._committed, ticket, seq, hashes))
+            self.writer.start()
 
     def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -115,6 +137,12 @@ class Feedback:
         if self._flush is not None:
             self._flush.cancel()
         self.write_pending()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for _, waiter in self._waiters:
+            waiter.cancel()
+        self._waiters.clear()
         if self.suppressions is not None:
             self.suppressions.close()
             self.suppressions = None
@@ -123,18 +151,30 @@ class Feedback:
 
     def suppress(self, address: str, scope: str, reason: str, expires: int | None = None,
                  note: str = "") -> bool:
-        """Queue an entry for the next batch write; False when suppression is disabled.
+        """Queue an entry for the next batch write; False when suppression is disabled
+        (or the writer's queue is full: logged and counted in `suppress_dropped`).
 
-        Writes are batched: everything suppressed in one loop iteration (and, under a
-        burst, within WRITE_INTERVAL) goes in one SQLite transaction, one fsync, so
-        10,000 bounces cost tens of fsyncs on the loop thread, not 10,000. Until its
-        batch is written (same iteration, or <= WRITE_INTERVAL later) an entry is not
-        yet visible to `check`."""
+        Writes are batched: the writer thread writes whatever queued meanwhile in one
+        SQLite transaction, one fsync, off the loop. Until its batch is committed an
+        entry is not yet visible to `check`; `committed()` waits for that. (Before
+        `start`, with a running loop, entries are batched on the loop thread within
+        WRITE_INTERVAL; without a loop they are written at once.)"""
         if self.suppressions is None or not address:
             return False
         # a sealed recipient is suppressed under its clear address (what RCPT checks);
         # the clear text lives in memory until the batch write hashes it
-        self._pending.append((self.clear_address(address), scope, reason, expires, note[:200]))
+        item = (self.clear_address(address), scope, reason, expires, note[:200])
+        if self.writer is not None:
+            ticket = self.writer.submit(item)
+            if ticket is None:
+                self.suppress_dropped += 1
+                if self.suppress_dropped & (self.suppress_dropped - 1) == 0:   # 1, 2, 4, 8 ...
+                    log.error("suppression writer queue full (%d entries): %d entries not "
+                              "stored so far", self.writer.max_pending, self.suppress_dropped)
+                return False
+            self._ticket = ticket
+            return True
+        self._pending.append(item)
         if self._flush is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -145,6 +185,33 @@ class Feedback:
             self._flush = (loop.call_later(wait, self.write_pending) if wait > 0
                            else loop.call_soon(self.write_pending))
         return True
+
+    def _committed(self, ticket: int, seq: int, hashes: list[bytes]) -> None:
+        """(loop thread) The writer committed every entry up to `ticket`."""
+        if self.suppressions is not None:
+            self.suppressions.learn(seq, hashes)
+        self._written = max(self._written, ticket)
+        while self._waiters and self._waiters[0][0] <= self._written:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def committed(self) -> asyncio.Future | None:
+        """None when every entry added so far is on disk; else a future that is done once
+        they are (the writer thread's commit; it waits while the store cannot be written)."""
+        if self.writer is None:
+            if self._pending:
+                self.write_pending()
+            return None
+        if self._ticket <= self._written:
+            return None
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._ticket, waiter))
+        return waiter
+
+    def write_busy(self) -> bool:
+        """The writer's queue is half full: returned mail should wait (451) for now."""
+        return self.writer is not None and self.writer.pending >= self.writer.max_pending // 2
 
     def write_pending(self) -> int:
         """Write the queued entries now (also called at shutdown)."""

@@ -233,7 +233,7 @@ class SuppressionList:
     are not shared across threads); any number of processes may open the same file."""
 
     def __init__(self, path: str | os.PathLike, key: bytes, *, busy_timeout: float = 5.0,
-                 synchronous: str = "FULL", refresh_interval: float = 1.0):
+                 synchronous: str = "FULL", refresh_interval: float = 1.0, private: bool = True):
         # synchronous=FULL: a suppression we acknowledged survives a power cut (WAL with
         # NORMAL may lose the last commits); bulk work goes through one transaction.
         if len(key) != KEY_SIZE:
@@ -244,7 +244,11 @@ class SuppressionList:
         self._key = key
         self.refresh_interval = refresh_interval
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private(self.path)
+        if private:
+            # private=False for a second connection in a process that has one open: closing
+            # any descriptor of the file drops every POSIX lock the process holds on it
+            # (SQLite's too), and another process could then delete the live WAL
+            _private(self.path)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -255,6 +259,7 @@ class SuppressionList:
         self._seq = 0                     # highest seq loaded into the filter
         self._data_version = -1
         self._next_refresh = 0.0
+        self.last_batch: tuple[int, list[bytes]] = (0, [])   # (seq, hashes) of add_many's last write
         self._reload()
 
     # -- transactions
@@ -358,8 +363,18 @@ class SuppressionList:
             seq = self._bump_seq()
             self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?, ?, ?, ?, ?, ?, ?)",
                                  [(*row, seq) for row in rows])
-        self._after_own_write(seq, [row[0] for row in rows])
+        self.last_batch = (seq, [row[0] for row in rows])
+        self._after_own_write(*self.last_batch)
         return len(rows)
+
+    def learn(self, seq: int, added: Iterable[bytes]) -> None:
+        """Entries another connection of this process just committed (the suppression
+        writer thread, mta/feedback/suppression/writer.py) at write generation `seq`:
+        visible to `check` at once, without waiting for `refresh`."""
+        for raw in added:
+            self._remember(_prefix(raw))
+        if seq == self._seq + 1:
+            self._seq = seq
 
     def _row(self, raw: bytes, scope: str, reason: str, note: str, created: int | None,
              expires: int | None) -> tuple:
