@@ -213,11 +213,12 @@ def test_kill_mid_transfer_then_drain_again(daemon_factory, sinks):
     """kill -9 of the draining node mid-transfer, restart, drain again: B delivers every
     message exactly once. A copy of A's spool taken before the drain and replayed offline
     afterwards is answered "duplicate" throughout: nothing is delivered twice."""
-    n = 150
+    n = 400
     good = sinks("127.0.121.2", defer=False)
     a = _node(daemon_factory, "127.0.121.1", "hold = true")
     b = _node(daemon_factory, "127.0.121.2")
-    _send(a, n)
+    for k in range(0, n, 50):    # at most 100 messages a session (the listener's limit)
+        _send(a, 50, start=k)
     _wait(lambda: len(a.log_records("Reception")) >= n)
     a.stop()
     copy = a.workdir / "spool-copy"
@@ -229,13 +230,14 @@ def test_kill_mid_transfer_then_drain_again(daemon_factory, sinks):
                               "--to", _url(b), "--to-token-file", _token_file(b)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait(lambda: len(a.log_records("Transfer")) >= 20, step=0.01)
+        _wait(lambda: _admin(a, "/drain")[1].get("moved", 0) >= 20, step=0.01)
         a.kill()     # SIGKILL mid-transfer
         drain.wait(30)
     finally:
         if drain.poll() is None:
             drain.kill()
             drain.wait()
+    time.sleep(0.5)   # B's log flush
     moved_first = len(b.log_records("Transfer"))
     assert 20 <= moved_first < n, moved_first
 
