@@ -351,7 +351,8 @@ class Server:
             return
         ctx = unsubscribe_tls(self.config)
         self.unsubscribe = UnsubscribeServer(self.feedback.suppressions, self.feedback.key,
-                                             *u.listen, ssl_context=ctx, logs=self.logs)
+                                             *u.listen, ssl_context=ctx, logs=self.logs,
+                                             store=self.feedback.add_hash)
         await self.unsubscribe.start()
 
     def _dkim_stage(self, loop: asyncio.AbstractEventLoop) -> DkimStage | None:

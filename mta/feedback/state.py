@@ -209,6 +209,16 @@ class Feedback:
         self._waiters.append((self._ticket, waiter))
         return waiter
 
+    async def add_hash(self, h: str, scope: str, reason: str, note: str = "") -> bool:
+        """Suppress an exported hash and wait until it is committed (the unsubscribe
+        server answers only then); False when suppression is off or the queue is full."""
+        if not self.suppress(h, scope, reason, None, note):
+            return False
+        wait = self.committed()
+        if wait is not None:
+            await wait
+        return True
+
     def write_busy(self) -> bool:
         """The writer's queue is half full: returned mail should wait (451) for now."""
         return self.writer is not None and self.writer.pending >= self.writer.max_pending // 2

@@ -39,6 +39,7 @@ import html
 import logging
 import ssl
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -203,8 +204,12 @@ class UnsubscribeServer:
     def __init__(self, suppressions: SuppressionList, key: bytes, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None, *, max_head: int = 8192,
                  max_headers: int = 50, max_body: int = 4096, timeout: float = 10.0,
-                 max_connections: int = 256, logs: LogWriter | None = None):
+                 max_connections: int = 256, logs: LogWriter | None = None,
+                 store: Callable[[str, str, str, str], Awaitable[bool]] | None = None):
         self.suppressions = suppressions
+        # (hash, scope, reason, note) -> stored: the daemon's writer thread, off the loop
+        # (Feedback.add_hash); None: `suppressions.add_hash` on the loop (tools, tests)
+        self.store = store
         self.logs = logs                      # an Unsubscribe record for each one stored
         self._key = key
         self.host, self.port = host, port
@@ -285,11 +290,15 @@ class UnsubscribeServer:
                 raise _Reject(400, "Expected the form field List-Unsubscribe=One-Click "
                                    "(RFC 8058).\n")
             h, scope = found
-            # XXX: the SQLite commit (an fsync with synchronous=FULL) runs on the loop;
-            # fine for unsubscribe rates, an executor hop if this shares the MTA's loop.
+            # the 200 only once the entry is committed (in the daemon by the store's writer
+            # thread: the loop never waits on SQLite)
             try:
-                self.suppressions.add_hash(h, scope=scope, reason="unsubscribe",
-                                           note="rfc8058 one-click")
+                if self.store is not None:
+                    if not await self.store(h, scope, "unsubscribe", "rfc8058 one-click"):
+                        raise RuntimeError("suppression writer queue full")
+                else:
+                    self.suppressions.add_hash(h, scope=scope, reason="unsubscribe",
+                                               note="rfc8058 one-click")
             except Exception:
                 log.exception("unsubscribe: storing %s... in %s failed", h[:24], scope)
                 return _text(500, "Could not record the unsubscribe; try again later.\n")

@@ -346,15 +346,17 @@ class SuppressionList:
         return Entry(hash_text(raw), *row[1:])
 
     def add_many(self, items: Iterable[tuple[str, str, str, int | None, str]]) -> int:
-        """Add (address, scope, reason, expires, note) entries in ONE transaction (one
+        """Add (address or exported hash, scope, reason, expires, note) entries in ONE transaction (one
         fsync): the daemon batches what bounces and complaints produce in a burst.
         Bad items (not an address, bad scope) are skipped and logged; returns how many
         were written."""
         rows = []
         for address, scope, reason, expires, note in items:
             try:
-                rows.append(self._row(address_hash(self._key, address), scope, reason, note,
-                                      None, expires))
+                # an exported hash ("hmac-sha256:<hex>", no "@") stands for its address
+                raw = (parse_hash(address) if address.startswith(HASH_PREFIX) and "@" not in address
+                       else address_hash(self._key, address))
+                rows.append(self._row(raw, scope, reason, note, None, expires))
             except ValueError as exc:
                 log.warning("suppression entry skipped (%s, %s): %s", scope, reason, exc)
         if not rows:
