@@ -444,3 +444,27 @@ def test_drain_every_worker_of_a_node(daemon_factory, sinks):
               if r["type"] == "Transfer"] for i in (0, 1)]
     assert len(moved[0]) + len(moved[1]) == n
     assert moved[0] and moved[1], "both workers moved their shard"
+
+
+def test_offline_drain_of_a_multi_worker_spool(daemon_factory, sinks):
+    """The root spool of a stopped 2-worker node (shards w0, w1) replayed offline: every
+    shard's messages move."""
+    good = sinks("127.0.124.4", defer=False)
+    a = daemon_factory(extra='[delivery]\nhold = true\n', start=False)
+    a.config.write_text(a.config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    a.start()
+    b = _node(daemon_factory, "127.0.124.4")
+    n = 10
+    for k in range(n):
+        _send(a, 1, start=k)
+    a.stop()
+    copy = a.workdir / "copy"
+    shutil.copytree(a.spool_dir, copy)
+    out = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),
+                 "--to-token-file", _token_file(b))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("spool shard ") == 2, out.stdout
+    assert f"summary: {n} of {n} messages moved" in out.stdout, out.stdout
+    _wait(lambda: len(good.messages) >= n)
+    time.sleep(0.5)
+    assert sorted(good.ids()) == sorted(b"<m%d@origin.test>" % k for k in range(n))
