@@ -390,7 +390,7 @@ def run_once(label: str, tree: Path, phase: str, args, key: bytes, rnd: int) -> 
         f'[[listener]]\naddress = "{HOST}"\nport = {PORT}\n'
         f'relay_cidrs = ["{HOST}/32"]\n')
     flood = None
-    if phase == "flood":
+    if phase in ("flood", "import"):
         flood = work / "flood.pickle"
         with open(flood, "wb") as f:
             pickle.dump(flood_items(key, f"{label}{rnd}", args.generated), f)
@@ -408,7 +408,20 @@ def run_once(label: str, tree: Path, phase: str, args, key: bytes, rnd: int) -> 
         time.sleep(1.0)
         load = _sub("load", "-n", str(args.n), "-s", str(args.size), "-c", str(args.conc),
                     *(["--flood-file", str(flood), "--flood-conc", str(args.flood_conc)] if flood else []))
+        importer = None
+        if phase == "import":
+            # an operator imports a list meanwhile: `mta suppress import` holds the store's
+            # write lock for its one transaction
+            lst = work / "import.txt"
+            lst.write_text("".join(f"imp{i}@list{i % 97}.example\n" for i in range(args.import_n)))
+            time.sleep(1.5)
+            importer = subprocess.Popen(
+                [sys.executable, "-m", "mta", "suppress", "-c", str(conf), "import", str(lst)],
+                cwd=work, env=dict(os.environ, PYTHONPATH=str(tree)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out, _ = load.communicate(timeout=600)
+        if importer is not None:
+            importer.wait(600)
         loaded = json.loads(out.strip().splitlines()[-1])
         if loaded["errors"] and not any(e.startswith("flood") for e in loaded["errors"]):
             sink.send_signal(signal.SIGTERM)
@@ -436,7 +449,21 @@ def run_once(label: str, tree: Path, phase: str, args, key: bytes, rnd: int) -> 
         db.close()
     except sqlite3.Error:
         res["suppressed"] = None
+    res["expected_min"] = _expected(work) if phase != "relay" else 0
     return res
+
+
+def _expected(work: Path) -> int:
+    """Suppressions the daemon logged as made (OOB/Feedback records with "suppressed")."""
+    n = 0
+    try:
+        with open(work / "log" / "mta.jsonl", "rb") as f:
+            for line in f:
+                if b'"suppressed":"' in line or b'"suppressed": "' in line:
+                    n += 1
+    except OSError:
+        pass
+    return n
 
 
 def main() -> int:
@@ -452,7 +479,10 @@ def main() -> int:
     ap.add_argument("--flood-conc", type=int, default=8, help="sessions sending returned mail")
     ap.add_argument("--generated", type=int, default=4000, help="generated DSNs/ARFs per run")
     ap.add_argument("--parse-workers", type=int, default=2)
-    ap.add_argument("--phases", default="relay,flood")
+    ap.add_argument("--phases", default="relay,flood,import",
+                    help="relay: alone; flood: with returned mail; import: also `mta suppress "
+                         "import` of --import-n addresses meanwhile")
+    ap.add_argument("--import-n", type=int, default=300_000)
     ap.add_argument("--against", type=Path, metavar="TREE", help="also run the checkout in TREE")
     ap.add_argument("--flood-file")
     args = ap.parse_args()
