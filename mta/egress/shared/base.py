@@ -3,11 +3,12 @@ and what every backend implements. No I/O here."""
 from __future__ import annotations
 
 import logging
+import math
 
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
-__all__ = ["Lease", "SharedLimits", "SharedRate", "fallback_limit"]
+__all__ = ["Lease", "SharedLimits", "SharedRate", "fallback_limit", "gcra"]
 
 log = logging.getLogger("mta.cluster")
 
@@ -51,6 +52,7 @@ class SharedRate:
         "store",
         "tau",
         "tokens",
+        "usable_at",
     )
 
     def __init__(self, store: SharedLimits, key: str, rate: Rate) -> None:
@@ -58,6 +60,7 @@ class SharedRate:
         self.key = key
         self.tokens = 0
         self.good_until = 0.0
+        self.usable_at = 0.0
         self.next_try = 0.0
         self.pending = False           # a refill is on its way (redis)
         self.fallback: Throttle | None = None   # the local bucket while the store is away
@@ -82,6 +85,8 @@ class SharedRate:
     def delay(self, now: float) -> float:
         """0.0 if a token is available (it is taken); else seconds to wait and ask again."""
         if self.tokens and now < self.good_until:
+            if now < self.usable_at:        # reserved tokens, not due yet
+                return self.usable_at - now
             self.tokens -= 1
             return 0.0
         if now < self.next_try:
@@ -95,9 +100,24 @@ class SharedRate:
                                           self.rate.per))
         return self.fallback.delay(now)
 
-    def grant(self, tokens: int, now: float) -> None:
+    def grant(self, tokens: int, now: float, after: float = 0.0) -> None:
+        """`tokens` from the store, good from `after` seconds on (a reservation)."""
         self.tokens = tokens
-        self.good_until = now + TOKEN_LIFE
+        self.usable_at = now + after
+        self.good_until = self.usable_at + TOKEN_LIFE
+
+
+def gcra(tat: float, now: float, interval: float, tau: float, want: int
+         ) -> tuple[float, int, float]:
+    """One GCRA step for up to `want` tokens: (new TAT, tokens, seconds until they are
+    good). Tokens due now are granted at once; when none is, `want` are reserved from
+    the time the first is due, so a key at its rate costs one call per batch, not one
+    per message. redis_store.py's Lua script is this function."""
+    base = max(tat, now)
+    k = min(want, math.floor((now + tau - base) / interval) + 1)
+    if k >= 1:
+        return base + k * interval, k, 0.0
+    return base + want * interval, want, base - tau - now
 
 
 class SharedLimits:

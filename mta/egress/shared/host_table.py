@@ -31,7 +31,7 @@ import struct
 import time
 from pathlib import Path
 
-from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit
+from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit, gcra
 from mta.model.node import WorkerSlot
 
 log = logging.getLogger("mta.cluster")
@@ -208,18 +208,16 @@ class HostLimits(SharedLimits):
         if i is None:
             return r.local(now)
         off = HEADER + i * SLOT_SIZE + 16
-        t = self.clock()
         self._lock(i)
         try:
-            tat = max(_TAT.unpack_from(self.mm, off)[0], t)
-            k = min(r.batch, int((t + r.tau - tat) / r.interval) + 1)
-            if k >= 1:
-                _TAT.pack_into(self.mm, off, tat + k * r.interval)
+            tat, k, after = gcra(_TAT.unpack_from(self.mm, off)[0], self.clock(), r.interval,
+                                 r.tau, r.batch)
+            _TAT.pack_into(self.mm, off, tat)
         finally:
             self._unlock(i)
-        if k < 1:
-            r.next_try = now + (tat - r.tau - t)
-            return max(0.001, tat - r.tau - t)
+        if after > 0:
+            r.grant(k, now, after)
+            return after
         r.grant(k - 1, now)
         return 0.0
 

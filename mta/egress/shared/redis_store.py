@@ -4,7 +4,8 @@ KumoMTA's scheme, in two Lua scripts run with EVALSHA (redis-py's Script object)
 atomic on the server and timed by the server's clock (TIME), so node clocks may differ:
 - GCRA per rate key: the key holds the theoretical arrival time (TAT); a call takes up to
   n tokens at once (n = [cluster] rate_batch's worth), as many as the rate and its burst
-  (one second's worth) allow now, and says when to ask again when it grants none.
+  (one second's worth) allow now; when none is due it reserves n from the time the first
+  is, and says when (base.gcra, the same step in Python for the host table).
 - Leases per connection key: a sorted set whose members are connections ("node/wN/seq")
   scored by their expiry; acquiring drops expired members (ZREMRANGEBYSCORE), counts
   (ZCARD) and adds (ZADD) on every key of the lease or on none. A renewal task re-adds
@@ -45,13 +46,15 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if tat < now then tat = now end
 local k = math.floor((now + tau - tat) / interval) + 1
 if k > want then k = want end
+local after = 0
 if k < 1 then
-  return {0, string.format('%.6f', tat - tau - now)}
+  k = want
+  after = tat - tau - now
 end
 tat = tat + k * interval
 redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX',
            math.ceil((tat - now + tau) * 1000) + 1000)
-return {k, '0'}
+return {k, string.format('%.6f', after)}
 """
 
 ACQUIRE = """
@@ -245,11 +248,11 @@ class RedisLimits(SharedLimits):
             got, wait = int(reply[0]), float(reply[1])
             self._ok()
             now = asyncio.get_running_loop().time()
-            if got > 0:
-                r.grant(got, now)
+            if got > 0:       # due now, or reserved from `wait` seconds on
+                r.grant(got, now, min(max(wait, 0.0), 60.0))
                 r.next_try = 0.0
             else:
-                r.next_try = now + min(max(wait, 0.001), 60.0)
+                r.next_try = now + 0.01
         except (TimeoutError, RedisError, OSError, ValueError, TypeError, IndexError) as exc:
             self._failed(exc)
         finally:
