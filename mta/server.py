@@ -60,6 +60,7 @@ from mta.ingest.local import LocalSubmission
 from mta.ingest.reception import Reception
 from mta.ingest.scan import Scanning
 from mta.logs.hooks import HookError, Webhooks, build_webhooks
+from mta.logs.looplag import LoopLag
 from mta.logs.privacy import Privacy
 from mta.logs.writer import LogWriter
 from mta.model.envelope import Envelope
@@ -185,6 +186,7 @@ class Server:
         self.draining = False
         self.webhooks: Webhooks | None = None   # log records to HTTP hooks (stats())
         self.metrics: Metrics | None = None     # GET /metrics (with the admin API)
+        self.loop_lag = LoopLag()               # how late a 10 ms timer runs (GET /metrics)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -281,6 +283,7 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+        self.loop_lag.start(loop)     # from now on (start itself blocks: rule files, recovery)
 
     def _admin_metrics_and_inject(self, admin: AdminServer) -> None:
         """GET /metrics (mta/control/metrics.py) and POST /inject (mta/control/inject.py)."""
@@ -365,6 +368,7 @@ class Server:
                          self.config.signing.on_error)
 
     async def stop(self) -> None:
+        self.loop_lag.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None

@@ -42,6 +42,7 @@ from typing import Any
 from aiohttp import web
 
 from mta.control.views import entries
+from mta.logs import looplag
 from mta.spool.segments import BATCH_BOUNDS, LATENCY_BOUNDS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -152,6 +153,15 @@ class Metrics:
         x.family("mta_dkim_errors_total", "counter", "messages that could not be signed",
                  [({}, getattr(batcher, "errors", 0))])
         self._logs(x)
+        lag = getattr(s, "loop_lag", None)
+        if lag is not None:
+            x.histogram("mta_event_loop_lag_seconds", "how late the event loop ran a 10 ms timer, "
+                        "since start (work that blocks the loop delays every session)",
+                        looplag.BOUNDS, lag.hist, lag.total)
+            worst, p99 = lag.recent()
+            x.family("mta_event_loop_lag_recent_seconds", "gauge", "the timer's lag over the "
+                     "last minute: max and 99th percentile",
+                     [({"stat": "max"}, worst), ({"stat": "p99"}, p99)])
         return x.text()
 
     def _delivery(self, x: Exposition, engine: Any) -> None:

@@ -10,7 +10,9 @@ that a suppression proven by a bounce that got its 250 survives kill -9.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import re
 import smtplib
 import socket
 import sqlite3
@@ -59,6 +61,20 @@ def _suppressed(d, key: bytes, rcpts: list[str], timeout: float = 30.0) -> set[s
             time.sleep(0.2)
 
 
+def _lag_max(d) -> float:
+    """The daemon's own loop-lag probe (GET /metrics): the max over the last minute."""
+    from mta.config import load_config
+    from mta.control.admin import read_token, token_path
+    cfg = load_config(d.config)
+    conn = http.client.HTTPConnection("127.0.0.1", d.admin_port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {read_token(token_path(cfg))}"})
+    text = conn.getresponse().read().decode()
+    conn.close()
+    m = re.search(r'^mta_event_loop_lag_recent_seconds\{stat="max"\} (\S+)$', text, re.M)
+    assert m, "no loop-lag probe in /metrics"
+    return float(m.group(1))
+
+
 def _locked(d) -> sqlite3.Connection:
     db = sqlite3.connect(_store(d), isolation_level=None, timeout=10)
     db.execute("BEGIN IMMEDIATE")          # the write lock, as a long import holds it
@@ -86,6 +102,8 @@ def test_loop_answers_while_the_store_is_locked_and_entries_land_after(daemon_fa
         db.close()
     # Before: the loop itself waited on the lock (busy_timeout), ~3 s with the test's hold.
     assert worst < 1.5, f"a client waited {worst:.2f}s for the greeting and a NOOP"
+    lag = _lag_max(d)
+    assert lag < 1.0, f"the daemon's loop ran a 10 ms timer {lag:.2f}s late"
     assert not early, "records are logged once their entries are committed"
     assert _suppressed(d, key, rcpts) == set(rcpts)
     for _ in range(100):
