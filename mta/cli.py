@@ -61,8 +61,9 @@ def _config(args: argparse.Namespace):
     config = load_config(getattr(args, "config", None),
                          {k: getattr(args, k, None) for k in _OVERRIDES})
     worker = getattr(args, "worker", None)
-    if worker is not None and args.command != "serve":   # --worker I: that worker's admin
-        from mta.supervisor import slot_of, worker_config   # API and spool shard
+    # --worker I (with [server] workers > 1): worker I's admin API and spool shard
+    if worker is not None and args.command not in ("serve", "workers"):
+        from mta.supervisor import slot_of, worker_config
         try:
             slot = slot_of(f"{worker}/{config.server.workers}", config)
         except ValueError as exc:
