@@ -207,7 +207,8 @@ class Supervisor:
                 self._on_stop()
                 break
             ran = time.time() - w.started
-            backoff = BACKOFF_FIRST if ran >= STABLE_AFTER else min(backoff * 2, BACKOFF_MAX)
+            if ran >= STABLE_AFTER:    # it had been running well: not a crash loop
+                backoff = BACKOFF_FIRST
             w.restarts += 1
             w.state = "restarting"
             self._write_status()
@@ -220,6 +221,7 @@ class Supervisor:
                 await asyncio.wait_for(self.stopping.wait(), backoff)
             except asyncio.TimeoutError:
                 pass
+            backoff = min(backoff * 2, BACKOFF_MAX)
         w.state = "stopped"
         self._write_status()
 

@@ -7,7 +7,8 @@ supervisor and two worker processes, relaying to tools/sink.py on 127.0.100.x.
   client saw 250 for is delivered, none lost; sent twice only within the at-least-once
   window (deliveries the killed worker finished but had not recorded yet);
 - SIGHUP reaches every worker (a Reload record in each log); SIGTERM drains and the
-  supervisor exits 0 with no worker left.
+  supervisor exits 0 with no worker left; kill -9 of the supervisor stops the workers;
+- a worker that keeps dying is started again after growing waits (1 s, 2 s, ...).
 """
 from __future__ import annotations
 
@@ -274,3 +275,28 @@ def test_supervisor_killed_workers_stop(daemon_factory, sink):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_a_crash_loop_is_slowed(daemon_factory, sink):
+    """A worker that keeps dying is started again after 0.5 s, 1 s, 2 s, ...: the gaps grow
+    and the exits are counted; the other worker is left alone."""
+    d = _workers_daemon(daemon_factory, sink)
+    other = _status(d)["workers"][0]["pid"]
+    starts = []
+    for kill in range(3):
+        w1 = _status(d)["workers"][1]
+        os.kill(w1["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            w1 = _status(d)["workers"][1]
+            if w1["restarts"] == kill + 1 and w1["state"] == "running":
+                break
+            time.sleep(0.05)
+        assert w1["restarts"] == kill + 1 and w1["state"] == "running", w1
+        starts.append(w1["started"])
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps    # the waits before them: 1 s, then 2 s
+    assert _status(d)["workers"][0]["pid"] == other and _status(d)["workers"][0]["restarts"] == 0
+    err = (d.workdir / "daemon.err").read_text()
+    assert err.count("ended with signal SIGKILL") == 3
+    assert d.stop() == 0
