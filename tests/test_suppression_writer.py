@@ -82,3 +82,31 @@ def test_close_writes_what_is_queued(tmp_path):
                          private=False) as fresh:
         assert fresh.count() == 50
     reader.close()
+
+
+def test_other_processes_entries_reach_the_reader_as_a_filter_built_in_the_thread(tmp_path):
+    key = load_or_create_key(tmp_path / "k")
+    reader = SuppressionList(tmp_path / "s.sqlite", key)
+    reader.refresh_elsewhere()
+    filters: list = []
+    got = threading.Event()
+
+    def on_filter(prefixes, seq):
+        filters.append((prefixes, seq))
+        got.set()
+
+    w = SuppressionWriter(tmp_path / "s.sqlite", key, on_commit=lambda *a: None,
+                          on_filter=on_filter, refresh_interval=0.1)
+    w.start()
+    try:
+        # `mta suppress import` in another connection (another process in real life)
+        with SuppressionList(tmp_path / "s.sqlite", key, private=False) as cli:
+            cli.import_lines(f"imp{i}@example.test" for i in range(20_000))
+        assert got.wait(20), "no filter handed over"
+        assert reader.check("imp7@example.test") is None, "the reader never reads others' entries itself"
+        reader.adopt(*filters[-1])
+        assert all(reader.check(f"imp{i}@example.test") for i in (0, 7, 19_999))
+        assert reader.check("other@example.test") is None
+    finally:
+        w.close()
+        reader.close()

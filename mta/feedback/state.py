@@ -114,11 +114,17 @@ class Feedback:
         self._timer = loop.call_later(RULES_RELOAD_INTERVAL, self._reload, loop)
         if self.suppressions is not None and self.writer is None:
             self.write_pending()      # anything added before the loop ran
+            reader = self.suppressions
             self.writer = SuppressionWriter(
                 self.store_path, self.key,
                 on_commit=lambda ticket, seq, hashes: loop.call_soon_threadsafe(
-                    self._committed, ticket, seq, hashes))
+                    self._committed, ticket, seq, hashes),
+                # other processes' entries: read and merged in the thread, adopted here
+                on_filter=lambda prefixes, seq: loop.call_soon_threadsafe(
+                    reader.adopt, prefixes, seq),
+                refresh_interval=reader.refresh_interval)
             self.writer.start()
+            reader.refresh_elsewhere()
 
     def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

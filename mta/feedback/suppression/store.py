@@ -260,6 +260,7 @@ class SuppressionList:
         self._data_version = -1
         self._next_refresh = 0.0
         self.last_batch: tuple[int, list[bytes]] = (0, [])   # (seq, hashes) of add_many's last write
+        self.foreign = 0          # prefixes `refresh` found that this connection did not write
         self._reload()
 
     # -- transactions
@@ -296,12 +297,13 @@ class SuppressionList:
             self._filter = array.array("Q", sorted([*self._filter, *self._recent]))
             self._recent = set()
 
-    def refresh(self) -> None:
-        """Pick up entries written by other processes (the CLI, another worker)."""
+    def refresh(self) -> bool:
+        """Pick up entries written by other processes (the CLI, another worker); True
+        when some were new to the filter."""
         self._next_refresh = time.monotonic() + self.refresh_interval
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._data_version:
-            return
+            return False
         self._data_version = version
         self._db.execute("BEGIN")
         try:
@@ -310,9 +312,36 @@ class SuppressionList:
                                     (self._seq,)).fetchall()
         finally:
             self._db.execute("COMMIT")
-        for (h,) in rows:
-            self._remember(_prefix(h))
+        # one merge for the lot (an import of 300,000 entries elsewhere: not 70 merges)
+        new = {p for p in (_prefix(h) for (h,) in rows) if not self._has(p)}
+        if len(new) + len(self._recent) >= _MERGE_AT:
+            self._filter = array.array("Q", sorted([*self._filter, *self._recent, *new]))
+            self._recent = set()
+        else:
+            self._recent |= new
         self._seq = seq
+        self.foreign += len(new)
+        return bool(new)
+
+    def refresh_elsewhere(self) -> None:
+        """Never `refresh` on this connection: another (the writer thread's) reads others'
+        entries and hands them over (`adopt`), so `check` never runs that read."""
+        self.refresh_interval = float("inf")
+        self._next_refresh = float("inf")
+
+    def snapshot(self) -> array.array:
+        """Every prefix the filter holds, as one sorted array (for `adopt` elsewhere)."""
+        return array.array("Q", sorted([*self._filter, *self._recent]))
+
+    def adopt(self, prefixes: array.array, seq: int) -> None:
+        """Take another connection's filter (`snapshot`, built off the event loop by the
+        suppression writer thread after it picked up other processes' entries); what this
+        one learned meanwhile and the snapshot lacks is kept."""
+        old = self._recent
+        self._filter = prefixes
+        self._recent = set()
+        self._recent = {p for p in old if not self._has(p)}
+        self._seq = max(self._seq, seq)
 
     def _has(self, p: int) -> bool:
         if p in self._recent:

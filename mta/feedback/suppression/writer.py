@@ -25,8 +25,10 @@ Reads/writes: the store file (its own connection, opened in the thread).
 """
 from __future__ import annotations
 
+import array
 import logging
 import sqlite3
+import time
 import threading
 from collections import deque
 from pathlib import Path
@@ -42,12 +44,19 @@ Item = tuple[str, str, str, "int | None", str]    # (address, scope, reason, exp
 class SuppressionWriter:
     def __init__(self, path: str | Path, key: bytes, *,
                  on_commit: Callable[[int, int, list[bytes]], None],
-                 max_pending: int = 100_000, batch: int = 5000, retry: float = 1.0):
+                 on_filter: Callable[[array.array, int], None] | None = None,
+                 max_pending: int = 100_000, batch: int = 5000, retry: float = 1.0,
+                 refresh_interval: float = 1.0):
         """`on_commit(ticket, seq, hashes)` is called from the writer thread after each
         commit: every entry submitted with a ticket <= `ticket` is written (or was
-        invalid and skipped). It must only hand over to the loop (call_soon_threadsafe)."""
+        invalid and skipped). `on_filter(prefixes, seq)`, when other processes added
+        entries (looked for every `refresh_interval`): the whole prefix filter, built
+        here, for the loop's read connection to adopt. Both must only hand over to the
+        loop (call_soon_threadsafe)."""
         self.path, self._key = Path(path), key
         self.on_commit = on_commit
+        self.on_filter = on_filter
+        self.refresh_interval = refresh_interval
         self.max_pending = max_pending
         self.batch = batch
         self.retry = retry
@@ -57,6 +66,7 @@ class SuppressionWriter:
         self._closing = False
         self.written = 0
         self.failures = 0
+        self._foreign = 0              # store.foreign when the loop last got a filter
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="suppression-writer", daemon=True)
@@ -111,14 +121,40 @@ class SuppressionWriter:
         finally:
             store.close()
 
+    def _refresh(self, store: SuppressionList, force: bool) -> None:
+        """Other processes' entries (`mta suppress import`, another worker): read and
+        merged here (also by add_many when it sees another writer's generation), handed
+        to the loop as a whole filter."""
+        try:
+            if force:
+                store.refresh()
+            if store.foreign != self._foreign and self.on_filter is not None:
+                self._foreign = store.foreign
+                self.on_filter(store.snapshot(), store._seq)
+        except sqlite3.Error as exc:
+            log.warning("cannot read the suppression store for others' entries: %s", exc)
+        except RuntimeError:           # the loop is closed (shutdown)
+            pass
+
     def _loop(self, store: SuppressionList) -> None:
         done = 0                       # tickets written so far
+        next_refresh = time.monotonic() + self.refresh_interval
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
-                    self._cv.wait()
-                if not self._queue:
+                    wait = next_refresh - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cv.wait(wait)
+                if not self._queue and self._closing:
                     return             # closing and nothing left
+            due = time.monotonic() >= next_refresh
+            if due:
+                next_refresh = time.monotonic() + self.refresh_interval
+            self._refresh(store, due)
+            with self._cv:
+                if not self._queue:
+                    continue
                 items = [self._queue[i] for i in range(min(self.batch, len(self._queue)))]
             try:
                 store.add_many(items)
