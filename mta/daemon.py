@@ -89,6 +89,9 @@ def _watch_supervisor(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], Non
         if not data:
             loop.remove_reader(fd)
             log.warning("the supervisor is gone (stdin closed): draining and stopping")
+            devnull = os.open(os.devnull, os.O_WRONLY)   # stdout was its pipe too
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
             on_gone()
 
     os.set_blocking(fd, False)
