@@ -13,7 +13,8 @@ seconds: busy_timeout is spent in this thread).
 Bounded: at most `max_pending` entries wait. `submit` refuses more (returns None): the
 caller logs and counts the loss. The bounce intake never gets there: it counts the
 messages whose entries are not yet committed in its backlog, so returned mail gets
-451 at RCPT long before (mta/feedback/intake.py). A batch is at most `batch` entries.
+451 at RCPT long before (mta/feedback/intake.py). A batch is at most `batch` entries;
+commits start at least `interval` apart (a burst: few large batches; a lone entry: at once).
 
 Failures: a batch that cannot be written (sqlite3.Error: locked past busy_timeout,
 disk full) is logged and tried again `retry` seconds later, with what queued meanwhile;
@@ -46,7 +47,7 @@ class SuppressionWriter:
                  on_commit: Callable[[int, int, list[bytes]], None],
                  on_filter: Callable[[array.array, int], None] | None = None,
                  max_pending: int = 100_000, batch: int = 5000, retry: float = 1.0,
-                 refresh_interval: float = 1.0):
+                 refresh_interval: float = 1.0, interval: float = 0.05):
         """`on_commit(ticket, seq, hashes)` is called from the writer thread after each
         commit: every entry submitted with a ticket <= `ticket` is written (or was
         invalid and skipped). `on_filter(prefixes, seq)`, when other processes added
@@ -57,6 +58,9 @@ class SuppressionWriter:
         self.on_commit = on_commit
         self.on_filter = on_filter
         self.refresh_interval = refresh_interval
+        # least time between two commits' starts: a burst goes in few large batches (few
+        # fsyncs, few wake-ups of the loop) while a lone entry is written at once
+        self.interval = interval
         self.max_pending = max_pending
         self.batch = batch
         self.retry = retry
@@ -89,7 +93,8 @@ class SuppressionWriter:
                 return None
             self._queue.append(item)
             self._submitted += 1
-            self._cv.notify()
+            if len(self._queue) == 1:
+                self._cv.notify()      # (it waits only on an empty queue, or for `interval`)
             return self._submitted
 
     def close(self, timeout: float = 30.0) -> int:
@@ -139,6 +144,7 @@ class SuppressionWriter:
     def _loop(self, store: SuppressionList) -> None:
         done = 0                       # tickets written so far
         next_refresh = time.monotonic() + self.refresh_interval
+        last_commit = float("-inf")
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
@@ -155,7 +161,11 @@ class SuppressionWriter:
             with self._cv:
                 if not self._queue:
                     continue
+                linger = last_commit + self.interval - time.monotonic()
+                if linger > 0 and len(self._queue) < self.batch and not self._closing:
+                    self._cv.wait(linger)
                 items = [self._queue[i] for i in range(min(self.batch, len(self._queue)))]
+            last_commit = time.monotonic()
             try:
                 store.add_many(items)
             except sqlite3.Error as exc:
