@@ -508,7 +508,8 @@ class BouncesConfig:
     parse_memory: int = key(SIZE, "512MiB", "address space (RLIMIT_AS) of each parsing child; "
                             "a parse that needs more is \"unparsed\" (0: no limit)", lo=0,
                             hi="64GiB", restart=True)
-    parse_backlog: int = key(INT, 10000, "returned messages waiting for a parser at most; "
+    parse_backlog: int = key(INT, 10000, "returned messages waiting for a parser, or for their "
+                             "suppression entries to be stored, at most; "
                              "beyond, new mail to the bounce domain gets 451 4.3.2 at RCPT "
                              "(nothing accepted is dropped)", lo=1, hi=10000000, restart=True)
     parse_attempts: int = key(INT, 3, "parses of one returned message cut short by daemon "
