@@ -69,7 +69,7 @@ def test_three_nodes_share_connection_limit_and_rate(tmp_path):
         missing_tool("redis-server (apt install redis-server)")
     import redis
     rig = ClusterRig(tmp_path / "rig", nodes=3, workers=2, connections=6,
-                     rate=f"{RATE}/s", delay_ms=40, lease_ttl=f"{TTL:g}s", max_deliveries=50)
+                     rate=f"{RATE}/s", delay_ms=10, lease_ttl=f"{TTL:g}s", max_deliveries=50)
     rig.start()
     try:
         n3 = rig.nodes[2]
