@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
@@ -132,13 +133,16 @@ class SharedLimits:
         self.fallback_fraction = fallback_fraction
         self.rate_batch = rate_batch
         self._seq = 0
+        # per process start: two nodes of one host name without [server] node, or a
+        # worker restarted before its predecessor's leases expired, never share a member
+        self._run = os.urandom(4).hex()
 
     def rate(self, key: str, rate: Rate) -> SharedRate:
         return SharedRate(self, key, rate)
 
     def _member(self) -> str:
         self._seq += 1
-        return f"{self.member}/{self._seq}"
+        return f"{self.member}/{self._run}.{self._seq}"
 
     async def acquire(self, keys: list[tuple[str, int]]) -> Lease | None:
         """A lease on every (key, limit) at once, or None when one is at its limit."""

@@ -6,7 +6,7 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
   n tokens at once (n = [cluster] rate_batch's worth), as many as the rate and its burst
   (one second's worth) allow now; when none is due it reserves n from the time the first
   is, and says when (base.gcra, the same step in Python for the host table).
-- Leases per connection key: a sorted set whose members are connections ("node/wN/seq")
+- Leases per connection key: a sorted set whose members are connections ("node/wN/run.seq")
   scored by their expiry; acquiring drops expired members (ZREMRANGEBYSCORE), counts
   (ZCARD) and adds (ZADD) on every key of the lease or on none. A renewal task re-adds
   every live lease with a fresh expiry each lease_ttl/3, so a live connection is always
