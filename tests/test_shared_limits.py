@@ -240,3 +240,9 @@ def test_two_engines_share_a_site_through_the_host_table(monkeypatch, tmp_path):
             t.cancel()
         loop.run(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
+
+
+def test_a_bad_redis_url_names_the_key(tmp_path):
+    cfg = parse_config('[cluster]\nbackend = "redis"\nredis_url = "foo://x"\n')
+    with pytest.raises(ValueError, match=r"\[cluster\] redis_url: "):
+        open_shared(cfg.cluster, WorkerSlot(), Path(tmp_path))

@@ -38,9 +38,13 @@ def open_shared(cfg: ClusterConfig, worker: WorkerSlot, spool_root: Path) -> Sha
     member = worker.name
     if cfg.backend == "redis":
         from mta.egress.shared.redis_store import RedisLimits
-        return RedisLimits(cfg.redis_url, prefix=cfg.key_prefix, lease_ttl=cfg.lease_ttl,
-                           timeout=cfg.timeout, member=member,
-                           fallback_fraction=cfg.fallback_fraction, rate_batch=cfg.rate_batch)
+        try:
+            return RedisLimits(cfg.redis_url, prefix=cfg.key_prefix, lease_ttl=cfg.lease_ttl,
+                               timeout=cfg.timeout, member=member,
+                               fallback_fraction=cfg.fallback_fraction,
+                               rate_batch=cfg.rate_batch)
+        except ValueError as exc:          # the URL: redis-py's words, our key
+            raise ValueError(f"[cluster] redis_url: {exc}") from None
     if cfg.backend == "host":
         from mta.egress.shared.host_table import HostLimits
         return HostLimits(spool_root / "shared-limits", worker=worker, member=member,
