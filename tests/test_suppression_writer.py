@@ -91,8 +91,8 @@ def test_other_processes_entries_reach_the_reader_as_a_filter_built_in_the_threa
     filters: list = []
     got = threading.Event()
 
-    def on_filter(prefixes, seq):
-        filters.append((prefixes, seq))
+    def on_filter(prefixes, seq, whole):
+        filters.append((prefixes, seq, whole))
         got.set()
 
     w = SuppressionWriter(tmp_path / "s.sqlite", key, on_commit=lambda *a: None,
@@ -104,9 +104,20 @@ def test_other_processes_entries_reach_the_reader_as_a_filter_built_in_the_threa
             cli.import_lines(f"imp{i}@example.test" for i in range(20_000))
         assert got.wait(20), "no filter handed over"
         assert reader.check("imp7@example.test") is None, "the reader never reads others' entries itself"
-        reader.adopt(*filters[-1])
+        prefixes, seq, whole = filters[-1]
+        assert whole, "20,000 new entries: the whole filter"
+        reader.adopt(prefixes, seq)
         assert all(reader.check(f"imp{i}@example.test") for i in (0, 7, 19_999))
         assert reader.check("other@example.test") is None
+        # a few more (another worker's bounces): only those are handed over
+        got.clear()
+        with SuppressionList(tmp_path / "s.sqlite", key, private=False) as cli:
+            cli.add("few@example.test")
+        assert got.wait(20)
+        prefixes, seq, whole = filters[-1]
+        assert not whole and len(prefixes) == 1
+        reader.learn_prefixes(prefixes, seq)
+        assert reader.check("few@example.test")
     finally:
         w.close()
         reader.close()

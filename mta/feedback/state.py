@@ -120,8 +120,8 @@ class Feedback:
                 on_commit=lambda ticket, seq, hashes: loop.call_soon_threadsafe(
                     self._committed, ticket, seq, hashes),
                 # other processes' entries: read and merged in the thread, adopted here
-                on_filter=lambda prefixes, seq: loop.call_soon_threadsafe(
-                    reader.adopt, prefixes, seq),
+                on_filter=lambda prefixes, seq, whole: loop.call_soon_threadsafe(
+                    reader.adopt if whole else reader.learn_prefixes, prefixes, seq),
                 refresh_interval=reader.refresh_interval)
             self.writer.start()
             reader.refresh_elsewhere()

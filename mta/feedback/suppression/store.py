@@ -261,6 +261,7 @@ class SuppressionList:
         self._next_refresh = 0.0
         self.last_batch: tuple[int, list[bytes]] = (0, [])   # (seq, hashes) of add_many's last write
         self.foreign = 0          # prefixes `refresh` found that this connection did not write
+        self.last_foreign: set[int] = set()   # ... since the holder last emptied it
         self._reload()
 
     # -- transactions
@@ -321,7 +322,14 @@ class SuppressionList:
             self._recent |= new
         self._seq = seq
         self.foreign += len(new)
+        self.last_foreign |= new
         return bool(new)
+
+    def learn_prefixes(self, prefixes: Iterable[int], seq: int) -> None:
+        """A few prefixes another connection found (see `adopt` for many)."""
+        for p in prefixes:
+            self._remember(p)
+        self._seq = max(self._seq, seq)
 
     def refresh_elsewhere(self) -> None:
         """Never `refresh` on this connection: another (the writer thread's) reads others'

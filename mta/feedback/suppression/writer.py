@@ -39,20 +39,23 @@ from .store import SuppressionList
 
 log = logging.getLogger("mta.feedback.suppression")
 
+SNAPSHOT_AT = 4096     # others' new entries from which the loop gets a whole filter
+
 Item = tuple[str, str, str, "int | None", str]    # (address, scope, reason, expires, note)
 
 
 class SuppressionWriter:
     def __init__(self, path: str | Path, key: bytes, *,
                  on_commit: Callable[[int, int, list[bytes]], None],
-                 on_filter: Callable[[array.array, int], None] | None = None,
+                 on_filter: Callable[[array.array, int, bool], None] | None = None,
                  max_pending: int = 100_000, batch: int = 5000, retry: float = 1.0,
                  refresh_interval: float = 1.0, interval: float = 0.05):
         """`on_commit(ticket, seq, hashes)` is called from the writer thread after each
         commit: every entry submitted with a ticket <= `ticket` is written (or was
-        invalid and skipped). `on_filter(prefixes, seq)`, when other processes added
-        entries (looked for every `refresh_interval`): the whole prefix filter, built
-        here, for the loop's read connection to adopt. Both must only hand over to the
+        invalid and skipped). `on_filter(prefixes, seq, whole)`, when other processes
+        added entries (looked for every `refresh_interval`): the new prefixes when they
+        are few, else (whole=True) the whole prefix filter, built here, for the loop's
+        read connection to adopt. Both must only hand over to the
         loop (call_soon_threadsafe)."""
         self.path, self._key = Path(path), key
         self.on_commit = on_commit
@@ -135,7 +138,11 @@ class SuppressionWriter:
                 store.refresh()
             if store.foreign != self._foreign and self.on_filter is not None:
                 self._foreign = store.foreign
-                self.on_filter(store.snapshot(), store._seq)
+                new, store.last_foreign = store.last_foreign, set()
+                if len(new) < SNAPSHOT_AT:     # a few (another worker's bounces): just those
+                    self.on_filter(array.array("Q", new), store._seq, False)
+                else:                          # an import: the whole filter, merged here
+                    self.on_filter(store.snapshot(), store._seq, True)
         except sqlite3.Error as exc:
             log.warning("cannot read the suppression store for others' entries: %s", exc)
         except RuntimeError:           # the loop is closed (shutdown)
