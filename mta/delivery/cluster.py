@@ -40,12 +40,15 @@ def path_of(store: SharedLimits, d: Dispatcher) -> str:
 class PathLeases:
     """What one dispatcher asks the store for: a lease per connection."""
 
-    __slots__ = ("d", "retry_at", "store")
+    __slots__ = ("d", "retry_at", "store", "uncapped")
 
     def __init__(self, store: SharedLimits, d: Dispatcher) -> None:
         self.store = store
         self.d = d
         self.retry_at = 0.0
+        # (path, site) connection limits while the engine holds lowered ones during a
+        # store outage: the store applies the fallback fraction to these itself
+        self.uncapped: tuple[int, int | None] | None = None
 
     def held(self) -> bool:
         """The store refused a moment ago: open nothing until the retry timer (set again
@@ -61,8 +64,9 @@ class PathLeases:
     async def acquire(self) -> Lease | None:
         d = self.d
         # named now: a reload may have given the source another address
-        keys = [(f"conn:{path_of(self.store, d)}", d.limits.connection_limit)]
-        site_limit = d.site_state.connection_limit
+        path_limit, site_limit = self.uncapped or (d.limits.connection_limit,
+                                                   d.site_state.connection_limit)
+        keys = [(f"conn:{path_of(self.store, d)}", path_limit)]
         if site_limit is not None:
             keys.append((f"conn:site:{d.site.name}", site_limit))
         lease = await self.store.acquire(keys)

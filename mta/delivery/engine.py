@@ -36,8 +36,8 @@ from mta.delivery.tlsrpt import TlsReports
 from mta.egress.dnsclient import DnsClient
 from mta.egress.limits import LimitsPath, LimitsSource, Scope, retune
 from mta.egress.pools import Egress
-from mta.egress.shared import open_shared
 from mta.egress.shaping import Limits, Shaping
+from mta.egress.shared import fallback_limit, open_shared
 from mta.egress.sites import ResolveError, Site, SiteResolver
 from mta.egress.throttle import Throttle
 from mta.egress.warmup import STATE_NAME as WARMUP_STATE
@@ -109,6 +109,8 @@ class DeliveryEngine:
             spool_root = spool_root.parent
         self.shared = open_shared(config.cluster, worker, spool_root)
         self.cluster = ClusterLimits(self.shared) if self.shared is not None else None
+        if self.shared is not None:
+            self.shared.on_change = self._cluster_outage
         if self.shared is None and worker.count > 1 and worker.index == 0:
             log.warning("%d workers with [cluster] backend = \"local\": each worker holds "
                         "every connection limit and rate on its own (backend = \"host\" "
@@ -329,6 +331,30 @@ class DeliveryEngine:
             d.set_limits(_path_limits(limits))
             if self.cluster is not None:
                 self.cluster.shape(d)
+
+    def _cluster_outage(self, down: bool) -> None:
+        """The shared store went away (down) or is back. Down: this process holds every
+        connection limit alone at [cluster] fallback_fraction, the connections already
+        open above it included (idle ones close now, busy ones after the message in
+        hand, as at any lowered limit); back: the shaping limits again."""
+        if self.draining:
+            return
+        ds = [d for d in self.dispatchers.values() if d.cluster is not None]
+        if not down:
+            for d in ds:
+                d.cluster.uncapped = None
+            self._limits_changed(None)
+            return
+        f = self.config.cluster.fallback_fraction
+        for d in ds:
+            if d.cluster.uncapped is None:
+                d.cluster.uncapped = (d.limits.connection_limit, d.site_state.connection_limit)
+        for st in {id(d.site_state): d.site_state for d in ds}.values():
+            if st.connection_limit is not None:
+                st.reshape(fallback_limit(st.connection_limit, f))
+        for d in ds:
+            d.set_limits(dataclasses.replace(
+                d.limits, connection_limit=fallback_limit(d.limits.connection_limit, f)))
 
     def _shape_site(self, state: SiteState, limits: Limits) -> None:
         """What all sources' dispatchers of a site share: the site-wide connection limit and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
@@ -136,6 +137,16 @@ class SharedLimits:
         # per process start: two nodes of one host name without [server] node, or a
         # worker restarted before its predecessor's leases expired, never share a member
         self._run = os.urandom(4).hex()
+        # called with True when the store goes away, False when it is back (redis)
+        self.on_change: Callable[[bool], None] | None = None
+
+    def _notify(self, down: bool) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(down)
+            except Exception:     # the delivery side's bug must not break the store
+                log.exception("cluster: reacting to the store %s", "going away" if down
+                              else "coming back")
 
     def rate(self, key: str, rate: Rate) -> SharedRate:
         return SharedRate(self, key, rate)

@@ -108,6 +108,7 @@ class RedisLimits(SharedLimits):
         self.leases: dict[str, Lease] = {}     # member -> live lease of this process
         self.held: dict[str, int] = {}         # key -> live leases of this process on it
         self.down = False                      # Redis unreachable: limits held locally
+        self.resync = False                    # back: register the leases before a new one
         self.probe_at = 0.0                    # clock time of the next attempt while down
         self.failures = 0
         self._tasks: set[asyncio.Task] = set()
@@ -130,11 +131,23 @@ class RedisLimits(SharedLimits):
             log.warning("cluster: redis %s unreachable (%s: %s); limits held by this "
                         "process alone at %g of each until it answers again", self.url,
                         type(exc).__name__, exc, self.fallback_fraction)
+            self._notify(True)
 
     def _ok(self) -> None:
         if self.down:
             self.down = False
+            self.resync = bool(self.leases)
             log.warning("cluster: redis %s answers again; shared limits back", self.url)
+            # every node registers what it took alone within a renewal period and a
+            # probe; until then the delivery side keeps its lowered limits
+            if self.loop is not None:
+                self.loop.call_later(self.lease_ttl / 3 + PROBE_EVERY, self._back)
+            else:
+                self._notify(False)
+
+    def _back(self) -> None:
+        if not self.down:
+            self._notify(False)
 
     async def _call(self, script, keys: list[str], args: list[Any]) -> Any:
         return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
@@ -148,10 +161,11 @@ class RedisLimits(SharedLimits):
         granted = None
         if self._usable():
             try:
-                if self.down and self.leases:
+                if (self.down or self.resync) and self.leases:
                     # back after an outage (a restarted server may hold nothing): count
                     # what this process holds before it takes more
                     await self._renew_all()
+                self.resync = False
                 member = self._member()
                 reply = await self._call(self._acquire, list(names),
                                          [self.lease_ttl, member, *(lim for _, lim in keys)])
