@@ -16,7 +16,11 @@ named by its MX hosts, the same on every node.
 
 A connection takes one lease on its path and site keys before it connects; when the
 store refuses (the cluster is at a limit), the dispatcher opens nothing for RETRY seconds
-(jittered) and then looks again: Redis notifies nobody when a lease frees.
+(jittered) and then looks again: Redis notifies nobody when a lease frees. A granted lease
+with more messages waiting than connections wakes the dispatcher again (ramp-up).
+When the store goes away, the engine (DeliveryEngine._cluster_outage) lowers every
+connection limit of this process to [cluster] fallback_fraction, so connections above it
+close too; `PathLeases.uncapped` keeps the limits the store's own fallback count uses.
 """
 from __future__ import annotations
 
