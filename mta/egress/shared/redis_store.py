@@ -236,14 +236,17 @@ class RedisLimits(SharedLimits):
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            if self.leases and self._usable():
-                await self.renew()
-            elif not self.leases and self.down and self._usable():
-                try:       # nothing to renew: a probe, so the recovery is seen and logged
-                    await asyncio.wait_for(self.client.ping(), self.timeout)
-                    self._ok()
-                except (TimeoutError, RedisError, OSError) as exc:
-                    self._failed(exc)
+            try:
+                if self.leases and self._usable():
+                    await self.renew()
+                elif not self.leases and self.down and self._usable():
+                    try:   # nothing to renew: a probe, so the recovery is seen and logged
+                        await asyncio.wait_for(self.client.ping(), self.timeout)
+                        self._ok()
+                    except (TimeoutError, RedisError, OSError) as exc:
+                        self._failed(exc)
+            except Exception:      # never end the renewals: leases would expire under load
+                log.exception("cluster: lease renewal")
 
     # -- rates -------------------------------------------------------------------------
 
