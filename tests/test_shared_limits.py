@@ -187,8 +187,21 @@ def test_host_table_shares_leases_and_rate_between_workers(tmp_path):
 
 def test_local_backend_builds_nothing(tmp_path):
     cfg = parse_config("")
-    assert cfg.cluster.backend == "local"
+    assert cfg.cluster.backend == "auto"     # one worker: local
     assert open_shared(cfg.cluster, WorkerSlot(), Path(tmp_path)) is None
+    assert open_shared(parse_config('[cluster]\nbackend = "local"\n').cluster,
+                       WorkerSlot(1, 2, "n"), Path(tmp_path)) is None
+
+
+def test_auto_backend_shares_between_workers(tmp_path):
+    """The default with several workers: the host table, so the configured limits hold
+    for the host, not per worker."""
+    from mta.egress.shared.host_table import HostLimits
+    shared = open_shared(parse_config("").cluster, WorkerSlot(0, 2, "n"), Path(tmp_path))
+    try:
+        assert isinstance(shared, HostLimits)
+    finally:
+        asyncio.run(shared.close())
 
 
 def test_two_engines_share_a_site_through_the_host_table(monkeypatch, tmp_path):

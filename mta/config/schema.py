@@ -783,10 +783,11 @@ class ClusterConfig:
     a table in shared memory under the spool directory; redis: every node and worker
     shares them through a redis-server (KumoMTA's scheme)."""
 
-    backend: str = key(CHOICE, "local", "where shared limits are held: local (this process "
+    backend: str = key(CHOICE, "auto", "where shared limits are held: local (this process "
                        "only), host (this host's workers, shared memory, no service), redis "
-                       "(the whole cluster, through redis_url)",
-                       choices=("local", "host", "redis"), restart=True)
+                       "(the whole cluster, through redis_url); auto: host when [server] "
+                       "workers is above 1, else local",
+                       choices=("auto", "local", "host", "redis"), restart=True)
     redis_url: str = key(TEXT, "redis://127.0.0.1:6379/0", "the redis-server of backend = "
                          "redis (redis://[:password@]host:port/db or unix:///path)", restart=True)
     key_prefix: str = key(TEXT, "mta:", "prefix of every Redis key (clusters sharing one "

@@ -102,7 +102,7 @@ class DeliveryEngine:
         self.budget = ConnectionBudget(config.egress.max_connections)
         self.sites: dict[str, SiteState] = {}
         # [cluster]: connection leases and rates shared with other workers and nodes
-        # (mta/delivery/cluster.py); None for backend = "local": nothing shared, no cost
+        # (mta/delivery/cluster.py); None for local (auto with one worker): nothing shared, no cost
         worker = worker or WorkerSlot()
         spool_root = config.spool.directory   # a worker's spool is <spool root>/wN
         if worker.count > 1 and spool_root.name == f"w{worker.index}":

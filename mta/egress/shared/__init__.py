@@ -1,6 +1,7 @@
 """Limits that must hold across worker processes and nodes: connection leases and rates.
 
-One interface, three places to hold the counts ([cluster] backend):
+One interface, three places to hold the counts ([cluster] backend; the default, auto, is
+host when [server] workers is above 1, else local):
 - local: nothing is shared; the dispatchers' own counters and token buckets are the limits
   (one worker, one node). The delivery engine then builds no shared objects at all, so the
   single-process hot path costs exactly what it did.
@@ -36,7 +37,10 @@ __all__ = ["Lease", "SharedLimits", "SharedRate", "fallback_limit", "open_shared
 def open_shared(cfg: ClusterConfig, worker: WorkerSlot, spool_root: Path) -> SharedLimits | None:
     """The store [cluster] names; None for local (the engine then shares nothing)."""
     member = worker.name
-    if cfg.backend == "redis":
+    backend = cfg.backend
+    if backend == "auto":   # the configured limits hold for the host, however many workers
+        backend = "host" if worker.count > 1 else "local"
+    if backend == "redis":
         from mta.egress.shared.redis_store import RedisLimits
         try:
             return RedisLimits(cfg.redis_url, prefix=cfg.key_prefix, lease_ttl=cfg.lease_ttl,
@@ -45,7 +49,7 @@ def open_shared(cfg: ClusterConfig, worker: WorkerSlot, spool_root: Path) -> Sha
                                rate_batch=cfg.rate_batch)
         except ValueError as exc:          # the URL: redis-py's words, our key
             raise ValueError(f"[cluster] redis_url: {exc}") from None
-    if cfg.backend == "host":
+    if backend == "host":
         from mta.egress.shared.host_table import HostLimits
         return HostLimits(spool_root / "shared-limits", worker=worker, member=member,
                           fallback_fraction=cfg.fallback_fraction, rate_batch=cfg.rate_batch)
