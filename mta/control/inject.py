@@ -32,10 +32,19 @@ that claim the sealed format but do not open with the keyring (unknown key id, t
 bad base64) are refused one by one, as SMTP refuses them at RCPT (550 5.1.3): listed in
 the answer's "refused" with the reason, the others go on; none left: 422. DKIM at reception (signing.stage = "reception") signs
 here too. The answer comes once every message of the request is durable (SMTP's 250):
-200 {"messages": [{"id", "recipients"}], "suppressed": [...], "refused": [...]}. Refusals: 400 naming the
+200 {"messages": [{"id", "recipients", "status"}], "suppressed": [...], "refused": [...]}. Refusals: 400 naming the
 problem, 413 (body over inject_max_size), 503 (queue full, memory budget, a failed spool
 write, DKIM deferral: retry later; Retry-After) and 507 (spool disk space), with the
 reason as at SMTP (452 4.3.1 and friends).
+
+Content scanning ([[scan]] tables, mta/ingest/scan.py) runs as at SMTP reception, per
+message and by its tenant (the request's over the header), before DKIM signing, through
+the same Scanning.judge (same actions, records and fail policy). Each message's "status"
+says what became of it: "queued", "held" (an operator hold on its id), "dropped" (a
+Scanned record, nothing stored), "rejected" or "deferred" with "error" holding the SMTP
+reply reception would have sent (550 5.7.1 / 451 4.7.1 when the scanner is down and
+fail = "closed"). The answer is 200 when any message was stored or dropped; when every
+message was refused, 503 (Retry-After) if any was deferred, else 422, with the same list.
 """
 from __future__ import annotations
 
@@ -62,6 +71,7 @@ from mta.spool import SpoolError
 
 if TYPE_CHECKING:
     from mta.ingest.reception import Reception
+    from mta.ingest.scan import Verdict
 
 LISTENER, PROTOCOL = "http-inject", "HTTP"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]{1,64})\s*\}\}")
@@ -72,6 +82,15 @@ _MAX_VALUE = 64 << 10     # one substitution value
 _MAX_FIELD = 998          # a header value after substitution (one line, RFC 5322 2.1.1)
 _RESERVED = frozenset({"from", "to", "subject", "date", "message-id", "mime-version",
                        "content-type", "content-transfer-encoding"})
+
+
+def _fate(env: Any, v: Verdict) -> dict:
+    """The answer's entry for a message the content scan did not let in."""
+    entry = {"id": env.id, "recipients": [r.address for r in env.recipients]}
+    if v.action == "drop":   # recorded (Scanned), never stored
+        return {**entry, "status": "dropped"}
+    return {**entry, "status": "rejected" if v.action == "reject" else "deferred",
+            "error": v.refusal.decode("ascii").strip() if v.refusal else v.reason}
 
 
 class Refused(Exception):
@@ -429,15 +448,27 @@ class Injector:
                 content_type="application/json")
         if len(scanned) != len(messages):   # a message lost all its recipients
             scanned = [{**reception.x_values(content), **given} for _, content in messages]
-        stored, pending = [], []
-        dkim = reception.dkim
+        made = []
         for (rcpts, content), x_values in zip(messages, scanned):
             raw_id, env = reception.new_envelope(
                 sender, [Recipient(a) for a in rcpts], content, helo=LISTENER, client_ip=ip,
                 client_port=0, listener=LISTENER, protocol=PROTOCOL, x_values=x_values,
                 smtputf8=not (sender + "".join(rcpts)).isascii())
+            made.append((raw_id, env, content))
+        verdicts = await self._scan(made)
+        stored, pending, held, fates = [], [], set(), []
+        dkim = reception.dkim
+        for (raw_id, env, content), v in zip(made, verdicts):
+            if v is not None:
+                if v.refusal is not None or v.action == "drop":
+                    fates.append(_fate(env, v))
+                    continue
+                content = v.content   # tagged before signing, as at SMTP reception
             if dkim is not None:
                 content = await self._sign(dkim, content, env)
+            if v is not None and v.action == "hold":
+                reception.scan.place_hold(raw_id)
+                held.add(raw_id)
             s = reception.store(raw_id, env, content)
             stored.append(s)
             pending.append(s.durable)
@@ -446,6 +477,8 @@ class Injector:
         for s, r in zip(stored, results):
             if not isinstance(r, BaseException):
                 reception.durable(s)
+            elif s.raw_id in held:
+                reception.scan.lift_hold(s.raw_id)
         if failed:
             ok = [s.id for s, r in zip(stored, results) if not isinstance(r, BaseException)]
             exc = failed[0]
@@ -455,10 +488,30 @@ class Injector:
             return web.Response(status=503, headers={"Retry-After": "10"}, body=orjson.dumps(
                 {"error": f"{r.code} {r.status} {r.text}", "stored": ok}),
                 content_type="application/json")
-        return web.Response(body=orjson.dumps(
-            {"messages": [{"id": s.id, "recipients": [r.address for r in s.envelope.recipients]}
-                          for s in stored], "suppressed": suppressed, "refused": refused}),
-            content_type="application/json")
+        answer = [{"id": s.id, "recipients": [r.address for r in s.envelope.recipients],
+                   "status": "held" if s.raw_id in held else "queued"} for s in stored] + fates
+        body = {"messages": answer, "suppressed": suppressed, "refused": refused}
+        if stored or any(f["status"] == "dropped" for f in fates):
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
+        if any(f["status"] == "deferred" for f in fates):   # fail = "closed", scanner down
+            return web.Response(status=503, headers={"Retry-After": "10"}, body=orjson.dumps(
+                {"error": fates[0]["error"], **body}), content_type="application/json")
+        return web.Response(status=422, body=orjson.dumps(
+            {"error": fates[0]["error"], **body}), content_type="application/json")
+
+    async def _scan(self, made: list) -> list[Verdict | None]:
+        """Each message's content-scan verdict ([[scan]] tables of its tenant; None: not
+        scanned), the messages of a request concurrently within each table's bound."""
+        scan = self.reception.scan
+        if scan is None:
+            return [None] * len(made)
+        jobs = [(scan.policy_for(env.tenant), env, content) for _, env, content in made]
+        if all(p is None for p, _, _ in jobs):
+            return [None] * len(made)
+
+        async def one(policies, env, content) -> Verdict | None:
+            return None if policies is None else await scan.judge(policies, content, env)
+        return list(await asyncio.gather(*(one(*j) for j in jobs)))
 
     async def _sign(self, dkim: Any, content: bytes, env: Any) -> bytes:
         specs = dkim.domains.for_message(content, env)

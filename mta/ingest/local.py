@@ -7,6 +7,10 @@ news once the message it reports on is finished, so it is stored again every
 `retry` seconds while the spool cannot write, and given up (logged) only at stop.
 Kept apart from Reception because it owns a lifecycle (background tasks, stop);
 the storing itself is Reception's (envelope, Received header, spool, on_stored).
+Content scanning ([[scan]], mta/ingest/scan.py) applies to `Server.inject()` as to SMTP,
+by the tenant header in the content: a reject or a tempfail raises ContentRefused, a
+hold stores under an operator hold, a drop returns an id and stores nothing. DSNs are
+not scanned (our own reports; a refused DSN would be news lost).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Iterable
 
+from mta.ingest.scan import ContentRefused
 from mta.model.envelope import Recipient
 from mta.spool import SpoolError
 
@@ -33,17 +38,39 @@ class LocalSubmission:
         self._stopping = False
 
     async def submit(self, sender: str, recipients: Iterable[str], content: bytes, *,
-                     client: str = "127.0.0.1", listener: str = "inject") -> str:
+                     client: str = "127.0.0.1", listener: str = "inject",
+                     scan: bool = True) -> str:
         """Spool and queue a message; returns its id once it is durable. `content` is
-        the RFC 5322 message with CRLF line ends. Raises SpoolError when the write failed."""
+        the RFC 5322 message with CRLF line ends. Raises SpoolError when the write failed
+        and ContentRefused when the content scan refused it (`scan`: scan when the
+        message's tenant has [[scan]] tables)."""
         rcpts = [Recipient(r) for r in recipients]
         if not rcpts:
             raise ValueError("inject() needs at least one recipient")
         raw_id, envelope = self.reception.new_envelope(
             sender, rcpts, content, helo="localhost", client_ip=client, client_port=0,
             listener=listener, protocol="local")
+        scanning = self.reception.scan
+        held = False
+        if scan and scanning is not None:
+            policies = scanning.policy_for(envelope.tenant)
+            if policies is not None:
+                verdict = await scanning.judge(policies, bytes(content), envelope)
+                if verdict.refusal is not None:
+                    raise ContentRefused(verdict)
+                if verdict.action == "drop":   # as SMTP: an id, nothing stored
+                    return envelope.id
+                content = verdict.content
+                if verdict.action == "hold":
+                    scanning.place_hold(raw_id)
+                    held = True
         stored = self.reception.store(raw_id, envelope, content)
-        await stored.durable
+        try:
+            await stored.durable
+        except BaseException:
+            if held:
+                scanning.lift_hold(raw_id)
+            raise
         self.reception.durable(stored)
         return stored.id
 
@@ -57,7 +84,7 @@ class LocalSubmission:
         """submit(), again every `retry` seconds while the spool cannot write."""
         while True:
             try:
-                await self.submit(sender, recipients, content)
+                await self.submit(sender, recipients, content, scan=False)
                 return
             except SpoolError as exc:
                 if self._stopping:

@@ -44,8 +44,16 @@ adds X-Virus-Status: Infected (<name>) / Clean. A tenant may have several tables
 per scanner): they scan concurrently and the strictest decision wins (reject > tempfail
 > drop > hold > tag > accept); tag headers of every table that tags are added.
 
-Not covered: HTTP injection (/inject) and local submission (DSNs) are not scanned; no
-milter client; no queue-stage (after the 250) scanning.
+The other doors. `judge()` is the verdict every door acts on, so HTTP injection and local
+submission follow the same tables, actions and fail policy as SMTP without a copy of this
+logic: POST /inject (mta/control/inject.py) scans each message of a request (per
+recipient when templated) before DKIM signing and reports each one's fate in its answer
+(stored, held, dropped, or refused with the SMTP reply: 550 5.7.1 / 451 4.7.1);
+`Server.inject()` (mta/ingest/local.py) raises ContentRefused for a reject or tempfail
+and returns the id for a hold (held) or a drop (nothing stored). DSNs are not scanned:
+they are ours, and a DSN refused would be news lost.
+
+Not covered: no milter client; no queue-stage (after the 250) scanning.
 """
 from __future__ import annotations
 
@@ -202,6 +210,28 @@ class Decision(NamedTuple):
     reason: str                # "spam", "malware", "clean", "oversize", or the failure
 
 
+class Verdict(NamedTuple):
+    """What a door does with a scanned message (Scanning.judge)."""
+    action: str                # the strictest decision: accept, tag, hold, drop, reject, tempfail
+    reason: str                # the deciding table's reason ("spam", "clean", a failure...)
+    refusal: bytes | None      # reject and tempfail: the SMTP reply line (550/451); else None
+    content: bytes             # the message to store: the tag headers of every tagging table
+                               # prepended (DKIM signs after this)
+
+
+class ContentRefused(Exception):
+    """Local submission (`Server.inject()`): the scan refused the message. `reply` is the
+    SMTP reply line reception would have sent; `permanent` is False for 451 4.7.1 (the
+    scanner is down and `fail = "closed"`: try again later)."""
+
+    def __init__(self, verdict: Verdict):
+        assert verdict.refusal is not None
+        self.reply = verdict.refusal.decode("ascii").strip()
+        self.permanent = verdict.action == "reject"
+        self.reason = verdict.reason
+        super().__init__(self.reply)
+
+
 class ScanPolicy:
     """One [[scan]] table, with its bound on scans in flight."""
 
@@ -301,8 +331,11 @@ class Scanning:
             log.exception("scan failed unexpectedly")
             return policy.decide(None, f"internal error: {type(exc).__name__}")
 
-    async def _check(self, policies: tuple[ScanPolicy, ...], content: bytes, raw_id: bytes,
-                     envelope: Envelope, store: Callable[[Any], Awaitable[bytes]]) -> bytes:
+    async def judge(self, policies: tuple[ScanPolicy, ...], content: bytes,
+                    envelope: Envelope) -> Verdict:
+        """Scan `content` with every table, record each decision, and return the strictest
+        one with the content to store (tag headers prepended). Every door that takes mail
+        in (SMTP reception, HTTP /inject, local submission) acts on this one verdict."""
         if len(policies) == 1:
             decisions = [await self._scan_one(policies[0], content)]
         else:
@@ -319,26 +352,44 @@ class Scanning:
         d, policy = decisions[worst], policies[worst]
         if d.action == "reject":
             self._rejection(envelope, 550, "5.7.1", d.reason)
-            return REJECT_SIZE if d.reason == "oversize" else \
-                REJECT if policy.cfg.scanner == "spamd" else REJECT_VIRUS
+            return Verdict("reject", d.reason, REJECT_SIZE if d.reason == "oversize" else
+                           REJECT if policy.cfg.scanner == "spamd" else REJECT_VIRUS, content)
         if d.action == "tempfail":
             self._rejection(envelope, 451, "4.7.1", "scanner_unavailable")
-            return TEMPFAIL
-        if d.action == "drop":   # the client sees an acceptance; nothing is stored
-            return reply("QUEUED", id_text(new_id()))
+            return Verdict("tempfail", d.reason, TEMPFAIL, content)
         tags = b"".join(p.tag_headers(x) for p, x in zip(policies, decisions)
                         if p.cfg.action == "tag" and x.spam is not None)
-        if tags:
-            content = tags + content
-        if d.action == "hold":
-            if self.hold is None:
-                return TEMPFAIL   # no queues to hold in (not wired): never send unreviewed
-            self.hold(raw_id)
-            answer = await store(content)
-            if not answer.startswith(b"250") and self.unhold is not None:
-                self.unhold(raw_id)   # not stored (spool error, DKIM defer): no stale hold
+        if d.action == "hold" and self.hold is None:
+            # no queues to hold in (not wired): never send unreviewed
+            return Verdict("tempfail", "no queues to hold in", TEMPFAIL, content)
+        return Verdict(d.action, d.reason, None, tags + content if tags else content)
+
+    def place_hold(self, raw_id: bytes) -> None:
+        """A "hold" verdict: the operator hold on the id, put before the spool write so
+        the message can never go out first."""
+        assert self.hold is not None   # judge() answers tempfail when it is not wired
+        self.hold(raw_id)
+
+    def lift_hold(self, raw_id: bytes) -> None:
+        """The held message was not stored after all (spool error, DKIM defer): no stale hold."""
+        if self.unhold is not None:
+            self.unhold(raw_id)
+
+    async def _check(self, policies: tuple[ScanPolicy, ...], content: bytes, raw_id: bytes,
+                     envelope: Envelope, store: Callable[[Any], Awaitable[bytes]]) -> bytes:
+        v = await self.judge(policies, content, envelope)
+        if v.refusal is not None:
+            return v.refusal
+        if v.action == "drop":   # the client sees an acceptance; nothing is stored
+            return reply("QUEUED", id_text(new_id()))
+        if v.action == "hold":
+            self.place_hold(raw_id)
+            answer = await store(v.content)
+            if not answer.startswith(b"250"):
+                self.lift_hold(raw_id)
             return answer
-        return await store(content)
+        return await store(v.content)
+
     def _record(self, policy: ScanPolicy, d: Decision, env: Envelope) -> None:
         if self.logs is None:
             return
