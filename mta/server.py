@@ -521,7 +521,10 @@ class Server:
         """Spool and queue a message without SMTP; returns its id once it is durable.
 
         `content` is the RFC 5322 message with CRLF line ends. Raises
-        mta.spool.SpoolError when the spool write failed.
+        mta.spool.SpoolError when the spool write failed, and
+        mta.ingest.scan.ContentRefused when a [[scan]] table of the message's tenant
+        refused it (its `reply`: 550 5.7.1, or 451 4.7.1 with `permanent` False); a
+        "hold" verdict returns the id of a held message, a "drop" an id never stored.
         """
         if self.local is None:
             raise RuntimeError("Server.inject() before start()")
