@@ -729,8 +729,8 @@ SCORE = ValueType("score", _parse_score, "a number (integer or float), e.g. 5.0"
 
 @dataclass(frozen=True, slots=True)
 class ScanConfig:
-    """Egress content scanning at reception (mta/ingest/scan.py) for one tenant by one
-    scanner (SpamAssassin's spamd or ClamAV's clamd); a tenant may have one table per
+    """Egress content scanning at reception (mta/ingest/scan.py: SMTP, HTTP /inject and
+    Server.inject(); not DSNs) for one tenant by one scanner (SpamAssassin's spamd or ClamAV's clamd); a tenant may have one table per
     scanner (the strictest decision wins); tables with tenant = \"\" apply to every
     tenant without tables of its own."""
 
