@@ -130,7 +130,8 @@ class DeliveryEngine:
                                  no_dsn_tenants=frozenset(d.no_dsn_tenants), clock=clock)
         # IP warm-up caps per (warming source, provider) (mta/egress/warmup.py)
         self.warmup = Warmup(config, self.shaping, logs=logs, clock=clock,
-                             state_path=config.spool.directory / WARMUP_STATE)
+                             state_path=config.spool.directory / WARMUP_STATE,
+                             shared=self.shared)
         self.outcomes.observers.append(self.warmup.observe)
         if feedback is not None:
             feedback.complaint_observers.append(self.warmup.complaint)
@@ -402,7 +403,7 @@ class _WarmupWait:
 
     def offer(self, msg: QueuedMessage) -> bool:
         w = self.engine.warmup
-        due = w.resume_at + random.uniform(0.0, w.hour_length / 10)
+        due = w.resume_at + random.uniform(0.0, w.spread)
         self.engine.scheduler.schedule(msg, due, InsertReason.WARMUP)
         return True
 

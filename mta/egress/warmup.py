@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mta.egress.shared.base import ALONE, DAY, GRANTED, HOUR, fallback_limit
 from mta.files import write_atomic
 from mta.model.attempt import AttemptResult
 from mta.model.log_records import RecordType
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from mta.config import Config
     from mta.config.schema import WarmupConfig
     from mta.egress.pools import Pool, Source
+    from mta.egress.shared.base import SharedCount, SharedLimits
     from mta.egress.shaping import Shaping
     from mta.egress.sites import Site
 
@@ -70,6 +72,7 @@ STATE_NAME = "warmup.json"
 _STATE_VERSION = 1
 _MAX_STATE = 1 << 24        # bytes of state file read at most
 _MAX_TARGETS = 100_000    # sites remembered with their provider and class (then cleared)
+_SHARED_WAIT = 0.01        # seconds before a message waiting on the shared store tries again
 _SAVE_EVERY = 60.0          # seconds between saves at most (a warm-up hour when shorter)
 
 
@@ -141,8 +144,13 @@ class Warmup:
     """The warming sources, their caps and counters; see the module docstring."""
 
     def __init__(self, config: Config, shaping: Shaping, *, state_path: Path | None,
-                 logs: Logs | None = None, clock: Callable[[], float]) -> None:
+                 logs: Logs | None = None, clock: Callable[[], float],
+                 shared: SharedLimits | None = None) -> None:
         self.clock = clock
+        # [cluster] host or redis: the caps count what every worker and node gave a source
+        # (mta/egress/shared, SharedCount); None: this process's own counters
+        self.shared = shared
+        self._counts: dict[tuple[str, str], SharedCount] = {}
         self.logs = logs
         self.state_path = state_path
         self.day_length = config.warmup.day_length       # restart-only
@@ -151,6 +159,9 @@ class Warmup:
         self._targets: dict[str, Target] = {}            # site name -> target
         self._blocked: dict[tuple[str, str], float] = {}  # (pool, target) -> all capped until
         self.resume_at = 0.0     # after pick() found no source: when the earliest cap frees
+        # how far past resume_at the waiting message is spread (a tenth of an hour, so a
+        # freed hour does not start with a burst; none when it waits on the shared store)
+        self.spread = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._dirty = False
@@ -245,6 +256,7 @@ class Warmup:
         if until is not None:
             if until > now:
                 self.resume_at = until
+                self.spread = self.hour_length / 10
                 return None
             del self._blocked[key]
         earliest = free
@@ -264,7 +276,10 @@ class Warmup:
                 if got == 0.0:
                     return src
                 earliest = min(earliest, got)
-        self._blocked[key] = self.resume_at = earliest
+        self.spread = 0.0 if earliest - now <= _SHARED_WAIT else self.hour_length / 10
+        if self.spread:
+            self._blocked[key] = earliest
+        self.resume_at = earliest
         return None
 
     def _offer(self, src: Source, t: Target, now: float) -> float:
@@ -288,6 +303,23 @@ class Warmup:
         cap = self._cap(w, t.klass)
         if cap is not None:
             day_cap, hour_cap = cap
+            if self.shared is not None:
+                got = self._shared_take(w, t, day, hour, day_cap, hour_cap)
+                if got == GRANTED:
+                    u.day_count += 1
+                    u.hour_count += 1
+                    self._dirty = True
+                    return 0.0
+                if got == DAY:
+                    return w.start + (day * 24) * self.hour_length
+                if got == HOUR:
+                    return w.start + (hour + 1) * self.hour_length
+                if got != ALONE:            # WAIT: the store was asked; again in a moment
+                    return now + _SHARED_WAIT
+                # the store is away: this process's own counts at the fallback fraction
+                fraction = self.shared.fallback_fraction
+                day_cap = fallback_limit(day_cap, fraction)
+                hour_cap = fallback_limit(hour_cap, fraction)
             if u.day_count >= day_cap:
                 return w.start + (day * 24) * self.hour_length
             if u.hour_count >= hour_cap:
@@ -296,6 +328,17 @@ class Warmup:
         u.hour_count += 1
         self._dirty = True
         return 0.0
+
+    def _shared_take(self, w: Warming, t: Target, day: int, hour: int, day_cap: int,
+                     hour_cap: int) -> int:
+        assert self.shared is not None
+        c = self._counts.get((w.name, t.key))
+        if c is None:
+            if len(self._counts) >= _MAX_TARGETS:
+                self._counts.clear()
+            c = self._counts[(w.name, t.key)] = self.shared.count(
+                f"{w.name}|{t.key}", self.hour_length)
+        return c.take(day, hour, day_cap, hour_cap)
 
     def _cap(self, w: Warming, klass: str) -> tuple[int, int] | None:
         """(day cap, hour cap) of `w` at `klass` now; None: no cap (schedule done)."""

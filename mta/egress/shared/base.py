@@ -10,7 +10,8 @@ from collections.abc import Callable
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
-__all__ = ["Lease", "SharedLimits", "SharedRate", "fallback_limit", "gcra"]
+__all__ = ["ALONE", "DAY", "GRANTED", "HOUR", "WAIT", "Lease", "SharedCount", "SharedLimits",
+           "SharedRate", "count_batch", "fallback_limit", "gcra"]
 
 log = logging.getLogger("mta.cluster")
 
@@ -109,6 +110,69 @@ class SharedRate:
         self.good_until = self.usable_at + TOKEN_LIFE
 
 
+# what SharedCount.take answers
+GRANTED = 0     # one message counted
+DAY = 1         # the day's cap is reached (for this day)
+HOUR = 2        # the hour's cap is reached (for this hour)
+WAIT = 3        # the store was asked (redis): ask again in a moment
+ALONE = 4       # the store is away (or the table full): count locally at the fallback fraction
+
+
+def count_batch(hour_cap: int) -> int:
+    """Messages of allowance taken per store call: a 50th of the hour's cap (1 to 100), so
+    what a worker holds unused when its hour ends is at most 2 % of the cap."""
+    return max(1, min(100, hour_cap // 50))
+
+
+class SharedCount:
+    """Warm-up counts of one (source, target) held by the store (mta/egress/warmup.py):
+    how many messages every process together gave the source in the current warm-up day
+    and hour, against a day cap and an hour cap.
+
+    The store adds a batch of allowance at a time, only while both counts stay within
+    their caps (atomic per call: all processes together never pass a cap); `take` spends
+    it one message at a time, locally. Allowance left when the hour changes is given back
+    to the day's count with the next call (the hour's count expires with the hour).
+    Days and hours are warm-up units (the caller's day and hour numbers): the store keys
+    carry them, so a new day or hour starts from zero everywhere."""
+
+    __slots__ = ("capped", "day", "hour", "hour_length", "key", "pending", "store", "tokens")
+
+    def __init__(self, store: SharedLimits, key: str, hour_length: float) -> None:
+        self.store = store
+        self.key = key
+        self.hour_length = hour_length    # seconds of a warm-up hour (key expiries)
+        self.day = -1
+        self.hour = -1
+        self.tokens = 0                  # allowance held for (day, hour)
+        self.capped = GRANTED            # DAY or HOUR once the store said so for (day, hour)
+        self.pending = False             # a call is on its way (redis)
+
+    def take(self, day: int, hour: int, day_cap: int, hour_cap: int) -> int:
+        """Count one message of warm-up day `day`, hour `hour` (hours since the start):
+        GRANTED, DAY, HOUR, WAIT or ALONE (see above)."""
+        refund = 0
+        if day != self.day or hour != self.hour:
+            if day == self.day and self.tokens > 0:
+                refund = self.tokens      # the day's count gets this hour's leftover back
+            self.day, self.hour, self.tokens, self.capped = day, hour, 0, GRANTED
+        if self.tokens > 0:
+            self.tokens -= 1
+            if self.tokens * 2 < count_batch(hour_cap) and not self.capped:
+                self.store._count(self, day_cap, hour_cap, 0, prefetch=True)
+            return GRANTED
+        if self.capped:
+            return self.capped
+        return self.store._count(self, day_cap, hour_cap, refund, prefetch=False)
+
+    def answer(self, k: int, day_count: int, day_cap: int, hour_cap: int) -> None:
+        """The store's reply for (self.day, self.hour): `k` messages of allowance added,
+        the day's count after it."""
+        self.tokens += max(0, k)
+        if k < count_batch(hour_cap):    # less than asked: a cap is reached
+            self.capped = DAY if day_count >= day_cap else HOUR
+
+
 def gcra(tat: float, now: float, interval: float, tau: float, want: int
          ) -> tuple[float, int, float]:
     """One GCRA step for up to `want` tokens: (new TAT, tokens, seconds until they are
@@ -164,6 +228,17 @@ class SharedLimits:
 
     def _refill(self, r: SharedRate, now: float) -> float:
         raise NotImplementedError
+
+    def count(self, key: str, hour_length: float) -> SharedCount:
+        """Warm-up counts for `key` (the caller's source and target)."""
+        return SharedCount(self, key, hour_length)
+
+    def _count(self, c: SharedCount, day_cap: int, hour_cap: int, refund: int, *,
+               prefetch: bool) -> int:
+        """Ask for a batch of c's allowance (giving `refund` back to the day first); one
+        message of it counted now: GRANTED, else DAY, HOUR, WAIT or ALONE. A prefetch
+        (tokens still held) may be done later or not at all."""
+        return ALONE
 
     def start(self, loop) -> None:
         """Begin background work (lease renewal); the loop is the delivery engine's."""

@@ -31,7 +31,18 @@ import struct
 import time
 from pathlib import Path
 
-from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit, gcra
+from mta.egress.shared.base import (
+    ALONE,
+    GRANTED,
+    HOUR,
+    Lease,
+    SharedCount,
+    SharedLimits,
+    SharedRate,
+    count_batch,
+    fallback_limit,
+    gcra,
+)
 from mta.model.node import WorkerSlot
 
 log = logging.getLogger("mta.cluster")
@@ -43,6 +54,8 @@ HEADER = 64                  # magic (8) + boot id (36) + padding
 SLOT_SIZE = 32 + 4 * COLUMNS  # digest (16), TAT (double), padding (8), counts (int32 each)
 PROBES = 64                  # slots looked at per key before the table counts as full
 _TAT = struct.Struct("<d")
+_WARM = struct.Struct("<iiii")   # a warm-up key's slot, where a rate's TAT would be: day, hour,
+                                 # the day's count, the hour's count
 _COUNTS = struct.Struct(f"<{COLUMNS}i")
 _COUNT = struct.Struct("<i")
 _EMPTY = bytes(16)
@@ -220,6 +233,38 @@ class HostLimits(SharedLimits):
             return after
         r.grant(k - 1, now)
         return 0.0
+
+    # -- warm-up counts ---------------------------------------------------------------------
+
+    def _count(self, c: SharedCount, day_cap: int, hour_cap: int, refund: int, *,
+               prefetch: bool) -> int:
+        if prefetch:          # a local call: taken when the allowance runs out
+            return GRANTED
+        i = self._slot("warm:" + c.key)
+        if i is None:
+            return ALONE
+        off = HEADER + i * SLOT_SIZE + 16
+        want = count_batch(hour_cap)
+        self._lock(i)
+        try:
+            day, hour, dc, hc = _WARM.unpack_from(self.mm, off)
+            # a new day or hour starts from zero; a worker whose clock says an earlier one
+            # (warm-up starts a moment apart) counts against the later one
+            if c.day > day:
+                day, dc = c.day, 0
+            elif refund and c.day == day:
+                dc = max(0, dc - refund)
+            if c.hour > hour:
+                hour, hc = c.hour, 0
+            k = max(0, min(want, day_cap - dc, hour_cap - hc))
+            _WARM.pack_into(self.mm, off, day, hour, dc + k, hc + k)
+        finally:
+            self._unlock(i)
+        c.answer(k, dc + k, day_cap, hour_cap)
+        if k == 0:
+            return c.capped or HOUR
+        c.tokens -= 1
+        return GRANTED
 
     async def close(self) -> None:
         if self.fd < 0:

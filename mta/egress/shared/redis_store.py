@@ -23,13 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from mta.egress.shared.base import Lease, SharedLimits, SharedRate, fallback_limit
+from mta.egress.shared.base import (
+    ALONE,
+    GRANTED,
+    WAIT,
+    Lease,
+    SharedCount,
+    SharedLimits,
+    SharedRate,
+    count_batch,
+    fallback_limit,
+)
 
 log = logging.getLogger("mta.cluster")
 
@@ -85,6 +96,30 @@ end
 return #KEYS
 """
 
+# warm-up counts: KEYS the day's and the hour's counter; ARGV day cap, hour cap, wanted,
+# refund (given back to the day first), day and hour expiries (ms). Adds k to both, the
+# most that keeps both within their caps: {k, the day's count after}.
+WARM = """
+local d = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local h = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local refund = tonumber(ARGV[4])
+if refund > 0 then
+  d = d - refund
+  if d < 0 then d = 0 end
+end
+local k = tonumber(ARGV[3])
+if tonumber(ARGV[1]) - d < k then k = tonumber(ARGV[1]) - d end
+if tonumber(ARGV[2]) - h < k then k = tonumber(ARGV[2]) - h end
+if k < 0 then k = 0 end
+if k > 0 or refund > 0 then
+  redis.call('SET', KEYS[1], d + k, 'PX', ARGV[5])
+end
+if k > 0 then
+  redis.call('SET', KEYS[2], h + k, 'PX', ARGV[6])
+end
+return {k, d + k}
+"""
+
 
 class RedisLimits(SharedLimits):
     name = "redis"
@@ -105,6 +140,7 @@ class RedisLimits(SharedLimits):
         self._gcra = self.client.register_script(GCRA)
         self._acquire = self.client.register_script(ACQUIRE)
         self._renew = self.client.register_script(RENEW)
+        self._warm = self.client.register_script(WARM)
         self.leases: dict[str, Lease] = {}     # member -> live lease of this process
         self.held: dict[str, int] = {}         # key -> live leases of this process on it
         self.down = False                      # Redis unreachable: limits held locally
@@ -274,6 +310,38 @@ class RedisLimits(SharedLimits):
             self._failed(exc)
         finally:
             r.pending = False
+
+    # -- warm-up counts -----------------------------------------------------------------
+
+    def _count(self, c: SharedCount, day_cap: int, hour_cap: int, refund: int, *,
+               prefetch: bool) -> int:
+        if not self._usable():
+            return GRANTED if prefetch else ALONE
+        if not c.pending:
+            c.pending = True
+            self._spawn(self._warm_take(c, c.day, c.hour, day_cap, hour_cap, refund))
+        return GRANTED if prefetch else WAIT
+
+    async def _warm_take(self, c: SharedCount, day: int, hour: int, day_cap: int,
+                         hour_cap: int, refund: int) -> None:
+        base = f"{self.prefix}warm:{c.key}"
+        # a day's key lives two warm-up days, an hour's two hours (then they are gone)
+        day_ms = math.ceil(c.hour_length * 48 * 1000) + 1000
+        hour_ms = math.ceil(c.hour_length * 2 * 1000) + 1000
+        try:
+            reply = await self._call(self._warm, [f"{base}:d{day}", f"{base}:h{hour}"],
+                                     [day_cap, hour_cap, count_batch(hour_cap), refund,
+                                      day_ms, hour_ms])
+            k, day_count = int(reply[0]), int(reply[1])
+            if not 0 <= k <= count_batch(hour_cap) or day_count < 0:
+                raise ValueError(f"warm-up count reply {reply!r}")
+            self._ok()
+            if (c.day, c.hour) == (day, hour):     # else the hour it was for has passed
+                c.answer(k, day_count, day_cap, hour_cap)
+        except (TimeoutError, RedisError, OSError, ValueError, TypeError, IndexError) as exc:
+            self._failed(exc)
+        finally:
+            c.pending = False
 
     # -- life ----------------------------------------------------------------------------
 
