@@ -10,7 +10,7 @@ one is queued and delivered untouched; a templated request whose GTUBE hides in 
 recipient's substitution is refused for that recipient only (200, one queued, one
 rejected); tenant b's GTUBE is held (status "held", listed by `mta queue holds`, released,
 then delivered); tenant c's arrives tagged; tenant d's is dropped (status "dropped",
-never delivered). spamd down: fail = "open" queues and delivers, fail = "closed" answers
+never delivered) and a message above its max_size is refused unscanned (oversize). spamd down: fail = "open" queues and delivers, fail = "closed" answers
 503 with status "deferred" (451 4.7.1) and stores nothing.
 
 Server.inject(): GTUBE raises ContentRefused (permanent 550 5.7.1); a hold returns the id
@@ -30,7 +30,7 @@ from conftest import free_port
 from mta.ingest.scan import ContentRefused
 from peers import _records
 from test_http_inject import _daemon, call, sink  # noqa: F401  (fixture: a MultiSink)
-from test_queue_surgery import _mta
+from test_queue_surgery import _mta, _wait
 from test_scanning import GTUBE, spamd  # noqa: F401  (fixture: a real spamd)
 
 LOCAL_SINK = "127.0.141.1"   # Server.inject()'s sink; /inject's is a MultiSink
@@ -39,7 +39,8 @@ LOCAL_SINK = "127.0.141.1"   # Server.inject()'s sink; /inject's is a MultiSink
 def _tables(spamd_port: int) -> str:
     return "".join(f'[[scan]]\ntenant = "{t}"\naddress = "127.0.0.1:{spamd_port}"\n'
                    f'action = "{a}"\ntimeout = "60s"\nconcurrency = 2\n'
-                   for t, a in (("a", "reject"), ("b", "hold"), ("c", "tag"), ("d", "drop")))
+                   for t, a in (("a", "reject"), ("b", "hold"), ("c", "tag"), ("d", "drop"))) \
+        + 'max_size = "1KiB"\noversize = "reject"\n'   # tenant d: bigger is refused unscanned
 
 
 def _raw(subject: str, body: bytes) -> str:
@@ -88,6 +89,11 @@ def test_inject_per_tenant_policy(daemon_factory, sink, spamd, tmp_path):  # noq
     assert st == 200 and got["messages"][0]["status"] == "queued", got
     st, got = call(d.admin_port, {**req, "raw": _raw("dropped", GTUBE), "tenant": "d"})
     assert st == 200 and got["messages"][0]["status"] == "dropped", got
+    # the size bound holds here as at SMTP: above max_size, "oversize" decides unscanned
+    st, got = call(d.admin_port, {**req, "raw": _raw("big", b"x" * 2048), "tenant": "d"})
+    assert st == 422 and got["messages"][0]["error"].startswith("550 5.7.1 Message too big"), got
+    _wait(lambda: any(r["reason"] == "oversize" and r["spam"] is None
+                      for r in d.log_records("Scanned")), 15, "an oversize Scanned record")
     msgs = sink.wait(3, timeout=60)
     content = next(c for *_, c in msgs if b"Subject: tagged" in c)
     assert b"X-Spam-Flag: YES" in content and b"X-Spam-Status: Yes, score=1" in content
