@@ -9,7 +9,7 @@ Server.inject() to an aiosmtpd receiver on 127.0.141.1:25.
 one is queued and delivered untouched; a templated request whose GTUBE hides in one
 recipient's substitution is refused for that recipient only (200, one queued, one
 rejected); tenant b's GTUBE is held (status "held", listed by `mta queue holds`, released,
-then delivered); tenant c's arrives tagged; tenant d's is dropped (status "dropped",
+then delivered); tenant c's arrives tagged, its DKIM signature (made after the tag) verifying; tenant d's is dropped (status "dropped",
 never delivered) and a message above its max_size is refused unscanned (oversize). spamd down: fail = "open" queues and delivers, fail = "closed" answers
 503 with status "deferred" (451 4.7.1) and stores nothing.
 
@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import dkim
 import orjson
 import pytest
 
 import mta
 from conftest import free_port
+from mta.dkim.signer import keygen
 from mta.ingest.scan import ContentRefused
 from peers import _records
 from test_http_inject import _daemon, call, sink  # noqa: F401  (fixture: a MultiSink)
@@ -48,7 +50,12 @@ def _raw(subject: str, body: bytes) -> str:
 
 
 def test_inject_per_tenant_policy(daemon_factory, sink, spamd, tmp_path):  # noqa: F811
-    d = _daemon(daemon_factory, tmp_path, sink, _tables(spamd))
+    pem, public = keygen("rsa", 2048)
+    (tmp_path / "k.pem").write_bytes(pem)
+    dkim_txt = {"s1._domainkey.sender.test.": f"v=DKIM1; k=rsa; p={public}".encode()}
+    d = _daemon(daemon_factory, tmp_path, sink, _tables(spamd) + (
+        f'[signing]\nstage = "reception"\n'
+        f'[[dkim]]\ndomain = "sender.test"\nselector = "s1"\nkey_file = "{tmp_path}/k.pem"\n'))
     req = {"from": "alice@sender.test", "recipients": ["bob@dest.test"]}
 
     # tenant a: GTUBE refused with the SMTP reply, nothing stored
@@ -97,6 +104,8 @@ def test_inject_per_tenant_policy(daemon_factory, sink, spamd, tmp_path):  # noq
     msgs = sink.wait(3, timeout=60)
     content = next(c for *_, c in msgs if b"Subject: tagged" in c)
     assert b"X-Spam-Flag: YES" in content and b"X-Spam-Status: Yes, score=1" in content
+    # tagged before signing: the signature covers the tag and verifies
+    assert dkim.DKIM(content).verify(dnsfunc=lambda name, timeout=5: dkim_txt.get(name.decode(), b""))
 
     # tenant b: held under an operator hold on its id, released, then delivered
     st, got = call(d.admin_port, {**req, "raw": _raw("held", GTUBE), "tenant": "b"})
