@@ -425,7 +425,8 @@ def main() -> int:
         targets = ["base", "mta"]
     else:
         targets = [args.only] if args.only else ["postfix", "mta"]
-    roots = {"base": args.against.resolve() if args.against else ROOT, "mta": ROOT, "postfix": ROOT}
+    this = Path(os.environ.get("TLS_BENCH_THIS", ROOT))     # default: this checkout
+    roots = {"base": args.against.resolve() if args.against else ROOT, "mta": this, "postfix": ROOT}
     results: dict[str, list[dict]] = {t: [] for t in targets}
     for _ in range(args.rounds):
         for t in targets:

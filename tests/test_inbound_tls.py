@@ -233,6 +233,37 @@ def test_plaintext_injection_after_starttls_over_a_socket(tls_daemon):
     tls.close()
 
 
+def _starttls(d, ctx, session=None):
+    raw = socket.create_connection(("127.0.0.1", d.port), timeout=20)
+    f = raw.makefile("rb")
+    assert f.readline().startswith(b"220")
+    raw.sendall(b"EHLO c.example\r\nSTARTTLS\r\n")
+    while not f.readline().startswith(b"220 2.0.0"):
+        pass
+    tls = ctx.wrap_socket(raw, server_hostname=HOST, session=session)
+    tf = tls.makefile("rb")
+    tls.sendall(b"NOOP\r\n")
+    assert tf.readline().startswith(b"250 2.0.0")  # the session ticket came before it
+    return tls
+
+
+def test_starttls_session_resumes_with_the_ticket(tls_daemon):
+    """The listener issues one TLS 1.3 ticket per handshake (tls.py, a CPU saving): a client
+    resumes with it on later connections, more than once."""
+    d = tls_daemon
+    ctx = client_context(d.ca)
+    first = _starttls(d, ctx)
+    assert first.version() == "TLSv1.3" and not first.session_reused
+    assert "GCM" in first.cipher()[0] or "CHACHA20" in first.cipher()[0]
+    session = first.session
+    first.close()
+    assert session is not None and session.has_ticket
+    for _ in range(2):      # the one ticket serves several connections
+        again = _starttls(d, ctx, session)
+        assert again.session_reused
+        again.close()
+
+
 def test_tls_required_no_header_is_recorded(tls_daemon):
     d = tls_daemon
     with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
