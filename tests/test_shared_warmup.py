@@ -20,7 +20,9 @@ from test_warmup_unit import DAY, HOUR, OTHER, config, shaping
 from virtual_time import VirtualClock
 
 from mta.egress.pools import Egress
-from mta.egress.shared.base import ALONE, DAY as CAP_DAY, GRANTED, HOUR as CAP_HOUR, WAIT
+from mta.egress.shared.base import ALONE, GRANTED, WAIT
+from mta.egress.shared.base import DAY as CAP_DAY
+from mta.egress.shared.base import HOUR as CAP_HOUR
 from mta.egress.shared.host_table import HostLimits
 from mta.egress.warmup import Warmup
 from mta.model.node import WorkerSlot

@@ -146,6 +146,9 @@ class DeliveryEngine:
         self.draining = False     # drain(): no delivery starts any more
         # adaptive delivery (mta/egress/adaptive.py): automation rules and rate rules
         self.adaptive = EngineActuator(self)
+        if self.shared is not None:   # actions taken here reach the other workers and nodes
+            self.adaptive.adaptive.share = self.shared.share_action
+            self.shared.on_action = self.adaptive.adaptive.remote
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

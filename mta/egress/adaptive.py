@@ -193,7 +193,11 @@ class Adaptive:
         self._last: RemoteReply | None = None      # the first reply of the last result
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.counters = {"taken": 0, "restored": 0}
+        self.counters = {"taken": 0, "restored": 0, "shared": 0, "received": 0}
+        # [cluster] host or redis: publishes each action this process takes (the action
+        # as remote() reads it, seconds it has left) to the other workers and nodes
+        self.share: Callable[[dict[str, Any], float], None] | None = None
+        self._remote = False      # applying another process's action: not shared again
         self.configure(config)
 
     def configure(self, config: AdaptiveConfig) -> None:
@@ -336,6 +340,7 @@ class Adaptive:
             self.actuator.log(RecordType.ADAPTIVE_ACTION, source=source, provider=provider,
                               rule=rule, action=action, value=a.value(), until=until,
                               reason=reason)
+        self._share(a)
         self._changed()
 
     def _apply_suspend(self, a: Active, reply: RemoteReply | None) -> None:
@@ -353,7 +358,8 @@ class Adaptive:
 
     def _set(self, rule: str, source: str, provider: str, site: bool,
              values: dict[str, Any], limits: Limits | None, until: float, steps: int,
-             step_for: float, recover_after: int, reason: str) -> None:
+             step_for: float, recover_after: int, reason: str,
+             base_from: dict[str, Any] | None = None) -> None:
         key = (rule, "set", source, provider, "")
         a = self.active.get(key)
         if a is not None and a.step == 0 and a.values == values and a.until >= until - 1.0:
@@ -366,6 +372,8 @@ class Adaptive:
                 mine = next((o.base[k] for o in self.active.values() if o.action == "set"
                              and o.source == source and o.provider == provider
                              and k in o.base), _MISSING)
+                if mine is _MISSING and base_from is not None and k in base_from:
+                    mine = base_from[k]        # another node's: what it came down from
                 base[k] = mine if mine is not _MISSING else (
                     getattr(limits, k) if limits is not None else None)
             a = self.active[key] = Active(rule, "set", source, provider, site, "", until,
@@ -379,14 +387,82 @@ class Adaptive:
             a.values, a.until, a.step, a.good, a.reason = dict(values), until, 0, 0, reason
             if not again:
                 self._push(a)
+                self._share(a)
                 self._changed()
                 return
         self._push(a)
+        self._share(a)
         self.counters["taken"] += 1
         self.actuator.log(RecordType.ADAPTIVE_ACTION, source=source, provider=provider,
                           rule=rule, action="set", value=a.value(), until=until,
                           reason=reason)
         self._changed()
+
+    # -- shared with other workers and nodes ([cluster]) -------------------------------------
+
+    def _share(self, a: Active) -> None:
+        """Publish an action this process just took or renewed (at full strength)."""
+        if self.share is None or self._remote:
+            return
+        item: dict[str, Any] = {"rule": a.rule, "action": a.action, "source": a.source,
+                                "provider": a.provider, "site": a.site, "target": a.target,
+                                "reason": a.reason[:500]}
+        if a.action == "set":
+            item.update(values={k: _raw(k, v) for k, v in a.values.items()},
+                        base={k: _raw(k, v) for k, v in a.base.items()}, steps=a.steps,
+                        step_for=a.step_for, recover_after=a.recover_after)
+        try:
+            self.share(item, a.until - self.clock())
+            self.counters["shared"] += 1
+        except Exception:        # the store's trouble must not stop the action here
+            log.exception("adaptive: sharing %s %s", a.action, a.rule)
+
+    def remote(self, item: object, left: float) -> bool:
+        """Apply an action another worker or node took (mta/egress/shared on_action), for
+        the `left` seconds it has there; its way back is then this process's own. The
+        item is checked as a restored state is (another node's data is input): unknown
+        actions, keys or bad values drop it (logged). True if applied."""
+        if not self.config.enabled:
+            return False
+        try:
+            if not isinstance(item, dict):
+                raise TypeError("not an object")
+            action = str(item["action"])
+            if action not in (*SUSPENDS, "set"):
+                raise ValueError(f"unknown action {action!r}")
+            rule, source, provider, target = (_name(item[k]) for k in
+                                              ("rule", "source", "provider", "target"))
+            site = item["site"]
+            if not isinstance(site, bool) or not source or not provider:
+                raise ValueError("source, provider, site")
+            reason = str(item.get("reason", ""))[:500]
+            left = float(left)
+            if not 0 < left <= 7 * 86400:
+                raise ValueError(f"{left} s left")
+            if action == "set":
+                values = {k: _parse(k, v) for k, v in _small(item["values"]).items()}
+                base = {k: _parse(k, v) for k, v in _small(item["base"]).items()}
+                steps, recover_after = int(item["steps"]), int(item["recover_after"])
+                step_for = float(item["step_for"])
+                if not values or not 0 <= steps <= 100 or not 0 <= step_for <= 7 * 86400 \
+                        or not 0 <= recover_after <= 10**9:
+                    raise ValueError("values, steps, step_for, recover_after")
+        except (KeyError, TypeError, ValueError, Invalid) as exc:
+            log.warning("adaptive: a shared action dropped: %s", str(exc)[:200])
+            return False
+        now = self.clock()
+        self._remote = True
+        try:
+            self.counters["received"] += 1
+            if action == "set":
+                self._set(rule, source, provider, site, values, None, now + left, steps,
+                          step_for, recover_after, reason, base_from=base)
+            else:
+                self._suspend(rule, action, source, provider, site, target, now + left,
+                              reason, None)
+        finally:
+            self._remote = False
+        return True
 
     # -- the way back --------------------------------------------------------------------------
 
@@ -653,6 +729,20 @@ def _parse(key: str, raw: Any) -> Any:
     if k is None:
         raise ValueError(f"{key}: not a shaping key")
     return check_value(k, raw, Path())
+
+
+def _name(v: object) -> str:
+    """A rule, source, provider or target name from another node: a short string."""
+    if not isinstance(v, str) or len(v) > 255 or any(c in v for c in "\r\n\0"):
+        raise ValueError(f"bad name {str(v)[:60]!r}")
+    return v
+
+
+def _small(v: object) -> dict[str, Any]:
+    """A dict of shaping keys from another node: at most as many keys as there are."""
+    if not isinstance(v, dict) or len(v) > len(KEYS):
+        raise ValueError("not a dict of shaping keys")
+    return v
 
 
 def _tighter(key: str, a: Any, b: Any) -> Any:

@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from mta.config import Config
     from mta.config.schema import WarmupConfig
     from mta.egress.pools import Pool, Source
-    from mta.egress.shared.base import SharedCount, SharedLimits
     from mta.egress.shaping import Shaping
+    from mta.egress.shared.base import SharedCount, SharedLimits
     from mta.egress.sites import Site
 
 log = logging.getLogger("mta.egress.warmup")

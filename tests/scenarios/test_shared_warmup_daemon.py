@@ -64,3 +64,62 @@ def test_host_backend_two_workers_share_the_hour_cap(tmp_path, rig_addresses):
         assert len(received) == 5, len(received)
     finally:
         rig.stop()
+
+
+RULE = """
+[[default.automation]]
+name = "scripted-defer"
+text = 'try again later \\(scripted\\)'
+action = ["suspend"]
+duration = "10m"
+"""
+
+
+def _sources(rig: ClusterRig, since: float) -> set[str]:
+    return {src for t, src, _ in rig.sink_stats()["times"] if t >= since}
+
+
+def test_redis_an_action_on_one_node_suspends_the_pair_on_the_other(tmp_path, rig_addresses):
+    """Two nodes (one worker each), one redis-server; both name their source "out" (each
+    with its own address). Node 1 gets the sink's scripted 451 and its rule suspends
+    (out, the sink's site); node 2 applies the same suspension (its AdaptiveAction record)
+    and stops sending there, while it delivered before."""
+    if not cluster_rig.RedisServer.available():
+        from conftest import missing_tool
+        missing_tool("redis-server (apt install redis-server)")
+    rig = ClusterRig(tmp_path / "rig", nodes=2, workers=1, connections=4, rate="1000/s")
+    with open(rig.shaping, "a") as f:
+        f.write(RULE)
+    for n in rig.nodes:
+        text = n.config.read_text()
+        n.config.write_text(text.replace(f'name = "{n.name}"\n', 'name = "out"\n', 1))
+    rig.start()
+    try:
+        n1, n2 = rig.nodes
+        t0 = time.time()
+        rig.inject(n2, ["before-1@dest.test", "before-2@dest.test"])
+        deadline = time.time() + 30
+        while cluster_rig.source_ip(2) not in _sources(rig, t0) and time.time() < deadline:
+            time.sleep(0.3)
+        assert cluster_rig.source_ip(2) in _sources(rig, t0)     # node 2 delivers
+        rig.inject(n1, ["defer-1@dest.test"])
+        deadline = time.time() + 30
+        mine = theirs = []
+        while time.time() < deadline:
+            mine = [r for r in n1.records("AdaptiveAction") if r.get("rule") == "scripted-defer"]
+            theirs = [r for r in n2.records("AdaptiveAction")
+                      if r.get("rule") == "scripted-defer"]
+            if mine and theirs:
+                break
+            time.sleep(0.3)
+        assert mine and mine[0]["action"] == "suspend", mine
+        assert theirs and theirs[0]["action"] == "suspend" and theirs[0]["source"] == "out", \
+            theirs
+        assert theirs[0]["provider"] == mine[0]["provider"]
+        # node 2 holds its mail for the site now
+        t1 = time.time()
+        rig.inject(n2, [f"after-{k}@dest.test" for k in range(3)])
+        time.sleep(4)
+        assert cluster_rig.source_ip(2) not in _sources(rig, t1)
+    finally:
+        rig.stop()

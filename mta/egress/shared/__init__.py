@@ -1,4 +1,5 @@
-"""Limits that must hold across worker processes and nodes: connection leases and rates.
+"""Limits that must hold across worker processes and nodes: connection leases, rates,
+warm-up caps, and the adaptive actions each process takes.
 
 One interface, three places to hold the counts ([cluster] backend; the default, auto, is
 host when [server] workers is above 1, else local):
@@ -17,6 +18,12 @@ leases (redis: within lease_ttl; host: when its worker index starts again). `rat
 returns a `SharedRate`, the drop-in for a `Throttle` (`delay(now)`, `rate`, `set_rate`):
 it takes a small batch of tokens per round trip ([cluster] rate_batch), so a busy path asks
 the store a few times a second, not once per message; the store's GCRA keeps the total.
+`count(key, hour_length)` returns a `SharedCount`: a warm-up (source, provider)'s messages
+of the current warm-up day and hour counted by the store against a day cap and an hour cap,
+a batch of allowance per call (mta/egress/warmup.py). `share_action(action, left)`
+publishes an adaptive action this process took; `on_action(action, left)` is called with
+each one another process published, once (redis: a sorted set polled each second; host:
+a file of lines beside the table, read each second; local: nothing).
 Reads and writes only what its backend says; raises nothing to the dispatcher (a store that
 fails falls back to local limits at [cluster] fallback_fraction, see the backends).
 """

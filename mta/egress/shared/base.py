@@ -1,7 +1,8 @@
 """The interface of shared limits (see the package docstring): a lease, a shared rate,
-and what every backend implements. No I/O here."""
+warm-up counts, shared adaptive actions, and what every backend implements. No I/O here."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -10,12 +11,16 @@ from collections.abc import Callable
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
-__all__ = ["ALONE", "DAY", "GRANTED", "HOUR", "WAIT", "Lease", "SharedCount", "SharedLimits",
-           "SharedRate", "count_batch", "fallback_limit", "gcra"]
+__all__ = ["ACTION_MAX", "ALONE", "DAY", "GRANTED", "HOUR", "WAIT", "Lease", "SharedCount",
+           "SharedLimits", "SharedRate", "count_batch", "fallback_limit", "gcra"]
 
 log = logging.getLogger("mta.cluster")
 
 TOKEN_LIFE = 1.0      # seconds a batch of unused tokens stays good (then it is dropped)
+ACTION_MAX = 4096     # bytes of one shared adaptive action (JSON), sent or received
+ACTIONS_MAX = 256     # shared actions in force at once (the ones ending last are kept)
+ACTION_POLL = 1.0     # seconds between looks for other processes' actions
+ACTION_LONGEST = 7 * 86400.0   # a shared action's remaining time is capped at this
 
 
 class Lease:
@@ -203,6 +208,10 @@ class SharedLimits:
         self._run = os.urandom(4).hex()
         # called with True when the store goes away, False when it is back (redis)
         self.on_change: Callable[[bool], None] | None = None
+        # adaptive actions of other processes: called with (the action as published,
+        # seconds it has left), each once; the receiver validates it (another node's data)
+        self.on_action: Callable[[dict, float], None] | None = None
+        self._seen_actions: dict[str, float] = {}   # id -> clock time it ends
 
     def _notify(self, down: bool) -> None:
         if self.on_change is not None:
@@ -239,6 +248,57 @@ class SharedLimits:
         message of it counted now: GRANTED, else DAY, HOUR, WAIT or ALONE. A prefetch
         (tokens still held) may be done later or not at all."""
         return ALONE
+
+    # -- adaptive actions ------------------------------------------------------------------
+
+    def share_action(self, action: dict, left: float) -> None:
+        """Publish an adaptive action this process took, in force `left` more seconds,
+        to every other process of the store (fire and forget; local: nothing)."""
+
+    def _action_payload(self, action: dict, left: float) -> str | None:
+        """The action as published: JSON with an id and its origin; None (logged) when
+        it is over ACTION_MAX bytes or has no time left."""
+        if not left > 0:
+            return None
+        self._seq += 1
+        text = json.dumps({"id": f"{self.member}/{self._run}.{self._seq}",
+                           "origin": f"{self.member}/{self._run}", "action": action},
+                          separators=(",", ":"), default=str)
+        if len(text.encode()) > ACTION_MAX:
+            log.warning("cluster: adaptive action not shared: %d bytes > %d",
+                        len(text.encode()), ACTION_MAX)
+            return None
+        return text
+
+    def _received(self, raw: object, left: float, now: float) -> None:
+        """One published action read back (any process's, this one's too): handed to
+        on_action once per id, if it is well formed and another process's."""
+        if not isinstance(raw, (str, bytes)) or len(raw) > ACTION_MAX:
+            return
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) \
+                or not isinstance(item.get("action"), dict) or len(item["id"]) > 300:
+            return
+        if item.get("origin") == f"{self.member}/{self._run}":
+            return
+        if item["id"] in self._seen_actions:
+            return
+        if len(self._seen_actions) >= 4 * ACTIONS_MAX:
+            self._seen_actions = {k: t for k, t in self._seen_actions.items() if t > now}
+            if len(self._seen_actions) >= 4 * ACTIONS_MAX:
+                return
+        left = min(left, ACTION_LONGEST)
+        if not left > 0:
+            return
+        self._seen_actions[item["id"]] = now + left
+        if self.on_action is not None:
+            try:
+                self.on_action(item["action"], left)
+            except Exception:       # the receiver's bug must not stop the polling
+                log.exception("cluster: applying a shared adaptive action")
 
     def start(self, loop) -> None:
         """Begin background work (lease renewal); the loop is the delivery engine's."""

@@ -14,6 +14,13 @@ words; the kernel drops the locks of a process that dies, so a killed worker nev
 a slot locked; and the cost (two fcntl calls, a few microseconds) is paid per connection
 and per batch of rate tokens ([cluster] rate_batch), not per message.
 
+A warm-up key's slot holds, where a rate's TAT would be, its day and hour numbers and
+their counts: a call moves them to a later day or hour (zero), then adds a batch of
+allowance within both caps. Adaptive actions go to `shared-limits.actions` beside the
+table: one line per action (its end on CLOCK_MONOTONIC, a tab, the JSON), appended under
+flock; every worker reads what was added once a second. Past 1 MiB a writer replaces the
+file with the actions still in force (a new header line: readers start it again).
+
 A dead worker's connection counts stay until its index starts again: a worker clears its
 own column when it opens the table (the supervisor restarts a dead worker at once). A
 table made before the last boot (its boot id differs) is cleared. A full table (more keys
@@ -32,6 +39,9 @@ import time
 from pathlib import Path
 
 from mta.egress.shared.base import (
+    ACTION_MAX,
+    ACTION_POLL,
+    ACTIONS_MAX,
     ALONE,
     GRANTED,
     HOUR,
@@ -59,6 +69,12 @@ _WARM = struct.Struct("<iiii")   # a warm-up key's slot, where a rate's TAT woul
 _COUNTS = struct.Struct(f"<{COLUMNS}i")
 _COUNT = struct.Struct("<i")
 _EMPTY = bytes(16)
+ACTIONS_FILE_MAX = 1 << 20   # bytes of shared-actions before a writer compacts it
+_HEADER_LEN = 18             # "#" + 16 hex digits (this file's generation) + newline
+
+
+def _actions_header() -> bytes:
+    return b"#" + os.urandom(8).hex().encode() + b"\n"
 
 
 def _boot_id() -> bytes:
@@ -86,6 +102,12 @@ class HostLimits(SharedLimits):
         self.held: dict[str, int] = {}            # keys counted alone (no slot)
         self._full_logged = False
         self.fd = -1
+        # adaptive actions: lines "<end, CLOCK_MONOTONIC>\t<JSON>" appended to a file
+        # beside the table; every worker reads what was added once a second
+        self.actions_path = path.with_name(path.name + ".actions")
+        self._actions_at = (b"", 0)       # (the file's header, offset) read up to
+        self._poll_timer = None
+        self.loop = None
 
     def start(self, loop=None) -> None:
         """Open (or make) the table and clear this worker's column: at the engine's start,
@@ -110,6 +132,9 @@ class HostLimits(SharedLimits):
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER, 0)
         self._clear_column()
+        if loop is not None:     # what was shared before this start is read at the first poll
+            self.loop = loop
+            self._poll_timer = loop.call_later(ACTION_POLL, self._poll_actions)
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -266,7 +291,91 @@ class HostLimits(SharedLimits):
         c.tokens -= 1
         return GRANTED
 
+    # -- adaptive actions ---------------------------------------------------------------------
+
+    def share_action(self, action: dict, left: float) -> None:
+        payload = self._action_payload(action, left)
+        if payload is None or self.fd < 0:
+            return
+        line = f"{self.clock() + left:.3f}\t{payload}\n".encode()
+        try:
+            fd = os.open(self.actions_path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                if size > ACTIONS_FILE_MAX:
+                    self._compact(fd)
+                elif size == 0:
+                    os.write(fd, _actions_header())
+                os.write(fd, line)
+            finally:
+                os.close(fd)     # the lock goes with it
+        except OSError as exc:
+            log.error("cluster: adaptive action not shared (%s): %s", self.actions_path,
+                      exc.strerror or exc)
+
+    def _compact(self, fd: int) -> None:
+        """The file past ACTIONS_FILE_MAX: a new one with the actions still in force."""
+        now = self.clock()
+        keep = []
+        with os.fdopen(os.dup(fd), "rb") as f:
+            f.seek(0)
+            for line in f.read(ACTIONS_FILE_MAX * 2).splitlines():
+                end, _, _ = line.partition(b"\t")
+                try:
+                    if float(end) > now:
+                        keep.append(line)
+                except ValueError:
+                    continue
+        tmp = self.actions_path.with_name(self.actions_path.name + ".tmp")
+        tmp.write_bytes(_actions_header() + b"".join(x + b"\n" for x in keep[-ACTIONS_MAX:]))
+        os.replace(tmp, self.actions_path)     # readers see a new inode and read it all
+        # the caller's fd is the old file: write the new line to the new one
+        new = os.open(self.actions_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.dup2(new, fd)
+        os.close(new)
+
+    def _poll_actions(self) -> None:
+        self._poll_timer = None
+        try:
+            if self.on_action is not None:
+                self.poll_actions()
+        except Exception:        # never stop polling
+            log.exception("cluster: reading shared adaptive actions")
+        if self.loop is not None and self.fd >= 0:
+            self._poll_timer = self.loop.call_later(ACTION_POLL, self._poll_actions)
+
+    def poll_actions(self) -> None:
+        """Hand on the actions appended since the last look (each line bounded)."""
+        try:
+            with open(self.actions_path, "rb") as f:
+                # a compacted file is a new one with a new header (inode numbers recur)
+                header = f.read(_HEADER_LEN)
+                seen, offset = self._actions_at
+                if header != seen or len(header) < _HEADER_LEN:
+                    offset = _HEADER_LEN
+                f.seek(offset)
+                data = f.read(ACTIONS_FILE_MAX * 2)
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1          # a line being written is read next time
+        self._actions_at = (header, offset + end)
+        now = self.clock()
+        for line in data[:end].splitlines():
+            if len(line) > ACTION_MAX + 32:
+                continue
+            stamp, _, payload = line.partition(b"\t")
+            try:
+                left = float(stamp) - now
+            except ValueError:
+                continue
+            self._received(payload.decode("utf-8", "replace"), left, now)
+
     async def close(self) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
         if self.fd < 0:
             return
         try:

@@ -12,10 +12,15 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
   every live lease with a fresh expiry each lease_ttl/3, so a live connection is always
   counted (also one taken while Redis was away) and a dead node's leases expire within
   lease_ttl.
+- Warm-up counts: one script adds a batch of allowance to `warm:KEY:dDAY` and
+  `warm:KEY:hHOUR` only within both caps (keys expire two warm-up days / hours later).
+- Adaptive actions: a sorted set `adaptive` of the published JSON scored by its end on
+  the server's clock (at most 256 kept); every process polls it each second.
 Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
 probe succeeds (one a second at most) each process holds every limit alone at
 [cluster] fallback_fraction: leases against its own count of the key, rates through a local
-token bucket. Every call has a timeout ([cluster] timeout); the loop never waits longer.
+token bucket, warm-up caps through its own counters; actions are not shared meanwhile.
+Every call has a timeout ([cluster] timeout); the loop never waits longer.
 When Redis answers again: one info line; the renewal re-registers the leases taken alone.
 Trust: the redis-server is the operator's; its replies are still checked for shape.
 """
@@ -31,6 +36,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mta.egress.shared.base import (
+    ACTION_POLL,
+    ACTIONS_MAX,
     ALONE,
     GRANTED,
     WAIT,
@@ -120,6 +127,26 @@ end
 return {k, d + k}
 """
 
+# adaptive actions: one sorted set, members the published JSON, scored by their end on the
+# server's clock; at most ACTIONS_MAX kept (those ending last)
+SHARE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
+return 1
+"""
+
+POLL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0,
+                         tonumber(ARGV[1]))
+return {string.format('%.6f', now), items}
+"""
+
 
 class RedisLimits(SharedLimits):
     name = "redis"
@@ -141,6 +168,9 @@ class RedisLimits(SharedLimits):
         self._acquire = self.client.register_script(ACQUIRE)
         self._renew = self.client.register_script(RENEW)
         self._warm = self.client.register_script(WARM)
+        self._share = self.client.register_script(SHARE)
+        self._poll = self.client.register_script(POLL)
+        self._poller: asyncio.Task | None = None
         self.leases: dict[str, Lease] = {}     # member -> live lease of this process
         self.held: dict[str, int] = {}         # key -> live leases of this process on it
         self.down = False                      # Redis unreachable: limits held locally
@@ -343,15 +373,63 @@ class RedisLimits(SharedLimits):
         finally:
             c.pending = False
 
+    # -- adaptive actions ---------------------------------------------------------------
+
+    def share_action(self, action: dict, left: float) -> None:
+        payload = self._action_payload(action, left)
+        if payload is None or not self._usable() or self.loop is None:
+            return          # Redis away: the action stays this process's own
+        self._spawn(self._share_one(payload, left))
+
+    async def _share_one(self, payload: str, left: float) -> None:
+        try:
+            await self._call(self._share, [self.prefix + "adaptive"],
+                             [payload, repr(left), ACTIONS_MAX])
+            self._ok()
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def poll_actions(self) -> None:
+        """Read the actions in force and hand the new ones on (one call)."""
+        reply = await self._call(self._poll, [self.prefix + "adaptive"], [ACTIONS_MAX])
+        now = float(reply[0])
+        items = reply[1]
+        if not isinstance(items, list) or len(items) > 2 * ACTIONS_MAX:
+            raise ValueError("adaptive actions: a reply of the wrong shape")
+        mine = self.clock()
+        for i in range(0, len(items) - 1, 2):
+            try:
+                left = float(items[i + 1]) - now
+            except (TypeError, ValueError):
+                continue
+            self._received(items[i], left, mine)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACTION_POLL)
+            if self.on_action is None or not self._usable():
+                continue
+            try:
+                await self.poll_actions()
+                self._ok()
+            except (TimeoutError, RedisError, OSError, ValueError, TypeError,
+                    IndexError) as exc:
+                self._failed(exc)
+            except Exception:      # never end the polling
+                log.exception("cluster: polling shared adaptive actions")
+
     # -- life ----------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._renewer = loop.create_task(self._renew_loop())
+        self._poller = loop.create_task(self._poll_loop())
 
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._poller is not None:
+            self._poller.cancel()
         for lease in list(self.leases.values()):
             lease.release()
         if self._tasks:
