@@ -242,7 +242,15 @@ def child_main() -> None:
         head = inp.read(4)
         if len(head) < 4:
             return                                   # the daemon closed the pipe (or died)
-        data = inp.read(int.from_bytes(head, "big"))
+        try:
+            data = inp.read(int.from_bytes(head, "big"))
+        except MemoryError:
+            # the message does not even fit our budget: say so, and stop (the rest of it is
+            # still in the pipe; the pool starts a fresh child)
+            body = b'{"unparsed": "memory"}'
+            out.write(len(body).to_bytes(4, "big") + body)
+            out.flush()
+            return
         # CPU backstop: should the daemon be gone and unable to kill an overrunning
         # parse, the kernel ends it (SIGXCPU) a little after twice the time budget
         used = resource.getrusage(resource.RUSAGE_SELF)
