@@ -435,7 +435,7 @@ class Adaptive:
             site = item["site"]
             if not isinstance(site, bool) or not source or not provider:
                 raise ValueError("source, provider, site")
-            reason = str(item.get("reason", ""))[:500]
+            reason = "shared: " + str(item.get("reason", ""))[:500]
             left = float(left)
             if not 0 < left <= 7 * 86400:
                 raise ValueError(f"{left} s left")

@@ -150,7 +150,7 @@ class Warmup:
         # [cluster] host or redis: the caps count what every worker and node gave a source
         # (mta/egress/shared, SharedCount); None: this process's own counters
         self.shared = shared
-        self._counts: dict[tuple[str, str], SharedCount] = {}
+        self._counts: dict[tuple[str, str, str], SharedCount] = {}
         self.logs = logs
         self.state_path = state_path
         self.day_length = config.warmup.day_length       # restart-only
@@ -332,12 +332,14 @@ class Warmup:
     def _shared_take(self, w: Warming, t: Target, day: int, hour: int, day_cap: int,
                      hour_cap: int) -> int:
         assert self.shared is not None
-        c = self._counts.get((w.name, t.key))
+        c = self._counts.get((w.name, w.configured, t.key))
         if c is None:
             if len(self._counts) >= _MAX_TARGETS:
                 self._counts.clear()
-            c = self._counts[(w.name, t.key)] = self.shared.count(
-                f"{w.name}|{t.key}", self.hour_length)
+            # named by the configured start too: a source warming again from another start
+            # counts afresh (hours since the start begin at 0 again)
+            c = self._counts[(w.name, w.configured, t.key)] = self.shared.count(
+                f"{w.name}@{w.configured}|{t.key}", self.hour_length)
         return c.take(day, hour, day_cap, hour_cap)
 
     def _cap(self, w: Warming, klass: str) -> tuple[int, int] | None:

@@ -163,7 +163,10 @@ class SharedCount:
             self.day, self.hour, self.tokens, self.capped = day, hour, 0, GRANTED
         if self.tokens > 0:
             self.tokens -= 1
-            if self.tokens * 2 < count_batch(hour_cap) and not self.capped:
+            batch = count_batch(hour_cap)
+            # the next batch before this one runs out (not for a batch of 1: a small cap
+            # would sit unused in every worker's hand)
+            if batch > 1 and self.tokens * 2 < batch and not self.capped:
                 self.store._count(self, day_cap, hour_cap, 0, prefetch=True)
             return GRANTED
         if self.capped:
