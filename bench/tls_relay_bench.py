@@ -279,12 +279,12 @@ def stop_postfix(conf: Path) -> None:
         time.sleep(0.1)
 
 
-def mta_config(cert: Path, key: Path) -> Path:
+def mta_config(cert: Path, key: Path, workers: int = 1) -> Path:
     work = STATE / "mta"
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "mta.toml"
     conf.write_text(
-        f'[server]\nhostname = "mta.bench"\n[spool]\ndirectory = "{work}/spool"\n'
+        f'[server]\nhostname = "mta.bench"\nworkers = {workers}\n[spool]\ndirectory = "{work}/spool"\n'
         f'[log]\ndirectory = "{work}/log"\n[dns]\nnameservers = ["127.0.0.1:9"]\n'
         f'[admin]\nlisten = "127.0.0.1:{ADMIN}"\n'
         f'[delivery]\nsmarthost = "127.0.0.1:{SINK}"\n'
@@ -303,12 +303,16 @@ def start_mta(conf: Path, root: Path = ROOT) -> subprocess.Popen:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and of its children it has waited for (all its threads)."""
+    """utime + stime of a process (all its threads), of its children it has waited for and
+    of its live descendants (the workers under a supervisor)."""
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
     except OSError:
         return 0.0
-    return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+    return (sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+            + sum(cpu_seconds(k) for k in kids))
 
 
 def wait_port(port: int, timeout: float = 60.0) -> None:
@@ -335,7 +339,7 @@ def port_free(port: int) -> bool:
 
 
 def run_once(target: str, n: int, size: int, conc: int, persistent: bool, certs,
-             root: Path = ROOT) -> dict:
+             root: Path = ROOT, workers: int = 1) -> dict:
     """One run; `target` is "postfix" or an mta label (the tree at `root`)."""
     ca, cert, key = certs
     for p in (PORT, SINK):
@@ -352,7 +356,7 @@ def run_once(target: str, n: int, size: int, conc: int, persistent: bool, certs,
         pconf = postfix_conf(cert, key, ca)
         start_postfix(pconf)
     else:
-        proc = start_mta(mta_config(cert, key), root)
+        proc = start_mta(mta_config(cert, key, workers), root)
     cpu0 = cpu1 = 0.0
     try:
         wait_port(PORT)
@@ -404,6 +408,8 @@ def main() -> int:
     ap.add_argument("--persistent", action="store_true", help="all messages of a loader "
                     "session over one connection (smtp-source -d)")
     ap.add_argument("--only", choices=["mta", "postfix"])
+    ap.add_argument("--workers", type=int, default=1, help="mta's [server] workers (default 1: "
+                    "one process, as relay_bench runs it)")
     ap.add_argument("--against", type=Path, metavar="TREE",
                     help="A/B: mta from another checkout (label base) vs this tree (label mta)")
     ap.add_argument("--cert")
@@ -431,12 +437,12 @@ def main() -> int:
     for _ in range(args.rounds):
         for t in targets:
             results[t].append(run_once(t, args.n, args.size, args.concurrency, args.persistent,
-                                       certs, roots[t]))
+                                       certs, roots[t], args.workers))
     med = {t: statistics.median(r["deliver_per_s"] for r in rs if r["ok"]) if any(
         r["ok"] for r in rs) else 0.0 for t, rs in results.items()}
     acc = {t: statistics.median(r["accept_per_s"] for r in rs) for t, rs in results.items()}
     line = (f"RESULT tls_relay size={args.size} n={args.n} c={args.concurrency} "
-            f"persistent={int(args.persistent)} rounds={args.rounds} "
+            f"persistent={int(args.persistent)} rounds={args.rounds} workers={args.workers} "
             + " ".join(f"{t}_deliver_per_s={med[t]:.0f} {t}_accept_per_s={acc[t]:.0f}" for t in targets))
     for t, rs in results.items():
         cpu = [r["cpu_us_per_msg"] for r in rs if r["ok"] and "cpu_us_per_msg" in r]
