@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 from cluster_rig import RedisServer
@@ -25,6 +26,7 @@ from mta.egress.shared.base import DAY as CAP_DAY
 from mta.egress.shared.base import HOUR as CAP_HOUR
 from mta.egress.shared.host_table import HostLimits
 from mta.egress.warmup import Warmup
+from mta.model.attempt import Attempt, AttemptResult, RemoteReply
 from mta.model.node import WorkerSlot
 
 
@@ -201,3 +203,64 @@ def test_redis_unreachable_warmup_counts_alone_at_the_fraction(redis_server, tmp
     assert first in (WAIT, ALONE)
     assert alone == ["new", None, None]        # max(1, int(3 * 0.5)) = 1 alone
     assert back == "new"                       # the store's count (nothing there yet)
+
+
+def _reply(w: Warmup, code: int, status: str, n: int) -> None:
+    at = Attempt("new", OTHER.name, mx=OTHER.name)
+    msg = SimpleNamespace(rcpts=list(range(n)))
+    w.observe(AttemptResult(msg, None, at, [(i, RemoteReply(code, status, "x"))
+                                            for i in range(n)]))
+
+
+def _steps(w: Warmup) -> int:
+    return w.sources["new"].steps["default"]
+
+
+def test_host_the_day_is_judged_on_every_worker_s_counts(tmp_path):
+    """min_volume 10: each worker tried 6 recipients (alone: not judged, the cap would
+    grow), 3 of them bounced; together 12 tried, 50 % bounced: both hold the cap."""
+    clock = VirtualClock()
+    stores = _host(tmp_path)
+    (a, ea), (b, eb) = _warmups(tmp_path, stores, clock)
+    for w in (a, b):
+        _reply(w, 250, "2.0.0", 3)
+        _reply(w, 550, "5.7.1", 3)
+    a._flush_stats()
+    clock.advance(DAY)
+    _pick(b, eb)                      # b rolls first: a's counts are in the store
+    _pick(a, ea)                      # a sends its own at its roll
+    assert _steps(a) == 0 and _steps(b) == 0
+    assert "held" in a.sources["new"].notes["default"]
+    assert "12 recipients tried" in b.sources["new"].notes["default"] or \
+        "of 12" in b.sources["new"].notes["default"], b.sources["new"].notes
+    for s in stores:
+        asyncio.run(s.close())
+
+
+def test_redis_the_day_is_judged_on_every_node_s_counts(redis_server, tmp_path):
+    async def main():
+        loop = asyncio.get_running_loop()
+        stores = _redis_stores(redis_server.url, 2)
+        for s in stores:
+            s.start(loop)
+        clock = VirtualClock()
+        (a, ea), (b, eb) = _warmups(tmp_path, stores, clock)
+        for w in (a, b):
+            _reply(w, 250, "2.0.0", 3)
+            _reply(w, 550, "5.7.1", 3)
+        for _ in range(2):    # each second: its new counts, or a look at the others'
+            a._flush_stats()
+            b._flush_stats()
+            await asyncio.sleep(0.3)
+        assert a._stat_seen == b._stat_seen == {("new", "default", 1): [12, 6, 0, 0]}
+        clock.advance(DAY)
+        _pick(a, ea)
+        _pick(b, eb)
+        notes = [x.sources["new"].notes["default"] for x in (a, b)]
+        for s in stores:
+            await s.close()
+        return [_steps(a), _steps(b)], notes
+
+    steps, notes = asyncio.run(main())
+    assert steps == [0, 0], notes
+    assert all("of 12" in n for n in notes), notes

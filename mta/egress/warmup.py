@@ -73,6 +73,7 @@ _STATE_VERSION = 1
 _MAX_STATE = 1 << 24        # bytes of state file read at most
 _MAX_TARGETS = 100_000    # sites remembered with their provider and class (then cleared)
 _SHARED_WAIT = 0.01        # seconds before a message waiting on the shared store tries again
+_STATS_EVERY = 1.0          # seconds between sends of the day's counts to the shared store
 _SAVE_EVERY = 60.0          # seconds between saves at most (a warm-up hour when shorter)
 
 
@@ -151,6 +152,11 @@ class Warmup:
         # (mta/egress/shared, SharedCount); None: this process's own counters
         self.shared = shared
         self._counts: dict[tuple[str, str, str], SharedCount] = {}
+        # the day's judgement inputs summed in the store: (source, class, day) -> counts
+        # not sent yet, and the totals of every process last seen
+        self._stat_delta: dict[tuple[str, str, int], list[int]] = {}
+        self._stat_seen: dict[tuple[str, str, int], list[int]] = {}
+        self._stats_timer: asyncio.TimerHandle | None = None
         self.logs = logs
         self.state_path = state_path
         self.day_length = config.warmup.day_length       # restart-only
@@ -206,11 +212,19 @@ class Warmup:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._arm()
+        if self.shared is not None:
+            self._stats_timer = loop.call_later(_STATS_EVERY, self._flush_stats)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+            pending, self._stat_delta = self._stat_delta, {}
+            for k, delta in pending.items():     # host: written now; redis: if it can
+                self._send_stats(k, delta)
         self._loop = None
         self._save()
 
@@ -372,12 +386,15 @@ class Warmup:
         if day != w.day:
             self._roll(w, day)
         s = w.stats[klass]
+        before = s.to_list()
         for _, reply in result.replies:
             s.tried += 1
             if reply.code >= 500:
                 s.bounced += 1
             elif reply.code >= 400 and reply.status.startswith("4.7."):
                 s.deferred += 1
+        if self.shared is not None:
+            self._count_stats(w, klass, [a - b for a, b in zip(s.to_list(), before)])
         self._dirty = True
 
     def complaint(self, source: str, site: str) -> None:
@@ -391,7 +408,68 @@ class Warmup:
         if day != w.day:
             self._roll(w, day)
         w.stats[klass].complaints += 1
+        if self.shared is not None:
+            self._count_stats(w, klass, [0, 0, 0, 1])
         self._dirty = True
+
+    # -- the day's counts summed over every worker and node ([cluster] host, redis) --------
+
+    def _count_stats(self, w: Warming, klass: str, delta: list[int]) -> None:
+        k = (w.name, klass, w.day)
+        have = self._stat_delta.get(k)
+        if have is None:
+            self._stat_delta[k] = delta
+        else:
+            for i, n in enumerate(delta):
+                have[i] += n
+
+    def _send_stats(self, k: tuple[str, str, int], delta: list[int]) -> None:
+        name, klass, day = k
+        w = self.sources.get(name)
+        if w is None or self.shared is None:
+            return
+
+        def done(totals: list[int], k: tuple[str, str, int] = k) -> None:
+            if len(self._stat_seen) >= _MAX_TARGETS:
+                self._stat_seen.clear()
+            self._stat_seen[k] = totals
+
+        self.shared.add_stats(f"{name}@{w.configured}|{klass}", day, delta, done,
+                              self.hour_length)
+
+    def _flush_stats(self) -> None:
+        """Each second: this process's new counts to the store (one call per source and
+        class that had any)."""
+        self._stats_timer = None
+        pending, self._stat_delta = self._stat_delta, {}
+        for k in self._stat_seen:     # others' counts of today, even when this one has none
+            w = self.sources.get(k[0])
+            if w is not None and k[2] == w.day and k not in pending:
+                pending[k] = [0, 0, 0, 0]
+        for k, delta in pending.items():
+            self._send_stats(k, delta)
+        if self._loop is not None:
+            self._stats_timer = self._loop.call_later(_STATS_EVERY, self._flush_stats)
+
+    def _day_totals(self, w: Warming, klass: str, day: int, mine: DayStats) -> DayStats:
+        """What the day came to for every process (the store's totals; host: exact,
+        redis: as of the last reply plus what this process has not sent); this process's
+        own counts when the store knows nothing."""
+        k = (w.name, klass, day)
+        delta = self._stat_delta.pop(k, None)
+        seen = self._stat_seen.get(k)
+        if delta is not None or seen is not None:
+            self._send_stats(k, delta or [0, 0, 0, 0])
+            if self._stat_seen.get(k) is not seen:     # answered at once (host)
+                delta = None
+                seen = self._stat_seen[k]
+        if seen is None:
+            return mine
+        total = [a + (delta[i] if delta else 0) for i, a in enumerate(seen)]
+        total = [max(a, b) for a, b in zip(total, mine.to_list())]
+        for key in [x for x in self._stat_seen if x[0] == w.name and x[2] < day]:
+            del self._stat_seen[key]
+        return DayStats(*total)
 
     # -- day by day --------------------------------------------------------------------------
 
@@ -416,6 +494,8 @@ class Warmup:
         for d in range(w.day, min(day, w.day + 400)):    # a long stop: idle days grow
             for klass in CLASSES:
                 s = w.stats[klass]
+                if self.shared is not None and d == w.day:
+                    s = self._day_totals(w, klass, d, s)
                 why = self.judge(s)
                 schedule = self.schedules[klass]
                 before = w.steps[klass]

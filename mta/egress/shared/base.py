@@ -303,6 +303,12 @@ class SharedLimits:
             except Exception:       # the receiver's bug must not stop the polling
                 log.exception("cluster: applying a shared adaptive action")
 
+    def add_stats(self, key: str, day: int, delta: list[int],
+                  done: Callable[[list[int]], None], hour_length: float = 3600.0) -> None:
+        """Add a warm-up (source, class)'s counts of warm-up day `day` (tried, bounced,
+        deferred, complaints); `done` gets the day's totals of every process once known
+        (host: before this returns; redis: when the reply comes; local: never)."""
+
     def start(self, loop) -> None:
         """Begin background work (lease renewal); the loop is the delivery engine's."""
 

@@ -36,6 +36,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mta.egress.shared.base import (
@@ -290,6 +291,30 @@ class HostLimits(SharedLimits):
             return c.capped or HOUR
         c.tokens -= 1
         return GRANTED
+
+    def add_stats(self, key: str, day: int, delta: list[int],
+                  done: Callable[[list[int]], None], hour_length: float = 3600.0) -> None:
+        # two slots per day parity (a day's counts live until the day after next starts):
+        # (day, tried, bounced, deferred) and (day, complaints, 0, 0)
+        totals: list[int] = []
+        for half, vals in (("a", delta[:3]), ("b", [delta[3], 0, 0])):
+            i = self._slot(f"warmstat:{key}:p{day % 2}{half}")
+            if i is None:
+                return          # a full table: each worker judges its own counts
+            off = HEADER + i * SLOT_SIZE + 16
+            self._lock(i)
+            try:
+                d, x, y, z = _WARM.unpack_from(self.mm, off)
+                if day > d:
+                    d, x, y, z = day, 0, 0, 0
+                if day != d:
+                    return      # a day long gone: its slot holds a later one
+                x, y, z = x + vals[0], y + vals[1], z + vals[2]
+                _WARM.pack_into(self.mm, off, d, x, y, z)
+            finally:
+                self._unlock(i)
+            totals += (x, y, z)
+        done(totals[:4])
 
     # -- adaptive actions ---------------------------------------------------------------------
 

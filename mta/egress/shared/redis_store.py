@@ -30,6 +30,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -127,6 +128,18 @@ end
 return {k, d + k}
 """
 
+# a warm-up day's counts: KEYS the day's hash; ARGV tried, bounced, deferred, complaints to
+# add, expiry (ms); the day's totals
+STATS = """
+local f = {'t', 'b', 'd', 'c'}
+for i = 1, 4 do
+  local n = tonumber(ARGV[i])
+  if n ~= 0 then redis.call('HINCRBY', KEYS[1], f[i], n) end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return redis.call('HMGET', KEYS[1], 't', 'b', 'd', 'c')
+"""
+
 # adaptive actions: one sorted set, members the published JSON, scored by their end on the
 # server's clock; at most ACTIONS_MAX kept (those ending last)
 SHARE = """
@@ -169,6 +182,7 @@ class RedisLimits(SharedLimits):
         self._renew = self.client.register_script(RENEW)
         self._warm = self.client.register_script(WARM)
         self._share = self.client.register_script(SHARE)
+        self._stats = self.client.register_script(STATS)
         self._poll = self.client.register_script(POLL)
         self._poller: asyncio.Task | None = None
         self.leases: dict[str, Lease] = {}     # member -> live lease of this process
@@ -372,6 +386,26 @@ class RedisLimits(SharedLimits):
             self._failed(exc)
         finally:
             c.pending = False
+
+    def add_stats(self, key: str, day: int, delta: list[int],
+                  done: Callable[[list[int]], None], hour_length: float = 3600.0) -> None:
+        if not self._usable() or self.loop is None:
+            return          # counted by this process alone meanwhile
+        self._spawn(self._add_stats(key, day, delta, done, hour_length))
+
+    async def _add_stats(self, key: str, day: int, delta: list[int],
+                         done: Callable[[list[int]], None], hour_length: float) -> None:
+        try:
+            reply = await self._call(self._stats, [f"{self.prefix}warmstat:{key}:d{day}"],
+                                     [*delta[:4], math.ceil(hour_length * 72 * 1000)])
+            totals = [int(x or 0) for x in reply]
+            if len(totals) != 4 or min(totals) < 0:
+                raise ValueError(f"warm-up day counts reply {reply!r}")
+            self._ok()
+        except (TimeoutError, RedisError, OSError, ValueError, TypeError) as exc:
+            self._failed(exc)
+            return
+        done(totals)
 
     # -- adaptive actions ---------------------------------------------------------------
 
