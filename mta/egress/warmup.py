@@ -29,6 +29,18 @@ queue (a retry counts again): the caps bound what a source is given, so what it 
 in a day never exceeds them, except that a message given late in one hour may leave
 early in the next.
 
+Several workers or nodes ([cluster] backend host or redis, mta/egress/shared): the day and
+hour counts live in the shared store (`SharedCount`: a batch of allowance per store call,
+within both caps for every process together; redis: the first message of an hour, or one
+arriving while a batch is on its way, waits about a second on the timer wheel), and the
+day's judgement inputs are sent to it each second, so every process judges the day on
+everyone's counts (host exactly; redis on the totals last seen, at most a second old, plus
+its own). While the store is away (or the host table is full) a process counts alone at
+[cluster] fallback_fraction of each cap, on its own day's counts. The store's keys name the
+source and its configured warmup_start: workers must share the same start ("now" resolves
+per worker a moment apart: hours then begin a moment apart too). What each worker shows
+in `view()` (and saves in warmup.json) is still its own share.
+
 Inputs besides routing: every attempt result (`observe`, an Outcomes observer) and
 every complaint (`complaint`, a Feedback complaint observer), counted per (source,
 class) for the current warm-up day.

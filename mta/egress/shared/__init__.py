@@ -20,7 +20,8 @@ it takes a small batch of tokens per round trip ([cluster] rate_batch), so a bus
 the store a few times a second, not once per message; the store's GCRA keeps the total.
 `count(key, hour_length)` returns a `SharedCount`: a warm-up (source, provider)'s messages
 of the current warm-up day and hour counted by the store against a day cap and an hour cap,
-a batch of allowance per call (mta/egress/warmup.py). `share_action(action, left)`
+a batch of allowance per call (mta/egress/warmup.py); `add_stats` sums a warm-up day's
+judgement inputs over every process. `share_action(action, left)`
 publishes an adaptive action this process took; `on_action(action, left)` is called with
 each one another process published, once (redis: a sorted set polled each second; host:
 a file of lines beside the table, read each second; local: nothing).
