@@ -123,3 +123,36 @@ def test_redis_an_action_on_one_node_suspends_the_pair_on_the_other(tmp_path, ri
         assert cluster_rig.source_ip(2) not in _sources(rig, t1)
     finally:
         rig.stop()
+
+
+def test_redis_two_nodes_share_the_hour_cap(tmp_path, rig_addresses):
+    """Two nodes, one redis-server, the warming source named alike on both ("out", each
+    its own address), hour cap 5: the sink receives 5 across both nodes."""
+    if not cluster_rig.RedisServer.available():
+        from conftest import missing_tool
+        missing_tool("redis-server (apt install redis-server)")
+    rig = ClusterRig(tmp_path / "rig", nodes=2, workers=1, connections=4, rate="1000/s",
+                     extra=WARMUP)
+    for n in rig.nodes:
+        _warming(n)
+        text = n.config.read_text()
+        n.config.write_text(text.replace(f'name = "{n.name}"\n', 'name = "out"\n', 1))
+    rig.start()
+    try:
+        fill = [threading.Thread(target=rig.inject,
+                                 args=(n, [f"{n.name}-{k}@dest.test" for k in range(20)], 5))
+                for n in rig.nodes]
+        for t in fill:
+            t.start()
+        for t in fill:
+            t.join(120)
+        received = []
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            received = rig.sink_stats()["times"]
+            time.sleep(0.5)
+        assert len(received) == 5, len(received)
+        assert {src for _, src, _ in received} <= {cluster_rig.source_ip(1),
+                                                   cluster_rig.source_ip(2)}
+    finally:
+        rig.stop()
