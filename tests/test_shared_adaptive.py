@@ -209,3 +209,19 @@ def test_redis_actions_reach_the_other_node(redis_server):
     assert [a["rule"] for a, _ in got[1]] == ["r"]
     assert 18.0 < got[1][0][1] <= 20.0
     assert n == 3              # "short" is dropped once it ended
+
+
+def test_host_actions_of_a_previous_boot_are_dropped(tmp_path, monkeypatch):
+    """Their ends are on that boot's monotonic clock: a table made before this boot is
+    cleared, and the actions file with it."""
+    (w0,) = _host(tmp_path, 1)
+    w0.share_action({"rule": "r"}, 3600.0)
+    asyncio.run(w0.close())
+    assert w0.actions_path.exists()
+    monkeypatch.setattr(host_table, "_boot_id", lambda: b"another-boot".ljust(36))
+    (w1,) = _host(tmp_path, 1)
+    got: list = []
+    w1.on_action = lambda a, left: got.append(a)
+    w1.poll_actions()
+    assert got == [] and not w1.actions_path.exists()
+    asyncio.run(w1.close())

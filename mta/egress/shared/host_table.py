@@ -130,6 +130,11 @@ class HostLimits(SharedLimits):
                 self.mm[:] = bytes(size)          # new, or made before this boot
                 self.mm[:8] = MAGIC
                 self.mm[8:44] = boot
+                # the actions' ends are on the last boot's CLOCK_MONOTONIC: meaningless now
+                try:
+                    os.unlink(self.actions_path)
+                except FileNotFoundError:
+                    pass
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER, 0)
         self._clear_column()
