@@ -245,6 +245,7 @@ def test_kill_mid_transfer_then_drain_again(daemon_factory, sinks):
     out = _drain("-c", str(a.config), "--to", _url(b), "--to-token-file", _token_file(b))
     assert out.returncode == 0, out.stdout + out.stderr
     _wait(lambda: len(good.messages) >= n)
+    _wait(lambda: len(b.log_records("Transfer")) >= n)   # B's log is flushed every 0.2 s
     assert len(b.log_records("Transfer")) == n
     # the offline replay of the old copy: every message is a duplicate for B
     out = _drain("-c", str(a.config), "--spool-dir", str(copy), "--to", _url(b),

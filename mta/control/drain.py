@@ -95,13 +95,13 @@ class Progress:
     started: float = 0.0
     finished: float = 0.0
     errors: list[str] = dataclasses.field(default_factory=list)
+    moved: int = dataclasses.field(default=0, init=False)   # stored + duplicate
 
-    @property
-    def moved(self) -> int:
-        return self.stored + self.duplicate
+    def __post_init__(self) -> None:
+        self.moved = self.stored + self.duplicate
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "moved": self.moved}
+        return dataclasses.asdict(self)
 
     def error(self, text: str) -> None:
         log.warning("drain: %s", text)
@@ -153,8 +153,10 @@ async def _send_all(items, url: str, token: str, source: str, progress: Progress
                     continue
                 if status == "duplicate":
                     progress.duplicate += 1
+                    progress.moved += 1
                 else:
                     progress.stored += 1
+                    progress.moved += 1
                 done = moved(item, status)
                 if asyncio.iscoroutine(done):
                     await done

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mta.control import views as v
+from mta.control.drain import Progress
 from mta.queues.select import Selector
 
 _JSON_NAMES = {"klass": "class"}   # Python field name -> JSON key, where a keyword is in the way
@@ -94,7 +95,15 @@ class LimitsRequest:
     keys: list[str] = field(default_factory=list)
 
 
+@dataclass
+class DrainRequest:
+    """Stop accepting and move every queued message to another node (mta drain)."""
+    to: str                          # the target's admin API URL, or smtp://host:port
+    token: str = ""                  # the target's operator token (not for smtp://)
+
+
 ACTION_REQUESTS: dict[str, type] = {
+    "/control/drain": DrainRequest,
     "/control/suspend": SuspendRequest,
     "/control/resume": ResumeRequest,
     "/control/rebind": RebindRequest,
@@ -126,6 +135,7 @@ ROUTE_VIEWS: dict[str, RouteView] = {
     "/queue/holds": RouteView(list[Selector], summary="operator holds in force"),
     "/shaping": RouteView(list[v.ShapingRow], summary="live state and limits per (source, site)"),
 }
+ROUTE_VIEWS["/drain"] = RouteView(Progress, summary="the drain's progress (mta drain)")
 if hasattr(v, "WarmupRow"):
     ROUTE_VIEWS["/warmup"] = RouteView(list[v.WarmupRow],
                                        summary="warming sources: day, caps per class, use")

@@ -128,6 +128,7 @@ def test_roles_openapi_and_real_responses(admin_daemon):
         "/warmup": "/warmup",
         "/adaptive": "/adaptive",
         "/live": "/live",
+        "/drain": "/drain",
         "/health": "/health", "/ready": "/ready", "/openapi.json": "/openapi.json",
     }
     assert gets <= set(concrete), f"no real request for {gets - set(concrete)}"
