@@ -73,6 +73,37 @@ def _config(args: argparse.Namespace):
     return config
 
 
+# Operator actions through the admin API: on a node with several worker processes each
+# worker holds its own queues and limits, so an action is sent to every one of them.
+_ACTIONS = {"suspend": None, "resume": None, "shaping": ("set", "clear"),
+            "queue": ("rebind", "flush", "hold", "release", "delete", "bounce")}
+_VIEWS = {"queue", "shaping", "warmup", "top"}
+
+
+def _run_on_workers(args: argparse.Namespace) -> int:
+    """args.func(args), once per worker for an operator action when [server] workers > 1
+    and no --worker was given; a view shows worker 0 and says so."""
+    command = getattr(args, "command", None)
+    if command not in _ACTIONS and command not in _VIEWS or getattr(args, "worker", None) is not None:
+        return args.func(args)
+    workers = load_config(getattr(args, "config", None),
+                          {k: getattr(args, k, None) for k in _OVERRIDES}).server.workers
+    if workers <= 1:
+        return args.func(args)
+    verbs = _ACTIONS.get(command, ())
+    if command not in _ACTIONS or (verbs is not None and getattr(args, "action", None) not in verbs):
+        print(f"mta: worker 0 of {workers} ([server] workers); --worker I shows worker I",
+              file=sys.stderr)
+        args.worker = 0
+        return args.func(args)
+    rc = 0
+    for i in range(workers):
+        args.worker = i
+        print(f"worker {i}:", flush=True)
+        rc = max(rc, args.func(args))
+    return rc
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mta.daemon import serve
     config = _config(args)
@@ -269,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)   # usage errors: exit 2 (argparse)
         args.argv = list(sys.argv[1:] if argv is None else argv)   # serve: for the workers
         _with_config_rules(args)
-        rc = args.func(args)
+        rc = _run_on_workers(args)
         sys.stdout.flush()      # a closed pipe shows here, not at interpreter exit
         return rc
     except ConfigError as exc:

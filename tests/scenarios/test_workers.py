@@ -210,6 +210,18 @@ def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
                           "-c", str(d.config)], capture_output=True, cwd=d.workdir,
                          timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 2 and b"outside 0..1" in out.stderr, out
+    # an operator action without --worker reaches every worker; a view says whose it is
+    def mta_cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mta", *argv, "-c", str(d.config)],
+                              capture_output=True, cwd=d.workdir, timeout=30,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = mta_cli("queue", "hold", "--domain", "held.test")
+    assert out.returncode == 0 and b"worker 0:" in out.stdout and b"worker 1:" in out.stdout, out
+    for i in (0, 1):
+        out = mta_cli("queue", "holds", "--json", "--worker", str(i))
+        assert out.returncode == 0 and orjson.loads(out.stdout) == [{"domain": "held.test"}], out
+    out = mta_cli("queue", "holds", "--json")
+    assert b"worker 0 of 2" in out.stderr and orjson.loads(out.stdout) == [{"domain": "held.test"}]
     assert d.stop() == 0
 
 
