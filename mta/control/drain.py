@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
+from mta.control.views import DrainProgress as Progress
 from mta.control.xfer import (
     Entry,
     Item,
@@ -79,34 +80,6 @@ log = logging.getLogger("mta.drain")
 SEND_AT_ONCE = 8            # transfers in flight
 RETRIES = 5                 # attempts per message on a transient failure
 BACKOFF = 1.0               # seconds before the second attempt, doubling
-_MAX_ERRORS = 20            # errors kept for the status view
-
-
-@dataclasses.dataclass
-class Progress:
-    """What a drain did so far (GET /drain, and the CLI's summary)."""
-    state: str = "idle"          # idle, stopping, moving, done, failed
-    target: str = ""
-    total: int = 0               # messages to move
-    stored: int = 0              # the target stored them
-    duplicate: int = 0           # the target had them already (an earlier run)
-    left: int = 0                # not moved: still queued here (or in the dead spool)
-    in_flight: int = 0           # live drain: deliveries that did not end in the grace
-    started: float = 0.0
-    finished: float = 0.0
-    errors: list[str] = dataclasses.field(default_factory=list)
-    moved: int = dataclasses.field(default=0, init=False)   # stored + duplicate
-
-    def __post_init__(self) -> None:
-        self.moved = self.stored + self.duplicate
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def error(self, text: str) -> None:
-        log.warning("drain: %s", text)
-        self.errors.append(text)
-        del self.errors[:-_MAX_ERRORS]
 
 
 def _smtp_target(url: str) -> tuple[str, int] | None:

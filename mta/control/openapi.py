@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mta.control import views as v
-from mta.control.drain import Progress
 from mta.queues.select import Selector
 
 _JSON_NAMES = {"klass": "class"}   # Python field name -> JSON key, where a keyword is in the way
@@ -135,7 +134,7 @@ ROUTE_VIEWS: dict[str, RouteView] = {
     "/queue/holds": RouteView(list[Selector], summary="operator holds in force"),
     "/shaping": RouteView(list[v.ShapingRow], summary="live state and limits per (source, site)"),
 }
-ROUTE_VIEWS["/drain"] = RouteView(Progress, summary="the drain's progress (mta drain)")
+ROUTE_VIEWS["/drain"] = RouteView(v.DrainProgress, summary="the drain's progress (mta drain)")
 if hasattr(v, "WarmupRow"):
     ROUTE_VIEWS["/warmup"] = RouteView(list[v.WarmupRow],
                                        summary="warming sources: day, caps per class, use")

@@ -22,9 +22,10 @@ API answers 400).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import logging
 import time
 import urllib.parse
 
@@ -736,3 +737,33 @@ def live_view(engine: DeliveryEngine, stats: LiveStats) -> LiveView:
                     engine.scheduler.inserts[InsertReason.RECEIVED],
                     sum(q.count for q in engine.scheduler.queues.values()), ready,
                     engine.budget.used, conns, rows, holds, list(stats.errors))
+
+
+DRAIN_ERRORS_KEPT = 20   # errors a drain's progress keeps
+
+
+@dataclass
+class DrainProgress:
+    """What a drain did so far (GET /drain, and the CLI's summary)."""
+    state: str = "idle"          # idle, stopping, moving, done, failed
+    target: str = ""
+    total: int = 0               # messages to move
+    stored: int = 0              # the target stored them
+    duplicate: int = 0           # the target had them already (an earlier run)
+    left: int = 0                # not moved: still queued here (or in the dead spool)
+    in_flight: int = 0           # live drain: deliveries that did not end in the grace
+    started: float = 0.0
+    finished: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    moved: int = field(default=0, init=False)   # stored + duplicate
+
+    def __post_init__(self) -> None:
+        self.moved = self.stored + self.duplicate
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def error(self, text: str) -> None:
+        logging.getLogger("mta.drain").warning("drain: %s", text)
+        self.errors.append(text)
+        del self.errors[:-DRAIN_ERRORS_KEPT]
