@@ -121,3 +121,30 @@ def test_other_processes_entries_reach_the_reader_as_a_filter_built_in_the_threa
     finally:
         w.close()
         reader.close()
+
+
+def _open_at(path, key, barrier, errors):
+    barrier.wait()
+    try:
+        SuppressionList(path, key).close()
+    except sqlite3.Error as exc:
+        errors.put(repr(exc))
+
+
+def test_processes_opening_a_new_store_together_all_succeed(tmp_path):
+    """Worker processes start together and open the same new store: switching the file to
+    WAL answers "database is locked" at once (no busy handler) to all but one of them, and
+    a worker died at start with it (seen in test_workers); the switch is retried."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    key = b"k" * 32
+    for attempt in range(5):
+        path = tmp_path / f"s{attempt}.sqlite"
+        barrier, errors = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_at, args=(path, key, barrier, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        assert errors.empty(), errors.get()

@@ -228,6 +228,21 @@ def _private(db: Path) -> None:
             pass
 
 
+def _set_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """PRAGMA journal_mode=WAL, retried: switching a new file to WAL needs an exclusive
+    lock and SQLite answers "database is locked" at once, without its busy handler, while
+    another connection holds the file (worker processes starting together)."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SuppressionList:
     """One SQLite suppression store. Use one instance per thread (sqlite3 connections
     are not shared across threads); any number of processes may open the same file."""
@@ -250,7 +265,7 @@ class SuppressionList:
             # (SQLite's too), and another process could then delete the live WAL
             _private(self.path)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _set_wal(self._db, busy_timeout)
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
