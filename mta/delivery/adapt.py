@@ -45,6 +45,8 @@ log = logging.getLogger("mta.adaptive")
 STATE_NAME = "adaptive.json"     # in the spool directory
 _MAX_STATE = 1 << 24
 _PROVIDER_CACHE = 100_000
+OK_BATCH = 5.0          # seconds plain deliveries may wait before they reach the windows
+_OK_PAIRS = 10_000      # (source, site) pairs counted at once; more: all handed over
 
 
 class EngineActuator:
@@ -56,6 +58,7 @@ class EngineActuator:
         self.state_path: str | None = None
         self._providers: dict[str, tuple[str, bool]] = {}   # site -> (provider, is a site)
         self._bouncing = False
+        self._ok: dict[tuple[str, str], list] = {}   # (source, site) -> [deliveries, since]
         self.adaptive = Adaptive(engine.limits, self, engine.config.adaptive,
                                  clock=engine.clock)
         engine.outcomes.observers.append(self.observe)
@@ -83,11 +86,43 @@ class EngineActuator:
         at = result.at
         if not at.source or self._bouncing:
             return
+        adaptive = self.adaptive
+        key = (at.source, at.site)
+        # Plain deliveries while no action is in force only add to the rate windows: they
+        # are counted here and handed over together (before the pair's next other result,
+        # a complaint, or OK_BATCH seconds after the first), not one call per message.
+        if not adaptive.active and all(r.code < 300 for _, r in result.replies):
+            now = self.engine.clock()
+            ok = self._ok.get(key)
+            if ok is None:
+                if len(self._ok) >= _OK_PAIRS:
+                    self._flush_ok()
+                self._ok[key] = [len(result.replies), now]
+            else:
+                ok[0] += len(result.replies)
+                if now - ok[1] >= OK_BATCH:
+                    self._flush_ok(key)
+            return
+        if self._ok:
+            self._flush_ok(key)
         provider, is_site = self.provider_of(at.source, at.site)
-        d = self.engine.dispatchers.get((at.source, at.site))
+        d = self.engine.dispatchers.get(key)
         q = result.msg.queue
-        self.adaptive.observe(at.source, provider, is_site, d.limits if d else None,
-                              result.replies, q.tenant or "", q.campaign or "", self._hard)
+        adaptive.observe(at.source, provider, is_site, d.limits if d else None,
+                         result.replies, q.tenant or "", q.campaign or "", self._hard)
+
+    def _flush_ok(self, key: tuple[str, str] | None = None) -> None:
+        """Hand the counted plain deliveries of `key` (every pair: None) to the rules."""
+        keys = [key] if key is not None else list(self._ok)
+        for k in keys:
+            ok = self._ok.pop(k, None)
+            if not ok:
+                continue
+            provider, is_site = self.provider_of(*k)
+            d = self.engine.dispatchers.get(k)
+            done = RemoteReply(250, "2.0.0", "delivered")   # a new object: a new event
+            self.adaptive.observe(k[0], provider, is_site, d.limits if d else None,
+                                  [(0, done)] * ok[0], "", "", self._hard)
 
     def _hard(self, reply: RemoteReply) -> bool:
         fb = self.engine.feedback
@@ -96,6 +131,8 @@ class EngineActuator:
         return fb.classifier.classify(reply.code, reply.status or None, reply.text).hard
 
     def complaint(self, source: str, site: str) -> None:
+        if self._ok:
+            self._flush_ok()
         if source and site:
             provider, is_site = self.provider_of(source, site)
             self.adaptive.complaint(source, provider, is_site)
