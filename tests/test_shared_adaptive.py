@@ -80,7 +80,7 @@ def test_host_actions_reach_the_other_worker_once(tmp_path):
     w0.poll_actions()
     assert got0 == []                                         # never back to its sender
     assert len(got1) == 1 and got1[0][0] == {"rule": "r", "action": "suspend"}
-    assert 20.0 < got1[0][1] <= 30.0                     # less the time since (a loaded box)
+    assert 20.0 < got1[0][1] <= 30.01   # less the time since (a loaded box); clocks round
     w1.poll_actions()
     assert len(got1) == 1                                     # each once
     w1.share_action({"rule": "r2", "action": "suspend"}, 5.0)
@@ -207,7 +207,7 @@ def test_redis_actions_reach_the_other_node(redis_server):
     got, n = asyncio.run(main())
     assert got[0] == []
     assert [a["rule"] for a, _ in got[1]] == ["r"]
-    assert 10.0 < got[1][0][1] <= 20.0   # less the time since (a loaded box)
+    assert 10.0 < got[1][0][1] <= 20.01   # less the time since (a loaded box); clocks round
     assert n == 3              # "short" is dropped once it ended
 
 
