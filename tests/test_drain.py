@@ -469,3 +469,18 @@ def test_offline_drain_of_a_multi_worker_spool(daemon_factory, sinks):
     _wait(lambda: len(good.messages) >= n)
     time.sleep(0.5)
     assert sorted(good.ids()) == sorted(b"<m%d@origin.test>" % k for k in range(n))
+
+
+def test_hostile_xfer_heads_are_refused_in_linear_time():
+    """/xfer's first line is network input: a megabyte-long key shaped like the real one,
+    and a body without a newline, are refused at once (the key pattern has only bounded
+    quantifiers)."""
+    import orjson as _orjson
+    crafted = "0" * 32 + "." + "a" * 16 + "." + "1" * 1_000_000 + ".x"
+    body = _orjson.dumps({"v": 1, "key": crafted, "envelope": {}}) + b"\n"
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="key"):
+        parse_body(body)
+    with pytest.raises(ValueError, match="no JSON line"):
+        parse_body(b"{" + b"a" * (5 << 20))
+    assert time.perf_counter() - started < 0.5

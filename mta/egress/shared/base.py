@@ -2,6 +2,7 @@
 warm-up counts, shared adaptive actions, and what every backend implements. No I/O here."""
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -194,7 +195,7 @@ def gcra(tat: float, now: float, interval: float, tau: float, want: int
     return base + want * interval, want, base - tau - now
 
 
-class SharedLimits:
+class SharedLimits(abc.ABC):
     """What the backends have in common; subclasses do `acquire`, `_release`, `_refill`."""
 
     name = "local"
@@ -231,15 +232,17 @@ class SharedLimits:
         self._seq += 1
         return f"{self.member}/{self._run}.{self._seq}"
 
+    @abc.abstractmethod
     async def acquire(self, keys: list[tuple[str, int]]) -> Lease | None:
         """A lease on every (key, limit) at once, or None when one is at its limit."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _release(self, lease: Lease) -> None:
-        raise NotImplementedError
+        """Give the lease's places back in the store."""
 
+    @abc.abstractmethod
     def _refill(self, r: SharedRate, now: float) -> float:
-        raise NotImplementedError
+        """Take a batch of tokens for `r` from the store; the seconds until the next."""
 
     def count(self, key: str, hour_length: float) -> SharedCount:
         """Warm-up counts for `key` (the caller's source and target)."""
