@@ -182,3 +182,25 @@ def smtp_exchange(port: int, script: bytes, *, read_timeout: float = 5.0) -> byt
         except socket.timeout:
             pass
     return out
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of the test's own (tools/cluster_rig.py), stopped afterwards."""
+    from cluster_rig import RedisServer
+    if not RedisServer.available():
+        missing_tool("redis-server (apt install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def host_stores(tmp_path, n: int = 2) -> list:
+    """`n` workers' HostLimits (mta/egress/shared/host_table.py) on one table file, started."""
+    from mta.egress.shared.host_table import HostLimits
+    from mta.model.node import WorkerSlot
+    stores = [HostLimits(tmp_path / "shared-limits", worker=WorkerSlot(i, n, "n"),
+                         member=f"n/w{i}") for i in range(n)]
+    for s in stores:
+        s.start()
+    return stores

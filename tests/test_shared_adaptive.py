@@ -14,8 +14,7 @@ import asyncio
 import json
 
 import pytest
-from cluster_rig import RedisServer
-from conftest import missing_tool
+from conftest import host_stores
 from test_adaptive_unit import DELIVERY, Hands, config
 from virtual_time import VirtualLoop
 
@@ -24,9 +23,7 @@ from mta.egress.limits import LimitsSource
 from mta.egress.shaping import Shaping
 from mta.egress.shared import host_table
 from mta.egress.shared.base import ACTION_MAX
-from mta.egress.shared.host_table import HostLimits
 from mta.model.attempt import RemoteReply
-from mta.model.node import WorkerSlot
 
 RULES = """
 [provider.slowpoke]
@@ -48,25 +45,8 @@ steps = 1
 """
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    if not RedisServer.available():
-        missing_tool("redis-server (apt install redis-server)")
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-def _host(tmp_path, n: int = 2) -> list[HostLimits]:
-    stores = [HostLimits(tmp_path / "shared-limits", worker=WorkerSlot(i, n, "n"),
-                         member=f"n/w{i}") for i in range(n)]
-    for s in stores:
-        s.start()
-    return stores
-
-
 def test_host_actions_reach_the_other_worker_once(tmp_path):
-    w0, w1 = _host(tmp_path)
+    w0, w1 = host_stores(tmp_path)
     got0: list = []
     got1: list = []
     w0.on_action = lambda a, left: got0.append((a, left))
@@ -92,7 +72,7 @@ def test_host_actions_reach_the_other_worker_once(tmp_path):
 
 def test_host_actions_file_is_compacted(tmp_path, monkeypatch):
     monkeypatch.setattr(host_table, "ACTIONS_FILE_MAX", 2000)
-    w0, w1 = _host(tmp_path)
+    w0, w1 = host_stores(tmp_path)
     got: list = []
     w1.on_action = lambda a, left: got.append(a["n"])
     for n in range(40):
@@ -127,7 +107,7 @@ def _send(ad: Adaptive, limits: LimitsSource, text: str) -> None:
 
 def test_host_suspension_and_set_reach_the_other_worker(tmp_path):
     loop = VirtualLoop()
-    w0, w1 = _host(tmp_path)
+    w0, w1 = host_stores(tmp_path)
     a0, _h0, l0 = _adaptive(tmp_path, loop, w0)
     a1, h1, l1 = _adaptive(tmp_path, loop, w1)
     _send(a0, l0, "you are blocked")
@@ -157,7 +137,7 @@ def test_host_suspension_and_set_reach_the_other_worker(tmp_path):
 
 def test_remote_refuses_malformed_actions(tmp_path):
     loop = VirtualLoop()
-    (w0,) = _host(tmp_path, 1)
+    (w0,) = host_stores(tmp_path, 1)
     a, hands, limits = _adaptive(tmp_path, loop, w0)
     good = {"rule": "x", "action": "suspend", "source": "ip-1", "provider": "p",
             "site": False, "target": "", "reason": "r"}
@@ -214,12 +194,12 @@ def test_redis_actions_reach_the_other_node(redis_server):
 def test_host_actions_of_a_previous_boot_are_dropped(tmp_path, monkeypatch):
     """Their ends are on that boot's monotonic clock: a table made before this boot is
     cleared, and the actions file with it."""
-    (w0,) = _host(tmp_path, 1)
+    (w0,) = host_stores(tmp_path, 1)
     w0.share_action({"rule": "r"}, 3600.0)
     asyncio.run(w0.close())
     assert w0.actions_path.exists()
     monkeypatch.setattr(host_table, "_boot_id", lambda: b"another-boot".ljust(36))
-    (w1,) = _host(tmp_path, 1)
+    (w1,) = host_stores(tmp_path, 1)
     got: list = []
     w1.on_action = lambda a, left: got.append(a)
     w1.poll_actions()

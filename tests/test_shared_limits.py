@@ -15,23 +15,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from cluster_rig import RedisServer
-from conftest import missing_tool
 
 from mta.config.load import parse_config
 from mta.egress.shared import open_shared
 from mta.egress.shared.host_table import HostLimits
 from mta.model.node import WorkerSlot
 from mta.model.rate import Rate
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if not RedisServer.available():
-        missing_tool("redis-server (apt install redis-server)")
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def _stores(url: str, n: int, **kw):

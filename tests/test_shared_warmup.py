@@ -14,9 +14,7 @@ import asyncio
 import random
 from types import SimpleNamespace
 
-import pytest
-from cluster_rig import RedisServer
-from conftest import missing_tool
+from conftest import host_stores
 from test_warmup_unit import DAY, HOUR, OTHER, config, shaping
 from virtual_time import VirtualClock
 
@@ -24,31 +22,12 @@ from mta.egress.pools import Egress
 from mta.egress.shared.base import ALONE, GRANTED, WAIT
 from mta.egress.shared.base import DAY as CAP_DAY
 from mta.egress.shared.base import HOUR as CAP_HOUR
-from mta.egress.shared.host_table import HostLimits
 from mta.egress.warmup import Warmup
 from mta.model.attempt import Attempt, AttemptResult, RemoteReply
-from mta.model.node import WorkerSlot
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if not RedisServer.available():
-        missing_tool("redis-server (apt install redis-server)")
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-def _host(tmp_path, n: int = 2) -> list[HostLimits]:
-    stores = [HostLimits(tmp_path / "shared-limits", worker=WorkerSlot(i, n, "n"),
-                         member=f"n/w{i}") for i in range(n)]
-    for s in stores:
-        s.start()
-    return stores
 
 
 def test_host_two_workers_never_above_the_caps_together(tmp_path):
-    w0, w1 = _host(tmp_path)
+    w0, w1 = host_stores(tmp_path)
     c0, c1 = w0.count("src|gmail", HOUR), w1.count("src|gmail", HOUR)
     rng = random.Random(7)
     day_cap, hour_cap = 500, 120
@@ -98,7 +77,7 @@ def test_host_two_warmups_share_the_caps(tmp_path):
     """Two workers' routing: the hour cap (2) and the day cap (3) for both together, and
     the day's rollover (day 2: 6, 3 an hour)."""
     clock = VirtualClock()
-    stores = _host(tmp_path)
+    stores = host_stores(tmp_path)
     (a, ea), (b, eb) = _warmups(tmp_path, stores, clock)
     assert a.sources["new"].start == b.sources["new"].start
     got = [_pick(a, ea), _pick(b, eb), _pick(a, ea), _pick(b, eb)]
@@ -220,7 +199,7 @@ def test_host_the_day_is_judged_on_every_worker_s_counts(tmp_path):
     """min_volume 10: each worker tried 6 recipients (alone: not judged, the cap would
     grow), 3 of them bounced; together 12 tried, 50 % bounced: both hold the cap."""
     clock = VirtualClock()
-    stores = _host(tmp_path)
+    stores = host_stores(tmp_path)
     (a, ea), (b, eb) = _warmups(tmp_path, stores, clock)
     for w in (a, b):
         _reply(w, 250, "2.0.0", 3)
