@@ -10,8 +10,12 @@ daemon.py) with, from `worker_config`:
   restart recovers that shard (its operator state, adaptive and warm-up state too);
 - its own log file `<log directory>/mta.wI.jsonl` (grep `mta.w*.jsonl`), and its stderr
   lines tagged `mta[wI]`;
-- its own admin API on `[admin] listen` port + I (worker 0 on the configured port; `mta
-  queue ...` talks to worker 0), one token file for all (default <spool directory>/admin.token);
+- its own admin API on `[admin] listen` port + I (worker 0 on the configured port), one
+  token file for all (default <spool directory>/admin.token); `mta queue ...` and `?node=1`
+  on any worker's admin API answer for the node (mta/control/nodeview.py);
+- its share of the node's budgets: [egress] max_connections, each listener's
+  max_connections, [server] data_memory_budget and [spool] hot_cache divided by N
+  (rounded up, at least 1), so N workers together hold what the config says;
 - the [unsubscribe] endpoint on the same port in every worker (SO_REUSEPORT).
 Delivery limits (connection_limit, rates, warm-up caps) are held by each worker by itself:
 N workers may use up to N times a limit unless shared limits are configured.
@@ -72,18 +76,34 @@ def slot_of(text: str, config: Config) -> WorkerSlot:
             else WorkerSlot(int(index), int(count)))
 
 
+def per_worker(budget: int, workers: int) -> int:
+    """A node's budget split across its workers: rounded up, at least 1 (0 stays 0: off)."""
+    return 0 if budget <= 0 else max(1, -(-budget // workers))
+
+
 def worker_config(config: Config, slot: WorkerSlot) -> Config:
-    """The config worker `slot` runs on: its spool shard and admin port; one admin token."""
+    """The config worker `slot` runs on: its spool shard and admin port, one admin token, and
+    its share of the node's budgets (each 1/N, rounded up): [egress] max_connections, each
+    listener's max_connections, [server] data_memory_budget, [spool] hot_cache."""
     if slot.count == 1:
         return config
+    n = slot.count
     admin = config.admin
     listen = admin.listen
     if listen is not None and listen[1]:
-        listen = (listen[0], listen[1] + slot.index)
+        listen = (listen[0], slot.admin_port(listen[1]))
     admin = dataclasses.replace(admin, listen=listen, token_file=token_path(config))
     spool = dataclasses.replace(config.spool,
-                                directory=Path(config.spool.directory) / f"w{slot.index}")
-    return dataclasses.replace(config, spool=spool, admin=admin)
+                                directory=Path(config.spool.directory) / f"w{slot.index}",
+                                hot_cache=per_worker(config.spool.hot_cache, n))
+    server = dataclasses.replace(
+        config.server, data_memory_budget=per_worker(config.server.data_memory_budget, n))
+    egress = dataclasses.replace(config.egress,
+                                 max_connections=per_worker(config.egress.max_connections, n))
+    listeners = tuple(dataclasses.replace(lst, max_connections=per_worker(lst.max_connections, n))
+                      for lst in config.listener)
+    return dataclasses.replace(config, spool=spool, admin=admin, server=server, egress=egress,
+                               listener=listeners)
 
 
 def config_problems(config: Config) -> list[str]:

@@ -87,16 +87,20 @@ class ServerConfig:
     data_memory_budget: int = key(SIZE, "512MiB", "message content all SMTP sessions together "
                                   "may hold in memory before it is stored; at the budget new "
                                   "transactions get 452 4.3.1 and sessions in DATA stop being "
-                                  "read", lo="1MiB", hi="1024GiB", restart=True)
+                                  "read; per node: with [server] workers = N each worker "
+                                  "process gets 1/N (rounded up)", lo="1MiB", hi="1024GiB", restart=True)
     data_memory_wait: float = key(DURATION, "30s", "how long sessions in DATA may be held "
                                   "at the memory budget before the largest are closed with "
                                   "421 4.3.2 to free it", lo="1s", hi="1h", restart=True)
     workers: int = key(WORKERS, 1, "worker processes on this host (mta/supervisor.py): each "
                        "has its own listener sockets on the same addresses (SO_REUSEPORT), its "
                        "own spool directory <spool directory>/wN, log file mta.wN.jsonl and "
-                       "admin API port (admin.listen port + N); 1 runs one process without a "
-                       "supervisor; delivery limits are held by each worker alone unless "
-                       "[cluster] backend shares them",
+                       "admin API port (admin.listen port + N; ?node=1 on any of them answers "
+                       "for the node); 1 runs one process without a supervisor; the node's "
+                       "connection and memory budgets (egress and listener max_connections, "
+                       "data_memory_budget, hot_cache) are split across the workers, delivery "
+                       "limits are held by each worker alone unless [cluster] backend shares "
+                       "them",
                        restart=True)
     node: str = key(OPTIONAL_HOSTNAME, "", "this node's name in a cluster (logs, the admin "
                     "API, shared limit keys); \"\": the host name", restart=True)
@@ -112,7 +116,8 @@ class SpoolConfig:
     max_batch: int = key(INT, 1024, "most records written by one group commit (one fsync)",
                          lo=1, hi=65536, restart=True)
     hot_cache: int = key(SIZE, "256MiB", "recently accepted message content kept in RAM so "
-                         "a prompt delivery reads nothing back from disk", lo=0, hi="64GiB", restart=True)
+                         "a prompt delivery reads nothing back from disk; per node: with "
+                         "[server] workers = N each worker process gets 1/N (rounded up)", lo=0, hi="64GiB", restart=True)
     min_free_space: int = key(SIZE, "256MiB", "free space the spool's file system keeps for "
                               "tombstones: below it (or below min_free_percent) new mail gets "
                               "452 4.3.1 at MAIL FROM until space returns", lo=0, hi="64GiB", restart=True)
@@ -193,7 +198,9 @@ class ListenerConfig:
                               "disconnect", lo="1s", hi="1h", restart=True)
     data_timeout: float = key(DURATION, "10m", "wait for the next chunk of DATA before 421 "
                               "and disconnect", lo="1s", hi="1h", restart=True)
-    max_connections: int = key(INT, 2000, "concurrent connections to this listener",
+    max_connections: int = key(INT, 2000, "concurrent connections to this listener; per "
+                               "node: with [server] workers = N each worker process accepts "
+                               "1/N (rounded up)",
                                lo=1, hi=1000000, restart=True)
     max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP",
                                       lo=1, hi=1000000, restart=True)
@@ -301,7 +308,9 @@ class EgressConfig:
     shaping: tuple[Path, ...] = key(PATH_LIST, [], "operator traffic-shaping files layered, in "
                                     "order, over the shipped mta/egress/shaping.toml")
     max_connections: int = key(INT, 16000, "outbound connections open at once, all sources "
-                               "and sites together (needs as many open files: see RLIMIT_NOFILE)",
+                               "and sites together (needs as many open files: see "
+                               "RLIMIT_NOFILE); per node: with [server] workers = N each "
+                               "worker process opens 1/N (rounded up)",
                                lo=1, hi=10000000, restart=True)
     pool_hook: str = key(TEXT, "", "\"module:function\" called with (Envelope, queue class) "
                          "returning a pool name (or None for the rules); empty: none")

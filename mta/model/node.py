@@ -33,3 +33,12 @@ class WorkerSlot:
     def name(self) -> str:
         """`node/wN`: how logs and the admin API name this worker."""
         return f"{self.node}/w{self.index}"
+
+    def admin_port(self, base: int) -> int:
+        """This worker's admin API port: the configured [admin] listen port + index."""
+        return base + self.index
+
+    def admin_ports(self, own: int) -> list[int]:
+        """Every worker's admin port on this node, from this worker's own (`admin_port`)."""
+        base = own - self.index
+        return [base + i for i in range(self.count)]
