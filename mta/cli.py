@@ -37,7 +37,9 @@ exit status:
        dkim verify failed, suppress check: not suppressed, the daemon refused a request
   2    usage: bad arguments
   3    daemon unreachable: the admin API is off, does not answer, or refuses this
-       config's token ([admin] token_file: the command talks to the wrong daemon)
+       config's token ([admin] token_file: the command talks to the wrong daemon);
+       with [server] workers > 1: a worker did not answer (named on stderr; the
+       others are shown, so the view is not the whole node)
   141  the output pipe was closed (e.g. `mta spool ls | head`)
 `mta suppress` works like grep: 0 suppressed / done, 1 not suppressed, 2 any error.
 """
@@ -73,34 +75,48 @@ def _config(args: argparse.Namespace):
     return config
 
 
-# Operator actions through the admin API: on a node with several worker processes each
-# worker holds its own queues and limits, so an action is sent to every one of them.
+# A node with several worker processes is one node to its operator: each worker holds its
+# own queues and limits, so an action is sent to every worker (a section per worker); a
+# view that can be merged asks every worker and shows the node (mta/control/nodeview.py);
+# a view of each worker's own live state and limits shows a section per worker.
 _ACTIONS = {"suspend": None, "resume": None, "shaping": ("set", "clear"),
             "queue": ("rebind", "flush", "hold", "release", "delete", "bounce")}
-_VIEWS = {"queue", "shaping", "warmup", "top"}
+_MERGED = {"queue": None, "top": None}     # the queue views (not its actions), mta top
+_SECTIONS = {"shaping", "warmup"}          # per-worker live state: shaping show, warmup show
 
 
 def _run_on_workers(args: argparse.Namespace) -> int:
-    """args.func(args), once per worker for an operator action when [server] workers > 1
-    and no --worker was given; a view shows worker 0 and says so."""
+    """args.func(args) for the node: with [server] workers > 1 and no --worker, a merged
+    view gets every worker's config in args.node; an action and a per-worker view run once
+    per worker under a `worker I:` heading. A worker that does not answer is named on
+    stderr, the others are shown, and the exit status is EXIT_UNREACHABLE."""
     command = getattr(args, "command", None)
-    if command not in _ACTIONS and command not in _VIEWS or getattr(args, "worker", None) is not None:
+    if (command not in _ACTIONS and command not in _MERGED and command not in _SECTIONS) \
+            or getattr(args, "worker", None) is not None:
         return args.func(args)
-    workers = load_config(getattr(args, "config", None),
-                          {k: getattr(args, k, None) for k in _OVERRIDES}).server.workers
+    config = load_config(getattr(args, "config", None),
+                         {k: getattr(args, k, None) for k in _OVERRIDES})
+    workers = config.server.workers
     if workers <= 1:
         return args.func(args)
     verbs = _ACTIONS.get(command, ())
-    if command not in _ACTIONS or (verbs is not None and getattr(args, "action", None) not in verbs):
-        print(f"mta: worker 0 of {workers} ([server] workers); --worker I shows worker I",
-              file=sys.stderr)
-        args.worker = 0
-        return args.func(args)
+    action = command in _ACTIONS and (verbs is None or getattr(args, "action", None) in verbs)
+    if not action and command in _MERGED:
+        from mta.supervisor import slot_of, worker_config
+        args.node = [worker_config(config, slot_of(f"{i}/{workers}", config))
+                     for i in range(workers)]
+        rc = args.func(args)
+        return max(rc, EXIT_UNREACHABLE) if getattr(args, "partial", False) else rc
+    from mta.control.client import AdminUnreachable
     rc = 0
     for i in range(workers):
         args.worker = i
         print(f"worker {i}:", flush=True)
-        rc = max(rc, args.func(args))
+        try:
+            rc = max(rc, args.func(args))
+        except AdminUnreachable as exc:
+            print(f"{exc.code} (worker {i})", file=sys.stderr, flush=True)
+            rc = max(rc, EXIT_UNREACHABLE)
     return rc
 
 
@@ -208,7 +224,8 @@ def _add_common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
             (("--hold",), dict(action="store_true", help="accept and queue but deliver nothing "
                                "(delivery.hold)")),
             (("--worker",), dict(metavar="I", type=int, help="with [server] workers > 1: "
-                                 "worker process I's admin API and spool shard (default 0)"))]
+                                 "worker process I's admin API and spool shard (default: "
+                                 "views show the whole node, actions reach every worker)"))]
     group = p.add_argument_group("common options (anywhere on the line)")
     for flags, kw in opts:
         if any(f in taken for f in flags):

@@ -40,6 +40,7 @@ from mta.control.drain import Drainer
 from mta.control.inject import Injector
 from mta.control.metrics import Metrics
 from mta.control.metrics import handler as metrics_handler
+from mta.control.nodeview import SIBLING_TIMEOUT, NodeFanout
 from mta.control.views import view_routes
 from mta.control.xfer import PATH as XFER_PATH
 from mta.control.xfer import Receiver
@@ -275,6 +276,7 @@ class Server:
                 self._admin_metrics_and_inject(self.admin)
                 install_dashboard(self.admin)                   # GET /dashboard (static)
                 await self.admin.start(*self.config.admin.listen)
+                self._admin_node(self.admin)
             await self._start_unsubscribe()
             for cfg in self.config.listener:
                 listener = Listener(cfg, self.reception, loop)
@@ -300,6 +302,17 @@ class Server:
         # POST /control/drain moves this node's queue away, GET /drain shows progress
         admin.handlers[("POST", XFER_PATH)] = Receiver(self, a.inject_max_size).handle
         Drainer(self).install(admin)
+
+    def _admin_node(self, admin: AdminServer) -> None:
+        """?node=1 (mta/control/nodeview.py): with [server] workers > 1 this worker's admin
+        API answers for the node, asking every worker at its admin port (port 0: the
+        workers' ports are not known, and ?node=1 answers for this worker alone)."""
+        listen = self.config.admin.listen
+        if self.worker.count <= 1 or admin.address is None or not listen or not listen[1]:
+            return
+        host, port = admin.address
+        admin.node = NodeFanout(host, self.worker.admin_ports(port),
+                                timeout=min(SIBLING_TIMEOUT, 0.8 * self.config.admin.timeout))
 
     def _admin_tokens(self) -> dict[str, str]:
         """[admin] tokens_file's tokens (token -> role); ConfigError when unusable."""

@@ -14,6 +14,8 @@
     POST /control/resume         {"kind": ..., "name": ..., "site": ...}
     POST /control/rebind         {"queue": ..., "pool": ...}
     POST /control/{flush,hold,release,delete,bounce,limits,reload}   (see /openapi.json)
+    ?node=1 on a view, /metrics or an action: the answer of every worker process of the node
+                                 ([server] workers > 1; mta/control/nodeview.py)
 
 The library: aiohttp's web server. It is asyncio-native, so it runs on the daemon's own
 (uvloop) loop beside the SMTP listeners without a thread or a second loop; it is mature
@@ -65,6 +67,7 @@ from aiohttp import web
 
 from mta.config import Config
 from mta.control import openapi
+from mta.control.nodeview import strip_node, wants_node
 from mta.files import create_once
 
 log = logging.getLogger("mta.control.admin")
@@ -204,6 +207,10 @@ class AdminServer:
         self.handlers: dict[tuple[str, str], Callable[[web.Request], Any]] = {}
         # GET paths answered without a token besides /health and /ready ([admin] metrics_public)
         self.public: set[str] = set()
+        # ?node=1 on a view, /metrics or an action: the node's answer from every worker
+        # (nodeview.NodeFanout, set by mta/server.py when [server] workers > 1); None: this
+        # process is the whole node, and ?node=1 answers as without it
+        self.node: Callable[[web.Request], Any] | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None
@@ -307,7 +314,26 @@ class AdminServer:
     async def _openapi(self, request: web.Request) -> web.Response:
         return _ok(openapi.describe(self.routes, self.actions))
 
+    def _fans_out(self, request: web.Request) -> bool:
+        """Whether ?node=1 may ask every worker for this request: GET views and /metrics,
+        POST actions (not /inject, /xfer: a message goes to one worker)."""
+        if request.method == "POST":
+            return request.path in self.actions
+        if request.method != "GET":
+            return False
+        path = request.path
+        return path == "/metrics" or any(path == p or path.startswith(p + "/")
+                                         for p in self.routes)
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path
+        if wants_node(request.query_string):
+            if not self._fans_out(request):
+                return _error(400, "?node=1 is for GET views, /metrics and POST actions")
+            if self.node is not None:
+                return await self.node(request)
+        if "node" in request.query:       # node=0, or one process: this worker is the node
+            path = strip_node(path)
         own = self.handlers.get((request.method, request.path))
         if own is not None:
             try:
@@ -322,7 +348,6 @@ class AdminServer:
         if request.method != "GET":
             return _error(405, "GET for views, POST for /control actions",
                           {"Allow": "GET, POST"})
-        path = request.raw_path
         for prefix, handler in list(self.routes.items()):
             if path == prefix or path.startswith(prefix + "/"):
                 try:

@@ -15,12 +15,13 @@ from typing import Callable
 import orjson
 
 from mta.config import Config
-from mta.control.client import admin_request
+from mta.control.client import cli_request
 
 
 def _request(args: argparse.Namespace, path: str, body: dict | None = None) -> tuple[int, object]:
-    # args.load_config: the CLI's loader (config file plus command-line overrides)
-    return admin_request(args.load_config(args), path, body)
+    # args.load_config: the CLI's loader (config file plus command-line overrides);
+    # args.node: every worker's config, when the command shows the whole node
+    return cli_request(args, path, body)
 
 
 def _print_result(status: int, data: object) -> int:

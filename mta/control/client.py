@@ -6,12 +6,16 @@ daemon with another token answers 401.
 """
 from __future__ import annotations
 
+import argparse
 import http.client
+import sys
+from collections.abc import Sequence
 
 import orjson
 
 from mta.config import Config
 from mta.control.admin import TokenError, read_token, token_path
+from mta.control.nodeview import NodeAnswer, WorkerAnswer, merge
 
 
 class AdminUnreachable(SystemExit):
@@ -58,3 +62,40 @@ def admin_request(config: Config, path: str, body: dict | None = None) -> tuple[
         raise AdminUnreachable(f"mta: the daemon at {where} refused the token in {tfile}: "
                                "it was started with another config or token") from None
     return resp.status, data
+
+
+def node_request(configs: Sequence[Config], path: str,
+                 body: dict | None = None) -> NodeAnswer:
+    """`admin_request` to every worker of a node (`configs[I]`: worker I's config, from
+    mta/supervisor.py `worker_config`), merged as the node's answer
+    (mta/control/nodeview.py). AdminUnreachable when no worker answers."""
+    answers = []
+    for index, config in enumerate(configs):
+        try:
+            status, data = admin_request(config, path, body)
+        except AdminUnreachable as exc:
+            answers.append(WorkerAnswer(index, 0, None, str(exc.code).removeprefix("mta: ")))
+            continue
+        error = data.get("error", "") if isinstance(data, dict) and status != 200 else ""
+        answers.append(WorkerAnswer(index, status, data, str(error)))
+    if not any(a.answered for a in answers):
+        raise AdminUnreachable("mta: no worker of the node answered: " + "; ".join(
+            f"worker {a.worker}: {a.error}" for a in answers))
+    return merge("POST" if body is not None else "GET", path, answers)
+
+
+def cli_request(args: argparse.Namespace, path: str,
+                body: dict | None = None) -> tuple[int, object]:
+    """What an `mta` command asks: the node (`args.node`, every worker's config, set by
+    mta/cli.py when [server] workers > 1 and no --worker is given) or the one daemon of
+    `args.load_config(args)`. A worker left out of the node's answer is named on stderr and
+    `args.partial` set: mta/cli.py exits non-zero, the view shown is not the whole node."""
+    node = getattr(args, "node", None)
+    if not node:
+        return admin_request(args.load_config(args), path, body)
+    answer = node_request(node, path, body)
+    for line in answer.problems():
+        print(f"mta: {line} (left out of this view)", file=sys.stderr)
+    if answer.missing:
+        args.partial = True
+    return answer.status, answer.data

@@ -16,6 +16,12 @@ name itself for the [admin] metrics_top_sites busiest sites, else "other". Sourc
 classes and listeners are configured names. Counters reset when the daemon restarts
 (they are not persisted); mta_start_time_seconds tells Prometheus when that happened.
 
+Several worker processes ([server] workers = N): each worker's /metrics is its own; GET
+/metrics?node=1 on any worker's admin port is the node's, every series summed across the
+workers (`merge_expositions`; histogram buckets, _sum and _count alike; the start time the
+earliest, the oldest age, loop lag, spool errno and webhook failing the worst). Scrape
+that one URL per node.
+
 Series (counters are totals since start):
   mta_start_time_seconds                         gauge
   mta_messages_received_total{listener}          messages accepted (250 / HTTP 200)
@@ -35,6 +41,7 @@ Series (counters are totals since start):
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -312,3 +319,80 @@ def handler(metrics: Metrics):
         return web.Response(body=metrics.render().encode("utf-8"),
                             headers={"Content-Type": CONTENT_TYPE})
     return get
+
+
+# --- one node's workers as one exposition (GET /metrics?node=1, mta/control/nodeview.py) ---
+
+# families whose samples are not summed across worker processes: the node started when its
+# first worker did; an age, an errno, a lag or a failing flag is the worst worker's
+_NODE_MIN = frozenset({"mta_start_time_seconds"})
+_NODE_MAX = frozenset({"mta_queue_oldest_age_seconds", "mta_spool_write_error",
+                       "mta_event_loop_lag_recent_seconds", "mta_webhook_failing"})
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|'
+                     r'\\.)*",?)*\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?')
+_INT = re.compile(r"-?[0-9]+")
+
+
+class _Family:
+    __slots__ = ("help", "kind", "name", "samples")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.help = ""
+        self.kind = "untyped"
+        # (sample name, label text) -> value, in first-seen order
+        self.samples: dict[tuple[str, str], float] = {}
+
+
+def _parse(text: str, families: dict[str, _Family]) -> None:
+    """Add one exposition's samples to `families` (merged by the family's rule);
+    ValueError on a line that is not exposition format 0.0.4."""
+    current: _Family | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                current = families.get(parts[2])
+                if current is None:
+                    current = families[parts[2]] = _Family(parts[2])
+                if parts[1] == "HELP":
+                    current.help = parts[3] if len(parts) > 3 else ""
+                else:
+                    current.kind = parts[3].strip() if len(parts) > 3 else "untyped"
+            continue
+        m = _SAMPLE.fullmatch(line)
+        if m is None:
+            raise ValueError(f"line {n} is not a sample")
+        name, labels, raw = m.group(1), m.group(2) or "", m.group(3)
+        value: float = int(raw) if _INT.fullmatch(raw) else float(raw)
+        if current is None or not name.startswith(current.name):
+            current = families.get(name)
+            if current is None:
+                current = families[name] = _Family(name)
+        key = (name, labels)
+        have = current.samples.get(key)
+        if have is None:
+            current.samples[key] = value
+        elif current.name in _NODE_MIN:
+            current.samples[key] = min(have, value)
+        elif current.name in _NODE_MAX:
+            current.samples[key] = max(have, value)
+        else:
+            current.samples[key] = have + value
+
+
+def merge_expositions(texts: Iterable[str]) -> str:
+    """Several worker processes' expositions as the node's: each series summed across
+    them (counters, gauges and histogram buckets, _sum and _count alike), except the
+    _NODE_MIN/_NODE_MAX gauges; families and series in first-seen order."""
+    families: dict[str, _Family] = {}
+    for text in texts:
+        _parse(text, families)
+    out = []
+    for f in families.values():
+        out.append(f"# HELP {f.name} {f.help}\n# TYPE {f.name} {f.kind}\n")
+        for (name, labels), value in f.samples.items():
+            out.append(f"{name}{labels} {_fmt(value)}\n")
+    return "".join(out)

@@ -309,6 +309,34 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}},
           "required": ["error"]}
 
 
+# ?node=1 (mta/control/nodeview.py): with [server] workers = N the answer of every worker
+# of the node, from any worker's admin API
+NODE_DOC = (
+    "One node, several worker processes ([server] workers = N, admin API on [admin] listen "
+    "port + I): add the query parameter node=1 to a GET view, GET /metrics or a POST action "
+    "on any worker's admin API and that worker asks every worker of the node (itself "
+    "included, with the request's own bearer token, each within a timeout below [admin] "
+    "timeout and at most 64 MiB of answer) and answers for the node. Views that can be "
+    "merged are: /queue/summary, /queue/ages and /live summed (rows merged by queue, domain "
+    "or (source, site)); /queue/list pages concatenated in id order up to limit, with the "
+    "cursor of the merged page; /queue/messages/{id} from the worker that holds it; "
+    "/queue/holds the union; /metrics every series summed (histograms bucket-wise; "
+    "mta_start_time_seconds the earliest, ages, lags, errnos and failing flags the worst): "
+    "Prometheus scrapes one port with /metrics?node=1. Other views (each worker's own live "
+    "state and limits: /shaping, /adaptive, /warmup, /drain) and every action answer one "
+    "section per worker, {\"workers\": [{\"worker\": I, \"status\": S, \"result\": ...} or "
+    "{..., \"error\": ...}]}, an action being applied on every worker. When a worker does "
+    "not answer the node answers 502 {\"error\", \"missing\": [{\"worker\", \"status\", "
+    "\"error\"}], \"partial\": the merge of the others} (a section list for actions and "
+    "per-worker views), never a partial view as 200. Requests a worker sends to its siblings "
+    "carry the header Mta-Node-Fanout and are not fanned out again (node=1 with that header: "
+    "400). With one worker process node=1 answers as without it. POST /inject and /xfer "
+    "take no node=1 (400): a message goes to one worker.")
+_NODE_PARAM = {"name": "node", "in": "query", "required": False,
+               "description": "1: the answer of every worker of the node (see the API's "
+                              "description)", "schema": {"type": "integer", "enum": [0, 1]}}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -317,6 +345,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "bad request (the error says why)", 401: "no or a wrong bearer token",
             403: "a read-only token may not POST", 404: "not found",
             408: "the request took too long", 413: "request body too large",
+            502: "node=1: a worker of the node did not answer (the others in partial)",
             503: "not ready, or too many connections"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
@@ -346,8 +375,8 @@ def describe(routes: dict[str, Callable], actions: dict[str, Callable],
         op: dict[str, Any] = {"summary": rv.summary if rv else "(undeclared view: any JSON)",
                               "operationId": "get" + prefix.replace("/", "_"),
                               "responses": {"200": _json(answer, "the view"),
-                                            **_errors(400, 401, 404)}}
-        params = []
+                                            **_errors(400, 401, 404, 502)}}
+        params = [_NODE_PARAM]
         if rv is not None:
             for qname, qtype in rv.query:
                 params.append({"name": qname, "in": "query", "required": False,
@@ -359,7 +388,7 @@ def describe(routes: dict[str, Callable], actions: dict[str, Callable],
                                 "schema": {"type": "string"}}] + params}}
             if not rv.optional:
                 continue
-        paths[prefix] = {"get": {**op, **({"parameters": params} if params else {})}}
+        paths[prefix] = {"get": {**op, "parameters": params}}
     for path in sorted(actions):
         cls = ACTION_REQUESTS.get(path)
         body = s.of(cls) if cls else {"type": "object"}
@@ -367,15 +396,17 @@ def describe(routes: dict[str, Callable], actions: dict[str, Callable],
             "summary": ((cls.__doc__ or "").strip().splitlines() or [""])[0] if cls
             else "(undeclared action: any JSON object)",
             "operationId": "post" + path.replace("/", "_"),
+            "parameters": [_NODE_PARAM],
             "requestBody": {"required": False, "content": {"application/json": {"schema": body}}},
             "responses": {"200": _json({}, "what the action did"),
-                          **_errors(400, 401, 403, 404, 413)}}}
+                          **_errors(400, 401, 403, 404, 413, 502)}}}
     s.components["Error"] = _ERROR
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version,
                  "description": "Bearer-token authentication: read-only tokens may GET, "
-                                "operator tokens may also POST. /health and /ready need none."},
+                                "operator tokens may also POST. /health and /ready need none. "
+                                + NODE_DOC},
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],

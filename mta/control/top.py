@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mta.config import Config
-from mta.control.client import AdminUnreachable, admin_request
+from mta.control.client import AdminUnreachable, cli_request
 from mta.control.views import LiveView
 
 _CONTROL = {c: "?" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)]}
@@ -47,8 +47,9 @@ class Line:
     paused: bool = False
 
 
-def fetch(config: Config) -> LiveView:
-    status, data = admin_request(config, "/live")
+def fetch(args: argparse.Namespace) -> LiveView:
+    """GET /live of the daemon, or of every worker of the node merged (cli_request)."""
+    status, data = cli_request(args, "/live")
     if status != 200 or not isinstance(data, dict):
         error = data.get("error") if isinstance(data, dict) else data
         raise AdminUnreachable(f"mta top: GET /live answered HTTP {status}: {error}")
@@ -144,20 +145,20 @@ def frame(cur: LiveView, prev: LiveView | None, interval: float,
     return out
 
 
-def run_once(config: Config, interval: float, out=sys.stdout) -> int:
-    prev = fetch(config)
+def run_once(args: argparse.Namespace, interval: float, out=sys.stdout) -> int:
+    prev = fetch(args)
     time.sleep(interval)
-    out.write("\n".join(frame(fetch(config), prev, interval)) + "\n")
+    out.write("\n".join(frame(fetch(args), prev, interval)) + "\n")
     out.flush()
     return 0
 
 
-def run_plain(config: Config, interval: float, out=sys.stdout) -> int:
+def run_plain(args: argparse.Namespace, interval: float, out=sys.stdout) -> int:
     """Frames as plain text, one per interval, until interrupted (stdout is a pipe)."""
     prev = None
     try:
         while True:
-            cur = fetch(config)
+            cur = fetch(args)
             out.write("\n".join(frame(cur, prev, interval)) + "\n\n")
             out.flush()
             prev = cur
@@ -166,7 +167,7 @@ def run_plain(config: Config, interval: float, out=sys.stdout) -> int:
         return 0
 
 
-def run_screen(config: Config, interval: float) -> int:
+def run_screen(args: argparse.Namespace, interval: float) -> int:
     import curses
 
     def loop(scr) -> None:
@@ -180,7 +181,7 @@ def run_screen(config: Config, interval: float) -> int:
             if now >= due:
                 due = now + interval
                 try:
-                    prev, cur, error = cur, fetch(config), None
+                    prev, cur, error = cur, fetch(args), None
                 except AdminUnreachable as exc:
                     error = str(exc)
                 height, width = scr.getmaxyx()
@@ -212,12 +213,11 @@ def run_screen(config: Config, interval: float) -> int:
 def _cmd_top(args: argparse.Namespace) -> int:
     if not 0.2 <= args.interval <= 3600:
         raise SystemExit("mta top --interval: 0.2 to 3600 seconds")
-    config = args.load_config(args)
     if args.once:
-        return run_once(config, args.interval)
+        return run_once(args, args.interval)
     if not sys.stdout.isatty() or not sys.stdin.isatty():
-        return run_plain(config, args.interval)
-    return run_screen(config, args.interval)
+        return run_plain(args, args.interval)
+    return run_screen(args, args.interval)
 
 
 def add_parser(sub, with_config: Callable[[argparse.ArgumentParser], None],

@@ -210,7 +210,7 @@ def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
                           "-c", str(d.config)], capture_output=True, cwd=d.workdir,
                          timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 2 and b"outside 0..1" in out.stderr, out
-    # an operator action without --worker reaches every worker; a view says whose it is
+    # an operator action without --worker reaches every worker; a view shows the node
     def mta_cli(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mta", *argv, "-c", str(d.config)],
                               capture_output=True, cwd=d.workdir, timeout=30,
@@ -221,7 +221,7 @@ def test_two_workers_accept_and_relay_each_message_once(daemon_factory, sink):
         out = mta_cli("queue", "holds", "--json", "--worker", str(i))
         assert out.returncode == 0 and orjson.loads(out.stdout) == [{"domain": "held.test"}], out
     out = mta_cli("queue", "holds", "--json")
-    assert b"worker 0 of 2" in out.stderr and orjson.loads(out.stdout) == [{"domain": "held.test"}]
+    assert out.returncode == 0 and orjson.loads(out.stdout) == [{"domain": "held.test"}], out
     assert d.stop() == 0
 
 
@@ -311,4 +311,141 @@ def test_a_crash_loop_is_slowed(daemon_factory, sink):
     assert _status(d)["workers"][0]["pid"] == other and _status(d)["workers"][0]["restarts"] == 0
     err = (d.workdir / "daemon.err").read_text()
     assert err.count("ended with signal SIGKILL") == 3
+    assert d.stop() == 0
+
+
+# --- the node's view (mta/control/nodeview.py): every worker merged, on 127.0.120.x --------
+
+NODE_ADDR = "127.0.120.1"
+
+
+def _node_daemon(daemon_factory) -> Daemon:
+    """Two workers that queue and deliver nothing ([delivery] hold): what they hold stays."""
+    admin = free_port()
+    d = daemon_factory(extra=f'[delivery]\nhold = true\n[admin]\nlisten = "{NODE_ADDR}:{admin}"\n',
+                       start=False)
+    d.admin_port = admin
+    text = d.config.read_text()
+    text = text.replace("[server]\n", "[server]\nworkers = 2\nnode = \"n1\"\n", 1)
+    text = text.replace('address = "127.0.0.1"\nport', f'address = "{NODE_ADDR}"\nport', 1)
+    d.config.write_text(text)
+    return d.start(timeout=40)
+
+
+def _http(d: Daemon, port: int, path: str, body: dict | None = None,
+          headers: dict | None = None) -> tuple[int, bytes]:
+    import http.client
+    token = (d.spool_dir / "admin.token").read_text().strip()
+    conn = http.client.HTTPConnection(NODE_ADDR, port, timeout=30)
+    try:
+        conn.request("GET" if body is None else "POST", path,
+                     orjson.dumps(body) if body is not None else None,
+                     {"Authorization": f"Bearer {token}", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _counter(text: bytes, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for f in text_string_to_metric_families(text.decode())
+               for s in f.samples if s.name == name)
+
+
+def test_the_node_view_merges_every_worker(daemon_factory):
+    d = _node_daemon(daemon_factory)
+
+    def mta_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mta", *argv, "-c", str(d.config)],
+                              capture_output=True, cwd=d.workdir, timeout=timeout,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    def count(worker: int | None = None) -> int:
+        out = mta_cli("queue", "count", *(("--worker", str(worker)) if worker is not None
+                                           else ()))
+        assert out.returncode == 0, out
+        return int(out.stdout.split()[-1])
+
+    # one message per connection until both workers hold some (SO_REUSEPORT spreads them)
+    sent = 0
+    while sent < 60 and (sent < 6 or not (count(0) and count(1))):
+        with smtplib.SMTP(NODE_ADDR, d.port, timeout=20) as s:
+            s.sendmail("a@sender.test", [f"u{sent}@node.test"],
+                       f"Subject: {sent}\r\n\r\nbody\r\n".encode())
+        sent += 1
+    per = [count(0), count(1)]
+    assert min(per) > 0 and sum(per) == sent, (per, sent)
+    # views without --worker: the node's
+    assert count() == sent
+    out = mta_cli("queue", "summary", "--json")
+    assert out.returncode == 0 and b"worker 0 of" not in out.stderr, out
+    summary = orjson.loads(out.stdout)
+    assert sum(q["count"] for q in summary["scheduled"].values()) == sent
+    assert summary["inserts"]["received"] == sent
+    [queue] = summary["scheduled"]      # campaign:tenant@node.test
+    out = mta_cli("queue", "ls", queue, "--json", "--worker", "1")
+    on_w1 = [m["id"] for m in orjson.loads(out.stdout)["messages"]]
+    assert len(on_w1) == per[1]
+    out = mta_cli("queue", "inspect", on_w1[0])        # found on worker 1
+    assert out.returncode == 0 and orjson.loads(out.stdout)["id"] == on_w1[0], out
+    out = mta_cli("queue", "ls", queue, "--json", "--limit", "3")
+    listing = orjson.loads(out.stdout)
+    ids = [m["id"] for m in listing["messages"]]
+    assert ids == sorted(ids) and len(ids) == 3 and listing["next"] == ids[-1]
+    out = mta_cli("queue", "ls", queue, "--json", "--limit", "1000")
+    assert len(orjson.loads(out.stdout)["messages"]) == sent
+    out = mta_cli("queue", "summary", "--ages", "--json")
+    assert sum(orjson.loads(out.stdout)["total"]) == sent
+    out = mta_cli("top", "--once", "-i", "0.3")
+    assert out.returncode == 0 and f"scheduled {sent}".encode() in out.stdout, out
+    out = mta_cli("shaping", "show")     # each worker's own live state: a section each
+    assert out.returncode == 0 and b"worker 0:" in out.stdout and b"worker 1:" in out.stdout
+    # HTTP: ?node=1 on either worker's admin API
+    for port in (d.admin_port, d.admin_port + 1):
+        status, raw = _http(d, port, "/queue/summary?node=1")
+        assert status == 200
+        assert sum(q["count"] for q in orjson.loads(raw)["scheduled"].values()) == sent
+    status, raw = _http(d, d.admin_port, "/queue/summary")       # without it: that worker
+    assert sum(q["count"] for q in orjson.loads(raw)["scheduled"].values()) == per[0]
+    status, raw = _http(d, d.admin_port, f"/queue/messages/{on_w1[0]}?node=1")
+    assert status == 200 and orjson.loads(raw)["id"] == on_w1[0]
+    status, raw = _http(d, d.admin_port + 1, "/control/hold?node=1",
+                        {"selector": {"domain": "other.test"}})
+    assert status == 200, raw
+    assert [w["worker"] for w in orjson.loads(raw)["workers"]] == [0, 1]
+    status, raw = _http(d, d.admin_port, "/queue/holds?node=1")
+    assert status == 200 and orjson.loads(raw) == [{"domain": "other.test"}]
+    # no recursion: a request from a worker of the node is not fanned out again
+    status, raw = _http(d, d.admin_port, "/queue/summary?node=1",
+                        headers={"Mta-Node-Fanout": "1"})
+    assert status == 400, raw
+    status, _ = _http(d, d.admin_port, "/inject?node=1", {})
+    assert status == 400
+    # /metrics?node=1: the counters are the workers' summed
+    texts = [_http(d, p, "/metrics")[1] for p in (d.admin_port, d.admin_port + 1)]
+    status, node = _http(d, d.admin_port, "/metrics?node=1")
+    assert status == 200
+    for name in ("mta_messages_received_total", "mta_spool_messages",
+                 "mta_queue_messages", "mta_spool_batch_records_count"):
+        assert _counter(node, name) == sum(_counter(t, name) for t in texts), name
+    assert _counter(node, "mta_messages_received_total") == sent
+    # a worker that does not answer (stopped): named, the others shown, exit non-zero
+    w1 = _status(d)["workers"][1]["pid"]
+    os.kill(w1, signal.SIGSTOP)
+    try:
+        out = mta_cli("queue", "count")
+        assert out.returncode == 3, out
+        assert b"worker 1" in out.stderr and int(out.stdout.split()[-1]) == per[0], out
+        out = mta_cli("queue", "hold", "--domain", "third.test")
+        assert out.returncode == 3 and b"worker 1" in out.stderr, out
+        status, raw = _http(d, d.admin_port, "/queue/summary?node=1")
+        body = orjson.loads(raw)
+        assert status == 502 and [m["worker"] for m in body["missing"]] == [1], body
+        assert sum(q["count"] for q in body["partial"]["scheduled"].values()) == per[0]
+        status, raw = _http(d, d.admin_port, "/metrics?node=1")
+        assert status == 502 and b"worker 1" in raw
+    finally:
+        os.kill(w1, signal.SIGCONT)
+    assert count() == sent
     assert d.stop() == 0
