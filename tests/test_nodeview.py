@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
 import pytest
 
 from mta.config import load_config
@@ -218,3 +219,65 @@ def test_worker_config_splits_the_node_budgets(tmp_path):
     one = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=1))
     assert worker_config(one, WorkerSlot(0, 1, "n1")) is one
     assert (per_worker(256 << 20, 2), per_worker(1, 4), per_worker(0, 4)) == (128 << 20, 1, 0)
+
+
+def test_fanout_reads_siblings_defensively():
+    """NodeFanout against fake siblings on 127.0.120.2: an answer over the size bound, one
+    that is not JSON, one slower than the timeout and one that is fine; the request's
+    token goes along, node=1 does not, and a fanned-out request is not fanned out again."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    host = "127.0.120.2"
+    seen: list[tuple[str, str | None, str | None]] = []
+    summary = _summary(2).to_json()
+
+    def app(kind: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            seen.append((request.path_qs, request.headers.get("Authorization"),
+                         request.headers.get(nv.FANOUT_HEADER)))
+            if kind == "big":
+                return web.Response(body=b"[" + b"0," * 5000 + b"0]")
+            if kind == "text":
+                return web.Response(body=b"<html>")
+            if kind == "slow":
+                await asyncio.sleep(2)
+            return web.json_response(summary)
+        a = web.Application()
+        a.router.add_route("*", "/{tail:.*}", handle)
+        return a
+
+    async def run() -> tuple[web.StreamResponse, web.StreamResponse]:
+        runners, ports = [], []
+        for kind in ("ok", "big", "text", "slow"):
+            runner = web.AppRunner(app(kind))
+            await runner.setup()
+            site = web.TCPSite(runner, host, 0)
+            await site.start()
+            runners.append(runner)
+            ports.append(runner.addresses[0][1])
+        try:
+            fan = nv.NodeFanout(host, ports, timeout=0.5, max_answer=1000)
+            req = make_mocked_request("GET", "/queue/summary?node=1",
+                                      headers={"Authorization": "Bearer t0k"})
+            answer = await fan(req)
+            again = await fan(make_mocked_request(
+                "GET", "/queue/summary?node=1", headers={nv.FANOUT_HEADER: "1"}))
+            return answer, again
+        finally:
+            for r in runners:
+                await r.cleanup()
+
+    answer, again = asyncio.run(run())
+    assert answer.status == 502
+    body = orjson.loads(answer.body)
+    missing = {m["worker"]: m["error"] for m in body["missing"]}
+    assert set(missing) == {1, 2, 3}
+    assert "larger than 1000 bytes" in missing[1]
+    assert "not JSON" in missing[2]
+    assert "no answer" in missing[3]
+    assert QueueSummary.from_json(body["partial"]).queued == 2
+    assert ("/queue/summary", "Bearer t0k", "1") in seen          # node=1 stripped
+    assert again.status == 400

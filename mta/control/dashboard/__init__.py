@@ -1,10 +1,12 @@
 """The live web dashboard: static HTML, JS and CSS served by the admin API.
 
     GET /dashboard            the page (index.html)
-    GET /dashboard/app.js     vanilla JS: polls GET /live every 2 s, keeps a ring of points,
-                              draws rates per provider and source on <canvas>, queue
-                              depths, holds in force and recent errors; suspend/resume a
-                              site through POST /control/suspend and /control/resume
+    GET /dashboard/app.js     vanilla JS: polls GET /live?node=1 every 2 s (every worker
+                              process of the node; a partial view is marked PARTIAL),
+                              keeps a ring of points, draws rates per provider and source
+                              on <canvas>, queue depths, holds in force and recent errors;
+                              suspend/resume a site on every worker through POST
+                              /control/suspend?node=1 and /control/resume?node=1
     GET /dashboard/style.css
 
 The page and its assets are served without a token (they hold no data); every data call

@@ -1,4 +1,4 @@
-// mta dashboard: polls GET /live with the bearer token from sessionStorage, keeps a ring
+// mta dashboard: polls GET /live?node=1 (the whole node) with the bearer token from sessionStorage, keeps a ring
 // of points and draws them. Vanilla JS, no external fetch; every text from the daemon
 // goes into the page as textContent (replies quote remote servers: never markup).
 "use strict";
@@ -55,11 +55,15 @@
     if (busy) return;
     busy = true;
     try {
-      const r = await api("/live");
+      // node=1: every worker process of the node (one process: the same as without it)
+      const r = await api("/live?node=1");
       if (r.status === 401) { sessionStorage.removeItem(KEY); showLogin("the daemon refused that token"); return; }
-      if (r.status !== 200 || !r.data) { $("status").textContent = "error: HTTP " + r.status; return; }
-      update(r.data);
-      $("status").textContent = "live, updated " + new Date(r.data.at * 1000).toLocaleTimeString();
+      const partial = r.status === 502 && r.data && r.data.partial;
+      if ((r.status !== 200 && !partial) || !r.data) { $("status").textContent = "error: HTTP " + r.status; return; }
+      const view = partial ? r.data.partial : r.data;
+      update(view);
+      $("status").textContent = (partial ? "PARTIAL (" + r.data.error + "), " : "live, ") +
+        "updated " + new Date(view.at * 1000).toLocaleTimeString();
     } catch (e) {
       $("status").textContent = "daemon unreachable (" + (e.name || "error") + ")";
     } finally {
@@ -260,7 +264,7 @@
     if (verb === "suspend") body.duration = 600;
     $("action-result").textContent = verb + " " + site + " ...";
     try {
-      const r = await api("/control/" + verb, body);
+      const r = await api("/control/" + verb + "?node=1", body);   // on every worker
       $("action-result").textContent = r.status === 200
         ? verb + " " + site + ": done"
         : verb + " " + site + ": " + ((r.data && r.data.error) || "HTTP " + r.status);
@@ -297,8 +301,8 @@
     const t = $("token").value.trim();
     $("token").value = "";
     sessionStorage.setItem(KEY, t);
-    const r = await api("/live").catch(() => ({ status: 0 }));
-    if (r.status === 200) { start(); }
+    const r = await api("/live?node=1").catch(() => ({ status: 0 }));
+    if (r.status === 200 || r.status === 502) { start(); }
     else { sessionStorage.removeItem(KEY); showLogin(r.status === 401 ? "the daemon refused that token" : "daemon unreachable"); }
   });
   $("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); showLogin(""); });
