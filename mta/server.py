@@ -166,7 +166,8 @@ class Server:
                            max_batch=sp.max_batch, hot_cache=sp.hot_cache,
                            min_free_space=sp.min_free_space, min_free_percent=sp.min_free_percent,
                            max_queued_messages=sp.max_queued_messages,
-                           reserve_space=sp.reserve_space)
+                           reserve_space=sp.reserve_space,
+                           bookkeeping_delay=sp.bookkeeping_delay)
         self.logs: LogWriter | None = None
         self.reception: Reception | None = None
         self.local: LocalSubmission | None = None

@@ -345,3 +345,71 @@ def test_prologue_opens_every_segment(tmp_path: Path) -> None:
         assert data[:24] == prologue and seg_path(tmp_path, no).stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError):
         SegmentWriter(tmp_path, 9, segment_bytes=16, prologue=prologue)
+
+
+def _completed_within(w: SegmentWriter, seconds: float) -> list[tuple[int, int]]:
+    """completed() polled until something is there or `seconds` pass."""
+    import time
+    end = time.monotonic() + seconds
+    while True:
+        done = w.completed()
+        if done or time.monotonic() >= end:
+            return done
+        time.sleep(0.002)
+
+
+def test_lazy_record_waits_for_an_urgent_one_and_shares_its_batch(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    w = SegmentWriter(tmp_path, 1, lazy_delay=30.0)
+    lazy_head = make_head(rng, 10)
+    t1, seg1, off1 = w.append(lazy_head, None, CRC_OFFSET, lazy=True)
+    assert _completed_within(w, 0.3) == [], "got a lazy record synced at once, want it to wait"
+    assert w.stats()["batches"] == 0
+    urgent_head = make_head(rng, 10)
+    t2, seg2, off2 = w.append(urgent_head, b"body", CRC_OFFSET)
+    done = _completed_within(w, 5.0)
+    while len(done) < 2:
+        done += _completed_within(w, 5.0)
+    assert done == [(t1, 0), (t2, 0)]
+    st = w.stats()
+    assert (st["batches"], st["records"], st["syncs"]) == (1, 2, 1), \
+        f"got {st}, want both records in one batch with one fdatasync"
+    check_record(tmp_path, seg1, off1, bytes(lazy_head), b"")
+    check_record(tmp_path, seg2, off2, bytes(urgent_head), b"body")
+    w.close()
+
+
+def test_lazy_record_alone_is_synced_after_its_delay(tmp_path: Path) -> None:
+    import time
+    w = SegmentWriter(tmp_path, 1, lazy_delay=0.2)
+    t0 = time.monotonic()
+    ticket, seg, off = w.append(make_head(random.Random(1), 4), None, CRC_OFFSET, lazy=True)
+    done = _completed_within(w, 5.0)
+    took = time.monotonic() - t0
+    assert done == [(ticket, 0)]
+    assert 0.15 <= took < 3.0, f"got the lazy record synced after {took:.3f}s, want about 0.2s"
+
+
+def test_flush_and_close_do_not_wait_for_lazy_records(tmp_path: Path) -> None:
+    import time
+    w = SegmentWriter(tmp_path, 1, lazy_delay=30.0)
+    a, *_ = w.append(make_head(random.Random(2), 4), None, CRC_OFFSET, lazy=True)
+    t0 = time.monotonic()
+    w.flush()
+    assert time.monotonic() - t0 < 5.0
+    assert w.completed() == [(a, 0)]
+    b, seg, off = w.append(make_head(random.Random(3), 4), b"x", CRC_OFFSET, lazy=True)
+    t0 = time.monotonic()
+    w.close()
+    assert time.monotonic() - t0 < 5.0, "got close() waiting out the lazy delay"
+    assert w.completed() == [(b, 0)]
+    assert seg_path(tmp_path, seg).stat().st_size == off + PREFIX + 4 + 1
+
+
+def test_lazy_delay_zero_makes_lazy_records_urgent(tmp_path: Path) -> None:
+    w = SegmentWriter(tmp_path, 1)
+    t, *_ = w.append(make_head(random.Random(4), 4), None, CRC_OFFSET, lazy=True)
+    assert _completed_within(w, 5.0) == [(t, 0)]
+    w.close()
+    with pytest.raises(ValueError):
+        SegmentWriter(tmp_path / "x", 1, lazy_delay=-1.0)

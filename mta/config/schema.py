@@ -115,6 +115,13 @@ class SpoolConfig:
                             "a new one started", lo="1MiB", hi="4GiB", restart=True)
     max_batch: int = key(INT, 1024, "most records written by one group commit (one fsync)",
                          lo=1, hi=65536, restart=True)
+    bookkeeping_delay: float = key(DURATION, "5ms", "how long the records nobody waits on "
+                                   "(a delivered message's tombstone, a deferral's schedule) may "
+                                   "wait to share the fsync of the next accepted message before "
+                                   "they are synced on their own; longer saves fsyncs, and widens "
+                                   "the moment in which a crash would deliver a just-delivered "
+                                   "message again (0: sync them at once)",
+                                   lo=0, hi="1s", restart=True)
     hot_cache: int = key(SIZE, "256MiB", "recently accepted message content kept in RAM so "
                          "a prompt delivery reads nothing back from disk; per node: with "
                          "[server] workers = N each worker process gets 1/N (rounded up)", lo=0, hi="64GiB", restart=True)

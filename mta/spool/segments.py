@@ -90,8 +90,12 @@ class Spool:
 
     def __init__(self, directory: str, *, segment_size: int = 64 << 20, max_batch: int = 1024,
                  hot_cache: int = 256 << 20, min_free_space: int = 0, min_free_percent: int = 0,
-                 max_queued_messages: int = 0, reserve_space: int = 0):
+                 max_queued_messages: int = 0, reserve_space: int = 0,
+                 bookkeeping_delay: float = 0.0):
         self.directory = directory
+        # how long tombstones, RCPTS_DONE and SCHEDULE records (nobody waits on them) may
+        # wait to share the fdatasync of the next accepted message (0: synced at once)
+        self.bookkeeping_delay = bookkeeping_delay
         self.segment_size = segment_size
         self.max_batch = max_batch
         self.min_free_space = min_free_space
@@ -176,7 +180,8 @@ class Spool:
         first = (found.segments[-1] + 1) if found.segments else 1
         self._nonce = os.urandom(rec.NONCE_SIZE)
         self._writer = SegmentWriter(self.directory, first, self.segment_size, self.max_batch,
-                                     rec.segment_header(self._nonce))
+                                     rec.segment_header(self._nonce),
+                                     lazy_delay=self.bookkeeping_delay)
         self._loop = loop
         loop.add_reader(self._writer.eventfd, self._on_completed)
         self.recovered = found
@@ -378,9 +383,12 @@ class Spool:
             return 0
         self._owed = _Meta([], [], set(), set(), [])
         futures, self._owed_futures = self._owed_futures, []
-        return self._append_meta(owed, futures)
+        return self._append_meta(owed, futures, lazy=not futures)
 
-    def _append_meta(self, meta: _Meta, futures: list[asyncio.Future]) -> int:
+    def _append_meta(self, meta: _Meta, futures: list[asyncio.Future], *,
+                     lazy: bool = False) -> int:
+        """Append `meta`'s records -> the last ticket. lazy: nobody awaits them, so they
+        may wait (up to bookkeeping_delay) to share the next message's batch."""
         assert self._writer is not None
         ticket = 0
         try:
@@ -393,7 +401,8 @@ class Spool:
                     continue   # finished meanwhile, or a rewrite overtaken by a newer state
                 head = rec.schedule(payload, self._nonce)
                 try:
-                    ticket, segment, offset = self._writer.append(head, None, rec.CRC_OFFSET)
+                    ticket, segment, offset = self._writer.append(head, None, rec.CRC_OFFSET,
+                                                                  lazy)
                     self._last_ticket = ticket
                 except OSError:
                     meta.scheds.extend(scheds[k:])
@@ -410,7 +419,7 @@ class Spool:
             if meta.ids or not (meta.pairs or ticket):   # an empty TOMBSTONE: the probe's record
                 heads.append(rec.tombstone(meta.ids, self._nonce))
             for head in heads:
-                ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET)
+                ticket, segment, _ = self._writer.append(head, None, rec.CRC_OFFSET, lazy)
                 self._last_ticket = ticket
                 self._live.setdefault(segment, 0)
                 self._refs.setdefault(segment, set()).update(meta.named)

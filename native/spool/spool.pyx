@@ -7,6 +7,8 @@ indexes it at the (segment, offset) append() returns; the listener answers
 bytes, the segment's fdatasync and (for a new segment) the directory fsync
 are done. One native thread (writer.c) syncs everything appended while the
 previous sync ran as one batch, so the sync cost is shared by the batch.
+append(..., lazy=True) is for records nobody waits on (tombstones, schedules):
+they ride in the batch of the next plain append, or go lazy_delay seconds later.
 
 Reads: nothing. Writes: "<directory>/%08d.seg", each created 0600 with
 O_EXCL and opened by `prologue` (the spool's SEGMENT record), records
@@ -36,7 +38,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint64_t
 from posix.unistd cimport read
 
-from writer cimport (mta_rec, mta_writer, mta_writer_append, mta_writer_close,
+from writer cimport (mta_rec, mta_writer, mta_writer_append, mta_writer_append_lazy,
+                     mta_writer_close,
                      mta_writer_eventfd, mta_writer_flush, mta_writer_free,
                      mta_writer_get_stats, mta_writer_open, mta_writer_resume,
                      mta_writer_roll, mta_writer_stats, mta_writer_take_done)
@@ -77,7 +80,7 @@ cdef class SegmentWriter:
         self._leftover = []
 
     def __init__(self, directory, first_segment, segment_bytes=64 << 20, max_batch=1024,
-                 const unsigned char[::1] prologue=b""):
+                 const unsigned char[::1] prologue=b"", double lazy_delay=0.0):
         cdef mta_writer *w = NULL
         cdef int rc
         if self._w != NULL:
@@ -88,6 +91,9 @@ cdef class SegmentWriter:
             raise ValueError(f"segment_bytes {segment_bytes}: want 0 < n < 2**63")
         if not 0 < max_batch <= 1 << 20:
             raise ValueError(f"max_batch {max_batch}: want 0 < n <= 2**20")
+        if not 0.0 <= lazy_delay <= 60.0:
+            raise ValueError(f"lazy_delay {lazy_delay}: want 0 <= seconds <= 60")
+        cdef uint64_t c_lazy = <uint64_t>(lazy_delay * 1e9)
         cdef uint64_t c_first = first_segment
         cdef uint64_t c_bytes = segment_bytes
         cdef unsigned int c_batch = max_batch
@@ -98,7 +104,7 @@ cdef class SegmentWriter:
         if c_plen >= segment_bytes:
             raise ValueError(f"prologue of {c_plen} bytes leaves no room in a {segment_bytes}-byte segment")
         with nogil:
-            rc = mta_writer_open(cpath, c_first, c_bytes, c_batch, c_pro, c_plen, &w)
+            rc = mta_writer_open(cpath, c_first, c_bytes, c_batch, c_lazy, c_pro, c_plen, &w)
         if rc < 0:
             exc = _oserror(rc)
             exc.filename = os.fsdecode(path)
@@ -132,8 +138,9 @@ cdef class SegmentWriter:
             raise RuntimeError("SegmentWriter is not initialised")
         return mta_writer_eventfd(self._w)
 
-    def append(self, head, body, Py_ssize_t crc_offset):
-        """Queue head+body; returns (ticket, segment, offset), assigned at once so it can be indexed."""
+    def append(self, head, body, Py_ssize_t crc_offset, bint lazy=False):
+        """Queue head+body; returns (ticket, segment, offset), assigned at once so it can be
+        indexed. lazy: nobody waits for it, so it may wait for the next batch (see above)."""
         cdef Pending *p
         cdef int rc
         self._check_open()
@@ -162,7 +169,7 @@ cdef class SegmentWriter:
         p.rec.body = <const unsigned char *>p.body.buf if p.has_body else NULL
         p.rec.body_len = <size_t>p.body.len if p.has_body else 0
         p.rec.crc_offset = <size_t>crc_offset
-        rc = mta_writer_append(self._w, &p.rec)
+        rc = mta_writer_append_lazy(self._w, &p.rec) if lazy else mta_writer_append(self._w, &p.rec)
         if rc < 0:
             _release(p)
             if self._closed:

@@ -17,6 +17,12 @@
  * Appends made during 3-5 wait in the pending list for the next batch: that
  * is the group commit.
  *
+ * Lazy records (append_lazy: bookkeeping nobody waits for, such as tombstones)
+ * do not start a batch of their own at once: they wait up to lazy_ns for an
+ * urgent record (a message a client waits on) or a flush() and ride in its
+ * batch, so a relay under light load pays one fdatasync per accepted message
+ * instead of two.
+ *
  * A failed batch: its records and every record appended behind it fail
  * together (they were placed after bytes that are not on disk); the segments
  * it created are unlinked (they hold nothing acknowledged), the segment it
@@ -38,6 +44,7 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -51,6 +58,17 @@
  * MAX_RW_COUNT (~2 GiB); larger single iovecs come back short and are finished
  * by the pwritev loop. */
 #define WRITE_MAX_BYTES ((size_t)1 << 30)
+
+/* thread_idle: busy, waiting until a lazy deadline, waiting without one. */
+enum { IDLE_NO, IDLE_TIMED, IDLE_UNTIMED };
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* Smallest ring: a batch always fits one record (<= 3 SQEs), so this only
  * bounds how many segments one batch can touch. */
@@ -84,7 +102,7 @@ struct mta_writer {
     pthread_cond_t done_cv;     /* flush() waits here for done_ticket */
     pthread_t thread;           /* the writer thread */
     int thread_started;         /* 1 between pthread_create and join */
-    int thread_idle;            /* (mu) thread is waiting on work_cv: append signals */
+    int thread_idle;            /* (mu) IDLE_* : how the thread waits on work_cv */
     int stopping;               /* (mu) close() asked the thread to exit */
     int closed;                 /* (mu) close() ran: appends fail with EPIPE */
     int broken;                 /* (mu) positive errno of the last failed batch until resume(), or 0 */
@@ -94,6 +112,9 @@ struct mta_writer {
     mta_rec *done_head;         /* (mu) completed, not yet taken by the caller */
     mta_rec *done_tail;         /* (mu) last of done */
     uint64_t next_ticket;       /* (mu) ticket of the next append */
+    uint64_t urgent_ticket;     /* (mu) every ticket <= this is written without delay */
+    uint64_t lazy_deadline;     /* (mu) CLOCK_MONOTONIC ns by which pending lazy records go; 0: none */
+    uint64_t lazy_ns;           /* how long a lazy record may wait for an urgent one */
     uint64_t done_ticket;       /* (mu) every ticket <= this is on the done list */
 
     uint64_t assign_seg;        /* (mu) segment the next append goes to */
@@ -125,7 +146,7 @@ static void seg_name(char *buf, size_t len, uint64_t no)
 
 /* ---- append side (caller threads) ------------------------------------- */
 
-int mta_writer_append(mta_writer *w, mta_rec *rec)
+static int queue_rec(mta_writer *w, mta_rec *rec, int urgent)
 {
     uint64_t len = (uint64_t)rec->head_len + rec->body_len;
     int rc = 0;
@@ -154,11 +175,30 @@ int mta_writer_append(mta_writer *w, mta_rec *rec)
         else
             w->pending_head = rec;
         w->pending_tail = rec;
-        if (w->thread_idle)
-            pthread_cond_signal(&w->work_cv);
+        if (urgent || w->lazy_ns == 0) {
+            w->urgent_ticket = rec->ticket;
+            if (w->thread_idle != IDLE_NO)
+                pthread_cond_signal(&w->work_cv);
+        } else {
+            if (w->lazy_deadline == 0)
+                w->lazy_deadline = mono_ns() + w->lazy_ns;
+            /* a thread waiting on a deadline already has one at least this early */
+            if (w->thread_idle == IDLE_UNTIMED)
+                pthread_cond_signal(&w->work_cv);
+        }
     }
     pthread_mutex_unlock(&w->mu);
     return rc;
+}
+
+int mta_writer_append(mta_writer *w, mta_rec *rec)
+{
+    return queue_rec(w, rec, 1);
+}
+
+int mta_writer_append_lazy(mta_writer *w, mta_rec *rec)
+{
+    return queue_rec(w, rec, 0);
 }
 
 mta_rec *mta_writer_take_done(mta_writer *w)
@@ -176,6 +216,11 @@ void mta_writer_flush(mta_writer *w)
 {
     pthread_mutex_lock(&w->mu);
     uint64_t target = w->next_ticket - 1;
+    if (w->urgent_ticket < target) {    /* lazy records wait for nobody now */
+        w->urgent_ticket = target;
+        if (w->thread_idle != IDLE_NO)
+            pthread_cond_signal(&w->work_cv);
+    }
     while (w->thread_started && w->done_ticket < target)
         pthread_cond_wait(&w->done_cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
@@ -579,16 +624,32 @@ static void *writer_main(void *arg)
 
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (!w->pending_head && !w->stopping) {
-            w->thread_idle = 1;
-            pthread_cond_wait(&w->work_cv, &w->mu);
-            w->thread_idle = 0;
+        while (!w->stopping) {
+            if (w->pending_head && w->urgent_ticket >= w->pending_head->ticket)
+                break;  /* an urgent record (or a flush) waits: go now */
+            if (w->pending_head) {
+                /* only lazy records: wait for an urgent one until their deadline */
+                if (mono_ns() >= w->lazy_deadline)
+                    break;
+                struct timespec until = {
+                    .tv_sec = (time_t)(w->lazy_deadline / 1000000000u),
+                    .tv_nsec = (long)(w->lazy_deadline % 1000000000u),
+                };
+                w->thread_idle = IDLE_TIMED;
+                pthread_cond_timedwait(&w->work_cv, &w->mu, &until);
+            } else {
+                w->thread_idle = IDLE_UNTIMED;
+                pthread_cond_wait(&w->work_cv, &w->mu);
+            }
+            w->thread_idle = IDLE_NO;
         }
         if (!w->pending_head)
             break;      /* stopping, and nothing left to write */
 
         mta_rec *batch;
         unsigned n = take_batch(w, &batch);
+        if (!w->pending_head)
+            w->lazy_deadline = 0;   /* else what is left was due by the same deadline */
         int err = w->broken;
         pthread_mutex_unlock(&w->mu);
 
@@ -619,6 +680,7 @@ static void *writer_main(void *arg)
                     last = r;
                 }
                 w->pending_head = w->pending_tail = NULL;
+                w->lazy_deadline = 0;
             }
             w->assign_seg++;
             w->assign_off = w->prologue_len;
@@ -665,9 +727,10 @@ static unsigned ring_size(unsigned max_batch)
 }
 
 int mta_writer_open(const char *directory, uint64_t first_segment,
-                    uint64_t segment_bytes, unsigned max_batch,
+                    uint64_t segment_bytes, unsigned max_batch, uint64_t lazy_ns,
                     const unsigned char *prologue, size_t prologue_len, mta_writer **out)
 {
+    pthread_condattr_t cattr;
     mta_writer *w;
     char name[32];
     struct stat st;
@@ -681,6 +744,7 @@ int mta_writer_open(const char *directory, uint64_t first_segment,
     w->dirfd = w->efd = w->cur_fd = -1;
     w->segment_bytes = segment_bytes;
     w->max_batch = max_batch;
+    w->lazy_ns = lazy_ns;
     if (prologue_len) {
         w->prologue = malloc(prologue_len);
         if (!w->prologue) {
@@ -696,7 +760,11 @@ int mta_writer_open(const char *directory, uint64_t first_segment,
     w->ring_entries = ring_size(max_batch);
 
     pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->work_cv, NULL);
+    /* lazy deadlines are CLOCK_MONOTONIC: a wall-clock step must not stretch them */
+    pthread_condattr_init(&cattr);
+    pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->work_cv, &cattr);
+    pthread_condattr_destroy(&cattr);
     pthread_cond_init(&w->done_cv, NULL);
 
     w->dirfd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -71,21 +71,28 @@ typedef struct mta_writer mta_writer;
 
 /* Open `directory`, check first_segment does not exist (-EEXIST), create the
  * ring and eventfd and start the thread.  prologue (copied; may be NULL when
- * prologue_len is 0) opens every segment; records start after it.  *out is
- * set only on success. */
+ * prologue_len is 0) opens every segment; records start after it.  lazy_ns:
+ * how long a record from append_lazy() may wait for an urgent one to share its
+ * batch (0: lazy records are urgent).  *out is set only on success. */
 int mta_writer_open(const char *directory, uint64_t first_segment,
-                    uint64_t segment_bytes, unsigned max_batch,
+                    uint64_t segment_bytes, unsigned max_batch, uint64_t lazy_ns,
                     const unsigned char *prologue, size_t prologue_len, mta_writer **out);
 
 /* Assign ticket, segment and offset to rec and queue it.  Never blocks on I/O.
  * Returns -EPIPE after close, or the writer's negative errno once broken. */
 int mta_writer_append(mta_writer *w, mta_rec *rec);
 
+/* The same for a record nobody waits on: it is written with the next batch an
+ * urgent append or a flush() starts, or lazy_ns after it was appended,
+ * whichever comes first.  Completion, ordering and errors as for append(). */
+int mta_writer_append_lazy(mta_writer *w, mta_rec *rec);
+
 /* Detach the done list (ticket order); NULL when empty.  Read the eventfd
  * before calling this, or a wakeup can be lost. */
 mta_rec *mta_writer_take_done(mta_writer *w);
 
-/* Block until every record appended before the call is on the done list. */
+/* Block until every record appended before the call is on the done list
+ * (lazy ones too: flush() makes them urgent). */
 void mta_writer_flush(mta_writer *w);
 
 /* Make the next append start a new segment; returns its number.  A segment

@@ -30,9 +30,10 @@ cdef extern from "writer.h" nogil:
         pass                            # opaque
 
     int mta_writer_open(const char *directory, uint64_t first_segment,
-                        uint64_t segment_bytes, unsigned max_batch,
+                        uint64_t segment_bytes, unsigned max_batch, uint64_t lazy_ns,
                         const unsigned char *prologue, size_t prologue_len, mta_writer **out)
     int mta_writer_append(mta_writer *w, mta_rec *rec)
+    int mta_writer_append_lazy(mta_writer *w, mta_rec *rec)
     mta_rec *mta_writer_take_done(mta_writer *w)
     void mta_writer_flush(mta_writer *w)
     uint64_t mta_writer_roll(mta_writer *w)
