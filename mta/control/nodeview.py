@@ -154,13 +154,17 @@ def merge_summaries(parts: Sequence[QueueSummary]) -> QueueSummary:
             fb = feedback.setdefault(key, FeedbackCounts(0, 0))
             fb.hard_bounces += c.hard_bounces
             fb.complaints += c.complaints
-        outcomes.delivered += s.outcomes.delivered
-        outcomes.bounced += s.outcomes.bounced
-        outcomes.deferred += s.outcomes.deferred
-        outcomes.expired += s.outcomes.expired
+        _add_outcomes(outcomes, s.outcomes)
         connections += s.connections
         wheel += s.wheel
     return QueueSummary(scheduled, ready, connections, wheel, inserts, outcomes, feedback)
+
+
+def _add_outcomes(into: OutcomeCounts, more: OutcomeCounts) -> None:
+    into.delivered += more.delivered
+    into.bounced += more.bounced
+    into.deferred += more.deferred
+    into.expired += more.expired
 
 
 def merge_ages(parts: Sequence[AgeTable]) -> AgeTable:
@@ -217,10 +221,7 @@ def merge_live(parts: Sequence[LiveView]) -> LiveView:
             key = (h.kind, h.name, h.site)
             if key not in holds or h.until > holds[key].until:
                 holds[key] = h
-        outcomes.delivered += v.outcomes.delivered
-        outcomes.bounced += v.outcomes.bounced
-        outcomes.deferred += v.outcomes.deferred
-        outcomes.expired += v.outcomes.expired
+        _add_outcomes(outcomes, v.outcomes)
         received += v.received
         scheduled += v.scheduled
         ready += v.ready
