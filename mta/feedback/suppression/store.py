@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS suppression (
 CREATE INDEX IF NOT EXISTS suppression_seq ON suppression (seq);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
+-- for sharing with other nodes (shared.py): removals, which leave no row to publish ...
+CREATE TABLE IF NOT EXISTS removed (hash BLOB NOT NULL, scope TEXT, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS removed_seq ON removed (seq);
+-- ... the write generations that applied other nodes' entries (never published again) ...
+CREATE TABLE IF NOT EXISTS shared_in (seq INTEGER PRIMARY KEY);
+-- ... and where publishing and reading stand, committed with what they describe
+CREATE TABLE IF NOT EXISTS cursor (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -82,6 +89,25 @@ class Entry:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to the store as another node learns it (shared.py): an entry added or
+    replaced, or a removal (`removal`; scope None: every scope of the hash)."""
+    seq: int                # write generation (0 for a change read from another node)
+    hash: bytes             # 32 bytes
+    scope: str | None
+    removal: bool = False
+    reason: str = ""
+    created: int = 0
+    expires: int | None = None
+    source: str = ""        # the entry's source text when applied here
+
+    @property
+    def position(self) -> tuple[int, bytes, str]:
+        """Where a reader of `changes_since` stands after this change."""
+        return (self.seq, self.hash, self.scope or "")
 
 
 # --- key file -------------------------------------------------------------------------
@@ -196,7 +222,7 @@ def check_scope(scope: str) -> str:
     return scope
 
 
-def _check_reason(reason: str) -> str:
+def check_reason(reason: str) -> str:
     if not _REASON.match(reason):
         raise ValueError(f"bad reason {reason!r}: want a short lowercase word such as "
                          + ", ".join(REASONS))
@@ -434,7 +460,7 @@ class SuppressionList:
              expires: int | None) -> tuple:
         if expires is not None and (not isinstance(expires, int) or expires <= 0):
             raise ValueError(f"bad expiry {expires!r}: want a unix time or None")
-        return (raw, check_scope(scope), _check_reason(reason), _redact(note),
+        return (raw, check_scope(scope), check_reason(reason), _redact(note),
                 int(time.time()) if created is None else int(created), expires)
 
     def _after_own_write(self, seq: int, added: Iterable[bytes] = ()) -> None:
@@ -453,14 +479,92 @@ class SuppressionList:
         raw = parse_hash(h)
         with self._write():
             seq = self._bump_seq()
-            if scope is None:
-                cur = self._db.execute("DELETE FROM suppression WHERE hash = ?", (raw,))
-            else:
-                cur = self._db.execute("DELETE FROM suppression WHERE hash = ? AND scope = ?",
-                                       (raw, check_scope(scope)))
+            scope = None if scope is None else check_scope(scope)
+            cur = self._delete(raw, scope)
+            # other nodes learn removals from here (shared.py); a few bytes per removal
+            self._db.execute("INSERT INTO removed VALUES (?, ?, ?)", (raw, scope, seq))
         # The prefix stays in the filter: a false positive costs one SQLite lookup.
         self._after_own_write(seq)
         return cur.rowcount
+
+    def _delete(self, raw: bytes, scope: str | None) -> sqlite3.Cursor:
+        if scope is None:
+            return self._db.execute("DELETE FROM suppression WHERE hash = ?", (raw,))
+        return self._db.execute("DELETE FROM suppression WHERE hash = ? AND scope = ?",
+                                (raw, scope))
+
+    # -- sharing with other nodes (mta/feedback/suppression/shared.py)
+
+    def changes_since(self, after: tuple[int, bytes, str], limit: int) -> list[Change]:
+        """This host's own changes after position `after` (a `Change.position`), in
+        write order, at most `limit`: entries written here (not those applied from other
+        nodes) and removals. A generation larger than `limit` (an import) is read in parts."""
+        seq, h, scope = after
+        self._db.execute("BEGIN")    # one snapshot for both: no generation slips between
+        try:
+            rows = self._db.execute(
+                "SELECT seq, hash, scope, reason, created, expires FROM suppression"
+                " WHERE (seq, hash, scope) > (?, ?, ?) AND seq NOT IN (SELECT seq FROM"
+                " shared_in) ORDER BY seq, hash, scope LIMIT ?", (seq, h, scope, limit)).fetchall()
+            gone = self._db.execute(
+                "SELECT seq, hash, scope FROM removed WHERE (seq, hash, coalesce(scope, '')) >"
+                " (?, ?, ?) ORDER BY seq LIMIT ?", (seq, h, scope, limit)).fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        changes = [Change(s, raw, sc, reason=r, created=c, expires=x)
+                   for s, raw, sc, r, c, x in rows]
+        changes += [Change(s, raw, sc, removal=True) for s, raw, sc in gone]
+        changes.sort(key=lambda c: c.position)
+        return changes[:limit]
+
+    def apply_shared(self, changes: list[Change], cursor: tuple[str, str]
+                     ) -> tuple[int, list[bytes]]:
+        """Other nodes' changes, in one transaction with the reader's cursor (name, value):
+        a restart neither applies them twice nor skips any. An entry replaces one of the
+        same hash and scope only when it suppresses longer (no expiry beats any), so
+        nodes that exchange entries agree whatever order they arrive in. Returns the write
+        generation and the hashes added (for `learn`); (0, []) when there was nothing to
+        apply (only the cursor moved)."""
+        if not changes:
+            self.set_cursor(*cursor)
+            return 0, []
+        added: list[bytes] = []
+        with self._write():
+            seq = self._bump_seq()
+            self._db.execute("INSERT INTO shared_in VALUES (?)", (seq,))
+            for c in changes:
+                if c.removal:
+                    self._delete(c.hash, c.scope)
+                    continue
+                self._db.execute(
+                    "INSERT INTO suppression VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (hash, scope) DO UPDATE SET reason = excluded.reason,"
+                    " source = excluded.source, created = excluded.created,"
+                    " expires = excluded.expires, seq = excluded.seq"
+                    " WHERE suppression.expires IS NOT NULL AND (excluded.expires IS NULL"
+                    " OR excluded.expires > suppression.expires)",
+                    (c.hash, c.scope, c.reason, _redact(c.source), c.created, c.expires, seq))
+                added.append(c.hash)
+            self._db.execute("INSERT OR REPLACE INTO cursor VALUES (?, ?)", cursor)
+        self._after_own_write(seq, added)
+        return seq, added
+
+    def cursor(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM cursor WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_cursor(self, name: str, value: str, forget_before: int = 0) -> None:
+        """Save a cursor; with `forget_before`, also drop the removals and applied
+        generations below that generation (published: nobody reads them again)."""
+        with self._write():
+            self._db.execute("INSERT OR REPLACE INTO cursor VALUES (?, ?)", (name, value))
+            if forget_before:
+                self._db.execute("DELETE FROM removed WHERE seq < ?", (forget_before,))
+                self._db.execute("DELETE FROM shared_in WHERE seq < ?", (forget_before,))
+
+    def generation(self) -> int:
+        """The store's current write generation (every process's writes counted)."""
+        return self._db.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()[0]
 
     def check(self, address: str, tenant: str | None = None,
               sender_domain: str | None = None) -> Entry | None:

@@ -22,18 +22,23 @@ nothing is dropped while the queue has room (its waiters keep waiting, so a retu
 message stays in the spool until its entries are committed). `close()` writes what is
 queued and stops the thread; entries it could not write are logged by count.
 
+Other work on the store that must stay off the loop (sharing entries with other nodes,
+mta/feedback/suppression/shared.py) is handed over with `call(fn)`: `fn(store)` runs in
+the thread between batches, its result or exception comes back as a future.
+
 Reads/writes: the store file (its own connection, opened in the thread).
 """
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import logging
 import sqlite3
 import time
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .store import SuppressionList
 
@@ -69,6 +74,7 @@ class SuppressionWriter:
         self.retry = retry
         self._cv = threading.Condition()
         self._queue: deque[Item] = deque()
+        self._jobs: deque[tuple[Callable[[SuppressionList], Any], concurrent.futures.Future]] = deque()
         self._submitted = 0      # tickets handed out (entries submitted)
         self._closing = False
         self.written = 0
@@ -100,12 +106,39 @@ class SuppressionWriter:
                 self._cv.notify()      # (it waits only on an empty queue, or for `interval`)
             return self._submitted
 
+    def call(self, fn: Callable[[SuppressionList], Any]) -> concurrent.futures.Future:
+        """Run `fn(store)` in the thread with its connection (callers keep one or two in
+        flight: this queue has no bound of its own)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closing:
+                fut.set_exception(RuntimeError("the suppression writer is closed"))
+                return fut
+            self._jobs.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def _run_jobs(self, store: SuppressionList) -> None:
+        while True:
+            with self._cv:
+                if not self._jobs:
+                    return
+                fn, fut = self._jobs.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(store))
+            except BaseException as exc:     # noqa: BLE001 - the caller's to handle
+                fut.set_exception(exc)
+
     def close(self, timeout: float = 30.0) -> int:
         """Write what is queued, stop the thread; returns how many entries were left unwritten."""
         with self._cv:
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout)
+        for _, fut in self._jobs:
+            fut.cancel()
         left = len(self._queue)
         if left:
             log.error("suppression writer stopped with %d entries unwritten (returned mail "
@@ -154,7 +187,7 @@ class SuppressionWriter:
         last_commit = float("-inf")
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._jobs and not self._closing:
                     wait = next_refresh - time.monotonic()
                     if wait <= 0:
                         break
@@ -165,6 +198,7 @@ class SuppressionWriter:
             if due:
                 next_refresh = time.monotonic() + self.refresh_interval
             self._refresh(store, due)
+            self._run_jobs(store)
             with self._cv:
                 if not self._queue:
                     continue
