@@ -25,6 +25,9 @@ judgement inputs over every process. `share_action(action, left)`
 publishes an adaptive action this process took; `on_action(action, left)` is called with
 each one another process published, once (redis: a sorted set polled each second; host:
 a file of lines beside the table, read each second; local: nothing).
+`stream(name, max_length)` is a record stream every node appends to and reads (redis: a
+Redis stream; host and local: None, one host's processes share their files already):
+the suppression entries every node applies travel there (mta/feedback/suppression/shared.py).
 Reads and writes only what its backend says; raises nothing to the dispatcher (a store that
 fails falls back to local limits at [cluster] fallback_fraction, see the backends).
 """

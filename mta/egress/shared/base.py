@@ -1,5 +1,6 @@
 """The interface of shared limits (see the package docstring): a lease, a shared rate,
-warm-up counts, shared adaptive actions, and what every backend implements. No I/O here."""
+warm-up counts, shared adaptive actions, record streams, and what every backend
+implements. No I/O here."""
 from __future__ import annotations
 
 import abc
@@ -7,13 +8,17 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from mta.egress.throttle import Throttle
 from mta.model.rate import Rate
 
-__all__ = ["ACTION_MAX", "ALONE", "DAY", "GRANTED", "HOUR", "WAIT", "Lease", "SharedCount",
-           "SharedLimits", "SharedRate", "count_batch", "fallback_limit", "gcra"]
+__all__ = ["ACTION_MAX", "ALONE", "DAY", "GRANTED", "HOUR", "WAIT", "Lease", "RecordStream",
+           "SharedCount", "SharedLimits", "SharedRate", "StreamRead", "count_batch",
+           "fallback_limit", "gcra", "stream_id"]
 
 log = logging.getLogger("mta.cluster")
 
@@ -312,11 +317,52 @@ class SharedLimits(abc.ABC):
         deferred, complaints); `done` gets the day's totals of every process once known
         (host: before this returns; redis: when the reply comes; local: never)."""
 
+    def stream(self, name: str, max_length: int) -> RecordStream | None:
+        """A record stream shared by every node (None: this backend shares nothing
+        across nodes; host: one host's processes already share their files)."""
+        return None
+
     def start(self, loop) -> None:
         """Begin background work (lease renewal); the loop is the delivery engine's."""
 
     async def close(self) -> None:
         """Give back what this process holds and stop."""
+
+
+RECORD_MAX = 2048           # bytes of one stream record (names and values), sent or received
+READ_MAX = 1 << 20          # bytes of the records one stream read returns
+_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})\Z")
+
+
+def stream_id(text: str) -> tuple[int, int] | None:
+    """A stream id "ms-seq" as a comparable pair; None when it is not one."""
+    m = _STREAM_ID.match(text) if isinstance(text, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """One bounded read of a record stream, checked for shape only: `records` holds
+    (id, fields) in stream order, fields None when the record was not a flat map of short
+    strings (or over the size bound): the reader skips and counts it. Ids are "ms-seq".
+    `first` is the oldest id the stream still holds, `last` the newest ever added,
+    `trimmed` the newest ever trimmed away ("" when unknown or none)."""
+    records: list[tuple[str, dict[str, str] | None]]
+    first: str = ""
+    last: str = ""
+    trimmed: str = ""
+
+
+class RecordStream(Protocol):
+    """An append-only stream every node reads (redis: a Redis stream, bounded by an
+    approximate length). Both calls return None when the store is away (reported once
+    by the backend, as for the limits)."""
+
+    async def add(self, records: list[dict[str, str]]) -> bool | None:
+        """Append the records in order; True once the store has them all."""
+
+    async def read(self, after: str, count: int) -> StreamRead | None:
+        """Up to `count` records after id `after` ("0-0": from the oldest)."""
 
 
 def fallback_limit(limit: int, fraction: float) -> int:

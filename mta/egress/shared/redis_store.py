@@ -16,6 +16,11 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
   `warm:KEY:hHOUR` only within both caps (keys expire two warm-up days / hours later).
 - Adaptive actions: a sorted set `adaptive` of the published JSON scored by its end on
   the server's clock (at most 256 kept); every process polls it each second.
+- Record streams (`stream(name)`, e.g. the suppression entries every node applies,
+  mta/feedback/suppression/shared.py): XADD with an approximate MAXLEN; reads through
+  one script that returns at most `count` records and READ_MAX bytes, a record over
+  RECORD_MAX bytes or with a non-ASCII byte as its id alone, plus the oldest id held,
+  the newest added and the newest trimmed (XINFO), so a reader knows what it missed.
 Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
 probe succeeds (one a second at most) each process holds every limit alone at
 [cluster] fallback_fraction: leases against its own count of the key, rates through a local
@@ -41,13 +46,17 @@ from mta.egress.shared.base import (
     ACTIONS_MAX,
     ALONE,
     GRANTED,
+    READ_MAX,
+    RECORD_MAX,
     WAIT,
     Lease,
     SharedCount,
     SharedLimits,
     SharedRate,
+    StreamRead,
     count_batch,
     fallback_limit,
+    stream_id,
 )
 
 log = logging.getLogger("mta.cluster")
@@ -159,6 +168,110 @@ local items = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'L
                          tonumber(ARGV[1]))
 return {string.format('%.6f', now), items}
 """
+
+# a bounded read of a stream: KEYS the stream; ARGV the id read last (exclusive), count,
+# bytes per record, bytes in all. {oldest id, newest added, newest trimmed, records}; a
+# record too large or not ASCII comes as its id with no fields (the reader skips it)
+STREAM_READ = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'', '', '', {}} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local last, trimmed = '', ''
+for i = 1, #info - 1, 2 do
+  if info[i] == 'last-generated-id' then last = info[i + 1] end
+  if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+end
+local first = ''
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #head > 0 then first = head[1][1] end
+local out, total = {}, 0
+local one, all = tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT',
+                              tonumber(ARGV[2]))) do
+  local size, plain = 0, true
+  for _, f in ipairs(e[2]) do
+    size = size + #f
+    if string.find(f, '[\\128-\\255]') then plain = false end
+  end
+  if size > one or not plain then
+    out[#out + 1] = {e[1], {}}
+  elseif total + size > all then
+    break
+  else
+    out[#out + 1] = e
+    total = total + size
+  end
+end
+return {first, last, trimmed, out}
+"""
+
+
+def parse_stream_read(reply: Any, after: str, count: int) -> StreamRead:
+    """STREAM_READ's reply checked: ValueError when its shape is wrong or its ids do not
+    increase past `after`; a record whose fields are not a flat map of strings within
+    RECORD_MAX gets fields None."""
+    if not isinstance(reply, list) or len(reply) != 4 or not isinstance(reply[3], list) \
+            or len(reply[3]) > count:
+        raise ValueError("stream read: a reply of the wrong shape")
+    first, last, trimmed = (x if stream_id(x) else "" for x in reply[:3])
+    records: list[tuple[str, dict[str, str] | None]] = []
+    prev = stream_id(after)
+    for item in reply[3]:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError("stream read: a record of the wrong shape")
+        rid = stream_id(item[0])
+        if rid is None or (prev is not None and rid <= prev):
+            raise ValueError("stream read: record ids out of order")
+        prev = rid
+        records.append((item[0], _record_fields(item[1])))
+    return StreamRead(records, first, last, trimmed)
+
+
+def _record_fields(raw: Any) -> dict[str, str] | None:
+    if not isinstance(raw, list) or len(raw) % 2 or not raw \
+            or not all(isinstance(x, str) for x in raw) or sum(map(len, raw)) > RECORD_MAX:
+        return None
+    fields = dict(zip(raw[::2], raw[1::2]))
+    return fields if len(fields) * 2 == len(raw) else None
+
+
+class RedisStream:
+    """A Redis stream every node reads (base.RecordStream), over RedisLimits' client and
+    its reachability: a failure is the limits' failure (one warning, probes once a
+    second) and nothing is sent or read while Redis is away."""
+
+    def __init__(self, limits: RedisLimits, key: str, max_length: int) -> None:
+        self.limits = limits
+        self.key = key
+        self.max_length = max_length
+        self._read = limits.client.register_script(STREAM_READ)
+
+    async def add(self, records: list[dict[str, str]]) -> bool | None:
+        lim = self.limits
+        if not lim._usable():
+            return None
+        pipe = lim.client.pipeline(transaction=False)
+        for r in records:
+            pipe.xadd(self.key, r, maxlen=self.max_length, approximate=True)
+        try:
+            await asyncio.wait_for(pipe.execute(), lim.timeout)
+        except (TimeoutError, RedisError, OSError) as exc:
+            lim._failed(exc)
+            return None
+        lim._ok()
+        return True
+
+    async def read(self, after: str, count: int) -> StreamRead | None:
+        lim = self.limits
+        if not lim._usable():
+            return None
+        try:
+            reply = await lim._call(self._read, [self.key], [after, count, RECORD_MAX, READ_MAX])
+            got = parse_stream_read(reply, after, count)
+        except (TimeoutError, RedisError, OSError, ValueError, TypeError) as exc:
+            lim._failed(exc)
+            return None
+        lim._ok()
+        return got
 
 
 class RedisLimits(SharedLimits):
@@ -451,6 +564,9 @@ class RedisLimits(SharedLimits):
                 self._failed(exc)
             except Exception:      # never end the polling
                 log.exception("cluster: polling shared adaptive actions")
+
+    def stream(self, name: str, max_length: int) -> RedisStream:
+        return RedisStream(self, self.prefix + name, max_length)
 
     # -- life ----------------------------------------------------------------------------
 
