@@ -55,6 +55,7 @@ from mta.feedback.intake import BounceIntake
 from mta.feedback.rcpt_policy import RecipientPolicy
 from mta.feedback.state import Feedback
 from mta.feedback.suppression import KeyFileError
+from mta.feedback.suppression.shared import STREAM as SUPPRESSION_STREAM
 from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
 from mta.ingest.local import LocalSubmission
@@ -230,6 +231,7 @@ class Server:
             raise
         self.delivery.start(loop)
         self.feedback.site_of = self.delivery.resolver.cached_site_name
+        self._share_suppression(loop)
         if self.feedback.bounce_domain:
             self.intake = BounceIntake(self.config, self.feedback, self.spool, self.logs)
             self.intake.on_done = self._intake_done
@@ -287,6 +289,17 @@ class Server:
             await self.stop()
             raise
         self.loop_lag.start(loop)     # from now on (start itself blocks: rule files, recovery)
+
+    def _share_suppression(self, loop: asyncio.AbstractEventLoop) -> None:
+        """[cluster] share_suppression: worker 0 exchanges the host's suppression entries
+        with the other nodes (one per node: the store is the host's, every worker's)."""
+        shared, c = self.delivery.shared if self.delivery else None, self.config.cluster
+        if shared is None or not c.share_suppression or self.worker.index != 0 \
+                or self.feedback is None:
+            return
+        stream = shared.stream(SUPPRESSION_STREAM, c.suppression_stream_length)
+        if stream is not None:
+            self.feedback.share(stream, self.worker.node, loop)
 
     def _admin_metrics_and_inject(self, admin: AdminServer) -> None:
         """GET /metrics (mta/control/metrics.py) and POST /inject (mta/control/inject.py)."""
@@ -399,6 +412,8 @@ class Server:
             self.admin = None
         if self.intake is not None:
             await self.intake.stop()
+        if self.feedback is not None:   # its stream is the cluster backend's connection
+            await self.feedback.stop_sharing()
         if self.delivery is not None:
             await self.delivery.stop()
         if self.local is not None:

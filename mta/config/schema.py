@@ -820,6 +820,15 @@ class ClusterConfig:
     rate_batch: float = key(DURATION, "50ms", "a process takes this much time's worth of a "
                             "shared rate's tokens per round trip (at least one token)",
                             lo="1ms", hi="1s", restart=True)
+    share_suppression: bool = key(BOOL, True, "with backend = redis, suppression entries "
+                                  "(hard bounces, complaints, unsubscribes, mta suppress "
+                                  "add/remove) reach every node through the stream "
+                                  "<key_prefix>suppression; nodes must share [suppression] "
+                                  "key_file", restart=True)
+    suppression_stream_length: int = key(INT, 1_000_000, "records the suppression stream "
+                                         "keeps (approximately): a node away longer than "
+                                         "that many changes misses the oldest",
+                                         lo=1000, hi=100_000_000, restart=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,8 @@ Series (counters are totals since start):
   mta_recipients_expired_total
   mta_complaints_total{source,provider}, mta_hard_bounces_total{source,provider}
   mta_suppressed_total                           recipients dropped or refused as suppressed
+  mta_suppression_shared_{published,imported}_total, mta_suppression_shared_skipped_total
+    {reason}, mta_suppression_shared_lag_seconds  entries shared with other nodes (worker 0)
   mta_queue_messages{class,provider}             entries in scheduled queues
   mta_queue_oldest_age_seconds{class,provider}   age of the oldest entry counted
   mta_ready_messages{source,provider}, mta_connections_open{source,provider}
@@ -211,6 +213,20 @@ class Metrics:
         x.family("mta_suppressed_total", "counter", "recipients refused or dropped at "
                  "reception because they are suppressed",
                  [({}, getattr(policy, "suppressed", 0))])
+        sync = engine.feedback.sync if engine.feedback is not None else None
+        if sync is not None:    # worker 0 of a node sharing suppression ([cluster])
+            st = sync.stats
+            x.family("mta_suppression_shared_published_total", "counter", "suppression "
+                     "changes of this host sent to the other nodes", [({}, st.published)])
+            x.family("mta_suppression_shared_imported_total", "counter", "suppression "
+                     "changes of other nodes applied here", [({}, st.imported)])
+            x.family("mta_suppression_shared_skipped_total", "counter", "shared suppression "
+                     "records ignored: malformed, or hashed under another key",
+                     [({"reason": "malformed"}, st.malformed),
+                      ({"reason": "foreign_key"}, st.foreign_key)])
+            x.family("mta_suppression_shared_lag_seconds", "gauge", "how far the newest "
+                     "shared suppression record is ahead of the last one read here",
+                     [({}, st.lag)])
         # queues
         now = engine.scheduler.clock()
         depth: dict[tuple[str, str], int] = {}
@@ -327,7 +343,8 @@ def handler(metrics: Metrics):
 # first worker did; an age, an errno, a lag or a failing flag is the worst worker's
 _NODE_MIN = frozenset({"mta_start_time_seconds"})
 _NODE_MAX = frozenset({"mta_queue_oldest_age_seconds", "mta_spool_write_error",
-                       "mta_event_loop_lag_recent_seconds", "mta_webhook_failing"})
+                       "mta_event_loop_lag_recent_seconds", "mta_webhook_failing",
+                       "mta_suppression_shared_lag_seconds"})
 _SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|'
                      r'\\.)*",?)*\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?')
 _INT = re.compile(r"-?[0-9]+")

@@ -16,6 +16,8 @@ transaction and fsync per batch, bounded queue), so no SQLite commit or lock wai
 happens on the loop. `committed()` is how a caller waits until what it added is on
 disk (the bounce intake, before it finishes a returned message). Without `start`
 (tools, tests without a loop) entries are written at once on the caller's thread.
+With [cluster] backend = "redis", `share` (worker 0 of the node) exchanges the store's
+entries with the other nodes (mta/feedback/suppression/shared.py).
 
 Diagnostics: a bad rule file (RulesError) or VERP prefix (ValueError) at start
 becomes a ConfigError in Server; a bad
@@ -37,12 +39,14 @@ from mta.config.keyring import KeyringError, load_keyring
 from mta.feedback import verp
 from mta.feedback.bounce import Classifier, RulesError
 from mta.feedback.suppression import SuppressionList, address_hash, hash_text, load_or_create_key
+from mta.feedback.suppression.shared import SuppressionSync
 from mta.feedback.suppression.writer import SuppressionWriter
 from mta.feedback.unsubscribe import list_unsubscribe_headers
 from mta.model.networks import contains
 
 if TYPE_CHECKING:
     from mta.config import Config
+    from mta.egress.shared.base import RecordStream
 
 log = logging.getLogger("mta.feedback.state")
 
@@ -105,6 +109,7 @@ class Feedback:
         self._written = 0         # ... of which committed
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
         self.suppress_dropped = 0     # entries refused by a full writer queue (logged)
+        self.sync: SuppressionSync | None = None     # entries shared with other nodes (share)
         # domain -> site name from the resolver's cache (set by Server once delivery runs)
         self.site_of: Callable[[str], str | None] = lambda domain: None
 
@@ -125,6 +130,19 @@ class Feedback:
                 refresh_interval=reader.refresh_interval)
             self.writer.start()
             reader.refresh_elsewhere()
+
+    def share(self, stream: RecordStream, node: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Exchange suppression entries with the other nodes through `stream` (after
+        `start`; one process per node: the store is the host's)."""
+        if self.writer is None or self.suppressions is None or self.sync is not None:
+            return
+        self.sync = SuppressionSync(stream, self.writer, self.suppressions, self.key, node)
+        self.sync.start(loop)
+
+    async def stop_sharing(self) -> None:
+        """Before the cluster backend closes (the stream is its connection)."""
+        if self.sync is not None:
+            await self.sync.close()
 
     def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
