@@ -195,6 +195,17 @@ def redis_server(tmp_path):
     server.stop()
 
 
+def move_rig(monkeypatch, redis: str, sink: str, listen: str, source: str) -> None:
+    """tools/cluster_rig.py on a test's own addresses: node i listens on `listen` + i and
+    sends from `source` + i (the last octet added: "127.0.151.0" -> 127.0.151.i)."""
+    import cluster_rig
+    monkeypatch.setattr(cluster_rig, "REDIS_IP", redis)
+    monkeypatch.setattr(cluster_rig, "SINK_IP", sink)
+    for name, base in (("listen_ip", listen), ("source_ip", source)):
+        prefix, _, last = base.rpartition(".")
+        monkeypatch.setattr(cluster_rig, name, lambda i, p=prefix, n=int(last): f"{p}.{n + i}")
+
+
 def host_stores(tmp_path, n: int = 2) -> list:
     """`n` workers' HostLimits (mta/egress/shared/host_table.py) on one table file, started."""
     from mta.egress.shared.host_table import HostLimits

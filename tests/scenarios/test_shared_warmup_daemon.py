@@ -13,6 +13,7 @@ import time
 import cluster_rig
 import pytest
 from cluster_rig import ClusterRig
+from conftest import move_rig
 
 WARMUP = """
 [warmup]
@@ -24,10 +25,7 @@ hour_divisor = 4
 
 @pytest.fixture
 def rig_addresses(monkeypatch):
-    monkeypatch.setattr(cluster_rig, "REDIS_IP", "127.0.150.1")
-    monkeypatch.setattr(cluster_rig, "SINK_IP", "127.0.150.2")
-    monkeypatch.setattr(cluster_rig, "listen_ip", lambda i: f"127.0.151.{i}")
-    monkeypatch.setattr(cluster_rig, "source_ip", lambda i: f"127.0.152.{i}")
+    move_rig(monkeypatch, "127.0.150.1", "127.0.150.2", "127.0.151.0", "127.0.152.0")
 
 
 def _warming(node: cluster_rig.Node) -> None:
