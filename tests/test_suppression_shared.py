@@ -79,16 +79,22 @@ def test_an_oversized_record_and_another_key():
 
 
 def test_stream_reads_are_checked_for_shape():
-    ok = parse_stream_read(["1-0", "9-0", "", [["2-0", ["a", "b"]], ["3-1", ["a"]],
-                                               ["4-0", ["x", "y" * RECORD_MAX]],
-                                               ["5-0", ["a", "1", "a", "2"]], ["6-0", []]]],
+    ok = parse_stream_read(["1-0", "9-0", 1, 0, [["2-0", ["a", "b"]], ["3-1", ["a"]],
+                                                 ["4-0", ["x", "y" * RECORD_MAX]],
+                                                 ["5-0", ["a", "1", "a", "2"]], ["6-0", []]]],
                            "1-5", 10)
-    assert ok.first == "1-0" and ok.last == "9-0" and ok.trimmed == ""
+    assert ok.first == "1-0" and ok.last == "9-0" and not ok.gap
     assert [f for _, f in ok.records] == [{"a": "b"}, None, None, None, None]
-    for bad in (None, "x", ["1-0", "", "", "notalist"], ["", "", "", [["2-0"]]],
-                ["", "", "", [["2-0", []], ["2-0", []]]],     # ids must increase
-                ["", "", "", [["1-0", []]]],                   # ... past the cursor
-                ["", "", "", [[5, []]]], ["", "", "", [["a", "b"]] * 11]):
+    # records missed: our last one gone and the oldest left newer; a first read after removals
+    assert parse_stream_read(["2-0", "9-0", 0, 5, []], "1-5", 10).gap
+    assert not parse_stream_read(["1-0", "9-0", 0, 5, []], "1-5", 10).gap
+    assert parse_stream_read(["2-0", "9-0", 0, 5, []], "0-0", 10).gap
+    assert not parse_stream_read(["1-0", "9-0", 0, 0, []], "0-0", 10).gap
+    for bad in (None, "x", ["1-0", "", 0, 0, "notalist"], ["", "", 0, 0, [["2-0"]]],
+                ["", "", 0, 0, [["2-0", []], ["2-0", []]]],     # ids must increase
+                ["", "", 0, 0, [["1-0", []]]],                   # ... past the cursor
+                ["", "", "0", 0, []], ["", "", 0, 0, [[5, []]]],
+                ["", "", 0, 0, [["a", "b"]] * 11]):
         with pytest.raises(ValueError):
             parse_stream_read(bad, "1-5", 10)
 
@@ -137,7 +143,7 @@ def test_the_store_lists_its_own_changes_and_applies_others(tmp_path):
 class _Node:
     """One node's store, writer thread, read connection, Redis client and sync."""
 
-    def __init__(self, path, name: str, url: str, key: bytes = KEY) -> None:
+    def __init__(self, path, name: str, url: str, key: bytes = KEY, length: int = 10_000) -> None:
         from mta.egress.shared.redis_store import RedisLimits
         self.path, self.name, self.url, self.key = path, name, url, key
         self.reader = SuppressionList(path, key)
@@ -151,7 +157,7 @@ class _Node:
         self.limits = RedisLimits(url, prefix="t:", lease_ttl=3, timeout=0.5,
                                   member=f"{name}/w0")
         self.limits.start(loop)
-        self.sync = SuppressionSync(self.limits.stream("suppression", 10_000), self.writer,
+        self.sync = SuppressionSync(self.limits.stream("suppression", length), self.writer,
                                     self.reader, key, name, poll=0.1)
         self.sync.start(loop)
 
@@ -174,12 +180,16 @@ def _has(node: _Node, address: str) -> bool:
         return s.check(address) is not None
 
 
-def test_two_nodes_share_entries_through_redis(tmp_path):
+def _redis(tmp_path, ip: str):
     from cluster_rig import RedisServer
     if not RedisServer.available():
         from conftest import missing_tool
         missing_tool("redis-server (apt install redis-server)")
-    redis = RedisServer(tmp_path / "redis", "127.0.121.201").start()
+    return RedisServer(tmp_path / "redis", ip).start()
+
+
+def test_two_nodes_share_entries_through_redis(tmp_path):
+    redis = _redis(tmp_path, "127.0.121.201")
 
     async def main() -> None:
         a = _Node(tmp_path / "a.sqlite", "na", redis.url)
@@ -222,10 +232,48 @@ def test_two_nodes_share_entries_through_redis(tmp_path):
             await raw.xadd("t:suppression", {"v": "1", "k": key_id(OTHER_KEY), "op": "add"})
             await raw.xadd("t:suppression", {"v": "1", "op": "add", "x": "y" * 5000})
             await raw.xadd("t:suppression", {"junk": "yes"})
+            await raw.xadd("t:suppression", {"v": "1", "k": KID, "n": "é"})   # not ASCII
             a.writer.submit(("after-junk@example.com", "global", "hard_bounce", None, ""))
             await _until(lambda: _has(b, "after-junk@example.com"))
-            assert b.sync.stats.foreign_key == 1 and b.sync.stats.malformed == 2
+            assert b.sync.stats.foreign_key == 1 and b.sync.stats.malformed == 3
             assert b.sync.stats.lag < 5
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis.stop()
+
+
+def test_a_node_away_past_the_stream_length_is_told_and_goes_on(tmp_path, caplog):
+    """The stream keeps about 10 records (100: Redis trims whole nodes); B is away while A
+    publishes 300: B warns once that records past its cursor are gone, applies what is
+    left and goes on."""
+    redis = _redis(tmp_path, "127.0.121.202")
+
+    async def main() -> None:
+        a = _Node(tmp_path / "a.sqlite", "na", redis.url, length=10)
+        b = _Node(tmp_path / "b.sqlite", "nb", redis.url, length=10)
+        try:
+            await _until(lambda: a.sync.ready and b.sync.ready)
+            a.writer.submit(("first@example.com", "global", "hard_bounce", None, ""))
+            await _until(lambda: _has(b, "first@example.com"))
+            await b.close()
+            a.writer.call(lambda st: st.import_lines(f"u{i}@example.com" for i in range(300)))
+            await _until(lambda: a.sync.stats.published == 301)
+            b = _Node(tmp_path / "b.sqlite", "nb", redis.url, length=10)
+            await _until(lambda: b.sync.stats.imported > 0)
+            await asyncio.sleep(0.5)
+            assert 0 < b.sync.stats.imported < 300
+            # once per node: B, and A too when it read its own records back after the trim
+            trimmed = [r for r in caplog.records if "are gone" in r.getMessage()]
+            assert 1 <= len(trimmed) <= 2
+            a.writer.submit(("later@example.com", "global", "hard_bounce", None, ""))
+            await _until(lambda: _has(b, "later@example.com"))
+            assert len([r for r in caplog.records if "are gone" in r.getMessage()]) \
+                == len(trimmed)
         finally:
             await a.close()
             await b.close()

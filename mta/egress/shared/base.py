@@ -345,12 +345,13 @@ class StreamRead:
     """One bounded read of a record stream, checked for shape only: `records` holds
     (id, fields) in stream order, fields None when the record was not a flat map of short
     strings (or over the size bound): the reader skips and counts it. Ids are "ms-seq".
-    `first` is the oldest id the stream still holds, `last` the newest ever added,
-    `trimmed` the newest ever trimmed away ("" when unknown or none)."""
+    `first` is the oldest id the stream still holds, `last` the newest ever added; `gap`:
+    records after the reader's position may be gone (trimmed, or the stream lost) before
+    it read them."""
     records: list[tuple[str, dict[str, str] | None]]
     first: str = ""
     last: str = ""
-    trimmed: str = ""
+    gap: bool = False
 
 
 class RecordStream(Protocol):

@@ -20,7 +20,9 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
   mta/feedback/suppression/shared.py): XADD with an approximate MAXLEN; reads through
   one script that returns at most `count` records and READ_MAX bytes, a record over
   RECORD_MAX bytes or with a non-ASCII byte as its id alone, plus the oldest id held,
-  the newest added and the newest trimmed (XINFO), so a reader knows what it missed.
+  the newest added and what tells a reader it missed records: its last id no longer
+  held while older than the oldest (trimmed past it), or, for a first read, more records
+  ever added than held (XINFO entries-added, Redis 7).
 Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
 probe succeeds (one a second at most) each process holds every limit alone at
 [cluster] fallback_fraction: leases against its own count of the key, rates through a local
@@ -170,19 +172,24 @@ return {string.format('%.6f', now), items}
 """
 
 # a bounded read of a stream: KEYS the stream; ARGV the id read last (exclusive), count,
-# bytes per record, bytes in all. {oldest id, newest added, newest trimmed, records}; a
-# record too large or not ASCII comes as its id with no fields (the reader skips it)
+# bytes per record, bytes in all. {oldest id, newest added, that last id still held (0/1),
+# records ever removed (-1: unknown), records}; a record too large or not ASCII comes as
+# its id with no fields (the reader skips it)
 STREAM_READ = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'', '', '', {}} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'', '', 0, -1, {}} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local last, trimmed = '', ''
+local last, added, length = '', -1, 0
 for i = 1, #info - 1, 2 do
   if info[i] == 'last-generated-id' then last = info[i + 1] end
-  if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+  if info[i] == 'entries-added' then added = tonumber(info[i + 1]) end
+  if info[i] == 'length' then length = tonumber(info[i + 1]) end
 end
+local removed = -1
+if added >= 0 then removed = added - length end
 local first = ''
 local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #head > 0 then first = head[1][1] end
+local held = #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 local out, total = {}, 0
 local one, all = tonumber(ARGV[3]), tonumber(ARGV[4])
 for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT',
@@ -201,7 +208,7 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT',
     total = total + size
   end
 end
-return {first, last, trimmed, out}
+return {first, last, held, removed, out}
 """
 
 
@@ -209,13 +216,19 @@ def parse_stream_read(reply: Any, after: str, count: int) -> StreamRead:
     """STREAM_READ's reply checked: ValueError when its shape is wrong or its ids do not
     increase past `after`; a record whose fields are not a flat map of strings within
     RECORD_MAX gets fields None."""
-    if not isinstance(reply, list) or len(reply) != 4 or not isinstance(reply[3], list) \
-            or len(reply[3]) > count:
+    if not isinstance(reply, list) or len(reply) != 5 or not isinstance(reply[4], list) \
+            or len(reply[4]) > count or not all(isinstance(x, int) for x in reply[2:4]):
         raise ValueError("stream read: a reply of the wrong shape")
-    first, last, trimmed = (x if stream_id(x) else "" for x in reply[:3])
-    records: list[tuple[str, dict[str, str] | None]] = []
+    first, last = (x if stream_id(x) else "" for x in reply[:2])
+    held, removed = reply[2], reply[3]
     prev = stream_id(after)
-    for item in reply[3]:
+    oldest = stream_id(first)
+    if prev == (0, 0):        # a first read: was anything ever removed?
+        gap = removed > 0
+    else:                     # our last record gone, and the oldest left is newer
+        gap = not held and oldest is not None and prev is not None and oldest > prev
+    records: list[tuple[str, dict[str, str] | None]] = []
+    for item in reply[4]:
         if not isinstance(item, list) or len(item) != 2:
             raise ValueError("stream read: a record of the wrong shape")
         rid = stream_id(item[0])
@@ -223,7 +236,7 @@ def parse_stream_read(reply: Any, after: str, count: int) -> StreamRead:
             raise ValueError("stream read: record ids out of order")
         prev = rid
         records.append((item[0], _record_fields(item[1])))
-    return StreamRead(records, first, last, trimmed)
+    return StreamRead(records, first, last, gap)
 
 
 def _record_fields(raw: Any) -> dict[str, str] | None:

@@ -25,9 +25,9 @@ getting mail from node 2. So worker 0 of every node runs one `SuppressionSync`:
   record with another key id is skipped and counted, with one warning.
 Both directions run in the store's writer thread (writer.py `call`): the loop never
 waits on SQLite; Redis calls go through the cluster backend (mta/egress/shared), whose
-one-line reports cover Redis going away and coming back. When the stream was trimmed
-past the reader's cursor (XINFO's max-deleted-entry-id, Redis 7), one warning says so
-and reading goes on from the oldest record left.
+one-line reports cover Redis going away and coming back. When records after the reader's
+cursor may be gone (the stream trimmed past it, or lost with a redis-server restart), one
+warning says so and reading goes on from the oldest record left.
 
 Reads/writes: the store (through the writer thread) and the Redis stream.
 """
@@ -298,13 +298,11 @@ class SuppressionSync:
         return changes
 
     def _check_trimmed(self, got: StreamRead) -> None:
-        gone, mine = stream_id(got.trimmed), stream_id(self._cursor or "0-0")
-        if gone is None or mine is None or gone <= mine or self._warned_trim:
+        if not got.gap or self._warned_trim:
             return
         self._warned_trim = True
-        log.warning("shared suppression: the stream was trimmed past this node's position "
-                    "(%s, records up to %s are gone): entries other nodes published then are "
-                    "missing here; reading goes on from the oldest record left (to recover "
-                    "them: mta suppress export on another node, import here)",
-                    self._cursor, got.trimmed)
-
+        log.warning("shared suppression: records after this node's position (%s) are gone "
+                    "from the stream (trimmed past it, or the stream was lost; the oldest "
+                    "left is %s): entries other nodes published then are missing here; "
+                    "reading goes on (to recover them: mta suppress export on another node, "
+                    "import here)", self._cursor, got.first or "none")
