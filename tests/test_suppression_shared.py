@@ -180,105 +180,100 @@ def _has(node: _Node, address: str) -> bool:
         return s.check(address) is not None
 
 
-def _redis(tmp_path, ip: str):
+def _two_nodes(tmp_path, ip: str, scenario, length: int = 10_000) -> None:
+    """Run `scenario(nodes, redis)` with nodes "a" and "b" ready on a redis-server of its
+    own at `ip` (a scenario may replace a node: whatever is in `nodes` is closed after)."""
     from cluster_rig import RedisServer
     if not RedisServer.available():
         from conftest import missing_tool
         missing_tool("redis-server (apt install redis-server)")
-    return RedisServer(tmp_path / "redis", ip).start()
-
-
-def test_two_nodes_share_entries_through_redis(tmp_path):
-    redis = _redis(tmp_path, "127.0.121.201")
+    redis = RedisServer(tmp_path / "redis", ip).start()
 
     async def main() -> None:
-        a = _Node(tmp_path / "a.sqlite", "na", redis.url)
-        b = _Node(tmp_path / "b.sqlite", "nb", redis.url)
+        nodes = {x: _Node(tmp_path / f"{x}.sqlite", f"n{x}", redis.url, length=length)
+                 for x in "ab"}
         try:
-            await _until(lambda: a.sync.ready and b.sync.ready)
-            # a hard bounce on A (through its writer thread) reaches B's store and filter
-            a.writer.submit(("gone@example.com", "global", "hard_bounce", None, "550 5.1.1"))
-            await _until(lambda: b.reader.check("gone@example.com") is not None)
-            assert b.reader.check("gone@example.com").reason == "hard_bounce"
-            # an operator's add and removal on A (another process: the CLI)
-            with SuppressionList(a.path, KEY, private=False) as cli:
-                cli.add("op@example.com", "tenant:t1", "manual")
-            await _until(lambda: b.reader.check("op@example.com", tenant="t1") is not None)
-            with SuppressionList(a.path, KEY, private=False) as cli:
-                cli.remove("gone@example.com")
-            await _until(lambda: not _has(b, "gone@example.com"))
-            # no echo: B published nothing, A applied nothing
-            await asyncio.sleep(0.5)
-            assert b.sync.stats.published == 0 and a.sync.stats.imported == 0
-            assert a.sync.stats.published == 3 and b.sync.stats.imported == 3
-            # B away; A goes on; B restarted resumes from its cursor
-            await b.close()
-            a.writer.submit(("later@example.com", "global", "complaint", None, ""))
-            await _until(lambda: a.sync.stats.published == 4)
-            b = _Node(tmp_path / "b.sqlite", "nb", redis.url)
-            await _until(lambda: _has(b, "later@example.com"))
-            await asyncio.sleep(0.3)
-            assert b.sync.stats.imported == 1            # only what it had not read
-            # redis-server down: A commits; back: the entry arrives
-            redis.stop()
-            a.writer.submit(("offline@example.com", "global", "hard_bounce", None, ""))
-            await _until(lambda: a.limits.down)
-            await asyncio.sleep(0.5)
-            assert not _has(b, "offline@example.com")
-            redis.start()
-            await _until(lambda: _has(b, "offline@example.com"), 15)
-            # junk in the stream: skipped and counted, the reader goes on
-            raw = b.limits.client
-            await raw.xadd("t:suppression", {"v": "1", "k": key_id(OTHER_KEY), "op": "add"})
-            await raw.xadd("t:suppression", {"v": "1", "op": "add", "x": "y" * 5000})
-            await raw.xadd("t:suppression", {"junk": "yes"})
-            await raw.xadd("t:suppression", {"v": "1", "k": KID, "n": "é"})   # not ASCII
-            a.writer.submit(("after-junk@example.com", "global", "hard_bounce", None, ""))
-            await _until(lambda: _has(b, "after-junk@example.com"))
-            assert b.sync.stats.foreign_key == 1 and b.sync.stats.malformed == 3
-            assert b.sync.stats.lag < 5
+            await _until(lambda: all(n.sync.ready for n in nodes.values()))
+            await scenario(nodes, redis)
         finally:
-            await a.close()
-            await b.close()
+            for n in nodes.values():
+                await n.close()
 
     try:
         asyncio.run(main())
     finally:
         redis.stop()
+
+
+def test_two_nodes_share_entries_through_redis(tmp_path):
+    async def scenario(nodes: dict[str, _Node], redis) -> None:
+        a, b = nodes["a"], nodes["b"]
+        # a hard bounce on A (through its writer thread) reaches B's store and filter
+        a.writer.submit(("gone@example.com", "global", "hard_bounce", None, "550 5.1.1"))
+        await _until(lambda: b.reader.check("gone@example.com") is not None)
+        assert b.reader.check("gone@example.com").reason == "hard_bounce"
+        # an operator's add and removal on A (another process: the CLI)
+        with SuppressionList(a.path, KEY, private=False) as cli:
+            cli.add("op@example.com", "tenant:t1", "manual")
+        await _until(lambda: b.reader.check("op@example.com", tenant="t1") is not None)
+        with SuppressionList(a.path, KEY, private=False) as cli:
+            cli.remove("gone@example.com")
+        await _until(lambda: not _has(b, "gone@example.com"))
+        # no echo: B published nothing, A applied nothing
+        await asyncio.sleep(0.5)
+        assert b.sync.stats.published == 0 and a.sync.stats.imported == 0
+        assert a.sync.stats.published == 3 and b.sync.stats.imported == 3
+        # B away; A goes on; B restarted resumes from its cursor
+        await b.close()
+        a.writer.submit(("later@example.com", "global", "complaint", None, ""))
+        await _until(lambda: a.sync.stats.published == 4)
+        b = nodes["b"] = _Node(tmp_path / "b.sqlite", "nb", redis.url)
+        await _until(lambda: _has(b, "later@example.com"))
+        await asyncio.sleep(0.3)
+        assert b.sync.stats.imported == 1            # only what it had not read
+        # redis-server down: A commits; back: the entry arrives
+        redis.stop()
+        a.writer.submit(("offline@example.com", "global", "hard_bounce", None, ""))
+        await _until(lambda: a.limits.down)
+        await asyncio.sleep(0.5)
+        assert not _has(b, "offline@example.com")
+        redis.start()
+        await _until(lambda: _has(b, "offline@example.com"), 15)
+        # junk in the stream: skipped and counted, the reader goes on
+        raw = b.limits.client
+        await raw.xadd("t:suppression", {"v": "1", "k": key_id(OTHER_KEY), "op": "add"})
+        await raw.xadd("t:suppression", {"v": "1", "op": "add", "x": "y" * 5000})
+        await raw.xadd("t:suppression", {"junk": "yes"})
+        await raw.xadd("t:suppression", {"v": "1", "k": KID, "n": "é"})   # not ASCII
+        a.writer.submit(("after-junk@example.com", "global", "hard_bounce", None, ""))
+        await _until(lambda: _has(b, "after-junk@example.com"))
+        assert b.sync.stats.foreign_key == 1 and b.sync.stats.malformed == 3
+        assert b.sync.stats.lag < 5
+
+    _two_nodes(tmp_path, "127.0.121.201", scenario)
 
 
 def test_a_node_away_past_the_stream_length_is_told_and_goes_on(tmp_path, caplog):
     """The stream keeps about 10 records (100: Redis trims whole nodes); B is away while A
     publishes 300: B warns once that records past its cursor are gone, applies what is
     left and goes on."""
-    redis = _redis(tmp_path, "127.0.121.202")
+    async def scenario(nodes: dict[str, _Node], redis) -> None:
+        a, b = nodes["a"], nodes["b"]
+        a.writer.submit(("first@example.com", "global", "hard_bounce", None, ""))
+        await _until(lambda: _has(b, "first@example.com"))
+        await b.close()
+        a.writer.call(lambda st: st.import_lines(f"u{i}@example.com" for i in range(300)))
+        await _until(lambda: a.sync.stats.published == 301)
+        b = nodes["b"] = _Node(tmp_path / "b.sqlite", "nb", redis.url, length=10)
+        await _until(lambda: b.sync.stats.imported > 0)
+        await asyncio.sleep(0.5)
+        assert 0 < b.sync.stats.imported < 300
+        # once per node: B, and A too when it read its own records back after the trim
+        trimmed = [r for r in caplog.records if "are gone" in r.getMessage()]
+        assert 1 <= len(trimmed) <= 2
+        a.writer.submit(("later@example.com", "global", "hard_bounce", None, ""))
+        await _until(lambda: _has(b, "later@example.com"))
+        assert len([r for r in caplog.records if "are gone" in r.getMessage()]) \
+            == len(trimmed)
 
-    async def main() -> None:
-        a = _Node(tmp_path / "a.sqlite", "na", redis.url, length=10)
-        b = _Node(tmp_path / "b.sqlite", "nb", redis.url, length=10)
-        try:
-            await _until(lambda: a.sync.ready and b.sync.ready)
-            a.writer.submit(("first@example.com", "global", "hard_bounce", None, ""))
-            await _until(lambda: _has(b, "first@example.com"))
-            await b.close()
-            a.writer.call(lambda st: st.import_lines(f"u{i}@example.com" for i in range(300)))
-            await _until(lambda: a.sync.stats.published == 301)
-            b = _Node(tmp_path / "b.sqlite", "nb", redis.url, length=10)
-            await _until(lambda: b.sync.stats.imported > 0)
-            await asyncio.sleep(0.5)
-            assert 0 < b.sync.stats.imported < 300
-            # once per node: B, and A too when it read its own records back after the trim
-            trimmed = [r for r in caplog.records if "are gone" in r.getMessage()]
-            assert 1 <= len(trimmed) <= 2
-            a.writer.submit(("later@example.com", "global", "hard_bounce", None, ""))
-            await _until(lambda: _has(b, "later@example.com"))
-            assert len([r for r in caplog.records if "are gone" in r.getMessage()]) \
-                == len(trimmed)
-        finally:
-            await a.close()
-            await b.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        redis.stop()
+    _two_nodes(tmp_path, "127.0.121.202", scenario, length=10)

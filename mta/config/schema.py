@@ -543,7 +543,9 @@ class SuppressionConfig:
     store: Path = key(PATH, "./var/suppression/suppression.sqlite", "SQLite store of hashed "
                       "addresses", restart=True)
     key_file: Path = key(PATH, "./var/suppression/suppression.key", "32-byte secret for the "
-                         "address hashes, VERP and unsubscribe tokens (created when missing)", restart=True)
+                         "address hashes, VERP and unsubscribe tokens (created when missing); "
+                         "nodes sharing suppression ([cluster] share_suppression) need the "
+                         "same file", restart=True)
     on_match: str = key(CHOICE, "reject", "a suppressed recipient is refused at RCPT (550 "
                         "5.7.1) or accepted and dropped", choices=("reject", "drop"), restart=True)
     hard_bounce_expiry: float = key(DURATION, "0s", "how long a hard bounce suppresses "
