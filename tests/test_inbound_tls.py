@@ -15,6 +15,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -215,12 +216,7 @@ def test_implicit_tls_listener_and_login(tls_daemon):
 def test_plaintext_injection_after_starttls_over_a_socket(tls_daemon):
     """The whole attack in one packet: the server must not answer MAIL over TLS."""
     d = tls_daemon
-    raw = socket.create_connection(("127.0.0.1", d.port), timeout=20)
-    f = raw.makefile("rb")
-    assert f.readline().startswith(b"220")
-    raw.sendall(b"EHLO c.example\r\n")
-    while not f.readline().startswith(b"250 "):
-        pass
+    raw, f = greeted(d, b"EHLO c.example\r\n", b"250 ")
     raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
     assert f.readline().startswith(b"220 2.0.0")
     tls = client_context(d.ca).wrap_socket(raw, server_hostname=HOST)
@@ -233,13 +229,20 @@ def test_plaintext_injection_after_starttls_over_a_socket(tls_daemon):
     tls.close()
 
 
-def _starttls(d, ctx, session=None):
+def greeted(d, send: bytes, until: bytes) -> tuple[socket.socket, Any]:
+    """A plaintext connection to `d`: its greeting read, `send` sent, and the replies read
+    up to the line that starts with `until` -> (socket, its reader)."""
     raw = socket.create_connection(("127.0.0.1", d.port), timeout=20)
     f = raw.makefile("rb")
     assert f.readline().startswith(b"220")
-    raw.sendall(b"EHLO c.example\r\nSTARTTLS\r\n")
-    while not f.readline().startswith(b"220 2.0.0"):
-        pass
+    raw.sendall(send)
+    while not (line := f.readline()).startswith(until):
+        assert line, f"got the connection closed before a reply starting {until!r}"
+    return raw, f
+
+
+def _starttls(d, ctx, session=None):
+    raw, _ = greeted(d, b"EHLO c.example\r\nSTARTTLS\r\n", b"220 2.0.0")
     tls = ctx.wrap_socket(raw, server_hostname=HOST, session=session)
     tf = tls.makefile("rb")
     tls.sendall(b"NOOP\r\n")

@@ -197,6 +197,28 @@ def test_metrics_merge_sums_series_and_buckets():
     assert ans.status == 200 and [a.worker for a in ans.missing] == [1]
 
 
+def test_metrics_merge_is_linear_on_crafted_sample_lines():
+    """A sibling's exposition is parsed as untrusted: lines made to make a regex
+    backtrack (many labels with no closing brace, escapes without an end quote, a long
+    run of blanks) are refused in time proportional to their length."""
+    import time
+    n = 200_000
+    crafted = ["a{" + 'b="x",' * n + " 1",
+               'a{b="' + '\\"' * n + " 1",
+               'a{b="x"' + " " * n + "z",
+               "a" + " " * n + "1 2 3",
+               "a{" + "b=" * n]
+    for line in crafted:
+        t = time.perf_counter()
+        with pytest.raises(ValueError):
+            mx.merge_expositions([line + "\n"])
+        took = time.perf_counter() - t
+        assert took < 1.0, f"got {took:.2f}s for a {len(line)}-character line"
+    # the same many labels, well formed, still parse (and are summed)
+    ok = "a{" + ",".join(f'l{i}="v"' for i in range(1000)) + "} 2\n"
+    assert mx.merge_expositions([ok, ok]).endswith("} 4\n")
+
+
 def test_worker_config_splits_the_node_budgets(tmp_path):
     from mta.supervisor import per_worker, worker_config
     path = tmp_path / "mta.toml"

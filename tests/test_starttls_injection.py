@@ -18,20 +18,14 @@ from __future__ import annotations
 import base64
 import socket
 
-from test_inbound_tls import tls_daemon  # noqa: F401  (the fixture)
+from test_inbound_tls import greeted, tls_daemon  # noqa: F401  (tls_daemon: the fixture)
 from tlspki import HOST, client_context
 
 GOOD_PLAIN = base64.b64encode(b"\0alice\0correct horse")
 
 
 def _plain_session(d):
-    raw = socket.create_connection(("127.0.0.1", d.port), timeout=20)
-    f = raw.makefile("rb")
-    assert f.readline().startswith(b"220")
-    raw.sendall(b"EHLO c.example\r\n")
-    while not f.readline().startswith(b"250 "):
-        pass
-    return raw, f
+    return greeted(d, b"EHLO c.example\r\n", b"250 ")
 
 
 def _tls(d, raw):

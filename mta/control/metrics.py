@@ -345,9 +345,36 @@ _NODE_MIN = frozenset({"mta_start_time_seconds"})
 _NODE_MAX = frozenset({"mta_queue_oldest_age_seconds", "mta_spool_write_error",
                        "mta_event_loop_lag_recent_seconds", "mta_webhook_failing",
                        "mta_suppression_shared_lag_seconds"})
-_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|'
-                     r'\\.)*",?)*\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?')
+# A sample line is read piece by piece (a name, then one label at a time), so no pattern
+# repeats a repetition: linear in the line however it is crafted.
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?')
 _INT = re.compile(r"-?[0-9]+")
+
+
+def _sample(line: str) -> tuple[str, str, str] | None:
+    """(name, label text with its braces or "", value text) of an exposition sample line
+    (an optional timestamp after the value is dropped), or None when it is not one."""
+    m = _NAME.match(line)
+    if m is None:
+        return None
+    pos = m.end()
+    labels = ""
+    if line.startswith("{", pos):
+        start, pos = pos, pos + 1
+        while not line.startswith("}", pos):
+            lm = _LABEL.match(line, pos)
+            if lm is None:
+                return None
+            pos = lm.end()
+        pos += 1
+        labels = line[start:pos]
+    if line[pos:pos + 1] not in (" ", "\t"):
+        return None
+    parts = line[pos:].split(None, 2)
+    if not 1 <= len(parts) <= 2 or (len(parts) == 2 and not _INT.fullmatch(parts[1])):
+        return None
+    return m.group(), labels, parts[0]
 
 
 class _Family:
@@ -379,10 +406,10 @@ def _parse(text: str, families: dict[str, _Family]) -> None:
                 else:
                     current.kind = parts[3].strip() if len(parts) > 3 else "untyped"
             continue
-        m = _SAMPLE.fullmatch(line)
-        if m is None:
+        sample = _sample(line)
+        if sample is None:
             raise ValueError(f"line {n} is not a sample")
-        name, labels, raw = m.group(1), m.group(2) or "", m.group(3)
+        name, labels, raw = sample
         value: float = int(raw) if _INT.fullmatch(raw) else float(raw)
         if current is None or not name.startswith(current.name):
             current = families.get(name)

@@ -35,6 +35,18 @@ def _warming(node: cluster_rig.Node) -> None:
     node.config.write_text(text.replace(line, line + 'warmup_start = "now"\n', 1))
 
 
+def _inject_then_watch(rig: ClusterRig, jobs: list[tuple], seconds: float) -> list:
+    """Each job's rig.inject(node, recipients, per_connection) at once, one thread each;
+    then what the sink has received after `seconds` more (a cap must hold that long)."""
+    fill = [threading.Thread(target=rig.inject, args=job) for job in jobs]
+    for t in fill:
+        t.start()
+    for t in fill:
+        t.join(120)
+    time.sleep(seconds)
+    return rig.sink_stats()["times"]
+
+
 def test_host_backend_two_workers_share_the_hour_cap(tmp_path, rig_addresses):
     """Hour cap 5 (day cap 20, hour_divisor 4) for the warming source, 2 workers, both
     given mail: 5 messages reach the sink in the hour, the rest wait."""
@@ -45,17 +57,8 @@ def test_host_backend_two_workers_share_the_hour_cap(tmp_path, rig_addresses):
     rig.start()
     try:
         sent = [f"w-{k}@dest.test" for k in range(60)]
-        fill = [threading.Thread(target=rig.inject, args=(node, sent[i::6], 2))
-                for i in range(6)]       # many connections: both workers get mail
-        for t in fill:
-            t.start()
-        for t in fill:
-            t.join(120)
-        received = []
-        deadline = time.time() + 8
-        while time.time() < deadline:
-            received = rig.sink_stats()["times"]
-            time.sleep(0.5)
+        # many connections: both workers get mail
+        received = _inject_then_watch(rig, [(node, sent[i::6], 2) for i in range(6)], 8)
         # each worker took mail (its own log records the receptions)
         for w in ("mta.w0.jsonl", "mta.w1.jsonl"):
             assert b'"Reception"' in (node.log_dir / w).read_bytes(), w
@@ -137,18 +140,8 @@ def test_redis_two_nodes_share_the_hour_cap(tmp_path, rig_addresses):
         n.config.write_text(text.replace(f'name = "{n.name}"\n', 'name = "out"\n', 1))
     rig.start()
     try:
-        fill = [threading.Thread(target=rig.inject,
-                                 args=(n, [f"{n.name}-{k}@dest.test" for k in range(20)], 5))
-                for n in rig.nodes]
-        for t in fill:
-            t.start()
-        for t in fill:
-            t.join(120)
-        received = []
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            received = rig.sink_stats()["times"]
-            time.sleep(0.5)
+        received = _inject_then_watch(
+            rig, [(n, [f"{n.name}-{k}@dest.test" for k in range(20)], 5) for n in rig.nodes], 10)
         assert len(received) == 5, len(received)
         assert {src for _, src, _ in received} <= {cluster_rig.source_ip(1),
                                                    cluster_rig.source_ip(2)}
