@@ -461,8 +461,12 @@ class Dispatcher:
         if tp is None and mode != "verified" and not requiretls:
             return None
         policy = await self._policy(msg.queue.domain)
-        ref = (tp or _NO_TP).check(policy, client, client.tlsa,
-                                   verified=mode == "verified" or requiretls)
+        # DANE as this message's domain sees the MX (the session may have been opened for
+        # another domain of the site, whose MX RRset was insecure): a cached dict lookup
+        tlsa, ref = await tp.dane_for(policy, client.mx_name) if tp is not None else ([], None)
+        if ref is None:
+            ref = (tp or _NO_TP).check(policy, client, tlsa,
+                                       verified=mode == "verified" or requiretls)
         if ref is None and requiretls and "REQUIRETLS" not in client.capabilities:
             ref = Refusal("requiretls", "requiretls-not-supported",
                           f"{client.mx_name} does not offer REQUIRETLS")
@@ -630,9 +634,11 @@ _NO_TP = TlsPolicy(None, mta_sts=False, dane=False)     # verified-only checks (
 
 def _policy_applies(policy: DomainPolicy | None, client: SmtpClient) -> bool:
     """The message's domain may have a policy this session must meet: not looked up yet,
-    an MTA-STS policy, or DANE records of the MX (the lookup at connect refreshes a
-    policy whose cache time is over)."""
-    return policy is None or policy.sts is not None or bool(client.tlsa)
+    an MTA-STS policy, a secure MX RRset naming the session's MX (DANE may apply whatever
+    the domain the session was opened for), or a failed DNSSEC lookup (the lookup at
+    connect refreshes a policy whose cache time is over)."""
+    return policy is None or policy.sts is not None or bool(policy.dnssec_error) or (
+        policy.dane_mx is not None and client.mx_name in policy.dane_mx)
 
 
 def _policy_error(host: str, ref: Refusal) -> SessionError:

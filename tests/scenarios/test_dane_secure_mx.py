@@ -106,3 +106,18 @@ def test_dane_only_behind_secure_mx_and_secure_address(world, daemon_factory):
     r = _wait(d, "TransientFailure", "f@bt.sec.test")
     assert r["status"] == "4.7.5" and "dane: dnssec-invalid" in r["text"], r
     assert sorted(_rcpts(rx[2])) == ["c@lax.plain.test", "e@cn.sec.test"]
+
+
+def test_a_session_opened_without_dane_does_not_carry_mail_that_needs_it(world, daemon_factory):
+    """The attacker test for connection reuse: lax.plain.test (insecure MX) and bad.sec.test
+    (secure MX, TLSA that does not match) share the MX host, so they share a site and its
+    idle connections. The session opened for lax.plain.test (opportunistic TLS, no DANE)
+    must not be reused for bad.sec.test: DANE applies to that message and fails."""
+    dns, rx = world
+    d = _daemon(daemon_factory, dns)
+    _send(d.port, "s@sender.test", ["c@lax.plain.test"])
+    _wait(d, "Delivery", "c@lax.plain.test")     # its session now waits idle (5 s)
+    _send(d.port, "s@sender.test", ["d@bad.sec.test"])
+    r = _wait(d, "TransientFailure", "d@bad.sec.test")
+    assert r["status"] == "4.7.5" and "dane: validation-failure" in r["text"], r
+    assert _rcpts(rx[2]) == ["c@lax.plain.test"]
