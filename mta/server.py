@@ -58,6 +58,7 @@ from mta.feedback.suppression import KeyFileError
 from mta.feedback.suppression.shared import STREAM as SUPPRESSION_STREAM
 from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
+from mta.ingest.peer_table import PeerTable
 from mta.ingest.local import LocalSubmission
 from mta.ingest.reception import Reception
 from mta.ingest.scan import Scanning
@@ -175,6 +176,7 @@ class Server:
         self.delivery: DeliveryEngine | None = None
         self.admin: AdminServer | None = None
         self.listeners: list[Listener] = []
+        self.peers: PeerTable | None = None
         self.dkim: DkimStage | None = None
         self._signer: Signer | None = None
         self.feedback: Feedback | None = None
@@ -281,8 +283,13 @@ class Server:
                 await self.admin.start(*self.config.admin.listen)
                 self._admin_node(self.admin)
             await self._start_unsubscribe()
+            if self.worker.count > 1 and self.config.listener:
+                # per-IP connection and AUTH failure limits hold for the node, not per worker
+                self.peers = PeerTable(self.worker.host_dir(self.config.spool.directory)
+                                       / "shared-peers", self.worker)
+                self.peers.start()
             for cfg in self.config.listener:
-                listener = Listener(cfg, self.reception, loop)
+                listener = Listener(cfg, self.reception, loop, self.peers)
                 await listener.start()
                 self.listeners.append(listener)
         except BaseException:
@@ -404,6 +411,9 @@ class Server:
         for listener in self.listeners:
             await listener.stop()
         self.listeners.clear()
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
         if self.unsubscribe is not None:
             await self.unsubscribe.stop()
             self.unsubscribe = None

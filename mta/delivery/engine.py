@@ -104,10 +104,7 @@ class DeliveryEngine:
         # [cluster]: connection leases and rates shared with other workers and nodes
         # (mta/delivery/cluster.py); None for local (auto with one worker): nothing shared, no cost
         worker = worker or WorkerSlot()
-        spool_root = config.spool.directory   # a worker's spool is <spool root>/wN
-        if worker.count > 1 and spool_root.name == f"w{worker.index}":
-            spool_root = spool_root.parent
-        self.shared = open_shared(config.cluster, worker, spool_root)
+        self.shared = open_shared(config.cluster, worker, worker.host_dir(config.spool.directory))
         self.cluster = ClusterLimits(self.shared) if self.shared is not None else None
         if self.shared is not None:
             self.shared.on_change = self._cluster_outage

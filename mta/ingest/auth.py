@@ -53,8 +53,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    from mta.ingest.peer_table import PeerCounts
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1      # ~16 MiB, ~50 ms per check
 _MAX_N, _MAX_R, _MAX_P = 1 << 20, 32, 16           # what a stored entry may ask for
@@ -443,6 +447,7 @@ class Authenticator:
         self.lockout = lockout
         self._sem: asyncio.Semaphore | None = None
         self._failures: dict[str, list[float]] = {}   # ip -> [count, window end]
+        self.shared: PeerCounts | None = None   # several workers: the node's counts instead
         self.succeeded = 0
         self.failed = 0
         self._secret = secrets.token_bytes(32)   # fake SCRAM salts of unknown users
@@ -483,8 +488,7 @@ class Authenticator:
         if raw or exchange.user is None or not exchange.signature:
             self._fail(ip, now)
             return "fail", "AUTH_BAD_RESPONSE"
-        self._failures.pop(ip, None)
-        self.succeeded += 1
+        self._succeeded(ip)
         return "ok", exchange.user
 
     def reload(self) -> str | None:
@@ -496,6 +500,8 @@ class Authenticator:
         return None
 
     def locked(self, ip: str, now: float) -> bool:
+        if self.shared is not None:
+            return self.shared.locked(ip, now, self.max_failures)
         entry = self._failures.get(ip)
         if entry is None:
             return False
@@ -504,8 +510,18 @@ class Authenticator:
             return False
         return entry[0] >= self.max_failures
 
+    def _succeeded(self, ip: str) -> None:
+        self.succeeded += 1
+        if self.shared is not None:
+            self.shared.succeeded(ip)
+        else:
+            self._failures.pop(ip, None)
+
     def _fail(self, ip: str, now: float) -> None:
         self.failed += 1
+        if self.shared is not None:
+            self.shared.failed(ip, now, self.lockout)
+            return
         entry = self._failures.get(ip)
         if entry is None or now >= entry[1]:
             if len(self._failures) >= 100_000:   # bounded: forget the oldest entries
@@ -536,8 +552,7 @@ class Authenticator:
         if not ok or user is None:
             self._fail(ip, time.monotonic())
             return None, "AUTH_FAILED"
-        self._failures.pop(ip, None)
-        self.succeeded += 1
+        self._succeeded(ip)
         return user, "AUTH_OK"
 
 

@@ -32,13 +32,15 @@ from mta.model.networks import contains
 
 if TYPE_CHECKING:
     from mta.config import ListenerConfig
+    from mta.ingest.peer_table import PeerTable
     from mta.ingest.reception import Reception
 
 _SWEEP_INTERVAL = 1.0
 
 
 class Listener:
-    def __init__(self, cfg: ListenerConfig, reception: Reception, loop: asyncio.AbstractEventLoop):
+    def __init__(self, cfg: ListenerConfig, reception: Reception, loop: asyncio.AbstractEventLoop,
+                 peers: PeerTable | None = None):
         self.cfg = cfg
         self.reception = reception
         self.loop = loop
@@ -63,6 +65,11 @@ class Listener:
         self._relay_cache: dict[str, bool] = {}
         self.sessions: set[SmtpSession] = set()
         self._per_ip: dict[str, int] = {}
+        # with several workers, connections and AUTH failures per client IP are the node's
+        # (peer_table.py), not this process's alone
+        self.peers = peers.view(self.name) if peers is not None else None
+        if self.peers is not None and self.authenticator is not None:
+            self.authenticator.shared = self.peers
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.address: tuple[str, int] | None = None   # bound address (port 0 resolved)
@@ -137,15 +144,22 @@ class Listener:
             return "SHUTDOWN"
         if len(self.sessions) >= self.cfg.max_connections:
             return "TOO_MANY_CONNECTIONS"
-        if self._per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
+        if self.peers is not None:
+            if not self.peers.connect(ip, self.cfg.max_connections_per_ip):
+                return "TOO_MANY_FROM_IP"
+        elif self._per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
             return "TOO_MANY_FROM_IP"
+        else:
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self.sessions.add(session)
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return None
 
     def forget(self, session: SmtpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            if self.peers is not None:
+                self.peers.disconnect(session.peer_ip)
+                return
             n = self._per_ip.get(session.peer_ip, 1) - 1
             if n:
                 self._per_ip[session.peer_ip] = n

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _hostname() -> str:
@@ -33,6 +34,13 @@ class WorkerSlot:
     def name(self) -> str:
         """`node/wN`: how logs and the admin API name this worker."""
         return f"{self.node}/w{self.index}"
+
+    def host_dir(self, spool_directory: Path) -> Path:
+        """Where this host's workers share files (the shared limit and peer tables): the
+        spool root, of which a worker's spool directory is the subdirectory wN."""
+        if self.count > 1 and spool_directory.name == f"w{self.index}":
+            return spool_directory.parent
+        return spool_directory
 
     def admin_port(self, base: int) -> int:
         """This worker's admin API port: the configured [admin] listen port + index."""
