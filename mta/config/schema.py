@@ -209,7 +209,9 @@ class ListenerConfig:
                                "node: with [server] workers = N each worker process accepts "
                                "1/N (rounded up)",
                                lo=1, hi=1000000, restart=True)
-    max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP",
+    max_connections_per_ip: int = key(INT, 200, "concurrent connections from one client IP "
+                                      "(per node: with [server] workers = N the workers count "
+                                      "together)",
                                       lo=1, hi=1000000, restart=True)
     tls: str = key(CHOICE, "starttls", "with tls_cert: offer STARTTLS (RFC 3207), or "
                    "\"implicit\": TLS from the first byte (port 465 style, RFC 8314)",
@@ -228,7 +230,7 @@ class ListenerConfig:
     auth_concurrency: int = key(INT, 4, "AUTH password checks (scrypt) running at once for "
                                 "this listener; more wait", lo=1, hi=64, restart=True)
     auth_max_failures: int = key(INT, 5, "failed AUTH attempts from one client IP before it "
-                                 "is locked out for auth_lockout", lo=1, hi=1000, restart=True)
+                                 "is locked out for auth_lockout (per node: the workers count together)", lo=1, hi=1000, restart=True)
     auth_lockout: float = key(DURATION, "1m", "how long a client IP with too many failed "
                               "AUTH attempts gets 454 to every AUTH", lo="1s", hi="1d",
                               restart=True)
