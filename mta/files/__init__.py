@@ -8,7 +8,9 @@ tokens. The spool has its own format; these are the few other files the daemon w
   token). Written and fsync'd under a temporary name, then hard-linked to its name,
   which fails when another process got there first: returns False and the caller reads
   theirs. A half-written secret is never visible and an existing one never replaced.
-Both create the file with `mode` (0600 by default) whatever the umask. OSError is
+- `boot_id()`: this boot of the host; a file of shared memory made before it (its
+  CLOCK_MONOTONIC times, its counts of processes gone) is made anew.
+Both writers create the file with `mode` (0600 by default) whatever the umask. OSError is
 raised for the caller to name the file's role.
 Imports nothing of mta (rank 1 in tests/test_layering.py).
 """
@@ -77,3 +79,11 @@ def create_once(path: str | os.PathLike, data: bytes, *, mode: int = 0o600) -> b
             pass
     _sync_dir(os.path.dirname(path))
     return True
+
+
+def boot_id() -> bytes:
+    """The kernel's id of this boot, 36 bytes ("unknown" padded where /proc lacks it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()[:36].ljust(36)
+    except OSError:
+        return b"unknown".ljust(36)

@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+from mta.files import boot_id
 from mta.model.node import WorkerSlot
 
 MAGIC = b"MTAPEER1"
@@ -39,13 +40,6 @@ ROWS = 2
 _CONNS, _FAILS, _ENDS = 0, ROWS * BUCKETS, 2 * ROWS * BUCKETS    # word offsets in a column
 COLUMN_WORDS = 3 * ROWS * BUCKETS                               # 1.5 MiB per worker
 _MAX = 0xFFFFFFFF
-
-
-def _boot_id() -> bytes:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()[:36].ljust(36)
-    except OSError:
-        return b"unknown".ljust(36)
 
 
 class PeerTable:
@@ -71,7 +65,7 @@ class PeerTable:
         fcntl.lockf(self.fd, fcntl.LOCK_EX, HEADER, 0)
         try:
             head = os.pread(self.fd, HEADER, 0)
-            boot = _boot_id()
+            boot = boot_id()
             if (head[:8] != MAGIC or head[8:44] != boot or int.from_bytes(head[44:48], "little") != n
                     or os.fstat(self.fd).st_size != size):
                 os.ftruncate(self.fd, 0)            # new, another boot's or worker count's

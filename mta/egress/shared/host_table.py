@@ -54,6 +54,7 @@ from mta.egress.shared.base import (
     fallback_limit,
     gcra,
 )
+from mta.files import boot_id
 from mta.model.node import WorkerSlot
 
 log = logging.getLogger("mta.cluster")
@@ -76,13 +77,6 @@ _HEADER_LEN = 18             # "#" + 16 hex digits (this file's generation) + ne
 
 def _actions_header() -> bytes:
     return b"#" + os.urandom(8).hex().encode() + b"\n"
-
-
-def _boot_id() -> bytes:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()[:36].ljust(36)
-    except OSError:
-        return b"unknown".ljust(36)
 
 
 class HostLimits(SharedLimits):
@@ -125,7 +119,7 @@ class HostLimits(SharedLimits):
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, size)
             self.mm = mmap.mmap(self.fd, size)
-            boot = _boot_id()
+            boot = boot_id()
             if self.mm[:8] != MAGIC or self.mm[8:44] != boot:
                 self.mm[:] = bytes(size)          # new, or made before this boot
                 self.mm[:8] = MAGIC
