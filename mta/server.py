@@ -36,6 +36,7 @@ from mta.control.actions import DEFAULT_DURATION, Controls
 from mta.control.admin import (AdminServer, TokenError, load_or_create_token, load_tokens_file,
                                token_path)
 from mta.control.dashboard import install as install_dashboard
+from mta.control.adopt import adopt
 from mta.control.drain import Drainer
 from mta.control.inject import Injector
 from mta.control.metrics import Metrics
@@ -257,11 +258,12 @@ class Server:
         self.delivery.scheduler.saved = None
         found.envelopes.clear()  # the queue keeps compact records; envelopes stay on disk
         found.schedules.clear()
+        admin_token = ""
         try:
             if self.config.admin.listen is not None:
                 controls = self.controls
                 try:
-                    token = load_or_create_token(token_path(self.config))
+                    token = admin_token = load_or_create_token(token_path(self.config))
                 except TokenError as exc:
                     raise ConfigError([f"[admin] token_file: {exc}"], self.config.origin) from None
                 self.admin = AdminServer(
@@ -292,6 +294,9 @@ class Server:
                 listener = Listener(cfg, self.reception, loop, self.peers)
                 await listener.start()
                 self.listeners.append(listener)
+            if self.worker.index == 0:   # spools a change of [server] workers left behind
+                adopt(self.worker.host_dir(self.config.spool.directory), self.config,
+                      self.admin.address if self.admin is not None else None, admin_token)
         except BaseException:
             await self.stop()
             raise

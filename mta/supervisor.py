@@ -31,8 +31,8 @@ The workers run in their own session (a terminal's ^C reaches the supervisor onl
 watch their stdin, a pipe from the supervisor: when the supervisor is gone (even by
 SIGKILL) they drain and stop. Under systemd use KillMode=mixed.
 A spool the workers do not read (segments of a single-process run in the spool root, a
-shard wI with I >= N after the count was lowered) is warned about at start, not moved:
-empty the queue with the old layout first (or move it with `mta drain`).
+shard wI with I >= N after the count was lowered) is moved in by worker 0 at its start
+(mta/control/adopt.py).
 Health: `<spool directory>/workers.json` (written on every change: supervisor pid, per
 worker pid, state, start time, restarts, last exit status, admin address); `mta workers`
 prints it with each worker's GET /ready answer.
@@ -284,29 +284,6 @@ class Supervisor:
             log.warning("cannot write %s: %s", self.status_path, exc)
 
 
-def orphaned_spool(config: Config) -> list[str]:
-    """Spool files no worker reads: segments of a single-process run in the spool root,
-    shards wI with I >= workers (the count was lowered)."""
-    root = Path(config.spool.directory)
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return []
-    out = []
-    segments = [n for n in names if n.endswith(".seg")]
-    if segments:
-        out.append(f"{root} holds {len(segments)} segment files of a single-process run; "
-                   f"workers read only {root}/wN: their messages stay undelivered until the "
-                   f"daemon runs with [server] workers = 1 again and the queue is empty")
-    for name in names:
-        if name[:1] == "w" and name[1:].isdigit() and int(name[1:]) >= config.server.workers \
-                and any(n.endswith(".seg") for n in os.listdir(root / name)):
-            out.append(f"{root / name} is the spool of worker {name[1:]}, but [server] workers "
-                       f"= {config.server.workers}: its messages stay undelivered until that "
-                       f"worker runs again")
-    return out
-
-
 def supervise(config: Config, argv: list[str], *, ready_line: bool = True) -> int:
     """Run `[server] workers` worker processes until SIGTERM; the exit status."""
     problems = config_problems(config)
@@ -314,9 +291,6 @@ def supervise(config: Config, argv: list[str], *, ready_line: bool = True) -> in
         raise ConfigError(problems, config.origin)
     setup_process(config, "supervisor")
     os.makedirs(config.spool.directory, mode=0o700, exist_ok=True)
-    for problem in orphaned_spool(config):
-        log.warning("%s", problem)
-        print(f"mta: warning: {problem}", file=sys.stderr, flush=True)
     return uvloop.run(Supervisor(config, argv, ready_line=ready_line).run())
 
 

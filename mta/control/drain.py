@@ -347,10 +347,12 @@ def _read_record(directory: str, loc: Location) -> bytes:
     return buf[content_at:]
 
 
-def spool_user(directory: str) -> int | None:
+def spool_user(directory: str, nested: bool = True) -> int | None:
     """The pid of another process on this host with `directory` or a file in it open (a
-    daemon running on the spool: its writer keeps the directory open), else None. Linux /proc; a spool mounted from a dead
-    machine has none here."""
+    daemon running on the spool: its writer keeps the directory open), else None. Linux
+    /proc; a spool mounted from a dead machine has none here. `nested` False: only the
+    directory and its segment files count (a spool root, whose workers hold their shards
+    and the shared tables under it)."""
     top = os.path.realpath(directory)
     root = top + os.sep
     me = os.getpid()
@@ -368,8 +370,9 @@ def spool_user(directory: str) -> int | None:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if target == top or target.startswith(root):   # the writer holds the directory
-                return pid
+            if target == top or (target.startswith(root) and (nested or (
+                    os.path.dirname(target) == top and target.endswith(".seg")))):
+                return pid      # the writer holds the directory
     return None
 
 

@@ -33,17 +33,17 @@ SINK = "127.0.100.2"
 class Sink:
     """tools/sink.py with --times: the first recipient of each message as it arrived."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, host: str = SINK):
         self.port = free_port()
         self.stats = workdir / "sink.json"
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "sink.py"), f"{SINK}:{self.port}", "--times",
+            [sys.executable, str(ROOT / "tools" / "sink.py"), f"{host}:{self.port}", "--times",
              "--stats-file", str(self.stats)],
             stdout=subprocess.DEVNULL, stderr=open(workdir / "sink.err", "ab"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with smtplib.SMTP(SINK, self.port, timeout=2):
+                with smtplib.SMTP(host, self.port, timeout=2):
                     return
             except OSError:
                 time.sleep(0.1)
