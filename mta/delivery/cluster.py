@@ -9,7 +9,8 @@ engine makes none of this: dispatchers keep `cluster = None` and their own throt
 
 Keys: "conn:SOURCE|SITE" (connection_limit per path), "conn:site:SITE"
 (site_connection_limit, or connection_limit with scope = "site"), "rate:SOURCE|SITE",
-"crate:SOURCE|SITE", "rate:site:SITE". SOURCE is the source's IP address (what a
+"crate:SOURCE|SITE", "rate:site:SITE", "lane:SOURCE|SITE|CLASS" (a queue class's
+max_message_rate, `lane`). SOURCE is the source's IP address (what a
 provider counts; source names may repeat across nodes for different IPs), or
 "NODE/default" for a source without one (the host's own address choice); a site is
 named by its MX hosts, the same on every node.
@@ -25,7 +26,7 @@ close too; `PathLeases.uncapped` keeps the limits the store's own fallback count
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mta.egress.shared.base import Lease, SharedLimits, SharedRate
 from mta.egress.throttle import Throttle
@@ -36,9 +37,13 @@ if TYPE_CHECKING:
 RETRY = (0.1, 0.3)     # seconds before a refused path asks the store again
 
 
+def path_key(store: SharedLimits, source: Any, site: str) -> str:
+    """The (source, site) part of a path's keys."""
+    return f"{source.address or store.node + '/' + source.name}|{site}"
+
+
 def path_of(store: SharedLimits, d: Dispatcher) -> str:
-    """The (source, site) part of a dispatcher's keys."""
-    return f"{d.source.address or store.node + '/' + d.source.name}|{d.site.name}"
+    return path_key(store, d.source, d.site.name)
 
 
 class PathLeases:
@@ -100,6 +105,11 @@ class ClusterLimits:
         d.conn_throttle = self._shared(d.conn_throttle, f"crate:{path}")
         st = d.site_state
         st.throttle = self._shared(st.throttle, f"rate:site:{d.site.name}")
+
+    def lane(self, source: Any, site: str, klass: str,
+             throttle: Throttle | SharedRate | None) -> Throttle | SharedRate | None:
+        """A queue class's max_message_rate at a (source, site), the store's."""
+        return self._shared(throttle, f"lane:{path_key(self.store, source, site)}|{klass}")
 
     def _shared(self, throttle: Throttle | SharedRate | None, key: str) -> SharedRate | None:
         if throttle is None or isinstance(throttle, SharedRate):

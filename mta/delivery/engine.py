@@ -196,13 +196,23 @@ class DeliveryEngine:
         self.scheduler.select = egress.select
         self.adaptive.adaptive.configure(config.adaptive)
         now = self.loop.time() if self.loop is not None else 0.0
-        for lanes in self.lane_specs.values():    # a class lane made from now on (lanes come
-            for c in egress.classes.values():     # and go with traffic) takes the new values;
-                old = lanes.get(c.name)           # a throttle keeps its tokens
-                lanes[c.name] = (c.weight, retune(old[1] if old else None, c.max_message_rate, now))
+        for (source, site), lanes in self.lane_specs.items():   # a class lane made from now
+            src = egress.sources.get(source)      # on (lanes come and go with traffic) takes
+            for c in egress.classes.values():     # the new values; a throttle keeps its tokens
+                old = lanes.get(c.name)
+                lanes[c.name] = (c.weight, self._lane_throttle(src, site, c,
+                                                               old[1] if old else None, now))
         self.shaping = shaping
         self.warmup.reconfigure(config, shaping)
         self.limits.set_shaping(shaping)   # -> _limits_changed(None): every dispatcher
+
+    def _lane_throttle(self, source: Any, site: str, c: Any, old: Any, now: float) -> Any:
+        """A queue class's rate at a (source, site): the store's with [cluster] sharing
+        (all workers and nodes together), else this process's own bucket."""
+        throttle = retune(old, c.max_message_rate, now)
+        if self.cluster is not None and source is not None:
+            throttle = self.cluster.lane(source, site, c.name, throttle)
+        return throttle
 
     def suspend_source(self, source: Any, until: float) -> None:
         """Suspend an egress source until `until` (wall time): pools skip it, idle
@@ -293,8 +303,9 @@ class DeliveryEngine:
         if state is None:
             state = self.sites[site.name] = SiteState(site.name)
             self._shape_site(state, limits)
-        lanes = {c.name: (c.weight, Throttle(c.max_message_rate)
-                          if c.max_message_rate else None) for c in self.egress.classes.values()}
+        now = self.loop.time()
+        lanes = {c.name: (c.weight, self._lane_throttle(source, site.name, c, None, now))
+                 for c in self.egress.classes.values()}
         self.lane_specs[(source.name, site.name)] = lanes
         ready = ReadyQueue(source.name, site, self.config.delivery.ready_queue_size, lanes,
                            clock=self.loop.time)

@@ -53,6 +53,34 @@ def test_host_backend_shares_limits_between_workers(tmp_path):
         rig.stop()
 
 
+def test_queue_class_rate_holds_for_both_workers(tmp_path):
+    """A queue class's max_message_rate (40/s for bulk, the default class) with 2 worker
+    processes and backend host: 40/s at the receiver, not 40/s per worker (it was 80/s:
+    each worker's lanes had their own bucket)."""
+    rig = ClusterRig(tmp_path / "rig", nodes=1, workers=2, connections=8, rate="1000/s",
+                     backend="host",
+                     extra='[[queue_class]]\nname = "bulk"\nmax_message_rate = "40/s"\n')
+    rig.start()
+    try:
+        (node,) = rig.nodes
+        sent = [f"q-{k}@dest.test" for k in range(500)]
+        fill = [threading.Thread(target=rig.inject, args=(node, sent[i::4], 25))
+                for i in range(4)]
+        for t in fill:
+            t.start()
+        for t in fill:
+            t.join(120)
+        window = (time.time() + 1, time.time() + 7)
+        time.sleep(max(0.0, window[1] + 0.5 - time.time()))
+        st = rig.sink_stats()
+        assert 40 * 6 * 0.85 <= _count(st["times"], *window) <= 40 * 6 * 1.1, \
+            _count(st["times"], *window)
+        for w in ("mta.w0.jsonl", "mta.w1.jsonl"):
+            assert b'"Delivery"' in (node.log_dir / w).read_bytes(), w
+    finally:
+        rig.stop()
+
+
 def test_redis_stopped_under_load_limits_held_locally(tmp_path):
     """Two nodes; the redis-server stops while they deliver: each goes on alone at
     fallback_fraction (0.5) of the site's 4 connections and 40/s, logs it once, and logs
