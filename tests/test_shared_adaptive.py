@@ -14,7 +14,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import host_stores
+from conftest import host_stores, missing_tool
 from test_adaptive_unit import DELIVERY, Hands, config
 from virtual_time import VirtualLoop
 
@@ -191,6 +191,47 @@ def test_redis_actions_reach_the_other_node(redis_server):
     assert n == 3              # "short" is dropped once it ended
 
 
+def test_redis_actions_taken_while_it_was_away_are_shared_when_it_is_back(tmp_path):
+    """An action taken while the redis-server is down stays this node's only until Redis
+    answers again (a server started again on the same port): then it is published for
+    the time it has left and the other node takes it (before, it was never shared)."""
+    from cluster_rig import RedisServer
+
+    from mta.egress.shared.redis_store import RedisLimits
+    if not RedisServer.available():
+        missing_tool("redis-server (apt install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stores = [RedisLimits(server.url, member=f"n{i}/w0", prefix="t:",
+                              lease_ttl=1.5, timeout=0.2) for i in range(2)]
+        got: list[list] = [[], []]
+        for i, s in enumerate(stores):
+            s.start(loop)
+            s.on_action = lambda a, left, i=i: got[i].append((a, left))
+        server.stop()
+        stores[0].share_action({"rule": "while-away", "action": "suspend"}, 30.0)
+        stores[0].share_action({"rule": "too-short", "action": "suspend"}, 1.5)
+        await asyncio.sleep(1.2)
+        assert stores[0].down and got == [[], []]
+        await loop.run_in_executor(None, server.start)
+        deadline = loop.time() + 8
+        while not got[1] and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        for s in stores:
+            await s.close()
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        server.stop()
+    assert got[0] == []
+    assert [a["rule"] for a, _ in got[1]] == ["while-away"], got[1]
+    assert 15.0 < got[1][0][1] < 30.0
+
+
 def test_host_actions_of_a_previous_boot_are_dropped(tmp_path, monkeypatch):
     """Their ends are on that boot's monotonic clock: a table made before this boot is
     cleared, and the actions file with it."""
@@ -198,7 +239,7 @@ def test_host_actions_of_a_previous_boot_are_dropped(tmp_path, monkeypatch):
     w0.share_action({"rule": "r"}, 3600.0)
     asyncio.run(w0.close())
     assert w0.actions_path.exists()
-    monkeypatch.setattr(host_table, "_boot_id", lambda: b"another-boot".ljust(36))
+    monkeypatch.setattr(host_table, "boot_id", lambda: b"another-boot".ljust(36))
     (w1,) = host_stores(tmp_path, 1)
     got: list = []
     w1.on_action = lambda a, left: got.append(a)

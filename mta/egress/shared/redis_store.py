@@ -26,8 +26,9 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
 Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
 probe succeeds (one a second at most) each process holds every limit alone at
 [cluster] fallback_fraction: leases against its own count of the key, rates through a local
-token bucket, warm-up caps through its own counters; actions are not shared meanwhile.
-Every call has a timeout ([cluster] timeout); the loop never waits longer.
+token bucket, warm-up caps through its own counters; adaptive actions taken meanwhile
+are kept (the newest ACTIONS_MAX) and published when Redis answers again, for the time
+they have left. Every call has a timeout ([cluster] timeout); the loop never waits longer.
 When Redis answers again: one info line; the renewal re-registers the leases taken alone.
 Trust: the redis-server is the operator's; its replies are still checked for shape.
 """
@@ -64,6 +65,7 @@ from mta.egress.shared.base import (
 log = logging.getLogger("mta.cluster")
 
 PROBE_EVERY = 1.0        # seconds between attempts while Redis is away
+KEPT_MIN_LEFT = 1.0      # an action kept through an outage with less left is not shared
 RENEW_CHUNK = 500        # leases renewed per script call
 
 GCRA = """
@@ -318,6 +320,8 @@ class RedisLimits(SharedLimits):
         self.probe_at = 0.0                    # clock time of the next attempt while down
         self.failures = 0
         self._tasks: set[asyncio.Task] = set()
+        # adaptive actions taken while Redis was away: (payload, end on self.clock)
+        self._unshared: list[tuple[str, float]] = []
         self._renewer: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -344,6 +348,8 @@ class RedisLimits(SharedLimits):
             self.down = False
             self.resync = bool(self.leases)
             log.warning("cluster: redis %s answers again; shared limits back", self.url)
+            if self._unshared and self.loop is not None:
+                self._share_kept()
             # every node registers what it took alone within a renewal period and a
             # probe; until then the delivery side keeps its lowered limits
             if self.loop is not None:
@@ -537,9 +543,26 @@ class RedisLimits(SharedLimits):
 
     def share_action(self, action: dict, left: float) -> None:
         payload = self._action_payload(action, left)
-        if payload is None or not self._usable() or self.loop is None:
-            return          # Redis away: the action stays this process's own
+        if payload is None:
+            return
+        if not self._usable() or self.loop is None:
+            self._keep(payload, left)       # Redis away: published once it answers
+            return
         self._spawn(self._share_one(payload, left))
+
+    def _keep(self, payload: str, left: float) -> None:
+        """An action Redis did not take: kept (the newest ACTIONS_MAX) until it answers."""
+        if len(self._unshared) >= ACTIONS_MAX:
+            self._unshared.pop(0)
+        self._unshared.append((payload, self.clock() + left))
+
+    def _share_kept(self) -> None:
+        """Redis answers again: the actions taken meanwhile, for the time they have left."""
+        kept, self._unshared = self._unshared, []
+        now = self.clock()
+        for payload, end in kept:
+            if end - now > KEPT_MIN_LEFT:
+                self._spawn(self._share_one(payload, end - now))
 
     async def _share_one(self, payload: str, left: float) -> None:
         try:
@@ -548,6 +571,7 @@ class RedisLimits(SharedLimits):
             self._ok()
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc)
+            self._keep(payload, left)
 
     async def poll_actions(self) -> None:
         """Read the actions in force and hand the new ones on (one call)."""
