@@ -84,7 +84,8 @@ def per_worker(budget: int, workers: int) -> int:
 def worker_config(config: Config, slot: WorkerSlot) -> Config:
     """The config worker `slot` runs on: its spool shard and admin port, one admin token, and
     its share of the node's budgets (each 1/N, rounded up): [egress] max_connections, each
-    listener's max_connections, [server] data_memory_budget, [spool] hot_cache."""
+    listener's max_connections, [server] data_memory_budget, [spool] hot_cache, [bounces]
+    parse_workers."""
     if slot.count == 1:
         return config
     n = slot.count
@@ -102,8 +103,10 @@ def worker_config(config: Config, slot: WorkerSlot) -> Config:
                                  max_connections=per_worker(config.egress.max_connections, n))
     listeners = tuple(dataclasses.replace(lst, max_connections=per_worker(lst.max_connections, n))
                       for lst in config.listener)
+    bounces = dataclasses.replace(config.bounces,
+                                  parse_workers=per_worker(config.bounces.parse_workers, n))
     return dataclasses.replace(config, spool=spool, admin=admin, server=server, egress=egress,
-                               listener=listeners)
+                               listener=listeners, bounces=bounces)
 
 
 def config_problems(config: Config) -> list[str]:

@@ -225,6 +225,7 @@ def test_worker_config_splits_the_node_budgets(tmp_path):
     path.write_text(f'[server]\nworkers = 3\ndata_memory_budget = "10MiB"\n'
                     f'[spool]\ndirectory = "{tmp_path}/spool"\nhot_cache = 0\n'
                     f'[egress]\nmax_connections = 100\n'
+                    f'[bounces]\nparse_workers = 4\n'
                     f'[admin]\nlisten = "127.0.120.1:9100"\n'
                     f'[[listener]]\naddress = "127.0.120.1"\nport = 2525\nmax_connections = 7\n'
                     f'[[listener]]\naddress = "127.0.120.1"\nport = 2526\nmax_connections = 1\n')
@@ -235,6 +236,7 @@ def test_worker_config_splits_the_node_budgets(tmp_path):
         assert [lst.max_connections for lst in w.listener] == [3, 1]   # at least 1
         assert w.server.data_memory_budget == -(-(10 << 20) // 3)
         assert w.spool.hot_cache == 0                           # off stays off
+        assert w.bounces.parse_workers == 2                     # 4 / 3 rounded up
         assert w.admin.listen == ("127.0.120.1", 9100 + i)
         assert WorkerSlot(i, 3, "n1").admin_ports(w.admin.listen[1]) == [9100, 9101, 9102]
     assert config.egress.max_connections == 100                 # the node's config unchanged

@@ -515,7 +515,9 @@ class BouncesConfig:
         "not the address. Unknown user/domain is always hard; mailbox full, expired, rate, "
         "size and system errors always soft", restart=True)
     parse_workers: int = key(INT, 1, "child processes parsing returned mail (off the event "
-                             "loop; each holds one message at a time)", lo=1, hi=64, restart=True)
+                             "loop; each holds one message at a time); per node: with [server] "
+                             "workers = N each worker process gets 1/N (rounded up, at least 1)",
+                             lo=1, hi=64, restart=True)
     parse_timeout: float = key(DURATION, "10s", "time one returned message may take to parse; "
                                "past it the child is killed and replaced and the message is "
                                "logged \"unparsed\" and kept under <spool>/unparsed", lo="100ms",
