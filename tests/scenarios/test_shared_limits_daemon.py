@@ -19,6 +19,20 @@ def _count(times: list, a: float, b: float) -> int:
     return sum(1 for t, _, _ in times if a <= t < b)
 
 
+def _fill_and_count(rig: ClusterRig, node, sent: list[str], seconds: int) -> tuple[dict, int]:
+    """Inject `sent` over 4 connections at once (SO_REUSEPORT: both workers get mail), then
+    count what the sink received in `seconds` from a second after: (sink stats, count)."""
+    fill = [threading.Thread(target=rig.inject, args=(node, sent[i::4], 25)) for i in range(4)]
+    for t in fill:
+        t.start()
+    for t in fill:
+        t.join(120)
+    window = (time.time() + 1, time.time() + 1 + seconds)
+    time.sleep(max(0.0, window[1] + 0.5 - time.time()))
+    st = rig.sink_stats()
+    return st, _count(st["times"], *window)
+
+
 def test_host_backend_shares_limits_between_workers(tmp_path):
     """One node, 2 worker processes, [cluster] backend = "host" (the table in shared memory
     under the spool root, no service): the site's 3 connections and 50/s hold for both
@@ -30,16 +44,8 @@ def test_host_backend_shares_limits_between_workers(tmp_path):
         (node,) = rig.nodes
         assert (node.spool / "shared-limits").exists()
         sent = [f"h-{k}@dest.test" for k in range(700)]
-        fill = [threading.Thread(target=rig.inject, args=(node, sent[i::4], 25))
-                for i in range(4)]       # 4 connections at once: both workers get mail
-        for t in fill:
-            t.start()
-        for t in fill:
-            t.join(120)
-        window = (time.time() + 1, time.time() + 9)
-        time.sleep(max(0.0, window[1] + 0.5 - time.time()))
-        st = rig.sink_stats()
-        assert 50 * 8 * 0.9 <= _count(st["times"], *window) <= 50 * 8 * 1.1
+        st, n = _fill_and_count(rig, node, sent, 8)
+        assert 50 * 8 * 0.9 <= n <= 50 * 8 * 1.1, n
         deadline = time.time() + 60
         while {r for _, _, r in st["times"]} < set(sent) and time.time() < deadline:
             time.sleep(1)
@@ -64,17 +70,8 @@ def test_queue_class_rate_holds_for_both_workers(tmp_path):
     try:
         (node,) = rig.nodes
         sent = [f"q-{k}@dest.test" for k in range(500)]
-        fill = [threading.Thread(target=rig.inject, args=(node, sent[i::4], 25))
-                for i in range(4)]
-        for t in fill:
-            t.start()
-        for t in fill:
-            t.join(120)
-        window = (time.time() + 1, time.time() + 7)
-        time.sleep(max(0.0, window[1] + 0.5 - time.time()))
-        st = rig.sink_stats()
-        assert 40 * 6 * 0.85 <= _count(st["times"], *window) <= 40 * 6 * 1.1, \
-            _count(st["times"], *window)
+        _, n = _fill_and_count(rig, node, sent, 6)
+        assert 40 * 6 * 0.85 <= n <= 40 * 6 * 1.1, n
         for w in ("mta.w0.jsonl", "mta.w1.jsonl"):
             assert b'"Delivery"' in (node.log_dir / w).read_bytes(), w
     finally:
