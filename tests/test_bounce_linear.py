@@ -81,3 +81,17 @@ def test_generated_hostile_messages_parse_within_a_second(pieces, ctype):
     data = (f"From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n"
             f"Content-Type: {ctype}\r\n\r\n{body}").encode("utf-8")[:MB]
     assert _cpu_seconds(data) < LIMIT
+
+
+def test_many_short_lines_under_deep_nesting_are_cut_after_the_notice():
+    """1 MB of 3-byte lines under 8 boundaries costs the email package a check per line
+    per boundary: the loader keeps MAX_LINE_CHECKS of them (mime._cut_lines). The notice
+    before them is still read."""
+    from mta.feedback.bounce import mime
+    data = SHAPES["nested_lines"](MB)[:MB]
+    msg = mime.load(data)
+    kept = sum(len(p.get_payload()) for p in msg.walk() if not p.is_multipart())
+    assert kept < MB // 2
+    rep = parse_message(data, _classifier)
+    assert [r.recipient for r in rep.recipients] == ["user@example.org"]
+    assert mime._cut_lines(b"a\nb\nc\n", 2) == b"a\nb\n" and mime._cut_lines(b"a\nb", 5) == b"a\nb"

@@ -85,7 +85,7 @@ def test_feedback_report_with_nul_in_charset_is_read():
 def test_dsn_field_group_with_nul_in_charset_is_read():
     """bounce_parser (second 5-minute run): the same NUL charset inside a delivery-status
     field group that has a body (a line that is not a field ends its header block):
-    dsn._fields_text called get_payload(), which raised ValueError."""
+    dsn.fields_text (then _fields_text) called get_payload(), which raised ValueError."""
     data = _dsn(b"Content-Type: text/plain\r\n\r\nI could not deliver your mail.\r\n",
                 b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\nno such \xe9user\r\n")
     report = parse_message(data)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import email.message
 
 from .diagnostic import ADDR, clean_address
-from .dsn import parse_fields
-from .mime import header, part_text, payload_of, raw_text
+from .dsn import fields_text, parse_fields
+from .mime import header, part_text, payload_of
 from .report import MAX_RECIPIENTS, Feedback
 
 __all__ = ["find_feedback", "jmrp_original"]
@@ -31,7 +31,7 @@ _FIELDS = {
 def _report_text(part: email.message.Message) -> str:
     payload = payload_of(part)
     if isinstance(payload, list):
-        return "\n\n".join(raw_text(p) for p in payload if isinstance(p, email.message.Message))
+        return "\n\n".join(fields_text(p) for p in payload if isinstance(p, email.message.Message))
     return part_text(part)
 
 
