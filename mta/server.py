@@ -192,7 +192,7 @@ class Server:
         self.draining = False
         self.webhooks: Webhooks | None = None   # log records to HTTP hooks (stats())
         self.metrics: Metrics | None = None     # GET /metrics (with the admin API)
-        self.loop_lag = LoopLag()               # how late a 10 ms timer runs (GET /metrics)
+        self.loop_lag = LoopLag()               # how late a 100 ms timer runs (GET /metrics)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

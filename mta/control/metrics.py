@@ -164,7 +164,7 @@ class Metrics:
         self._logs(x)
         lag = getattr(s, "loop_lag", None)
         if lag is not None:
-            x.histogram("mta_event_loop_lag_seconds", "how late the event loop ran a 10 ms timer, "
+            x.histogram("mta_event_loop_lag_seconds", "how late the event loop ran a 100 ms timer, "
                         "since start (work that blocks the loop delays every session)",
                         looplag.BOUNDS, lag.hist, lag.total)
             worst, p99 = lag.recent()
