@@ -105,11 +105,11 @@ def test_auth_failures_lock_the_client_out_on_every_worker(daemon_factory, tmp_p
     port = _free_port()
     d = _daemon(daemon_factory, f'[[listener]]\naddress = "{ADDR}"\nport = {port}\n'
                                 f'tls_cert = "{cert}"\ntls_key = "{key}"\nauth_users = "{users}"\n'
-                                f'auth_max_failures = 6\nauth_lockout = "10m"\n')
-    for _ in range(6):      # a new connection each: SO_REUSEPORT spreads them
-        code, _ = _auth(port, ca, "wrong")
+                                f'auth_max_failures = 12\nauth_lockout = "10m"\n')
+    for _ in range(12):     # a new connection each: SO_REUSEPORT spreads them (all 12 on
+        code, _ = _auth(port, ca, "wrong")     # one worker: 1 run in 2,048)
         assert code == 535
-    failed = _wait_records(d, "Rejection", 6)
+    failed = _wait_records(d, "Rejection", 12)
     assert all(failed), [len(r) for r in failed]           # both workers saw failures
     for _ in range(4):      # whichever worker takes the connection: locked out
         code, text = _auth(port, ca, "correct horse")
