@@ -285,17 +285,17 @@ class Server:
                 await self.admin.start(*self.config.admin.listen)
                 self._admin_node(self.admin)
             await self._start_unsubscribe()
+            host_dir = self.worker.host_dir(self.config.spool.directory)
             if self.worker.count > 1 and self.config.listener:
                 # per-IP connection and AUTH failure limits hold for the node, not per worker
-                self.peers = PeerTable(self.worker.host_dir(self.config.spool.directory)
-                                       / "shared-peers", self.worker)
+                self.peers = PeerTable(host_dir / "shared-peers", self.worker)
                 self.peers.start()
             for cfg in self.config.listener:
                 listener = Listener(cfg, self.reception, loop, self.peers)
                 await listener.start()
                 self.listeners.append(listener)
             if self.worker.index == 0:   # spools a change of [server] workers left behind
-                adopt(self.worker.host_dir(self.config.spool.directory), self.config,
+                adopt(host_dir, self.config,
                       self.admin.address if self.admin is not None else None, admin_token)
         except BaseException:
             await self.stop()

@@ -44,13 +44,11 @@ def orphaned_spools(root: Path, workers: int) -> list[Path]:
     """The spools under the spool `root` that no process reads with `workers` processes:
     the root itself (segments of a single-process run) when workers > 1, each shard wI
     with I >= workers (every shard when workers is 1) that holds segments."""
-    out = []
-    if workers > 1 and _has_segments(root):
-        out.append(root)
     try:
         names = sorted(os.listdir(root))
     except OSError:
-        return out
+        return []
+    out = [root] if workers > 1 and any(n.endswith(".seg") for n in names) else []
     for name in names:
         if name[:1] == "w" and name[1:].isdigit() and (workers == 1 or int(name[1:]) >= workers) \
                 and (root / name).is_dir() and _has_segments(root / name):

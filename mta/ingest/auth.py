@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from mta.ingest.peer_table import LocalPeerCounts
+
 if TYPE_CHECKING:
     from mta.ingest.peer_table import PeerCounts
 
@@ -446,8 +448,8 @@ class Authenticator:
         self.max_failures = max_failures
         self.lockout = lockout
         self._sem: asyncio.Semaphore | None = None
-        self._failures: dict[str, list[float]] = {}   # ip -> [count, window end]
-        self.shared: PeerCounts | None = None   # several workers: the node's counts instead
+        # failures per client IP: the listener's counts (the node's with several workers)
+        self.counts: PeerCounts | LocalPeerCounts = LocalPeerCounts()
         self.succeeded = 0
         self.failed = 0
         self._secret = secrets.token_bytes(32)   # fake SCRAM salts of unknown users
@@ -500,37 +502,15 @@ class Authenticator:
         return None
 
     def locked(self, ip: str, now: float) -> bool:
-        if self.shared is not None:
-            return self.shared.locked(ip, now, self.max_failures)
-        entry = self._failures.get(ip)
-        if entry is None:
-            return False
-        if now >= entry[1]:
-            del self._failures[ip]
-            return False
-        return entry[0] >= self.max_failures
+        return self.counts.locked(ip, now, self.max_failures)
 
     def _succeeded(self, ip: str) -> None:
         self.succeeded += 1
-        if self.shared is not None:
-            self.shared.succeeded(ip)
-        else:
-            self._failures.pop(ip, None)
+        self.counts.succeeded(ip)
 
     def _fail(self, ip: str, now: float) -> None:
         self.failed += 1
-        if self.shared is not None:
-            self.shared.failed(ip, now, self.lockout)
-            return
-        entry = self._failures.get(ip)
-        if entry is None or now >= entry[1]:
-            if len(self._failures) >= 100_000:   # bounded: forget the oldest entries
-                for old in list(self._failures)[:10_000]:
-                    del self._failures[old]
-            self._failures[ip] = [1, now + self.lockout]
-        else:
-            entry[0] += 1
-            entry[1] = now + self.lockout   # each failure extends the window
+        self.counts.failed(ip, now, self.lockout)
 
     async def check(self, mech: bytes, responses: list[bytes], ip: str) -> tuple[User | None, str]:
         """(user, "AUTH_OK") or (None, the refusal reply name)."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from mta.config import ConfigError
 from mta.ingest.auth import Authenticator, AuthError
+from mta.ingest.peer_table import LocalPeerCounts
 from mta.ingest.session import SmtpSession
 from mta.ingest.settings import server_settings
 from mta.ingest.tls import ServerTls
@@ -64,12 +65,11 @@ class Listener:
         self._relay = [ipaddress.ip_network(n) for n in cfg.relay_cidrs]
         self._relay_cache: dict[str, bool] = {}
         self.sessions: set[SmtpSession] = set()
-        self._per_ip: dict[str, int] = {}
-        # with several workers, connections and AUTH failures per client IP are the node's
+        # connections and AUTH failures per client IP: with several workers the node's
         # (peer_table.py), not this process's alone
-        self.peers = peers.view(self.name) if peers is not None else None
-        if self.peers is not None and self.authenticator is not None:
-            self.authenticator.shared = self.peers
+        self.counts = peers.view(self.name) if peers is not None else LocalPeerCounts()
+        if self.authenticator is not None:
+            self.authenticator.counts = self.counts
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.address: tuple[str, int] | None = None   # bound address (port 0 resolved)
@@ -144,27 +144,15 @@ class Listener:
             return "SHUTDOWN"
         if len(self.sessions) >= self.cfg.max_connections:
             return "TOO_MANY_CONNECTIONS"
-        if self.peers is not None:
-            if not self.peers.connect(ip, self.cfg.max_connections_per_ip):
-                return "TOO_MANY_FROM_IP"
-        elif self._per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
+        if not self.counts.connect(ip, self.cfg.max_connections_per_ip):
             return "TOO_MANY_FROM_IP"
-        else:
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self.sessions.add(session)
         return None
 
     def forget(self, session: SmtpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            if self.peers is not None:
-                self.peers.disconnect(session.peer_ip)
-                return
-            n = self._per_ip.get(session.peer_ip, 1) - 1
-            if n:
-                self._per_ip[session.peer_ip] = n
-            else:
-                self._per_ip.pop(session.peer_ip, None)
+            self.counts.disconnect(session.peer_ip)
 
     def relay_allowed(self, ip: str) -> bool:
         hit = self._relay_cache.get(ip)

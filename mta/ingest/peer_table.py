@@ -19,7 +19,8 @@ clock for the host) per cell; a failure past the window starts a new count, each
 extends the window (as the single-process Authenticator does).
 
 A worker clears its column when it opens the table: a dead worker's connections died with
-it. A table of another boot or worker count is made anew.
+it. A table of another boot or worker count is made anew. One process alone counts in
+`LocalPeerCounts` (plain dicts) through the same calls.
 """
 from __future__ import annotations
 
@@ -180,3 +181,57 @@ class PeerCounts:
         own = t.worker.index * COLUMN_WORDS
         for i in t.cells(self.prefix + ip):
             w[own + _FAILS + i] = 0
+
+
+class LocalPeerCounts:
+    """The same counts for one process alone (one worker): dicts, the listener's and its
+    Authenticator's whatever the worker count, so neither asks which it has."""
+
+    MAX_FAILING = 100_000       # addresses with failures kept; past it the oldest 10 % go
+
+    def __init__(self) -> None:
+        self._conns: dict[str, int] = {}
+        self._failures: dict[str, list[float]] = {}   # ip -> [count, window end]
+
+    def connect(self, ip: str, limit: int) -> bool:
+        n = self._conns.get(ip, 0)
+        if n >= limit:
+            return False
+        self._conns[ip] = n + 1
+        return True
+
+    def disconnect(self, ip: str) -> None:
+        n = self._conns.get(ip, 1) - 1
+        if n:
+            self._conns[ip] = n
+        else:
+            self._conns.pop(ip, None)
+
+    def connections(self, ip: str) -> int:
+        return self._conns.get(ip, 0)
+
+    def live(self, ip: str, now: float) -> int:
+        entry = self._failures.get(ip)
+        if entry is None:
+            return 0
+        if now >= entry[1]:
+            del self._failures[ip]
+            return 0
+        return int(entry[0])
+
+    def locked(self, ip: str, now: float, max_failures: int) -> bool:
+        return self.live(ip, now) >= max_failures
+
+    def failed(self, ip: str, now: float, lockout: float) -> None:
+        entry = self._failures.get(ip)
+        if entry is None or now >= entry[1]:
+            if len(self._failures) >= self.MAX_FAILING:   # bounded: forget the oldest
+                for old in list(self._failures)[:self.MAX_FAILING // 10]:
+                    del self._failures[old]
+            self._failures[ip] = [1, now + lockout]
+        else:
+            entry[0] += 1
+            entry[1] = now + lockout   # each failure extends the window
+
+    def succeeded(self, ip: str) -> None:
+        self._failures.pop(ip, None)
