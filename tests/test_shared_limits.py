@@ -114,6 +114,10 @@ def test_redis_unreachable_falls_back_and_recovers(redis_server, caplog):
         t0 = loop.time()
         alone = [await s.acquire(keys) for _ in range(4)]
         took = loop.time() - t0
+        # the others' leases still stand at first: none more than the one held
+        assert alone == [None] * 4
+        await asyncio.sleep(max(0.0, s.settled_at - s.clock()))
+        alone = [await s.acquire(keys) for _ in range(4)]
         # 6 x 0.5 = 3 held alone, one of them the lease taken before
         assert sum(1 for x in alone if x is not None) == 2
         times: list[float] = []
@@ -138,6 +142,40 @@ def test_redis_unreachable_falls_back_and_recovers(redis_server, caplog):
     assert recovered
     assert [r for r in caplog.records if "answers again" in r.getMessage()]
     assert count == 3                      # leases taken alone are registered again
+
+
+def test_redis_outage_adds_no_connection_until_the_others_have_seen_it(redis_server):
+    """a holds all 4 of a site's connections when the redis-server stops; b, alone at
+    half (2), must not open 2 more at once: a has not seen the outage yet (it does at its
+    next renewal, within lease_ttl/3) and still holds 4, so the receiver would see 6. b
+    may replace a connection it held; above that it waits until a has closed its excess."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = _stores(redis_server.url, 2)
+        a.start(loop)
+        b.start(loop)
+        site, other = [("conn:site", 4)], [("conn:other", 4)]
+        held = [await a.acquire(site) for _ in range(4)]
+        assert all(held)
+        mine = await b.acquire(other)
+        assert mine is not None
+        redis_server.stop()
+        early = [await b.acquire(site), await b.acquire(site)]
+        mine.release()                     # b closes its connection to the other site ...
+        replaced = await b.acquire(other)  # ... and may open it again: it held one
+        extra = await b.acquire(other)
+        settled = b.settled_at - b.clock()
+        await asyncio.sleep(max(0.0, settled))
+        late = [await b.acquire(site) for _ in range(3)]
+        for s in (a, b):
+            await s.close()
+        return early, replaced, extra, settled, late
+
+    early, replaced, extra, settled, late = asyncio.run(main())
+    assert early == [None, None]
+    assert replaced is not None and extra is None
+    assert 1.5 / 3 <= settled <= 1.5 / 3 + 0.2 + 1.0
+    assert sum(1 for x in late if x is not None) == 2      # then its share, 4 x 0.5
 
 
 def test_host_table_shares_leases_and_rate_between_workers(tmp_path):

@@ -25,8 +25,10 @@ atomic on the server and timed by the server's clock (TIME), so node clocks may 
   ever added than held (XINFO entries-added, Redis 7).
 Redis unreachable (connection refused, timeout, an error reply): one warning, and until a
 probe succeeds (one a second at most) each process holds every limit alone at
-[cluster] fallback_fraction: leases against its own count of the key, rates through a local
-token bucket, warm-up caps through its own counters; adaptive actions taken meanwhile
+[cluster] fallback_fraction: leases against its own count of the key (in the outage's
+first lease_ttl/3 + timeout + SETTLE seconds, no more than it held when it saw it: the
+others' leases stand until their renewal fails and they close what is above their share),
+rates through a local token bucket, warm-up caps through its own counters; adaptive actions taken meanwhile
 are kept (the newest ACTIONS_MAX) and published when Redis answers again, for the time
 they have left. Every call has a timeout ([cluster] timeout); the loop never waits longer.
 When Redis answers again: one info line; the renewal re-registers the leases taken alone.
@@ -65,6 +67,9 @@ from mta.egress.shared.base import (
 log = logging.getLogger("mta.cluster")
 
 PROBE_EVERY = 1.0        # seconds between attempts while Redis is away
+# after the other processes have seen an outage (their next renewal), the time their
+# connections above their share need to finish the message in hand and close
+SETTLE = 1.0
 KEPT_MIN_LEFT = 1.0      # an action kept through an outage with less left is not shared
 RENEW_CHUNK = 500        # leases renewed per script call
 
@@ -318,6 +323,10 @@ class RedisLimits(SharedLimits):
         self.down = False                      # Redis unreachable: limits held locally
         self.resync = False                    # back: register the leases before a new one
         self.probe_at = 0.0                    # clock time of the next attempt while down
+        # the first seconds of an outage: the others' leases still stand, so no more
+        # than this process held then (see _alone_limit)
+        self.settled_at = 0.0
+        self.held_at_outage: dict[str, int] = {}
         self.failures = 0
         self._tasks: set[asyncio.Task] = set()
         # adaptive actions taken while Redis was away: (payload, end on self.clock)
@@ -335,6 +344,8 @@ class RedisLimits(SharedLimits):
         self.probe_at = self.clock() + PROBE_EVERY
         if not self.down:
             self.down = True
+            self.held_at_outage = dict(self.held)
+            self.settled_at = self.clock() + self.lease_ttl / 3 + self.timeout + SETTLE
             # drop every pooled connection: those made before a server restart would
             # each fail once more after it answers again
             self._spawn(self._disconnect())
@@ -386,7 +397,7 @@ class RedisLimits(SharedLimits):
             except (TimeoutError, RedisError, OSError, ValueError) as exc:
                 self._failed(exc)
         if granted is None:     # alone: this process's own count against the fraction
-            if any(self.held.get(n, 0) >= fallback_limit(lim, self.fallback_fraction)
+            if any(self.held.get(n, 0) >= self._alone_limit(n, lim)
                    for n, (_, lim) in zip(names, keys)):
                 return None
             granted = Lease(self, names, self._member())
@@ -396,6 +407,17 @@ class RedisLimits(SharedLimits):
         for n in names:
             self.held[n] = self.held.get(n, 0) + 1
         return granted
+
+    def _alone_limit(self, name: str, limit: int) -> int:
+        """This process's share of a key while Redis is away. Until every other process
+        has seen the outage (each renews its leases every lease_ttl/3, and a failed
+        renewal lowers its limits) and closed what it held above its own share, their
+        leases still stand: only as many as this process held when it saw the outage,
+        so a connection that closes may be replaced but none added."""
+        share = fallback_limit(limit, self.fallback_fraction)
+        if self.clock() < self.settled_at:
+            return min(share, self.held_at_outage.get(name, 0))
+        return share
 
     def _release(self, lease: Lease) -> None:
         self.leases.pop(lease.member, None)
