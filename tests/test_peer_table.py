@@ -98,8 +98,11 @@ def test_many_addresses_stay_bounded_and_fast(tmp_path):
     t0, t1 = _tables(tmp_path)
     size = (tmp_path / "shared-peers").stat().st_size
     v0, v1 = t0.view("L"), t1.view("L")
-    for i in range(20_000):
-        assert (v0, v1)[i & 1].connect(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 3)
+    # an address whose two counters already hold 3 others' connections is refused early:
+    # about 0.07 of the 20,000 per run (1 run in 15 has one), so a few are allowed
+    early = sum(not (v0, v1)[i & 1].connect(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 3)
+                for i in range(20_000))
+    assert early <= 3, early
     assert (tmp_path / "shared-peers").stat().st_size == size
     refused = sum(not v0.connect(f"172.16.{i >> 8}.{i & 255}", 3) for i in range(2000))
     assert refused <= 3, refused          # both of its counters at 3 by chance: ~1.5e-5 each

@@ -65,7 +65,13 @@ def _restart_and_check(d, sink: Sink, workers: int, rcpts: list[str]) -> None:
     counts = Counter(got)
     assert set(counts) == set(rcpts), sorted(set(rcpts) - set(counts))[:5]
     assert max(counts.values()) == 1, [r for r, n in counts.items() if n > 1][:5]
-    moved = [r for r in _records(d, "Transfer") if r.get("direction") == "in"]
+    # the log writer flushes on its own time: the sink may have the mail first
+    deadline = time.monotonic() + 10
+    while True:
+        moved = [r for r in _records(d, "Transfer") if r.get("direction") == "in"]
+        if len(moved) >= len(rcpts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(moved) == len(rcpts), len(moved)
 
 
