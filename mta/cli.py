@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace):
     worker = getattr(args, "worker", None)
     # --worker I (with [server] workers > 1): worker I's admin API and spool shard
     if worker is not None and args.command not in ("serve", "workers"):
-        from mta.supervisor import slot_of, worker_config
+        from mta.control.worker_config import slot_of, worker_config
         try:
             slot = slot_of(f"{worker}/{config.server.workers}", config)
         except ValueError as exc:
@@ -102,7 +102,7 @@ def _run_on_workers(args: argparse.Namespace) -> int:
     verbs = _ACTIONS.get(command, ())
     action = command in _ACTIONS and (verbs is None or getattr(args, "action", None) in verbs)
     if not action and command in _MERGED:
-        from mta.supervisor import slot_of, worker_config
+        from mta.control.worker_config import slot_of, worker_config
         args.node = [worker_config(config, slot_of(f"{i}/{workers}", config))
                      for i in range(workers)]
         rc = args.func(args)
@@ -124,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mta.daemon import serve
     config = _config(args)
     if args.worker:        # one worker process of several, started by the supervisor
-        from mta.supervisor import slot_of, worker_config
+        from mta.control.worker_config import slot_of, worker_config
         try:
             slot = slot_of(args.worker, config)
         except ValueError as exc:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mta.config import Config, ConfigError
-from mta.control.admin import TokenError, read_token, token_path
+from mta.control.token import TokenError, read_token, token_path
 from mta.egress.shaping import Shaping, ShapingError
 from mta.ingest.listener import listener_security
 from mta.server import build_delivery, build_feedback, signing_domains, unsubscribe_tls, webhooks

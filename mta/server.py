@@ -33,15 +33,16 @@ from mta.config.keyring import KeyringError, load_keyring
 from mta.config.load import DEFAULT_CONFIG_PATH, load_config
 from mta.config.schema import SECTIONS, keys_of
 from mta.control.actions import DEFAULT_DURATION, Controls
-from mta.control.admin import (AdminServer, TokenError, load_or_create_token, load_tokens_file,
-                               token_path)
-from mta.control.dashboard import install as install_dashboard
+from mta.control.admin import AdminServer
 from mta.control.adopt import adopt
+from mta.control.dashboard import install as install_dashboard
 from mta.control.drain import Drainer
+from mta.control.fanout import NodeFanout
 from mta.control.inject import Injector
 from mta.control.metrics import Metrics
 from mta.control.metrics import handler as metrics_handler
-from mta.control.nodeview import SIBLING_TIMEOUT, NodeFanout
+from mta.control.nodeview import SIBLING_TIMEOUT
+from mta.control.token import TokenError, load_or_create_token, load_tokens_file, token_path
 from mta.control.views import view_routes
 from mta.control.xfer import PATH as XFER_PATH
 from mta.control.xfer import Receiver
@@ -59,8 +60,8 @@ from mta.feedback.suppression import KeyFileError
 from mta.feedback.suppression.shared import STREAM as SUPPRESSION_STREAM
 from mta.feedback.unsubscribe import UnsubscribeServer
 from mta.ingest.listener import Listener
-from mta.ingest.peer_table import PeerTable
 from mta.ingest.local import LocalSubmission
+from mta.ingest.peer_table import PeerTable
 from mta.ingest.reception import Reception
 from mta.ingest.scan import Scanning
 from mta.logs.hooks import HookError, Webhooks, build_webhooks

@@ -54,7 +54,7 @@ import orjson
 import uvloop
 
 from mta.config import Config, ConfigError
-from mta.control.admin import token_path
+from mta.control.worker_config import slot_of, worker_config
 from mta.daemon import install_signals, setup_process
 from mta.files import write_atomic
 from mta.model.node import WorkerSlot
@@ -66,47 +66,6 @@ BACKOFF_FIRST = 0.5            # seconds before the first restart of a worker th
 BACKOFF_MAX = 30.0             # ... doubling up to this while it keeps dying
 STABLE_AFTER = 30.0            # a worker that ran this long starts again from BACKOFF_FIRST
 MAX_LINE = 4096                # a worker's stdout line passed on (longer: cut)
-
-
-def slot_of(text: str, config: Config) -> WorkerSlot:
-    """`--worker I/N` -> this node's WorkerSlot (ValueError when malformed)."""
-    index, _, count = text.partition("/")
-    node = config.server.node
-    return (WorkerSlot(int(index), int(count), node) if node
-            else WorkerSlot(int(index), int(count)))
-
-
-def per_worker(budget: int, workers: int) -> int:
-    """A node's budget split across its workers: rounded up, at least 1 (0 stays 0: off)."""
-    return 0 if budget <= 0 else max(1, -(-budget // workers))
-
-
-def worker_config(config: Config, slot: WorkerSlot) -> Config:
-    """The config worker `slot` runs on: its spool shard and admin port, one admin token, and
-    its share of the node's budgets (each 1/N, rounded up): [egress] max_connections, each
-    listener's max_connections, [server] data_memory_budget, [spool] hot_cache, [bounces]
-    parse_workers."""
-    if slot.count == 1:
-        return config
-    n = slot.count
-    admin = config.admin
-    listen = admin.listen
-    if listen is not None and listen[1]:
-        listen = (listen[0], slot.admin_port(listen[1]))
-    admin = dataclasses.replace(admin, listen=listen, token_file=token_path(config))
-    spool = dataclasses.replace(config.spool,
-                                directory=Path(config.spool.directory) / f"w{slot.index}",
-                                hot_cache=per_worker(config.spool.hot_cache, n))
-    server = dataclasses.replace(
-        config.server, data_memory_budget=per_worker(config.server.data_memory_budget, n))
-    egress = dataclasses.replace(config.egress,
-                                 max_connections=per_worker(config.egress.max_connections, n))
-    listeners = tuple(dataclasses.replace(lst, max_connections=per_worker(lst.max_connections, n))
-                      for lst in config.listener)
-    bounces = dataclasses.replace(config.bounces,
-                                  parse_workers=per_worker(config.bounces.parse_workers, n))
-    return dataclasses.replace(config, spool=spool, admin=admin, server=server, egress=egress,
-                               listener=listeners, bounces=bounces)
 
 
 def config_problems(config: Config) -> list[str]:

@@ -24,13 +24,8 @@ import orjson
 import pytest
 
 from mta.control import openapi, views
-from mta.control.admin import (
-    OPERATOR,
-    READ_ONLY,
-    AdminServer,
-    TokenError,
-    load_tokens_file,
-)
+from mta.control.admin import AdminServer
+from mta.control.token import OPERATOR, READ_ONLY, TokenError, load_tokens_file
 
 OP = "o" * 64
 RO = "r" * 64

@@ -1,6 +1,6 @@
 """The node's view of several worker processes (mta/control/nodeview.py): merging each
 view, the answer when a worker is missing, the /metrics merge, and the budget split of
-mta/supervisor.py worker_config."""
+mta/control/worker_config.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,7 @@ import pytest
 from mta.config import load_config
 from mta.control import metrics as mx
 from mta.control import nodeview as nv
+from mta.control.fanout import NodeFanout
 from mta.control.views import (AgeTable, FeedbackCounts, ListedMessage, LiveError, LiveHold,
                                 LiveRow, LiveView, OutcomeCounts, QueueListing, QueueSummary,
                                 ReadyRow, ScheduledRow)
@@ -220,7 +221,7 @@ def test_metrics_merge_is_linear_on_crafted_sample_lines():
 
 
 def test_worker_config_splits_the_node_budgets(tmp_path):
-    from mta.supervisor import per_worker, worker_config
+    from mta.control.worker_config import per_worker, worker_config
     path = tmp_path / "mta.toml"
     path.write_text(f'[server]\nworkers = 3\ndata_memory_budget = "10MiB"\n'
                     f'[spool]\ndirectory = "{tmp_path}/spool"\nhot_cache = 0\n'
@@ -283,7 +284,7 @@ def test_fanout_reads_siblings_defensively():
             runners.append(runner)
             ports.append(runner.addresses[0][1])
         try:
-            fan = nv.NodeFanout(host, ports, timeout=0.5, max_answer=1000)
+            fan = NodeFanout(host, ports, timeout=0.5, max_answer=1000)
             req = make_mocked_request("GET", "/queue/summary?node=1",
                                       headers={"Authorization": "Bearer t0k"})
             answer = await fan(req)

@@ -35,10 +35,11 @@ GET never changes state: routes are views (mta/control/views.py); everything tha
 a POST action.
 
 Trust: every request but /health and /ready must carry `Authorization: Bearer <token>`.
-Tokens: the one in [admin] token_file (default <spool directory>/admin.token, created by
-the daemon at start when missing: 0600, 32 random bytes in hex) is an operator token, so
-`mta` commands of the same config work; [admin] tokens_file adds tokens, one `ROLE TOKEN`
-a line (roles read-only and operator; the file must not be readable by group or others).
+Tokens (mta/control/token.py): the one in [admin] token_file (default <spool
+directory>/admin.token, created by the daemon at start when missing: 0600, 32 random
+bytes in hex) is an operator token, so `mta` commands of the same config work; [admin]
+tokens_file adds tokens, one `ROLE TOKEN` a line (roles read-only and operator; the file
+must not be readable by group or others).
 A read-only token may GET, an operator token may also POST: 401 without a known token,
 403 for a read-only token on POST. The compare is constant-time against every token. The
 token also makes a command talk to its own daemon: a command run with another daemon's
@@ -54,107 +55,22 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
-import re
-import secrets
-import stat
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from mta.config import Config
 from mta.control import openapi
 from mta.control.nodeview import strip_node, wants_node
-from mta.files import create_once
+from mta.control.token import OPERATOR
 
 log = logging.getLogger("mta.control.admin")
 _MAX_HEAD = 8192          # one request or header line; aiohttp's parser enforces it
 _MAX_BODY = 65536
 _TIMEOUT = 10.0
 _MAX_CONNECTIONS = 64
-READ_ONLY, OPERATOR = "read-only", "operator"
-ROLES = (READ_ONLY, OPERATOR)
 _OPEN = frozenset({"/health", "/ready"})    # no token: load balancers and probes
-_TOKEN = re.compile(r"[\x21-\x7e]{16,256}", re.ASCII)   # visible ASCII, no spaces
-TOKEN_NAME = "admin.token"
-
-
-class TokenError(Exception):
-    """The token file is unreadable or does not hold a token (the text names the file)."""
-
-
-def token_path(config: Config) -> Path:
-    """[admin] token_file, or admin.token in the spool directory."""
-    return config.admin.token_file or Path(config.spool.directory) / TOKEN_NAME
-
-
-def read_token(path: Path) -> str:
-    """The token in `path`; FileNotFoundError when missing, TokenError when unusable."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(4096).decode("ascii").strip()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise TokenError(f"admin token file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        text = ""
-    if not _TOKEN.fullmatch(text):
-        raise TokenError(f"admin token file {path}: not a token (16 to 256 visible ASCII "
-                         "characters; delete it and the daemon makes a new one)")
-    return text
-
-
-def load_or_create_token(path: Path) -> str:
-    """The token in `path`, written first (0600, 32 random bytes in hex) when missing.
-    Created under a temporary name and linked into place, so a reader never sees half a
-    token and two daemons racing on one file end with one token."""
-    try:
-        return read_token(path)
-    except FileNotFoundError:
-        pass
-    token = secrets.token_hex(32)
-    if not create_once(path, token.encode() + b"\n"):
-        return read_token(path)   # another process made it first: theirs stands
-    return token
-
-
-
-
-def load_tokens_file(path: Path) -> dict[str, str]:
-    """token -> role from a tokens file: `ROLE TOKEN` a line (read-only or operator), blank
-    lines and `#` comments ignored. TokenError when unreadable, readable by group or
-    others, or a line is not such a pair."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read(1 << 20)
-    except OSError as exc:
-        raise TokenError(f"admin tokens file {path}: {exc.strerror or exc}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TokenError(f"admin tokens file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
-                         "group or others read it (chmod 600)")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise TokenError(f"admin tokens file {path}: not ASCII") from None
-    tokens: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) != 2 or parts[0] not in ROLES or not _TOKEN.fullmatch(parts[1]):
-            raise TokenError(f"admin tokens file {path} line {n}: want `ROLE TOKEN` with ROLE "
-                             "read-only or operator and TOKEN 16 to 256 visible ASCII "
-                             "characters")
-        if parts[1] in tokens and tokens[parts[1]] != parts[0]:
-            raise TokenError(f"admin tokens file {path} line {n}: the token has two roles")
-        tokens[parts[1]] = parts[0]
-    return tokens
 
 
 def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -208,7 +124,7 @@ class AdminServer:
         # GET paths answered without a token besides /health and /ready ([admin] metrics_public)
         self.public: set[str] = set()
         # ?node=1 on a view, /metrics or an action: the node's answer from every worker
-        # (nodeview.NodeFanout, set by mta/server.py when [server] workers > 1); None: this
+        # (fanout.NodeFanout, set by mta/server.py when [server] workers > 1); None: this
         # process is the whole node, and ?node=1 answers as without it
         self.node: Callable[[web.Request], Any] | None = None
         self._runner: web.AppRunner | None = None

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import orjson
 
 from mta.config import Config
-from mta.control.admin import TokenError, read_token, token_path
 from mta.control.nodeview import NodeAnswer, WorkerAnswer, merge
+from mta.control.token import TokenError, read_token, token_path
 
 
 class AdminUnreachable(SystemExit):
@@ -39,7 +39,9 @@ def admin_request(config: Config, path: str, body: dict | None = None) -> tuple[
     except TokenError as exc:
         raise AdminUnreachable(f"mta: {exc}") from None
     headers = {"Authorization": f"Bearer {token}"}
-    conn = http.client.HTTPConnection(*target, timeout=10)
+    # the daemon gives a request [admin] timeout (408 past it): waiting longer is pointless,
+    # and a stopped worker of a node is named that much sooner
+    conn = http.client.HTTPConnection(*target, timeout=config.admin.timeout + 1)
     try:
         if body is None:
             conn.request("GET", path, headers=headers)
@@ -67,7 +69,7 @@ def admin_request(config: Config, path: str, body: dict | None = None) -> tuple[
 def node_request(configs: Sequence[Config], path: str,
                  body: dict | None = None) -> NodeAnswer:
     """`admin_request` to every worker of a node (`configs[I]`: worker I's config, from
-    mta/supervisor.py `worker_config`), merged as the node's answer
+    mta/control/worker_config.py), merged as the node's answer
     (mta/control/nodeview.py). AdminUnreachable when no worker answers."""
     answers = []
     for index, config in enumerate(configs):

@@ -428,7 +428,7 @@ async def drain_spool(directory: str, to: str, token: str, *, read_only: bool = 
 # -- the command ----------------------------------------------------------------------------
 
 def _token(args: argparse.Namespace) -> str:
-    from mta.control.admin import TokenError, read_token
+    from mta.control.token import TokenError, read_token
     path = args.to_token_file
     if path is None and _smtp_target(args.to) is not None:
         return ""

@@ -46,13 +46,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from mta.control.views import entries
 from mta.logs import looplag
 from mta.spool.segments import BATCH_BOUNDS, LATENCY_BOUNDS
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "other"
@@ -331,6 +332,8 @@ class Metrics:
 
 def handler(metrics: Metrics):
     """The aiohttp handler for GET /metrics (registered in AdminServer.handlers)."""
+    from aiohttp import web     # the daemon's; `mta` commands merging expositions need none
+
     async def get(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render().encode("utf-8"),
                             headers={"Content-Type": CONTENT_TYPE})

@@ -5,8 +5,9 @@ own queues, counters and admin API (port [admin] listen + I). An operator asks t
 - `mta queue ...`, `mta top` (mta/control/client.py `node_request`) ask every worker and
   merge here;
 - an HTTP client adds `?node=1` to a view or action on any worker's admin API: that worker
-  (`NodeFanout`, installed by mta/server.py) asks every worker of the node, itself
-  included, with the client's own Authorization header, and answers with the merge.
+  (mta/control/fanout.py `NodeFanout`, installed by mta/server.py) asks every worker of
+  the node, itself included, with the client's own Authorization header, and answers
+  with the merge.
 
 What merging means, per view (`merge`):
 - /queue/summary, /queue/ages, /live: counters and depths summed, rows merged by key
@@ -32,15 +33,12 @@ refused (400), so a request fans out once.
 """
 from __future__ import annotations
 
-import asyncio
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from mta.control import metrics as mx
 from mta.control.views import (LIVE_ERRORS, AgeTable, FeedbackCounts, LiveError, LiveHold,
@@ -332,95 +330,3 @@ def merge_metrics(answers: Sequence[WorkerAnswer]) -> NodeAnswer:
         return NodeAnswer(502, f"a worker's /metrics is not an exposition: {exc}",
                           list(answers))
     return NodeAnswer(200, text, missing)
-
-
-# --- the server side: ?node=1 on any worker's admin API -----------------------------------
-
-class NodeFanout:
-    """Answers `?node=1` requests of one worker's admin API by asking every worker of the
-    node (itself included) at `host`:`ports[I]` and merging. Installed as
-    AdminServer.node by mta/server.py when [server] workers > 1."""
-
-    def __init__(self, host: str, ports: Sequence[int], *, timeout: float = SIBLING_TIMEOUT,
-                 max_answer: int = MAX_ANSWER):
-        self.host = host
-        self.ports = list(ports)
-        self.timeout = timeout
-        self.max_answer = max_answer
-
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get(FANOUT_HEADER):
-            return _json(400, {"error": f"a request from a worker of the node ({FANOUT_HEADER})"
-                                        " is not fanned out again"})
-        path = strip_node(request.raw_path)
-        body = await request.read() if request.method == "POST" else None
-        headers = {FANOUT_HEADER: "1"}
-        auth = request.headers.get("Authorization")
-        if auth is not None:
-            headers["Authorization"] = auth
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        metrics = request.method == "GET" and path.partition("?")[0] == "/metrics"
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-            answers = await asyncio.gather(*(
-                self._ask(session, i, port, request.method, path, body, headers, metrics)
-                for i, port in enumerate(self.ports)))
-        if metrics:
-            node = merge_metrics(answers)
-            status, text = (node.status, node.data) if not node.missing else \
-                (502, "not every worker of the node answered: " + "; ".join(node.problems()))
-            return web.Response(status=status, body=str(text).encode("utf-8"),
-                                headers={"Content-Type": mx.CONTENT_TYPE if status == 200
-                                         else "text/plain; charset=utf-8"})
-        status, data = merge(request.method, path, answers).http()
-        return _json(status, data)
-
-    async def _ask(self, session: aiohttp.ClientSession, index: int, port: int, method: str,
-                   path: str, body: bytes | None, headers: dict[str, str],
-                   text: bool) -> WorkerAnswer:
-        url = f"http://{_host(self.host)}:{port}{path}"
-        try:
-            async with session.request(method, url, data=body, headers=headers,
-                                       allow_redirects=False) as resp:
-                raw = await _read_bounded(resp, self.max_answer)
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return WorkerAnswer(index, 0, None, f"no answer from {self.host}:{port}: "
-                                f"{type(exc).__name__} {exc}".strip())
-        except _TooLarge:
-            return WorkerAnswer(index, 0, None, f"its answer is larger than "
-                                f"{self.max_answer} bytes")
-        if text and status == 200:
-            return WorkerAnswer(index, status, raw.decode("utf-8", "replace"))
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return WorkerAnswer(index, 0, None, f"HTTP {status}, not JSON")
-        error = data.get("error", "") if isinstance(data, dict) and status != 200 else ""
-        return WorkerAnswer(index, status, data, str(error)[:500])
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise _TooLarge
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _json(status: int, value: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS),
-                        content_type="application/json")

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
-from aiohttp import web
 
 from mta.files import write_atomic
 from mta.model.envelope import Envelope, EnvelopeError
@@ -67,6 +66,7 @@ from mta.spool.recovery import Location, segment_path
 
 if TYPE_CHECKING:
     import aiohttp
+    from aiohttp import web
 
 log = logging.getLogger("mta.xfer")
 
@@ -385,12 +385,12 @@ class Receiver:
     async def _read(self, request: web.Request) -> bytes:
         length = request.content_length
         if length is not None and length > self.max_size:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.max_size, actual_size=length)
+            raise _TooLarge
         chunks, size = [], 0
         while chunk := await request.content.readany():
             size += len(chunk)
             if size > self.max_size:
-                raise web.HTTPRequestEntityTooLarge(max_size=self.max_size, actual_size=size)
+                raise _TooLarge
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -401,7 +401,7 @@ class Receiver:
                            draining=True)
         try:
             body = await self._read(request)
-        except web.HTTPRequestEntityTooLarge:
+        except _TooLarge:
             return _answer(413, error=f"larger than {self.max_size} bytes "
                                       "([admin] inject_max_size plus the JSON line)")
         try:
@@ -490,6 +490,11 @@ class Receiver:
         return _answer(200, status="stored", id=envelope.id)
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def _answer(code: int, **fields: Any) -> web.Response:
+    from aiohttp import web     # the daemon's side: `mta drain` (the sender) loads no server
     return web.Response(status=code, body=orjson.dumps(fields),
                         content_type="application/json")

@@ -64,7 +64,7 @@ def _suppressed(d, key: bytes, rcpts: list[str], timeout: float = 30.0) -> set[s
 def _lag_max(d) -> float:
     """The daemon's own loop-lag probe (GET /metrics): the max over the last minute."""
     from mta.config import load_config
-    from mta.control.admin import read_token, token_path
+    from mta.control.token import read_token, token_path
     cfg = load_config(d.config)
     conn = http.client.HTTPConnection("127.0.0.1", d.admin_port, timeout=10)
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {read_token(token_path(cfg))}"})

@@ -320,10 +320,11 @@ NODE_ADDR = "127.0.120.1"
 
 
 def _node_daemon(daemon_factory) -> Daemon:
-    """Two workers that queue and deliver nothing ([delivery] hold): what they hold stays."""
+    """Two workers that queue and deliver nothing ([delivery] hold): what they hold stays.
+    [admin] timeout 4 s: a stopped worker is named after 3.2 s instead of 8."""
     admin = free_port()
-    d = daemon_factory(extra=f'[delivery]\nhold = true\n[admin]\nlisten = "{NODE_ADDR}:{admin}"\n',
-                       start=False)
+    d = daemon_factory(extra=f'[delivery]\nhold = true\n[admin]\nlisten = "{NODE_ADDR}:{admin}"\n'
+                       'timeout = "4s"\n', start=False)
     d.admin_port = admin
     text = d.config.read_text()
     text = text.replace("[server]\n", "[server]\nworkers = 2\nnode = \"n1\"\n", 1)
