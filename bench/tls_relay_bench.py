@@ -98,9 +98,11 @@ async def sink_main(port: int, count: int, cert: str, key: str) -> None:
     ctx.load_cert_chain(cert, key)
     done = asyncio.Event()
     stats = {"messages": 0, "first": 0.0, "last": 0.0, "tls_sessions": 0, "plain_messages": 0}
+    open_writers: set[asyncio.StreamWriter] = set()
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = False
+        open_writers.add(writer)
         try:
             writer.write(b"220 sink.test ESMTP\r\n")
             while True:
@@ -151,6 +153,7 @@ async def sink_main(port: int, count: int, cert: str, key: str) -> None:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError):
             return
         finally:
+            open_writers.discard(writer)
             writer.close()
 
     server = await asyncio.start_server(session, "127.0.0.1", port, reuse_address=True, backlog=4096,
@@ -163,6 +166,11 @@ async def sink_main(port: int, count: int, cert: str, key: str) -> None:
     stats["cpu_s"] = time.process_time()
     await asyncio.sleep(1.0)      # duplicates
     server.close()
+    # end the sessions the MTA keeps open: left to asyncio.run's cancellation, each printed a
+    # CancelledError traceback (Python 3.11's StreamReaderProtocol callback)
+    for w in list(open_writers):
+        w.close()
+    await asyncio.sleep(0.2)
     print(json.dumps(stats), flush=True)
 
 
