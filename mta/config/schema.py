@@ -821,8 +821,10 @@ class ClusterConfig:
                          "counts as a failure", lo="10ms", hi="10s", restart=True)
     fallback_fraction: float = key(FRACTION, 0.5, "while Redis is unreachable each process "
                                    "holds this share of every shared limit on its own (with N "
-                                   "processes in the cluster, 1/N keeps the total)",
-                                   restart=True)
+                                   "processes in the cluster, 1/N keeps the total); in the "
+                                   "outage's first lease_ttl/3 + timeout + 1 s it opens no "
+                                   "more connections than it held, while the others close "
+                                   "theirs above their share", restart=True)
     rate_batch: float = key(DURATION, "50ms", "a process takes this much time's worth of a "
                             "shared rate's tokens per round trip (at least one token)",
                             lo="1ms", hi="1s", restart=True)
