@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from mta.control import metrics as mx
+from mta.control.body import BodyTooLarge, read_bounded
 from mta.control.nodeview import (FANOUT_HEADER, MAX_ANSWER, SIBLING_TIMEOUT, WorkerAnswer,
                                   merge, merge_metrics, strip_node)
 
@@ -65,12 +66,12 @@ class NodeFanout:
         try:
             async with session.request(method, url, data=body, headers=headers,
                                        allow_redirects=False) as resp:
-                raw = await _read_bounded(resp, self.max_answer)
+                raw = await read_bounded(resp.content, resp.content_length, self.max_answer)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return WorkerAnswer(index, 0, None, f"no answer from {self.host}:{port}: "
                                 f"{type(exc).__name__} {exc}".strip())
-        except _TooLarge:
+        except BodyTooLarge:
             return WorkerAnswer(index, 0, None, f"its answer is larger than "
                                 f"{self.max_answer} bytes")
         if text and status == 200:
@@ -81,22 +82,6 @@ class NodeFanout:
             return WorkerAnswer(index, 0, None, f"HTTP {status}, not JSON")
         error = data.get("error", "") if isinstance(data, dict) and status != 200 else ""
         return WorkerAnswer(index, status, data, str(error)[:500])
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise _TooLarge
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _host(host: str) -> str:

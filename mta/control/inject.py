@@ -62,6 +62,7 @@ from urllib.parse import parse_qs
 import orjson
 from aiohttp import web
 
+from mta.control.body import BodyTooLarge, read_bounded
 from mta.dkim.signer import DkimError
 from mta.model.envelope import Recipient
 from mta.model.log_records import RecordType
@@ -202,21 +203,11 @@ class Injector:
     # -- the request --------------------------------------------------------------------
 
     async def _read(self, request: web.Request) -> bytes:
-        length = request.content_length
-        too_big = Refused(413, f"the request body is larger than {self.max_size} bytes "
-                               "([admin] inject_max_size)", {"Connection": "close"})
-        if length is not None and length > self.max_size:
-            raise too_big
-        chunks, size = [], 0
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > self.max_size:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_bounded(request.content, request.content_length, self.max_size)
+        except BodyTooLarge:
+            raise Refused(413, f"the request body is larger than {self.max_size} bytes "
+                               "([admin] inject_max_size)", {"Connection": "close"}) from None
 
     def _parse(self, request: web.Request, body: bytes):
         """[(recipients, content)], sender, {tenant, campaign, queue_class}; Refused 400."""

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
+from mta.control.body import BodyTooLarge, read_bounded
 from mta.files import write_atomic
 from mta.model.envelope import Envelope, EnvelopeError
 from mta.model.ids import id_from_text
@@ -382,26 +383,14 @@ class Receiver:
         self.received = 0
         self.duplicates = 0
 
-    async def _read(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self.max_size:
-            raise _TooLarge
-        chunks, size = [], 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > self.max_size:
-                raise _TooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def handle(self, request: web.Request) -> web.Response:
         srv = self.server
         if srv.draining:
             return _answer(503, error="this node is draining: it takes no transfers",
                            draining=True)
         try:
-            body = await self._read(request)
-        except _TooLarge:
+            body = await read_bounded(request.content, request.content_length, self.max_size)
+        except BodyTooLarge:
             return _answer(413, error=f"larger than {self.max_size} bytes "
                                       "([admin] inject_max_size plus the JSON line)")
         try:
@@ -488,10 +477,6 @@ class Receiver:
                          entries=[{"domain": e.domain, "attempts": e.attempts,
                                    "due": e.due or None} for e in entries])
         return _answer(200, status="stored", id=envelope.id)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _answer(code: int, **fields: Any) -> web.Response:

@@ -28,9 +28,9 @@ probe succeeds (one a second at most) each process holds every limit alone at
 [cluster] fallback_fraction: leases against its own count of the key (in the outage's
 first lease_ttl/3 + timeout + SETTLE seconds, no more than it held when it saw it: the
 others' leases stand until their renewal fails and they close what is above their share),
-rates through a local token bucket, warm-up caps through its own counters; adaptive actions taken meanwhile
-are kept (the newest ACTIONS_MAX) and published when Redis answers again, for the time
-they have left. Every call has a timeout ([cluster] timeout); the loop never waits longer.
+rates through a local token bucket, warm-up caps through its own counters; adaptive
+actions taken meanwhile are kept (the newest ACTIONS_MAX) and published when Redis answers
+again, for the time they have left. Every call has a timeout ([cluster] timeout); the loop never waits longer.
 When Redis answers again: one info line; the renewal re-registers the leases taken alone.
 Trust: the redis-server is the operator's; its replies are still checked for shape.
 """
